@@ -1,0 +1,226 @@
+"""The handler contract: everything an area module needs, and nothing else.
+
+A handler is a plain function::
+
+    def get_note(request):            # request: Request (below)
+        ...
+        return json_response(note)    # a Response, or a shortcut value
+
+and an area module (``handlers/notes.py``) ends with its routes as data::
+
+    ROUTES = [
+        ("GET", "/api/notes/{id}", get_note),       # GET also answers HEAD
+        ("GET", "/files/{rest...}", get_file),      # {name...} takes the rest of the path
+    ]
+
+Return values: a ``Response``; or a dict/list (sent as JSON), a str (text/plain), bytes
+(application/octet-stream), or None (204 No Content).
+
+Expected failures: ``raise HTTPError(404, "no such note")`` anywhere in a handler becomes that status
+with the message as a short body. Any other exception becomes a 500 whose body says nothing about
+the cause; the traceback goes to the error log.
+
+Area modules import only ``handlers._*`` modules, never ``server`` (a test enforces it): run as
+``python3 server.py`` the runtime is ``__main__``, and importing ``server`` would load a second copy
+with its own state and locks.
+
+Request objects are built by the runtime, one per request, and used by one thread; Responses are
+plain values. Neither holds a lock.
+"""
+import json
+
+from handlers import _forms
+
+__all__ = [
+    "HTTPError", "Request", "Headers", "Response",
+    "json_response", "text_response", "html_response", "redirect",
+]
+
+
+class HTTPError(Exception):
+    """An expected failure: ``status`` with a short, client-safe ``message``.
+
+    ``headers`` is a list of (name, value) pairs added to the error response (e.g. Allow,
+    Retry-After). Never put client input in the message: error bodies must not echo requests.
+    """
+
+    def __init__(self, status, message="", headers=None):
+        super().__init__(status, message)
+        self.status = status
+        self.message = message
+        self.headers = list(headers or ())
+
+
+class Headers:
+    """Request header fields, case-insensitive, in arrival order.
+
+    ``get(name)`` gives the field value, several lines of the same field joined with ", " as
+    RFC 9110 section 5.3 allows; ``get_all(name)`` gives each line.
+    """
+
+    __slots__ = ("_fields",)
+
+    def __init__(self, fields):
+        self._fields = fields  # dict: lower-case name -> list of values
+
+    def get(self, name, default=None):
+        values = self._fields.get(name.lower())
+        if not values:
+            return default
+        return values[0] if len(values) == 1 else ", ".join(values)
+
+    def get_all(self, name):
+        return list(self._fields.get(name.lower(), ()))
+
+    def __getitem__(self, name):
+        value = self.get(name)
+        if value is None:
+            raise KeyError(name)
+        return value
+
+    def __contains__(self, name):
+        return name.lower() in self._fields
+
+    def items(self):
+        return [(name, value) for name, values in self._fields.items() for value in values]
+
+    def __repr__(self):
+        return "Headers(%r)" % (self.items(),)
+
+
+class Request:
+    """One HTTP request as a handler sees it.
+
+    Attributes: ``method`` ("GET"), ``path`` (percent-decoded, normalised, starts with "/"),
+    ``params`` (dict of the route's {wildcards}), ``query`` (dict: name -> first value),
+    ``query_items`` (every (name, value) pair in order), ``headers`` (Headers), ``client_ip``
+    (str), ``version`` ("HTTP/1.1"), ``cookies`` (dict, parsed on first use).
+
+    Body readers, limited to the server's ``max_body_bytes`` (413 beyond it): ``body()`` gives
+    the bytes, ``text()`` a str, ``json()`` the parsed JSON (400 if it is not JSON), ``form()``
+    the fields of an urlencoded or multipart form (see ``handlers._forms``). ``read(n)`` streams.
+    """
+
+    __slots__ = ("method", "target", "path", "segments", "params", "query_string", "_query",
+                 "headers", "client_ip", "version", "_cookies", "_reader", "_body")
+
+    def __init__(self, method, target, path, segments, query_string, headers, client_ip,
+                 version="HTTP/1.1", reader=None):
+        self.method = method
+        self.target = target              # as sent, for logs only
+        self.path = path
+        self.segments = segments          # decoded path segments; a segment may hold "/" (%2F)
+        self.params = {}
+        self.query_string = query_string
+        self._query = None
+        self.headers = headers
+        self.client_ip = client_ip
+        self.version = version
+        self._cookies = None
+        self._reader = reader             # the runtime's body reader, or None for no body
+        self._body = None
+
+    # -- query and cookies ------------------------------------------------------------------
+    @property
+    def query_items(self):
+        if self._query is None:
+            try:
+                self._query = _forms.parse_urlencoded(self.query_string)
+            except _forms.FormError as error:
+                raise HTTPError(400, str(error)) from None
+        return self._query
+
+    @property
+    def query(self):
+        result = {}
+        for name, value in self.query_items:
+            result.setdefault(name, value)
+        return result
+
+    @property
+    def cookies(self):
+        if self._cookies is None:
+            self._cookies = _forms.parse_cookies(self.headers.get_all("cookie"))
+        return self._cookies
+
+    # -- body --------------------------------------------------------------------------------
+    def read(self, size=-1):
+        """Read up to ``size`` bytes of the body (all that is left when -1); b"" at the end."""
+        if self._reader is None:
+            return b""
+        return self._reader.read(size)
+
+    def body(self):
+        if self._body is None:
+            self._body = self.read(-1)
+        return self._body
+
+    def text(self):
+        try:
+            return self.body().decode("utf-8")
+        except UnicodeDecodeError:
+            raise HTTPError(400, "request body must be UTF-8 text") from None
+
+    def json(self):
+        raw = self.body()
+        if not raw:
+            raise HTTPError(400, "request body must be JSON, got an empty body")
+        try:
+            return json.loads(raw)
+        except (ValueError, RecursionError):
+            raise HTTPError(400, "request body is not valid JSON") from None
+
+    def form(self):
+        """The submitted form as a ``_forms.Form`` (fields and uploaded files)."""
+        content_type = self.headers.get("content-type", "")
+        try:
+            return _forms.parse_form(content_type, self.body())
+        except _forms.FormError as error:
+            raise HTTPError(400, str(error)) from None
+
+
+class Response:
+    """What a handler returns: ``status``, ``headers`` (list of (name, value)) and one body.
+
+    The body is one of: ``body`` (bytes), ``stream`` (an iterable of bytes, sent chunked),
+    or ``file`` (an open binary file and ``file_range`` = (offset, length), sent with sendfile
+    where it can be; the runtime closes it). The runtime adds Date, Server, Content-Length and
+    Connection; handlers must not.
+    """
+
+    __slots__ = ("status", "headers", "body", "stream", "file", "file_range")
+
+    def __init__(self, body=b"", status=200, headers=None, content_type=None):
+        self.status = status
+        self.headers = list(headers or ())
+        if content_type is not None:
+            self.headers.append(("Content-Type", content_type))
+        self.body = body
+        self.stream = None
+        self.file = None
+        self.file_range = None
+
+    def header(self, name, default=None):
+        lower = name.lower()
+        for key, value in self.headers:
+            if key.lower() == lower:
+                return value
+        return default
+
+
+def json_response(data, status=200, headers=None):
+    body = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return Response(body, status, headers, "application/json")
+
+
+def text_response(text, status=200, headers=None):
+    return Response(text.encode("utf-8"), status, headers, "text/plain; charset=utf-8")
+
+
+def html_response(html, status=200, headers=None):
+    return Response(html.encode("utf-8"), status, headers, "text/html; charset=utf-8")
+
+
+def redirect(location, status=303, headers=None):
+    """Redirect to ``location``; 303 (See Other) suits a POST, 301/308 a moved page."""
+    return Response(b"", status, [("Location", location)] + list(headers or ()))

@@ -1,0 +1,37 @@
+"""Hello: the smallest area, and the one the benchmark measures.
+
+GET /hello                 plain text
+GET /hello/{name}          JSON greeting
+POST /hello/echo           echoes a JSON body, or the fields of a form, back as JSON
+"""
+from handlers._core import HTTPError, json_response, text_response
+
+MAX_NAME_CHARS = 100
+
+
+def get_hello(request):
+    return text_response("hello, world\n")
+
+
+def get_greeting(request):
+    name = request.params["name"]
+    if len(name) > MAX_NAME_CHARS:
+        raise HTTPError(400, "'name' must be at most %d characters" % MAX_NAME_CHARS)
+    return json_response({"greeting": "hello, %s" % name})
+
+
+def echo(request):
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("application/json"):
+        return json_response({"json": request.json()})
+    form = request.form()
+    return json_response({"form": form.fields,
+                          "files": {name: {"filename": f.filename, "bytes": len(f.data)}
+                                    for name, f in form.files.items()}})
+
+
+ROUTES = [
+    ("GET", "/hello", get_hello),
+    ("GET", "/hello/{name}", get_greeting),
+    ("POST", "/hello/echo", echo),
+]

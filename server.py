@@ -1,0 +1,1560 @@
+#!/usr/bin/env python3
+"""onebox: a web server in one Python process, standard library only.
+
+Run ``python3 server.py`` (settings from ``setup.cfg`` beside this file, flags override them;
+``--help`` lists both). ``grep -n '^# ---' server.py`` prints this file's table of contents.
+
+How a connection is served, and why
+-----------------------------------
+The stdlib's ``ThreadingHTTPServer`` gives every connection a thread for its whole life. That is
+simple, but a client that opens a connection and says nothing holds a thread (and its stack)
+until a timeout, and a thousand such clients are a thousand threads. onebox keeps the stdlib
+server class for the listening socket's life cycle (bind, listen, close) and replaces its request
+loop with two kinds of thread:
+
+* the **reactor** (the thread that calls ``serve_forever``) owns the listening socket and every
+  connection that is *waiting*: it accepts, applies the connection caps, reads request heads
+  without blocking, and enforces the head deadline and the idle keep-alive timeout. A waiting
+  connection costs a selector registration and a small buffer, never a thread;
+* a fixed pool of **workers** (``worker_threads``) takes connections whose request head is
+  complete, parses it, runs the handler, reads or drains the body, writes the response, and
+  hands the connection back to the reactor (or serves the next pipelined request first).
+
+A slow client can hold a worker only while a handler reads its body (``body_timeout_s`` per
+read) or while the response is written (``write_timeout_s``); never while it dawdles over a head.
+
+The stdlib request handler is replaced too: it parses headers with ``email.parser`` (slow, and
+lenient where RFC 9112 asks for strictness), writes headers and body in separate sends (with
+Nagle on, ~40 ms stalls on keep-alive), never reads unread request bodies (so the next pipelined
+request is parsed out of body bytes), and sends nothing at all when a handler raises.
+
+Threads: the reactor; ``worker_threads`` workers; one access-log flusher. Shutdown (SIGTERM,
+SIGINT, or ``shutdown()`` from another thread) closes the listener and idle connections, lets
+busy ones finish within ``shutdown_timeout_s``, then joins every thread: no daemon threads, so
+exit never cuts a handler off half-way through a write.
+"""
+import argparse
+import collections
+import configparser
+import email.utils
+import http
+import http.server
+import importlib
+import os
+import queue
+import re
+import select
+import selectors
+import signal
+import socket
+import socketserver
+import sys
+import threading
+import time
+import traceback
+import types
+import urllib.parse
+
+from handlers._core import HTTPError, Headers, Request, Response, json_response
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CONFIG_FILE = os.path.join(HERE, "setup.cfg")
+
+
+# --- settings ---------------------------------------------------------------------------------
+# Every limit lives here, with its unit in its name and the reason for its default. setup.cfg
+# sections override the defaults, command-line flags override setup.cfg. Unknown keys and bad
+# values stop start-up with a message naming the file, the section and the key.
+
+class ConfigError(Exception):
+    """Bad configuration; the message names where and how to fix it."""
+
+
+Setting = collections.namedtuple("Setting", "name kind default minimum why")
+
+SETTINGS = {
+    "server": [
+        Setting("host", "str", "127.0.0.1", None,
+                "address to listen on; 0.0.0.0 (or ::) serves the network"),
+        Setting("port", "int", 8000, 0, "TCP port; 0 picks a free one (printed at start)"),
+        Setting("pages_dir", "path", "pages", None, "static site served for unrouted GETs"),
+        Setting("data_dir", "path", "data", None, "where persisted state lives"),
+        Setting("worker_threads", "int", 16, 1,
+                "threads running handlers; waiting connections need none"),
+        Setting("max_connections", "int", 4096, 1,
+                "open connections in all; past it idle ones are closed, then 503"),
+        Setting("max_connections_per_ip", "int", 256, 1,
+                "open connections from one address; past it 503 (a browser uses ~6)"),
+        Setting("header_timeout_s", "float", 10.0, 0.001,
+                "deadline for a whole request head, from its first byte (slowloris)"),
+        Setting("keepalive_timeout_s", "float", 30.0, 0.001,
+                "an idle keep-alive connection is closed after this"),
+        Setting("body_timeout_s", "float", 30.0, 0.001,
+                "longest wait for more request-body bytes before 408"),
+        Setting("write_timeout_s", "float", 30.0, 0.001,
+                "longest wait for a client to accept more response bytes"),
+        Setting("shutdown_timeout_s", "float", 10.0, 0.0,
+                "how long busy requests may run on after SIGTERM"),
+        Setting("max_request_line_bytes", "int", 8192, 64, "longer request lines get 414"),
+        Setting("max_head_bytes", "int", 65536, 256, "larger request heads get 431"),
+        Setting("max_header_count", "int", 100, 1, "more header lines get 431"),
+        Setting("max_body_bytes", "int", 1048576, 0, "larger request bodies get 413"),
+        Setting("max_drain_bytes", "int", 65536, 0,
+                "unread body left by a handler is read and dropped up to this; past it close"),
+        Setting("access_log", "bool", True, None, "one combined-format line per request on stdout"),
+        Setting("log_flush_interval_s", "float", 1.0, 0.01,
+                "access lines are written in batches at least this often"),
+    ],
+}
+
+
+def _parse_value(setting, raw, where):
+    """Turn a setup.cfg or command-line string into the setting's type, or say why not."""
+    if not isinstance(raw, str):
+        value = raw
+    elif setting.kind == "int":
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ConfigError("%s: %r is not a whole number" % (where, raw)) from None
+    elif setting.kind == "float":
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise ConfigError("%s: %r is not a number" % (where, raw)) from None
+    elif setting.kind == "bool":
+        lowered = raw.strip().lower()
+        if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+            raise ConfigError("%s: %r is not on/off (true/false, yes/no, 1/0)" % (where, raw))
+        value = lowered in ("1", "true", "yes", "on")
+    else:
+        value = raw.strip()
+    if setting.minimum is not None and not value >= setting.minimum:
+        raise ConfigError("%s: %r is below the minimum %s" % (where, raw, setting.minimum))
+    if setting.name == "port" and value > 65535:
+        raise ConfigError("%s: %r is not a TCP port (0-65535)" % (where, raw))
+    return value
+
+
+def load_config(path=None, overrides=None):
+    """Defaults, then ``path`` (a setup.cfg; None reads no file), then ``overrides``.
+
+    ``overrides`` maps "key" (a [server] key) or "section.key" to a value or a string.
+    Returns a namespace of sections: ``config.server.port``.
+    """
+    values = {section: {s.name: s.default for s in settings}
+              for section, settings in SETTINGS.items()}
+    base_dir = HERE
+    if path is not None:
+        base_dir = os.path.dirname(os.path.abspath(path))
+        parser = configparser.ConfigParser(interpolation=None)
+        try:
+            with open(path, encoding="utf-8") as config_file:
+                parser.read_file(config_file)
+        except (OSError, configparser.Error) as error:
+            raise ConfigError("%s: cannot be read: %s" % (path, error)) from None
+        for section in SETTINGS:
+            if parser.has_section(section):
+                for key, raw in parser.items(section):
+                    _set_value(values, section, key, raw, "%s [%s] %s" % (path, section, key))
+    for dotted, raw in (overrides or {}).items():
+        section, _, key = dotted.rpartition(".")
+        _set_value(values, section or "server", key, raw, "setting %r" % dotted)
+    for key in ("pages_dir", "data_dir"):
+        values["server"][key] = os.path.join(base_dir, values["server"][key])
+    server = values["server"]
+    if server["max_request_line_bytes"] > server["max_head_bytes"]:
+        raise ConfigError("max_request_line_bytes must not exceed max_head_bytes")
+    return types.SimpleNamespace(**{name: types.SimpleNamespace(**section)
+                                    for name, section in values.items()})
+
+
+def _set_value(values, section, key, raw, where):
+    settings = {s.name: s for s in SETTINGS.get(section, ())}
+    if section not in SETTINGS:
+        raise ConfigError("%s: unknown section [%s]" % (where, section))
+    if key not in settings:
+        raise ConfigError("%s: unknown key; [%s] knows: %s"
+                          % (where, section, ", ".join(sorted(settings))))
+    values[section][key] = _parse_value(settings[key], raw, where)
+
+
+# --- routing ----------------------------------------------------------------------------------
+# Area modules in handlers/ end with ROUTES = [(method, pattern, handler), ...]. Patterns are
+# "/literal/{name}/more" with an optional final "{rest...}". A literal segment beats {name},
+# which beats {rest...}. Two routes with the same method and shape stop start-up.
+
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+class RouteError(Exception):
+    """A bad or conflicting ROUTES table; start-up stops with this message."""
+
+
+Route = collections.namedtuple("Route", "method pattern handler names origin")
+
+
+class _RouteNode:
+    __slots__ = ("literals", "param", "rest", "routes")
+
+    def __init__(self):
+        self.literals = {}
+        self.param = None   # child node for a {name} segment
+        self.rest = None    # node holding routes whose pattern ends in {rest...}
+        self.routes = {}    # method -> Route ending at this node
+
+
+def load_routes(package_dir=os.path.join(HERE, "handlers"), package="handlers"):
+    """Import every area module (handlers/*.py not starting with "_") and collect ROUTES."""
+    rows = []
+    for filename in sorted(os.listdir(package_dir)):
+        if not filename.endswith(".py") or filename.startswith("_"):
+            continue
+        origin = "handlers/" + filename
+        module = importlib.import_module("%s.%s" % (package, filename[:-3]))
+        table = getattr(module, "ROUTES", None)
+        if not isinstance(table, (list, tuple)):
+            raise RouteError("%s: no ROUTES table; end the module with ROUTES = [(method, "
+                             "pattern, handler), ...]" % origin)
+        for row in table:
+            if (not isinstance(row, tuple) or len(row) != 3 or not callable(row[2])
+                    or not isinstance(row[1], str)):
+                raise RouteError("%s: bad ROUTES row %r; expected (method, pattern, handler)"
+                                 % (origin, row))
+            rows.append(row + (origin,))
+    return rows
+
+
+class Router:
+    """Matches (method, path segments) to a Route; built once, read by every worker."""
+
+    def __init__(self, rows):
+        self.root = _RouteNode()
+        for method, pattern, handler, origin in rows:
+            self.add(method, pattern, handler, origin)
+
+    def add(self, method, pattern, handler, origin="?"):
+        if method not in METHODS:
+            raise RouteError("%s: %s %s: method must be one of %s"
+                             % (origin, method, pattern, ", ".join(METHODS)))
+        node, names = self.root, []
+        for segment, kind in _pattern_segments(pattern, origin):
+            if kind == "literal":
+                node = node.literals.setdefault(segment, _RouteNode())
+            elif kind == "param":
+                node.param = node.param or _RouteNode()
+                node = node.param
+            else:
+                node.rest = node.rest or _RouteNode()
+                node = node.rest
+            if kind != "literal":
+                if segment in names:
+                    raise RouteError("%s: %s: wildcard {%s} appears twice"
+                                     % (origin, pattern, segment))
+                names.append(segment)
+        existing = node.routes.get(method)
+        if existing is not None:
+            raise RouteError("conflicting routes: %s %s (%s) and %s %s (%s) match the same "
+                             "requests; remove or rename one"
+                             % (existing.method, existing.pattern, existing.origin,
+                                method, pattern, origin))
+        node.routes[method] = Route(method, pattern, handler, tuple(names), origin)
+
+    def match(self, method, segments):
+        """Return (route, params, None), or (None, None, allowed methods), or (None, None, None)."""
+        first_allowed = None
+        for node, values in self._walk(self.root, segments, 0, ()):
+            route = node.routes.get(method)
+            if route is None and method == "HEAD":
+                route = node.routes.get("GET")
+            if route is not None:
+                return route, dict(zip(route.names, values)), None
+            if first_allowed is None:
+                first_allowed = _allowed_methods(node.routes)
+        return None, None, first_allowed
+
+    def _walk(self, node, segments, index, values):
+        if index == len(segments):
+            if node.routes:
+                yield node, values
+            return
+        segment = segments[index]
+        child = node.literals.get(segment)
+        if child is not None:
+            yield from self._walk(child, segments, index + 1, values)
+        if node.param is not None and segment:
+            yield from self._walk(node.param, segments, index + 1, values + (segment,))
+        if node.rest is not None and node.rest.routes:
+            yield node.rest, values + ("/".join(segments[index:]),)
+
+
+def _pattern_segments(pattern, origin):
+    if not pattern.startswith("/"):
+        raise RouteError("%s: pattern %r must start with /" % (origin, pattern))
+    parts = pattern[1:].split("/")
+    for position, part in enumerate(parts):
+        if part.startswith("{") and part.endswith("}"):
+            name = part[1:-1]
+            if name.endswith("..."):
+                if position != len(parts) - 1:
+                    raise RouteError("%s: %s: {%s} must be the last segment"
+                                     % (origin, pattern, name))
+                yield name[:-3], "rest"
+                continue
+            if not name.isidentifier():
+                raise RouteError("%s: %s: {%s} is not a valid name" % (origin, pattern, name))
+            yield name, "param"
+        elif "{" in part or "}" in part:
+            raise RouteError("%s: %s: a wildcard must be a whole segment" % (origin, pattern))
+        else:
+            yield part, "literal"
+
+
+def _allowed_methods(routes):
+    methods = set(routes)
+    if "GET" in methods:
+        methods.add("HEAD")
+    methods.add("OPTIONS")
+    return ", ".join(m for m in METHODS if m in methods)
+
+
+# --- request parsing --------------------------------------------------------------------------
+# RFC 9112 sections 2-3 and 5-6, strictly: what a lenient parser accepts is what request
+# smuggling exploits. Runs in worker threads on a complete head (the reactor found its end).
+
+_TCHARS = "!#$%&'*+.^_`|~0-9A-Za-z-"
+_REQUEST_LINE_RE = re.compile(r"([%s]+) ([^\x00-\x20\x7f]+) HTTP/(\d)\.(\d)" % _TCHARS)
+_REQUEST_LINE_BYTES_RE = re.compile(rb"[%s]+ [^\x00-\x20\x7f]+ HTTP/\d\.\d" % _TCHARS.encode())
+_METHOD_PREFIX_RE = re.compile(rb"[%s]{1,32}(?: |$)" % _TCHARS.encode())
+_FIELD_RE = re.compile(r"([%s]+):[ \t]*(.*?)[ \t]*" % _TCHARS)
+_BAD_VALUE_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_HOST_RE = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
+_TCHAR_BYTES = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                         b"abcdefghijklmnopqrstuvwxyz")
+
+
+class Head:
+    """A parsed request head: what the worker needs to frame and route the request."""
+
+    __slots__ = ("method", "target", "version", "fields", "keep_alive", "content_length",
+                 "chunked", "expect_continue", "request_line")
+
+
+def parse_head(head_bytes, settings):
+    """Parse a request head (without its final CRLFCRLF); raise HTTPError on anything bad."""
+    text = head_bytes.decode("latin-1")
+    lines = text.split("\r\n")
+    head = Head()
+    head.request_line = lines[0]
+    if len(lines[0]) > settings.max_request_line_bytes:
+        raise HTTPError(414, "request line too long")
+    match = _REQUEST_LINE_RE.fullmatch(lines[0])
+    if match is None:
+        raise HTTPError(400, "malformed request line")
+    head.method, head.target, major, minor = match.groups()
+    if major != "1":
+        raise HTTPError(505, "only HTTP/1.x is supported")
+    head.version = "HTTP/1.0" if minor == "0" else "HTTP/1.1"
+    if len(lines) - 1 > settings.max_header_count:
+        raise HTTPError(431, "too many header fields")
+    fields = {}
+    for line in lines[1:]:
+        field = _FIELD_RE.fullmatch(line)
+        # No match: obs-fold (a line starting with whitespace), whitespace before the colon
+        # (RFC 9112 section 5.1 requires 400), a bare CR or LF, or no colon at all.
+        if field is None or _BAD_VALUE_RE.search(field.group(2)):
+            raise HTTPError(400, "malformed header field")
+        fields.setdefault(field.group(1).lower(), []).append(field.group(2))
+    head.fields = fields
+    _read_framing(head)
+    return head
+
+
+def _read_framing(head):
+    """Host, Connection, Content-Length / Transfer-Encoding and Expect (RFC 9112 sections
+    3.2, 6.1-6.3, 9.3; RFC 9110 section 10.1.1)."""
+    fields = head.fields
+    hosts = fields.get("host", ())
+    if len(hosts) > 1:
+        raise HTTPError(400, "more than one Host header")
+    if not hosts and head.version == "HTTP/1.1":
+        raise HTTPError(400, "missing Host header")
+    if hosts and not _HOST_RE.fullmatch(hosts[0]):
+        raise HTTPError(400, "invalid Host header")
+    tokens = {t.strip().lower() for v in fields.get("connection", ()) for t in v.split(",")}
+    if head.version == "HTTP/1.1":
+        head.keep_alive = "close" not in tokens
+    else:
+        head.keep_alive = "keep-alive" in tokens
+    head.chunked = False
+    head.content_length = 0
+    codings = [t.strip().lower() for v in fields.get("transfer-encoding", ()) for t in v.split(",")]
+    lengths = {v.strip() for line in fields.get("content-length", ()) for v in line.split(",")}
+    if codings:
+        if head.version == "HTTP/1.0":
+            raise HTTPError(400, "Transfer-Encoding is not allowed in HTTP/1.0")
+        if lengths:  # section 6.3: both present is a smuggling attempt; reject and close
+            raise HTTPError(400, "both Transfer-Encoding and Content-Length")
+        if codings[-1] != "chunked":
+            raise HTTPError(400, "request body must be chunked last")
+        if len(codings) > 1:
+            raise HTTPError(501, "transfer coding not supported")
+        head.chunked = True
+    elif lengths:
+        if len(lengths) > 1:
+            raise HTTPError(400, "conflicting Content-Length values")
+        length = lengths.pop()
+        if not length.isdigit() or not length.isascii() or len(length) > 18:
+            raise HTTPError(400, "invalid Content-Length")
+        head.content_length = int(length)
+    expect = fields.get("expect")
+    head.expect_continue = False
+    if expect:
+        if len(expect) != 1 or expect[0].lower() != "100-continue":
+            raise HTTPError(417, "only Expect: 100-continue is supported")
+        head.expect_continue = head.version == "HTTP/1.1"
+
+
+def split_target(head):
+    """Return (raw path, query string) for the request target's form (RFC 9112 section 3.2)."""
+    target = head.target
+    if target.startswith("/"):
+        path, _, query = target.partition("?")
+        return path, query
+    if target == "*":
+        if head.method != "OPTIONS":
+            raise HTTPError(400, "asterisk-form is only for OPTIONS")
+        return "*", ""
+    scheme = target[:8].lower()
+    if scheme.startswith("http://") or scheme.startswith("https://"):
+        # absolute-form: the authority replaces Host (section 3.2.2)
+        parts = urllib.parse.urlsplit(target)
+        if not _HOST_RE.fullmatch(parts.netloc) or "@" in parts.netloc:
+            raise HTTPError(400, "invalid request target")
+        head.fields["host"] = [parts.netloc]
+        return parts.path or "/", parts.query
+    raise HTTPError(400, "invalid request target")
+
+
+def decode_path(raw_path):
+    """'/a//b%20c/' -> ('/a/b c/', ['a', 'b c', '']); dot-segments and NUL are refused."""
+    if raw_path == "*":
+        return "*", []
+    raw_segments = raw_path.split("/")[1:]
+    last = len(raw_segments) - 1
+    segments = []
+    for position, raw in enumerate(raw_segments):
+        try:
+            if "%" in raw:
+                segment = urllib.parse.unquote_to_bytes(raw).decode("utf-8")
+            elif not raw.isascii():
+                segment = raw.encode("latin-1").decode("utf-8")
+            else:
+                segment = raw
+        except UnicodeDecodeError:
+            raise HTTPError(400, "request path is not UTF-8") from None
+        if segment in (".", ".."):
+            raise HTTPError(400, "request path must not contain dot-segments")
+        if "\x00" in segment:
+            raise HTTPError(400, "request path must not contain NUL")
+        if segment or position == last:
+            segments.append(segment)  # empty segments collapse, but a trailing "/" stays
+    if not segments:
+        segments = [""]
+    return "/" + "/".join(segments), segments
+
+
+# --- body readers -----------------------------------------------------------------------------
+# A handler reads the body through these; whatever it leaves unread is drained (bounded) or the
+# connection is closed, so the next request on the connection is never parsed out of body bytes.
+
+class ClientGone(Exception):
+    """The client stopped reading or writing in time; the connection is closed silently."""
+
+
+class StreamFailed(ClientGone):
+    """A streamed body raised after its head was sent: all we can do is cut the connection."""
+
+
+def wait_for(sock, events, timeout):
+    """Block until the non-blocking ``sock`` is ready for ``events`` (select.POLLIN/POLLOUT).
+
+    poll, not select: select cannot watch descriptors above 1023, and onebox holds thousands.
+    """
+    poller = select.poll()
+    poller.register(sock, events)
+    if not poller.poll(timeout * 1000):
+        raise ClientGone("timed out")
+
+
+def send_all(sock, data, timeout):
+    view = memoryview(data)
+    while view:
+        try:
+            sent = sock.send(view)
+        except BlockingIOError:
+            wait_for(sock, select.POLLOUT, timeout)
+            continue
+        except OSError as error:
+            raise ClientGone(str(error)) from None
+        view = view[sent:]
+
+
+class BodyReader:
+    """Reads one request body from the connection's buffer and socket, within the limits."""
+
+    def __init__(self, conn, head, settings):
+        self.conn = conn
+        self.limit = settings.max_body_bytes
+        self.timeout = settings.body_timeout_s
+        self.expect_continue = head.expect_continue
+        self.continue_sent = False
+        self.done = False
+        self.broken = False   # framing lost: the connection must close after the response
+        self.received = 0
+
+    def read(self, size=-1):
+        if self.done:
+            return b""
+        if self.expect_continue and not self.continue_sent:
+            self.continue_sent = True  # RFC 9110 section 10.1.1: the client waits for this
+            self._guard(send_all, self.conn.sock, b"HTTP/1.1 100 Continue\r\n\r\n", self.timeout)
+        if size is None or size < 0:
+            parts = []
+            while not self.done:
+                parts.append(self._read_some(1 << 20))
+            return b"".join(parts)
+        return self._read_some(size) if size else b""
+
+    def drain(self, limit):
+        """Read and drop the rest of the body; False if more than ``limit`` bytes remain."""
+        try:
+            while not self.done:
+                if self._remaining_hint() > limit:
+                    return False
+                limit -= len(self._read_some(65536))
+                if limit < 0:
+                    return False
+        except HTTPError:
+            return False
+        return True
+
+    def _take(self, size):
+        """Up to ``size`` bytes from the buffer, receiving more if it is empty."""
+        conn = self.conn
+        if not conn.buf:
+            self._guard(self._receive)
+        chunk = bytes(conn.buf[:size])
+        del conn.buf[:size]
+        return chunk
+
+    def _receive(self):
+        conn = self.conn
+        while True:
+            try:
+                data = conn.sock.recv(65536)
+            except BlockingIOError:
+                wait_for(conn.sock, select.POLLIN, self.timeout)
+                continue
+            if not data:
+                raise ClientGone("closed mid-body")
+            conn.buf += data
+            return
+
+    def _guard(self, function, *args):
+        try:
+            return function(*args)
+        except ClientGone:
+            self.broken = True
+            raise HTTPError(408, "request body not received in time") from None
+        except OSError:
+            self.broken = True
+            raise HTTPError(400, "request body incomplete") from None
+
+    def _count(self, size):
+        self.received += size
+        if self.received > self.limit:
+            self.broken = True
+            raise HTTPError(413, "request body too large")
+
+
+class LengthBody(BodyReader):
+    def __init__(self, conn, head, settings):
+        super().__init__(conn, head, settings)
+        self.remaining = head.content_length
+        self.done = self.remaining == 0
+
+    def _remaining_hint(self):
+        return self.remaining
+
+    def _read_some(self, size):
+        chunk = self._take(min(size, self.remaining))
+        self.remaining -= len(chunk)
+        self._count(len(chunk))
+        self.done = self.remaining == 0
+        return chunk
+
+
+class ChunkedBody(BodyReader):
+    """RFC 9112 section 7.1: hex size [;ext] CRLF data CRLF ... 0 CRLF [trailers] CRLF."""
+
+    MAX_LINE_BYTES = 4096
+
+    def __init__(self, conn, head, settings):
+        super().__init__(conn, head, settings)
+        self.chunk_left = 0
+        self.max_trailer_bytes = settings.max_head_bytes
+
+    def _remaining_hint(self):
+        return self.chunk_left
+
+    def _read_some(self, size):
+        if self.chunk_left == 0:
+            self._start_chunk()
+            if self.done:
+                return b""
+        chunk = self._take(min(size, self.chunk_left))
+        self.chunk_left -= len(chunk)
+        self._count(len(chunk))
+        if self.chunk_left == 0 and self._line() != b"":
+            self.broken = True
+            raise HTTPError(400, "malformed chunked body")
+        return chunk
+
+    def _start_chunk(self):
+        line = self._line()
+        size_text = line.split(b";", 1)[0].strip(b" \t")
+        if not size_text or len(size_text) > 16 or size_text.strip(b"0123456789abcdefABCDEF"):
+            self.broken = True
+            raise HTTPError(400, "malformed chunk size")
+        self.chunk_left = int(size_text, 16)
+        if self.chunk_left == 0:
+            trailer_bytes = 0
+            while True:  # trailer fields are read and ignored (section 7.1.2)
+                trailer = self._line()
+                trailer_bytes += len(trailer) + 2
+                if trailer == b"":
+                    break
+                if trailer_bytes > self.max_trailer_bytes:
+                    self.broken = True
+                    raise HTTPError(431, "chunked trailer too large")
+            self.done = True
+        elif self.received + self.chunk_left > self.limit:
+            self.broken = True
+            raise HTTPError(413, "request body too large")
+
+    def _line(self):
+        conn = self.conn
+        while True:
+            end = conn.buf.find(b"\r\n")
+            if end >= 0:
+                line = bytes(conn.buf[:end])
+                del conn.buf[:end + 2]
+                return line
+            if len(conn.buf) > self.MAX_LINE_BYTES:
+                self.broken = True
+                raise HTTPError(400, "malformed chunked body")
+            self._guard(self._receive)
+
+
+# --- responses --------------------------------------------------------------------------------
+# Head and (small) body go out in one send: with two sends and Nagle, a keep-alive client waits
+# ~40 ms for the delayed ACK (TCP_NODELAY is set as well). No header value may hold CR or LF.
+
+REASONS = {status.value: status.phrase for status in http.HTTPStatus}
+_NO_BODY_STATUSES = frozenset([204, 304])
+_SMALL_BODY_BYTES = 256 * 1024
+_HEADER_NAME_RE = re.compile(r"[%s]+" % _TCHARS)
+_date_cache = [0, ""]
+
+
+def http_date(now=None):
+    """The Date header value (RFC 9110 section 5.6.7), formatted once a second."""
+    second = int(time.time() if now is None else now)
+    if _date_cache[0] != second:
+        _date_cache[1] = email.utils.formatdate(second, usegmt=True)
+        _date_cache[0] = second
+    return _date_cache[1]
+
+
+def to_response(result):
+    """A handler's return value as a Response (see handlers/_core.py for the shortcuts)."""
+    if isinstance(result, Response):
+        return result
+    if result is None:
+        return Response(b"", 204)
+    if isinstance(result, (dict, list)):
+        return json_response(result)
+    if isinstance(result, str):
+        return Response(result.encode("utf-8"), 200, None, "text/plain; charset=utf-8")
+    if isinstance(result, (bytes, bytearray)):
+        return Response(bytes(result), 200, None, "application/octet-stream")
+    raise TypeError("handler returned %s; expected a Response" % type(result).__name__)
+
+
+def error_response(request, status, message="", headers=()):
+    """A short error body: JSON for clients that accept it, plain text otherwise."""
+    message = message or REASONS.get(status, "error").lower()
+    accept = request.headers.get("accept", "") if request is not None else ""
+    if "application/json" in accept:
+        response = json_response({"error": message, "status": status}, status)
+    else:
+        response = Response((message + "\n").encode("utf-8"), status, None,
+                            "text/plain; charset=utf-8")
+    response.headers.extend(headers)
+    return response
+
+
+def render_head(status, headers, length, keep_alive, version):
+    """The response head as bytes; ``length`` None means chunked (or close-delimited)."""
+    lines = ["HTTP/1.1 %d %s\r\nDate: %s\r\nServer: onebox\r\n"
+             % (status, REASONS.get(status, "Unknown"), http_date())]
+    for name, value in headers:
+        value = str(value)
+        if not _HEADER_NAME_RE.fullmatch(name) or _BAD_VALUE_RE.search(value):
+            raise ValueError("response header %r has a bad name or value" % name)
+        lines.append("%s: %s\r\n" % (name, value))
+    if status not in _NO_BODY_STATUSES and status >= 200:
+        if length is not None:
+            lines.append("Content-Length: %d\r\n" % length)
+        elif version == "HTTP/1.1":
+            lines.append("Transfer-Encoding: chunked\r\n")
+    if not keep_alive:
+        lines.append("Connection: close\r\n")
+    elif version == "HTTP/1.0":
+        lines.append("Connection: keep-alive\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode("latin-1")
+
+
+def write_response(conn, response, keep_alive, version, head_only, timeout):
+    """Send ``response``; return the body bytes sent. Raises ClientGone."""
+    status = response.status
+    no_body = head_only or status in _NO_BODY_STATUSES or status < 200
+    if response.file is not None:
+        offset, length = response.file_range
+        try:
+            conn.sock_send(render_head(status, response.headers, length, keep_alive, version),
+                           timeout)
+            return 0 if no_body else conn.send_file(response.file, offset, length, timeout)
+        finally:
+            response.file.close()
+    if response.stream is not None:
+        return _write_stream(conn, response, keep_alive, version, no_body, timeout)
+    body = response.body
+    head = render_head(status, response.headers, len(body), keep_alive, version)
+    if no_body or not body:
+        conn.sock_send(head, timeout)
+        return 0
+    if len(body) <= _SMALL_BODY_BYTES:
+        conn.sock_send(head + body, timeout)
+    else:
+        conn.sock_send(head, timeout)
+        conn.sock_send(body, timeout)
+    return len(body)
+
+
+def _write_stream(conn, response, keep_alive, version, no_body, timeout):
+    chunked = version == "HTTP/1.1"
+    conn.sock_send(render_head(response.status, response.headers, None, keep_alive, version),
+                   timeout)
+    if no_body:
+        return 0
+    sent = 0
+    pieces = iter(response.stream)
+    while True:
+        try:
+            piece = next(pieces, None)
+        except Exception as error:
+            raise StreamFailed(traceback.format_exc()) from error
+        if piece is None:
+            break
+        if piece:
+            conn.sock_send(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece, timeout)
+            sent += len(piece)
+    if chunked:
+        conn.sock_send(b"0\r\n\r\n", timeout)
+    return sent
+
+
+# --- static pages -----------------------------------------------------------------------------
+# Unrouted GET and HEAD requests are answered from pages_dir. Containment is checked on the
+# resolved path, so neither "..", its encodings, nor a symlink can lead outside pages_dir.
+
+MIME_TYPES = {
+    ".html": "text/html; charset=utf-8", ".htm": "text/html; charset=utf-8",
+    ".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+    ".mjs": "text/javascript; charset=utf-8", ".json": "application/json",
+    ".txt": "text/plain; charset=utf-8", ".md": "text/markdown; charset=utf-8",
+    ".xml": "application/xml", ".svg": "image/svg+xml", ".png": "image/png",
+    ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif", ".webp": "image/webp",
+    ".avif": "image/avif", ".ico": "image/vnd.microsoft.icon", ".pdf": "application/pdf",
+    ".woff": "font/woff", ".woff2": "font/woff2", ".ttf": "font/ttf", ".otf": "font/otf",
+    ".wasm": "application/wasm", ".mp4": "video/mp4", ".webm": "video/webm",
+    ".mp3": "audio/mpeg", ".ogg": "audio/ogg", ".zip": "application/zip",
+    ".gz": "application/gzip", ".webmanifest": "application/manifest+json",
+}
+STATIC_METHODS = "GET, HEAD, OPTIONS"
+
+
+class StaticPages:
+    """Serves files under ``root``; directories by their index.html."""
+
+    def __init__(self, root):
+        self.root = os.path.realpath(root)
+
+    def resolve(self, segments):
+        """The real path of the file for ``segments``, a redirect target, or None."""
+        for position, segment in enumerate(segments):
+            if "/" in segment or "\\" in segment:
+                return None
+            # dotfiles stay private, except RFC 8615's /.well-known/ (ACME challenges)
+            if segment.startswith(".") and not (position == 0 and segment == ".well-known"):
+                return None
+        path = os.path.realpath(os.path.join(self.root, *segments))
+        if path != self.root and not path.startswith(self.root + os.sep):
+            return None
+        if os.path.isdir(path):
+            if segments[-1] != "":
+                return ("redirect",)
+            path = os.path.join(path, "index.html")
+        return path if os.path.isfile(path) else None
+
+    def serve(self, request):
+        found = self.resolve(request.segments)
+        if found is None:
+            return None
+        if isinstance(found, tuple):
+            location = urllib.parse.quote(request.path + "/")
+            if request.query_string:
+                location += "?" + request.query_string
+            return Response(b"", 301, [("Location", location)])
+        if request.method not in ("GET", "HEAD"):
+            raise HTTPError(405, "method not allowed", [("Allow", STATIC_METHODS)])
+        return self.file_response(found)
+
+    def file_response(self, path, status=200):
+        content_type = MIME_TYPES.get(os.path.splitext(path)[1].lower(),
+                                      "application/octet-stream")
+        try:
+            handle = open(path, "rb")
+        except OSError:
+            raise HTTPError(404, "not found") from None
+        size = os.fstat(handle.fileno()).st_size
+        headers = [("Content-Type", content_type), ("X-Content-Type-Options", "nosniff")]
+        if size <= _SMALL_BODY_BYTES:
+            with handle:
+                return Response(handle.read(size), status, headers)
+        response = Response(b"", status, headers)
+        response.file, response.file_range = handle, (0, size)
+        return response
+
+    def not_found(self, request):
+        """404, with 404.html for browsers."""
+        page = os.path.join(self.root, "404.html")
+        accept = request.headers.get("accept", "") if request is not None else ""
+        if "text/html" in accept and os.path.isfile(page):
+            return self.file_response(page, 404)
+        return error_response(request, 404, "not found")
+
+
+# --- access log -------------------------------------------------------------------------------
+# One line per request in the combined log format plus the duration. Lines are buffered and
+# written by a flusher thread at least every log_flush_interval_s, so a request costs no syscall.
+
+_LOG_ESCAPE_RE = re.compile(r'[\x00-\x1f\x7f-\xff"\\]')
+
+
+def _log_escape(text):
+    """Escape control bytes, quotes and backslashes as nginx does (\\xHH), so no client can
+    forge or break a log line."""
+    if not text:
+        return "-"
+    return _LOG_ESCAPE_RE.sub(lambda m: "\\x%02X" % (ord(m.group()) & 0xFF), text)
+
+
+class AccessLog:
+    """Buffered access log; ``log`` may be called from any thread."""
+
+    FLUSH_BYTES = 64 * 1024
+
+    def __init__(self, stream, flush_interval_s):
+        self.stream = stream
+        self.interval = flush_interval_s
+        self.lock = threading.Lock()   # guards pending and pending_bytes
+        self.pending = []
+        self.pending_bytes = 0
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="onebox-log")
+        self._time_cache = (0, "")
+
+    def start(self):
+        self.thread.start()
+
+    def log(self, client_ip, request_line, status, size, referer, agent, seconds):
+        now = int(time.time())
+        if self._time_cache[0] != now:
+            self._time_cache = (now, time.strftime("%d/%b/%Y:%H:%M:%S %z", time.localtime(now)))
+        line = '%s - - [%s] "%s" %d %s "%s" "%s" %.3fms\n' % (
+            client_ip, self._time_cache[1], _log_escape(request_line), status, size or "-",
+            _log_escape(referer), _log_escape(agent), seconds * 1000)
+        with self.lock:
+            self.pending.append(line)
+            self.pending_bytes += len(line)
+            full = self.pending_bytes >= self.FLUSH_BYTES
+        if full:
+            self.flush()
+
+    def flush(self):
+        with self.lock:
+            lines, self.pending, self.pending_bytes = self.pending, [], 0
+        if lines:
+            try:
+                self.stream.write("".join(lines))
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass  # stdout gone (closed pipe): logging must never take the server down
+
+    def _run(self):
+        while not self.stopped.wait(self.interval):
+            self.flush()
+
+    def close(self):
+        self.stopped.set()
+        if self.thread.is_alive():
+            self.thread.join()
+        self.flush()
+
+
+# --- connections ------------------------------------------------------------------------------
+# A Connection is owned by exactly one thread at a time: the reactor while it waits (parked in
+# the selector), a worker while a request is served. Hand-over goes through queues, so the
+# connection itself needs no lock.
+
+WORKER_JOIN_S = 5.0       # after the drain, how long a stuck handler may delay exit
+LINGER_S = 2.0            # after a close with unread input, read and drop it this long
+MAX_REQUESTS_PER_TURN = 32  # pipelined requests a worker serves before giving others a turn
+
+
+class Connection:
+    __slots__ = ("sock", "ip", "buf", "waiting", "served", "started")
+
+    def __init__(self, sock, ip):
+        self.sock = sock
+        self.ip = ip
+        self.buf = bytearray()
+        self.waiting = None   # "new", "head", "idle" or "linger" while parked; None when busy
+        self.served = 0
+
+    def sock_send(self, data, timeout):
+        send_all(self.sock, data, timeout)
+
+    def send_file(self, handle, offset, length, timeout):
+        """Zero-copy with os.sendfile; a plain read/send loop where sendfile is missing."""
+        sent, end = 0, offset + length
+        use_sendfile = hasattr(os, "sendfile")
+        while offset < end:
+            try:
+                if use_sendfile:
+                    count = os.sendfile(self.sock.fileno(), handle.fileno(), offset,
+                                        min(end - offset, 1 << 20))
+                else:
+                    handle.seek(offset)
+                    piece = handle.read(min(end - offset, 1 << 16))
+                    send_all(self.sock, piece, timeout)
+                    count = len(piece)
+            except BlockingIOError:
+                wait_for(self.sock, select.POLLOUT, timeout)
+                continue
+            except OSError as error:
+                raise ClientGone(str(error)) from None
+            if count == 0:
+                raise ClientGone("file shrank while being sent")
+            offset += count
+            sent += count
+        return sent
+
+
+# --- server -----------------------------------------------------------------------------------
+
+class OneboxServer(http.server.ThreadingHTTPServer):
+    """The listening socket (from the stdlib class), the reactor and the worker pool.
+
+    For callers: ``serve_forever()`` (runs the reactor in the calling thread until shutdown),
+    ``shutdown()`` (from another thread: stop and wait), ``begin_shutdown()`` (from a signal
+    handler: stop without waiting), ``server_close()``, ``url``.
+    """
+
+    request_queue_size = 1024   # listen backlog: bursts of connects queue instead of failing
+    allow_reuse_address = True
+
+    def __init__(self, config, router, access_stream=None, error_stream=None):
+        settings = config.server
+        self.config = config
+        self.settings = settings
+        self.router = router
+        self.static = StaticPages(settings.pages_dir)
+        self.error_stream = error_stream or sys.stderr
+        self.access_log = None
+        if settings.access_log:
+            self.access_log = AccessLog(access_stream or sys.stdout, settings.log_flush_interval_s)
+        self.address_family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+        super().__init__((settings.host, settings.port), http.server.BaseHTTPRequestHandler,
+                         bind_and_activate=False)
+        try:
+            self.server_bind()
+            self.server_activate()
+        except OSError:
+            self.server_close()
+            raise
+        self.socket.setblocking(False)
+        self._stopping = False
+        self._stopped = threading.Event()
+        self._reactor_thread = None
+        self._selector = selectors.DefaultSelector()
+        self._wakeup_recv, self._wakeup_send = socket.socketpair()
+        self._wakeup_recv.setblocking(False)
+        self._wakeup_send.setblocking(False)
+        self._returned = collections.deque()   # (conn, keep) handed back by workers
+        self._work = queue.SimpleQueue()
+        self._workers = []
+        # Reactor-only tables (no lock: only the reactor thread touches them):
+        self._parked = {kind: collections.OrderedDict() for kind in ("new", "head", "idle",
+                                                                     "linger")}
+        self._busy = set()
+        self.stuck_workers = 0
+        self._open = 0
+        self._per_ip = {}
+        self.stats = collections.Counter()
+
+    def server_bind(self):
+        # HTTPServer.server_bind calls socket.getfqdn(), which can stall for seconds on DNS.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    @property
+    def url(self):
+        host, port = self.server_address[:2]
+        host = "[%s]" % host if ":" in host else host
+        return "http://%s:%d/" % (host, port)
+
+    def log_error(self, message):
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+        try:
+            self.error_stream.write("%s onebox: %s\n" % (stamp, message.rstrip()))
+            self.error_stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    # -- life cycle ------------------------------------------------------------------------
+    def serve_forever(self, poll_interval=None):
+        self._reactor_thread = threading.current_thread()
+        if self.access_log:
+            self.access_log.start()
+        for number in range(self.settings.worker_threads):
+            worker = threading.Thread(target=self._work_loop, name="onebox-worker-%d" % number)
+            worker.start()
+            self._workers.append(worker)
+        self._selector.register(self.socket, selectors.EVENT_READ, "listener")
+        self._selector.register(self._wakeup_recv, selectors.EVENT_READ, "wakeup")
+        try:
+            while not self._stopping:
+                self._reactor_step()
+            self._drain()
+        finally:
+            self._stop_workers()
+            if self.access_log:
+                self.access_log.close()
+            self._stopped.set()
+
+    def begin_shutdown(self):
+        """Ask the reactor to stop; safe from signal handlers and any thread."""
+        self._stopping = True
+        self._wake()
+
+    def shutdown(self):
+        if threading.current_thread() is self._reactor_thread:
+            raise RuntimeError("shutdown() from the serving thread would deadlock; "
+                               "use begin_shutdown()")
+        self.begin_shutdown()
+        if self._reactor_thread is not None:
+            self._stopped.wait()
+
+    def server_close(self):
+        socketserver.TCPServer.server_close(self)
+        for sock in (getattr(self, "_wakeup_recv", None), getattr(self, "_wakeup_send", None)):
+            if sock is not None:
+                sock.close()
+        if getattr(self, "_selector", None) is not None:
+            self._selector.close()
+
+    def _wake(self):
+        try:
+            self._wakeup_send.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full (a wake-up is pending already) or closed (shut down)
+
+    # -- reactor ---------------------------------------------------------------------------
+    def _reactor_step(self):
+        timeout = self._next_deadline()
+        for key, _ in self._selector.select(timeout):
+            owner = key.data
+            if owner == "listener":
+                self._accept()
+            elif owner == "wakeup":
+                self._take_returned()
+            else:
+                self._on_readable(owner)
+        self._expire(time.monotonic())
+
+    def _next_deadline(self):
+        now = time.monotonic()
+        soonest = now + 1.0
+        for kind, parked in self._parked.items():
+            if parked:
+                soonest = min(soonest, next(iter(parked.values())))
+        return max(0.0, soonest - now)
+
+    def _timeout_for(self, kind):
+        settings = self.settings
+        if kind == "idle":
+            return settings.keepalive_timeout_s
+        if kind == "linger":
+            return LINGER_S
+        return settings.header_timeout_s
+
+    def _park(self, conn, kind):
+        """Wait in the selector; each kind's deadlines are in insertion order, so the oldest
+        is always first and expiring costs nothing per idle connection."""
+        first = conn.waiting is None
+        if not first:
+            del self._parked[conn.waiting][conn]
+        conn.waiting = kind
+        self._parked[kind][conn] = time.monotonic() + self._timeout_for(kind)
+        if first:
+            self._selector.register(conn.sock, selectors.EVENT_READ, conn)
+
+    def _unpark(self, conn):
+        del self._parked[conn.waiting][conn]
+        conn.waiting = None
+        self._selector.unregister(conn.sock)
+
+    def _expire(self, now):
+        for kind, parked in self._parked.items():
+            while parked:
+                conn, deadline = next(iter(parked.items()))
+                if deadline > now:
+                    break
+                if kind == "head":
+                    self._reject(conn, 408, "request head not received in time")
+                else:
+                    self._close(conn)
+
+    def _accept(self):
+        settings = self.settings
+        for _ in range(64):
+            try:
+                sock, address = self.socket.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:  # EMFILE and friends: keep serving who we have
+                self.log_error("accept failed: %s" % error)
+                return
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = Connection(sock, address[0])
+            if self._open >= settings.max_connections and not self._evict_idle():
+                self._refuse(conn, "server is at its connection limit")
+            elif self._per_ip.get(conn.ip, 0) >= settings.max_connections_per_ip:
+                self._refuse(conn, "too many connections from your address")
+            else:
+                self._open += 1
+                self._per_ip[conn.ip] = self._per_ip.get(conn.ip, 0) + 1
+                self._park(conn, "new")
+
+    def _evict_idle(self):
+        """Make room by closing the longest-idle keep-alive connection, as nginx does."""
+        idle = self._parked["idle"]
+        if not idle:
+            return False
+        self._close(next(iter(idle)))
+        return True
+
+    def _refuse(self, conn, message):
+        self.stats["refused"] += 1
+        response = error_response(None, 503, message, [("Retry-After", "1")])
+        try:
+            conn.sock.send(render_head(503, response.headers, len(response.body), False,
+                                       "HTTP/1.1") + response.body)
+        except OSError:
+            pass
+        conn.sock.close()
+
+    def _on_readable(self, conn):
+        try:
+            data = conn.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close(conn)
+            return
+        if conn.waiting == "linger":
+            return
+        if conn.waiting == "idle":
+            self._park(conn, "head")  # the head deadline starts with the head's first byte
+        conn.buf += data
+        self._check_head(conn)
+
+    def _check_head(self, conn):
+        """Dispatch the connection if its buffer holds a whole head; reject early what cannot
+        become a valid one (a TLS hello, garbage, an over-long line or head)."""
+        settings, buf = self.settings, conn.buf
+        if buf[:1] in (b"\r", b"\n"):
+            # RFC 9112 section 2.2: ignore empty lines before a request-line
+            del buf[:len(buf) - len(buf.lstrip(b"\r\n"))]
+            if not buf:
+                return
+        if buf[0] not in _TCHAR_BYTES or not _METHOD_PREFIX_RE.match(buf):
+            self._reject(conn, 400, "not an HTTP request")
+            return
+        end = buf.find(b"\r\n\r\n")
+        line_end = buf.find(b"\r\n")
+        if line_end < 0:
+            if len(buf) > settings.max_request_line_bytes:
+                self._reject(conn, 414, "request line too long")
+            return
+        if line_end > settings.max_request_line_bytes:
+            self._reject(conn, 414, "request line too long")
+        elif not _REQUEST_LINE_BYTES_RE.fullmatch(buf, 0, line_end):
+            self._reject(conn, 400, "malformed request line")
+        elif (end if end >= 0 else len(buf)) + 4 > settings.max_head_bytes:
+            self._reject(conn, 431, "request head too large")
+        elif end >= 0:
+            self._unpark(conn)
+            self._busy.add(conn)
+            self._work.put(conn)
+
+    def _reject(self, conn, status, message):
+        """Answer a request that never reached a worker, then close."""
+        self.stats["rejected"] += 1
+        response = error_response(None, status, message)
+        try:
+            conn.sock.send(render_head(status, response.headers, len(response.body), False,
+                                       "HTTP/1.1") + response.body)
+        except OSError:
+            pass
+        if self.access_log:
+            line = bytes(conn.buf[:conn.buf.find(b"\r\n")] if b"\r\n" in conn.buf else b"")
+            self.access_log.log(conn.ip, line[:200].decode("latin-1"), status,
+                                len(response.body), "", "", 0.0)
+        self._linger(conn)
+
+    def _linger(self, conn):
+        """Close for writing, then read and drop input for a while before closing: closing a
+        socket with unread input sends RST, which can destroy the response before the client
+        reads it (RFC 9112 section 9.6)."""
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(conn)
+            return
+        conn.buf = bytearray()
+        self._park(conn, "linger")
+
+    def _close(self, conn):
+        if conn.waiting is not None:
+            self._unpark(conn)
+        self._busy.discard(conn)
+        conn.sock.close()
+        self._open -= 1
+        count = self._per_ip[conn.ip] - 1
+        if count:
+            self._per_ip[conn.ip] = count
+        else:
+            del self._per_ip[conn.ip]
+
+    def _take_returned(self):
+        try:
+            while self._wakeup_recv.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        while self._returned:
+            conn, keep = self._returned.popleft()
+            self._busy.discard(conn)
+            if keep == "close":
+                self._linger(conn)
+            elif self._stopping:
+                self._close(conn)
+            else:
+                self._park(conn, "head" if conn.buf else "idle")
+                if conn.buf:
+                    self._check_head(conn)
+
+    def _drain(self):
+        """Shutdown: close the listener and waiting connections, give busy ones
+        shutdown_timeout_s to finish, then cut what is left."""
+        self._selector.unregister(self.socket)
+        self.socket.close()
+        for parked in self._parked.values():
+            for conn in list(parked):
+                self._close(conn)
+        deadline = time.monotonic() + self.settings.shutdown_timeout_s
+        while self._busy and time.monotonic() < deadline:
+            self._selector.select(min(0.05, max(0.0, deadline - time.monotonic())))
+            self._take_returned()
+            for parked in self._parked.values():
+                for conn in list(parked):
+                    self._close(conn)
+        for conn in list(self._busy):
+            try:
+                conn.sock.shutdown(socket.SHUT_RDWR)  # unblocks its worker's send or recv
+            except OSError:
+                pass
+
+    def _stop_workers(self):
+        for _ in self._workers:
+            self._work.put(None)
+        give_up = time.monotonic() + WORKER_JOIN_S
+        for worker in self._workers:
+            worker.join(max(0.0, give_up - time.monotonic()))
+        self.stuck_workers = sum(worker.is_alive() for worker in self._workers)
+        if self.stuck_workers:
+            self.log_error("%d handler(s) still running after shutdown; exiting anyway"
+                           % self.stuck_workers)
+        self._workers = []
+        while self._returned:
+            conn, _ = self._returned.popleft()
+            if conn in self._busy:
+                self._close(conn)
+
+    # -- workers ---------------------------------------------------------------------------
+    def _work_loop(self):
+        while True:
+            conn = self._work.get()
+            if conn is None:
+                return
+            keep = "close"
+            try:
+                keep = self._serve_connection(conn)
+            except Exception:
+                self.log_error("connection error:\n" + traceback.format_exc())
+            self._returned.append((conn, keep))
+            self._wake()
+
+    def _serve_connection(self, conn):
+        """Serve the buffered request(s); "keep" to park the connection, "close" to close."""
+        for _ in range(MAX_REQUESTS_PER_TURN):
+            if not self._serve_one(conn) or self._stopping:
+                return "close"
+            buf = conn.buf
+            if buf[:1] in (b"\r", b"\n"):
+                del buf[:len(buf) - len(buf.lstrip(b"\r\n"))]
+            end = buf.find(b"\r\n\r\n")
+            if end < 0 or end + 4 > self.settings.max_head_bytes:
+                return "keep"
+        return "keep"
+
+    def _serve_one(self, conn):
+        """One request, in six steps. Returns whether the connection may be kept open."""
+        settings = self.settings
+        started = time.monotonic()
+        end = conn.buf.find(b"\r\n\r\n")
+        raw_head = bytes(conn.buf[:end])
+        del conn.buf[:end + 4]
+        head = request = reader = None
+        try:
+            # 1. Parse and check the head; build the request and its body reader.
+            head = parse_head(raw_head, settings)
+            reader = self._body_reader(conn, head)
+            request = self._build_request(conn, head, reader)
+            # 2. Route and run the handler (or a static page).
+            response = self._dispatch(request)
+        except HTTPError as error:
+            response = self._error_for(request, error)
+        keep_alive = head is not None and head.keep_alive and not self._stopping
+        # 3. Whatever body the handler left unread is drained, or the connection closes.
+        if reader is not None and not reader.done:
+            if reader.broken or (reader.expect_continue and not reader.continue_sent):
+                keep_alive = False
+            elif keep_alive:
+                keep_alive = reader.drain(settings.max_drain_bytes)
+        # 4. Write the response.
+        version = head.version if head is not None else "HTTP/1.1"
+        head_only = request is not None and request.method == "HEAD"
+        try:
+            sent = write_response(conn, response, keep_alive, version, head_only,
+                                  settings.write_timeout_s)
+        except StreamFailed as error:
+            self.log_error("%s %s: streamed body failed:\n%s" % (request.method, request.path, error))
+            keep_alive, sent = False, 0
+        except ClientGone:
+            keep_alive, sent = False, 0
+        except (TypeError, ValueError):
+            # a handler set a malformed header or body; nothing has been sent yet
+            self.log_error("bad response:\n" + traceback.format_exc())
+            response = error_response(request, 500, "internal server error")
+            keep_alive = False
+            sent = write_response(conn, response, False, version, head_only,
+                                  settings.write_timeout_s)
+        # 5. Log it.
+        if self.access_log:
+            request_line = head.request_line if head else raw_head.split(b"\r\n", 1)[0][:200]
+            fields = head.fields if head else {}
+            self.access_log.log(
+                request.client_ip if request else conn.ip,
+                request_line if isinstance(request_line, str) else request_line.decode("latin-1"),
+                response.status, sent, (fields.get("referer") or ("",))[0],
+                (fields.get("user-agent") or ("",))[0], time.monotonic() - started)
+        conn.served += 1
+        # 6. Keep the connection for the next request, or not.
+        return keep_alive
+
+    def _body_reader(self, conn, head):
+        """The body's reader, made before anything can fail, so that even an error response
+        knows how to skip the body (or that it must close instead)."""
+        if head.chunked:
+            return ChunkedBody(conn, head, self.settings)
+        if head.content_length:
+            return LengthBody(conn, head, self.settings)
+        return None
+
+    def _build_request(self, conn, head, reader):
+        if head.method not in METHODS:
+            raise HTTPError(501, "method not implemented")
+        if head.content_length > self.settings.max_body_bytes:
+            raise HTTPError(413, "request body too large")  # before reading a byte of it
+        raw_path, query = split_target(head)
+        path, segments = decode_path(raw_path)
+        return Request(head.method, head.target, path, segments, query,
+                       Headers(head.fields), conn.ip, head.version, reader)
+
+    def _dispatch(self, request):
+        """Handler routes first, then static pages; 404 and 405 (with Allow) otherwise."""
+        method = request.method
+        if request.path == "*":
+            return Response(b"", 204, [("Allow", ", ".join(METHODS))])
+        route, params, allowed = self.router.match(method, request.segments)
+        if route is not None:
+            request.params = params
+            return self._call(route.handler, request)
+        if allowed is not None:
+            if method == "OPTIONS":
+                return Response(b"", 204, [("Allow", allowed)])
+            raise HTTPError(405, "method not allowed", [("Allow", allowed)])
+        if method in ("GET", "HEAD", "OPTIONS") or self.static.resolve(request.segments):
+            if method == "OPTIONS":
+                if self.static.resolve(request.segments) is None:
+                    raise HTTPError(404, "not found")
+                return Response(b"", 204, [("Allow", STATIC_METHODS)])
+            response = self.static.serve(request)
+            if response is not None:
+                return response
+        raise HTTPError(404, "not found")
+
+    def _call(self, handler, request):
+        try:
+            return to_response(handler(request))
+        except HTTPError:
+            raise
+        except Exception as error:
+            status = getattr(type(error), "http_status", None)
+            if status is not None:
+                # an infrastructure error that declares its status (e.g. storage full: 503)
+                self.log_error("%s %s: %s" % (request.method, request.path, error))
+                raise HTTPError(status, getattr(type(error), "public_message", "")) from None
+            self.log_error("%s %s raised:\n%s" % (request.method, request.path,
+                                                   traceback.format_exc()))
+            raise HTTPError(500, "internal server error") from None
+
+    def _error_for(self, request, error):
+        if error.status == 404 and request is not None and request.method in ("GET", "HEAD"):
+            response = self.static.not_found(request)
+            response.headers.extend(error.headers)
+            return response
+        return error_response(request, error.status, error.message, error.headers)
+
+
+def make_server(port=0, host="127.0.0.1", pages_dir=None, data_dir=None, config=None,
+                config_file=None, access_log=None, error_log=None):
+    """Build a server from defaults (or ``config_file``), ``config`` overrides and the
+    keyword arguments; the seam tests use. Call ``serve_forever()`` in a thread."""
+    overrides = dict(config or {})
+    overrides.update(port=port, host=host)
+    if pages_dir is not None:
+        overrides["pages_dir"] = str(pages_dir)
+    if data_dir is not None:
+        overrides["data_dir"] = str(data_dir)
+    settings = load_config(config_file, overrides)
+    return OneboxServer(settings, Router(load_routes()), access_log, error_log)
+
+
+# --- command line -----------------------------------------------------------------------------
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="server.py", description="onebox: a web server in one Python process.")
+    parser.add_argument("--config", default=DEFAULT_CONFIG_FILE,
+                        help="settings file (default: setup.cfg beside server.py)")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the configuration and the routes, then exit 0 or 1")
+    for section, settings in SETTINGS.items():
+        for setting in settings:
+            flag = setting.name if section == "server" else section + "_" + setting.name
+            parser.add_argument("--" + flag.replace("_", "-"), dest="set:%s.%s"
+                                % (section, setting.name), metavar=setting.kind.upper(),
+                                help="%s (default %s)" % (setting.why, setting.default))
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    overrides = {dest[4:]: value for dest, value in vars(args).items()
+                 if dest.startswith("set:") and value is not None}
+    try:
+        config = load_config(args.config, overrides)
+        router = Router(load_routes())
+    except (ConfigError, RouteError) as error:
+        print("onebox: %s" % error, file=sys.stderr)
+        return 1
+    if args.check:
+        print("onebox: configuration and routes are valid (%s)" % args.config)
+        return 0
+    raise_file_limit(config.server.max_connections + 64)
+    try:
+        server = OneboxServer(config, router)
+    except OSError as error:
+        print("onebox: cannot listen on %s port %s: %s"
+              % (config.server.host, config.server.port, error.strerror), file=sys.stderr)
+        return 1
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: server.begin_shutdown())
+    print("listening on %s" % server.url, flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    if server.stuck_workers:
+        # a handler ignored shutdown; non-daemon threads would keep the process alive forever
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    return 0
+
+
+def raise_file_limit(wanted):
+    """Each connection is a file descriptor; lift the soft limit toward the hard one."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())
