@@ -1,0 +1,118 @@
+"""Shared fixtures: a real onebox server on an ephemeral port, and real clients for it.
+
+``start_server(**kwargs)`` builds a server with ``server.make_server`` (kwargs pass through:
+``config={...}``, ``pages_dir=...``), runs it in a thread, and stops it at the end of the test.
+The server's access and error logs are captured in ``server.access_text()`` and
+``server.error_text()``.
+"""
+import http.client
+import os
+import socket
+import sys
+import threading
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import server as onebox  # noqa: E402  (the runtime under test)
+
+
+class LogCapture:
+    """A thread-safe text stream standing in for stdout or stderr."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.parts = []
+
+    def write(self, text):
+        with self.lock:
+            self.parts.append(text)
+
+    def flush(self):
+        pass
+
+    def text(self):
+        with self.lock:
+            return "".join(self.parts)
+
+
+@pytest.fixture
+def start_server(tmp_path):
+    running = []
+
+    def start(**kwargs):
+        kwargs.setdefault("data_dir", tmp_path / "data")
+        access, errors = LogCapture(), LogCapture()
+        server = onebox.make_server(access_log=access, error_log=errors, **kwargs)
+        server.access_text = lambda: (server.access_log and server.access_log.flush(),
+                                      access.text())[1]
+        server.error_text = errors.text
+        server.port = server.server_address[1]
+        thread = threading.Thread(target=server.serve_forever, name="test-server")
+        thread.start()
+        running.append((server, thread))
+        return server
+
+    yield start
+    for server, thread in running:
+        server.shutdown()
+        thread.join(30)
+        server.server_close()
+        assert not thread.is_alive(), "server thread did not stop"
+
+
+@pytest.fixture
+def server(start_server):
+    return start_server()
+
+
+def request(server, method, path, body=None, headers=None, timeout=10):
+    """One request on a fresh connection: (status, headers as a dict of lower-case names, body)."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=timeout)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        data = response.read()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, data
+    finally:
+        connection.close()
+
+
+def raw_exchange(server, data, timeout=5, source=None):
+    """Send raw bytes and read until the server closes (or ``timeout``); returns the bytes."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=timeout,
+                                    source_address=(source, 0) if source else None)
+    try:
+        if data:
+            sock.sendall(data)
+        return read_until_close(sock, timeout)
+    finally:
+        sock.close()
+
+
+def read_until_close(sock, timeout=5):
+    sock.settimeout(timeout)
+    chunks = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(65536)
+        except socket.timeout:
+            break
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def status_of(raw):
+    """The status code of the first response in ``raw`` bytes, or None."""
+    if not raw.startswith(b"HTTP/1."):
+        return None
+    return int(raw.split(b" ", 2)[1])
