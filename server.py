@@ -1202,7 +1202,7 @@ class OneboxServer(http.server.ThreadingHTTPServer):
             return
         if conn.waiting == "linger":
             return
-        if conn.waiting == "idle":
+        if conn.waiting != "head":
             self._park(conn, "head")  # the head deadline starts with the head's first byte
         conn.buf += data
         self._check_head(conn)
@@ -1374,7 +1374,8 @@ class OneboxServer(http.server.ThreadingHTTPServer):
             response = self._dispatch(request)
         except HTTPError as error:
             response = self._error_for(request, error)
-        keep_alive = head is not None and head.keep_alive and not self._stopping
+        # a request that could not even be built leaves the framing in doubt: close
+        keep_alive = request is not None and head.keep_alive and not self._stopping
         # 3. Whatever body the handler left unread is drained, or the connection closes.
         if reader is not None and not reader.done:
             if reader.broken or (reader.expect_continue and not reader.continue_sent):
@@ -1478,9 +1479,10 @@ class OneboxServer(http.server.ThreadingHTTPServer):
 
 
 def make_server(port=0, host="127.0.0.1", pages_dir=None, data_dir=None, config=None,
-                config_file=None, access_log=None, error_log=None):
+                config_file=None, access_log=None, error_log=None, routes=()):
     """Build a server from defaults (or ``config_file``), ``config`` overrides and the
-    keyword arguments; the seam tests use. Call ``serve_forever()`` in a thread."""
+    keyword arguments; the seam tests use. ``routes`` adds (method, pattern, handler) rows to
+    the areas' routes. Call ``serve_forever()`` in a thread."""
     overrides = dict(config or {})
     overrides.update(port=port, host=host)
     if pages_dir is not None:
@@ -1488,7 +1490,8 @@ def make_server(port=0, host="127.0.0.1", pages_dir=None, data_dir=None, config=
     if data_dir is not None:
         overrides["data_dir"] = str(data_dir)
     settings = load_config(config_file, overrides)
-    return OneboxServer(settings, Router(load_routes()), access_log, error_log)
+    rows = load_routes() + [tuple(row) + ("make_server(routes=...)",) for row in routes]
+    return OneboxServer(settings, Router(rows), access_log, error_log)
 
 
 # --- command line -----------------------------------------------------------------------------

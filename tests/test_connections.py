@@ -1,0 +1,183 @@
+"""Connections: deadlines, idle timeouts, caps, thousands of idle clients, and shutdown."""
+import http.client
+import select
+import socket
+import threading
+import time
+
+from conftest import raw_exchange, read_until_close, request, status_of
+
+
+def open_idle(server, count, source="127.0.0.1"):
+    """``count`` keep-alive connections that have each completed one request."""
+    socks = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10,
+                                        source_address=(source, 0))
+        sock.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+        socks.append(sock)
+    for sock in socks:
+        data = b""
+        while not data.endswith(b"hello, world\n"):
+            data += sock.recv(4096)
+    return socks
+
+
+def is_closed(sock, timeout=5):
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
+def test_slow_head_gets_408_at_the_deadline_not_per_recv(start_server):
+    server = start_server(config={"header_timeout_s": 0.5})
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    started = time.monotonic()
+    sock.sendall(b"GET /hello HTTP/1.1\r\n")
+    for _ in range(30):  # a byte every 0.1 s would defeat a per-recv timeout forever
+        if select.select([sock], [], [], 0.1)[0]:
+            break  # the server answered
+        sock.sendall(b"X")
+    answered = time.monotonic() - started
+    raw = read_until_close(sock)
+    sock.close()
+    assert status_of(raw) == 408
+    assert 0.4 < answered < 1.5
+
+
+def test_silent_connection_is_closed_at_the_head_deadline(start_server):
+    server = start_server(config={"header_timeout_s": 0.3})
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    started = time.monotonic()
+    assert is_closed(sock)
+    assert 0.2 < time.monotonic() - started < 1.5
+    sock.close()
+
+
+def test_idle_keepalive_connection_is_closed_after_timeout(start_server):
+    server = start_server(config={"keepalive_timeout_s": 0.3})
+    (sock,) = open_idle(server, 1)
+    started = time.monotonic()
+    assert is_closed(sock)
+    assert 0.2 < time.monotonic() - started < 1.5
+    sock.close()
+
+
+def test_per_ip_cap_answers_503_and_spares_other_addresses(start_server):
+    server = start_server(config={"max_connections_per_ip": 3})
+    held = open_idle(server, 3)
+    raw = raw_exchange(server, b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status_of(raw) == 503 and b"Retry-After: 1" in raw
+    other = raw_exchange(server, b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                         source="127.0.0.2")
+    assert status_of(other) == 200
+    held[0].close()
+    time.sleep(0.2)
+    assert request(server, "GET", "/hello")[0] == 200  # a slot is free again
+    for sock in held:
+        sock.close()
+
+
+def test_global_cap_evicts_the_longest_idle_connection(start_server):
+    server = start_server(config={"max_connections": 3})
+    held = open_idle(server, 3)
+    assert request(server, "GET", "/hello")[0] == 200  # served: an idle one made room
+    assert is_closed(held[0], timeout=2)  # the oldest idle connection was the one closed
+    for sock in held:
+        sock.close()
+
+
+def test_global_cap_with_no_idle_connection_answers_503(start_server):
+    server = start_server(config={"max_connections": 2, "header_timeout_s": 5})
+    busy = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(2)]
+    for sock in busy:
+        sock.sendall(b"GET /hello HTTP/1.1\r\n")  # mid-head: not idle, not evictable
+    time.sleep(0.2)
+    raw = raw_exchange(server, b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status_of(raw) == 503
+    for sock in busy:
+        sock.close()
+
+
+def test_two_thousand_idle_connections_do_not_block_a_normal_client(start_server):
+    """Idle connections cost no thread: thread count stays at the pool size. The figures
+    (p99, RSS) are measured by bench/bench_http.py; this only guards the behaviour."""
+    threads_before = threading.active_count()
+    server = start_server(config={"max_connections_per_ip": 5000, "worker_threads": 8})
+    idle = []
+    for source_index in range(2, 12):  # ten client addresses, two hundred connections each
+        idle += open_idle(server, 200, source="127.0.0.%d" % source_index)
+    assert len(idle) == 2000
+    server_threads = threading.active_count() - threads_before
+    assert server_threads <= 8 + 3, server_threads  # workers + reactor + log flusher
+    latencies = []
+    for _ in range(100):
+        started = time.monotonic()
+        assert request(server, "GET", "/hello")[0] == 200
+        latencies.append(time.monotonic() - started)
+    latencies.sort()
+    assert latencies[98] < 0.5, latencies[98]  # p99; generous: this runs beside other tests
+    for sock in idle:
+        sock.close()
+
+
+# --- shutdown -------------------------------------------------------------------------------
+
+def test_shutdown_lets_in_flight_requests_finish_and_closes_idle_ones(start_server):
+    entered = threading.Event()
+
+    def slow(request):
+        entered.set()
+        time.sleep(0.5)
+        return "finished"
+
+    server = start_server(routes=[("GET", "/t/slow", slow)], config={"shutdown_timeout_s": 5})
+    (idle,) = open_idle(server, 1)
+    results = []
+
+    def client():
+        results.append(request(server, "GET", "/t/slow"))
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    assert entered.wait(5)
+    started = time.monotonic()
+    server.shutdown()
+    thread.join(5)
+    assert results and results[0][0] == 200 and results[0][2] == b"finished"
+    assert results[0][1].get("connection") == "close"
+    assert is_closed(idle, timeout=1)
+    assert time.monotonic() - started < 3
+    idle.close()
+    try:
+        socket.create_connection(("127.0.0.1", server.port), timeout=1).close()
+        refused = False
+    except OSError:
+        refused = True
+    assert refused, "the listener must be closed after shutdown"
+
+
+def test_shutdown_cuts_requests_that_outlive_the_timeout(start_server):
+    release = threading.Event()
+
+    def stuck(request):
+        release.wait(10)
+        return "late"
+
+    server = start_server(routes=[("GET", "/t/stuck", stuck)], config={"shutdown_timeout_s": 0.2})
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    connection.request("GET", "/t/stuck")
+    time.sleep(0.2)
+    stopper = threading.Thread(target=server.shutdown)
+    started = time.monotonic()
+    stopper.start()
+    time.sleep(0.5)
+    release.set()  # the handler returns; its response has nowhere to go
+    stopper.join(10)
+    assert not stopper.is_alive()
+    assert time.monotonic() - started < 5
+    connection.close()

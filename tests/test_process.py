@@ -1,0 +1,97 @@
+"""The real `python3 server.py` as a user runs it: config, --check, start-up line, logs, SIGTERM."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, onebox
+
+SERVER = os.path.join(ROOT, "server.py")
+
+
+def run_check(*args, config_text=None, tmp_path=None):
+    command = [sys.executable, SERVER, "--check"] + list(args)
+    if config_text is not None:
+        path = tmp_path / "setup.cfg"
+        path.write_text(config_text)
+        command += ["--config", str(path)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=30)
+
+
+def test_check_accepts_the_shipped_setup_cfg():
+    result = run_check()
+    assert result.returncode == 0, result.stderr
+    assert "valid" in result.stdout
+
+
+@pytest.mark.parametrize("text, words", [
+    ("[server]\nprot = 80\n", ["setup.cfg", "[server] prot", "unknown key", "port"]),
+    ("[server]\nport = eighty\n", ["[server] port", "not a whole number"]),
+    ("[server]\nport = 70000\n", ["[server] port", "0-65535"]),
+    ("[server]\nmax_body_bytes = -1\n", ["max_body_bytes", "minimum"]),
+    ("[server]\naccess_log = perhaps\n", ["access_log", "on/off"]),
+    ("[server\n", ["cannot be read"]),
+])
+def test_check_refuses_bad_config_naming_the_key(tmp_path, text, words):
+    result = run_check(config_text=text, tmp_path=tmp_path)
+    assert result.returncode == 1
+    for word in words:
+        assert word in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_flags_override_setup_cfg(tmp_path):
+    path = tmp_path / "setup.cfg"
+    path.write_text("[server]\nmax_body_bytes = 10\nport = 9000\n")
+    config = onebox.load_config(str(path), {"max_body_bytes": "20"})
+    assert (config.server.max_body_bytes, config.server.port) == (20, 9000)
+    assert config.server.pages_dir == os.path.join(str(tmp_path), "pages")  # relative to file
+    result = run_check("--max-body-bytes", "oops")
+    assert result.returncode == 1 and "max_body_bytes" in result.stderr
+
+
+def test_server_process_serves_logs_and_stops_on_sigterm(tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, SERVER, "--port", "0", "--data-dir", str(tmp_path / "data")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline()
+        match = re.match(r"listening on (http://127\.0\.0\.1:(\d+)/)$", line.strip())
+        assert match, line
+        url = match.group(1)
+        curl = subprocess.run(["curl", "-sS", "-A", 'evil"\\ agent\xe9', url + "hello"],
+                              capture_output=True, timeout=10)
+        assert curl.stdout == b"hello, world\n"
+        time.sleep(1.3)  # the access log is flushed at least once a second
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=15)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, err
+    log = out.splitlines()
+    assert len(log) == 1, out
+    assert re.match(r'127\.0\.0\.1 - - \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d [+-]\d{4}\] '
+                    r'"GET /hello HTTP/1\.1" 200 13 "-" "evil\\x22\\x5C agent\\xC3\\xA9" \d+\.\d{3}ms$',
+                    log[0]), log[0]
+
+
+def test_port_in_use_is_a_clear_error(tmp_path):
+    import socket
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        result = subprocess.run([sys.executable, SERVER, "--port", str(port)],
+                                capture_output=True, text=True, timeout=30)
+    finally:
+        holder.close()
+    assert result.returncode == 1
+    assert "cannot listen on 127.0.0.1 port %d" % port in result.stderr
+    assert "Traceback" not in result.stderr
