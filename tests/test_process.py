@@ -95,3 +95,14 @@ def test_port_in_use_is_a_clear_error(tmp_path):
     assert result.returncode == 1
     assert "cannot listen on 127.0.0.1 port %d" % port in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_readme_documents_every_setting_and_the_two_commands():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as readme:
+        text = readme.read()
+    for section, settings in onebox.SETTINGS.items():
+        for setting in settings:
+            assert "| `%s` |" % setting.name in text, "README lacks [%s] %s" % (section, setting.name)
+    assert "python3 server.py" in text and "python3 -m pytest" in text
+    with open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8") as ci:
+        assert "python3 -m pytest" in ci.read()  # CI runs exactly the README's test command
