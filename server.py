@@ -43,6 +43,7 @@ import importlib
 import os
 import queue
 import re
+import shutil
 import select
 import selectors
 import signal
@@ -56,6 +57,7 @@ import types
 import urllib.parse
 
 from handlers._core import HTTPError, Headers, Request, Response, json_response
+from handlers._state import StateError, StateLockedError, Store, state
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG_FILE = os.path.join(HERE, "setup.cfg")
@@ -70,7 +72,8 @@ class ConfigError(Exception):
     """Bad configuration; the message names where and how to fix it."""
 
 
-Setting = collections.namedtuple("Setting", "name kind default minimum why")
+Setting = collections.namedtuple("Setting", "name kind default minimum why choices",
+                                 defaults=(None,))
 
 SETTINGS = {
     "server": [
@@ -105,6 +108,15 @@ SETTINGS = {
         Setting("log_flush_interval_s", "float", 1.0, 0.01,
                 "access lines are written in batches at least this often"),
     ],
+    "state": [
+        Setting("durability", "str", "always", None,
+                "always: a write returns once fsync'd; batch: fsync every batch_interval_ms; "
+                "off: never fsync (tests, caches)", ("always", "batch", "off")),
+        Setting("batch_interval_ms", "int", 50, 1,
+                "in batch mode, the most an OS crash or power cut can lose"),
+        Setting("compact_journal_bytes", "int", 64 * 1024 * 1024, 4096,
+                "a journal this large is folded into a fresh snapshot in the background"),
+    ],
 }
 
 
@@ -129,6 +141,8 @@ def _parse_value(setting, raw, where):
         value = lowered in ("1", "true", "yes", "on")
     else:
         value = raw.strip()
+    if setting.choices is not None and value not in setting.choices:
+        raise ConfigError("%s: %r is not one of %s" % (where, raw, ", ".join(setting.choices)))
     if setting.minimum is not None and not value >= setting.minimum:
         raise ConfigError("%s: %r is below the minimum %s" % (where, raw, setting.minimum))
     if setting.name == "port" and value > 65535:
@@ -988,11 +1002,14 @@ class OneboxServer(http.server.ThreadingHTTPServer):
     request_queue_size = 1024   # listen backlog: bursts of connects queue instead of failing
     allow_reuse_address = True
 
-    def __init__(self, config, router, access_stream=None, error_stream=None):
+    def __init__(self, config, router, access_stream=None, error_stream=None, store=None):
         settings = config.server
         self.config = config
         self.settings = settings
         self.router = router
+        self.store = store   # the shared state; closed (and compacted) after the workers stop
+        if store is not None:
+            state.bind(store)
         self.static = StaticPages(settings.pages_dir)
         self.error_stream = error_stream or sys.stderr
         self.access_log = None
@@ -1022,6 +1039,8 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         self._parked = {kind: collections.OrderedDict() for kind in ("new", "head", "idle",
                                                                      "linger")}
         self._busy = set()
+        self._backup_requested = False
+        self._backup_thread = None
         self.stuck_workers = 0
         self._open = 0
         self._per_ip = {}
@@ -1060,9 +1079,14 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         try:
             while not self._stopping:
                 self._reactor_step()
+                if self._backup_requested:
+                    self._start_backup()
             self._drain()
         finally:
+            if self._backup_thread is not None:
+                self._backup_thread.join()
             self._stop_workers()
+            self._close_store()
             if self.access_log:
                 self.access_log.close()
             self._stopped.set()
@@ -1081,12 +1105,47 @@ class OneboxServer(http.server.ThreadingHTTPServer):
             self._stopped.wait()
 
     def server_close(self):
+        self._close_store()
         socketserver.TCPServer.server_close(self)
         for sock in (getattr(self, "_wakeup_recv", None), getattr(self, "_wakeup_send", None)):
             if sock is not None:
                 sock.close()
         if getattr(self, "_selector", None) is not None:
             self._selector.close()
+
+    def _close_store(self):
+        store, self.store = getattr(self, "store", None), None
+        if store is None:
+            return
+        state.unbind(store)
+        try:
+            store.close()
+        except StateError as error:
+            self.log_error("closing the state store: %s" % error)
+
+    def request_backup(self):
+        """Ask for a snapshot in data_dir/backups/ (SIGUSR1); safe from signal handlers."""
+        self._backup_requested = True
+        self._wake()
+
+    def _start_backup(self):
+        self._backup_requested = False
+        if self.store is None or (self._backup_thread and self._backup_thread.is_alive()):
+            return
+        self._backup_thread = threading.Thread(target=self._write_backup, args=(self.store,),
+                                               name="onebox-backup")
+        self._backup_thread.start()
+
+    def _write_backup(self, store):
+        folder = os.path.join(self.settings.data_dir, "backups")
+        path = os.path.join(folder, time.strftime("state-%Y%m%dT%H%M%SZ.snapshot", time.gmtime()))
+        try:
+            os.makedirs(folder, exist_ok=True)
+            store.backup(path + ".tmp")
+            os.replace(path + ".tmp", path)
+            self.log_error("backup written: %s" % path)
+        except (OSError, StateError) as error:
+            self.log_error("backup failed: %s" % error)
 
     def _wake(self):
         try:
@@ -1491,7 +1550,20 @@ def make_server(port=0, host="127.0.0.1", pages_dir=None, data_dir=None, config=
         overrides["data_dir"] = str(data_dir)
     settings = load_config(config_file, overrides)
     rows = load_routes() + [tuple(row) + ("make_server(routes=...)",) for row in routes]
-    return OneboxServer(settings, Router(rows), access_log, error_log)
+    router = Router(rows)
+    store = open_store(settings)
+    try:
+        return OneboxServer(settings, router, access_log, error_log, store)
+    except Exception:
+        store.close()  # release the data dir, then let the error through
+        raise
+
+
+def open_store(config, repair=False):
+    """The shared state store, per [state]; raises StateLockedError / StateCorruptError."""
+    return Store(config.server.data_dir, durability=config.state.durability,
+                 batch_interval_ms=config.state.batch_interval_ms,
+                 compact_journal_bytes=config.state.compact_journal_bytes, repair=repair)
 
 
 # --- command line -----------------------------------------------------------------------------
@@ -1503,6 +1575,12 @@ def parse_args(argv):
                         help="settings file (default: setup.cfg beside server.py)")
     parser.add_argument("--check", action="store_true",
                         help="validate the configuration and the routes, then exit 0 or 1")
+    parser.add_argument("--repair", action="store_true",
+                        help="keep the good prefix of a damaged journal, move the damaged file "
+                             "aside, then exit")
+    parser.add_argument("--backup", metavar="PATH",
+                        help="write a consistent snapshot of the state to PATH (asks the running "
+                             "server for it if there is one), then exit")
     for section, settings in SETTINGS.items():
         for setting in settings:
             flag = setting.name if section == "server" else section + "_" + setting.name
@@ -1525,15 +1603,32 @@ def main(argv=None):
     if args.check:
         print("onebox: configuration and routes are valid (%s)" % args.config)
         return 0
+    if args.backup:
+        return backup_state(config, args.backup)
+    try:
+        store = open_store(config, repair=args.repair)
+    except StateLockedError as error:
+        print("onebox: %s" % error, file=sys.stderr)
+        return 2
+    except (StateError, OSError) as error:
+        print("onebox: cannot open the state in %s: %s" % (config.server.data_dir, error),
+              file=sys.stderr)
+        return 1
+    if args.repair:
+        store.close()
+        print("onebox: %s is consistent; start the server as usual" % config.server.data_dir)
+        return 0
     raise_file_limit(config.server.max_connections + 64)
     try:
-        server = OneboxServer(config, router)
+        server = OneboxServer(config, router, store=store)
     except OSError as error:
+        store.close()
         print("onebox: cannot listen on %s port %s: %s"
               % (config.server.host, config.server.port, error.strerror), file=sys.stderr)
         return 1
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: server.begin_shutdown())
+    signal.signal(signal.SIGUSR1, lambda *_: server.request_backup())
     print("listening on %s" % server.url, flush=True)
     try:
         server.serve_forever()
@@ -1545,6 +1640,50 @@ def main(argv=None):
         sys.stderr.flush()
         os._exit(0)
     return 0
+
+
+def backup_state(config, path, wait_s=60.0):
+    """--backup: snapshot the state to ``path``. A stopped server's data dir is opened directly;
+    a running server (it holds the lock) is sent SIGUSR1 and its new backup is copied."""
+    data_dir = config.server.data_dir
+    try:
+        store = open_store(config)
+    except StateLockedError:
+        return _backup_from_running_server(data_dir, path, wait_s)
+    except (StateError, OSError) as error:
+        print("onebox: cannot open the state in %s: %s" % (data_dir, error), file=sys.stderr)
+        return 1
+    try:
+        store.backup(path)
+    finally:
+        store.close()
+    print("onebox: backup written to %s" % path)
+    return 0
+
+
+def _backup_from_running_server(data_dir, path, wait_s):
+    try:
+        with open(os.path.join(data_dir, "lock")) as lock:
+            pid = int(lock.read().strip())
+        folder = os.path.join(data_dir, "backups")
+        before = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+        os.kill(pid, signal.SIGUSR1)
+    except (OSError, ValueError) as error:
+        print("onebox: the data dir is in use, and its server could not be asked for a backup "
+              "(%s); run this as the server's user" % error, file=sys.stderr)
+        return 1
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        present = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+        new = sorted(name for name in present - before if name.endswith(".snapshot"))
+        if new:
+            shutil.copyfile(os.path.join(folder, new[-1]), path)
+            print("onebox: backup from the running server (pid %d) written to %s" % (pid, path))
+            return 0
+        time.sleep(0.1)
+    print("onebox: the running server (pid %d) wrote no backup within %ds; see its error log"
+          % (pid, wait_s), file=sys.stderr)
+    return 1
 
 
 def raise_file_limit(wanted):

@@ -18,7 +18,13 @@ Return values: a ``Response``; or a dict/list (sent as JSON), a str (text/plain)
 
 Expected failures: ``raise HTTPError(404, "no such note")`` anywhere in a handler becomes that status
 with the message as a short body. Any other exception becomes a 500 whose body says nothing about
-the cause; the traceback goes to the error log.
+the cause; the traceback goes to the error log. Infrastructure errors declare their own status
+(``StateWriteError.http_status = 503``: the write was not made; the client may retry).
+
+Shared state: ``state`` (from ``handlers._state``) is the process's one durable store:
+``state.get(key)``, ``state.put(key, value)``, ``state.delete(key)``, ``state.incr(key, n)``,
+``state.items(prefix)``, and ``with state.transaction() as tx:`` for all-or-nothing writes.
+A write returns once it is on disk (in the default durability mode).
 
 Area modules import only ``handlers._*`` modules, never ``server`` (a test enforces it): run as
 ``python3 server.py`` the runtime is ``__main__``, and importing ``server`` would load a second copy
@@ -30,9 +36,10 @@ plain values. Neither holds a lock.
 import json
 
 from handlers import _forms
+from handlers._state import StateWriteError, state  # noqa: F401  (re-exported for areas)
 
 __all__ = [
-    "HTTPError", "Request", "Headers", "Response",
+    "HTTPError", "Request", "Headers", "Response", "state", "StateWriteError",
     "json_response", "text_response", "html_response", "redirect",
 ]
 

@@ -1,0 +1,248 @@
+"""The shared state through the real `python3 server.py`: crashes, a second owner, damage and
+--repair, a full disk, and backups. Store internals are tested in test_state_store.py."""
+import http.client
+import json
+import os
+import random
+import re
+import resource
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import closing
+
+from conftest import ROOT
+
+SERVER = os.path.join(ROOT, "server.py")
+
+
+class Process:
+    """A `python3 server.py --port 0` subprocess and a JSON client for it."""
+
+    def __init__(self, data_dir, *flags, preexec_fn=None):
+        self.proc = subprocess.Popen(
+            [sys.executable, SERVER, "--port", "0", "--data-dir", str(data_dir),
+             "--access-log", "off"] + list(flags),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn)
+        line = self.proc.stdout.readline()
+        match = re.match(r"listening on http://127\.0\.0\.1:(\d+)/", line)
+        if not match:
+            self.proc.kill()
+            raise AssertionError("server did not start: %r %s" % (line, self.proc.stderr.read()))
+        self.port = int(match.group(1))
+
+    def call(self, method, path, data=None, connection=None):
+        own = connection is None
+        connection = connection or http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            body = None if data is None else json.dumps(data)
+            connection.request(method, path, body, {"Content-Type": "application/json",
+                                                  "Accept": "application/json"})
+            response = connection.getresponse()
+            raw = response.read()
+            return response.status, (json.loads(raw) if raw else None)
+        finally:
+            if own:
+                connection.close()
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.communicate()
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        out, err = self.proc.communicate(timeout=30)
+        assert self.proc.returncode == 0, err
+        return err
+
+
+def run(*args):
+    return subprocess.run([sys.executable, SERVER] + list(args), capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_every_acknowledged_write_survives_sigkill(tmp_path):
+    """Several writers record each acknowledged write; SIGKILL at a random moment; restart;
+    every acknowledged write is there with its acknowledged value. Ten cycles."""
+    data_dir = tmp_path / "data"
+    rng = random.Random(1234)
+    acknowledged = {}       # note id -> text
+    counter = {"acked": 0, "attempted": 0}
+    counter_id = None
+    for cycle in range(10):
+        server = Process(data_dir)
+        if counter_id is None:
+            counter_id = server.call("POST", "/api/notes", {"text": "0"})[1]["id"]
+        stop = threading.Event()
+        lock = threading.Lock()
+
+        def create(worker):
+            with closing(http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)) as c:
+                create_with(worker, c)
+
+        def create_with(worker, connection):
+            n = 0
+            while not stop.is_set():
+                text = "c%d-w%d-n%d" % (cycle, worker, n)
+                n += 1
+                try:
+                    status, note = server.call("POST", "/api/notes", {"text": text}, connection)
+                except (OSError, ValueError, http.client.HTTPException):
+                    return  # killed mid-request: not acknowledged
+                assert status == 201
+                with lock:
+                    acknowledged[note["id"]] = text
+
+        def update():
+            with closing(http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)) as c:
+                update_with(c)
+
+        def update_with(connection):
+            while not stop.is_set():
+                value = counter["acked"] + 1
+                counter["attempted"] = value
+                try:
+                    status, _ = server.call("PUT", "/api/notes/" + counter_id,
+                                            {"text": str(value)}, connection)
+                except (OSError, ValueError, http.client.HTTPException):
+                    return
+                assert status == 200
+                counter["acked"] = value
+
+        threads = [threading.Thread(target=create, args=(w,)) for w in range(4)]
+        threads.append(threading.Thread(target=update))
+        for thread in threads:
+            thread.start()
+        time.sleep(rng.uniform(0.3, 1.2))
+        server.kill()
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+    server = Process(data_dir)
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        stored = {}
+        for note_id in list(acknowledged) + [counter_id]:
+            status, note = server.call("GET", "/api/notes/" + note_id, connection=connection)
+            stored[note_id] = note["text"] if status == 200 else None
+    finally:
+        connection.close()
+        server.stop()
+    assert len(acknowledged) > 50
+    missing = {k: v for k, v in acknowledged.items() if stored.get(k) != v}
+    assert not missing, "acknowledged writes lost: %r" % list(missing.items())[:5]
+    # the counter holds the last acknowledged value, or the one in flight at the kill
+    assert stored[counter_id] in (str(counter["acked"]), str(counter["attempted"]))
+
+
+def test_a_second_server_on_the_same_data_dir_exits_2(tmp_path):
+    server = Process(tmp_path / "data")
+    try:
+        result = run("--port", "0", "--data-dir", str(tmp_path / "data"))
+    finally:
+        server.stop()
+    assert result.returncode == 2
+    assert "in use by another process (pid %d" % server.proc.pid in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_damage_before_the_tail_refuses_to_start_and_repair_keeps_the_prefix(tmp_path):
+    data_dir = tmp_path / "data"
+    server = Process(data_dir)
+    for n in range(20):
+        assert server.call("POST", "/api/notes", {"text": "note %d" % n})[0] == 201
+    server.kill()  # no clean-shutdown compaction: the notes are in the journal
+    journal = data_dir / "journal"
+    raw = bytearray(journal.read_bytes())
+    middle = raw.find(b"note 10")
+    raw[middle] ^= 0xFF
+    journal.write_bytes(bytes(raw))
+
+    refused = run("--port", "0", "--data-dir", str(data_dir))
+    assert refused.returncode == 1
+    assert "journal" in refused.stderr and "--repair" in refused.stderr
+    assert re.search(r"offset \d+", refused.stderr), refused.stderr
+
+    repaired = run("--repair", "--data-dir", str(data_dir))
+    assert repaired.returncode == 0, repaired.stderr
+    assert any(name.startswith("journal.damaged-") for name in os.listdir(data_dir))
+    server = Process(data_dir)
+    try:
+        texts = [n["text"] for n in server.call("GET", "/api/notes")[1]["notes"]]
+    finally:
+        server.stop()
+    assert texts == ["note %d" % n for n in range(10)]  # the good prefix, nothing after
+
+
+def limit_file_size(limit_bytes):
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, resource.RLIM_INFINITY))
+    return apply
+
+
+def test_disk_full_gives_503_keeps_reads_and_recovers(tmp_path):
+    data_dir = tmp_path / "data"
+    server = Process(data_dir, preexec_fn=limit_file_size(64 * 1024))
+    acknowledged = []
+    statuses = []
+    for n in range(200):
+        status, note = server.call("POST", "/api/notes", {"text": "%04d" % n + "x" * 1000})
+        statuses.append(status)
+        if status == 201:
+            acknowledged.append(note["id"])
+        elif len(statuses) - len(acknowledged) >= 3:
+            break
+    assert 503 in statuses and acknowledged, statuses
+    status, listing = server.call("GET", "/api/notes?limit=1000")
+    assert status == 200 and [n["id"] for n in listing["notes"]] == acknowledged
+    # space returns: the same process writes again
+    resource.prlimit(server.proc.pid, resource.RLIMIT_FSIZE,
+                     (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    status, note = server.call("POST", "/api/notes", {"text": "after"})
+    assert status == 201
+    acknowledged.append(note["id"])
+    err = server.stop()
+    assert "storage" in err or "journal" in err or "EFBIG" in err or "File too large" in err
+    server = Process(data_dir)
+    try:
+        listing = server.call("GET", "/api/notes?limit=1000")[1]
+    finally:
+        server.stop()
+    assert [n["id"] for n in listing["notes"]] == acknowledged
+
+
+def test_backup_of_a_running_server_restores(tmp_path):
+    data_dir = tmp_path / "data"
+    server = Process(data_dir)
+    try:
+        for n in range(5):
+            server.call("POST", "/api/notes", {"text": "kept %d" % n})
+        backup = tmp_path / "backup.snapshot"
+        result = run("--backup", str(backup), "--data-dir", str(data_dir))
+        assert result.returncode == 0, result.stderr
+        assert "running server (pid %d)" % server.proc.pid in result.stdout
+        server.call("POST", "/api/notes", {"text": "after the backup"})
+    finally:
+        server.stop()
+    restored = tmp_path / "restored"
+    restored.mkdir()
+    os.replace(str(backup), str(restored / "snapshot"))
+    server = Process(restored)
+    try:
+        texts = [n["text"] for n in server.call("GET", "/api/notes")[1]["notes"]]
+    finally:
+        server.stop()
+    assert texts == ["kept %d" % n for n in range(5)]
+
+
+def test_backup_of_a_stopped_server(tmp_path):
+    data_dir = tmp_path / "data"
+    server = Process(data_dir)
+    server.call("POST", "/api/notes", {"text": "offline"})
+    server.stop()
+    result = run("--backup", str(tmp_path / "b.snapshot"), "--data-dir", str(data_dir))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "b.snapshot").stat().st_size > 0
