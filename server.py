@@ -946,8 +946,9 @@ class Connection:
         while offset < end:
             try:
                 if use_sendfile:
+                    # uncapped: each call fills whatever the socket buffer has room for
                     count = os.sendfile(self.sock.fileno(), handle.fileno(), offset,
-                                        min(end - offset, 1 << 20))
+                                        end - offset)
                 else:
                     handle.seek(offset)
                     piece = handle.read(min(end - offset, 1 << 16))
