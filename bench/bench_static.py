@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Static files: onebox against the stdlib's SimpleHTTPRequestHandler and nginx, in one run.
 
-    python3 bench/bench_static.py [--seconds 4] [--rounds 3] [--connections 16]
+    python3 bench/bench_static.py [--seconds 3] [--rounds 5] [--connections 16]
 
 Serves one directory (a 1 KiB and a 10 MiB file) with each server in turn, pinned to CPU 0,
 and drives it with wrk pinned to CPU 1 (keep-alive, one thread). Per server and file it reports
@@ -258,8 +258,8 @@ def nginx_version():
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seconds", type=int, default=4, help="length of each timed run")
-    parser.add_argument("--rounds", type=int, default=3, help="turns each server takes")
+    parser.add_argument("--seconds", type=int, default=3, help="length of each timed run")
+    parser.add_argument("--rounds", type=int, default=5, help="turns each server takes")
     parser.add_argument("--connections", type=int, default=16, help="wrk connections")
     args = parser.parse_args()
     nginx = ensure_tools()
