@@ -616,14 +616,14 @@ class StaticPages:
         if request.method not in _GET_HEAD:
             raise HTTPError(405, "method not allowed", [("Allow", STATIC_METHODS)])
         for _ in range(2):
-            found = self._lookup(request.path, request.segments)
-            if found is None:
-                return None
-            if not isinstance(found, FileEntry):
-                if found[0] == "redirect":
-                    return self._redirect(request)
-                return self._listing(request, found[1])
             try:
+                found = self._lookup(request.path, request.segments)
+                if found is None:
+                    return None
+                if not isinstance(found, FileEntry):
+                    if found[0] == "redirect":
+                        return self._redirect(request)
+                    return self._listing(request, found[1])
                 return self._respond(request, found)
             except _Stale:
                 self.files.discard(request.path)   # changed under us: resolve once more
