@@ -117,6 +117,45 @@ SETTINGS = {
         Setting("compact_journal_bytes", "int", 64 * 1024 * 1024, 4096,
                 "a journal this large is folded into a fresh snapshot in the background"),
     ],
+    "static": [   # how pages_dir is served; see handlers/_static.py
+        Setting("html_max_age_s", "int", 60, 0,
+                "HTML is fresh this long, then revalidated (Cache-Control: must-revalidate)"),
+        Setting("max_age_s", "int", 600, 0,
+                "other files are fresh this long; edits show up within it"),
+        Setting("immutable_max_age_s", "int", 31536000, 0,
+                "fingerprinted names (app.3f9a1c.js) never change: cached a year, immutable"),
+        Setting("fingerprint_pattern", "str", r"[.-](?=[0-9a-f]*[0-9])[0-9a-f]{6,64}\.\w+$",
+                None, "regex searched in the file name; a match means a fingerprinted asset"),
+        Setting("cache_control", "str", "", None,
+                "per-path-prefix overrides, one '/prefix/ VALUE' a line; the longest wins"),
+        Setting("extra_headers", "str", "", None,
+                "headers added to every static response, one 'Name: value' a line"),
+        Setting("precompressed", "bool", True, None,
+                "serve file.br / file.zst / file.gz sidecars to clients that accept them"),
+        Setting("gzip", "bool", True, None, "gzip compressible files on the fly (cached)"),
+        Setting("gzip_min_bytes", "int", 1024, 0,
+                "smaller files are sent as they are: gzip saves too little to pay"),
+        Setting("gzip_max_file_bytes", "int", 8388608, 0,
+                "larger files are not gzipped on the fly (CPU, and the cache's memory)"),
+        Setting("gzip_cache_bytes", "int", 16777216, 0,
+                "memory for gzipped bodies, least recently used dropped first"),
+        Setting("memory_max_file_bytes", "int", 262144, 0,
+                "files up to this are kept in memory; larger ones go out with sendfile"),
+        Setting("file_cache_bytes", "int", 33554432, 0,
+                "memory for small files' bytes and every file's precomputed headers"),
+        Setting("path_recheck_s", "float", 1.0, 0.0,
+                "how long a URL's file (symlinks, index.html) is trusted; edits show at once"),
+        Setting("max_ranges", "int", 16, 1,
+                "a Range with more parts gets the whole file (RFC 9110 14.2: likely abuse)"),
+        Setting("max_multipart_bytes", "int", 1048576, 0,
+                "multi-range answers are built in memory; past this the whole file is sent"),
+        Setting("clean_urls", "bool", False, None, "/about serves about.html"),
+        Setting("directory_listing", "bool", False, None,
+                "list directories that have no index.html (otherwise 404)"),
+        Setting("listing_max_entries", "int", 1000, 1, "a directory listing shows at most this"),
+        Setting("follow_symlinks_outside", "bool", False, None,
+                "serve symlinks that resolve outside pages_dir (refused by default)"),
+    ],
 }
 
 
@@ -179,6 +218,7 @@ def load_config(path=None, overrides=None):
     server = values["server"]
     if server["max_request_line_bytes"] > server["max_head_bytes"]:
         raise ConfigError("max_request_line_bytes must not exceed max_head_bytes")
+    check_static_settings(values["static"])
     return types.SimpleNamespace(**{name: types.SimpleNamespace(**section)
                                     for name, section in values.items()})
 
@@ -792,84 +832,33 @@ def _write_stream(conn, response, keep_alive, version, no_body, timeout):
 
 
 # --- static pages -----------------------------------------------------------------------------
-# Unrouted GET and HEAD requests are answered from pages_dir. Containment is checked on the
-# resolved path, so neither "..", its encodings, nor a symlink can lead outside pages_dir.
+# Unrouted GET and HEAD requests are answered from pages_dir by handlers/_static.py (validators,
+# ranges, compression, caches, containment: it outgrew a section). What stays here is the glue
+# to this file: settings checks at start-up and the 404 fallback. Imported here rather than at
+# the top so that this section stays one piece.
 
-MIME_TYPES = {
-    ".html": "text/html; charset=utf-8", ".htm": "text/html; charset=utf-8",
-    ".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8",
-    ".mjs": "text/javascript; charset=utf-8", ".json": "application/json",
-    ".txt": "text/plain; charset=utf-8", ".md": "text/markdown; charset=utf-8",
-    ".xml": "application/xml", ".svg": "image/svg+xml", ".png": "image/png",
-    ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif", ".webp": "image/webp",
-    ".avif": "image/avif", ".ico": "image/vnd.microsoft.icon", ".pdf": "application/pdf",
-    ".woff": "font/woff", ".woff2": "font/woff2", ".ttf": "font/ttf", ".otf": "font/otf",
-    ".wasm": "application/wasm", ".mp4": "video/mp4", ".webm": "video/webm",
-    ".mp3": "audio/mpeg", ".ogg": "audio/ogg", ".zip": "application/zip",
-    ".gz": "application/gzip", ".webmanifest": "application/manifest+json",
-}
-STATIC_METHODS = "GET, HEAD, OPTIONS"
+from handlers import _static  # noqa: E402
+from handlers._static import MIME_TYPES, STATIC_METHODS  # noqa: E402,F401
 
 
-class StaticPages:
-    """Serves files under ``root``; directories by their index.html."""
+def check_static_settings(values):
+    """Parse [static] at start-up (and for --check), so a bad rule stops the server early."""
+    try:
+        _static.compile_policy(types.SimpleNamespace(**values))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
-    def __init__(self, root):
-        self.root = os.path.realpath(root)
 
-    def resolve(self, segments):
-        """The real path of the file for ``segments``, a redirect target, or None."""
-        for position, segment in enumerate(segments):
-            if "/" in segment or "\\" in segment:
-                return None
-            # dotfiles stay private, except RFC 8615's /.well-known/ (ACME challenges)
-            if segment.startswith(".") and not (position == 0 and segment == ".well-known"):
-                return None
-        path = os.path.realpath(os.path.join(self.root, *segments))
-        if path != self.root and not path.startswith(self.root + os.sep):
-            return None
-        if os.path.isdir(path):
-            if segments[-1] != "":
-                return ("redirect",)
-            path = os.path.join(path, "index.html")
-        return path if os.path.isfile(path) else None
-
-    def serve(self, request):
-        found = self.resolve(request.segments)
-        if found is None:
-            return None
-        if isinstance(found, tuple):
-            location = urllib.parse.quote(request.path + "/")
-            if request.query_string:
-                location += "?" + request.query_string
-            return Response(b"", 301, [("Location", location)])
-        if request.method not in ("GET", "HEAD"):
-            raise HTTPError(405, "method not allowed", [("Allow", STATIC_METHODS)])
-        return self.file_response(found)
-
-    def file_response(self, path, status=200):
-        content_type = MIME_TYPES.get(os.path.splitext(path)[1].lower(),
-                                      "application/octet-stream")
-        try:
-            handle = open(path, "rb")
-        except OSError:
-            raise HTTPError(404, "not found") from None
-        size = os.fstat(handle.fileno()).st_size
-        headers = [("Content-Type", content_type), ("X-Content-Type-Options", "nosniff")]
-        if size <= _SMALL_BODY_BYTES:
-            with handle:
-                return Response(handle.read(size), status, headers)
-        response = Response(b"", status, headers)
-        response.file, response.file_range = handle, (0, size)
-        return response
+class StaticPages(_static.StaticPages):
+    """The site under pages_dir; see handlers/_static.py."""
 
     def not_found(self, request):
-        """404, with 404.html for browsers."""
-        page = os.path.join(self.root, "404.html")
-        accept = request.headers.get("accept", "") if request is not None else ""
-        if "text/html" in accept and os.path.isfile(page):
-            return self.file_response(page, 404)
-        return error_response(request, 404, "not found")
+        """404: 404.html for browsers, a short text or JSON error for everyone else."""
+        response = self.not_found_page(request)
+        if response is None:
+            response = error_response(request, 404, "not found")
+            response.headers.extend(self.extra_headers)
+        return response
 
 
 # --- access log -------------------------------------------------------------------------------
@@ -966,12 +955,14 @@ class Connection:
     def send_file(self, handle, offset, length, timeout):
         """Zero-copy with os.sendfile; a plain read/send loop where sendfile is missing."""
         sent, end = 0, offset + length
-        use_sendfile = hasattr(os, "sendfile")
+        # TLS: bytes must go through the SSL object; sendfile would write plaintext to the fd
+        use_sendfile = hasattr(os, "sendfile") and type(self.sock) is socket.socket
         while offset < end:
             try:
                 if use_sendfile:
+                    # uncapped: each call fills whatever the socket buffer has room for
                     count = os.sendfile(self.sock.fileno(), handle.fileno(), offset,
-                                        min(end - offset, 1 << 20))
+                                        end - offset)
                 else:
                     handle.seek(offset)
                     piece = handle.read(min(end - offset, 1 << 16))
@@ -1010,7 +1001,7 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         self.store = store   # the shared state; closed (and compacted) after the workers stop
         if store is not None:
             state.bind(store)
-        self.static = StaticPages(settings.pages_dir)
+        self.static = StaticPages(settings.pages_dir, config.static)
         self.error_stream = error_stream or sys.stderr
         self.access_log = None
         if settings.access_log:

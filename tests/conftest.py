@@ -45,7 +45,7 @@ def start_server(tmp_path):
     running = []
 
     def start(**kwargs):
-        kwargs.setdefault("data_dir", tmp_path / "data")
+        kwargs.setdefault("data_dir", tmp_path / ("data-%d" % len(running)))  # one owner each
         access, errors = LogCapture(), LogCapture()
         server = onebox.make_server(access_log=access, error_log=errors, **kwargs)
         server.access_text = lambda: (server.access_log and server.access_log.flush(),
