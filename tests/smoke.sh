@@ -54,6 +54,16 @@ check "dot-segments are 400"       400 "$(status --path-as-is "$base/../server.p
 check "dotfiles are hidden"        404 "$(status "$base/.git/config")"
 check "bad JSON is 400"            400 "$(status -X POST -H 'Content-Type: application/json' -d '{bad' "$base/hello/echo")"
 check "JSON echo"                  '{"json":{"a":1}}' "$(curl -s --max-time 10 -X POST -H 'Content-Type: application/json' -d '{"a":1}' "$base/hello/echo")"
+etag="$(curl -s -I --max-time 10 "$base/" | tr -d '\r' | sed -n 's/^[Ee][Tt][Aa][Gg]: //p')"
+check "GET / has an ETag"          1   "$([ -n "$etag" ] && echo 1 || echo 0)"
+check "If-None-Match gives 304"    304 "$(status -H "If-None-Match: $etag" "$base/")"
+check "a byte range gives 206"     206 "$(status -H 'Range: bytes=0-9' "$base/")"
+check "the range has 10 bytes"     10  "$(curl -s --max-time 10 -H 'Range: bytes=0-9' "$base/" | wc -c | tr -d ' ')"
+note_id="$(curl -s --max-time 10 -X POST -H 'Content-Type: application/json' -d '{"text":"smoke"}' "$base/api/notes" | sed -n 's/.*"id":"\([0-9]*\)".*/\1/p')"
+check "POST /api/notes gives an id" 1  "$([ -n "$note_id" ] && echo 1 || echo 0)"
+check "GET the note back"          1   "$(curl -s --max-time 10 "$base/api/notes/$note_id" | grep -c '"text":"smoke"')"
+check "empty note text is 400"     400 "$(status -X POST -H 'Content-Type: application/json' -d '{"text":""}' "$base/api/notes")"
+check "DELETE the note"            204 "$(status -X DELETE "$base/api/notes/$note_id")"
 check "keep-alive reuses the connection" 1 "$(curl -sv --max-time 10 "$base/hello" "$base/hello" 2>&1 | grep -c 'Re-using existing connection')"
 
 if [ -n "$server_pid" ]; then
