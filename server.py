@@ -169,13 +169,13 @@ SETTINGS = {
         Setting("dry_run", "str", "", None,
                 "rules that only log what they would do: all, or among deny_cidrs "
                 "deny_user_agents deny_paths client_rate route_rate scanner ban"),
-        Setting("max_tracked_clients", "int", 100000, 1,
-                "site-wide buckets kept (~100 bytes each); past it the least recent is dropped"),
-        Setting("max_tracked_routes", "int", 100000, 1,
-                "per-client-per-route buckets kept; past it the least recent is dropped"),
+        Setting("max_tracked_clients", "int", 50000, 1,
+                "site-wide buckets kept (~180 bytes each); past it the least recent is dropped"),
+        Setting("max_tracked_routes", "int", 50000, 1,
+                "per-client-per-path buckets kept; past it the least recent is dropped"),
         Setting("max_tracked_suspects", "int", 10000, 1,
                 "clients with recent refusals or 404s whose counts are kept"),
-        Setting("max_bans", "int", 100000, 1,
+        Setting("max_bans", "int", 20000, 1,
                 "bans (and offenders remembered for doubling) kept; least recent dropped"),
     ],
     "cache": [

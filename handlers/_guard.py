@@ -51,7 +51,7 @@ import socket
 import threading
 import time
 
-from handlers._limits import InProcessLimiter, Policy, check_policy, rate_limit_headers
+from handlers._limits import Hit, InProcessLimiter, Policy, check_policy, rate_limit_headers
 
 __all__ = ["GuardPolicy", "Guard", "Verdict", "RULES", "BAN_PREFIX"]
 
@@ -162,9 +162,29 @@ def _path_regex(pattern, setting):
     return regex + ".*" if pattern.endswith("/") else regex
 
 
-def _paths_regex(text, setting):
-    patterns = [_path_regex(item, "[limits] %s" % setting) for item in _items(text)]
-    return re.compile("(?:%s)" % "|".join(patterns), re.S) if patterns else None
+class PathSet(object):
+    """Path patterns from a setting ("/.well-known/ /robots.txt *.php"): exact paths and
+    prefixes are a set and a tuple (the default exemptions cost one lookup each); globs and
+    {wildcards} one regex."""
+
+    __slots__ = ("exact", "prefixes", "regex")
+
+    def __init__(self, text, setting):
+        items = _items(text)
+        regexes = {item: _path_regex(item, "[limits] %s" % setting) for item in items}
+        wild = [item for item in items if "*" in item or "{" in item]
+        self.exact = frozenset(item for item in items
+                               if item not in wild and not item.endswith("/"))
+        self.prefixes = tuple(item for item in items if item not in wild and item.endswith("/"))
+        self.regex = re.compile("(?:%s)" % "|".join(regexes[item] for item in wild),
+                                re.S) if wild else None
+
+    def __bool__(self):
+        return bool(self.exact or self.prefixes or self.regex)
+
+    def matches(self, path):
+        return (path in self.exact or path.startswith(self.prefixes)
+                or (self.regex is not None and self.regex.fullmatch(path) is not None))
 
 
 def _agents_regex(text, setting):
@@ -200,9 +220,13 @@ class GuardPolicy(object):
         self.deny_cidrs = CidrSet(limits.deny_cidrs, "deny_cidrs")
         self.allow_agents = _agents_regex(limits.allow_user_agents, "allow_user_agents")
         self.deny_agents = _agents_regex(limits.deny_user_agents, "deny_user_agents")
-        self.allow_paths = _paths_regex(limits.allow_paths, "allow_paths")
-        self.deny_paths = _paths_regex(limits.deny_paths, "deny_paths")
+        self.allow_paths = PathSet(limits.allow_paths, "allow_paths")
+        self.deny_paths = PathSet(limits.deny_paths, "deny_paths")
         self.dry = self._dry_set(limits.dry_run)
+        self.route_dry = "route_rate" in self.dry
+        # booleans the per-request path tests first, so that unset rules cost nothing
+        self.has_allow_cidrs = bool(self.allow_cidrs)
+        self.has_deny_rules = bool(self.deny_cidrs or self.deny_agents or self.deny_paths)
         try:
             self.client_policy = check_policy(Policy("site", limits.client_rate_per_s,
                                                      limits.client_burst))
@@ -245,7 +269,7 @@ class GuardPolicy(object):
         for regex, key, policy, dry in self.routes:
             if regex.fullmatch(path):
                 return key, policy, dry
-        return path, self.route_policy, "route_rate" in self.dry
+        return path, self.route_policy, self.route_dry
 
 
 # --- decisions --------------------------------------------------------------------------------
@@ -381,14 +405,22 @@ class Guard(object):
         policy = self.policy
         if key is None:
             request.client_ip = self.forwarded_client(request.client_ip, request.headers)
-            key = self.key_of(request.client_ip)
-        if not policy.enabled or request.client_ip in policy.allow_cidrs:
+            verdict = self._check(request, self.key_of(request.client_ip))
+            if verdict is not None:
+                verdict.close = False    # the proxy's connection carries other clients too
+            return verdict
+        return self._check(request, key)
+
+    def _check(self, request, key):
+        policy = self.policy
+        if not policy.enabled or (policy.has_allow_cidrs
+                                  and request.client_ip in policy.allow_cidrs):
             return None
         if self._bans:
             verdict = self._banned(key)
             if verdict is not None:
                 return verdict
-        verdict = self._denied(request)
+        verdict = self._denied(request) if policy.has_deny_rules else None
         if (verdict is None or verdict.dry_run) and not self._exempt(request):
             limited = self._limited(request, key)
             if limited is not None and (verdict is None or not limited.dry_run):
@@ -456,7 +488,7 @@ class Guard(object):
         elif policy.deny_agents is not None and policy.deny_agents.search(
                 request.headers.get("user-agent", "")):
             rule = "deny_user_agents"
-        elif policy.deny_paths is not None and policy.deny_paths.fullmatch(request.path):
+        elif policy.deny_paths.matches(request.path):
             rule = "deny_paths"
         if rule is None:
             return None
@@ -465,7 +497,7 @@ class Guard(object):
 
     def _exempt(self, request):
         policy = self.policy
-        return ((policy.allow_paths is not None and policy.allow_paths.fullmatch(request.path))
+        return (policy.allow_paths.matches(request.path)
                 or (policy.allow_agents is not None
                     and policy.allow_agents.search(request.headers.get("user-agent", ""))))
 
@@ -473,21 +505,26 @@ class Guard(object):
         """The site-wide bucket, then the route's; a 429 verdict (maybe dry-run) or None."""
         policy = self.policy
         flagged = None
-        hit = self.clients.hit(key)
-        if not hit.allowed:
-            flagged = self._too_many(hit, "client_rate", "client_rate" in policy.dry)
+        site = policy.client_policy
+        wait = self.clients.take(key, site.rate_per_s, site.burst)
+        if wait is not None:
+            flagged = self._too_many(site, wait, "client_rate", "client_rate" in policy.dry)
             if not flagged.dry_run:
                 return flagged                       # a refused request takes no route token
-        route_key, route_policy, route_dry = policy.route_for(request.path)
-        hit = self.routes.hit(hash((key, route_key)), 1, route_policy)
-        if not hit.allowed:
-            verdict = self._too_many(hit, "route_rate", route_dry)
+        if policy.routes:
+            route_key, route, route_dry = policy.route_for(request.path)
+        else:
+            route_key, route, route_dry = request.path, policy.route_policy, policy.route_dry
+        wait = self.routes.take(hash((key, route_key)), route.rate_per_s, route.burst)
+        if wait is not None:
+            verdict = self._too_many(route, wait, "route_rate", route_dry)
             if not verdict.dry_run or flagged is None:
                 return verdict
         return flagged
 
-    def _too_many(self, hit, rule, dry):
+    def _too_many(self, bucket, wait, rule, dry):
         self._count("dry_run" if dry else "limited")
+        hit = Hit(False, max(0.0, 1 - wait * bucket.rate_per_s), wait, bucket)
         headers = rate_limit_headers(hit) + [("Cache-Control", "no-store")]
         wait = headers[0][1]
         return Verdict(429, "too many requests; retry after %s s" % wait, headers, rule, dry)

@@ -31,8 +31,9 @@ The in-process implementation (``InProcessLimiter``)
     Each key holds one float: the monotonic time at which its bucket is full again (the
     "theoretical arrival time" of GCRA, which is a token bucket kept as a single number). A bucket
     that is full is the same as a key that is absent, so idle keys can be dropped at any moment
-    without changing an answer: every ``hit`` looks at the least recently used key or two and
-    drops them if they are full again. That is the whole expiry: no sweep over the table, ever.
+    without changing an answer: whenever a key is added, the least recently used key or two are
+    looked at and dropped if they are full again. That is the whole expiry: no sweep over the
+    table, ever; a table nobody adds to does not need to shrink.
     Past ``max_keys`` the least recently used key is evicted (it starts again with a full
     bucket: the cap can make a limiter more lenient, never stricter). One lock guards the table;
     a call holds it for a few dict operations.
@@ -108,32 +109,42 @@ class InProcessLimiter(Limiter):
         # _lock guards _full_at and the counters below it.
         self._lock = threading.Lock()
         self._full_at = collections.OrderedDict()  # key -> when its bucket is full; LRU first
-        self._hits = 0
         self._limited = 0
         self._evictions = 0
         self._expired = 0
 
     def hit(self, key, cost=1, policy=None):
         policy = policy or self.policy
-        rate, burst = policy.rate_per_s, policy.burst
-        if cost > burst:
-            raise ValueError("cost %r exceeds the burst %r: it could never pass" % (cost, burst))
-        slack = (burst - cost) / rate    # refill the bucket may owe and still pay ``cost``
+        if cost > policy.burst:
+            raise ValueError("cost %r exceeds the burst %r: it could never pass"
+                             % (cost, policy.burst))
+        wait = self.take(key, policy.rate_per_s, policy.burst, cost)
+        if wait is None:
+            return Hit(True, self.peek(key, policy), 0.0, policy)
+        return Hit(False, max(0.0, cost - wait * policy.rate_per_s), wait, policy)
+
+    def take(self, key, rate_per_s, burst, cost=1):
+        """``hit`` without the Hit, for the guard's hot path: None if the tokens were taken,
+        else the seconds until they will be there. The whole token bucket is here."""
         table = self._full_at
         with self._lock:
             now = self._clock()
-            full_at = table.get(key, now)
-            owed = full_at - now if full_at > now else 0.0
-            self._hits += 1
-            if owed > slack + _EPSILON:
-                self._limited += 1
-                table.move_to_end(key)   # owed > 0, so the key is in the table
-                return Hit(False, max(0.0, burst - owed * rate), owed - slack, policy)
-            full_at = now + owed + cost / rate
-            table[key] = full_at
-            table.move_to_end(key)
-            self._trim_locked(now)
-        return Hit(True, max(0.0, burst - (full_at - now) * rate), 0.0, policy)
+            full_at = table.get(key, 0.0)     # 0.0: absent (monotonic time is never 0.0)
+            if full_at > now:
+                owed = full_at - now           # seconds of refill the bucket is short of full
+                if owed * rate_per_s > burst - cost + _EPSILON:
+                    self._limited += 1
+                    table.move_to_end(key)
+                    return owed - (burst - cost) / rate_per_s
+                table[key] = full_at + cost / rate_per_s
+                table.move_to_end(key)
+                return None
+            table[key] = now + cost / rate_per_s
+            if full_at:
+                table.move_to_end(key)         # it was there, idle: now the most recent
+            else:
+                self._trim_locked(now)         # a new key: the table grew
+        return None
 
     def peek(self, key, policy=None):
         policy = policy or self.policy
@@ -156,13 +167,14 @@ class InProcessLimiter(Limiter):
 
     def stats(self):
         with self._lock:
-            return {"keys": len(self._full_at), "max_keys": self.max_keys, "hits": self._hits,
+            return {"keys": len(self._full_at), "max_keys": self.max_keys,
                     "limited": self._limited, "evictions": self._evictions,
                     "expired": self._expired}
 
     def _trim_locked(self, now):
         """Drop the least recently used keys whose buckets are full again (the same as absent),
-        then evict down to the cap. O(1) per hit."""
+        then evict down to the cap. O(1); runs when a key is added, the only time the table
+        grows."""
         table = self._full_at
         for _ in range(_EXPIRE_PER_HIT):
             oldest = next(iter(table.items()), None)

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from conftest import raw_exchange, onebox, status_of
-from handlers._guard import CidrSet, client_key, normal_address
+from handlers._guard import CidrSet, PathSet, client_key, normal_address
 
 # The shipped [limits] defaults (the fixture otherwise puts the limits out of reach).
 DEFAULT_LIMITS = {"limits." + s.name: s.default for s in onebox.SETTINGS["limits"]}
@@ -162,6 +162,38 @@ def test_client_key_and_address_parsing():
     cidrs = CidrSet("10.0.0.0/8, 2001:db8::/32 192.0.2.7", "test")
     assert "10.1.2.3" in cidrs and "::ffff:10.1.2.3" in cidrs and "2001:db8:ff::1" in cidrs
     assert "192.0.2.7" in cidrs and "192.0.2.8" not in cidrs and "junk" not in cidrs
+
+
+def test_path_patterns():
+    paths = PathSet("/.well-known/ /robots.txt *.php /files/*.zip /api/{id}/x", "test")
+    for path in ("/.well-known/acme/t", "/robots.txt", "/a/b.php", "/files/a/b.zip",
+                 "/api/7/x"):
+        assert paths.matches(path), path
+    for path in ("/.well-known", "/robots.txt/x", "/a.phpx", "/files/a.tar", "/api/7/8/x"):
+        assert not paths.matches(path), path
+    assert not PathSet("", "test") and not PathSet("", "test").matches("/")
+
+
+def test_a_ban_behind_a_proxy_keeps_the_proxy_connection_open(start_server):
+    server = start_server(config={"limits.trusted_proxies": "127.0.0.1",
+                                  "limits.client_rate_per_s": 0.1, "limits.client_burst": 1,
+                                  "limits.ban_after_rejections": 1, "limits.ban_s": 60})
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        seen = []
+        for _ in range(5):
+            connection.request("GET", "/hello", headers={"X-Forwarded-For": "198.51.100.1"})
+            response = connection.getresponse()
+            response.read()
+            seen.append((response.status, response.getheader("connection")))
+        connection.request("GET", "/hello", headers={"X-Forwarded-For": "198.51.100.2"})
+        other = connection.getresponse()
+        other.read()
+    finally:
+        connection.close()
+    assert seen == [(200, None), (429, None), (429, None), (403, None), (403, None)]
+    assert other.status == 200                                # the same connection, served
+    assert [key for key, *_ in server.guard.bans()] == ["198.51.100.1"]
 
 
 def test_connection_cap_counts_per_client_key(start_server):
@@ -351,7 +383,7 @@ def test_tracking_tables_are_capped_and_their_sizes_are_visible(start_server):
     assert stats["clients"]["evictions"] == 15
     assert stats["routes"]["keys"] == 7 and stats["routes"]["evictions"] == 33
     assert stats["suspects"] == {"keys": 3, "max_keys": 3, "evictions": 17}
-    assert stats["bans"]["keys"] == 0 and stats["bans"]["max_keys"] == 100000
+    assert stats["bans"]["keys"] == 0 and stats["bans"]["max_keys"] == 20000
 
 
 # --- the flood ----------------------------------------------------------------------------------
