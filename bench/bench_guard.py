@@ -170,7 +170,7 @@ def render(args, on_off, mem, cache):
               "## memory: %s distinct client addresses through the guard's check, default caps"
               % format(args.keys, ","), "",
               "| clock | RSS before MB | RSS after MB | growth MB | site-wide keys / cap | "
-              "per-path keys / cap | us per check | refused |",
+              "per-path keys / cap | us per key (making the request too) | refused |",
               "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for label, row in mem.items():
         lines.append("| %s | %.1f | %.1f | %.1f | %d / %d | %d / %d | %.2f | %d |" % (

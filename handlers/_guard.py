@@ -208,7 +208,8 @@ class GuardPolicy(object):
                      "max_tracked_routes", "max_tracked_suspects", "max_bans"):
             setattr(self, name, getattr(limits, name))
         if self.ipv4_prefix_bits > 32:
-            raise ValueError("[limits] ipv4_prefix_bits: %d is more than 32" % self.ipv4_prefix_bits)
+            raise ValueError("[limits] ipv4_prefix_bits: %d is more than 32"
+                             % self.ipv4_prefix_bits)
         if self.ipv6_prefix_bits > 128:
             raise ValueError("[limits] ipv6_prefix_bits: %d is more than 128"
                              % self.ipv6_prefix_bits)
@@ -402,7 +403,6 @@ class Guard(object):
         """The verdict on ``request`` before routing, or None to serve it untouched. ``key`` is
         the connection's client key from ``admit``; None (a trusted proxy) makes the guard read
         the forwarded header and set ``request.client_ip`` to the client it names."""
-        policy = self.policy
         if key is None:
             request.client_ip = self.forwarded_client(request.client_ip, request.headers)
             verdict = self._check(request, self.key_of(request.client_ip))

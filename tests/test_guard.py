@@ -2,14 +2,10 @@
 (127.0.0.2, 127.0.0.3, ...); rates are tiny and windows short so that the tests are fast."""
 import http.client
 import json
-import os
 import socket
 import subprocess
 import sys
-import threading
 import time
-
-import pytest
 
 from conftest import raw_exchange, onebox, status_of
 from handlers._guard import CidrSet, PathSet, client_key, normal_address
@@ -390,7 +386,8 @@ def test_tracking_tables_are_capped_and_their_sizes_are_visible(start_server):
 
 ABUSERS = r"""
 import collections, http.client, json, sys, threading, time
-port, first, count, seconds = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+port, first, count = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+seconds = float(sys.argv[4])
 results = {}
 
 def abuse(source):
