@@ -56,7 +56,9 @@ import traceback
 import types
 import urllib.parse
 
+from handlers._cache import responses as response_cache
 from handlers._core import HTTPError, Headers, Request, Response, json_response
+from handlers._guard import Guard, GuardPolicy
 from handlers._state import StateError, StateLockedError, Store, state
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -156,7 +158,82 @@ SETTINGS = {
         Setting("follow_symlinks_outside", "bool", False, None,
                 "serve symlinks that resolve outside pages_dir (refused by default)"),
     ],
+    # The abuse guard (handlers/_guard.py tells the whole story). Lists are separated by spaces
+    # or commas. Per-route limits are sections of their own: [limits "/api/login"] (below).
+    "limits": [
+        Setting("enabled", "bool", True, None,
+                "the abuse guard; off skips every rule and limit (client identity still applies)"),
+        Setting("trusted_proxies", "str", "", None,
+                "CIDRs of your reverse proxies; only their forwarded header names the client"),
+        Setting("forwarded_header", "str", "x-forwarded-for", None,
+                "the header your proxy sets; the other is ignored (a client could forge it)",
+                ("x-forwarded-for", "forwarded")),
+        Setting("ipv4_prefix_bits", "int", 32, 8,
+                "IPv4 clients are tracked per address; 24 groups each /24"),
+        Setting("ipv6_prefix_bits", "int", 64, 8,
+                "IPv6 clients are tracked per /64: one subscriber usually holds a whole /64"),
+        Setting("client_rate_per_s", "float", 20.0, 0.001,
+                "sustained requests/s per client across the site; a person browsing averages <1"),
+        Setting("client_burst", "int", 100, 1,
+                "requests a client may make at once: a page and its assets, a few tabs"),
+        Setting("route_rate_per_s", "float", 5.0, 0.001,
+                "sustained requests/s per client to one path (or [limits \"...\"] route)"),
+        Setting("route_burst", "int", 30, 1,
+                "requests to one path at once; reloads and polling stay far below"),
+        Setting("allow_cidrs", "str", "", None,
+                "clients never limited, banned or denied (your office, your monitoring)"),
+        Setting("allow_user_agents", "str", "", None,
+                "regex (case-insensitive); matching requests skip the rate limits (spoofable)"),
+        Setting("allow_paths", "str", "/.well-known/ /robots.txt /favicon.ico", None,
+                "paths that skip the rate limits and scanner counting (/x/ is a prefix, * a glob)"),
+        Setting("deny_cidrs", "str", "", None, "clients always refused with 403"),
+        Setting("deny_user_agents", "str", "", None,
+                "regex (case-insensitive); matching requests get 403"),
+        Setting("deny_paths", "str", "", None,
+                "paths that get 403 (/x/ is a prefix, * a glob): /wp-login.php /.env /.git/"),
+        Setting("ban_after_rejections", "int", 50, 0,
+                "more refusals (429, 403) than this within ban_window_s earn a ban; 0: never"),
+        Setting("ban_window_s", "float", 10.0, 0.001,
+                "the window ban_after_rejections counts in"),
+        Setting("ban_s", "float", 600.0, 0.001,
+                "a first ban; each repeat offence doubles it (a banned client gets 403)"),
+        Setting("ban_max_s", "float", 86400.0, 0.001,
+                "the longest ban; an offender is forgotten this long after its ban ends"),
+        Setting("ban_close_after_hits", "int", 5, 0,
+                "requests a banned client gets a 403 for; after that it is closed at accept"),
+        Setting("scanner_404_paths", "int", 30, 0,
+                "more distinct 404 paths than this within scanner_window_s earn a ban; 0: off"),
+        Setting("scanner_window_s", "float", 60.0, 0.001,
+                "the window scanner_404_paths counts in"),
+        Setting("dry_run", "str", "", None,
+                "rules that only log what they would do: all, or among deny_cidrs "
+                "deny_user_agents deny_paths client_rate route_rate scanner ban"),
+        Setting("max_tracked_clients", "int", 50000, 1,
+                "site-wide buckets kept (~180 bytes each); past it the least recent is dropped"),
+        Setting("max_tracked_routes", "int", 50000, 1,
+                "per-client-per-path buckets kept; past it the least recent is dropped"),
+        Setting("max_tracked_suspects", "int", 10000, 1,
+                "clients with recent refusals or 404s whose counts are kept"),
+        Setting("max_bans", "int", 20000, 1,
+                "bans (and offenders remembered for doubling) kept; least recent dropped"),
+    ],
+    "cache": [
+        Setting("max_entries", "int", 10000, 1,
+                "responses the @cached handlers may keep; past it the least recent goes"),
+        Setting("max_bytes", "int", 32 * 1024 * 1024, 1024,
+                "bytes of cached responses; an entry over an eighth of this is not cached"),
+    ],
 }
+
+# [limits "/path"] sections: limits for the requests whose path matches (a route pattern such as
+# /api/notes/{id}, a prefix ending in /, a * glob, or an exact path; the longest match wins).
+# Their bucket is shared by every path that matches. Unset keys take the [limits] route values.
+ROUTE_LIMIT_SETTINGS = [
+    Setting("rate_per_s", "float", None, 0.001, "sustained requests/s per client to these paths"),
+    Setting("burst", "int", None, 1, "requests to these paths at once"),
+    Setting("dry_run", "bool", None, None, "only log what this limit would do"),
+]
+_ROUTE_LIMITS_RE = re.compile(r'limits\s+"(/[^"]*)"')
 
 
 def _parse_value(setting, raw, where):
@@ -210,6 +287,10 @@ def load_config(path=None, overrides=None):
             if parser.has_section(section):
                 for key, raw in parser.items(section):
                     _set_value(values, section, key, raw, "%s [%s] %s" % (path, section, key))
+        for section in parser.sections():
+            if section.startswith("limits") and section != "limits":  # [limits "/path"]
+                for key, raw in parser.items(section):
+                    _set_value(values, section, key, raw, "%s [%s] %s" % (path, section, key))
     for dotted, raw in (overrides or {}).items():
         section, _, key = dotted.rpartition(".")
         _set_value(values, section or "server", key, raw, "setting %r" % dotted)
@@ -219,13 +300,26 @@ def load_config(path=None, overrides=None):
     if server["max_request_line_bytes"] > server["max_head_bytes"]:
         raise ConfigError("max_request_line_bytes must not exceed max_head_bytes")
     check_static_settings(values["static"])
-    return types.SimpleNamespace(**{name: types.SimpleNamespace(**section)
-                                    for name, section in values.items()})
+    route_limits = [(_ROUTE_LIMITS_RE.fullmatch(name).group(1),
+                     types.SimpleNamespace(**values.pop(name)))
+                    for name in sorted(set(values) - set(SETTINGS))]
+    config = types.SimpleNamespace(**{name: types.SimpleNamespace(**section)
+                                      for name, section in values.items()})
+    try:
+        config.guard = GuardPolicy(config.limits, route_limits)
+    except ValueError as error:
+        raise ConfigError("%s: %s" % (path or "settings", error)) from None
+    return config
 
 
 def _set_value(values, section, key, raw, where):
     settings = {s.name: s for s in SETTINGS.get(section, ())}
-    if section not in SETTINGS:
+    if section.startswith("limits") and section != "limits":
+        if not _ROUTE_LIMITS_RE.fullmatch(section):
+            raise ConfigError('%s: write a per-route section as [limits "/path"]' % where)
+        settings = {s.name: s for s in ROUTE_LIMIT_SETTINGS}
+        values.setdefault(section, {s.name: s.default for s in ROUTE_LIMIT_SETTINGS})
+    elif section not in SETTINGS:
         raise ConfigError("%s: unknown section [%s]" % (where, section))
     if key not in settings:
         raise ConfigError("%s: unknown key; [%s] knows: %s"
@@ -894,13 +988,16 @@ class AccessLog:
     def start(self):
         self.thread.start()
 
-    def log(self, client_ip, request_line, status, size, referer, agent, seconds):
+    def log(self, client_ip, request_line, status, size, referer, agent, seconds, note=None):
+        """``note``: the abuse guard's decision ('guard=429:client_rate'), appended after the
+        duration for a rejected or dry-run-flagged request."""
         now = int(time.time())
         if self._time_cache[0] != now:
             self._time_cache = (now, time.strftime("%d/%b/%Y:%H:%M:%S %z", time.localtime(now)))
-        line = '%s - - [%s] "%s" %d %s "%s" "%s" %.3fms\n' % (
+        line = '%s - - [%s] "%s" %d %s "%s" "%s" %.3fms%s\n' % (
             client_ip, self._time_cache[1], _log_escape(request_line), status, size or "-",
-            _log_escape(referer), _log_escape(agent), seconds * 1000)
+            _log_escape(referer), _log_escape(agent), seconds * 1000,
+            " " + note if note else "")
         with self.lock:
             self.pending.append(line)
             self.pending_bytes += len(line)
@@ -940,7 +1037,7 @@ MAX_REQUESTS_PER_TURN = 32  # pipelined requests a worker serves before giving o
 
 
 class Connection:
-    __slots__ = ("sock", "ip", "buf", "waiting", "served", "started")
+    __slots__ = ("sock", "ip", "buf", "waiting", "served", "started", "client")
 
     def __init__(self, sock, ip):
         self.sock = sock
@@ -1003,6 +1100,10 @@ class OneboxServer(http.server.ThreadingHTTPServer):
             state.bind(store)
         self.static = StaticPages(settings.pages_dir, config.static)
         self.error_stream = error_stream or sys.stderr
+        # The abuse guard (handlers/_guard.py): bans persist in the store; the response cache
+        # is the process's, emptied and sized here.
+        self.guard = Guard(config.guard, store, self.log_error)
+        response_cache.configure(config.cache.max_entries, config.cache.max_bytes)
         self.access_log = None
         if settings.access_log:
             self.access_log = AccessLog(access_stream or sys.stdout, settings.log_flush_interval_s)
@@ -1213,13 +1314,18 @@ class OneboxServer(http.server.ThreadingHTTPServer):
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = Connection(sock, address[0])
-            if self._open >= settings.max_connections and not self._evict_idle():
+            # the guard's client key (an IPv6 /64 is one client; None: a trusted proxy, uncapped)
+            conn.client, banned = self.guard.admit(conn.ip)
+            if banned:  # banned, and told so ban_close_after_hits times: close without reading
+                sock.close()
+            elif self._open >= settings.max_connections and not self._evict_idle():
                 self._refuse(conn, "server is at its connection limit")
-            elif self._per_ip.get(conn.ip, 0) >= settings.max_connections_per_ip:
+            elif (conn.client is not None
+                  and self._per_ip.get(conn.client, 0) >= settings.max_connections_per_ip):
                 self._refuse(conn, "too many connections from your address")
             else:
                 self._open += 1
-                self._per_ip[conn.ip] = self._per_ip.get(conn.ip, 0) + 1
+                self._per_ip[conn.client] = self._per_ip.get(conn.client, 0) + 1
                 self._park(conn, "new")
 
     def _evict_idle(self):
@@ -1319,11 +1425,11 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         self._busy.discard(conn)
         conn.sock.close()
         self._open -= 1
-        count = self._per_ip[conn.ip] - 1
+        count = self._per_ip[conn.client] - 1
         if count:
-            self._per_ip[conn.ip] = count
+            self._per_ip[conn.client] = count
         else:
-            del self._per_ip[conn.ip]
+            del self._per_ip[conn.client]
 
     def _take_returned(self):
         try:
@@ -1414,18 +1520,24 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         end = conn.buf.find(b"\r\n\r\n")
         raw_head = bytes(conn.buf[:end])
         del conn.buf[:end + 4]
-        head = request = reader = None
+        head = request = reader = verdict = None
         try:
             # 1. Parse and check the head; build the request and its body reader.
             head = parse_head(raw_head, settings)
             reader = self._body_reader(conn, head)
             request = self._build_request(conn, head, reader)
-            # 2. Route and run the handler (or a static page).
+            # 2. The abuse guard (429, 403, or a dry-run note), then route and run the handler
+            # (or a static page).
+            verdict = self.guard.check(request, conn.client)
+            if verdict is not None and not verdict.dry_run:
+                raise HTTPError(verdict.status, verdict.message, verdict.headers)
             response = self._dispatch(request)
         except HTTPError as error:
             response = self._error_for(request, error)
         # a request that could not even be built leaves the framing in doubt: close
         keep_alive = request is not None and head.keep_alive and not self._stopping
+        if verdict is not None and verdict.close:
+            keep_alive = False  # a banned client reconnects, and meets the ban at accept
         # 3. Whatever body the handler left unread is drained, or the connection closes.
         if reader is not None and not reader.done:
             if reader.broken or (reader.expect_continue and not reader.continue_sent):
@@ -1450,7 +1562,10 @@ class OneboxServer(http.server.ThreadingHTTPServer):
             keep_alive = False
             sent = write_response(conn, response, False, version, head_only,
                                   settings.write_timeout_s)
-        # 5. Log it.
+        # 5. Log it, with the guard's decision; a 404 counts toward scanner detection.
+        note = verdict.note if verdict is not None else None
+        if response.status == 404 and request is not None:
+            note = self.guard.saw_404(request, conn.client) or note
         if self.access_log:
             request_line = head.request_line if head else raw_head.split(b"\r\n", 1)[0][:200]
             fields = head.fields if head else {}
@@ -1458,7 +1573,7 @@ class OneboxServer(http.server.ThreadingHTTPServer):
                 request.client_ip if request else conn.ip,
                 request_line if isinstance(request_line, str) else request_line.decode("latin-1"),
                 response.status, sent, (fields.get("referer") or ("",))[0],
-                (fields.get("user-agent") or ("",))[0], time.monotonic() - started)
+                (fields.get("user-agent") or ("",))[0], time.monotonic() - started, note)
         conn.served += 1
         # 6. Keep the connection for the next request, or not.
         return keep_alive

@@ -246,6 +246,7 @@ def measure_http(row_id, ctx):
     n = int(row_id.split("-")[1])
     server = subprocess.Popen(
         [sys.executable, os.path.join(REPO, "server.py"), "--port", "0", "--access-log", "off",
+         "--limits-enabled", "off",  # 64 writers from one address would be rate limited
          "--data-dir", ctx.fresh_dir("http")], stdout=subprocess.PIPE, text=True)
     try:
         port = int(re.search(r":(\d+)/", server.stdout.readline()).group(1))

@@ -26,6 +26,11 @@ Shared state: ``state`` (from ``handlers._state``) is the process's one durable 
 ``state.items(prefix)``, and ``with state.transaction() as tx:`` for all-or-nothing writes.
 A write returns once it is on disk (in the default durability mode).
 
+Rate limits for a handler's own keys (login attempts per account, say): ``limiter(name,
+rate_per_s, burst)`` gives the process's limiter of that name (``handlers._limits``: hit, peek,
+retry_after, stats), and ``rate_limit(limiter, key)`` raises a 429 with Retry-After when the key's
+bucket is empty. Cached GET responses: ``handlers._cache`` (``@cached(ttl_s=...)``, ``invalidate``).
+
 Area modules import only ``handlers._*`` modules, never ``server`` (a test enforces it): run as
 ``python3 server.py`` the runtime is ``__main__``, and importing ``server`` would load a second copy
 with its own state and locks.
@@ -36,11 +41,13 @@ plain values. Neither holds a lock.
 import json
 
 from handlers import _forms
+from handlers._limits import Limiter, Policy, limiter, rate_limit_headers  # noqa: F401
 from handlers._state import StateWriteError, state  # noqa: F401  (re-exported for areas)
 
 __all__ = [
     "HTTPError", "Request", "Headers", "Response", "state", "StateWriteError",
     "json_response", "text_response", "html_response", "redirect",
+    "Limiter", "Policy", "limiter", "rate_limit",
 ]
 
 
@@ -231,3 +238,13 @@ def html_response(html, status=200, headers=None):
 def redirect(location, status=303, headers=None):
     """Redirect to ``location``; 303 (See Other) suits a POST, 301/308 a moved page."""
     return Response(b"", status, [("Location", location)] + list(headers or ()))
+
+
+def rate_limit(limiter, key, cost=1):
+    """Take ``cost`` tokens from ``key``'s bucket in ``limiter``, or raise a 429 whose
+    Retry-After says when they will be there (plus the RateLimit-Policy / RateLimit fields)."""
+    hit = limiter.hit(key, cost)
+    if not hit.allowed:
+        headers = rate_limit_headers(hit)
+        raise HTTPError(429, "too many requests; retry after %s s" % headers[0][1], headers)
+    return hit

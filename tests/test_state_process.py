@@ -24,7 +24,8 @@ class Process:
     def __init__(self, data_dir, *flags, preexec_fn=None):
         self.proc = subprocess.Popen(
             [sys.executable, SERVER, "--port", "0", "--data-dir", str(data_dir),
-             "--access-log", "off"] + list(flags),
+             "--access-log", "off",
+             "--limits-enabled", "off"] + list(flags),  # these tests write flat out: no guard
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn)
         line = self.proc.stdout.readline()
         match = re.match(r"listening on http://127\.0\.0\.1:(\d+)/", line)

@@ -1,0 +1,696 @@
+"""The abuse guard: who the client is, and whether it is served.
+
+Why it lives in one process
+---------------------------
+Every request passes through the same tables, so one look answers "is this address hitting
+this URL too often", "how much is it asking of the whole site", "is it walking a list of paths
+that do not exist". The price is the memory of that tracking, so every table here has a hard
+cap, evicts its least recently used entry past it, and reports its size in ``stats()``.
+
+A request meets, in order (``Guard.check``, in a worker, before routing):
+
+1. **Identity.** The client is the socket peer, unless the peer is one of ``trusted_proxies``:
+   then it is the rightmost address in the proxy's forwarded header that is not itself a trusted
+   proxy (every hop to the left of it could be forged by the client). Clients are grouped into
+   keys: an IPv4 address each (``ipv4_prefix_bits``), an IPv6 /64 (``ipv6_prefix_bits``: one
+   subscriber usually holds a whole /64, and would otherwise have 2**64 identities).
+2. **Allowlisted addresses** (``allow_cidrs``) skip everything below.
+3. **Bans**: 403, and the connection is closed; after ``ban_close_after_hits`` of those, the
+   reactor closes the client's new connections at accept without reading a byte (``admit``).
+4. **Deny rules** (``deny_cidrs``, ``deny_user_agents``, ``deny_paths``): 403.
+5. **Exemptions** (``allow_paths``, by default /.well-known/, /robots.txt, /favicon.ico, and
+   ``allow_user_agents``) skip the rate limits.
+6. **Rate limits**: a token bucket per client site-wide (``client_rate_per_s``/``client_burst``),
+   then one per client per route (``route_rate_per_s``/``route_burst``, or the
+   ``[limits "/path"]`` section that matches). A refusal is a 429 with Retry-After computed from
+   the bucket that fired, and RateLimit-Policy / RateLimit fields.
+
+Each 403 from a rule and each 429 is a strike; more than ``ban_after_rejections`` strikes within
+``ban_window_s`` earn a ban of ``ban_s``, doubled for each repeat offence up to ``ban_max_s``.
+After a 404 (``saw_404``), more than ``scanner_404_paths`` distinct 404 paths within
+``scanner_window_s`` earn a ban too. Bans are written to the state store (``guard/bans/<key>``),
+so a restart does not free an abuser; expired ones are dropped when noticed and at start-up.
+
+Dry run: every rule and limit named in ``dry_run`` (or a route section's ``dry_run``) decides as
+usual, but the request is served; the access log line carries what would have happened. A ban
+earned by dry-run refusals is itself only logged.
+
+Threads and locks: ``admit`` runs in the reactor thread, the rest in workers. Each table has one
+lock (the two limiters' own, ``_suspects_lock``, ``_bans_lock``), held for a few dict operations;
+the state store is written only by workers and never under a lock. Idle entries cost nothing to
+expire: each use looks at the least recently used entry or two and drops them if stale; nothing
+sweeps a whole table on the request path.
+
+This module is stdlib only and imports no runtime module: the runtime passes in what it needs.
+"""
+import array
+import collections
+import ipaddress
+import re
+import socket
+import threading
+import time
+
+from handlers._limits import Hit, InProcessLimiter, Policy, check_policy, rate_limit_headers
+
+__all__ = ["GuardPolicy", "Guard", "Verdict", "RULES", "BAN_PREFIX"]
+
+RULES = ("deny_cidrs", "deny_user_agents", "deny_paths", "client_rate", "route_rate",
+         "scanner", "ban")
+BAN_PREFIX = "guard/bans/"       # state store keys of the persisted bans
+_V4_MAPPED = b"\x00" * 10 + b"\xff\xff"
+
+
+# --- addresses --------------------------------------------------------------------------------
+
+def _packed(ip):
+    """(family, packed bytes) of an address string, IPv4-mapped IPv6 as IPv4; None if it is not
+    an address."""
+    try:
+        if ":" not in ip:
+            return socket.AF_INET, socket.inet_pton(socket.AF_INET, ip)
+        packed = socket.inet_pton(socket.AF_INET6, ip.partition("%")[0])  # drop a zone (%eth0)
+    except (OSError, ValueError, TypeError):
+        return None
+    if packed[:12] == _V4_MAPPED:
+        return socket.AF_INET, packed[12:]
+    return socket.AF_INET6, packed
+
+
+def _masked(packed, bits):
+    size = len(packed) * 8
+    value = int.from_bytes(packed, "big") >> (size - bits) << (size - bits)
+    return value.to_bytes(len(packed), "big")
+
+
+def client_key(ip, ipv4_bits=32, ipv6_bits=64):
+    """The key a client address is tracked under: '192.0.2.7', '192.0.2.0/24',
+    '2001:db8:1:2::/64'. Something that is not an address is its own key."""
+    if ipv4_bits == 32 and "." in ip and ":" not in ip:
+        return ip                                   # the common case, with no parsing
+    found = _packed(ip)
+    if found is None:
+        return ip
+    family, packed = found
+    bits = ipv4_bits if family == socket.AF_INET else ipv6_bits
+    if bits == len(packed) * 8:
+        return socket.inet_ntop(family, packed)
+    return "%s/%d" % (socket.inet_ntop(family, _masked(packed, bits)), bits)
+
+
+def normal_address(item):
+    """A forwarded-header item ('192.0.2.7', '192.0.2.7:80', '[2001:db8::1]:80', '"[::1]"')
+    as a plain address string, or None if it is not one ('unknown', '_hidden', garbage)."""
+    item = item.strip().strip('"')
+    if item.startswith("["):
+        item = item[1:].partition("]")[0]
+    elif item.count(":") == 1:
+        item = item.partition(":")[0]               # IPv4 with a port
+    found = _packed(item)
+    return None if found is None else socket.inet_ntop(*found)
+
+
+class CidrSet(object):
+    """Address ranges from a setting ("10.0.0.0/8 2001:db8::/32 192.0.2.7"); ``ip in cidrs``."""
+
+    __slots__ = ("networks",)
+
+    def __init__(self, text, setting):
+        self.networks = []   # (family, network bits, prefix length)
+        for item in _items(text):
+            try:
+                network = ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError("[limits] %s: %r is not an address or CIDR range "
+                                 "(e.g. 192.0.2.0/24)" % (setting, item)) from None
+            family = socket.AF_INET if network.version == 4 else socket.AF_INET6
+            self.networks.append((family, network.network_address.packed, network.prefixlen))
+
+    def __bool__(self):
+        return bool(self.networks)
+
+    def __contains__(self, ip):
+        if not self.networks:
+            return False
+        found = _packed(ip)
+        if found is None:
+            return False
+        family, packed = found
+        return any(family == net_family and _masked(packed, bits) == net
+                   for net_family, net, bits in self.networks)
+
+
+def _items(text):
+    return [item for item in re.split(r"[\s,]+", text or "") if item]
+
+
+# --- settings, compiled -----------------------------------------------------------------------
+
+def _path_regex(pattern, setting):
+    """One path pattern as a regex: '/x/' is a prefix, '*' matches anything (even '/'),
+    '{name}' one segment and '{name...}' the rest (route pattern syntax); else exact."""
+    if not pattern.startswith(("/", "*")):
+        raise ValueError("%s: path pattern %r must start with / (or a * glob)"
+                         % (setting, pattern))
+    parts = []
+    for segment in re.split(r"(\{[^{}/]*\})", pattern):
+        if segment.startswith("{") and segment.endswith("}"):
+            parts.append(".*" if segment.endswith("...}") else "[^/]+")
+        else:
+            parts.append(".*".join(re.escape(piece) for piece in segment.split("*")))
+    regex = "".join(parts)
+    return regex + ".*" if pattern.endswith("/") else regex
+
+
+class PathSet(object):
+    """Path patterns from a setting ("/.well-known/ /robots.txt *.php"): exact paths and
+    prefixes are a set and a tuple (the default exemptions cost one lookup each); globs and
+    {wildcards} one regex."""
+
+    __slots__ = ("exact", "prefixes", "regex")
+
+    def __init__(self, text, setting):
+        items = _items(text)
+        regexes = {item: _path_regex(item, "[limits] %s" % setting) for item in items}
+        wild = [item for item in items if "*" in item or "{" in item]
+        self.exact = frozenset(item for item in items
+                               if item not in wild and not item.endswith("/"))
+        self.prefixes = tuple(item for item in items if item not in wild and item.endswith("/"))
+        self.regex = re.compile("(?:%s)" % "|".join(regexes[item] for item in wild),
+                                re.S) if wild else None
+
+    def __bool__(self):
+        return bool(self.exact or self.prefixes or self.regex)
+
+    def matches(self, path):
+        return (path in self.exact or path.startswith(self.prefixes)
+                or (self.regex is not None and self.regex.fullmatch(path) is not None))
+
+
+def _agents_regex(text, setting):
+    if not text.strip():
+        return None
+    try:
+        return re.compile(text.strip(), re.IGNORECASE)
+    except re.error as error:
+        raise ValueError("[limits] %s: not a valid regular expression: %s" % (setting, error))
+
+
+class GuardPolicy(object):
+    """The ``[limits]`` settings (and the ``[limits "/path"]`` sections), checked and compiled
+    once at start-up. Raises ValueError with a message naming the setting."""
+
+    def __init__(self, limits, route_sections=()):
+        self.enabled = limits.enabled
+        for name in ("ipv4_prefix_bits", "ipv6_prefix_bits", "ban_after_rejections",
+                     "ban_window_s", "ban_s", "ban_max_s", "ban_close_after_hits",
+                     "scanner_404_paths", "scanner_window_s", "max_tracked_clients",
+                     "max_tracked_routes", "max_tracked_suspects", "max_bans"):
+            setattr(self, name, getattr(limits, name))
+        if self.ipv4_prefix_bits > 32:
+            raise ValueError("[limits] ipv4_prefix_bits: %d is more than 32"
+                             % self.ipv4_prefix_bits)
+        if self.ipv6_prefix_bits > 128:
+            raise ValueError("[limits] ipv6_prefix_bits: %d is more than 128"
+                             % self.ipv6_prefix_bits)
+        if self.ban_max_s < self.ban_s:
+            raise ValueError("[limits] ban_max_s must not be less than ban_s")
+        self.forwarded_header = limits.forwarded_header
+        self.trusted_proxies = CidrSet(limits.trusted_proxies, "trusted_proxies")
+        self.allow_cidrs = CidrSet(limits.allow_cidrs, "allow_cidrs")
+        self.deny_cidrs = CidrSet(limits.deny_cidrs, "deny_cidrs")
+        self.allow_agents = _agents_regex(limits.allow_user_agents, "allow_user_agents")
+        self.deny_agents = _agents_regex(limits.deny_user_agents, "deny_user_agents")
+        self.allow_paths = PathSet(limits.allow_paths, "allow_paths")
+        self.deny_paths = PathSet(limits.deny_paths, "deny_paths")
+        self.dry = self._dry_set(limits.dry_run)
+        self.route_dry = "route_rate" in self.dry
+        # booleans the per-request path tests first, so that unset rules cost nothing
+        self.has_allow_cidrs = bool(self.allow_cidrs)
+        self.has_deny_rules = bool(self.deny_cidrs or self.deny_agents or self.deny_paths)
+        try:
+            self.client_policy = check_policy(Policy("site", limits.client_rate_per_s,
+                                                     limits.client_burst))
+            self.route_policy = check_policy(Policy("route", limits.route_rate_per_s,
+                                                    limits.route_burst))
+        except ValueError as error:
+            raise ValueError("[limits] %s" % error) from None
+        self.routes = self._route_overrides(route_sections)
+
+    @staticmethod
+    def _dry_set(text):
+        names = set(_items(text))
+        if "all" in names:
+            return frozenset(RULES)
+        unknown = names - set(RULES)
+        if unknown:
+            raise ValueError("[limits] dry_run: unknown %s; use all, or names among %s"
+                             % (", ".join(sorted(unknown)), ", ".join(RULES)))
+        return frozenset(names)
+
+    def _route_overrides(self, sections):
+        """[(regex, route key, Policy, dry)], most specific (longest pattern) first."""
+        rows = []
+        for path, section in sections:
+            where = '[limits "%s"]' % path
+            rate = section.rate_per_s if section.rate_per_s is not None \
+                else self.route_policy.rate_per_s
+            burst = section.burst if section.burst is not None else self.route_policy.burst
+            try:
+                policy = check_policy(Policy("route", rate, burst))
+            except ValueError as error:
+                raise ValueError("%s %s" % (where, error)) from None
+            dry = section.dry_run if section.dry_run is not None else "route_rate" in self.dry
+            rows.append((len(path), re.compile(_path_regex(path, where), re.S), path, policy, dry))
+        rows.sort(key=lambda row: -row[0])
+        return [row[1:] for row in rows]
+
+    def route_for(self, path):
+        """(route key, Policy, dry run) for the per-route bucket of ``path``."""
+        for regex, key, policy, dry in self.routes:
+            if regex.fullmatch(path):
+                return key, policy, dry
+        return path, self.route_policy, self.route_dry
+
+
+# --- decisions --------------------------------------------------------------------------------
+
+class Verdict(object):
+    """The guard's decision on one request: ``status`` (429 or 403), a short client-safe
+    ``message``, response ``headers``, the ``rule`` that fired, ``dry_run`` (log it, serve the
+    request anyway), ``close`` (close the connection after answering) and ``ban`` ("" or what
+    this request's ban was: "ban", "dry-run-ban")."""
+
+    __slots__ = ("status", "message", "headers", "rule", "dry_run", "close", "ban")
+
+    def __init__(self, status, message, headers, rule, dry_run=False, close=False):
+        self.status = status
+        self.message = message
+        self.headers = headers
+        self.rule = rule
+        self.dry_run = dry_run
+        self.close = close
+        self.ban = ""
+
+    @property
+    def note(self):
+        """What the access log line says: 'guard=429:client_rate', 'guard=dry-run:403:deny_paths',
+        'guard=429:route_rate+ban'."""
+        return "guard=%s%d:%s%s" % ("dry-run:" if self.dry_run else "", self.status, self.rule,
+                                    "+" + self.ban if self.ban else "")
+
+
+class _Suspect(object):
+    """A client with recent refusals or 404s: its strike window and its distinct 404 paths."""
+
+    __slots__ = ("strikes_since", "strikes", "paths_since", "paths")
+
+    def __init__(self, now):
+        self.strikes_since = self.paths_since = now
+        self.strikes = 0
+        self.paths = None    # array('q') of hash(path), made at the first 404
+
+
+class _Ban(object):
+    """A ban (wall-clock ``until``, persisted), or, once expired, the memory of one: offences
+    double the next ban until it is forgotten ``ban_max_s`` after it ended."""
+
+    __slots__ = ("until", "offences", "hits", "reason", "stored")
+
+    def __init__(self, until, offences, reason, stored=False):
+        self.until = until
+        self.offences = offences
+        self.hits = 0
+        self.reason = reason
+        self.stored = stored   # a record is in the state store (to delete once expired)
+
+
+class Guard(object):
+    """One server's abuse guard.
+
+    For the runtime: ``admit(peer_ip)`` (reactor thread, at accept), ``check(request, key)``
+    (worker, before routing), ``saw_404(request, key)`` (worker, after a 404), ``stats()``,
+    ``bans()``. ``key_of(ip)`` is the client grouping. Nothing is meant for overriding.
+    ``store`` is the state store bans persist in (None: they live in memory only); ``log``
+    takes one line for the error log; ``clock`` (monotonic) and ``wall`` (epoch) are seams.
+    """
+
+    def __init__(self, policy, store=None, log=None, clock=time.monotonic, wall=time.time):
+        self.policy = policy
+        self.store = store
+        self._log = log or (lambda message: None)
+        self._clock = clock
+        self._wall = wall
+        self.clients = InProcessLimiter(policy.client_policy, policy.max_tracked_clients, clock)
+        self.routes = InProcessLimiter(policy.route_policy, policy.max_tracked_routes, clock)
+        # _suspects_lock guards _suspects and every _Suspect in it.
+        self._suspects_lock = threading.Lock()
+        self._suspects = collections.OrderedDict()   # client key -> _Suspect, LRU first
+        self._suspect_evictions = 0
+        # _bans_lock guards _bans and every _Ban in it. The reactor takes it at accept only
+        # when the table is not empty.
+        self._bans_lock = threading.Lock()
+        self._bans = collections.OrderedDict()       # client key -> _Ban, LRU first
+        self._ban_evictions = 0
+        # _counts_lock guards _counts (taken on refusals only, never for a served request).
+        self._counts_lock = threading.Lock()
+        self._counts = collections.Counter()
+        if store is not None:
+            self._load_bans()
+
+    # -- identity --------------------------------------------------------------------------
+    def key_of(self, ip):
+        return client_key(ip, self.policy.ipv4_prefix_bits, self.policy.ipv6_prefix_bits)
+
+    def forwarded_client(self, peer_ip, headers):
+        """The client a trusted proxy forwarded: the rightmost address in its header that is not
+        a trusted proxy. An item that is not an address ('unknown') stops the walk at the last
+        trusted hop; a header that is missing leaves the peer itself."""
+        policy = self.policy
+        client = peer_ip
+        for item in reversed(_forwarded_items(headers.get_all(policy.forwarded_header),
+                                              policy.forwarded_header)):
+            address = normal_address(item)
+            if address is None:
+                break
+            client = address
+            if address not in policy.trusted_proxies:
+                break
+        return client
+
+    # -- at accept (reactor thread) ---------------------------------------------------------
+    def admit(self, peer_ip):
+        """(client key, close now). The key is None for a trusted proxy (its connections carry
+        many clients: the per-client connection cap and accept-time bans do not apply). Close
+        now: the client is banned and has been told ``ban_close_after_hits`` times already."""
+        policy = self.policy
+        if policy.trusted_proxies and peer_ip in policy.trusted_proxies:
+            return None, False
+        key = self.key_of(peer_ip)
+        if not policy.enabled or not self._bans or peer_ip in policy.allow_cidrs:
+            return key, False
+        now = self._wall()
+        with self._bans_lock:
+            ban = self._bans.get(key)
+            close = (ban is not None and ban.until > now
+                     and ban.hits >= policy.ban_close_after_hits)
+        if close:
+            self._count("closed_at_accept")
+        return key, close
+
+    # -- per request (worker threads) ---------------------------------------------------------
+    def check(self, request, key):
+        """The verdict on ``request`` before routing, or None to serve it untouched. ``key`` is
+        the connection's client key from ``admit``; None (a trusted proxy) makes the guard read
+        the forwarded header and set ``request.client_ip`` to the client it names."""
+        if key is None:
+            request.client_ip = self.forwarded_client(request.client_ip, request.headers)
+            verdict = self._check(request, self.key_of(request.client_ip))
+            if verdict is not None:
+                verdict.close = False    # the proxy's connection carries other clients too
+            return verdict
+        return self._check(request, key)
+
+    def _check(self, request, key):
+        policy = self.policy
+        if not policy.enabled or (policy.has_allow_cidrs
+                                  and request.client_ip in policy.allow_cidrs):
+            return None
+        if self._bans:
+            verdict = self._banned(key)
+            if verdict is not None:
+                return verdict
+        verdict = self._denied(request) if policy.has_deny_rules else None
+        if (verdict is None or verdict.dry_run) and not self._exempt(request):
+            limited = self._limited(request, key)
+            if limited is not None and (verdict is None or not limited.dry_run):
+                verdict = limited
+        if verdict is None:
+            return None
+        self._strike(key, verdict)
+        return verdict
+
+    def saw_404(self, request, key):
+        """Count a 404 toward scanner detection; returns an access-log note if it earned a ban."""
+        policy = self.policy
+        if not policy.enabled or not policy.scanner_404_paths:
+            return None
+        if key is None:
+            key = self.key_of(request.client_ip)
+        if request.client_ip in policy.allow_cidrs or self._exempt(request):
+            return None
+        now = self._clock()
+        path_hash = hash(request.path)
+        with self._suspects_lock:
+            suspect = self._suspect_locked(key, now)
+            if suspect.paths is None or now - suspect.paths_since > policy.scanner_window_s:
+                suspect.paths, suspect.paths_since = array.array("q"), now
+            if path_hash in suspect.paths:
+                return None
+            suspect.paths.append(path_hash)
+            if len(suspect.paths) <= policy.scanner_404_paths:
+                return None
+            suspect.paths = None
+        dry = "scanner" in policy.dry or "ban" in policy.dry
+        self._count("dry_run_scanners" if dry else "scanners")
+        outcome = self._ban(key, "scanner: more than %d distinct 404s in %gs"
+                            % (policy.scanner_404_paths, policy.scanner_window_s), dry)
+        return "guard=%s:scanner" % outcome if outcome else None
+
+    def _banned(self, key):
+        now = self._wall()
+        expired_record = False
+        with self._bans_lock:
+            ban = self._bans.get(key)
+            if ban is None:
+                return None
+            if ban.until <= now:
+                expired_record, ban.stored = ban.stored, False
+                if now >= ban.until + self.policy.ban_max_s:
+                    del self._bans[key]              # forgotten: the next ban is a first one
+                active = False
+            else:
+                ban.hits += 1
+                self._bans.move_to_end(key)
+                active = True
+        if expired_record:
+            self._unpersist(key)
+        if not active:
+            return None
+        self._count("banned_hits")
+        return Verdict(403, "forbidden", [], "banned", close=True)
+
+    def _denied(self, request):
+        policy = self.policy
+        rule = None
+        if policy.deny_cidrs and request.client_ip in policy.deny_cidrs:
+            rule = "deny_cidrs"
+        elif policy.deny_agents is not None and policy.deny_agents.search(
+                request.headers.get("user-agent", "")):
+            rule = "deny_user_agents"
+        elif policy.deny_paths.matches(request.path):
+            rule = "deny_paths"
+        if rule is None:
+            return None
+        self._count("dry_run" if rule in policy.dry else "denied")
+        return Verdict(403, "forbidden", [], rule, rule in policy.dry)
+
+    def _exempt(self, request):
+        policy = self.policy
+        return (policy.allow_paths.matches(request.path)
+                or (policy.allow_agents is not None
+                    and policy.allow_agents.search(request.headers.get("user-agent", ""))))
+
+    def _limited(self, request, key):
+        """The site-wide bucket, then the route's; a 429 verdict (maybe dry-run) or None."""
+        policy = self.policy
+        flagged = None
+        site = policy.client_policy
+        wait = self.clients.take(key, site.rate_per_s, site.burst)
+        if wait is not None:
+            flagged = self._too_many(site, wait, "client_rate", "client_rate" in policy.dry)
+            if not flagged.dry_run:
+                return flagged                       # a refused request takes no route token
+        if policy.routes:
+            route_key, route, route_dry = policy.route_for(request.path)
+        else:
+            route_key, route, route_dry = request.path, policy.route_policy, policy.route_dry
+        wait = self.routes.take(hash((key, route_key)), route.rate_per_s, route.burst)
+        if wait is not None:
+            verdict = self._too_many(route, wait, "route_rate", route_dry)
+            if not verdict.dry_run or flagged is None:
+                return verdict
+        return flagged
+
+    def _too_many(self, bucket, wait, rule, dry):
+        self._count("dry_run" if dry else "limited")
+        hit = Hit(False, max(0.0, 1 - wait * bucket.rate_per_s), wait, bucket)
+        headers = rate_limit_headers(hit) + [("Cache-Control", "no-store")]
+        wait = headers[0][1]
+        return Verdict(429, "too many requests; retry after %s s" % wait, headers, rule, dry)
+
+    # -- escalation ---------------------------------------------------------------------------
+    def _strike(self, key, verdict):
+        """One refusal (real or dry-run); past the threshold it earns a ban."""
+        policy = self.policy
+        if not policy.ban_after_rejections:
+            return
+        now = self._clock()
+        with self._suspects_lock:
+            suspect = self._suspect_locked(key, now)
+            if now - suspect.strikes_since > policy.ban_window_s:
+                suspect.strikes, suspect.strikes_since = 0, now
+            suspect.strikes += 1
+            if suspect.strikes <= policy.ban_after_rejections:
+                return
+            suspect.strikes, suspect.strikes_since = 0, now
+        dry = verdict.dry_run or "ban" in policy.dry
+        reason = "%s: more than %d refusals in %gs" % (verdict.rule, policy.ban_after_rejections,
+                                                      policy.ban_window_s)
+        verdict.ban = self._ban(key, reason, dry)
+        if verdict.ban == "ban":
+            verdict.close = True
+
+    def _suspect_locked(self, key, now):
+        table = self._suspects
+        suspect = table.get(key)
+        if suspect is None:
+            suspect = table[key] = _Suspect(now)
+            oldest_key, oldest = next(iter(table.items()))
+            horizon = max(self.policy.ban_window_s, self.policy.scanner_window_s)
+            if oldest is not suspect and now - max(oldest.strikes_since,
+                                                   oldest.paths_since) > horizon:
+                del table[oldest_key]                # idle: forgetting it changes nothing
+            while len(table) > self.policy.max_tracked_suspects:
+                table.popitem(last=False)
+                self._suspect_evictions += 1
+        else:
+            table.move_to_end(key)
+        return suspect
+
+    def _ban(self, key, reason, dry):
+        """Ban ``key`` (doubling for a repeat offender); returns "ban", "dry-run-ban", or ""
+        if it is banned already. The state store is written after the lock is released."""
+        policy = self.policy
+        now = self._wall()
+        with self._bans_lock:
+            ban = self._bans.get(key)
+            if ban is not None and ban.until > now:
+                return ""
+            offences = ban.offences + 1 if ban is not None else 1
+            seconds = min(policy.ban_s * 2 ** min(offences - 1, 64), policy.ban_max_s)
+            if dry:
+                record = None
+            else:
+                ban = _Ban(now + seconds, offences, reason, stored=self.store is not None)
+                self._bans[key] = ban
+                self._bans.move_to_end(key)
+                self._trim_bans_locked(now)
+                record = {"until": ban.until, "offences": offences, "reason": reason}
+        if dry:
+            self._count("dry_run_bans")
+            self._log("guard (dry run): would ban %s for %gs (%s; offence %d)"
+                      % (key, seconds, reason, offences))
+            return "dry-run-ban"
+        self._count("bans")
+        self._log("guard: banned %s for %gs (%s; offence %d)" % (key, seconds, reason, offences))
+        if record is not None and self.store is not None:
+            self._persist(key, record)
+        return "ban"
+
+    def _trim_bans_locked(self, now):
+        table = self._bans
+        oldest_key, oldest = next(iter(table.items()))
+        if now >= oldest.until + self.policy.ban_max_s:
+            del table[oldest_key]     # forgotten; a stored record of it goes at the next start
+        while len(table) > self.policy.max_bans:
+            table.popitem(last=False)
+            self._ban_evictions += 1
+
+    # -- persistence (worker threads, no lock held) --------------------------------------------
+    def _persist(self, key, record):
+        try:
+            self.store.put(BAN_PREFIX + key, record)
+        except Exception as error:   # a full disk must not turn a refusal into a 500
+            self._log("guard: could not persist the ban of %s: %s" % (key, error))
+
+    def _unpersist(self, key):
+        if self.store is None:
+            return
+        try:
+            self.store.delete(BAN_PREFIX + key)
+        except Exception as error:
+            self._log("guard: could not drop the expired ban of %s: %s" % (key, error))
+
+    def _load_bans(self):
+        """At start-up: bans still running come back (the latest-ending ``max_bans`` of them);
+        expired ones are deleted from the store in one transaction."""
+        now = self._wall()
+        live, expired = [], []
+        for store_key, record in self.store.items(BAN_PREFIX):
+            try:
+                until, offences = float(record["until"]), int(record["offences"])
+                reason = str(record.get("reason", ""))
+            except (TypeError, KeyError, ValueError):
+                expired.append(store_key)            # not ours to understand: drop it
+                continue
+            if until > now:
+                live.append((until, store_key, offences, reason))
+            else:
+                expired.append(store_key)
+        live.sort()
+        for until, store_key, offences, reason in live[-self.policy.max_bans:]:
+            self._bans[store_key[len(BAN_PREFIX):]] = _Ban(until, offences, reason, stored=True)
+        if expired:
+            try:
+                with self.store.transaction() as tx:
+                    for store_key in expired:
+                        tx.delete(store_key)
+            except Exception as error:
+                self._log("guard: could not drop %d expired bans: %s" % (len(expired), error))
+        if live:
+            self._log("guard: %d bans restored from the state store" % len(self._bans))
+
+    # -- metrics ------------------------------------------------------------------------------
+    def _count(self, name):
+        with self._counts_lock:
+            self._counts[name] += 1
+
+    def bans(self):
+        """[(client key, seconds left, offences, reason)] of the bans in force."""
+        now = self._wall()
+        with self._bans_lock:
+            rows = [(key, ban.until - now, ban.offences, ban.reason)
+                    for key, ban in self._bans.items()]
+        return [row for row in rows if row[1] > 0]
+
+    def stats(self):
+        """Table sizes and caps (every table is capped), and the refusal counters."""
+        with self._suspects_lock:
+            suspects = {"keys": len(self._suspects), "max_keys": self.policy.max_tracked_suspects,
+                        "evictions": self._suspect_evictions}
+        with self._bans_lock:
+            bans = {"keys": len(self._bans), "max_keys": self.policy.max_bans,
+                    "evictions": self._ban_evictions}
+        bans["active"] = len(self.bans())
+        with self._counts_lock:
+            counts = dict(self._counts)
+        return {"enabled": self.policy.enabled, "clients": self.clients.stats(),
+                "routes": self.routes.stats(), "suspects": suspects, "bans": bans,
+                "counts": counts}
+
+
+def _forwarded_items(values, header):
+    """The addresses a forwarded header lists, client first, nearest proxy last."""
+    if header == "x-forwarded-for":
+        return [item for value in values for item in value.split(",")]
+    items = []                      # RFC 7239 section 4: Forwarded: for=a;proto=https, for=b
+    for value in values:
+        for element in value.split(","):
+            found = ""
+            for pair in element.split(";"):
+                name, _, param = pair.strip().partition("=")
+                if name.lower() == "for":
+                    found = param
+            items.append(found)
+    return items

@@ -1,0 +1,238 @@
+"""Rate limits: token buckets by key, in a table with a hard cap. The contract and its default.
+
+The contract (``Limiter``) is four calls, so that another backend (a shared one, for several
+processes) could be written later without touching a handler:
+
+    hit(key, cost=1, policy=None)   take ``cost`` tokens from ``key``'s bucket if it holds them;
+                                    returns a ``Hit``: allowed, remaining tokens, retry_after_s
+    peek(key, policy=None)          the tokens ``key`` holds now (nothing is taken)
+    retry_after(key, cost=1, policy=None)
+                                    seconds until ``cost`` tokens are there (0.0: now)
+    stats()                         a dict for metrics: keys tracked, the cap, evictions, ...
+
+plus ``forget(key)`` (a full bucket again: e.g. after a successful login). A ``Policy`` is a
+name, a rate (tokens per second) and a burst (the bucket's size); a limiter has a default one,
+and a call may pass another (the guard's per-route overrides share one table).
+
+For handler areas (through ``handlers._core``)::
+
+    from handlers._core import limiter, rate_limit
+
+    LOGINS = limiter("login-per-account", rate_per_s=1 / 60, burst=5)  # 5 tries, then 1 a minute
+
+    def login(request):
+        rate_limit(LOGINS, request.json().get("account", ""))  # 429 + Retry-After when spent
+        ...
+
+``limiter(name, ...)`` returns the process's limiter of that name, made on first use, so a
+module that is imported again (a reload) keeps its counters.
+
+The in-process implementation (``InProcessLimiter``)
+    Each key holds one float: the monotonic time at which its bucket is full again (the
+    "theoretical arrival time" of GCRA, which is a token bucket kept as a single number). A bucket
+    that is full is the same as a key that is absent, so idle keys can be dropped at any moment
+    without changing an answer: whenever a key is added, the least recently used key or two are
+    looked at and dropped if they are full again. That is the whole expiry: no sweep over the
+    table, ever; a table nobody adds to does not need to shrink.
+    Past ``max_keys`` the least recently used key is evicted (it starts again with a full
+    bucket: the cap can make a limiter more lenient, never stricter). One lock guards the table;
+    a call holds it for a few dict operations.
+"""
+import collections
+import math
+import threading
+import time
+
+__all__ = ["Policy", "Hit", "Limiter", "InProcessLimiter", "limiter", "set_backend",
+           "all_stats", "rate_limit_headers", "DEFAULT_MAX_KEYS"]
+
+DEFAULT_MAX_KEYS = 10000    # a handler's limiter: keys tracked before the least recent is evicted
+_EXPIRE_PER_HIT = 2         # idle keys looked at (and dropped if full) per hit
+_EPSILON = 1e-9             # float slack, so that exactly ``burst`` hits in a row all pass
+
+Policy = collections.namedtuple("Policy", "name rate_per_s burst")
+Policy.__doc__ = """``burst`` tokens at most, refilled at ``rate_per_s``; ``name`` is what the
+RateLimit headers call it (an identifier: letters, digits, "-", "_")."""
+
+Hit = collections.namedtuple("Hit", "allowed remaining retry_after_s policy")
+Hit.__doc__ = """The answer to ``hit``: whether it was allowed, the tokens left after it, and
+(when refused) the seconds until it would be allowed."""
+
+
+def check_policy(policy):
+    """Raise ValueError unless ``policy`` is usable; returns it."""
+    if not isinstance(policy, Policy):
+        raise ValueError("'policy' must be a Policy(name, rate_per_s, burst)")
+    if not (isinstance(policy.rate_per_s, (int, float)) and policy.rate_per_s > 0
+            and math.isfinite(policy.rate_per_s)):
+        raise ValueError("'rate_per_s' must be a positive number")
+    if not (isinstance(policy.burst, (int, float)) and policy.burst >= 1
+            and math.isfinite(policy.burst)):
+        raise ValueError("'burst' must be a number >= 1")
+    if not policy.name or not all(c.isalnum() or c in "-_" for c in policy.name):
+        raise ValueError("policy name %r must be letters, digits, '-' or '_'" % policy.name)
+    return policy
+
+
+class Limiter(object):
+    """The contract every limiter backend keeps (see the module docstring). Keys are any
+    hashable value; a backend that is not in-process would need them to be strings."""
+
+    def hit(self, key, cost=1, policy=None):
+        raise NotImplementedError
+
+    def peek(self, key, policy=None):
+        raise NotImplementedError
+
+    def retry_after(self, key, cost=1, policy=None):
+        raise NotImplementedError
+
+    def forget(self, key):
+        raise NotImplementedError
+
+    def stats(self):
+        raise NotImplementedError
+
+
+class InProcessLimiter(Limiter):
+    """Token buckets in one capped, least-recently-used table; safe from any thread.
+
+    ``clock`` is the time source (monotonic seconds); tests pass a fake one.
+    """
+
+    def __init__(self, policy, max_keys=DEFAULT_MAX_KEYS, clock=time.monotonic):
+        if not isinstance(max_keys, int) or max_keys < 1:
+            raise ValueError("'max_keys' must be a whole number >= 1")
+        self.policy = check_policy(policy)
+        self.max_keys = max_keys
+        self._clock = clock
+        # _lock guards _full_at and the counters below it.
+        self._lock = threading.Lock()
+        self._full_at = collections.OrderedDict()  # key -> when its bucket is full; LRU first
+        self._limited = 0
+        self._evictions = 0
+        self._expired = 0
+
+    def hit(self, key, cost=1, policy=None):
+        policy = policy or self.policy
+        if cost > policy.burst:
+            raise ValueError("cost %r exceeds the burst %r: it could never pass"
+                             % (cost, policy.burst))
+        wait = self.take(key, policy.rate_per_s, policy.burst, cost)
+        if wait is None:
+            return Hit(True, self.peek(key, policy), 0.0, policy)
+        return Hit(False, max(0.0, cost - wait * policy.rate_per_s), wait, policy)
+
+    def take(self, key, rate_per_s, burst, cost=1):
+        """``hit`` without the Hit, for the guard's hot path: None if the tokens were taken,
+        else the seconds until they will be there. The whole token bucket is here."""
+        table = self._full_at
+        with self._lock:
+            now = self._clock()
+            full_at = table.get(key, 0.0)     # 0.0: absent (monotonic time is never 0.0)
+            if full_at > now:
+                owed = full_at - now           # seconds of refill the bucket is short of full
+                if owed * rate_per_s > burst - cost + _EPSILON:
+                    self._limited += 1
+                    table.move_to_end(key)
+                    return owed - (burst - cost) / rate_per_s
+                table[key] = full_at + cost / rate_per_s
+                table.move_to_end(key)
+                return None
+            table[key] = now + cost / rate_per_s
+            if full_at:
+                table.move_to_end(key)         # it was there, idle: now the most recent
+            else:
+                self._trim_locked(now)         # a new key: the table grew
+        return None
+
+    def peek(self, key, policy=None):
+        policy = policy or self.policy
+        with self._lock:
+            now = self._clock()
+            full_at = self._full_at.get(key, now)
+        return max(0.0, policy.burst - max(0.0, full_at - now) * policy.rate_per_s)
+
+    def retry_after(self, key, cost=1, policy=None):
+        policy = policy or self.policy
+        with self._lock:
+            now = self._clock()
+            full_at = self._full_at.get(key, now)
+        owed = max(0.0, full_at - now)
+        return max(0.0, owed - (policy.burst - cost) / policy.rate_per_s)
+
+    def forget(self, key):
+        with self._lock:
+            self._full_at.pop(key, None)
+
+    def stats(self):
+        with self._lock:
+            return {"keys": len(self._full_at), "max_keys": self.max_keys,
+                    "limited": self._limited, "evictions": self._evictions,
+                    "expired": self._expired}
+
+    def _trim_locked(self, now):
+        """Drop the least recently used keys whose buckets are full again (the same as absent),
+        then evict down to the cap. O(1); runs when a key is added, the only time the table
+        grows."""
+        table = self._full_at
+        for _ in range(_EXPIRE_PER_HIT):
+            oldest = next(iter(table.items()), None)
+            if oldest is None or oldest[1] > now:
+                break
+            del table[oldest[0]]
+            self._expired += 1
+        while len(table) > self.max_keys:
+            table.popitem(last=False)
+            self._evictions += 1
+
+
+def rate_limit_headers(hit):
+    """Retry-After (RFC 9110 section 10.2.3; whole seconds, rounded up so that a client that
+    waits that long does get through) and the IETF httpapi RateLimit-Policy / RateLimit fields
+    (draft-ietf-httpapi-ratelimit-headers: quota ``q`` over window ``w`` seconds; ``r`` units
+    remaining, ``t`` seconds until there are some). A token bucket's window is the time it takes
+    to refill from empty."""
+    policy = hit.policy
+    wait = max(1, int(math.ceil(hit.retry_after_s - _EPSILON))) if not hit.allowed else 0
+    window = max(1, int(math.ceil(policy.burst / policy.rate_per_s)))
+    headers = [("RateLimit-Policy", '"%s";q=%d;w=%d' % (policy.name, policy.burst, window)),
+               ("RateLimit", '"%s";r=%d;t=%d' % (policy.name, int(hit.remaining), wait))]
+    if not hit.allowed:
+        headers.insert(0, ("Retry-After", str(wait)))
+    return headers
+
+
+# --- the process's named limiters, for handler areas ------------------------------------------
+
+_backend = InProcessLimiter
+_registry_lock = threading.Lock()  # guards _registry and _backend
+_registry = {}                     # name -> Limiter
+
+
+def limiter(name, rate_per_s, burst, max_keys=DEFAULT_MAX_KEYS):
+    """The limiter called ``name``, made on first use with this policy; later calls get the
+    same one (its policy updated), so counters survive a module being imported again."""
+    policy = check_policy(Policy(name, rate_per_s, burst))
+    with _registry_lock:
+        existing = _registry.get(name)
+        if existing is None:
+            existing = _registry[name] = _backend(policy, max_keys)
+        else:
+            existing.policy = policy
+        return existing
+
+
+def set_backend(factory):
+    """Make later ``limiter`` calls use ``factory(policy, max_keys)`` (another backend); call it
+    before the handler areas are imported."""
+    global _backend
+    with _registry_lock:
+        _backend = factory
+
+
+def all_stats():
+    """{name: stats()} for every named limiter (metrics)."""
+    with _registry_lock:
+        limiters = list(_registry.items())
+    return {name: item.stats() for name, item in limiters}
