@@ -13,13 +13,26 @@ import threading
 import time
 from contextlib import closing
 
+import pytest
+
 from conftest import ROOT
 
 SERVER = os.path.join(ROOT, "server.py")
 
 
+@pytest.fixture(autouse=True)
+def no_server_outlives_its_test():
+    yield
+    while Process.started:
+        process = Process.started.pop()
+        if process.proc.poll() is None:
+            process.kill()
+
+
 class Process:
     """A `python3 server.py --port 0` subprocess and a JSON client for it."""
+
+    started = []  # killed after each test, whatever the test did
 
     def __init__(self, data_dir, *flags, preexec_fn=None):
         self.proc = subprocess.Popen(
@@ -27,6 +40,7 @@ class Process:
              "--access-log", "off",
              "--limits-enabled", "off"] + list(flags),  # these tests write flat out: no guard
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn)
+        Process.started.append(self)
         line = self.proc.stdout.readline()
         match = re.match(r"listening on http://127\.0\.0\.1:(\d+)/", line)
         if not match:
