@@ -56,6 +56,7 @@ import traceback
 import types
 import urllib.parse
 
+from handlers import _static
 from handlers._cache import responses as response_cache
 from handlers._core import HTTPError, Headers, Request, Response, json_response
 from handlers._guard import Guard, GuardPolicy
@@ -928,11 +929,7 @@ def _write_stream(conn, response, keep_alive, version, no_body, timeout):
 # --- static pages -----------------------------------------------------------------------------
 # Unrouted GET and HEAD requests are answered from pages_dir by handlers/_static.py (validators,
 # ranges, compression, caches, containment: it outgrew a section). What stays here is the glue
-# to this file: settings checks at start-up and the 404 fallback. Imported here rather than at
-# the top so that this section stays one piece.
-
-from handlers import _static  # noqa: E402
-from handlers._static import MIME_TYPES, STATIC_METHODS  # noqa: E402,F401
+# to this file: settings checks at start-up and the 404 fallback.
 
 
 def check_static_settings(values):
@@ -1077,175 +1074,14 @@ class Connection:
         return sent
 
 
-# --- server -----------------------------------------------------------------------------------
+# --- reactor: accepting, and connections that wait --------------------------------------------
+# Runs in the thread that called serve_forever. It owns the listening socket and every waiting
+# connection (parked in the selector), and the tables below; nothing else touches them, so none
+# of them has a lock. Workers hand connections back through ``_returned`` and a wake-up socket.
 
-class OneboxServer(http.server.ThreadingHTTPServer):
-    """The listening socket (from the stdlib class), the reactor and the worker pool.
+class _Reactor:
+    """The reactor half of OneboxServer (a mixin: its state is made in OneboxServer.__init__)."""
 
-    For callers: ``serve_forever()`` (runs the reactor in the calling thread until shutdown),
-    ``shutdown()`` (from another thread: stop and wait), ``begin_shutdown()`` (from a signal
-    handler: stop without waiting), ``server_close()``, ``url``.
-    """
-
-    request_queue_size = 1024   # listen backlog: bursts of connects queue instead of failing
-    allow_reuse_address = True
-
-    def __init__(self, config, router, access_stream=None, error_stream=None, store=None):
-        settings = config.server
-        self.config = config
-        self.settings = settings
-        self.router = router
-        self.store = store   # the shared state; closed (and compacted) after the workers stop
-        if store is not None:
-            state.bind(store)
-        self.static = StaticPages(settings.pages_dir, config.static)
-        self.error_stream = error_stream or sys.stderr
-        # The abuse guard (handlers/_guard.py): bans persist in the store; the response cache
-        # is the process's, emptied and sized here.
-        self.guard = Guard(config.guard, store, self.log_error)
-        response_cache.configure(config.cache.max_entries, config.cache.max_bytes)
-        self.access_log = None
-        if settings.access_log:
-            self.access_log = AccessLog(access_stream or sys.stdout, settings.log_flush_interval_s)
-        self.address_family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
-        super().__init__((settings.host, settings.port), http.server.BaseHTTPRequestHandler,
-                         bind_and_activate=False)
-        try:
-            self.server_bind()
-            self.server_activate()
-        except OSError:
-            self.server_close()
-            raise
-        self.socket.setblocking(False)
-        self._stopping = False
-        self._stopped = threading.Event()
-        self._reactor_thread = None
-        self._selector = selectors.DefaultSelector()
-        self._wakeup_recv, self._wakeup_send = socket.socketpair()
-        self._wakeup_recv.setblocking(False)
-        self._wakeup_send.setblocking(False)
-        self._returned = collections.deque()   # (conn, keep) handed back by workers
-        self._work = queue.SimpleQueue()
-        self._workers = []
-        # Reactor-only tables (no lock: only the reactor thread touches them):
-        self._parked = {kind: collections.OrderedDict() for kind in ("new", "head", "idle",
-                                                                     "linger")}
-        self._busy = set()
-        self._backup_requested = False
-        self._backup_thread = None
-        self.stuck_workers = 0
-        self._open = 0
-        self._per_ip = {}
-        self.stats = collections.Counter()
-
-    def server_bind(self):
-        # HTTPServer.server_bind calls socket.getfqdn(), which can stall for seconds on DNS.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.server_address[:2]
-
-    @property
-    def url(self):
-        host, port = self.server_address[:2]
-        host = "[%s]" % host if ":" in host else host
-        return "http://%s:%d/" % (host, port)
-
-    def log_error(self, message):
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
-        try:
-            self.error_stream.write("%s onebox: %s\n" % (stamp, message.rstrip()))
-            self.error_stream.flush()
-        except (OSError, ValueError):
-            pass
-
-    # -- life cycle ------------------------------------------------------------------------
-    def serve_forever(self, poll_interval=None):
-        self._reactor_thread = threading.current_thread()
-        if self.access_log:
-            self.access_log.start()
-        for number in range(self.settings.worker_threads):
-            worker = threading.Thread(target=self._work_loop, name="onebox-worker-%d" % number)
-            worker.start()
-            self._workers.append(worker)
-        self._selector.register(self.socket, selectors.EVENT_READ, "listener")
-        self._selector.register(self._wakeup_recv, selectors.EVENT_READ, "wakeup")
-        try:
-            while not self._stopping:
-                self._reactor_step()
-                if self._backup_requested:
-                    self._start_backup()
-            self._drain()
-        finally:
-            if self._backup_thread is not None:
-                self._backup_thread.join()
-            self._stop_workers()
-            self._close_store()
-            if self.access_log:
-                self.access_log.close()
-            self._stopped.set()
-
-    def begin_shutdown(self):
-        """Ask the reactor to stop; safe from signal handlers and any thread."""
-        self._stopping = True
-        self._wake()
-
-    def shutdown(self):
-        if threading.current_thread() is self._reactor_thread:
-            raise RuntimeError("shutdown() from the serving thread would deadlock; "
-                               "use begin_shutdown()")
-        self.begin_shutdown()
-        if self._reactor_thread is not None:
-            self._stopped.wait()
-
-    def server_close(self):
-        self._close_store()
-        socketserver.TCPServer.server_close(self)
-        for sock in (getattr(self, "_wakeup_recv", None), getattr(self, "_wakeup_send", None)):
-            if sock is not None:
-                sock.close()
-        if getattr(self, "_selector", None) is not None:
-            self._selector.close()
-
-    def _close_store(self):
-        store, self.store = getattr(self, "store", None), None
-        if store is None:
-            return
-        state.unbind(store)
-        try:
-            store.close()
-        except StateError as error:
-            self.log_error("closing the state store: %s" % error)
-
-    def request_backup(self):
-        """Ask for a snapshot in data_dir/backups/ (SIGUSR1); safe from signal handlers."""
-        self._backup_requested = True
-        self._wake()
-
-    def _start_backup(self):
-        self._backup_requested = False
-        if self.store is None or (self._backup_thread and self._backup_thread.is_alive()):
-            return
-        self._backup_thread = threading.Thread(target=self._write_backup, args=(self.store,),
-                                               name="onebox-backup")
-        self._backup_thread.start()
-
-    def _write_backup(self, store):
-        folder = os.path.join(self.settings.data_dir, "backups")
-        path = os.path.join(folder, time.strftime("state-%Y%m%dT%H%M%SZ.snapshot", time.gmtime()))
-        try:
-            os.makedirs(folder, exist_ok=True)
-            store.backup(path + ".tmp")
-            os.replace(path + ".tmp", path)
-            self.log_error("backup written: %s" % path)
-        except (OSError, StateError) as error:
-            self.log_error("backup failed: %s" % error)
-
-    def _wake(self):
-        try:
-            self._wakeup_send.send(b"\0")
-        except (BlockingIOError, OSError):
-            pass  # the pipe is full (a wake-up is pending already) or closed (shut down)
-
-    # -- reactor ---------------------------------------------------------------------------
     def _reactor_step(self):
         timeout = self._next_deadline()
         for key, _ in self._selector.select(timeout):
@@ -1449,44 +1285,14 @@ class OneboxServer(http.server.ThreadingHTTPServer):
                 if conn.buf:
                     self._check_head(conn)
 
-    def _drain(self):
-        """Shutdown: close the listener and waiting connections, give busy ones
-        shutdown_timeout_s to finish, then cut what is left."""
-        self._selector.unregister(self.socket)
-        self.socket.close()
-        for parked in self._parked.values():
-            for conn in list(parked):
-                self._close(conn)
-        deadline = time.monotonic() + self.settings.shutdown_timeout_s
-        while self._busy and time.monotonic() < deadline:
-            self._selector.select(min(0.05, max(0.0, deadline - time.monotonic())))
-            self._take_returned()
-            for parked in self._parked.values():
-                for conn in list(parked):
-                    self._close(conn)
-        for conn in list(self._busy):
-            try:
-                conn.sock.shutdown(socket.SHUT_RDWR)  # unblocks its worker's send or recv
-            except OSError:
-                pass
 
-    def _stop_workers(self):
-        for _ in self._workers:
-            self._work.put(None)
-        give_up = time.monotonic() + WORKER_JOIN_S
-        for worker in self._workers:
-            worker.join(max(0.0, give_up - time.monotonic()))
-        self.stuck_workers = sum(worker.is_alive() for worker in self._workers)
-        if self.stuck_workers:
-            self.log_error("%d handler(s) still running after shutdown; exiting anyway"
-                           % self.stuck_workers)
-        self._workers = []
-        while self._returned:
-            conn, _ = self._returned.popleft()
-            if conn in self._busy:
-                self._close(conn)
+# --- workers: serving a request ---------------------------------------------------------------
+# Run in the worker pool. A worker owns a connection from the moment the reactor queues it until
+# it appends it to ``_returned``: parse, guard, route, handler, body framing, response, log.
 
-    # -- workers ---------------------------------------------------------------------------
+class _Workers:
+    """The worker half of OneboxServer (a mixin: its state is made in OneboxServer.__init__)."""
+
     def _work_loop(self):
         while True:
             conn = self._work.get()
@@ -1614,7 +1420,7 @@ class OneboxServer(http.server.ThreadingHTTPServer):
             if method == "OPTIONS":
                 if self.static.resolve(request.segments) is None:
                     raise HTTPError(404, "not found")
-                return Response(b"", 204, [("Allow", STATIC_METHODS)])
+                return Response(b"", 204, [("Allow", _static.STATIC_METHODS)])
             response = self.static.serve(request)
             if response is not None:
                 return response
@@ -1641,6 +1447,211 @@ class OneboxServer(http.server.ThreadingHTTPServer):
             response.headers.extend(error.headers)
             return response
         return error_response(request, error.status, error.message, error.headers)
+
+
+# --- server -----------------------------------------------------------------------------------
+
+class OneboxServer(_Reactor, _Workers, http.server.ThreadingHTTPServer):
+    """The listening socket (from the stdlib class), the reactor and the worker pool.
+
+    For callers: ``serve_forever()`` (runs the reactor in the calling thread until shutdown),
+    ``shutdown()`` (from another thread: stop and wait), ``begin_shutdown()`` (from a signal
+    handler: stop without waiting), ``server_close()``, ``url``.
+    """
+
+    request_queue_size = 1024   # listen backlog: bursts of connects queue instead of failing
+    allow_reuse_address = True
+
+    def __init__(self, config, router, access_stream=None, error_stream=None, store=None):
+        settings = config.server
+        self.config = config
+        self.settings = settings
+        self.router = router
+        self.store = store   # the shared state; closed (and compacted) after the workers stop
+        if store is not None:
+            state.bind(store)
+        self.static = StaticPages(settings.pages_dir, config.static)
+        self.error_stream = error_stream or sys.stderr
+        # The abuse guard (handlers/_guard.py): bans persist in the store; the response cache
+        # is the process's, emptied and sized here.
+        self.guard = Guard(config.guard, store, self.log_error)
+        response_cache.configure(config.cache.max_entries, config.cache.max_bytes)
+        self.access_log = None
+        if settings.access_log:
+            self.access_log = AccessLog(access_stream or sys.stdout, settings.log_flush_interval_s)
+        self.address_family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+        super().__init__((settings.host, settings.port), http.server.BaseHTTPRequestHandler,
+                         bind_and_activate=False)
+        try:
+            self.server_bind()
+            self.server_activate()
+        except OSError:
+            self.server_close()
+            raise
+        self.socket.setblocking(False)
+        self._stopping = False
+        self._stopped = threading.Event()
+        self._reactor_thread = None
+        self._selector = selectors.DefaultSelector()
+        self._wakeup_recv, self._wakeup_send = socket.socketpair()
+        self._wakeup_recv.setblocking(False)
+        self._wakeup_send.setblocking(False)
+        self._returned = collections.deque()   # (conn, keep) handed back by workers
+        self._work = queue.SimpleQueue()
+        self._workers = []
+        # Reactor-only tables (no lock: only the reactor thread touches them):
+        self._parked = {kind: collections.OrderedDict() for kind in ("new", "head", "idle",
+                                                                     "linger")}
+        self._busy = set()
+        self._backup_requested = False
+        self._backup_thread = None
+        self.stuck_workers = 0
+        self._open = 0
+        self._per_ip = {}
+        self.stats = collections.Counter()
+
+    def server_bind(self):
+        # HTTPServer.server_bind calls socket.getfqdn(), which can stall for seconds on DNS.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    @property
+    def url(self):
+        host, port = self.server_address[:2]
+        host = "[%s]" % host if ":" in host else host
+        return "http://%s:%d/" % (host, port)
+
+    def log_error(self, message):
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+        try:
+            self.error_stream.write("%s onebox: %s\n" % (stamp, message.rstrip()))
+            self.error_stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    def serve_forever(self, poll_interval=None):
+        self._reactor_thread = threading.current_thread()
+        if self.access_log:
+            self.access_log.start()
+        for number in range(self.settings.worker_threads):
+            worker = threading.Thread(target=self._work_loop, name="onebox-worker-%d" % number)
+            worker.start()
+            self._workers.append(worker)
+        self._selector.register(self.socket, selectors.EVENT_READ, "listener")
+        self._selector.register(self._wakeup_recv, selectors.EVENT_READ, "wakeup")
+        try:
+            while not self._stopping:
+                self._reactor_step()
+                if self._backup_requested:
+                    self._start_backup()
+            self._drain()
+        finally:
+            if self._backup_thread is not None:
+                self._backup_thread.join()
+            self._stop_workers()
+            self._close_store()
+            if self.access_log:
+                self.access_log.close()
+            self._stopped.set()
+
+    def begin_shutdown(self):
+        """Ask the reactor to stop; safe from signal handlers and any thread."""
+        self._stopping = True
+        self._wake()
+
+    def shutdown(self):
+        if threading.current_thread() is self._reactor_thread:
+            raise RuntimeError("shutdown() from the serving thread would deadlock; "
+                               "use begin_shutdown()")
+        self.begin_shutdown()
+        if self._reactor_thread is not None:
+            self._stopped.wait()
+
+    def server_close(self):
+        self._close_store()
+        socketserver.TCPServer.server_close(self)
+        for sock in (getattr(self, "_wakeup_recv", None), getattr(self, "_wakeup_send", None)):
+            if sock is not None:
+                sock.close()
+        if getattr(self, "_selector", None) is not None:
+            self._selector.close()
+
+    def _close_store(self):
+        store, self.store = getattr(self, "store", None), None
+        if store is None:
+            return
+        state.unbind(store)
+        try:
+            store.close()
+        except StateError as error:
+            self.log_error("closing the state store: %s" % error)
+
+    def request_backup(self):
+        """Ask for a snapshot in data_dir/backups/ (SIGUSR1); safe from signal handlers."""
+        self._backup_requested = True
+        self._wake()
+
+    def _start_backup(self):
+        self._backup_requested = False
+        if self.store is None or (self._backup_thread and self._backup_thread.is_alive()):
+            return
+        self._backup_thread = threading.Thread(target=self._write_backup, args=(self.store,),
+                                               name="onebox-backup")
+        self._backup_thread.start()
+
+    def _write_backup(self, store):
+        folder = os.path.join(self.settings.data_dir, "backups")
+        path = os.path.join(folder, time.strftime("state-%Y%m%dT%H%M%SZ.snapshot", time.gmtime()))
+        try:
+            os.makedirs(folder, exist_ok=True)
+            store.backup(path + ".tmp")
+            os.replace(path + ".tmp", path)
+            self.log_error("backup written: %s" % path)
+        except (OSError, StateError) as error:
+            self.log_error("backup failed: %s" % error)
+
+    def _wake(self):
+        try:
+            self._wakeup_send.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full (a wake-up is pending already) or closed (shut down)
+
+    def _drain(self):
+        """Shutdown: close the listener and waiting connections, give busy ones
+        shutdown_timeout_s to finish, then cut what is left."""
+        self._selector.unregister(self.socket)
+        self.socket.close()
+        for parked in self._parked.values():
+            for conn in list(parked):
+                self._close(conn)
+        deadline = time.monotonic() + self.settings.shutdown_timeout_s
+        while self._busy and time.monotonic() < deadline:
+            self._selector.select(min(0.05, max(0.0, deadline - time.monotonic())))
+            self._take_returned()
+            for parked in self._parked.values():
+                for conn in list(parked):
+                    self._close(conn)
+        for conn in list(self._busy):
+            try:
+                conn.sock.shutdown(socket.SHUT_RDWR)  # unblocks its worker's send or recv
+            except OSError:
+                pass
+
+    def _stop_workers(self):
+        for _ in self._workers:
+            self._work.put(None)
+        give_up = time.monotonic() + WORKER_JOIN_S
+        for worker in self._workers:
+            worker.join(max(0.0, give_up - time.monotonic()))
+        self.stuck_workers = sum(worker.is_alive() for worker in self._workers)
+        if self.stuck_workers:
+            self.log_error("%d handler(s) still running after shutdown; exiting anyway"
+                           % self.stuck_workers)
+        self._workers = []
+        while self._returned:
+            conn, _ = self._returned.popleft()
+            if conn in self._busy:
+                self._close(conn)
 
 
 def make_server(port=0, host="127.0.0.1", pages_dir=None, data_dir=None, config=None,

@@ -66,10 +66,10 @@ def start_server(tmp_path):
         return server
 
     yield start
-    for server, thread in running:
-        server.shutdown()
+    for started, thread in running:
+        started.shutdown()
         thread.join(30)
-        server.server_close()
+        started.server_close()
         assert not thread.is_alive(), "server thread did not stop"
 
 
