@@ -55,15 +55,15 @@ def start_server(tmp_path):
         kwargs.setdefault("data_dir", tmp_path / ("data-%d" % len(running)))  # one owner each
         kwargs["config"] = dict(LIMITS_OUT_OF_REACH, **(kwargs.get("config") or {}))
         access, errors = LogCapture(), LogCapture()
-        server = onebox.make_server(access_log=access, error_log=errors, **kwargs)
-        server.access_text = lambda: (server.access_log and server.access_log.flush(),
+        built = onebox.make_server(access_log=access, error_log=errors, **kwargs)
+        built.access_text = lambda: (built.access_log and built.access_log.flush(),
                                       access.text())[1]
-        server.error_text = errors.text
-        server.port = server.server_address[1]
-        thread = threading.Thread(target=server.serve_forever, name="test-server")
+        built.error_text = errors.text
+        built.port = built.server_address[1]
+        thread = threading.Thread(target=built.serve_forever, name="test-server")
         thread.start()
-        running.append((server, thread))
-        return server
+        running.append((built, thread))
+        return built
 
     yield start
     for started, thread in running:
