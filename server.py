@@ -49,6 +49,7 @@ import selectors
 import signal
 import socket
 import socketserver
+import struct
 import sys
 import threading
 import time
@@ -854,15 +855,39 @@ def error_response(request, status, message="", headers=()):
     return response
 
 
+_rendered_fields = {}        # (name, value) -> "Name: value\r\n", checked once; see below
+_RENDERED_FIELDS_MAX = 4096
+
+
+def _render_field(field):
+    """Check one response header field and render it. Most fields repeat (Content-Type, a
+    file's ETag), so the checked line is remembered: checking costs ~1 us a field, a look-up
+    ~0.05. A CR or LF in a value would let a handler split the response (the stdlib's
+    send_header does not check); a bad field raises ValueError before anything is sent."""
+    name, value = field
+    text = str(value)
+    if not _HEADER_NAME_RE.fullmatch(name) or _BAD_VALUE_RE.search(text):
+        raise ValueError("response header %r has a bad name or value" % name)
+    line = "%s: %s\r\n" % (name, text)
+    if len(_rendered_fields) >= _RENDERED_FIELDS_MAX:
+        _rendered_fields.clear()  # many distinct values (per-request ids): start again
+    try:
+        _rendered_fields[(name, value)] = line
+    except TypeError:
+        pass  # an unhashable value: rendered, just not remembered
+    return line
+
+
 def render_head(status, headers, length, keep_alive, version):
     """The response head as bytes; ``length`` None means chunked (or close-delimited)."""
     lines = ["HTTP/1.1 %d %s\r\nDate: %s\r\nServer: onebox\r\n"
              % (status, REASONS.get(status, "Unknown"), http_date())]
-    for name, value in headers:
-        value = str(value)
-        if not _HEADER_NAME_RE.fullmatch(name) or _BAD_VALUE_RE.search(value):
-            raise ValueError("response header %r has a bad name or value" % name)
-        lines.append("%s: %s\r\n" % (name, value))
+    rendered = _rendered_fields
+    for field in headers:
+        line = rendered.get(field)
+        if line is None:
+            line = _render_field(field)
+        lines.append(line)
     if status not in _NO_BODY_STATUSES and status >= 200:
         if length is not None:
             lines.append("Content-Length: %d\r\n" % length)
@@ -1029,6 +1054,7 @@ class AccessLog:
 # connection itself needs no lock.
 
 WORKER_JOIN_S = 5.0       # after the drain, how long a stuck handler may delay exit
+BLOCKING_SENDFILE_BYTES = 1 << 20  # files this large go out in blocking sendfile calls
 LINGER_S = 2.0            # after a close with unread input, read and drop it this long
 MAX_REQUESTS_PER_TURN = 32  # pipelined requests a worker serves before giving others a turn
 
@@ -1051,6 +1077,8 @@ class Connection:
         sent, end = 0, offset + length
         # TLS: bytes must go through the SSL object; sendfile would write plaintext to the fd
         use_sendfile = hasattr(os, "sendfile") and type(self.sock) is socket.socket
+        if use_sendfile and length >= BLOCKING_SENDFILE_BYTES:
+            return self._send_file_blocking(handle, offset, length, timeout)
         while offset < end:
             try:
                 if use_sendfile:
@@ -1071,6 +1099,33 @@ class Connection:
                 raise ClientGone("file shrank while being sent")
             offset += count
             sent += count
+        return sent
+
+
+    def _send_file_blocking(self, handle, offset, length, timeout):
+        """A large file in as few sendfile calls as the client's pace allows: the socket is made
+        blocking for the duration, so the kernel waits for buffer room itself instead of this
+        thread polling and re-entering Python (and re-taking the GIL) every few hundred KiB.
+        SO_SNDTIMEO bounds each call: a client that stops reading for ``timeout`` ends it."""
+        sock, sent = self.sock, 0
+        seconds = int(timeout)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                        struct.pack("ll", seconds, int((timeout - seconds) * 1e6)))
+        sock.setblocking(True)
+        try:
+            while sent < length:
+                try:
+                    count = os.sendfile(sock.fileno(), handle.fileno(), offset + sent,
+                                        length - sent)
+                except BlockingIOError:
+                    raise ClientGone("timed out") from None   # SO_SNDTIMEO expired, nothing sent
+                except OSError as error:
+                    raise ClientGone(str(error)) from None
+                if count == 0:
+                    raise ClientGone("file shrank while being sent")
+                sent += count
+        finally:
+            sock.setblocking(False)
         return sent
 
 
