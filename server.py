@@ -1134,13 +1134,73 @@ class Connection:
 # connection (parked in the selector), and the tables below; nothing else touches them, so none
 # of them has a lock. Workers hand connections back through ``_returned`` and a wake-up socket.
 
+class _Poller:
+    """Which waiting sockets are readable. A connection is *armed* while the reactor waits on it
+    and disarmed while a worker owns it.
+
+    On Linux, epoll with EPOLLONESHOT: the kernel disarms a connection the moment it reports it,
+    so handing it to a worker costs nothing and taking it back costs one epoll_ctl. Elsewhere, a
+    selectors.DefaultSelector with register / unregister, twice the system calls and more
+    bookkeeping. Used by the reactor thread only (``arm`` included: workers hand back first).
+    ONEBOX_POLLER=select in the environment forces the portable path (the tests use it).
+    """
+
+    def __init__(self):
+        use_epoll = hasattr(select, "epoll") and os.environ.get("ONEBOX_POLLER") != "select"
+        self._epoll = select.epoll() if use_epoll else None
+        self._selector = None if self._epoll else selectors.DefaultSelector()
+        self._owners = {}   # fd -> owner: the Connection, or "listener" / "wakeup"
+
+    def watch(self, sock, owner):
+        """Watch ``sock`` for good (the listener, the wake-up socket): never disarmed."""
+        if self._epoll:
+            self._epoll.register(sock.fileno(), select.EPOLLIN)
+        else:
+            self._selector.register(sock, selectors.EVENT_READ, owner)
+        self._owners[sock.fileno()] = owner
+
+    def arm(self, conn):
+        fd = conn.sock.fileno()
+        if self._epoll is None:
+            if fd not in self._owners:
+                self._selector.register(conn.sock, selectors.EVENT_READ, conn)
+                self._owners[fd] = conn
+        elif fd in self._owners:
+            self._epoll.modify(fd, select.EPOLLIN | select.EPOLLONESHOT)
+        else:
+            self._epoll.register(fd, select.EPOLLIN | select.EPOLLONESHOT)
+            self._owners[fd] = conn
+
+    def disarm(self, conn):
+        """Stop reporting ``conn`` (it goes to a worker). With EPOLLONESHOT it already is."""
+        if self._epoll is None:
+            self._selector.unregister(conn.sock)
+            del self._owners[conn.sock.fileno()]
+
+    def forget(self, sock):
+        """Before ``sock`` is closed (closing removes it from an epoll set by itself)."""
+        owner = self._owners.pop(sock.fileno(), None)
+        if owner is not None and self._selector is not None:
+            self._selector.unregister(sock)
+        elif owner is not None and not isinstance(owner, Connection):
+            self._epoll.unregister(sock.fileno())
+
+    def poll(self, timeout):
+        if self._epoll is None:
+            return [key.data for key, _ in self._selector.select(timeout)]
+        owners = self._owners
+        return [owners[fd] for fd, _ in self._epoll.poll(timeout) if fd in owners]
+
+    def close(self):
+        (self._epoll or self._selector).close()
+
+
 class _Reactor:
     """The reactor half of OneboxServer (a mixin: its state is made in OneboxServer.__init__)."""
 
     def _reactor_step(self):
         timeout = self._next_deadline()
-        for key, _ in self._selector.select(timeout):
-            owner = key.data
+        for owner in self._poller.poll(timeout):
             if owner == "listener":
                 self._accept()
             elif owner == "wakeup":
@@ -1166,20 +1226,20 @@ class _Reactor:
         return settings.header_timeout_s
 
     def _park(self, conn, kind):
-        """Wait in the selector; each kind's deadlines are in insertion order, so the oldest
-        is always first and expiring costs nothing per idle connection."""
+        """Wait for input; each kind's deadlines are in insertion order, so the oldest is
+        always first and expiring costs nothing per idle connection."""
         first = conn.waiting is None
         if not first:
             del self._parked[conn.waiting][conn]
         conn.waiting = kind
         self._parked[kind][conn] = time.monotonic() + self._timeout_for(kind)
         if first:
-            self._selector.register(conn.sock, selectors.EVENT_READ, conn)
+            self._poller.arm(conn)
 
     def _unpark(self, conn):
         del self._parked[conn.waiting][conn]
         conn.waiting = None
-        self._selector.unregister(conn.sock)
+        self._poller.disarm(conn)
 
     def _expire(self, now):
         for kind, parked in self._parked.items():
@@ -1238,6 +1298,13 @@ class _Reactor:
         conn.sock.close()
 
     def _on_readable(self, conn):
+        if conn.waiting is None:
+            return  # a stale report for a connection already handed on
+        self._read_waiting(conn)
+        if conn.waiting is not None:
+            self._poller.arm(conn)  # still waiting: report it again (EPOLLONESHOT disarmed it)
+
+    def _read_waiting(self, conn):
         try:
             data = conn.sock.recv(65536)
         except (BlockingIOError, InterruptedError):
@@ -1314,6 +1381,7 @@ class _Reactor:
         if conn.waiting is not None:
             self._unpark(conn)
         self._busy.discard(conn)
+        self._poller.forget(conn.sock)
         conn.sock.close()
         self._open -= 1
         count = self._per_ip[conn.client] - 1
@@ -1405,7 +1473,11 @@ class _Workers:
                 keep_alive = False
             elif keep_alive:
                 keep_alive = reader.drain(settings.max_drain_bytes)
-        # 4. Write the response.
+        # 4. A 404 counts toward scanner detection (before the client can see the answer, so
+        # that its next request meets the ban); then write the response.
+        note = verdict.note if verdict is not None else None
+        if response.status == 404 and request is not None:
+            note = self.guard.saw_404(request, conn.client) or note
         version = head.version if head is not None else "HTTP/1.1"
         head_only = request is not None and request.method == "HEAD"
         try:
@@ -1423,10 +1495,7 @@ class _Workers:
             keep_alive = False
             sent = write_response(conn, response, False, version, head_only,
                                   settings.write_timeout_s)
-        # 5. Log it, with the guard's decision; a 404 counts toward scanner detection.
-        note = verdict.note if verdict is not None else None
-        if response.status == 404 and request is not None:
-            note = self.guard.saw_404(request, conn.client) or note
+        # 5. Log it, with the guard's decision.
         if self.access_log:
             request_line = head.request_line if head else raw_head.split(b"\r\n", 1)[0][:200]
             fields = head.fields if head else {}
@@ -1547,7 +1616,7 @@ class OneboxServer(_Reactor, _Workers, http.server.ThreadingHTTPServer):
         self._stopping = False
         self._stopped = threading.Event()
         self._reactor_thread = None
-        self._selector = selectors.DefaultSelector()
+        self._poller = _Poller()
         self._wakeup_recv, self._wakeup_send = socket.socketpair()
         self._wakeup_recv.setblocking(False)
         self._wakeup_send.setblocking(False)
@@ -1592,8 +1661,8 @@ class OneboxServer(_Reactor, _Workers, http.server.ThreadingHTTPServer):
             worker = threading.Thread(target=self._work_loop, name="onebox-worker-%d" % number)
             worker.start()
             self._workers.append(worker)
-        self._selector.register(self.socket, selectors.EVENT_READ, "listener")
-        self._selector.register(self._wakeup_recv, selectors.EVENT_READ, "wakeup")
+        self._poller.watch(self.socket, "listener")
+        self._poller.watch(self._wakeup_recv, "wakeup")
         try:
             while not self._stopping:
                 self._reactor_step()
@@ -1628,8 +1697,8 @@ class OneboxServer(_Reactor, _Workers, http.server.ThreadingHTTPServer):
         for sock in (getattr(self, "_wakeup_recv", None), getattr(self, "_wakeup_send", None)):
             if sock is not None:
                 sock.close()
-        if getattr(self, "_selector", None) is not None:
-            self._selector.close()
+        if getattr(self, "_poller", None) is not None:
+            self._poller.close()
 
     def _close_store(self):
         store, self.store = getattr(self, "store", None), None
@@ -1674,14 +1743,14 @@ class OneboxServer(_Reactor, _Workers, http.server.ThreadingHTTPServer):
     def _drain(self):
         """Shutdown: close the listener and waiting connections, give busy ones
         shutdown_timeout_s to finish, then cut what is left."""
-        self._selector.unregister(self.socket)
+        self._poller.forget(self.socket)
         self.socket.close()
         for parked in self._parked.values():
             for conn in list(parked):
                 self._close(conn)
         deadline = time.monotonic() + self.settings.shutdown_timeout_s
         while self._busy and time.monotonic() < deadline:
-            self._selector.select(min(0.05, max(0.0, deadline - time.monotonic())))
+            self._poller.poll(min(0.05, max(0.0, deadline - time.monotonic())))
             self._take_returned()
             for parked in self._parked.values():
                 for conn in list(parked):

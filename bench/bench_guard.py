@@ -50,10 +50,23 @@ def guard_on_off(args, workdir):
             process, url = start(variants[name] + ["--data-dir", data], workdir)
             try:
                 wrk(url + "/hello", 1, args.connections)   # warm-up
-                results[name].append(wrk(url + "/hello", args.seconds, args.connections))
+                cpu_before = cpu_seconds(process.pid)
+                result = wrk(url + "/hello", args.seconds, args.connections)
+                # CPU per request: on a shared box throughput swings with the neighbours,
+                # the server's own CPU time per request much less
+                result["cpu_us"] = ((cpu_seconds(process.pid) - cpu_before) * 1e6
+                                    / max(1.0, result["rps"] * args.seconds))
+                results[name].append(result)
             finally:
                 stop(process)
     return results
+
+
+def cpu_seconds(pid):
+    """User + system CPU time of a process and all its threads (/proc/PID/stat)."""
+    with open("/proc/%d/stat" % pid) as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # --- 2. memory of a million clients -------------------------------------------------------------
@@ -159,14 +172,17 @@ def render(args, on_off, mem, cache):
                                      args.rounds), "",
              "## hello, guard on (shipped limits, rates out of reach: checked, never refused) "
              "against off", "",
-             "| guard | req/s (each round) | median req/s | p99 ms | non-2xx |",
-             "|---|---|---:|---:|---:|"]
+             "| guard | req/s (each round) | median req/s | p99 ms | server CPU us/request "
+             "(median) | non-2xx |",
+             "|---|---|---:|---:|---:|---:|"]
+    cpu = {name: statistics.median(r["cpu_us"] for r in runs) for name, runs in on_off.items()}
     for name in ("on", "off"):
         runs = on_off[name]
-        lines.append("| %s | %s | %.0f | %.2f | %d |" % (
+        lines.append("| %s | %s | %.0f | %.2f | %.1f | %d |" % (
             name, " / ".join("%.0f" % r["rps"] for r in runs), med[name], p99[name],
-            sum(r["non2xx"] for r in runs)))
-    lines += ["", "on/off: **%.3fx** (target >= 0.9x)" % (med["on"] / med["off"]), "",
+            cpu[name], sum(r["non2xx"] for r in runs)))
+    lines += ["", "on/off by req/s: **%.3fx**; by server CPU per request (off/on): **%.3fx** "
+              "(target >= 0.9x)" % (med["on"] / med["off"], cpu["off"] / cpu["on"]), "",
               "## memory: %s distinct client addresses through the guard's check, default caps"
               % format(args.keys, ","), "",
               "| clock | RSS before MB | RSS after MB | growth MB | site-wide keys / cap | "

@@ -184,3 +184,21 @@ def test_shutdown_cuts_requests_that_outlive_the_timeout(start_server):
     assert not stopper.is_alive()
     assert time.monotonic() - started < 5
     connection.close()
+
+
+def test_the_portable_poller_serves_the_same(start_server, monkeypatch):
+    """Off Linux there is no epoll: the selectors path must keep connections just as well."""
+    monkeypatch.setenv("ONEBOX_POLLER", "select")
+    server = start_server(config={"keepalive_timeout_s": 0.3})
+    assert server._poller._epoll is None
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    for _ in range(3):
+        connection.request("GET", "/hello")
+        assert connection.getresponse().read() == b"hello, world\n"
+    connection.close()
+    pipeline = b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n" * 2 + (
+        b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert raw_exchange(server, pipeline).count(b"hello, world\n") == 3
+    (idle,) = open_idle(server, 1)
+    assert is_closed(idle)
+    idle.close()
