@@ -59,7 +59,7 @@ import urllib.parse
 
 from handlers import _static
 from handlers._cache import responses as response_cache
-from handlers._core import HTTPError, Headers, Request, Response, json_response
+from handlers._core import HTTPError, Headers, Request, Response, json_response, to_response
 from handlers._guard import Guard, GuardPolicy
 from handlers._state import StateError, StateLockedError, Store, state
 
@@ -825,21 +825,6 @@ def http_date(now=None):
         _date_cache[1] = email.utils.formatdate(second, usegmt=True)
         _date_cache[0] = second
     return _date_cache[1]
-
-
-def to_response(result):
-    """A handler's return value as a Response (see handlers/_core.py for the shortcuts)."""
-    if isinstance(result, Response):
-        return result
-    if result is None:
-        return Response(b"", 204)
-    if isinstance(result, (dict, list)):
-        return json_response(result)
-    if isinstance(result, str):
-        return Response(result.encode("utf-8"), 200, None, "text/plain; charset=utf-8")
-    if isinstance(result, (bytes, bytearray)):
-        return Response(bytes(result), 200, None, "application/octet-stream")
-    raise TypeError("handler returned %s; expected a Response" % type(result).__name__)
 
 
 def error_response(request, status, message="", headers=()):

@@ -42,7 +42,7 @@ import functools
 import threading
 import time
 
-from handlers._core import Response, json_response
+from handlers._core import Response, to_response
 
 __all__ = ["cached", "invalidate", "ResponseCache", "responses"]
 
@@ -244,16 +244,5 @@ def invalidate(prefix=""):
 
 
 def as_response(result):
-    """A handler's return value as a Response: the runtime's own conversion (server.py's
-    ``to_response``), repeated here because an area module must not import the runtime."""
-    if isinstance(result, Response):
-        return result
-    if result is None:
-        return Response(b"", 204)
-    if isinstance(result, (dict, list)):
-        return json_response(result)
-    if isinstance(result, str):
-        return Response(result.encode("utf-8"), 200, None, "text/plain; charset=utf-8")
-    if isinstance(result, (bytes, bytearray)):
-        return Response(bytes(result), 200, None, "application/octet-stream")
-    raise TypeError("handler returned %s; expected a Response" % type(result).__name__)
+    """A handler's return value as a Response, as the runtime converts it."""
+    return to_response(result)

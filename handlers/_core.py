@@ -46,7 +46,7 @@ from handlers._state import StateWriteError, state  # noqa: F401  (re-exported f
 
 __all__ = [
     "HTTPError", "Request", "Headers", "Response", "state", "StateWriteError",
-    "json_response", "text_response", "html_response", "redirect",
+    "json_response", "text_response", "html_response", "redirect", "to_response",
     "Limiter", "Policy", "limiter", "rate_limit",
 ]
 
@@ -248,3 +248,18 @@ def rate_limit(limiter, key, cost=1):
         headers = rate_limit_headers(hit)
         raise HTTPError(429, "too many requests; retry after %s s" % headers[0][1], headers)
     return hit
+
+
+def to_response(result):
+    """A handler's return value as a Response: the shortcuts in this module's docstring."""
+    if isinstance(result, Response):
+        return result
+    if result is None:
+        return Response(b"", 204)
+    if isinstance(result, (dict, list)):
+        return json_response(result)
+    if isinstance(result, str):
+        return Response(result.encode("utf-8"), 200, None, "text/plain; charset=utf-8")
+    if isinstance(result, (bytes, bytearray)):
+        return Response(bytes(result), 200, None, "application/octet-stream")
+    raise TypeError("handler returned %s; expected a Response" % type(result).__name__)
