@@ -1180,6 +1180,16 @@ class _Poller:
         (self._epoll or self._selector).close()
 
 
+def _send_at_once(sock, response):
+    """A small error response, in one non-blocking send, with Connection: close. The reactor
+    never waits on a client: what the socket buffer does not take is dropped."""
+    try:
+        sock.send(render_head(response.status, response.headers, len(response.body), False,
+                              "HTTP/1.1") + response.body)
+    except OSError:
+        pass
+
+
 class _Reactor:
     """The reactor half of OneboxServer (a mixin: its state is made in OneboxServer.__init__)."""
 
@@ -1274,12 +1284,7 @@ class _Reactor:
 
     def _refuse(self, conn, message):
         self.stats["refused"] += 1
-        response = error_response(None, 503, message, [("Retry-After", "1")])
-        try:
-            conn.sock.send(render_head(503, response.headers, len(response.body), False,
-                                       "HTTP/1.1") + response.body)
-        except OSError:
-            pass
+        _send_at_once(conn.sock, error_response(None, 503, message, [("Retry-After", "1")]))
         conn.sock.close()
 
     def _on_readable(self, conn):
@@ -1339,11 +1344,7 @@ class _Reactor:
         """Answer a request that never reached a worker, then close."""
         self.stats["rejected"] += 1
         response = error_response(None, status, message)
-        try:
-            conn.sock.send(render_head(status, response.headers, len(response.body), False,
-                                       "HTTP/1.1") + response.body)
-        except OSError:
-            pass
+        _send_at_once(conn.sock, response)
         if self.access_log:
             line = bytes(conn.buf[:conn.buf.find(b"\r\n")] if b"\r\n" in conn.buf else b"")
             self.access_log.log(conn.ip, line[:200].decode("latin-1"), status,
@@ -1525,14 +1526,14 @@ class _Workers:
             if method == "OPTIONS":
                 return Response(b"", 204, [("Allow", allowed)])
             raise HTTPError(405, "method not allowed", [("Allow", allowed)])
-        if method in ("GET", "HEAD", "OPTIONS") or self.static.resolve(request.segments):
-            if method == "OPTIONS":
-                if self.static.resolve(request.segments) is None:
-                    raise HTTPError(404, "not found")
-                return Response(b"", 204, [("Allow", _static.STATIC_METHODS)])
+        if method in ("GET", "HEAD"):
             response = self.static.serve(request)
             if response is not None:
                 return response
+        elif self.static.resolve(request.segments) is not None:
+            if method == "OPTIONS":
+                return Response(b"", 204, [("Allow", _static.STATIC_METHODS)])
+            raise HTTPError(405, "method not allowed", [("Allow", _static.STATIC_METHODS)])
         raise HTTPError(404, "not found")
 
     def _call(self, handler, request):
