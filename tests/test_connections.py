@@ -63,7 +63,9 @@ def test_idle_keepalive_connection_is_closed_after_timeout(start_server):
     (sock,) = open_idle(server, 1)
     started = time.monotonic()
     assert is_closed(sock)
-    assert 0.2 < time.monotonic() - started < 1.5
+    # on time, though the worker re-armed it without waking the reactor (which, with nothing
+    # else to wait for, sleeps up to 1 s): the worker must wake it for a deadline that near
+    assert 0.2 < time.monotonic() - started < 0.8
     sock.close()
 
 
