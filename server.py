@@ -1316,6 +1316,13 @@ class _Reactor:
     def _on_readable(self, conn):
         if conn.waiting is None:
             return  # a stale report for a connection already handed on
+        if conn.waiting == "idle":
+            # the next request on a kept connection: a worker reads it (see _serve_connection),
+            # so the reactor makes no recv and the head is checked once, not twice
+            self._unpark(conn)
+            self._busy.add(conn)
+            self._work.put(conn)
+            return
         self._read_waiting(conn)
         if conn.waiting is not None:
             self._poller.arm(conn)  # still waiting: report it again (EPOLLONESHOT disarmed it)
@@ -1416,7 +1423,7 @@ class _Reactor:
             self._busy.discard(conn)
             if keep == "close":
                 self._linger(conn)
-            elif self._stopping:
+            elif keep == "gone" or self._stopping:
                 self._close(conn)
             elif keep == "armed":   # the worker re-armed it; its idle time began then
                 conn.waiting = "idle"
@@ -1462,23 +1469,35 @@ class _Workers:
             self._wake()
 
     def _serve_connection(self, conn):
-        """Serve the buffered request(s); "keep" to park the connection, "close" to close."""
+        """Serve the buffered request(s). Returns "keep" to park the connection (an unfinished
+        head goes back to the reactor, which waits for the rest), "close" to close it after
+        the response, or "gone" if the client has closed it."""
+        if not conn.buf:   # an idle connection the reactor passed on unread
+            try:
+                data = conn.sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                return "keep"   # a spurious report: wait again
+            except OSError:
+                data = b""
+            if not data:
+                return "gone"
+            conn.buf += data
         for _ in range(MAX_REQUESTS_PER_TURN):
-            if not self._serve_one(conn) or self._stopping:
-                return "close"
             buf = conn.buf
             if buf[:1] in (b"\r", b"\n"):
                 del buf[:len(buf) - len(buf.lstrip(b"\r\n"))]
             end = buf.find(b"\r\n\r\n")
             if end < 0 or end + 4 > self.settings.max_head_bytes:
                 return "keep"
+            if not self._serve_one(conn, end) or self._stopping:
+                return "close"
         return "keep"
 
-    def _serve_one(self, conn):
-        """One request, in six steps. Returns whether the connection may be kept open."""
+    def _serve_one(self, conn, end):
+        """The request whose head ends at ``end`` in the buffer, in six steps. Returns whether
+        the connection may be kept open."""
         settings = self.settings
         started = time.monotonic()
-        end = conn.buf.find(b"\r\n\r\n")
         raw_head = bytes(conn.buf[:end])
         del conn.buf[:end + 4]
         head = request = reader = verdict = None

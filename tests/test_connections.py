@@ -69,6 +69,29 @@ def test_idle_keepalive_connection_is_closed_after_timeout(start_server):
     sock.close()
 
 
+def test_next_request_on_a_kept_connection_may_come_in_pieces(start_server):
+    """A worker reads a kept connection's next request itself; an unfinished head goes back to
+    the reactor, which waits for the rest, answers 408 at the head deadline, or rejects
+    garbage at once."""
+    server = start_server(config={"header_timeout_s": 0.5})
+    first, second = open_idle(server, 2)
+    first.sendall(b"GET /hel")
+    time.sleep(0.1)
+    first.sendall(b"lo HTTP/1.1\r\nHost: x\r\n\r\n")
+    data = b""
+    while not data.endswith(b"hello, world\n"):
+        data += first.recv(4096)
+    assert status_of(data) == 200
+    first.sendall(b"GET /hello HTTP/1.1\r\n")   # and then nothing more
+    started = time.monotonic()
+    raw = read_until_close(first)
+    assert status_of(raw) == 408 and 0.3 < time.monotonic() - started < 1.5
+    second.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")   # a TLS hello
+    assert status_of(read_until_close(second)) == 400
+    first.close()
+    second.close()
+
+
 def test_per_ip_cap_answers_503_and_spares_other_addresses(start_server):
     server = start_server(config={"max_connections_per_ip": 3})
     held = open_idle(server, 3)
