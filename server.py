@@ -476,8 +476,12 @@ _TCHARS = "!#$%&'*+.^_`|~0-9A-Za-z-"
 _REQUEST_LINE_RE = re.compile(r"([%s]+) ([^\x00-\x20\x7f]+) HTTP/(\d)\.(\d)" % _TCHARS)
 _REQUEST_LINE_BYTES_RE = re.compile(rb"[%s]+ [^\x00-\x20\x7f]+ HTTP/\d\.\d" % _TCHARS.encode())
 _METHOD_PREFIX_RE = re.compile(rb"[%s]{1,32}(?: |$)" % _TCHARS.encode())
-_FIELD_RE = re.compile(r"([%s]+):[ \t]*(.*?)[ \t]*" % _TCHARS)
 _BAD_VALUE_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# All field lines in one match: each a token, a colon and a value without controls (HTAB
+# aside). No match: obs-fold (a line starting with whitespace), whitespace before the colon
+# (RFC 9112 section 5.1 requires 400), a bare CR or LF, or no colon at all.
+_FIELD = r"[%s]+:[^\x00-\x08\x0a-\x1f\x7f]*" % _TCHARS
+_FIELD_LINES_RE = re.compile(r"(?:%s(?:\r\n%s)*)?" % (_FIELD, _FIELD))
 _HOST_RE = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
 _TCHAR_BYTES = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
                          b"abcdefghijklmnopqrstuvwxyz")
@@ -507,14 +511,12 @@ def parse_head(head_bytes, settings):
     head.version = "HTTP/1.0" if minor == "0" else "HTTP/1.1"
     if len(lines) - 1 > settings.max_header_count:
         raise HTTPError(431, "too many header fields")
+    if not _FIELD_LINES_RE.fullmatch(text, len(lines[0]) + 2):
+        raise HTTPError(400, "malformed header field")
     fields = {}
     for line in lines[1:]:
-        field = _FIELD_RE.fullmatch(line)
-        # No match: obs-fold (a line starting with whitespace), whitespace before the colon
-        # (RFC 9112 section 5.1 requires 400), a bare CR or LF, or no colon at all.
-        if field is None or _BAD_VALUE_RE.search(field.group(2)):
-            raise HTTPError(400, "malformed header field")
-        fields.setdefault(field.group(1).lower(), []).append(field.group(2))
+        name, _, value = line.partition(":")
+        fields.setdefault(name.lower(), []).append(value.strip(" \t"))
     head.fields = fields
     _read_framing(head)
     return head
@@ -531,13 +533,18 @@ def _read_framing(head):
         raise HTTPError(400, "missing Host header")
     if hosts and not _HOST_RE.fullmatch(hosts[0]):
         raise HTTPError(400, "invalid Host header")
-    tokens = {t.strip().lower() for v in fields.get("connection", ()) for t in v.split(",")}
+    connection = fields.get("connection")
+    tokens = {t.strip().lower() for v in connection for t in v.split(",")} if connection else ()
     if head.version == "HTTP/1.1":
         head.keep_alive = "close" not in tokens
     else:
         head.keep_alive = "keep-alive" in tokens
     head.chunked = False
     head.content_length = 0
+    head.expect_continue = False
+    if "transfer-encoding" not in fields and "content-length" not in fields \
+            and "expect" not in fields:
+        return   # a request without a body, nearly every GET
     codings = [t.strip().lower() for v in fields.get("transfer-encoding", ()) for t in v.split(",")]
     lengths = {v.strip() for line in fields.get("content-length", ()) for v in line.split(",")}
     if codings:
@@ -558,7 +565,6 @@ def _read_framing(head):
             raise HTTPError(400, "invalid Content-Length")
         head.content_length = int(length)
     expect = fields.get("expect")
-    head.expect_continue = False
     if expect:
         if len(expect) != 1 or expect[0].lower() != "100-continue":
             raise HTTPError(417, "only Expect: 100-continue is supported")
@@ -868,14 +874,10 @@ def _render_field(field):
 
 def render_head(status, headers, length, keep_alive, version):
     """The response head as bytes; ``length`` None means chunked (or close-delimited)."""
+    rendered = _rendered_fields
     lines = ["HTTP/1.1 %d %s\r\nDate: %s\r\nServer: onebox\r\n"
              % (status, REASONS.get(status, "Unknown"), http_date())]
-    rendered = _rendered_fields
-    for field in headers:
-        line = rendered.get(field)
-        if line is None:
-            line = _render_field(field)
-        lines.append(line)
+    lines += [rendered.get(field) or _render_field(field) for field in headers]
     if status not in _NO_BODY_STATUSES and status >= 200:
         if length is not None:
             lines.append("Content-Length: %d\r\n" % length)
@@ -1214,10 +1216,10 @@ class _Reactor:
     """The reactor half of OneboxServer (a mixin: its state is made in OneboxServer.__init__)."""
 
     def _reactor_step(self):
-        timeout = self._next_deadline()
-        self._wakes_at = time.monotonic() + timeout   # workers read it: see _Workers._hand_back
-        if self._returned:
-            timeout = 0   # handed back before _wakes_at was set: their deadlines are not counted
+        now = time.monotonic()
+        self._wakes_at = wakes_at = self._expire(now)   # workers read it: see _hand_back
+        # handed back before _wakes_at was set: their deadlines are not counted, so no sleep
+        timeout = 0 if self._returned else wakes_at - now
         ready = self._poller.poll(timeout)
         if self._returned:
             self._book_returned()   # first: a connection a worker re-armed may be among ready
@@ -1228,15 +1230,6 @@ class _Reactor:
                 self._take_returned()
             else:
                 self._on_readable(owner)
-        self._expire(time.monotonic())
-
-    def _next_deadline(self):
-        now = time.monotonic()
-        soonest = now + 1.0
-        for kind, parked in self._parked.items():
-            if parked:
-                soonest = min(soonest, next(iter(parked.values())))
-        return max(0.0, soonest - now)
 
     def _timeout_for(self, kind):
         settings = self.settings
@@ -1263,15 +1256,20 @@ class _Reactor:
         self._poller.disarm(conn)
 
     def _expire(self, now):
+        """End the waits that are over; return when the next one is (within a second)."""
+        soonest = now + 1.0
         for kind, parked in self._parked.items():
             while parked:
                 conn, deadline = next(iter(parked.items()))
                 if deadline > now:
+                    if deadline < soonest:
+                        soonest = deadline
                     break
                 if kind == "head":
                     self._reject(conn, 408, "request head not received in time")
                 else:
                     self._close(conn)
+        return soonest
 
     def _accept(self):
         settings = self.settings
