@@ -647,8 +647,8 @@ _MSG_MORE = getattr(socket, "MSG_MORE", 0)   # Linux; elsewhere the head goes ou
 
 
 def send_all(sock, data, timeout, flags=0):
-    view = memoryview(data)
-    while view:
+    view = data
+    while True:
         try:
             sent = sock.send(view, flags)
         except BlockingIOError:
@@ -656,7 +656,9 @@ def send_all(sock, data, timeout, flags=0):
             continue
         except OSError as error:
             raise ClientGone(str(error)) from None
-        view = view[sent:]
+        if sent == len(view):
+            return   # nearly always at the first call: a head, a small body
+        view = memoryview(view)[sent:]
 
 
 class BodyReader:

@@ -95,6 +95,11 @@ class Headers:
     def __contains__(self, name):
         return name.lower() in self._fields
 
+    def any_of(self, names):
+        """Whether any of ``names`` (a set of lower-case names) is present: one look for
+        several fields that are nearly always absent."""
+        return not self._fields.keys().isdisjoint(names)
+
     def items(self):
         return [(name, value) for name, values in self._fields.items() for value in values]
 

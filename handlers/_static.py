@@ -337,6 +337,10 @@ def parse_http_date(value):
     return calendar.timegm(moment.timetuple())
 
 
+_PRECONDITION_FIELDS = frozenset(("if-match", "if-none-match", "if-modified-since",
+                                  "if-unmodified-since"))
+
+
 def _single_date(headers, name):
     """A date precondition field, or None if absent, repeated or not a date (section 13.1.3
     and 13.1.4: such fields are ignored)."""
@@ -669,6 +673,8 @@ class StaticPages:
 
     def _preconditions(self, headers, etag, mtime_s):
         """304, 412 or None, evaluated as RFC 9110 section 13.2.2 orders them."""
+        if not headers.any_of(_PRECONDITION_FIELDS):
+            return None
         if_match = headers.get("if-match")
         if if_match is not None:
             if not etag_matches(if_match, etag, strong=True):
