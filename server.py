@@ -1077,6 +1077,16 @@ class Connection:
     def sock_send(self, data, timeout, flags=0):
         send_all(self.sock, data, timeout, flags)
 
+    def recv_ready(self):
+        """What the socket holds now: bytes; b"" if the client closed (or the connection
+        broke); None if nothing yet (a report that was spurious)."""
+        try:
+            return self.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            return b""
+
     def send_file(self, handle, offset, length, timeout):
         """Zero-copy with os.sendfile; a plain read/send loop where sendfile is missing."""
         sent, end = 0, offset + length
@@ -1333,12 +1343,9 @@ class _Reactor:
             self._poller.arm(conn)  # still waiting: report it again (EPOLLONESHOT disarmed it)
 
     def _read_waiting(self, conn):
-        try:
-            data = conn.sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
+        data = conn.recv_ready()
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self._close(conn)
             return
@@ -1479,12 +1486,9 @@ class _Workers:
         head goes back to the reactor, which waits for the rest), "close" to close it after
         the response, or "gone" if the client has closed it."""
         if not conn.buf:   # an idle connection the reactor passed on unread
-            try:
-                data = conn.sock.recv(65536)
-            except (BlockingIOError, InterruptedError):
+            data = conn.recv_ready()
+            if data is None:
                 return "keep"   # a spurious report: wait again
-            except OSError:
-                data = b""
             if not data:
                 return "gone"
             conn.buf += data
