@@ -400,7 +400,7 @@ class Variant:
     def __init__(self, coding, etag, body, path, sig, restat):
         self.coding, self.etag, self.body, self.path, self.sig = coding, etag, body, path, sig
         self.size = sig[1]
-        self.restat = restat      # sidecars are stat'ed per request (identity by its entry)
+        self.restat = restat      # a sidecar in memory is stat'ed per request
         self.headers = self.headers_304 = ()
 
 
@@ -421,10 +421,13 @@ def _hash_etag(sig, suffix=""):
     return '"%s%s"' % (digest, suffix)
 
 
+# O_NONBLOCK: opening a FIFO swapped in after the stat must not block (it is refused after
+# the fstat); it does not affect reads of a regular file
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
 def _open(path):
-    """Open for reading without blocking on a FIFO swapped in after the stat."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    return open(fd, "rb", buffering=0)
+    return open(os.open(path, _OPEN_FLAGS), "rb", buffering=0)
 
 
 def _read_checked(path, sig):
@@ -442,12 +445,62 @@ def _read_checked(path, sig):
     return data
 
 
+class OpenFile:
+    """A file descriptor with what the runtime uses of ``Response.file``: one ``open`` and one
+    ``fstat`` fewer than a Python file object, per request."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd):
+        self.fd = fd
+
+    def fileno(self):
+        return self.fd
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _open_checked(variant):
+    """``variant``'s file, opened, if it still has the variant's sig; _Stale otherwise."""
+    try:
+        fd = os.open(variant.path, _OPEN_FLAGS)
+    except OSError:
+        raise _Stale(variant.path) from None
+    handle = OpenFile(fd)
+    st = os.fstat(fd)
+    if _sig(st) != variant.sig or not stat.S_ISREG(st.st_mode):
+        handle.close()
+        raise _Stale(variant.path)
+    return handle
+
+
+def _check(variant):
+    """_Stale unless ``variant``'s file still has its sig (a stat, for bytes held in memory)."""
+    try:
+        if _sig(os.stat(variant.path)) == variant.sig:
+            return
+    except OSError:
+        pass
+    raise _Stale(variant.path)
+
+
+def _file_response(handle, status, head, offset, length):
+    """An open file for the runtime to send with sendfile (and close)."""
+    response = Response(b"", status, head)
+    response.file = handle
+    response.file_range = (offset, length)
+    return response
+
+
 def _pread_all(handle, offset, length):
     parts = []
     while length > 0:
         piece = os.pread(handle.fileno(), length, offset)
         if not piece:
-            raise _Stale(handle.name)
+            raise _Stale("file shrank")
         parts.append(piece)
         offset += len(piece)
         length -= len(piece)
@@ -483,9 +536,15 @@ class StaticPages:
         return self._locate(segments)
 
     def _lookup(self, url_path, segments):
-        """A FileEntry, ("redirect",), ("listing", real_dir) or None."""
+        """A FileEntry, ("redirect",), ("listing", real_dir) or None.
+
+        A cached entry whose bytes are in memory is checked with a stat here; one served from
+        its file is not: ``_respond`` checks it with fstat after opening it (one path walk
+        fewer), or with a stat when it answers from memory after all (gzip, a sidecar)."""
         entry = self.files.get(url_path)
         if entry is not None and time.monotonic() - entry.checked < self.settings.path_recheck_s:
+            if entry.identity.body is None:
+                return entry
             try:
                 st = os.stat(entry.path)
             except OSError:
@@ -648,12 +707,28 @@ class StaticPages:
                                    entry.codings)
             if coding != "identity":
                 variant = entry.sidecars.get(coding) or self._gzip_variant(entry)
-        if variant.restat:
-            try:
-                if _sig(os.stat(variant.path)) != variant.sig:
-                    raise _Stale(variant.path)
-            except OSError:
-                raise _Stale(variant.path) from None
+        # Still the files that the entry describes? (see _lookup)
+        handle = None
+        if variant.body is None:   # served from its file: opened, and checked by fstat
+            handle = _open_checked(variant)
+        elif variant.restat:
+            _check(variant)
+        if entry.identity.body is None and variant is not entry.identity:
+            _check(entry.identity)
+        try:
+            response = self._answer(request, entry, variant, ranges, handle)
+        except BaseException:
+            if handle is not None:
+                handle.close()
+            raise
+        if handle is not None and response.file is not handle:
+            handle.close()
+        return response
+
+    def _answer(self, request, entry, variant, ranges, handle):
+        """Steps 3-5 for a checked representation; ``handle`` is its open file, if it is
+        served from one."""
+        headers = request.headers
         # 3. Preconditions (section 13.2.2): 412 before 304.
         status = self._preconditions(headers, variant.etag, entry.mtime_s)
         if status == 304:
@@ -663,13 +738,13 @@ class StaticPages:
         # 4. Ranges, if If-Range (section 13.1.5) says the client's copy is current.
         if ranges is not None and len(ranges) <= self.settings.max_ranges \
                 and self._if_range_holds(headers.get("if-range"), entry):
-            response = self._ranged(entry, ranges)
+            response = self._ranged(entry, ranges, handle)
             if response is not None:
                 return response
         # 5. The whole representation.
         if variant.body is not None:
             return Response(variant.body, 200, variant.headers)
-        return self._file_response(variant, 200, variant.headers, 0, variant.size)
+        return _file_response(handle, 200, variant.headers, 0, variant.size)
 
     def _preconditions(self, headers, etag, mtime_s):
         """304, 412 or None, evaluated as RFC 9110 section 13.2.2 orders them."""
@@ -703,8 +778,9 @@ class StaticPages:
         date = parse_http_date(field)
         return date is not None and date == entry.mtime_s and entry.mtime_s < time.time() - 1
 
-    def _ranged(self, entry, ranges):
-        """206 or 416; None to send the whole file instead (RFC 9110 section 14.2 allows it)."""
+    def _ranged(self, entry, ranges, handle):
+        """206 or 416; None to send the whole file instead (RFC 9110 section 14.2 allows it).
+        ``handle``: the open file when identity is not in memory."""
         identity, size = entry.identity, entry.identity.size
         spans = satisfiable_spans(ranges, size)
         if not spans:
@@ -716,52 +792,29 @@ class StaticPages:
             head = identity.headers + [("Content-Range", "bytes %d-%d/%d" % (start, end, size))]
             if identity.body is not None:
                 return Response(identity.body[start:end + 1], 206, head)
-            return self._file_response(identity, 206, head, start, end - start + 1)
+            return _file_response(handle, 206, head, start, end - start + 1)
         if sum(end - start + 1 for start, end in spans) > self.settings.max_multipart_bytes:
             return None
-        return self._multipart(entry, spans)
+        return self._multipart(entry, spans, handle)
 
-    def _multipart(self, entry, spans):
+    def _multipart(self, entry, spans, handle):
         """multipart/byteranges (RFC 9110 section 14.6), built in memory: it is bounded by
         max_multipart_bytes, so it can carry an exact Content-Length."""
         identity, size = entry.identity, entry.identity.size
         boundary = os.urandom(12).hex()
         parts = []
-        handle = None if identity.body is not None else self._open_checked(identity)
-        try:
-            for start, end in spans:
-                parts.append(("--%s\r\nContent-Type: %s\r\nContent-Range: bytes %d-%d/%d\r\n\r\n"
-                              % (boundary, entry.content_type, start, end, size)).encode())
-                if handle is None:
-                    parts.append(identity.body[start:end + 1])
-                else:
-                    parts.append(_pread_all(handle, start, end - start + 1))
-                parts.append(b"\r\n")
-        finally:
-            if handle is not None:
-                handle.close()
+        for start, end in spans:
+            parts.append(("--%s\r\nContent-Type: %s\r\nContent-Range: bytes %d-%d/%d\r\n\r\n"
+                          % (boundary, entry.content_type, start, end, size)).encode())
+            if handle is None:
+                parts.append(identity.body[start:end + 1])
+            else:
+                parts.append(_pread_all(handle, start, end - start + 1))
+            parts.append(b"\r\n")
         parts.append(("--%s--\r\n" % boundary).encode())
         head = [(name, value) for name, value in identity.headers if name != "Content-Type"]
         head.insert(0, ("Content-Type", "multipart/byteranges; boundary=" + boundary))
         return Response(b"".join(parts), 206, head)
-
-    def _open_checked(self, variant):
-        try:
-            handle = _open(variant.path)
-        except OSError:
-            raise _Stale(variant.path) from None
-        st = os.fstat(handle.fileno())
-        if _sig(st) != variant.sig or not stat.S_ISREG(st.st_mode):
-            handle.close()
-            raise _Stale(variant.path)
-        return handle
-
-    def _file_response(self, variant, status, head, offset, length):
-        """An open file for the runtime to send with sendfile (and close)."""
-        response = Response(b"", status, head)
-        response.file = self._open_checked(variant)
-        response.file_range = (offset, length)
-        return response
 
     def _gzip_variant(self, entry):
         """gzip made here, cached by the identity ETag; identity when it does not pay."""
@@ -840,6 +893,6 @@ class StaticPages:
                     ("X-Content-Type-Options", "nosniff")] + self.extra_headers
             if identity.body is not None:
                 return Response(identity.body, 404, head)
-            return self._file_response(identity, 404, head, 0, identity.size)
+            return _file_response(_open_checked(identity), 404, head, 0, identity.size)
         except _Stale:
             return None

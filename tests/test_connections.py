@@ -92,6 +92,32 @@ def test_next_request_on_a_kept_connection_may_come_in_pieces(start_server):
     second.close()
 
 
+def wait_until(condition, timeout=2.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_a_worker_holds_a_kept_connection_until_another_needs_it(start_server):
+    """With one worker: A's kept connection waits in that worker for its next request (no
+    reactor hop), and is handed back at once when B's request needs the worker."""
+    server = start_server(config={"worker_threads": 1, "keepalive_timeout_s": 10})
+    (first,) = open_idle(server, 1)
+    assert wait_until(lambda: len(server._held) == 1)   # held by the only worker
+    started = time.monotonic()
+    assert request(server, "GET", "/hello")[0] == 200
+    assert time.monotonic() - started < 1.0   # not after A's 10 s idle time
+    first.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")   # A is still served
+    data = b""
+    while not data.endswith(b"hello, world\n"):
+        data += first.recv(4096)
+    assert status_of(data) == 200
+    first.close()
+
+
 def test_per_ip_cap_answers_503_and_spares_other_addresses(start_server):
     server = start_server(config={"max_connections_per_ip": 3})
     held = open_idle(server, 3)

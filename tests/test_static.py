@@ -128,18 +128,26 @@ def test_if_match_and_if_unmodified_since_give_412(start_server, site):
     assert get(server, "/digits.txt", {"If-Match": '"stale"', "If-None-Match": etag})[0] == 412
 
 
-def test_edits_change_the_etag_and_the_body_at_once(start_server, site):
-    server = serve(start_server, site)
+# memory_max_file_bytes 0: every file is served from disk, checked by fstat after the open
+# instead of by a stat when the URL is looked up
+@pytest.mark.parametrize("memory_max_file_bytes", [None, 0])
+def test_edits_change_the_etag_and_the_body_at_once(start_server, site, memory_max_file_bytes):
+    settings = {} if memory_max_file_bytes is None else {
+        "memory_max_file_bytes": memory_max_file_bytes}
+    server = serve(start_server, site, **settings)
     _, first, body = get(server, "/digits.txt")
     assert body == DIGITS
+    assert get(server, "/digits.txt", {"If-None-Match": first["etag"]})[0] == 304
     write(site, "digits.txt", DIGITS[::-1])          # same size, new mtime
     status, second, body = get(server, "/digits.txt")
     assert body == DIGITS[::-1] and second["etag"] != first["etag"]
     assert get(server, "/digits.txt", {"If-None-Match": first["etag"]})[0] == 200
     write(site, "digits.txt", b"short")
+    assert get(server, "/digits.txt", {"Range": "bytes=1-2"})[2] == b"ho"
     assert get(server, "/digits.txt")[2] == b"short"
     (site / "digits.txt").unlink()
     assert get(server, "/digits.txt")[0] == 404
+    assert get(server, "/digits.txt", {"If-None-Match": second["etag"]})[0] == 404
 
 
 def test_head_matches_get(start_server, site):
@@ -433,6 +441,10 @@ def test_gzip_of_a_file_too_big_for_memory(start_server, site):
     status, headers, body = get(server, "/big.txt", {"Accept-Encoding": "gzip"})
     assert headers["content-encoding"] == "gzip" and gzip.decompress(body) == text
     assert get(server, "/big.txt")[2] == text
+    # the gzip is in memory, the file is not: an edit is still seen at once
+    write(site, "big.txt", text.upper())
+    status, headers, body = get(server, "/big.txt", {"Accept-Encoding": "gzip"})
+    assert headers["content-encoding"] == "gzip" and gzip.decompress(body) == text.upper()
 
 
 def test_incompressible_text_is_sent_as_is(start_server, site):
