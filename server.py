@@ -1083,8 +1083,9 @@ class AccessLog:
 
 # --- connections ------------------------------------------------------------------------------
 # A Connection is owned by exactly one thread at a time: the reactor while it waits (parked in
-# the selector), a worker while a request is served. Hand-over goes through queues, so the
-# connection itself needs no lock.
+# the selector), a worker while a request is served (or while it holds the connection for the
+# next one, see _Workers._hold). Hand-over goes through queues, so the connection itself needs
+# no lock.
 #
 # Its socket is in blocking mode with SO_SNDTIMEO = write_timeout_s: a send (or sendfile) waits
 # in the kernel for buffer room, and fails with EAGAIN if the client takes nothing for that
@@ -1105,7 +1106,7 @@ class Connection:
         self.buf = bytearray()
         self.waiting = None   # "new", "head", "idle" or "linger" while parked; None when busy
         self.served = 0
-        self.idle_since = 0.0     # when a worker re-armed it itself (see _Workers._hand_back)
+        self.idle_since = 0.0     # when its last response was sent: idle deadlines count from it
 
     def recv_ready(self):
         """What the socket holds now: bytes; b"" if the client closed (or the connection
@@ -1873,6 +1874,7 @@ class OneboxServer(_Reactor, _Workers, http.server.ThreadingHTTPServer):
         shutdown_timeout_s to finish, then cut what is left."""
         self._poller.forget(self.socket)
         self.socket.close()
+        self._want_workers(True)   # again: a step may have lowered begin_shutdown's flag
         for parked in self._parked.values():
             for conn in list(parked):
                 self._close(conn)
