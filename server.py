@@ -23,7 +23,8 @@ loop with two kinds of thread:
   waits for the next request itself; the reactor calls it back the moment one does.
 
 A slow client can hold a worker only while a handler reads its body (``body_timeout_s`` per
-read) or while the response is written (``write_timeout_s``); never while it dawdles over a head.
+read) or while the response is written (``write_timeout_s``); never while it dawdles over a head,
+and an idle one only for as long as no other connection needs the worker.
 
 The stdlib request handler is replaced too: it parses headers with ``email.parser`` (slow, and
 lenient where RFC 9112 asks for strictness), writes headers and body in separate sends (with
