@@ -118,6 +118,20 @@ def test_a_worker_holds_a_kept_connection_until_another_needs_it(start_server):
     first.close()
 
 
+def test_a_released_connection_keeps_its_idle_deadline(start_server):
+    """A held connection handed back to the reactor is closed keepalive_timeout_s after its
+    last response, not after the hand-back."""
+    server = start_server(config={"worker_threads": 1, "keepalive_timeout_s": 0.6})
+    (first,) = open_idle(server, 1)
+    answered = time.monotonic()
+    assert wait_until(lambda: len(server._held) == 1)
+    time.sleep(0.3)
+    assert request(server, "GET", "/hello")[0] == 200   # needs the worker: first goes back
+    assert is_closed(first, timeout=2)
+    assert 0.45 < time.monotonic() - answered < 0.85
+    first.close()
+
+
 def test_per_ip_cap_answers_503_and_spares_other_addresses(start_server):
     server = start_server(config={"max_connections_per_ip": 3})
     held = open_idle(server, 3)
