@@ -6,9 +6,10 @@ never imports ``server``. Everything here is safe to call from many workers at o
 
 What a request goes through (``StaticPages.serve``):
 
-1. **Find the file** for the URL path (``_lookup``): a cached entry is reused after one ``stat()``
-   shows the same size, mtime_ns and inode; how the URL maps to a file (symlinks, index.html,
-   clean URLs) is trusted for ``path_recheck_s``, then resolved again from scratch.
+1. **Find the file** for the URL path (``_lookup``): a cached entry is reused while its file
+   has the same size, mtime_ns and inode (shown by a ``stat()`` for bytes held in memory, by an
+   ``fstat()`` after the open for a file served from disk); how the URL maps to a file
+   (symlinks, index.html, clean URLs) is trusted for ``path_recheck_s``, then resolved again.
 2. **Pick the representation** (``_respond``): a GET with a valid ``Range`` gets the identity
    bytes; otherwise ``Accept-Encoding`` (q-values honoured) chooses among identity, precompressed
    sidecars (``file.br``, ``file.zst``, ``file.gz``) and gzip made on the fly.
