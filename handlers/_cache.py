@@ -125,12 +125,12 @@ class ResponseCache(object):
             return self._compute(key, ttl_s, compute, flight)
         if flight.done.wait(self.WAIT_S) and flight.entry is not None:
             return flight.entry.response()
-        return as_response(compute())
+        return to_response(compute())
 
     def _compute(self, key, ttl_s, compute, flight):
         entry, failed = None, True
         try:
-            response = as_response(compute())
+            response = to_response(compute())
             failed = False
             entry = self._entry_for(response, self._clock() + ttl_s)
             return response
@@ -241,8 +241,3 @@ def cached(ttl_s, vary=(), cache=None):
 def invalidate(prefix=""):
     """Drop cached responses whose key (path + "?" + query) starts with ``prefix``."""
     return responses.invalidate(prefix)
-
-
-def as_response(result):
-    """A handler's return value as a Response, as the runtime converts it."""
-    return to_response(result)
