@@ -86,6 +86,9 @@ SETTINGS = {
     "server": [
         Setting("host", "str", "127.0.0.1", None,
                 "address to listen on; 0.0.0.0 (or ::) serves the network"),
+        Setting("allowed_hosts", "str", "", None,
+                "Host names served (.example.org: it and its subdomains); others get 421. "
+                "Empty: any (DNS rebinding can then reach a server on a private network)"),
         Setting("port", "int", 8000, 0, "TCP port; 0 picks a free one (printed at start)"),
         Setting("pages_dir", "path", "pages", None, "static site served for unrouted GETs"),
         Setting("data_dir", "path", "data", None, "where persisted state lives"),
@@ -114,6 +117,8 @@ SETTINGS = {
         Setting("access_log", "bool", True, None, "one combined-format line per request on stdout"),
         Setting("log_flush_interval_s", "float", 1.0, 0.01,
                 "access lines are written in batches at least this often"),
+        Setting("log_buffer_bytes", "int", 1048576, 4096,
+                "access lines waiting for a slow stdout; past it they are dropped and counted"),
     ],
     "state": [
         Setting("durability", "str", "always", None,
@@ -305,16 +310,49 @@ def load_config(path=None, overrides=None):
     if server["max_request_line_bytes"] > server["max_head_bytes"]:
         raise ConfigError("max_request_line_bytes must not exceed max_head_bytes")
     check_static_settings(values["static"])
+    allowed_hosts = parse_allowed_hosts(server["allowed_hosts"], path or "settings")
     route_limits = [(_ROUTE_LIMITS_RE.fullmatch(name).group(1),
                      types.SimpleNamespace(**values.pop(name)))
                     for name in sorted(set(values) - set(SETTINGS))]
     config = types.SimpleNamespace(**{name: types.SimpleNamespace(**section)
                                       for name, section in values.items()})
+    config.allowed_hosts = allowed_hosts
     try:
         config.guard = GuardPolicy(config.limits, route_limits)
     except ValueError as error:
         raise ConfigError("%s: %s" % (path or "settings", error)) from None
     return config
+
+
+_HOST_NAME_RE = re.compile(r"\.?[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*"
+                           r"|\d{1,3}(\.\d{1,3}){3}|\[[0-9a-f:.]+\]", re.ASCII)
+
+
+def parse_allowed_hosts(text, where):
+    """[server] allowed_hosts as (exact names, suffixes), or None for "any Host". A name
+    starting with "." allows it and every subdomain (".example.org")."""
+    names = [item.lower() for item in re.split(r"[\s,]+", text.strip()) if item]
+    if not names:
+        return None
+    for name in names:
+        if not _HOST_NAME_RE.fullmatch(name):
+            raise ConfigError("%s [server] allowed_hosts: %r is not a host name (no scheme, port "
+                              "or path: example.org, .example.org, 192.0.2.7, [2001:db8::1])"
+                              % (where, name))
+    exact = frozenset(name.lstrip(".") for name in names)
+    suffixes = tuple(name for name in names if name.startswith("."))
+    return exact, suffixes
+
+
+def host_allowed(allowed, host_field):
+    """Whether a Host field value ("example.org:8000", "[::1]:80") names an allowed host."""
+    if host_field.startswith("["):
+        name = host_field.partition("]")[0] + "]"
+    else:
+        name = host_field.partition(":")[0]
+    name = name.lower().rstrip(".")
+    exact, suffixes = allowed
+    return name in exact or (bool(suffixes) and name.endswith(suffixes))
 
 
 def _set_value(values, section, key, raw, where):
@@ -342,6 +380,11 @@ METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 class RouteError(Exception):
     """A bad or conflicting ROUTES table; start-up stops with this message."""
+
+
+class NotRouted(HTTPError):
+    """The 404 of a request that no route and no page answered: the only kind of 404 that
+    scanner detection counts (a handler's "no such note" is ordinary use)."""
 
 
 Route = collections.namedtuple("Route", "method pattern handler names origin")
@@ -476,8 +519,10 @@ def _allowed_methods(routes):
 # smuggling exploits. Runs in worker threads on a complete head (the reactor found its end).
 
 _TCHARS = "!#$%&'*+.^_`|~0-9A-Za-z-"
-_REQUEST_LINE_RE = re.compile(r"([%s]+) ([^\x00-\x20\x7f]+) HTTP/(\d)\.(\d)" % _TCHARS)
-_REQUEST_LINE_BYTES_RE = re.compile(rb"[%s]+ [^\x00-\x20\x7f]+ HTTP/\d\.\d" % _TCHARS.encode())
+# [0-9], not \d: in a str pattern \d matches every Unicode digit (Arabic-Indic, Devanagari...)
+_REQUEST_LINE_RE = re.compile(r"([%s]+) ([^\x00-\x20\x7f]+) HTTP/([0-9])\.([0-9])" % _TCHARS)
+_REQUEST_LINE_BYTES_RE = re.compile(rb"[%s]+ [^\x00-\x20\x7f]+ HTTP/[0-9]\.[0-9]"
+                                    % _TCHARS.encode())
 _METHOD_PREFIX_RE = re.compile(rb"[%s]{1,32}(?: |$)" % _TCHARS.encode())
 _BAD_VALUE_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 # All field lines in one match: each a token, a colon and a value without controls (HTAB
@@ -486,6 +531,10 @@ _BAD_VALUE_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _FIELD = r"[%s]+:[^\x00-\x08\x0a-\x1f\x7f]*" % _TCHARS
 _FIELD_LINES_RE = re.compile(r"(?:%s(?:\r\n%s)*)?" % (_FIELD, _FIELD))
 _HOST_RE = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
+# Optional whitespace is SP and HTAB only (RFC 9110 section 5.6.3). str.strip() with no argument
+# would also strip NBSP (0xA0) and NEL (0x85) of a latin-1 decoded head: a smuggling lever, since
+# a proxy in front reads "chunked\xa0" as an unknown coding.
+_OWS = " \t"
 _TCHAR_BYTES = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
                          b"abcdefghijklmnopqrstuvwxyz")
 
@@ -519,7 +568,7 @@ def parse_head(head_bytes, settings):
     fields = {}
     for line in lines[1:]:
         name, _, value = line.partition(":")
-        fields.setdefault(name.lower(), []).append(value.strip(" \t"))
+        fields.setdefault(name.lower(), []).append(value.strip(_OWS))
     head.fields = fields
     _read_framing(head)
     return head
@@ -537,7 +586,7 @@ def _read_framing(head):
     if hosts and not _HOST_RE.fullmatch(hosts[0]):
         raise HTTPError(400, "invalid Host header")
     connection = fields.get("connection")
-    tokens = {t.strip().lower() for v in connection for t in v.split(",")} if connection else ()
+    tokens = {t.strip(_OWS).lower() for v in connection for t in v.split(",")} if connection else ()
     if head.version == "HTTP/1.1":
         head.keep_alive = "close" not in tokens
     else:
@@ -548,8 +597,9 @@ def _read_framing(head):
     if "transfer-encoding" not in fields and "content-length" not in fields \
             and "expect" not in fields:
         return   # a request without a body, nearly every GET
-    codings = [t.strip().lower() for v in fields.get("transfer-encoding", ()) for t in v.split(",")]
-    lengths = {v.strip() for line in fields.get("content-length", ()) for v in line.split(",")}
+    codings = [t.strip(_OWS).lower() for v in fields.get("transfer-encoding", ())
+               for t in v.split(",")]
+    lengths = {v.strip(_OWS) for line in fields.get("content-length", ()) for v in line.split(",")}
     if codings:
         if head.version == "HTTP/1.0":
             raise HTTPError(400, "Transfer-Encoding is not allowed in HTTP/1.0")
@@ -587,7 +637,10 @@ def split_target(head):
     scheme = target[:8].lower()
     if scheme.startswith("http://") or scheme.startswith("https://"):
         # absolute-form: the authority replaces Host (section 3.2.2)
-        parts = urllib.parse.urlsplit(target)
+        try:
+            parts = urllib.parse.urlsplit(target)
+        except ValueError:   # "http://[zz]/": urlsplit checks bracketed hosts and raises
+            raise HTTPError(400, "invalid request target") from None
         if not _HOST_RE.fullmatch(parts.netloc) or "@" in parts.netloc:
             raise HTTPError(400, "invalid request target")
         head.fields["host"] = [parts.netloc]
@@ -682,6 +735,7 @@ class BodyReader:
         self.continue_sent = False
         self.done = False
         self.broken = False   # framing lost: the connection must close after the response
+        self.failure = None   # the HTTPError that ended a drain (see drain)
         self.received = 0
 
     def read(self, size=-1):
@@ -698,7 +752,8 @@ class BodyReader:
         return self._read_some(size) if size else b""
 
     def drain(self, limit):
-        """Read and drop the rest of the body; False if more than ``limit`` bytes remain."""
+        """Read and drop the rest of the body; False if more than ``limit`` bytes remain or it
+        cannot be read. A body that is malformed or too large leaves its error in ``failure``."""
         try:
             while not self.done:
                 if self._remaining_hint() > limit:
@@ -706,7 +761,8 @@ class BodyReader:
                 limit -= len(self._read_some(65536))
                 if limit < 0:
                     return False
-        except HTTPError:
+        except HTTPError as error:
+            self.failure = error
             return False
         return True
 
@@ -837,6 +893,9 @@ _NO_BODY_STATUSES = frozenset([204, 304])
 _SMALL_BODY_BYTES = 256 * 1024
 _HEADER_NAME_RE = re.compile(r"[%s]+" % _TCHARS)
 _date_cache = [0, ""]
+# On every response: a browser must not guess a type other than the one sent (a JSON body
+# holding "<script>" would otherwise run as HTML). Handlers must not set it themselves.
+_NOSNIFF = "X-Content-Type-Options: nosniff\r\n"
 
 
 def http_date(now=None):
@@ -887,8 +946,8 @@ def _render_field(field):
 def render_head(status, headers, length, keep_alive, version):
     """The response head as bytes; ``length`` None means chunked (or close-delimited)."""
     rendered = _rendered_fields
-    lines = ["HTTP/1.1 %d %s\r\nDate: %s\r\nServer: onebox\r\n"
-             % (status, REASONS.get(status, "Unknown"), http_date())]
+    lines = ["HTTP/1.1 %d %s\r\nDate: %s\r\nServer: onebox\r\n%s"
+             % (status, REASONS.get(status, "Unknown"), http_date(), _NOSNIFF)]
     lines += [rendered.get(field) or _render_field(field) for field in headers]
     if status not in _NO_BODY_STATUSES and status >= 200:
         if length is not None:
@@ -1027,18 +1086,43 @@ def _log_escape(text):
 
 
 class AccessLog:
-    """Buffered access log; ``log`` may be called from any thread."""
+    """Buffered access log. ``log`` may be called from any thread and never waits on the
+    stream: lines queue in memory and one flusher thread writes them at least every
+    ``flush_interval_s`` (sooner once FLUSH_BYTES wait), so a request costs no system call.
+
+    A stream that stops taking lines (stdout piped to a reader that stalls) blocks only the
+    flusher. The queue is bounded by ``buffer_bytes``: past it lines are dropped and counted,
+    with a notice on the error log at most once a minute. The flusher is a daemon thread that
+    writes with ``os.write`` on the stream's descriptor, holding no Python lock while it
+    waits, so a stalled reader can neither stop serving nor stop the process from exiting
+    (a daemon thread blocked inside ``sys.stdout``'s buffer would abort interpreter exit:
+    "could not acquire lock for <_io.BufferedWriter name='<stdout>'>"). Streams without a
+    descriptor (the tests' captures) are written with ``write``.
+
+    Fields: ``pending``, ``pending_bytes``, ``dropped`` and ``_noticed_at`` are guarded by
+    ``lock`` (written by any thread that logs, and by the flusher); ``_flush_lock`` keeps
+    two flushes from interleaving their writes.
+    """
 
     FLUSH_BYTES = 64 * 1024
+    NOTICE_INTERVAL_S = 60.0
+    CLOSE_WAIT_S = 1.0   # at exit, how long a stalled stream may delay it
 
-    def __init__(self, stream, flush_interval_s):
+    def __init__(self, stream, flush_interval_s, buffer_bytes=1 << 20, notice=None):
         self.stream = stream
         self.interval = flush_interval_s
-        self.lock = threading.Lock()   # guards pending and pending_bytes
+        self.buffer_bytes = buffer_bytes
+        self._notice = notice or (lambda message: None)
+        self._fd = _descriptor_of(stream)
+        self.lock = threading.Lock()
         self.pending = []
         self.pending_bytes = 0
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="onebox-log")
+        self.dropped = 0
+        self._noticed_at = -self.NOTICE_INTERVAL_S
+        self._flush_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = False
+        self.thread = threading.Thread(target=self._run, name="onebox-log", daemon=True)
         self._time_cache = (0, "")
 
     def start(self):
@@ -1055,31 +1139,74 @@ class AccessLog:
             _log_escape(referer), _log_escape(agent), seconds * 1000,
             " " + note if note else "")
         with self.lock:
-            self.pending.append(line)
-            self.pending_bytes += len(line)
+            if self.pending_bytes + len(line) > self.buffer_bytes:
+                self.dropped += 1
+                notice = self._notice_due_locked()
+            else:
+                self.pending.append(line)
+                self.pending_bytes += len(line)
+                notice = None
             full = self.pending_bytes >= self.FLUSH_BYTES
         if full:
-            self.flush()
+            self._wake.set()
+        if notice:
+            self._notice(notice)
+
+    def _notice_due_locked(self):
+        now = time.monotonic()
+        if now - self._noticed_at < self.NOTICE_INTERVAL_S:
+            return None
+        self._noticed_at = now
+        return ("access log: %d lines dropped so far: the access log stream is not taking "
+                "them (is stdout read?)" % self.dropped)
 
     def flush(self):
-        with self.lock:
-            lines, self.pending, self.pending_bytes = self.pending, [], 0
-        if lines:
-            try:
-                self.stream.write("".join(lines))
+        with self._flush_lock:
+            with self.lock:
+                lines, self.pending, self.pending_bytes = self.pending, [], 0
+            if lines:
+                self._write("".join(lines))
+
+    def _write(self, text):
+        try:
+            if self._fd is None:
+                self.stream.write(text)
                 self.stream.flush()
-            except (OSError, ValueError):
-                pass  # stdout gone (closed pipe): logging must never take the server down
+                return
+            data = memoryview(text.encode("utf-8", "backslashreplace"))
+            while data:
+                data = data[os.write(self._fd, data):]
+        except (OSError, ValueError):
+            pass  # stdout gone (closed pipe): logging must never take the server down
 
     def _run(self):
-        while not self.stopped.wait(self.interval):
+        while not self._stopping:
+            self._wake.wait(self.interval)
+            self._wake.clear()
             self.flush()
 
     def close(self):
-        self.stopped.set()
+        """Write what is queued, waiting at most CLOSE_WAIT_S for a stalled stream."""
+        self._stopping = True
+        self._wake.set()
         if self.thread.is_alive():
-            self.thread.join()
-        self.flush()
+            self.thread.join(self.CLOSE_WAIT_S)
+        if self.thread.is_alive():
+            with self.lock:
+                lost = self.dropped + len(self.pending)
+            self._notice("access log: the stream is not taking lines; %d lines lost at exit"
+                         % lost)
+        else:
+            self.flush()
+
+
+def _descriptor_of(stream):
+    """The OS descriptor under a text stream (its buffer flushed first), or None."""
+    try:
+        stream.flush()
+        return stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 # --- connections ------------------------------------------------------------------------------
@@ -1201,6 +1328,12 @@ def _send_at_once(sock, response):
                               "HTTP/1.1") + response.body, MSG_DONTWAIT)
     except OSError:
         pass
+
+
+def _has_bare_lf(buf):
+    """Whether an unfinished head holds an LF that is not part of a CRLF (rare: checked only
+    while a head is incomplete)."""
+    return b"\n" in buf and buf.count(b"\n") != buf.count(b"\r\n")
 
 
 class _Reactor:
@@ -1358,6 +1491,13 @@ class _Reactor:
             return
         end = buf.find(b"\r\n\r\n")
         line_end = buf.find(b"\r\n")
+        if end < 0 and _has_bare_lf(buf):
+            # RFC 9112 section 2.2 lets a server take a lone LF as a line end; onebox refuses
+            # it at once instead (a head with LF ends never completes, so it would otherwise
+            # wait out header_timeout_s): every real client sends CRLF, and reading line ends
+            # differently from a proxy in front is how requests are smuggled.
+            self._reject(conn, 400, "line ends must be CRLF")
+            return
         if line_end < 0:
             if len(buf) > settings.max_request_line_bytes:
                 self._reject(conn, 414, "request line too long")
@@ -1563,33 +1703,54 @@ class _Workers:
         raw_head = bytes(conn.buf[:end])
         del conn.buf[:end + 4]
         head = request = reader = verdict = None
+        unrouted = False
         try:
-            # 1. Parse and check the head; build the request and its body reader.
-            head = parse_head(raw_head, settings)
-            reader = self._body_reader(conn, head)
-            request = self._build_request(conn, head, reader)
+            # 1. Parse and check the head; build the request and its body reader. Whatever
+            # else the client's bytes make the parser raise is a 400 too, logged in one line:
+            # a traceback per request would let anyone fill the error log.
+            try:
+                head = parse_head(raw_head, settings)
+                reader = self._body_reader(conn, head)
+                request = self._build_request(conn, head, reader)
+            except HTTPError:
+                raise
+            except Exception as error:
+                self.log_error("unparsable request from %s: %s" % (conn.ip, type(error).__name__))
+                raise HTTPError(400, "malformed request") from None
             # 2. The abuse guard (429, 403, or a dry-run note), then route and run the handler
             # (or a static page).
             verdict = self.guard.check(request, conn.client)
             if verdict is not None and not verdict.dry_run:
                 raise HTTPError(verdict.status, verdict.message, verdict.headers)
             response = self._dispatch(request)
+        except NotRouted as error:
+            unrouted = True
+            response = self._error_for(request, error)
         except HTTPError as error:
             response = self._error_for(request, error)
         # a request that could not even be built leaves the framing in doubt: close
         keep_alive = request is not None and head.keep_alive and not self._stopping
         if verdict is not None and verdict.close:
             keep_alive = False  # a banned client reconnects, and meets the ban at accept
-        # 3. Whatever body the handler left unread is drained, or the connection closes.
+        # 3. Whatever body the handler left unread is drained (judging its framing) before the
+        # answer goes out: a malformed or oversized body turns the answer into its 400 or 413.
+        # Past max_drain_bytes, with the client waiting for 100 Continue, or when the request
+        # was refused before it was built, the connection closes instead.
         if reader is not None and not reader.done:
             if reader.broken or (reader.expect_continue and not reader.continue_sent):
                 keep_alive = False
-            elif keep_alive:
-                keep_alive = reader.drain(settings.max_drain_bytes)
-        # 4. A 404 counts toward scanner detection (before the client can see the answer, so
-        # that its next request meets the ban); then write the response.
+            elif request is None or not reader.drain(settings.max_drain_bytes):
+                keep_alive = False
+                if reader.failure is not None and reader.failure.status in (400, 413):
+                    response = error_response(request, reader.failure.status,
+                                              reader.failure.message)
+        # 4. A request the parser refused is a strike, and a 404 that no route or page answered
+        # counts toward scanner detection (a handler's own "no such note" does not), before the
+        # client can see the answer, so that its next request meets the ban. Then write it.
         note = verdict.note if verdict is not None else None
-        if response.status == 404 and request is not None:
+        if request is None:
+            note = self.guard.saw_bad_request(conn.ip, conn.client, response.status) or note
+        elif unrouted:
             note = self.guard.saw_404(request, conn.client) or note
         version = head.version if head is not None else "HTTP/1.1"
         head_only = request is not None and request.method == "HEAD"
@@ -1634,6 +1795,10 @@ class _Workers:
         if head.content_length > self.settings.max_body_bytes:
             raise HTTPError(413, "request body too large")  # before reading a byte of it
         raw_path, query = split_target(head)
+        allowed = self.config.allowed_hosts
+        if allowed is not None and not host_allowed(allowed, (head.fields.get("host") or ("",))[0]):
+            # RFC 9110 section 15.5.20; a browser sent here by DNS rebinding names another host
+            raise HTTPError(421, "this server does not serve that host")
         path, segments = decode_path(raw_path)
         return Request(head.method, head.target, path, segments, query,
                        Headers(head.fields), conn.ip, head.version, reader)
@@ -1659,7 +1824,7 @@ class _Workers:
             if method == "OPTIONS":
                 return Response(b"", 204, [("Allow", _static.STATIC_METHODS)])
             raise HTTPError(405, "method not allowed", [("Allow", _static.STATIC_METHODS)])
-        raise HTTPError(404, "not found")
+        raise NotRouted(404, "not found")
 
     def _call(self, handler, request):
         try:
@@ -1713,7 +1878,8 @@ class OneboxServer(_Reactor, _Workers, http.server.ThreadingHTTPServer):
         response_cache.configure(config.cache.max_entries, config.cache.max_bytes)
         self.access_log = None
         if settings.access_log:
-            self.access_log = AccessLog(access_stream or sys.stdout, settings.log_flush_interval_s)
+            self.access_log = AccessLog(access_stream or sys.stdout, settings.log_flush_interval_s,
+                                        settings.log_buffer_bytes, self.log_error)
         self.address_family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
         super().__init__((settings.host, settings.port), http.server.BaseHTTPRequestHandler,
                          bind_and_activate=False)
@@ -1724,6 +1890,10 @@ class OneboxServer(_Reactor, _Workers, http.server.ThreadingHTTPServer):
             self.server_close()
             raise
         self.socket.setblocking(False)
+        if config.allowed_hosts is None and not _is_loopback(settings.host):
+            self.log_error("listening on %s with any Host allowed: set allowed_hosts in [server] "
+                           "(e.g. allowed_hosts = example.org) so that DNS rebinding cannot "
+                           "reach this server from a browser" % settings.host)
         seconds = int(settings.write_timeout_s)
         self._send_timeout = struct.pack(   # a struct timeval, for SO_SNDTIMEO at each accept
             "ll", seconds, int((settings.write_timeout_s - seconds) * 1e6))
@@ -1750,6 +1920,7 @@ class OneboxServer(_Reactor, _Workers, http.server.ThreadingHTTPServer):
         self._busy = set()
         self._backup_requested = False
         self._backup_thread = None
+        self._sighup_received = False
         self.stuck_workers = 0
         self._open = 0
         self._per_ip = {}
@@ -1789,6 +1960,10 @@ class OneboxServer(_Reactor, _Workers, http.server.ThreadingHTTPServer):
                 self._reactor_step()
                 if self._backup_requested:
                     self._start_backup()
+                if self._sighup_received:
+                    self._sighup_received = False
+                    self.log_error("SIGHUP received and ignored: onebox cannot reload yet; "
+                                   "restart it to apply changes")
             self._drain()
         finally:
             if self._backup_thread is not None:
@@ -1839,6 +2014,12 @@ class OneboxServer(_Reactor, _Workers, http.server.ThreadingHTTPServer):
     def request_backup(self):
         """Ask for a snapshot in data_dir/backups/ (SIGUSR1); safe from signal handlers."""
         self._backup_requested = True
+        self._wake()
+
+    def note_sighup(self):
+        """SIGHUP: logged (by the reactor) and ignored; safe from signal handlers. Its default
+        action would kill the process without a drain."""
+        self._sighup_received = True
         self._wake()
 
     def _start_backup(self):
@@ -1903,6 +2084,10 @@ class OneboxServer(_Reactor, _Workers, http.server.ThreadingHTTPServer):
             conn, _ = self._returned.popleft()
             if conn in self._busy:
                 self._close(conn)
+
+
+def _is_loopback(host):
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def make_server(port=0, host="127.0.0.1", pages_dir=None, data_dir=None, config=None,
@@ -1997,6 +2182,7 @@ def main(argv=None):
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: server.begin_shutdown())
     signal.signal(signal.SIGUSR1, lambda *_: server.request_backup())
+    signal.signal(signal.SIGHUP, lambda *_: server.note_sighup())
     print("listening on %s" % server.url, flush=True)
     try:
         server.serve_forever()

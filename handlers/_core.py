@@ -39,6 +39,7 @@ Request objects are built by the runtime, one per request, and used by one threa
 plain values. Neither holds a lock.
 """
 import json
+import re
 
 from handlers import _forms
 from handlers._limits import Limiter, Policy, limiter, rate_limit_headers  # noqa: F401
@@ -181,13 +182,25 @@ class Request:
             raise HTTPError(400, "request body must be UTF-8 text") from None
 
     def json(self):
+        """The body parsed as JSON. 415 unless Content-Type says JSON: a cross-site HTML form
+        can post text/plain to any address without the browser asking first (CORS "simple
+        requests"), but not application/json. 400 for bad JSON, and for text that is not
+        Unicode (a lone surrogate, "\\ud800", which json.loads accepts but no store, response
+        or log can encode)."""
+        media_type = self.headers.get("content-type", "").partition(";")[0].strip(" \t").lower()
+        if media_type != "application/json" and not media_type.endswith("+json"):
+            raise HTTPError(415, "request body must be JSON, sent as "
+                                 "Content-Type: application/json")
         raw = self.body()
         if not raw:
             raise HTTPError(400, "request body must be JSON, got an empty body")
         try:
-            return json.loads(raw)
+            value = json.loads(raw)
         except (ValueError, RecursionError):
             raise HTTPError(400, "request body is not valid JSON") from None
+        if _SURROGATE_HINT_RE.search(raw) and _has_lone_surrogate(value):
+            raise HTTPError(400, "request body holds a lone surrogate (not Unicode text)")
+        return value
 
     def form(self):
         """The submitted form as a ``_forms.Form`` (fields and uploaded files)."""
@@ -196,6 +209,29 @@ class Request:
             return _forms.parse_form(content_type, self.body())
         except _forms.FormError as error:
             raise HTTPError(400, str(error)) from None
+
+
+# A lone surrogate reaches json.loads as an escape (\\ud800) or as CESU-8 bytes (ED A0 80, which
+# json.loads decodes with "surrogatepass"). Bodies without either skip the walk below.
+_SURROGATE_HINT_RE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+
+
+def _has_lone_surrogate(value):
+    """Whether any string (key or value) in parsed JSON holds an unpaired surrogate."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 class Response:
@@ -228,7 +264,12 @@ class Response:
 
 
 def json_response(data, status=200, headers=None):
-    body = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    try:
+        body = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        # a lone surrogate (stored before request.json() refused them): \u escapes are
+        # still valid JSON, where UTF-8 cannot hold it
+        body = json.dumps(data, separators=(",", ":")).encode("ascii")
     return Response(body, status, headers, "application/json")
 
 

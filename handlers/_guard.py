@@ -457,6 +457,18 @@ class Guard(object):
                             % (policy.scanner_404_paths, policy.scanner_window_s), dry)
         return "guard=%s:scanner" % outcome if outcome else None
 
+    def saw_bad_request(self, client_ip, key, status):
+        """Count a request refused before routing (one the parser could not accept: 400, 413,
+        431...) as a strike, as a 429 is; returns an access-log note if it earned a ban.
+        ``key`` None (a trusted proxy's connection whose request named no client) is skipped:
+        the proxy speaks for many clients."""
+        policy = self.policy
+        if key is None or not policy.enabled or client_ip in policy.allow_cidrs:
+            return None
+        verdict = Verdict(status, "", [], "bad_request")
+        self._strike(key, verdict)
+        return verdict.note if verdict.ban else None
+
     def _banned(self, key):
         now = self._wall()
         expired_record = False

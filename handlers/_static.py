@@ -670,7 +670,6 @@ class StaticPages:
         head += validators
         if variant.coding == "identity":
             head.append(("Accept-Ranges", "bytes"))  # ranges are of identity bytes only
-        head.append(("X-Content-Type-Options", "nosniff"))
         variant.headers = head + self.extra_headers
         variant.headers_304 = validators + self.extra_headers
 
@@ -842,8 +841,7 @@ class StaticPages:
     # -- other answers ---------------------------------------------------------------------
     def _plain(self, status, message, headers):
         """A short error (412, 416) that carries no freshness: caches must not keep it."""
-        head = [("Content-Type", "text/plain; charset=utf-8"),
-                ("X-Content-Type-Options", "nosniff")] + headers + self.extra_headers
+        head = [("Content-Type", "text/plain; charset=utf-8")] + headers + self.extra_headers
         return Response((message + "\n").encode(), status, head)
 
     def _redirect(self, request):
@@ -876,8 +874,8 @@ class StaticPages:
         page = ('<!doctype html>\n<html lang="en"><meta charset="utf-8"><title>Index of %s'
                 '</title>\n<h1>Index of %s</h1>\n<ul>\n%s\n</ul>\n</html>\n'
                 % (title, title, "\n".join(rows)))
-        head = [("Content-Type", "text/html; charset=utf-8"), ("Cache-Control", "no-cache"),
-                ("X-Content-Type-Options", "nosniff")] + self.extra_headers
+        head = [("Content-Type", "text/html; charset=utf-8"), ("Cache-Control", "no-cache")
+                ] + self.extra_headers
         return Response(page.encode("utf-8"), 200, head)
 
     def not_found_page(self, request):
@@ -890,8 +888,7 @@ class StaticPages:
             if not isinstance(found, FileEntry):
                 return None
             identity = found.identity
-            head = [("Content-Type", found.content_type),
-                    ("X-Content-Type-Options", "nosniff")] + self.extra_headers
+            head = [("Content-Type", found.content_type)] + self.extra_headers
             if identity.body is not None:
                 return Response(identity.body, 404, head)
             return _file_response(_open_checked(identity), 404, head, 0, identity.size)

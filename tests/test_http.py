@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import raw_exchange, read_until_close, request, status_of
+from conftest import onebox, raw_exchange, read_until_close, request, status_of
 
 
 def get_ok(server):
@@ -191,7 +191,95 @@ MALFORMED = [
     (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40, 400),  # TLS ClientHello
     (b"\x00\x01\x02garbage\r\n\r\n", 400),
     (b"HELLO THERE\r\n\r\n", 400),
+    # only SP and HTAB are whitespace (RFC 9110 section 5.6.3): NBSP and NEL are not
+    (b"POST /hello/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\xa0\r\n\r\n{}", 400),
+    (b"POST /hello/echo HTTP/1.1\r\nHost: x\r\nContent-Length: \x852\r\n\r\n{}", 400),
+    (b"POST /hello/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\xa0\r\n\r\n"
+     b"0\r\n\r\n", 400),
+    (b"POST /hello/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: \x85chunked\r\n\r\n"
+     b"0\r\n\r\n", 400),
+    # absolute-form with a bracketed host that is not an address: urlsplit raises
+    (b"GET http://[zz]/ HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    (b"GET http://[::1/ HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    # a static GET whose unread chunked body is malformed: judged before the answer goes out
+    (b"GET / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n\r\n", 400),
+    (b"GET /hello HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+     b"3\r\nabcX\r\n0\r\n\r\n", 400),
 ]
+
+
+@pytest.mark.parametrize("data", [
+    b"GET /hello HTTP/1.1\nHost: x\n\n",                 # bare LF throughout
+    b"GET /hello HTTP/1.1\r\nHost: x\n\n",              # bare LF after the request line
+    b"GET /hello HTTP/1.1\r\nHost: x\r\nX: y\n",       # ...in a head still unfinished
+])
+def test_bare_lf_heads_are_refused_at_once(start_server, data):
+    server = start_server(config={"header_timeout_s": 10})
+    started = time.monotonic()
+    raw = raw_exchange(server, data, timeout=5)
+    assert status_of(raw) == 400 and b"line ends must be CRLF" in raw
+    assert time.monotonic() - started < 2   # not the 10 s head deadline
+    get_ok(server)
+
+
+def test_nel_and_nbsp_are_not_whitespace_in_connection(server):
+    # "close\x85" is not the token "close": the connection stays open for the next request
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    sock.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\x85\r\n\r\n"
+                 b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    raw = read_until_close(sock)
+    sock.close()
+    assert raw.count(b"HTTP/1.1 200 OK") == 2
+
+
+def test_parse_errors_count_as_strikes_and_log_no_traceback(start_server):
+    server = start_server(config={"limits.ban_after_rejections": 3, "limits.ban_window_s": 60})
+    for _ in range(4):
+        raw = raw_exchange(server, b"GET http://[zz]/ HTTP/1.1\r\nHost: x\r\n\r\n",
+                           source="127.0.0.3")
+        assert status_of(raw) == 400
+    status = status_of(raw_exchange(server, b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n",
+                                    source="127.0.0.3"))
+    assert status == 403 or status is None   # banned (403, or closed at accept)
+    assert "banned 127.0.0.3" in server.error_text()
+    assert "Traceback" not in server.error_text()
+    assert "guard=ban:bad_request" in server.access_text() or "+ban" in server.access_text()
+    get_ok(server)                           # 127.0.0.1 is someone else
+
+
+def test_every_response_says_nosniff(server):
+    for method, path in (("GET", "/hello"), ("GET", "/hello/x"), ("GET", "/nope"),
+                         ("DELETE", "/hello"), ("GET", "/")):
+        assert request(server, method, path)[1]["x-content-type-options"] == "nosniff", path
+    raw = raw_exchange(server, b"HELLO THERE\r\n\r\n")      # an early reject, too
+    assert b"X-Content-Type-Options: nosniff\r\n" in raw
+
+
+def test_allowed_hosts_answers_other_hosts_421(start_server):
+    server = start_server(config={"allowed_hosts": "example.org .example.net [::1] 127.0.0.1"})
+    for host in ("example.org", "EXAMPLE.ORG:8000", "example.net", "a.b.example.net:1",
+                 "127.0.0.1:80", "[::1]:8000"):
+        assert request(server, "GET", "/hello", headers={"Host": host})[0] == 200, host
+    for host in ("evil.example", "example.org.evil", "xexample.net", "10.0.0.1"):
+        status, _, body = request(server, "GET", "/hello", headers={"Host": host})
+        assert (status, body) == (421, b"this server does not serve that host\n"), host
+    raw = raw_exchange(server, b"GET http://evil.example/hello HTTP/1.1\r\nHost: example.org"
+                               b"\r\n\r\n")
+    assert status_of(raw) == 421   # absolute-form: its authority is the host (RFC 9112 3.2.2)
+    assert "any Host allowed" not in server.error_text()
+
+
+def test_listening_beyond_loopback_without_allowed_hosts_warns(start_server):
+    server = start_server(host="0.0.0.0")
+    assert "with any Host allowed: set allowed_hosts" in server.error_text()
+    quiet = start_server()
+    assert "allowed_hosts" not in quiet.error_text()
+
+
+@pytest.mark.parametrize("value", ["http://example.org", "example.org:80", "exa mple/x", "a..b"])
+def test_allowed_hosts_refuses_what_is_not_a_host_name(value):
+    with pytest.raises(onebox.ConfigError, match="allowed_hosts"):
+        onebox.load_config(None, {"allowed_hosts": value})
 
 
 @pytest.mark.parametrize("data, expected", MALFORMED)

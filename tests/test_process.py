@@ -1,4 +1,5 @@
-"""The real `python3 server.py` as a user runs it: config, --check, start-up line, logs, SIGTERM."""
+"""The real `python3 server.py` as a user runs it: config, --check, start-up line, logs, signals."""
+import http.client
 import os
 import re
 import signal
@@ -103,6 +104,81 @@ def test_readme_documents_every_setting_and_the_two_commands():
     for section, settings in onebox.SETTINGS.items():
         for setting in settings:
             assert "| `%s` |" % setting.name in text, "README lacks [%s] %s" % (section, setting.name)
-    assert "python3 server.py" in text and "python3 -m pytest" in text
+    commands = re.search(r"## The two commands\n\n```sh\n(.*?)```", text, re.S).group(1)
+    assert [line.split("#")[0].strip() for line in commands.splitlines()] == [
+        "python3 server.py", "tests/run"]
     with open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8") as ci:
-        assert "python3 -m pytest" in ci.read()  # CI runs exactly the README's test command
+        assert 'PYTHON="$python" tests/run\n' in ci.read()  # exactly the README's test command
+
+
+def start_process(tmp_path, *flags, stdout=subprocess.PIPE):
+    """`python3 server.py --port 0 FLAGS` with stderr in a file; returns (process, base URL)."""
+    errors = open(tmp_path / "stderr.txt", "w+")
+    process = subprocess.Popen(
+        [sys.executable, SERVER, "--port", "0", "--data-dir", str(tmp_path / "data")] + list(flags),
+        stdout=stdout, stderr=errors)
+    errors.close()
+    line = process.stdout.readline().decode()
+    match = re.match(r"listening on http://127\.0\.0\.1:(\d+)/$", line.strip())
+    assert match, line
+    return process, int(match.group(1))
+
+
+def stop_process(process, timeout):
+    """SIGTERM; the exit status, or None if it did not exit within ``timeout`` (then killed)."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return None
+    finally:
+        end_process(process)
+
+
+def end_process(process):
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+    process.stdout.close()
+
+
+def test_a_stalled_stdout_neither_stops_serving_nor_exit(tmp_path):
+    # stdout is a pipe that nobody reads after the first line: it fills at 64 KiB (~500 lines)
+    process, port = start_process(tmp_path, "--limits-enabled", "off", "--log-buffer-bytes", "16384",
+                                  "--shutdown-timeout-s", "2")
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        for number in range(1500):
+            connection.request("GET", "/hello")
+            response = connection.getresponse()
+            assert (response.status, response.read()) == (200, b"hello, world\n"), number
+        connection.close()
+        started = time.monotonic()
+        status = stop_process(process, timeout=10)
+    finally:
+        end_process(process)
+    assert status == 0
+    assert time.monotonic() - started < 2 + 1 + 2   # shutdown_timeout_s, the log's wait, slack
+    errors = (tmp_path / "stderr.txt").read_text()
+    assert re.search(r"access log: \d+ lines dropped so far", errors), errors
+    assert errors.count("lines dropped so far") == 1          # at most one notice a minute
+    assert "Traceback" not in errors
+
+
+def test_sighup_is_logged_and_ignored(tmp_path):
+    process, port = start_process(tmp_path)
+    try:
+        process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while "SIGHUP" not in (tmp_path / "stderr.txt").read_text():
+            assert time.monotonic() < deadline, "no SIGHUP line on stderr"
+            time.sleep(0.05)
+        assert subprocess.run(["curl", "-sS", "http://127.0.0.1:%d/hello" % port],
+                              capture_output=True, timeout=10).stdout == b"hello, world\n"
+        process.send_signal(signal.SIGTERM)
+        out = process.communicate(timeout=15)[0].decode()
+        assert process.returncode == 0
+    finally:
+        end_process(process)
+    assert "SIGHUP received and ignored" in (tmp_path / "stderr.txt").read_text()
+    assert '"GET /hello HTTP/1.1" 200' in out   # the drain flushed the access log

@@ -79,3 +79,48 @@ def test_malformed_forms_get_400(app, content_type, body):
 def test_too_many_query_fields_get_400(app):
     query = "&".join("k%d=v" % n for n in range(1001))
     assert request(app, "GET", "/t/inspect/x?" + query)[0] == 400
+
+
+# --- JSON bodies: only declared JSON, only Unicode text --------------------------------------
+
+def parsed(request):
+    return {"got": request.json()}
+
+
+def stored_surrogate(request):
+    return {"text": "\ud800"}   # as a value stored before lone surrogates were refused
+
+
+@pytest.fixture
+def json_app(start_server):
+    return start_server(routes=[("POST", "/t/json", parsed), ("GET", "/t/legacy", stored_surrogate)])
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "application/json; charset=utf-8",
+                                          "Application/JSON", "application/merge-patch+json"])
+def test_json_accepts_json_media_types(json_app, content_type):
+    status, _, body = request(json_app, "POST", "/t/json", b'{"a":"\xc3\xa9\\ud83d\\ude00"}',
+                              {"Content-Type": content_type})
+    assert (status, json.loads(body)) == (200, {"got": {"a": "\u00e9\U0001F600"}})
+
+
+@pytest.mark.parametrize("headers", [{"Content-Type": "text/plain"},   # what a cross-site form sends
+                                     {"Content-Type": "application/x-www-form-urlencoded"},
+                                     {"Content-Type": "multipart/form-data; boundary=x"},
+                                     {}])
+def test_json_refuses_other_media_types_with_415(json_app, headers):
+    status, _, body = request(json_app, "POST", "/t/json", b'{"a":1}', headers)
+    assert status == 415 and b"Content-Type: application/json" in body
+
+
+@pytest.mark.parametrize("raw", [b'{"text":"\\ud800"}', b'["ok","\\uDC00x"]', b'{"\\udbff":1}',
+                                 b'"\xed\xa0\x80"'])           # CESU-8 bytes of U+D800
+def test_json_refuses_lone_surrogates_with_400(json_app, raw):
+    status, _, body = request(json_app, "POST", "/t/json", raw,
+                              {"Content-Type": "application/json"})
+    assert (status, body) == (400, b"request body holds a lone surrogate (not Unicode text)\n")
+
+
+def test_json_response_escapes_a_lone_surrogate_instead_of_failing(json_app):
+    status, _, body = request(json_app, "GET", "/t/legacy")
+    assert (status, body) == (200, b'{"text":"\\ud800"}')
