@@ -387,6 +387,17 @@ def test_scanner_is_banned_after_too_many_distinct_404s(start_server):
     assert [key for key, *_ in server.guard.bans()] == ["127.0.0.2"]
 
 
+def test_only_404s_that_no_route_matched_count_as_scanning(start_server):
+    """A handler's own 404 (a note id that does not exist) is an answer, not a probe: an app
+    that looks notes up by id must not ban its users. Unknown paths are what scanners walk."""
+    server = start_server(config={"limits.scanner_404_paths": 3, "limits.ban_s": 60})
+    for n in range(101, 106):
+        assert get(server, "/api/notes/%d" % n, "127.0.0.2")[0] == 404
+    assert get(server, "/hello", "127.0.0.2")[0] == 200
+    assert [get(server, "/nope/%d" % n, "127.0.0.3")[0] for n in range(1, 6)] == [404] * 4 + [403]
+    assert get(server, "/hello", "127.0.0.3")[0] == 403
+    assert [key for key, *_ in server.guard.bans()] == ["127.0.0.3"]
+
 
 # --- rules ------------------------------------------------------------------------------------
 
