@@ -388,8 +388,8 @@ class Guard(object):
         return self._forwarded(peer_ip, headers)[0]
 
     def _forwarded(self, peer_ip, headers):
-        """(client, proxy): ``forwarded_client``, and whether that client is itself a trusted
-        proxy (the header named nobody else)."""
+        """(client, own): ``forwarded_client``, and whether that client is itself a trusted
+        proxy (the header named nobody else: the request is the proxy's own)."""
         policy = self.policy
         client = peer_ip
         for item in reversed(_forwarded_items(headers.get_all(policy.forwarded_header),
