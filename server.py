@@ -173,7 +173,10 @@ SETTINGS = {
     "limits": [
         Setting("enabled", "bool", True, None,
                 "the abuse guard; off skips every rule and limit (client identity still applies)"),
-        Setting("trusted_proxies", "str", "", None,
+        # Loopback is trusted and allowed by default (gunicorn's and uvicorn's
+        # forwarded_allow_ips convention): a local benchmark or health check is never limited,
+        # and behind a local reverse proxy each forwarded client is limited as itself (issue 10).
+        Setting("trusted_proxies", "str", "127.0.0.1 ::1", None,
                 "CIDRs of your reverse proxies; only their forwarded header names the client"),
         Setting("forwarded_header", "str", "x-forwarded-for", None,
                 "the header your proxy sets; the other is ignored (a client could forge it)",
@@ -190,8 +193,8 @@ SETTINGS = {
                 "sustained requests/s per client to one path (or [limits \"...\"] route)"),
         Setting("route_burst", "int", 30, 1,
                 "requests to one path at once; reloads and polling stay far below"),
-        Setting("allow_cidrs", "str", "", None,
-                "clients never limited, banned or denied (your office, your monitoring)"),
+        Setting("allow_cidrs", "str", "127.0.0.1 ::1", None,
+                "clients never limited, banned or denied (this machine, your monitoring)"),
         Setting("allow_user_agents", "str", "", None,
                 "regex (case-insensitive); matching requests skip the rate limits (spoofable)"),
         Setting("allow_paths", "str", "/.well-known/ /robots.txt /favicon.ico", None,

@@ -7,6 +7,9 @@
    ``--rounds`` rounds and the median counts. wrk is one client at full speed, so "on" means the
    shipped limits with the rates raised out of reach: every request is checked against the
    site-wide and the per-path bucket (and the default exemptions), but none is ever refused.
+   wrk connects from 127.0.0.1, which the shipped lists trust and allow (so the guard would wave
+   it through): "on" lists 127.0.0.2 and ::1 instead, the same shape and lookup cost, leaving
+   wrk an ordinary client.
 2. Memory: ``--keys`` distinct client addresses pass through the guard's per-request check
    (site-wide and per-path buckets) with the shipped caps, in a fresh process; RSS growth is
    measured twice: with the real clock (idle buckets expire as a side effect of use) and with a
@@ -35,6 +38,9 @@ from bench_http import ensure_wrk, start, stop, wrk  # noqa: E402  (same directo
 
 OUT_OF_REACH = ["--limits-client-rate-per-s", "1e9", "--limits-client-burst", "1000000000",
                 "--limits-route-rate-per-s", "1e9", "--limits-route-burst", "1000000000"]
+# The shipped loopback lists with wrk's 127.0.0.1 swapped for a neighbour: checked, not waved on.
+LOOPBACK_NOT_TRUSTED = ["--limits-trusted-proxies", "127.0.0.2 ::1",
+                        "--limits-allow-cidrs", "127.0.0.2 ::1"]
 
 
 # --- 1. guard on against off ------------------------------------------------------------------
@@ -42,7 +48,8 @@ OUT_OF_REACH = ["--limits-client-rate-per-s", "1e9", "--limits-client-burst", "1
 def guard_on_off(args, workdir):
     base = [sys.executable, "server.py", "--port", "0", "--access-log", "off",
             "--max-connections-per-ip", "4096"]
-    variants = {"on": base + OUT_OF_REACH, "off": base + ["--limits-enabled", "off"]}
+    variants = {"on": base + OUT_OF_REACH + LOOPBACK_NOT_TRUSTED,
+                "off": base + ["--limits-enabled", "off"]}
     results = {"on": [], "off": []}
     for round_number in range(args.rounds):
         for name in (("on", "off") if round_number % 2 == 0 else ("off", "on")):

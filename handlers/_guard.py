@@ -14,6 +14,10 @@ A request meets, in order (``Guard.check``, in a worker, before routing):
    proxy (every hop to the left of it could be forged by the client). Clients are grouped into
    keys: an IPv4 address each (``ipv4_prefix_bits``), an IPv6 /64 (``ipv6_prefix_bits``: one
    subscriber usually holds a whole /64, and would otherwise have 2**64 identities).
+   A request that names no client beyond the trusted proxies (no forwarded header: a proxy's
+   own health check, or a proxy that does not set the header) is the proxy's own, and skips
+   everything below: limiting or banning a proxy would refuse every client behind it. A proxy
+   that sends no header is reported once on the error log, since that is usually a mistake.
 2. **Allowlisted addresses** (``allow_cidrs``) skip everything below.
 3. **Bans**: 403, and the connection is closed; after ``ban_close_after_hits`` of those, the
    reactor closes the client's new connections at accept without reading a byte (``admit``).
@@ -34,6 +38,14 @@ so a restart does not free an abuser; expired ones are dropped when noticed and 
 Dry run: every rule and limit named in ``dry_run`` (or a route section's ``dry_run``) decides as
 usual, but the request is served; the access log line carries what would have happened. A ban
 earned by dry-run refusals is itself only logged.
+
+Loopback by default: ``trusted_proxies`` and ``allow_cidrs`` both default to 127.0.0.1 and ::1
+(gunicorn's and uvicorn's ``forwarded_allow_ips`` convention). A benchmark or health check on the
+same machine is never limited, banned or capped per address, and a reverse proxy on the same
+machine works without configuration, each client it forwards limited as itself. Without that,
+a first ``wrk`` run banned 127.0.0.1 (persisted, so a restart did not lift it), and every visitor
+behind a local nginx was one client, limited and then banned together (issue 10). Other
+loopback addresses (127.0.0.2 and up) are ordinary clients.
 
 Threads and locks: ``admit`` runs in the reactor thread, the rest in workers. Each table has one
 lock (the two limiters' own, ``_suspects_lock``, ``_bans_lock``), held for a few dict operations;
@@ -58,6 +70,9 @@ __all__ = ["GuardPolicy", "Guard", "Verdict", "RULES", "BAN_PREFIX"]
 RULES = ("deny_cidrs", "deny_user_agents", "deny_paths", "client_rate", "route_rate",
          "scanner", "ban")
 BAN_PREFIX = "guard/bans/"       # state store keys of the persisted bans
+# Trusted proxy addresses remembered as already warned about for sending no forwarded header;
+# past it no more such warnings are written (a proxy range can hold many addresses).
+MAX_WARNED_PROXIES = 256
 _V4_MAPPED = b"\x00" * 10 + b"\xff\xff"
 
 
@@ -355,6 +370,10 @@ class Guard(object):
         # _counts_lock guards _counts (taken on refusals only, never for a served request).
         self._counts_lock = threading.Lock()
         self._counts = collections.Counter()
+        # _warned_lock guards _warned: the trusted proxies warned about for sending no forwarded
+        # header (once each per process; at most MAX_WARNED_PROXIES of them).
+        self._warned_lock = threading.Lock()
+        self._warned = set()
         if store is not None:
             self._load_bans()
 
@@ -366,6 +385,11 @@ class Guard(object):
         """The client a trusted proxy forwarded: the rightmost address in its header that is not
         a trusted proxy. An item that is not an address ('unknown') stops the walk at the last
         trusted hop; a header that is missing leaves the peer itself."""
+        return self._forwarded(peer_ip, headers)[0]
+
+    def _forwarded(self, peer_ip, headers):
+        """(client, own): ``forwarded_client``, and whether that client is itself a trusted
+        proxy (the header named nobody else: the request is the proxy's own)."""
         policy = self.policy
         client = peer_ip
         for item in reversed(_forwarded_items(headers.get_all(policy.forwarded_header),
@@ -375,13 +399,29 @@ class Guard(object):
                 break
             client = address
             if address not in policy.trusted_proxies:
-                break
-        return client
+                return client, False
+        return client, True
+
+    def _warn_unforwarded_once(self, proxy):
+        """One error-log line per proxy address (per process) that sends no forwarded header:
+        its requests pass unchecked, which is right for its health checks and wrong if it
+        forwards clients without naming them."""
+        if proxy in self._warned:                    # the common case: no lock
+            return
+        with self._warned_lock:
+            if proxy in self._warned or len(self._warned) >= MAX_WARNED_PROXIES:
+                return
+            self._warned.add(proxy)
+        header = "-".join(word.capitalize() for word in self.policy.forwarded_header.split("-"))
+        self._log("guard: %s is a trusted proxy but sent no %s; its requests are treated as its "
+                  "own and not limited (set trusted_proxies/allow_cidrs in [limits] to change "
+                  "this)" % (proxy, header))
 
     # -- at accept (reactor thread) ---------------------------------------------------------
     def admit(self, peer_ip):
         """(client key, close now). The key is None for a trusted proxy (its connections carry
-        many clients: the per-client connection cap and accept-time bans do not apply). Close
+        many clients: the per-client connection cap and accept-time bans do not apply; a
+        forwarded client's ban is answered per request, 403 on a connection kept open). Close
         now: the client is banned and has been told ``ban_close_after_hits`` times already."""
         policy = self.policy
         if policy.trusted_proxies and peer_ip in policy.trusted_proxies:
@@ -404,7 +444,12 @@ class Guard(object):
         the connection's client key from ``admit``; None (a trusted proxy) makes the guard read
         the forwarded header and set ``request.client_ip`` to the client it names."""
         if key is None:
-            request.client_ip = self.forwarded_client(request.client_ip, request.headers)
+            proxy = request.client_ip
+            request.client_ip, own = self._forwarded(proxy, request.headers)
+            if own:                       # the proxy's own request: never limited or banned
+                if not request.headers.get(self.policy.forwarded_header):
+                    self._warn_unforwarded_once(proxy)
+                return None
             verdict = self._check(request, self.key_of(request.client_ip))
             if verdict is not None:
                 verdict.close = False    # the proxy's connection carries other clients too
@@ -435,7 +480,9 @@ class Guard(object):
         policy = self.policy
         if not policy.enabled or not policy.scanner_404_paths:
             return None
-        if key is None:
+        if key is None:                              # behind a trusted proxy
+            if request.client_ip in policy.trusted_proxies:
+                return None                          # the proxy's own request (see check)
             key = self.key_of(request.client_ip)
         if request.client_ip in policy.allow_cidrs or self._exempt(request):
             return None

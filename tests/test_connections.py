@@ -133,18 +133,31 @@ def test_a_released_connection_keeps_its_idle_deadline(start_server):
 
 
 def test_per_ip_cap_answers_503_and_spares_other_addresses(start_server):
+    # 127.0.0.3 plays the greedy client: 127.0.0.1 is a trusted proxy by default, never capped
     server = start_server(config={"max_connections_per_ip": 3})
-    held = open_idle(server, 3)
-    raw = raw_exchange(server, b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+    one_request = b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    held = open_idle(server, 3, source="127.0.0.3")
+    raw = raw_exchange(server, one_request, source="127.0.0.3")
     assert status_of(raw) == 503 and b"Retry-After: 1" in raw
-    other = raw_exchange(server, b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-                         source="127.0.0.2")
-    assert status_of(other) == 200
+    assert status_of(raw_exchange(server, one_request, source="127.0.0.2")) == 200
+    assert status_of(raw_exchange(server, one_request)) == 200         # from 127.0.0.1
     held[0].close()
     time.sleep(0.2)
-    assert request(server, "GET", "/hello")[0] == 200  # a slot is free again
+    assert status_of(raw_exchange(server, one_request, source="127.0.0.3")) == 200  # a slot is free
     for sock in held:
         sock.close()
+
+
+def test_loopback_is_not_capped_per_address_by_default(start_server):
+    """127.0.0.1 is a trusted proxy by default ([limits] trusted_proxies): its connections carry
+    many clients (or one benchmark), so the per-address cap does not count them."""
+    server = start_server(config={"max_connections_per_ip": 3})
+    held = open_idle(server, 10)
+    try:
+        assert request(server, "GET", "/hello")[0] == 200
+    finally:
+        for sock in held:
+            sock.close()
 
 
 def test_global_cap_evicts_the_longest_idle_connection(start_server):

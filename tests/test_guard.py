@@ -1,20 +1,25 @@
 """The abuse guard over real sockets. Each client is a distinct loopback source address
-(127.0.0.2, 127.0.0.3, ...); rates are tiny and windows short so that the tests are fast."""
+(127.0.0.2, 127.0.0.3, ...); 127.0.0.1 is a trusted proxy and an allowed client by default, so
+it plays a proxy or a local benchmark, never an abuser. Rates are tiny and windows short so
+that the tests are fast."""
 import http.client
 import json
+import os
 import socket
 import subprocess
 import sys
 import time
 
-from conftest import raw_exchange, onebox, status_of
-from handlers._guard import CidrSet, PathSet, client_key, normal_address
+import pytest
+
+from conftest import ROOT, raw_exchange, onebox, status_of
+from handlers._guard import MAX_WARNED_PROXIES, CidrSet, PathSet, client_key, normal_address
 
 # The shipped [limits] defaults (the fixture otherwise puts the limits out of reach).
 DEFAULT_LIMITS = {"limits." + s.name: s.default for s in onebox.SETTINGS["limits"]}
 
 
-def get(server, path, source="127.0.0.1", headers=None, method="GET"):
+def get(server, path, source="127.0.0.2", headers=None, method="GET"):
     """One request on a fresh connection from ``source``: (status, headers, body); status is
     None if the server closed the connection without an answer."""
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10,
@@ -30,7 +35,7 @@ def get(server, path, source="127.0.0.1", headers=None, method="GET"):
         connection.close()
 
 
-def statuses(server, path, count, source="127.0.0.1", headers=None):
+def statuses(server, path, count, source="127.0.0.2", headers=None):
     return [get(server, path, source, headers)[0] for _ in range(count)]
 
 
@@ -170,25 +175,28 @@ def test_path_patterns():
     assert not PathSet("", "test") and not PathSet("", "test").matches("/")
 
 
-def test_a_ban_behind_a_proxy_keeps_the_proxy_connection_open(start_server):
-    server = start_server(config={"limits.trusted_proxies": "127.0.0.1",
-                                  "limits.client_rate_per_s": 0.1, "limits.client_burst": 1,
+def test_a_ban_behind_a_local_proxy_is_the_clients_own_and_keeps_the_connection_open(
+        start_server):
+    """No trusted_proxies setting: a proxy on 127.0.0.1 is trusted by default."""
+    server = start_server(config={"limits.client_rate_per_s": 0.1, "limits.client_burst": 1,
                                   "limits.ban_after_rejections": 1, "limits.ban_s": 60})
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+
+    def via_proxy(xff=None):
+        connection.request("GET", "/hello", headers={"X-Forwarded-For": xff} if xff else {})
+        response = connection.getresponse()
+        response.read()
+        return response.status, response.getheader("connection")
+
     try:
-        seen = []
-        for _ in range(5):
-            connection.request("GET", "/hello", headers={"X-Forwarded-For": "198.51.100.1"})
-            response = connection.getresponse()
-            response.read()
-            seen.append((response.status, response.getheader("connection")))
-        connection.request("GET", "/hello", headers={"X-Forwarded-For": "198.51.100.2"})
-        other = connection.getresponse()
-        other.read()
+        seen = [via_proxy("198.51.100.1") for _ in range(5)]
+        other = via_proxy("198.51.100.2")
+        own = [via_proxy(), via_proxy("127.0.0.1"), via_proxy()]   # the proxy's own requests
     finally:
         connection.close()
     assert seen == [(200, None), (429, None), (429, None), (403, None), (403, None)]
-    assert other.status == 200                                # the same connection, served
+    assert other == (200, None)                                # the same connection, served
+    assert own == [(200, None)] * 3                            # never limited or banned
     assert [key for key, *_ in server.guard.bans()] == ["198.51.100.1"]
 
 
@@ -207,6 +215,101 @@ def test_connection_cap_counts_per_client_key(start_server):
     finally:
         for sock in held:
             sock.close()
+
+
+# --- loopback, by default a trusted proxy and an allowed client (issue 10) ------------------
+
+def test_loopback_is_a_trusted_proxy_and_an_allowed_client_by_default():
+    shipped = os.path.join(ROOT, "setup.cfg")
+    for config in (onebox.load_config(), onebox.load_config(shipped)):
+        policy = config.guard
+        for address in ("127.0.0.1", "::1", "::ffff:127.0.0.1"):
+            assert address in policy.trusted_proxies and address in policy.allow_cidrs, address
+        for address in ("127.0.0.2", "::2", "10.0.0.1"):
+            assert address not in policy.trusted_proxies, address
+            assert address not in policy.allow_cidrs, address
+
+
+def test_a_local_benchmark_is_never_limited_banned_or_shut_out(start_server, tmp_path):
+    """The shipped [limits] with tight rates: 127.0.0.1 passes everything, even a ban that an
+    earlier version (which limited loopback) left in the store; 127.0.0.2 is limited, banned
+    and closed at accept by the same settings."""
+    tight = dict(DEFAULT_LIMITS, **{"limits.client_rate_per_s": 0.1, "limits.client_burst": 1,
+                                    "limits.ban_after_rejections": 1, "limits.ban_s": 60,
+                                    "limits.ban_close_after_hits": 0,
+                                    "limits.scanner_404_paths": 1})
+    first = start_server(data_dir=tmp_path / "d", config=tight)
+    first.store.put("guard/bans/127.0.0.1", {"until": time.time() + 600, "offences": 1,
+                                             "reason": "client_rate: an old ban"})
+    first.shutdown()
+    first.server_close()
+    server = start_server(data_dir=tmp_path / "d", config=tight)
+    assert "1 bans restored" in server.error_text()
+    assert statuses(server, "/hello", 20, "127.0.0.1") == [200] * 20
+    assert [get(server, "/nope/%d" % n, "127.0.0.1")[0] for n in range(5)] == [404] * 5
+    assert get(server, "/hello", "127.0.0.1")[0] == 200
+    assert server.guard.stats()["counts"] == {}             # nothing refused, closed or banned
+    assert statuses(server, "/hello", 4, "127.0.0.2") == [200, 429, 429, None]
+    assert server.guard.stats()["counts"]["closed_at_accept"] == 1
+
+
+def test_ipv6_loopback_is_never_limited_by_default(start_server):
+    probe = socket.socket(socket.AF_INET6)
+    try:
+        probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("this machine has no IPv6 loopback")
+    finally:
+        probe.close()
+    server = start_server(host="::1", config=dict(
+        DEFAULT_LIMITS, **{"limits.client_rate_per_s": 0.1, "limits.client_burst": 1}))
+    codes = []
+    for _ in range(5):
+        connection = http.client.HTTPConnection("::1", server.port, timeout=10)
+        try:
+            connection.request("GET", "/hello")
+            codes.append(connection.getresponse().status)
+        finally:
+            connection.close()
+    assert codes == [200] * 5
+
+
+def test_a_trusted_proxy_is_never_limited_and_a_missing_header_is_reported_once(start_server):
+    """A proxy that is not allowlisted: its own requests pass, the clients it names are
+    limited; the first request it sends without X-Forwarded-For is reported on stderr."""
+    server = start_server(config={"limits.trusted_proxies": "127.0.0.5", "limits.allow_cidrs": "",
+                                  "limits.client_rate_per_s": 0.1, "limits.client_burst": 1,
+                                  "limits.ban_after_rejections": 1, "limits.ban_s": 60})
+    assert statuses(server, "/hello", 5, "127.0.0.5") == [200] * 5
+    assert get(server, "/hello", "127.0.0.5", {"X-Forwarded-For": "127.0.0.5"})[0] == 200
+    forwarded = {"X-Forwarded-For": "198.51.100.1"}
+    assert statuses(server, "/hello", 4, "127.0.0.5", forwarded) == [200, 429, 429, 403]
+    assert statuses(server, "/hello", 3, "127.0.0.5") == [200] * 3
+    assert [key for key, *_ in server.guard.bans()] == ["198.51.100.1"]
+    assert statuses(server, "/hello", 2, "127.0.0.1") == [200, 429]   # loopback: now ordinary
+    errors = server.error_text()
+    assert errors.count("guard: 127.0.0.5 is a trusted proxy but sent no X-Forwarded-For; its "
+                        "requests are treated as its own and not limited (set trusted_proxies/"
+                        "allow_cidrs in [limits] to change this)") == 1
+    assert "127.0.0.1 is a trusted proxy" not in errors
+
+
+def test_missing_header_reports_are_bounded(start_server):
+    server = start_server(config={"limits.trusted_proxies": "127.0.3.0/24 127.0.4.0/24"})
+    sources = ["127.0.3.%d" % n for n in range(1, 201)] + ["127.0.4.%d" % n for n in range(1, 101)]
+    assert [get(server, "/hello", source)[0] for source in sources] == [200] * len(sources)
+    assert get(server, "/hello", "127.0.4.150")[0] == 200
+    assert server.error_text().count("is a trusted proxy but sent no") == MAX_WARNED_PROXIES
+
+
+def test_empty_lists_make_loopback_an_ordinary_client(start_server):
+    """How to turn the loopback default off (README "Abuse guard")."""
+    server = start_server(routes=ECHO, config={
+        "limits.trusted_proxies": "", "limits.allow_cidrs": "",
+        "limits.client_rate_per_s": 0.1, "limits.client_burst": 1})
+    status, _, body = get(server, "/t/ip", "127.0.0.1", {"X-Forwarded-For": "203.0.113.9"})
+    assert (status, body) == (200, b"127.0.0.1\n")          # its forwarded header is ignored
+    assert get(server, "/t/ip", "127.0.0.1")[0] == 429
 
 
 # --- escalation and bans ----------------------------------------------------------------------
@@ -282,6 +385,18 @@ def test_scanner_is_banned_after_too_many_distinct_404s(start_server):
     assert get(server, "/hello", "127.0.0.3")[0] == 200
     assert "guard=ban:scanner" in server.access_text()
     assert [key for key, *_ in server.guard.bans()] == ["127.0.0.2"]
+
+
+def test_only_404s_that_no_route_matched_count_as_scanning(start_server):
+    """A handler's own 404 (a note id that does not exist) is an answer, not a probe: an app
+    that looks notes up by id must not ban its users. Unknown paths are what scanners walk."""
+    server = start_server(config={"limits.scanner_404_paths": 3, "limits.ban_s": 60})
+    for n in range(101, 106):
+        assert get(server, "/api/notes/%d" % n, "127.0.0.2")[0] == 404
+    assert get(server, "/hello", "127.0.0.2")[0] == 200
+    assert [get(server, "/nope/%d" % n, "127.0.0.3")[0] for n in range(1, 6)] == [404] * 4 + [403]
+    assert get(server, "/hello", "127.0.0.3")[0] == 403
+    assert [key for key, *_ in server.guard.bans()] == ["127.0.0.3"]
 
 
 # --- rules ------------------------------------------------------------------------------------
