@@ -144,7 +144,7 @@ def end_process(process):
 
 def test_a_stalled_stdout_neither_stops_serving_nor_exit(tmp_path):
     # stdout is a pipe that nobody reads after the first line: it fills at 64 KiB (~500 lines)
-    process, port = start_process(tmp_path, "--limits-enabled", "off", "--log-buffer-bytes", "16384",
+    process, port = start_process(tmp_path, "--log-buffer-bytes", "16384",
                                   "--shutdown-timeout-s", "2")
     try:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
