@@ -1543,10 +1543,13 @@ class _Reactor:
         self.stats["rejected"] += 1
         response = error_response(None, status, message)
         _send_at_once(conn.sock, response)
+        note = None
+        if status != 408:   # bytes no parser could take are a strike; slowness is not
+            note = self.guard.saw_bad_request(conn.ip, conn.client, status, in_reactor=True)
         if self.access_log:
             line = bytes(conn.buf[:conn.buf.find(b"\r\n")] if b"\r\n" in conn.buf else b"")
             self.access_log.log(conn.ip, line[:200].decode("latin-1"), status,
-                                len(response.body), "", "", 0.0)
+                                len(response.body), "", "", 0.0, note)
         self._linger(conn)
 
     def _linger(self, conn):

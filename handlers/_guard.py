@@ -47,7 +47,9 @@ a first ``wrk`` run banned 127.0.0.1 (persisted, so a restart did not lift it), 
 behind a local nginx was one client, limited and then banned together (issue 10). Other
 loopback addresses (127.0.0.2 and up) are ordinary clients.
 
-Threads and locks: ``admit`` runs in the reactor thread, the rest in workers. Each table has one
+Threads and locks: ``admit`` and ``saw_bad_request(..., in_reactor=True)`` run in the reactor
+thread (whose bans are written to the store by the next worker's ``check``: the reactor never
+waits on the disk), the rest in workers. Each table has one
 lock (the two limiters' own, ``_suspects_lock``, ``_bans_lock``), held for a few dict operations;
 the state store is written only by workers and never under a lock. Idle entries cost nothing to
 expire: each use looks at the least recently used entry or two and drops them if stale; nothing
@@ -381,6 +383,8 @@ class Guard(object):
         self._ban_evictions = 0
         # _counts_lock guards _counts (taken on refusals only, never for a served request).
         self._counts_lock = threading.Lock()
+        # Bans the reactor made, for a worker to write (deque appends and pops are atomic).
+        self._unsaved_bans = collections.deque()
         self._counts = collections.Counter()
         # _warned_lock guards _warned: the trusted proxies warned about for sending no forwarded
         # header (once each per process; at most MAX_WARNED_PROXIES of them).
@@ -455,6 +459,8 @@ class Guard(object):
         """The verdict on ``request`` before routing, or None to serve it untouched. ``key`` is
         the connection's client key from ``admit``; None (a trusted proxy) makes the guard read
         the forwarded header and set ``request.client_ip`` to the client it names."""
+        if self._unsaved_bans:
+            self._save_deferred_bans()
         if key is None:
             proxy = request.client_ip
             request.client_ip, own = self._forwarded(proxy, request.headers)
@@ -516,16 +522,17 @@ class Guard(object):
                             % (policy.scanner_404_paths, policy.scanner_window_s), dry)
         return "guard=%s:scanner" % outcome if outcome else None
 
-    def saw_bad_request(self, client_ip, key, status):
+    def saw_bad_request(self, client_ip, key, status, in_reactor=False):
         """Count a request refused before routing (one the parser could not accept: 400, 413,
         431...) as a strike, as a 429 is; returns an access-log note if it earned a ban.
         ``key`` None (a trusted proxy's connection whose request named no client) is skipped:
-        the proxy speaks for many clients."""
+        the proxy speaks for many clients. ``in_reactor``: called by the reactor, which must
+        not wait for the store, so a ban it earns is written by the next ``check``."""
         policy = self.policy
         if key is None or not policy.enabled or client_ip in policy.allow_cidrs:
             return None
         verdict = Verdict(status, "", [], "bad_request")
-        self._strike(key, verdict)
+        self._strike(key, verdict, in_reactor)
         return verdict.note if verdict.ban else None
 
     def _banned(self, key):
@@ -601,7 +608,7 @@ class Guard(object):
         return Verdict(429, "too many requests; retry after %s s" % wait, headers, rule, dry)
 
     # -- escalation ---------------------------------------------------------------------------
-    def _strike(self, key, verdict):
+    def _strike(self, key, verdict, defer_store=False):
         """One refusal (real or dry-run); past the threshold it earns a ban."""
         policy = self.policy
         if not policy.ban_after_rejections:
@@ -618,7 +625,7 @@ class Guard(object):
         dry = verdict.dry_run or "ban" in policy.dry
         reason = "%s: more than %d refusals in %gs" % (verdict.rule, policy.ban_after_rejections,
                                                       policy.ban_window_s)
-        verdict.ban = self._ban(key, reason, dry)
+        verdict.ban = self._ban(key, reason, dry, defer_store)
         if verdict.ban == "ban":
             verdict.close = True
 
@@ -639,9 +646,10 @@ class Guard(object):
             table.move_to_end(key)
         return suspect
 
-    def _ban(self, key, reason, dry):
+    def _ban(self, key, reason, dry, defer_store=False):
         """Ban ``key`` (doubling for a repeat offender); returns "ban", "dry-run-ban", or ""
-        if it is banned already. The state store is written after the lock is released."""
+        if it is banned already. The state store is written after the lock is released, or,
+        with ``defer_store``, by the next ``check`` (in a worker)."""
         policy = self.policy
         now = self._wall()
         with self._bans_lock:
@@ -666,7 +674,10 @@ class Guard(object):
         self._count("bans")
         self._log("guard: banned %s for %gs (%s; offence %d)" % (key, seconds, reason, offences))
         if record is not None and self.store is not None:
-            self._persist(key, record)
+            if defer_store:
+                self._unsaved_bans.append((key, record))
+            else:
+                self._persist(key, record)
         return "ban"
 
     def _trim_bans_locked(self, now):
@@ -679,6 +690,14 @@ class Guard(object):
             self._ban_evictions += 1
 
     # -- persistence (worker threads, no lock held) --------------------------------------------
+    def _save_deferred_bans(self):
+        while self._unsaved_bans:
+            try:
+                key, record = self._unsaved_bans.popleft()
+            except IndexError:
+                return                   # another worker took the last one
+            self._persist(key, record)
+
     def _persist(self, key, record):
         try:
             self.store.put(BAN_PREFIX + key, record)

@@ -232,19 +232,22 @@ def test_nel_and_nbsp_are_not_whitespace_in_connection(server):
     assert raw.count(b"HTTP/1.1 200 OK") == 2
 
 
-def test_parse_errors_count_as_strikes_and_log_no_traceback(start_server):
+@pytest.mark.parametrize("data", [
+    b"GET http://[zz]/ HTTP/1.1\r\nHost: x\r\n\r\n",   # refused by a worker's parser
+    b"HELLO THERE\r\n\r\n",                              # refused by the reactor at once
+])
+def test_parse_errors_count_as_strikes_and_log_no_traceback(start_server, data):
     server = start_server(config={"limits.ban_after_rejections": 3, "limits.ban_window_s": 60})
     for _ in range(4):
-        raw = raw_exchange(server, b"GET http://[zz]/ HTTP/1.1\r\nHost: x\r\n\r\n",
-                           source="127.0.0.3")
-        assert status_of(raw) == 400
+        assert status_of(raw_exchange(server, data, source="127.0.0.3")) == 400
     status = status_of(raw_exchange(server, b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n",
                                     source="127.0.0.3"))
     assert status == 403 or status is None   # banned (403, or closed at accept)
     assert "banned 127.0.0.3" in server.error_text()
     assert "Traceback" not in server.error_text()
-    assert "guard=ban:bad_request" in server.access_text() or "+ban" in server.access_text()
+    assert "guard=400:bad_request+ban" in server.access_text()
     get_ok(server)                           # 127.0.0.1 is someone else
+    assert server.store.get("guard/bans/127.0.0.3")["offences"] == 1   # persisted by a worker
 
 
 def test_every_response_says_nosniff(server):
