@@ -38,7 +38,11 @@ Durability modes (``durability=``)
 
 File formats
     Both files are a sequence of frames: ``b"OB"``, payload length (uint32 big-endian), CRC32 of
-    the payload (uint32 big-endian, ``zlib.crc32``), then the payload: ASCII JSON.
+    the payload (uint32 big-endian, ``zlib.crc32``), then the payload: JSON in UTF-8. (Files
+    written before values were UTF-8 hold ASCII JSON with ``\\uXXXX`` escapes: still UTF-8, so
+    they load as they are.) A lone surrogate, ``"\\ud800"``, is JSON but not text, and UTF-8
+    cannot carry it: a key holding one, or a value read from such an old file, is written in that
+    escaped ASCII form; ``put`` refuses a new value holding one (``ValueError``).
 
     journal record:   ``{"s": seq, "o": [["p", key, value], ["d", key], ...]}`` -- one record per
                       write or transaction, all-or-nothing; ``incr`` is written as the new value.
@@ -51,10 +55,12 @@ File formats
     ``repair=True``, which keeps the good prefix and moves the damaged file aside.
 
 Values in memory
-    Each value is kept as its canonical JSON text: callers can never mutate a stored value (``get``
-    returns a fresh ``json.loads``), the journal and snapshots need that text anyway, and
-    ``json.loads`` of a small dict costs ~4 us against ~9 us for ``copy.deepcopy`` (measured on
-    CPython 3.11), with less memory than live objects.
+    Each value is kept as its canonical JSON encoded in UTF-8, as ``bytes``: callers can never
+    mutate a stored value (``get`` returns a fresh ``json.loads``), the journal and snapshots need
+    those bytes anyway, and ``json.loads`` of a small dict costs ~4 us against ~9 us for
+    ``copy.deepcopy`` (measured on CPython 3.11), with less memory than live objects. Bytes, not
+    ``str``: one emoji makes CPython store a whole ``str`` at 4 bytes per character, while UTF-8
+    costs 1 byte per ASCII character and 4 per emoji.
 
 Locks (acquire in this order; never the other way; each one's comment in __init__ says what it
 guards)
@@ -149,19 +155,38 @@ def _check_key(key):
 
 # One encoder for every call: json.dumps(value, **options) builds a new one each time, which
 # doubles the cost of a small write (5.9 us against 2.8 us). Encoders keep no state between calls,
-# so sharing one across threads is safe. ensure_ascii (the default) keeps the journal pure ASCII,
-# so even lone surrogates encode.
-_dumps = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
+# so sharing one across threads is safe. ensure_ascii=False: an emoji is 4 bytes of UTF-8 in
+# memory and on disk, not the 12 of "\ud83d\ude00".
+_dumps = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+# The old format's encoder, for what UTF-8 cannot carry (see _json_bytes).
+_dumps_ascii = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
 
 
 def _encode_value(value):
-    """Return the canonical JSON text of value, or raise ValueError if it is not plain JSON."""
+    """Return the canonical JSON of value as UTF-8 bytes, or raise ValueError if it is not plain
+    JSON text."""
     try:
         text = _dumps(value)  # rejects NaN/Infinity, cycles and foreign types at C speed
     except (TypeError, ValueError, RecursionError) as exc:
         raise ValueError("'value' must be JSON: %s" % exc) from None
     _check_plain(value)
-    return text
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        # "\ud800" alone parses as JSON (RFC 8259 section 8.2 allows it) but is not Unicode
+        # text; the runtime's request.json() refuses it, so here it is a caller's bug.
+        raise ValueError("'value' must be JSON text: a string holds a lone surrogate "
+                         "(U+D800..U+DFFF), which UTF-8 cannot encode") from None
+
+
+def _json_bytes(value):
+    """Canonical JSON of a key, or of a value read from disk, as bytes: UTF-8, or, if it holds a
+    lone surrogate, the escaped ASCII form. Files written before values were UTF-8 may hold
+    "\\ud800" escapes; such a value keeps its escaped text, so it stays readable and compacts."""
+    try:
+        return _dumps(value).encode("utf-8")
+    except UnicodeEncodeError:
+        return _dumps_ascii(value).encode("ascii")
 
 
 def _check_plain(value):
@@ -193,24 +218,25 @@ def _frame(payload):
 
 
 def _record_payload(seq, ops):
-    """One journal record; built from the stored texts, so it costs O(record), not a re-encode."""
+    """One journal record; built from the stored bytes, so it costs O(record), not a re-encode."""
     parts = []
     for key, text in ops:
         if text is None:
-            parts.append('["d",%s]' % _dumps(key))
+            parts.append(b'["d",%s]' % _json_bytes(key))
         else:
-            parts.append('["p",%s,%s]' % (_dumps(key), text))
-    return ('{"s":%d,"o":[%s]}' % (seq, ",".join(parts))).encode("ascii")
+            parts.append(b'["p",%s,%s]' % (_json_bytes(key), text))
+    return b'{"s":%d,"o":[%s]}' % (seq, b",".join(parts))
 
 
 def _snapshot_frames(items, seq, chunk_keys):
-    """Yield the frames of a snapshot of items (a list of (key, text))."""
-    yield _frame(_dumps({"onebox_snapshot": _SNAPSHOT_VERSION, "seq": seq,
-                         "keys": len(items)}).encode("ascii"))
+    """Yield the frames of a snapshot of items (a list of (key, JSON bytes))."""
+    yield _frame(_json_bytes({"onebox_snapshot": _SNAPSHOT_VERSION, "seq": seq,
+                              "keys": len(items)}))
     for start in range(0, len(items), chunk_keys):
-        pairs = ",".join("[%s,%s]" % (_dumps(k), t) for k, t in items[start:start + chunk_keys])
-        yield _frame(('{"kv":[%s]}' % pairs).encode("ascii"))
-    yield _frame(_dumps({"end": len(items)}).encode("ascii"))
+        pairs = b",".join(b"[%s,%s]" % (_json_bytes(k), t)
+                          for k, t in items[start:start + chunk_keys])
+        yield _frame(b'{"kv":[%s]}' % pairs)
+    yield _frame(_json_bytes({"end": len(items)}))
 
 
 # --- reading frames (open time only) ----------------------------------------------------------
@@ -229,7 +255,8 @@ def _parse_frame(data, off):
     if zlib.crc32(payload) != crc:
         return None, "bad checksum"
     try:
-        return json.loads(payload.decode("ascii")), end
+        # UTF-8; files written before values were UTF-8 are ASCII, which is UTF-8 too
+        return json.loads(payload.decode("utf-8")), end
     except ValueError:  # UnicodeDecodeError is a ValueError
         return None, "checksum ok but payload is not JSON"
 
@@ -321,7 +348,8 @@ class Store(object):
         self._paths = {name: os.path.join(self.data_dir, name) for name in
                        ("lock", "snapshot", "snapshot.tmp", "journal", "journal.prev")}
 
-        # _lock guards what readers see: _data (key -> JSON text), _bytes, _applied_seq, _writes.
+        # _lock guards what readers see: _data (key -> JSON as UTF-8 bytes), _bytes, _applied_seq,
+        # _writes.
         self._lock = threading.Lock()
         # _jlock guards the write side: the journal fd and _jsize, _jbroken, _jfatal, _buffer,
         # _next_seq, _durable_seq/_durable_size, _unapplied, _overlay, _closed, _tx_owner. A transaction holds
@@ -452,7 +480,7 @@ class Store(object):
 
         def build(current):
             total = _int_value(current(key)) + n
-            return [(key, str(total))], total
+            return [(key, b"%d" % total)], total
         return self._write(build)
 
     def transaction(self):
@@ -995,7 +1023,7 @@ class Store(object):
         return seq or 0
 
     def _load_put(self, key, value):
-        text = _dumps(value)
+        text = _json_bytes(value)
         old = self._data.get(key)
         if old is not None:
             self._bytes -= len(key) + len(old)
@@ -1020,7 +1048,7 @@ class Store(object):
             seen = seq
             if seq > snap_seq:  # else the snapshot has it already (a crash came mid-compaction)
                 with self._lock:
-                    self._apply_locked([(op[1], None if op[0] == "d" else _dumps(op[2]))
+                    self._apply_locked([(op[1], None if op[0] == "d" else _json_bytes(op[2]))
                                         for op in ops], seq)
         if reason is not None:
             self._cut_journal(path, data, stop, reason, damaged)
@@ -1114,7 +1142,7 @@ class Transaction(object):
     def incr(self, key, n=1):
         _check_int(n, "n")
         total = _int_value(self._text(key)) + n
-        self._changes[key] = str(total)
+        self._changes[key] = b"%d" % total
         return total
 
     def _check_open(self):

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 
 import pytest
 
@@ -199,6 +200,71 @@ def test_readers_do_not_wait_for_a_writer(tmp_path):
             reader.join(5)
             assert seen == [(1, ["a"])]  # answered at once, from the committed state
         assert s.get("a") == 2
+
+
+# --- values are UTF-8 ----------------------------------------------------------------------
+
+EMOJI = "\U0001F600"  # 4 bytes of UTF-8; 12 as the escape "\\ud83d\\ude00"
+
+
+def frame_bytes(payload):
+    """One frame of the documented format around payload (bytes), as older code wrote it."""
+    return HEADER.pack(b"OB", len(payload), zlib.crc32(payload)) + payload
+
+
+def test_values_are_utf8_in_memory_and_on_disk(tmp_path):
+    d = data_dir(tmp_path)
+    value = "caf\u00e9 " + EMOJI * 256
+    with open_store(d) as s:
+        s.put("e", value)
+        s.put("k/" + EMOJI, 1)  # keys may be any text too
+        # the canonical JSON, '"' + text + '"', counted in UTF-8 bytes: 5 + 1 + 1024 + 2
+        assert s.stats()["bytes"] == len("e") + 1032 + len("k/" + EMOJI) + 1
+        with open(os.path.join(d, "journal"), "rb") as f:
+            journal = f.read()
+        assert value.encode("utf-8") in journal and b"\\ud83d" not in journal
+        assert s.get("e") == value and s.items("k/") == [("k/" + EMOJI, 1)]
+    with open(os.path.join(d, "snapshot"), "rb") as f:
+        assert value.encode("utf-8") in f.read()
+    with open_store(d) as s:
+        assert s.get("e") == value and s.get("k/" + EMOJI) == 1
+
+
+def test_a_lone_surrogate_value_is_refused(tmp_path):
+    with open_store(data_dir(tmp_path)) as s:
+        size = s.stats()["journal_bytes"]
+        for bad in ["\ud800", {"t": ["a\udfff"]}, {"\ud83d": 1}]:
+            with pytest.raises(ValueError, match="must be JSON text: .*lone surrogate"):
+                s.put("k", bad)
+            with pytest.raises(ValueError, match="lone surrogate"):
+                with s.transaction() as tx:
+                    tx.put("k", bad)
+        assert s.stats()["journal_bytes"] == size and s.get("k") is None
+
+
+def test_a_journal_in_the_old_ascii_format_loads_and_compacts(tmp_path):
+    d = data_dir(tmp_path)
+    os.makedirs(d)
+    # What the code before UTF-8 values wrote: ensure_ascii JSON, so even a lone surrogate
+    # (which json.loads accepts) was written, as an escape.
+    old = [b'{"s":1,"o":[["p","emoji","\\ud83d\\ude00 caf\\u00e9"],["p","n",1]]}',
+           b'{"s":2,"o":[["p","lone","a\\ud800b"],["p","k\\udc00",{"x":"\\udfff"}]]}']
+    with open(os.path.join(d, "journal"), "wb") as f:
+        f.write(b"".join(frame_bytes(p) for p in old))
+    expected = {"emoji": EMOJI + " caf\u00e9", "n": 1, "lone": "a\ud800b",
+                "k\udc00": {"x": "\udfff"}}
+    with open_store(d) as s:
+        assert dict(s.items()) == expected
+        assert s.get("lone") == "a\ud800b" and s.incr("n") == 2
+        s.compact()
+        s.put("after", EMOJI)
+    expected.update(n=2, after=EMOJI)
+    for _ in range(2):  # from the snapshot close wrote; then from the one the reopen wrote
+        with open_store(d) as s:
+            assert dict(s.items()) == expected
+    with open(os.path.join(d, "snapshot"), "rb") as f:
+        snapshot = f.read()
+    assert EMOJI.encode("utf-8") in snapshot and b'"a\\ud800b"' in snapshot
 
 
 # --- transactions -----------------------------------------------------------------------------
