@@ -88,7 +88,7 @@ from collections import deque
 
 __all__ = [
     "Store", "Transaction", "StateError", "StateWriteError", "StateCorruptError",
-    "StateLockedError", "MAX_KEY_CHARS", "COMPACTION_STEPS", "CRASH_EXIT_CODE",
+    "StateLockedError", "StateKeyError", "MAX_KEY_CHARS", "COMPACTION_STEPS", "CRASH_EXIT_CODE",
 ]
 
 
@@ -114,9 +114,20 @@ class StateLockedError(StateError):
     """Another process (or another Store in this one) owns the data directory."""
 
 
+class StateKeyError(StateError, ValueError):
+    """A str key the store cannot hold: empty, longer than ``MAX_KEY_CHARS``, or holding NUL.
+    Keys are often built from request input (``"notes/" + request.params["name"]``), so the
+    server answers 400, not 500; the message names the rule but never echoes the key. (A key that
+    is not a str at all is a plain ValueError: that is the handler's bug, a 500.)"""
+
+    http_status = 400
+    public_message = "a name in the request is too long or invalid"
+
+
 # --- limits and formats -----------------------------------------------------------------------
 
-MAX_KEY_CHARS = 1024            # keys are paths like "notes/123"; longer ones are a caller bug
+MAX_KEY_CHARS = 1024            # keys are paths like "notes/123"; a longer one is refused with
+                                # StateKeyError: a 400 when it came from a request
 _MAX_PAYLOAD_BYTES = 0xFFFFFFFF  # the frame's length field is a uint32
 _MAGIC = b"OB"
 _HEADER = struct.Struct(">2sII")  # magic, payload length, crc32(payload)
@@ -145,12 +156,14 @@ def _log_stderr(message):
 # --- validation and encoding (no locks; runs before any lock is taken) ------------------------
 
 def _check_key(key):
-    if not isinstance(key, str) or not key:
-        raise ValueError("'key' must be a non-empty string")
+    if not isinstance(key, str):
+        raise ValueError("'key' must be a string, not %s" % type(key).__name__)
+    if not key:
+        raise StateKeyError("'key' must be a non-empty string")
     if len(key) > MAX_KEY_CHARS:
-        raise ValueError("'key' must be at most %d characters" % MAX_KEY_CHARS)
+        raise StateKeyError("'key' must be at most %d characters" % MAX_KEY_CHARS)
     if "\x00" in key:
-        raise ValueError("'key' must not contain NUL")
+        raise StateKeyError("'key' must not contain NUL")
 
 
 # One encoder for every call: json.dumps(value, **options) builds a new one each time, which

@@ -22,8 +22,9 @@ sys.path.insert(0, REPO)
 
 from handlers._state import (  # noqa: E402  (after the path set-up above)
     COMPACTION_STEPS, CRASH_EXIT_CODE, MAX_KEY_CHARS, StateCorruptError, StateError,
-    StateLockedError, StateWriteError, Store,
+    StateKeyError, StateLockedError, StateWriteError, Store, state,
 )
+from conftest import request  # noqa: E402
 
 HEADER = struct.Struct(">2sII")  # the documented frame header: magic, length, crc32
 
@@ -129,11 +130,30 @@ def test_key_validation_at_the_boundary(tmp_path):
         assert s.get("k" * MAX_KEY_CHARS) == 1
         size = s.stats()["journal_bytes"]
         for bad in ["k" * (MAX_KEY_CHARS + 1), "", "a\x00b", 5, None, b"bytes"]:
-            with pytest.raises(ValueError):
+            # a bad str may come from a request (StateKeyError: 400); any other type is a bug
+            error = StateKeyError if isinstance(bad, str) else ValueError
+            with pytest.raises(error):
                 s.put(bad, 1)
-            with pytest.raises(ValueError):
+            with pytest.raises(error):
                 s.get(bad)
+            with pytest.raises(error):
+                s.incr(bad)
+        with pytest.raises(ValueError) as info:
+            s.get(5)
+        assert not isinstance(info.value, StateKeyError)
         assert s.stats()["journal_bytes"] == size
+
+
+def test_a_bad_key_from_a_request_is_400_not_500(start_server):
+    def read_key(request):
+        return {"value": state.get("t/" + request.params["name"])}
+    server = start_server(routes=[("GET", "/t/k/{name}", read_key)])
+    longest = "n" * (MAX_KEY_CHARS - len("t/"))
+    assert request(server, "GET", "/t/k/" + longest)[:3:2] == (200, b'{"value":null}')
+    for name in (longest + "n", "n" * 2000):
+        status, _, body = request(server, "GET", "/t/k/" + name)
+        assert status == 400 and b"too long or invalid" in body and b"nnnn" not in body
+    assert "Traceback" not in server.error_text()
 
 
 def test_value_validation_never_reaches_the_journal(tmp_path):
