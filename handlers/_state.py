@@ -85,6 +85,7 @@ import threading
 import time
 import zlib
 from collections import deque
+from operator import itemgetter
 
 __all__ = [
     "Store", "Transaction", "StateError", "StateWriteError", "StateCorruptError",
@@ -436,20 +437,28 @@ class Store(object):
             text = self._data.get(key)
         return default if text is None else json.loads(text)
 
-    def items(self, prefix=""):
-        """[(key, value)] for keys starting with prefix, sorted by key. O(keys in the store)."""
-        return [(k, json.loads(t)) for k, t in self._matching(prefix)]
+    def items(self, prefix="", limit=None):
+        """[(key, value)] for keys starting with prefix, sorted by key; the first ``limit`` pairs
+        if it is given. Scans and sorts the keys (O(keys in the store), cheap); decodes only the
+        values it returns."""
+        return [(k, json.loads(t)) for k, t in self._matching(prefix, limit)]
 
-    def keys(self, prefix=""):
-        """Sorted keys starting with prefix. O(keys in the store)."""
-        return [k for k, _ in self._matching(prefix)]
+    def keys(self, prefix="", limit=None):
+        """Sorted keys starting with prefix (the first ``limit`` of them). O(keys in the store)."""
+        return [k for k, _ in self._matching(prefix, limit)]
 
-    def _matching(self, prefix):
+    def _matching(self, prefix, limit):
         if not isinstance(prefix, str):
             raise ValueError("'prefix' must be a string")
+        if limit is not None:
+            _check_int(limit, "limit")
+            if limit < 0:
+                raise ValueError("'limit' must be at least 0")
         with self._lock:
             pairs = list(self._data.items())  # one C-speed copy; filter after releasing the lock
-        return sorted(kv for kv in pairs if kv[0].startswith(prefix))
+        # Keys are unique, so sorting by key alone orders the pairs and never compares values.
+        matching = sorted((kv for kv in pairs if kv[0].startswith(prefix)), key=_first)
+        return matching if limit is None else matching[:limit]
 
     def stats(self):
         """Counters for /metrics and the status page. Approximate: no lock is held across them."""
@@ -1216,6 +1225,9 @@ def _snapshot_frame_problem(obj, first):
             isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) for p in pairs)
         return None if ok else "bad key/value list"
     return None if _is_seq(obj.get("end")) else "unknown record"
+
+
+_first = itemgetter(0)
 
 
 def _is_seq(value):

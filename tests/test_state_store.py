@@ -180,6 +180,21 @@ def test_value_validation_never_reaches_the_journal(tmp_path):
         assert s.get("k") is None and s.get("text") == "x" and s.get("flag") is True
 
 
+def test_items_and_keys_with_a_limit_return_the_first_n_in_key_order(tmp_path):
+    with open_store(data_dir(tmp_path)) as s:
+        for i in (5, 1, 9, 3, 7, 2):
+            s.put("p/%d" % i, {"i": i})
+        s.put("a", 0)
+        s.put("q/1", 0)
+        assert s.items("p/", limit=3) == [("p/1", {"i": 1}), ("p/2", {"i": 2}), ("p/3", {"i": 3})]
+        assert s.keys("p/", limit=2) == ["p/1", "p/2"]
+        assert s.items("p/", limit=0) == [] and s.keys(limit=1) == ["a"]
+        assert s.items("p/", limit=100) == s.items("p/") and len(s.items("p/")) == 6
+        for bad in (-1, 1.5, "3", True):
+            with pytest.raises(ValueError):
+                s.items("p/", limit=bad)
+
+
 def test_values_cannot_be_mutated_behind_the_store(tmp_path):
     with open_store(data_dir(tmp_path)) as s:
         value = {"list": [1, 2], "inner": {"a": 1}}
