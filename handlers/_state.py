@@ -11,6 +11,9 @@ What it owns
     ``snapshot.tmp``    a snapshot being written; a leftover one is deleted at open.
     ``*.damaged-<time>`` files moved aside by ``repair=True``; never read again.
 
+    The directory is made 0700 and every file the store writes (backups too) 0600, whatever the
+    process umask: the state is the application's data, for the owner's eyes only.
+
 Invariants
     * Memory holds exactly the effect of records 1..applied_seq, applied in journal order.
     * In mode ``always`` a record is applied to memory only after it is durable, so a write that
@@ -90,6 +93,7 @@ from operator import itemgetter
 __all__ = [
     "Store", "Transaction", "StateError", "StateWriteError", "StateCorruptError",
     "StateLockedError", "StateKeyError", "MAX_KEY_CHARS", "COMPACTION_STEPS", "CRASH_EXIT_CODE",
+    "PRIVATE_DIR_MODE", "PRIVATE_FILE_MODE",
 ]
 
 
@@ -130,6 +134,10 @@ class StateKeyError(StateError, ValueError):
 MAX_KEY_CHARS = 1024            # keys are paths like "notes/123"; a longer one is refused with
                                 # StateKeyError: a 400 when it came from a request
 _MAX_PAYLOAD_BYTES = 0xFFFFFFFF  # the frame's length field is a uint32
+# The state is the application's data (sessions, accounts): only the owner may read it, whatever
+# the umask the server was started with.
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
 _MAGIC = b"OB"
 _HEADER = struct.Struct(">2sII")  # magic, payload length, crc32(payload)
 _SNAPSHOT_VERSION = 1
@@ -311,6 +319,19 @@ def _read_file(path):
         return None
 
 
+def _open_private(path, flags):
+    """os.open(path, flags | O_CREAT) as a file only its owner may read: 0600 whatever the
+    process umask (fchmod, since the mode given to open is filtered through it), and an existing
+    file from before files were private is made so too."""
+    fd = os.open(path, flags | os.O_CREAT, PRIVATE_FILE_MODE)
+    try:
+        os.fchmod(fd, PRIVATE_FILE_MODE)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _fsync_dir(path):
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -393,7 +414,7 @@ class Store(object):
         self._stop = threading.Event()
         self._flusher = None
 
-        os.makedirs(self.data_dir, exist_ok=True)
+        self._make_private_dir()
         self._lock_fd = self._take_flock()
         try:
             self._open()
@@ -827,7 +848,7 @@ class Store(object):
         os.rename(journal, prev)
         self._crash_point("rotate-renamed")
         try:
-            fd = os.open(journal, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+            fd = _open_private(journal, os.O_WRONLY | os.O_EXCL | os.O_APPEND)
         except OSError as exc:
             self._undo_rotation_locked(None, exc)
         try:
@@ -864,7 +885,7 @@ class Store(object):
         """Write a snapshot of items atomically to path: temp file, fsync, rename, fsync dir."""
         tmp = path + ".tmp"
         try:
-            with open(tmp, "wb") as f:
+            with os.fdopen(_open_private(tmp, os.O_WRONLY | os.O_TRUNC), "wb") as f:
                 for i, frame in enumerate(_snapshot_frames(items, seq, self.SNAPSHOT_CHUNK_KEYS)):
                     f.write(frame)
                     if i == 1 and crash_points:
@@ -964,9 +985,26 @@ class Store(object):
 
     # --- open: lock, load, replay -----------------------------------------------------------
 
+    def _make_private_dir(self):
+        """Create the data dir 0700, or make an existing one so (the files in it are 0600, but
+        their names, and a backups/ folder the server makes with the umask, would show)."""
+        existed = os.path.isdir(self.data_dir)
+        os.makedirs(self.data_dir, PRIVATE_DIR_MODE, exist_ok=True)
+        mode = os.stat(self.data_dir).st_mode & 0o777
+        if mode == PRIVATE_DIR_MODE:
+            return
+        try:
+            os.chmod(self.data_dir, PRIVATE_DIR_MODE)  # the umask filtered makedirs' mode
+        except OSError as exc:
+            self._log("cannot make data dir %s private (mode %03o): %s" % (self.data_dir, mode, exc))
+            return
+        if existed:
+            self._log("data dir %s had mode %03o; made it %03o: the state is private"
+                      % (self.data_dir, mode, PRIVATE_DIR_MODE))
+
     def _take_flock(self):
         path = self._paths["lock"]
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_private(path, os.O_RDWR)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -991,7 +1029,7 @@ class Store(object):
             seen = self._replay_journal(self._paths[name], snap_seq, seen)
         last = max(snap_seq, seen)
         self._next_seq, self._durable_seq, self._applied_seq, self._writes = last + 1, last, last, 0
-        fd = os.open(self._paths["journal"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        fd = _open_private(self._paths["journal"], os.O_WRONLY | os.O_APPEND)
         self._jfd = fd
         self._jsize = self._durable_size = os.fstat(fd).st_size
         _fsync_dir(self.data_dir)
@@ -1101,7 +1139,7 @@ class Store(object):
 
     def _replace_with(self, path, data):
         tmp = path + ".repaired"
-        with open(tmp, "wb") as f:
+        with os.fdopen(_open_private(tmp, os.O_WRONLY | os.O_TRUNC), "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -1120,7 +1158,8 @@ class Store(object):
         try:
             os.link(path, aside)
         except OSError:  # a filesystem without hard links: copy
-            with open(path, "rb") as src, open(aside, "wb") as dst:
+            with open(path, "rb") as src, \
+                    os.fdopen(_open_private(aside, os.O_WRONLY | os.O_EXCL), "wb") as dst:
                 dst.write(src.read())
                 dst.flush()
                 os.fsync(dst.fileno())

@@ -779,6 +779,54 @@ def test_backup_while_writing_is_a_loadable_snapshot(tmp_path):
         assert len(r.keys("before/")) == 100 and r.get("before/7") == 7
 
 
+# --- file modes -------------------------------------------------------------------------------
+
+def modes(directory):
+    """{name: permission bits} of a directory's entries (and "." for itself)."""
+    out = {".": os.stat(directory).st_mode & 0o777}
+    for name in os.listdir(directory):
+        out[name] = os.stat(os.path.join(directory, name)).st_mode & 0o777
+    return out
+
+
+def test_data_files_are_private_whatever_the_umask(tmp_path):
+    d = data_dir(tmp_path)
+    backup = str(tmp_path / "backup.snap")
+    old_umask = os.umask(0o022)
+    try:
+        with open_store(d) as s:
+            s.put("a", 1)
+            s.compact()
+            s.put("b", 2)
+            s.backup(backup)
+            assert modes(d) == {".": 0o700, "lock": 0o600, "journal": 0o600, "snapshot": 0o600}
+        assert os.stat(backup).st_mode & 0o777 == 0o600
+        # a data dir and files from before: a 0755 directory, a 0644 journal and lock
+        os.chmod(d, 0o755)
+        for name in ("journal", "lock"):
+            os.chmod(os.path.join(d, name), 0o644)
+        logs = Logs()
+        with open_store(d, log=logs) as s:
+            assert s.get("b") == 2
+            assert set(modes(d).values()) == {0o700, 0o600} and modes(d)["."] == 0o700
+        assert "had mode 755; made it 700" in logs.text()
+    finally:
+        os.umask(old_umask)
+
+
+def test_files_of_an_interrupted_compaction_are_private_too(tmp_path):
+    d = data_dir(tmp_path)
+    r = run_child("""
+os.umask(0)
+s = Store(d, durability="always", _crash_at="snapshot-written")
+s.put("k", "v")
+s.compact()
+""", d)
+    assert r.returncode == CRASH_EXIT_CODE, r.stderr
+    assert modes(d) == {".": 0o700, "lock": 0o600, "journal": 0o600, "journal.prev": 0o600,
+                        "snapshot.tmp": 0o600}
+
+
 def test_close_is_idempotent_and_final(tmp_path):
     d = data_dir(tmp_path)
     s = open_store(d)
