@@ -201,6 +201,12 @@ def _encode_value(value):
                          "(U+D800..U+DFFF), which UTF-8 cannot encode") from None
 
 
+def _loads(data):
+    """A stored value (UTF-8 JSON bytes) as a fresh object. Decoding first skips json.loads's
+    sniffing for UTF-16/32, which costs more than the decode (a small dict: 5.0 us, not 4.3)."""
+    return json.loads(data.decode("utf-8"))
+
+
 def _json_bytes(value):
     """Canonical JSON of a key, or of a value read from disk, as bytes: UTF-8, or, if it holds a
     lone surrogate, the escaped ASCII form. Files written before values were UTF-8 may hold
@@ -456,13 +462,13 @@ class Store(object):
         _check_key(key)
         with self._lock:
             text = self._data.get(key)
-        return default if text is None else json.loads(text)
+        return default if text is None else _loads(text)
 
     def items(self, prefix="", limit=None):
         """[(key, value)] for keys starting with prefix, sorted by key; the first ``limit`` pairs
         if it is given. Scans and sorts the keys (O(keys in the store), cheap); decodes only the
         values it returns."""
-        return [(k, json.loads(t)) for k, t in self._matching(prefix, limit)]
+        return [(k, _loads(t)) for k, t in self._matching(prefix, limit)]
 
     def keys(self, prefix="", limit=None):
         """Sorted keys starting with prefix (the first ``limit`` of them). O(keys in the store)."""
@@ -996,7 +1002,8 @@ class Store(object):
         try:
             os.chmod(self.data_dir, PRIVATE_DIR_MODE)  # the umask filtered makedirs' mode
         except OSError as exc:
-            self._log("cannot make data dir %s private (mode %03o): %s" % (self.data_dir, mode, exc))
+            self._log("cannot make data dir %s private (mode %03o): %s"
+                      % (self.data_dir, mode, exc))
             return
         if existed:
             self._log("data dir %s had mode %03o; made it %03o: the state is private"
@@ -1187,7 +1194,7 @@ class Transaction(object):
 
     def get(self, key, default=None):
         text = self._text(key)
-        return default if text is None else json.loads(text)
+        return default if text is None else _loads(text)
 
     def put(self, key, value):
         self._check_open()
@@ -1245,7 +1252,7 @@ class _TransactionContext(object):
 def _int_value(text):
     if text is None:
         return 0
-    value = json.loads(text)
+    value = _loads(text)
     if not isinstance(value, int) or isinstance(value, bool):
         raise ValueError("incr needs an int value, the key holds %s" % type(value).__name__)
     return value
