@@ -599,7 +599,10 @@ def test_a_compaction_interrupted_twice_still_loads(tmp_path):
 
 KILL_CHILD = """
 cycle = sys.argv[2]
-s = Store(d, durability="always", compact_journal_bytes=30000)
+# ~70 rounds of the loop below fill 10,000 bytes: a compaction within the shortest random window
+# even on a loaded machine (at 30,000, ~200 rounds, half the cycles saw none and the count of
+# them at the end fell short)
+s = Store(d, durability="always", compact_journal_bytes=10000)
 def writer(t):
     i = 0
     while True:
