@@ -9,7 +9,8 @@
 State keys: "notes/next_id" (a counter), "notes/count" (how many notes), "notes/bytes" (the
 UTF-8 bytes of all their texts) and "notes/item/<id, zero-padded>" (the note), so that listing by
 key prefix is listing in creation order. The counters change in the same transaction as the notes,
-so they are always exact. Every write returns only once it is durable.
+so they stay exact (but "notes/bytes" counts only notes written since it was introduced). Every
+write returns only once it is durable.
 
 What this area may take from the shared store is bounded three ways: MAX_NOTES notes,
 MAX_NOTE_BYTES each, MAX_TOTAL_BYTES together. The handlers read these module constants at each
