@@ -1,6 +1,8 @@
 """Benchmark of handlers/_state.py against sqlite3, printed as a markdown table.
 
     python3 bench/bench_state.py [--seconds 3] [--dir DIR]
+    python3 bench/bench_state.py --memory    # memory per stored byte; listing with a limit
+    python3 bench/bench_state.py --notes     # a real server's notes filled with emoji
 
 Rows are the measurements (ROWS), columns are the systems measured (COLUMNS): each column is a
 function ``measure(row_id, ctx) -> number or None`` (None prints as "-"). To add a column, say
@@ -13,9 +15,12 @@ with their strongest ordinary durability (Store ``always``; sqlite3 WAL + synchr
 connection per thread). Each measurement runs a fixed time, so the whole run takes about a minute.
 """
 import argparse
+import gc
+import http.client
 import json
 import os
 import random
+import re
 import shutil
 import socket
 import sqlite3
@@ -24,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+import tracemalloc
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -209,12 +215,13 @@ def sqlite_reads(ctx):
 
 # --- memory: measured in a child process, so the other rows don't blur it ---------------------
 
-def vm_rss_kib():
-    with open("/proc/self/status") as f:
+def vm_rss_kib(pid="self", field="VmRSS"):
+    """A process's resident set (or VmHWM: its peak) in KiB, from /proc."""
+    with open("/proc/%s/status" % pid) as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    raise RuntimeError("no %s in /proc/%s/status" % (field, pid))
 
 
 def memory_child(directory):
@@ -234,6 +241,149 @@ def memory_in_child(ctx):
     return float(out.stdout.strip())
 
 
+# --- memory per stored byte (--memory): UTF-8 bytes against str ---------------------------------
+#
+# Each cell runs in its own child: N values of one kind held one way, and the memory that stays
+# (tracemalloc: exact Python allocations; RSS: what the OS sees), per byte of the values' UTF-8
+# JSON (what the store holds). "dict of str" is the baseline: the same texts as plain Python str.
+
+MEMORY_VALUES = 10000  # values per cell
+EMOJI = "\U0001F600"
+
+
+def ascii_text(i):
+    return "%05d" % i + "x" * 1019  # 1 KiB
+
+
+def emoji_text(i):
+    return "".join(chr(0x1F600 + int(d)) for d in "%05d" % i) + EMOJI * 251  # 256 emoji, unique
+
+
+def mixed_text(i):
+    return ascii_text(i)[:1020] + EMOJI  # one emoji makes a str 4 bytes per character
+
+
+MEMORY_KINDS = [("ascii", "1 KiB ASCII", ascii_text), ("emoji", "256 emoji", emoji_text),
+                ("mixed", "1020 ASCII + 1 emoji", mixed_text)]
+MEMORY_HOLDERS = [  # (id, heading)
+    ("dict-str", "dict of str (baseline)"),
+    ("dict-json-ascii", "dict of ASCII JSON str (the store before)"),
+    ("store", "Store (UTF-8 JSON bytes)"),
+]
+
+
+def memory_per_byte_child(kind, holder, directory):
+    """Print (tracemalloc bytes, RSS bytes, stored UTF-8 bytes) held after MEMORY_VALUES puts."""
+    make = dict((k, f) for k, _, f in MEMORY_KINDS)[kind]
+    ascii_json = json.JSONEncoder(separators=(",", ":")).encode
+    store = Store(directory, durability="off", log=lambda m: None) if holder == "store" else None
+    held = {}
+    gc.collect()
+    tracemalloc.start()
+    rss_before, traced_before = vm_rss_kib(), tracemalloc.get_traced_memory()[0]
+    stored = 0
+    for i in range(MEMORY_VALUES):
+        key, text = "v/%05d" % i, make(i)
+        stored += len(json.dumps(text, ensure_ascii=False).encode("utf-8"))
+        if holder == "store":
+            store.put(key, text)
+        else:
+            held[key] = ascii_json(text) if holder == "dict-json-ascii" else text
+    gc.collect()
+    traced = tracemalloc.get_traced_memory()[0] - traced_before
+    rss = (vm_rss_kib() - rss_before) * 1024
+    tracemalloc.stop()
+    print(json.dumps([traced, rss, stored]))
+    if store is not None:
+        store.close()
+
+
+def memory_per_byte(base_dir):
+    """Markdown table of memory per stored byte and per key, each cell from a child process."""
+    lines = ["| values (%s of each) | held as | memory / stored byte (tracemalloc) | "
+             "(memory - stored) per key | RSS / stored byte |" % "{:,}".format(MEMORY_VALUES),
+             "|---|---|---:|---:|---:|"]
+    for kind, what, _ in MEMORY_KINDS:
+        for holder, heading in MEMORY_HOLDERS:
+            directory = tempfile.mkdtemp(prefix="memory-", dir=base_dir)
+            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child",
+                                  directory, "--memory-cell", kind + ":" + holder],
+                                 capture_output=True, text=True, check=True)
+            traced, rss, stored = json.loads(out.stdout)
+            per_key = (traced - stored) / MEMORY_VALUES
+            lines.append("| %s | %s | %.2f | %.0f | %.2f |" % (
+                what, heading, traced / stored, per_key, rss / stored))
+    return "\n".join(lines)
+
+
+# --- the notes area filled with emoji (--notes): the server's memory under its byte budget -----
+
+NOTES_TO_POST = 2000
+NOTE_EMOJI = 10000  # characters per note: MAX_TEXT_CHARS of 4-byte characters
+
+
+def notes_until_refused(base_dir):
+    """POST notes of NOTE_EMOJI emoji to a real server until it refuses (or NOTES_TO_POST); print
+    how many it took, its first refusal, its RSS growth, and what listing one note costs."""
+    server, port = start_server_process(tempfile.mkdtemp(prefix="notes-", dir=base_dir))
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        rss_before = vm_rss_kib(server.pid)
+        body = json.dumps({"text": EMOJI * NOTE_EMOJI}, ensure_ascii=False).encode("utf-8")
+        accepted, refusal, start = 0, None, time.monotonic()
+        for _ in range(NOTES_TO_POST):
+            connection.request("POST", "/api/notes", body, {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            answer = response.read()
+            if response.status != 201:
+                refusal = (response.status, answer.decode("utf-8", "replace"))
+                break
+            accepted += 1
+        elapsed = time.monotonic() - start
+        rss_after, hwm = vm_rss_kib(server.pid), vm_rss_kib(server.pid, "VmHWM")
+        list_s = [timed_get(connection, "/api/notes?limit=%d" % n) for n in (1, 1000)]
+    finally:
+        connection.close()
+        server.terminate()
+        server.wait(30)
+    print("notes of %s emoji (%s bytes of JSON each) posted: %d accepted in %.1f s; "
+          "first refusal: %s"
+          % ("{:,}".format(NOTE_EMOJI), "{:,}".format(len(body)), accepted, elapsed, refusal))
+    print("server RSS: %.1f MiB before, %.1f MiB after: growth %.1f MiB (peak %.1f MiB)"
+          % (rss_before / 1024.0, rss_after / 1024.0, (rss_after - rss_before) / 1024.0,
+             hwm / 1024.0))
+    print("GET /api/notes?limit=1: %.1f ms; ?limit=1000 (%d notes): %.1f ms"
+          % (list_s[0] * 1000, min(accepted, 1000), list_s[1] * 1000))
+
+
+def timed_get(connection, path):
+    start = time.monotonic()
+    connection.request("GET", path)
+    response = connection.getresponse()
+    response.read()
+    if response.status != 200:
+        raise RuntimeError("GET %s: HTTP %d" % (path, response.status))
+    return time.monotonic() - start
+
+
+def listing_cost(base_dir, count=1000, chars=10000):
+    """items(prefix)[:1] (every value decoded) against items(prefix, limit=1), direct."""
+    store = Store(tempfile.mkdtemp(prefix="listing-", dir=base_dir), durability="off",
+                  log=lambda m: None)
+    try:
+        for i in range(count):
+            store.put("n/%05d" % i, {"text": EMOJI * chars})
+        times = []
+        for listing in (lambda: store.items("n/")[:1], lambda: store.items("n/", limit=1)):
+            start = time.perf_counter()
+            listing()
+            times.append(time.perf_counter() - start)
+    finally:
+        store.close()
+    print("%d values of %s emoji: items(prefix)[:1] %.1f ms, items(prefix, limit=1) %.3f ms"
+          % (count, "{:,}".format(chars), times[0] * 1000, times[1] * 1000))
+
+
 # --- column: the same writes through HTTP (server.py, notes area) -----------------------------
 
 def measure_http(row_id, ctx):
@@ -241,16 +391,9 @@ def measure_http(row_id, ctx):
     keep-alive connection (server defaults: 16 worker threads, durability always)."""
     if not row_id.startswith("writes-"):
         return None
-    import http.client
-    import re
     n = int(row_id.split("-")[1])
-    server = subprocess.Popen(
-        [sys.executable, os.path.join(REPO, "server.py"), "--port", "0", "--access-log", "off",
-         "--limits-enabled", "off",  # 64 writers from one address would be rate limited
-         "--data-dir", ctx.fresh_dir("http")], stdout=subprocess.PIPE, text=True)
+    server, port = start_server_process(ctx.fresh_dir("http"))
     try:
-        port = int(re.search(r":(\d+)/", server.stdout.readline()).group(1))
-
         def put(connection, path, text):
             connection.request("PUT" if path != "/api/notes" else "POST", path,
                                json.dumps({"text": text}), {"Content-Type": "application/json"})
@@ -275,6 +418,16 @@ def measure_http(row_id, ctx):
     finally:
         server.terminate()
         server.wait(30)
+
+
+def start_server_process(data_dir):
+    """python3 server.py on a free port in a subprocess: (Popen, port)."""
+    server = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "server.py"), "--port", "0", "--access-log", "off",
+         "--limits-enabled", "off",  # many writers from one address would be rate limited
+         "--data-dir", data_dir], stdout=subprocess.PIPE, text=True)
+    port = int(re.search(r":(\d+)/", server.stdout.readline()).group(1))
+    return server, port
 
 
 # --- the table --------------------------------------------------------------------------------
@@ -327,14 +480,32 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="run time of one measurement")
     parser.add_argument("--dir", default=os.getcwd(), help="where the temp data dirs go")
+    parser.add_argument("--memory", action="store_true",
+                        help="only: memory per stored byte, UTF-8 bytes against str (~20 s)")
+    parser.add_argument("--notes", action="store_true",
+                        help="only: fill a real server's notes with emoji until refused")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    parser.add_argument("--memory-cell", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.memory_cell:
+        return memory_per_byte_child(*(args.memory_cell.split(":") + [args.memory_child]))
     if args.memory_child:
         return memory_child(args.memory_child)
     base = tempfile.mkdtemp(prefix=".bench-state-", dir=os.path.abspath(args.dir))
     mount, fstype = filesystem_of(base)
     if fstype == "tmpfs":
         sys.exit("refusing to benchmark on tmpfs (%s): fsync is free there; use --dir" % mount)
+    if args.memory or args.notes:
+        try:
+            print("Python %s, %d CPUs\n" % (sys.version.split()[0], os.cpu_count()))
+            if args.memory:
+                print(memory_per_byte(base) + "\n")
+                listing_cost(base)
+            if args.notes:
+                notes_until_refused(base)
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+        return
     ctx = Context(args.seconds, base)
     sys.stderr.write("data under %s (%s on %s), %.1f s per measurement\n"
                      % (base, fstype, mount, args.seconds))

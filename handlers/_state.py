@@ -11,6 +11,9 @@ What it owns
     ``snapshot.tmp``    a snapshot being written; a leftover one is deleted at open.
     ``*.damaged-<time>`` files moved aside by ``repair=True``; never read again.
 
+    The directory is made 0700 and every file the store writes (backups too) 0600, whatever the
+    process umask: the state is the application's data, for the owner's eyes only.
+
 Invariants
     * Memory holds exactly the effect of records 1..applied_seq, applied in journal order.
     * In mode ``always`` a record is applied to memory only after it is durable, so a write that
@@ -38,7 +41,11 @@ Durability modes (``durability=``)
 
 File formats
     Both files are a sequence of frames: ``b"OB"``, payload length (uint32 big-endian), CRC32 of
-    the payload (uint32 big-endian, ``zlib.crc32``), then the payload: ASCII JSON.
+    the payload (uint32 big-endian, ``zlib.crc32``), then the payload: JSON in UTF-8. (Files
+    written before values were UTF-8 hold ASCII JSON with ``\\uXXXX`` escapes: still UTF-8, so
+    they load as they are.) A lone surrogate, ``"\\ud800"``, is JSON but not text, and UTF-8
+    cannot carry it: a key holding one, or a value read from such an old file, is written in that
+    escaped ASCII form; ``put`` refuses a new value holding one (``ValueError``).
 
     journal record:   ``{"s": seq, "o": [["p", key, value], ["d", key], ...]}`` -- one record per
                       write or transaction, all-or-nothing; ``incr`` is written as the new value.
@@ -51,10 +58,13 @@ File formats
     ``repair=True``, which keeps the good prefix and moves the damaged file aside.
 
 Values in memory
-    Each value is kept as its canonical JSON text: callers can never mutate a stored value (``get``
-    returns a fresh ``json.loads``), the journal and snapshots need that text anyway, and
-    ``json.loads`` of a small dict costs ~4 us against ~9 us for ``copy.deepcopy`` (measured on
-    CPython 3.11), with less memory than live objects.
+    Each value is kept as its canonical JSON encoded in UTF-8, as ``bytes``: callers can never
+    mutate a stored value (``get`` returns a fresh ``json.loads``), the journal and snapshots need
+    those bytes anyway, and ``json.loads`` of a small dict costs ~4 us against ~9 us for
+    ``copy.deepcopy`` (measured on CPython 3.11), with less memory than live objects. Bytes, not
+    ``str``: one emoji makes CPython store a whole ``str`` at 4 bytes per character, while UTF-8
+    costs 1 byte per ASCII character and 4 per emoji. Measured (``bench/bench_state.py --memory``,
+    CPython 3.11): 1 byte of memory per stored byte plus ~110 bytes per key.
 
 Locks (acquire in this order; never the other way; each one's comment in __init__ says what it
 guards)
@@ -79,10 +89,12 @@ import threading
 import time
 import zlib
 from collections import deque
+from operator import itemgetter
 
 __all__ = [
     "Store", "Transaction", "StateError", "StateWriteError", "StateCorruptError",
-    "StateLockedError", "MAX_KEY_CHARS", "COMPACTION_STEPS", "CRASH_EXIT_CODE",
+    "StateLockedError", "StateKeyError", "MAX_KEY_CHARS", "COMPACTION_STEPS", "CRASH_EXIT_CODE",
+    "PRIVATE_DIR_MODE", "PRIVATE_FILE_MODE",
 ]
 
 
@@ -108,10 +120,25 @@ class StateLockedError(StateError):
     """Another process (or another Store in this one) owns the data directory."""
 
 
+class StateKeyError(StateError, ValueError):
+    """A str key the store cannot hold: empty, longer than ``MAX_KEY_CHARS``, or holding NUL.
+    Keys are often built from request input (``"notes/" + request.params["name"]``), so the
+    server answers 400, not 500; the message names the rule but never echoes the key. (A key that
+    is not a str at all is a plain ValueError: that is the handler's bug, a 500.)"""
+
+    http_status = 400
+    public_message = "a name in the request is too long or invalid"
+
+
 # --- limits and formats -----------------------------------------------------------------------
 
-MAX_KEY_CHARS = 1024            # keys are paths like "notes/123"; longer ones are a caller bug
+MAX_KEY_CHARS = 1024            # keys are paths like "notes/123"; a longer one is refused with
+                                # StateKeyError: a 400 when it came from a request
 _MAX_PAYLOAD_BYTES = 0xFFFFFFFF  # the frame's length field is a uint32
+# The state is the application's data (sessions, accounts): only the owner may read it, whatever
+# the umask the server was started with.
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
 _MAGIC = b"OB"
 _HEADER = struct.Struct(">2sII")  # magic, payload length, crc32(payload)
 _SNAPSHOT_VERSION = 1
@@ -139,29 +166,56 @@ def _log_stderr(message):
 # --- validation and encoding (no locks; runs before any lock is taken) ------------------------
 
 def _check_key(key):
-    if not isinstance(key, str) or not key:
-        raise ValueError("'key' must be a non-empty string")
+    if not isinstance(key, str):
+        raise ValueError("'key' must be a string, not %s" % type(key).__name__)
+    if not key:
+        raise StateKeyError("'key' must be a non-empty string")
     if len(key) > MAX_KEY_CHARS:
-        raise ValueError("'key' must be at most %d characters" % MAX_KEY_CHARS)
+        raise StateKeyError("'key' must be at most %d characters" % MAX_KEY_CHARS)
     if "\x00" in key:
-        raise ValueError("'key' must not contain NUL")
+        raise StateKeyError("'key' must not contain NUL")
 
 
 # One encoder for every call: json.dumps(value, **options) builds a new one each time, which
 # doubles the cost of a small write (5.9 us against 2.8 us). Encoders keep no state between calls,
-# so sharing one across threads is safe. ensure_ascii (the default) keeps the journal pure ASCII,
-# so even lone surrogates encode.
-_dumps = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
+# so sharing one across threads is safe. ensure_ascii=False: an emoji is 4 bytes of UTF-8 in
+# memory and on disk, not the 12 of "\ud83d\ude00".
+_dumps = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+# The old format's encoder, for what UTF-8 cannot carry (see _json_bytes).
+_dumps_ascii = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
 
 
 def _encode_value(value):
-    """Return the canonical JSON text of value, or raise ValueError if it is not plain JSON."""
+    """Return the canonical JSON of value as UTF-8 bytes, or raise ValueError if it is not plain
+    JSON text."""
     try:
         text = _dumps(value)  # rejects NaN/Infinity, cycles and foreign types at C speed
     except (TypeError, ValueError, RecursionError) as exc:
         raise ValueError("'value' must be JSON: %s" % exc) from None
     _check_plain(value)
-    return text
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        # "\ud800" alone parses as JSON (RFC 8259 section 8.2 allows it) but is not Unicode
+        # text; the runtime's request.json() refuses it, so here it is a caller's bug.
+        raise ValueError("'value' must be JSON text: a string holds a lone surrogate "
+                         "(U+D800..U+DFFF), which UTF-8 cannot encode") from None
+
+
+def _loads(data):
+    """A stored value (UTF-8 JSON bytes) as a fresh object. Decoding first skips json.loads's
+    sniffing for UTF-16/32, which costs more than the decode (a small dict: 5.0 us, not 4.3)."""
+    return json.loads(data.decode("utf-8"))
+
+
+def _json_bytes(value):
+    """Canonical JSON of a key, or of a value read from disk, as bytes: UTF-8, or, if it holds a
+    lone surrogate, the escaped ASCII form. Files written before values were UTF-8 may hold
+    "\\ud800" escapes; such a value keeps its escaped text, so it stays readable and compacts."""
+    try:
+        return _dumps(value).encode("utf-8")
+    except UnicodeEncodeError:
+        return _dumps_ascii(value).encode("ascii")
 
 
 def _check_plain(value):
@@ -193,24 +247,25 @@ def _frame(payload):
 
 
 def _record_payload(seq, ops):
-    """One journal record; built from the stored texts, so it costs O(record), not a re-encode."""
+    """One journal record; built from the stored bytes, so it costs O(record), not a re-encode."""
     parts = []
     for key, text in ops:
         if text is None:
-            parts.append('["d",%s]' % _dumps(key))
+            parts.append(b'["d",%s]' % _json_bytes(key))
         else:
-            parts.append('["p",%s,%s]' % (_dumps(key), text))
-    return ('{"s":%d,"o":[%s]}' % (seq, ",".join(parts))).encode("ascii")
+            parts.append(b'["p",%s,%s]' % (_json_bytes(key), text))
+    return b'{"s":%d,"o":[%s]}' % (seq, b",".join(parts))
 
 
 def _snapshot_frames(items, seq, chunk_keys):
-    """Yield the frames of a snapshot of items (a list of (key, text))."""
-    yield _frame(_dumps({"onebox_snapshot": _SNAPSHOT_VERSION, "seq": seq,
-                         "keys": len(items)}).encode("ascii"))
+    """Yield the frames of a snapshot of items (a list of (key, JSON bytes))."""
+    yield _frame(_json_bytes({"onebox_snapshot": _SNAPSHOT_VERSION, "seq": seq,
+                              "keys": len(items)}))
     for start in range(0, len(items), chunk_keys):
-        pairs = ",".join("[%s,%s]" % (_dumps(k), t) for k, t in items[start:start + chunk_keys])
-        yield _frame(('{"kv":[%s]}' % pairs).encode("ascii"))
-    yield _frame(_dumps({"end": len(items)}).encode("ascii"))
+        pairs = b",".join(b"[%s,%s]" % (_json_bytes(k), t)
+                          for k, t in items[start:start + chunk_keys])
+        yield _frame(b'{"kv":[%s]}' % pairs)
+    yield _frame(_json_bytes({"end": len(items)}))
 
 
 # --- reading frames (open time only) ----------------------------------------------------------
@@ -229,7 +284,8 @@ def _parse_frame(data, off):
     if zlib.crc32(payload) != crc:
         return None, "bad checksum"
     try:
-        return json.loads(payload.decode("ascii")), end
+        # UTF-8; files written before values were UTF-8 are ASCII, which is UTF-8 too
+        return json.loads(payload.decode("utf-8")), end
     except ValueError:  # UnicodeDecodeError is a ValueError
         return None, "checksum ok but payload is not JSON"
 
@@ -268,6 +324,19 @@ def _read_file(path):
             return f.read()
     except FileNotFoundError:
         return None
+
+
+def _open_private(path, flags):
+    """os.open(path, flags | O_CREAT) as a file only its owner may read: 0600 whatever the
+    process umask (fchmod, since the mode given to open is filtered through it), and an existing
+    file from before files were private is made so too."""
+    fd = os.open(path, flags | os.O_CREAT, PRIVATE_FILE_MODE)
+    try:
+        os.fchmod(fd, PRIVATE_FILE_MODE)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _fsync_dir(path):
@@ -321,7 +390,8 @@ class Store(object):
         self._paths = {name: os.path.join(self.data_dir, name) for name in
                        ("lock", "snapshot", "snapshot.tmp", "journal", "journal.prev")}
 
-        # _lock guards what readers see: _data (key -> JSON text), _bytes, _applied_seq, _writes.
+        # _lock guards what readers see: _data (key -> JSON as UTF-8 bytes), _bytes, _applied_seq,
+        # _writes.
         self._lock = threading.Lock()
         # _jlock guards the write side: the journal fd and _jsize, _jbroken, _jfatal, _buffer,
         # _next_seq, _durable_seq/_durable_size, _unapplied, _overlay, _closed, _tx_owner. A transaction holds
@@ -351,7 +421,7 @@ class Store(object):
         self._stop = threading.Event()
         self._flusher = None
 
-        os.makedirs(self.data_dir, exist_ok=True)
+        self._make_private_dir()
         self._lock_fd = self._take_flock()
         try:
             self._open()
@@ -393,22 +463,30 @@ class Store(object):
         _check_key(key)
         with self._lock:
             text = self._data.get(key)
-        return default if text is None else json.loads(text)
+        return default if text is None else _loads(text)
 
-    def items(self, prefix=""):
-        """[(key, value)] for keys starting with prefix, sorted by key. O(keys in the store)."""
-        return [(k, json.loads(t)) for k, t in self._matching(prefix)]
+    def items(self, prefix="", limit=None):
+        """[(key, value)] for keys starting with prefix, sorted by key; the first ``limit`` pairs
+        if it is given. Scans and sorts the keys (O(keys in the store), cheap); decodes only the
+        values it returns."""
+        return [(k, _loads(t)) for k, t in self._matching(prefix, limit)]
 
-    def keys(self, prefix=""):
-        """Sorted keys starting with prefix. O(keys in the store)."""
-        return [k for k, _ in self._matching(prefix)]
+    def keys(self, prefix="", limit=None):
+        """Sorted keys starting with prefix (the first ``limit`` of them). O(keys in the store)."""
+        return [k for k, _ in self._matching(prefix, limit)]
 
-    def _matching(self, prefix):
+    def _matching(self, prefix, limit):
         if not isinstance(prefix, str):
             raise ValueError("'prefix' must be a string")
+        if limit is not None:
+            _check_int(limit, "limit")
+            if limit < 0:
+                raise ValueError("'limit' must be at least 0")
         with self._lock:
             pairs = list(self._data.items())  # one C-speed copy; filter after releasing the lock
-        return sorted(kv for kv in pairs if kv[0].startswith(prefix))
+        # Keys are unique, so sorting by key alone orders the pairs and never compares values.
+        matching = sorted((kv for kv in pairs if kv[0].startswith(prefix)), key=_first)
+        return matching if limit is None else matching[:limit]
 
     def stats(self):
         """Counters for /metrics and the status page. Approximate: no lock is held across them."""
@@ -452,7 +530,7 @@ class Store(object):
 
         def build(current):
             total = _int_value(current(key)) + n
-            return [(key, str(total))], total
+            return [(key, b"%d" % total)], total
         return self._write(build)
 
     def transaction(self):
@@ -777,7 +855,7 @@ class Store(object):
         os.rename(journal, prev)
         self._crash_point("rotate-renamed")
         try:
-            fd = os.open(journal, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+            fd = _open_private(journal, os.O_WRONLY | os.O_EXCL | os.O_APPEND)
         except OSError as exc:
             self._undo_rotation_locked(None, exc)
         try:
@@ -814,7 +892,7 @@ class Store(object):
         """Write a snapshot of items atomically to path: temp file, fsync, rename, fsync dir."""
         tmp = path + ".tmp"
         try:
-            with open(tmp, "wb") as f:
+            with os.fdopen(_open_private(tmp, os.O_WRONLY | os.O_TRUNC), "wb") as f:
                 for i, frame in enumerate(_snapshot_frames(items, seq, self.SNAPSHOT_CHUNK_KEYS)):
                     f.write(frame)
                     if i == 1 and crash_points:
@@ -914,9 +992,27 @@ class Store(object):
 
     # --- open: lock, load, replay -----------------------------------------------------------
 
+    def _make_private_dir(self):
+        """Create the data dir 0700, or make an existing one so (the files in it are 0600, but
+        their names, and a backups/ folder the server makes with the umask, would show)."""
+        existed = os.path.isdir(self.data_dir)
+        os.makedirs(self.data_dir, PRIVATE_DIR_MODE, exist_ok=True)
+        mode = os.stat(self.data_dir).st_mode & 0o777
+        if mode == PRIVATE_DIR_MODE:
+            return
+        try:
+            os.chmod(self.data_dir, PRIVATE_DIR_MODE)  # the umask filtered makedirs' mode
+        except OSError as exc:
+            self._log("cannot make data dir %s private (mode %03o): %s"
+                      % (self.data_dir, mode, exc))
+            return
+        if existed:
+            self._log("data dir %s had mode %03o; made it %03o: the state is private"
+                      % (self.data_dir, mode, PRIVATE_DIR_MODE))
+
     def _take_flock(self):
         path = self._paths["lock"]
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_private(path, os.O_RDWR)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -941,7 +1037,7 @@ class Store(object):
             seen = self._replay_journal(self._paths[name], snap_seq, seen)
         last = max(snap_seq, seen)
         self._next_seq, self._durable_seq, self._applied_seq, self._writes = last + 1, last, last, 0
-        fd = os.open(self._paths["journal"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        fd = _open_private(self._paths["journal"], os.O_WRONLY | os.O_APPEND)
         self._jfd = fd
         self._jsize = self._durable_size = os.fstat(fd).st_size
         _fsync_dir(self.data_dir)
@@ -995,7 +1091,7 @@ class Store(object):
         return seq or 0
 
     def _load_put(self, key, value):
-        text = _dumps(value)
+        text = _json_bytes(value)
         old = self._data.get(key)
         if old is not None:
             self._bytes -= len(key) + len(old)
@@ -1020,7 +1116,7 @@ class Store(object):
             seen = seq
             if seq > snap_seq:  # else the snapshot has it already (a crash came mid-compaction)
                 with self._lock:
-                    self._apply_locked([(op[1], None if op[0] == "d" else _dumps(op[2]))
+                    self._apply_locked([(op[1], None if op[0] == "d" else _json_bytes(op[2]))
                                         for op in ops], seq)
         if reason is not None:
             self._cut_journal(path, data, stop, reason, damaged)
@@ -1051,7 +1147,7 @@ class Store(object):
 
     def _replace_with(self, path, data):
         tmp = path + ".repaired"
-        with open(tmp, "wb") as f:
+        with os.fdopen(_open_private(tmp, os.O_WRONLY | os.O_TRUNC), "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -1070,7 +1166,8 @@ class Store(object):
         try:
             os.link(path, aside)
         except OSError:  # a filesystem without hard links: copy
-            with open(path, "rb") as src, open(aside, "wb") as dst:
+            with open(path, "rb") as src, \
+                    os.fdopen(_open_private(aside, os.O_WRONLY | os.O_EXCL), "wb") as dst:
                 dst.write(src.read())
                 dst.flush()
                 os.fsync(dst.fileno())
@@ -1098,7 +1195,7 @@ class Transaction(object):
 
     def get(self, key, default=None):
         text = self._text(key)
-        return default if text is None else json.loads(text)
+        return default if text is None else _loads(text)
 
     def put(self, key, value):
         self._check_open()
@@ -1114,7 +1211,7 @@ class Transaction(object):
     def incr(self, key, n=1):
         _check_int(n, "n")
         total = _int_value(self._text(key)) + n
-        self._changes[key] = str(total)
+        self._changes[key] = b"%d" % total
         return total
 
     def _check_open(self):
@@ -1156,7 +1253,7 @@ class _TransactionContext(object):
 def _int_value(text):
     if text is None:
         return 0
-    value = json.loads(text)
+    value = _loads(text)
     if not isinstance(value, int) or isinstance(value, bool):
         raise ValueError("incr needs an int value, the key holds %s" % type(value).__name__)
     return value
@@ -1175,6 +1272,9 @@ def _snapshot_frame_problem(obj, first):
             isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) for p in pairs)
         return None if ok else "bad key/value list"
     return None if _is_seq(obj.get("end")) else "unknown record"
+
+
+_first = itemgetter(0)
 
 
 def _is_seq(value):

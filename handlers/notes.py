@@ -6,26 +6,50 @@
     PUT    /api/notes/{id}       {"text": "..."} -> the updated note
     DELETE /api/notes/{id}       204
 
-State keys: "notes/next_id" (a counter) and "notes/item/<id, zero-padded>" (the note), so that
-listing by key prefix is listing in creation order. Every write returns only once it is durable.
+State keys: "notes/next_id" (a counter), "notes/count" (how many notes), "notes/bytes" (the
+UTF-8 bytes of all their texts) and "notes/item/<id, zero-padded>" (the note), so that listing by
+key prefix is listing in creation order. The counters change in the same transaction as the notes,
+so they stay exact (but "notes/bytes" counts only notes written since it was introduced). Every
+write returns only once it is durable.
+
+What this area may take from the shared store is bounded three ways: MAX_NOTES notes,
+MAX_NOTE_BYTES each, MAX_TOTAL_BYTES together. The handlers read these module constants at each
+request (never copy them at import), so a test can lower one for itself.
 """
 import time
 
 from handlers._core import HTTPError, json_response, state
 
-MAX_TEXT_CHARS = 10000   # a note, not a document
-MAX_NOTES = 10000        # bounds the memory this area can take from the shared store
-MAX_LIST = 1000
+MAX_TEXT_CHARS = 10000          # a note, not a document: the rule users see
+MAX_NOTE_BYTES = 40000          # UTF-8 bytes of one note's text: 10,000 emoji fit. What bounds
+                                # memory: a character may be 4 bytes (this cap decides first)
+MAX_TOTAL_BYTES = 16 * 1024 * 1024  # UTF-8 bytes of all texts: 419 notes of 10,000 emoji, which
+                                # grow the server by 27 MiB of RSS (bench/bench_state.py --notes)
+MAX_NOTES = 10000               # bounds the count of keys this area adds to the shared store
+MAX_LIST = 1000                 # notes per GET /api/notes
+MAX_ID_DIGITS = 12              # ids are zero-padded to this many digits in their keys; no
+                                # number in a request (id, limit) may be longer
 ITEM_PREFIX = "notes/item/"
+COUNT_KEY, BYTES_KEY, NEXT_ID_KEY = "notes/count", "notes/bytes", "notes/next_id"
+
+
+def _whole_number(text, max_digits):
+    """int(text) if text is 1..max_digits ASCII digits, else None. str.isdigit alone is not
+    enough: it accepts "\u00b2" and Arabic-Indic digits, on which int() fails or which are not
+    how anyone writes an id; max_digits also keeps int() clear of its 4,300-digit limit."""
+    if not text.isascii() or not text.isdigit() or len(text) > max_digits:
+        return None
+    return int(text)
 
 
 def _key(note_id):
-    if not note_id.isdigit() or len(note_id) > 12:
+    if _whole_number(note_id, MAX_ID_DIGITS) is None:
         raise HTTPError(404, "no such note")
-    return ITEM_PREFIX + note_id.zfill(12)
+    return ITEM_PREFIX + note_id.zfill(MAX_ID_DIGITS)
 
 
 def _text_from(request):
+    """The validated text of the request's {"text": ...} and its size in UTF-8 bytes."""
     data = request.json()
     if not isinstance(data, dict):
         raise HTTPError(400, "body must be a JSON object like {\"text\": \"...\"}")
@@ -35,27 +59,47 @@ def _text_from(request):
     text = data.get("text")
     if not isinstance(text, str) or not text.strip():
         raise HTTPError(400, "'text' must be a non-empty string")
+    size = _input_size(text)
+    if size > MAX_NOTE_BYTES:
+        raise HTTPError(413, "'text' must be at most %d bytes of UTF-8" % MAX_NOTE_BYTES)
     if len(text) > MAX_TEXT_CHARS:
         raise HTTPError(400, "'text' must be at most %d characters" % MAX_TEXT_CHARS)
-    return text
+    return text, size
+
+
+def _input_size(text):
+    """UTF-8 bytes of text from a request; 400 if it is not text."""
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800"): JSON, but not text
+        raise HTTPError(400, "'text' must be Unicode text (no lone surrogates)") from None
+
+
+def _set_total(tx, new_total):
+    """Record the notes' new total of text bytes in tx, or raise 507 if it is past
+    MAX_TOTAL_BYTES (then the transaction writes nothing)."""
+    if new_total > MAX_TOTAL_BYTES:
+        raise HTTPError(507, "notes storage is full; delete some notes first")
+    tx.put(BYTES_KEY, new_total)
 
 
 def list_notes(request):
-    raw_limit = request.query.get("limit", str(MAX_LIST))
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIST:
+    limit = _whole_number(request.query.get("limit", str(MAX_LIST)), MAX_ID_DIGITS)
+    if limit is None or not 1 <= limit <= MAX_LIST:
         raise HTTPError(400, "'limit' must be a whole number from 1 to %d" % MAX_LIST)
-    notes = [value for _, value in state.items(ITEM_PREFIX)[:int(raw_limit)]]
+    notes = [value for _, value in state.items(ITEM_PREFIX, limit=limit)]
     return json_response({"notes": notes, "count": len(notes)})
 
 
 def create_note(request):
-    text = _text_from(request)
+    text, size = _text_from(request)
     now = time.time()
     with state.transaction() as tx:
-        if tx.get("notes/count", 0) >= MAX_NOTES:
+        if tx.get(COUNT_KEY, 0) >= MAX_NOTES:
             raise HTTPError(507, "note limit reached; delete some notes first")
-        note_id = str(tx.incr("notes/next_id"))
-        tx.incr("notes/count")
+        _set_total(tx, tx.get(BYTES_KEY, 0) + size)
+        note_id = str(tx.incr(NEXT_ID_KEY))
+        tx.incr(COUNT_KEY)
         note = {"id": note_id, "text": text, "created": now, "updated": now}
         tx.put(_key(note_id), note)
     return json_response(note, 201, [("Location", "/api/notes/" + note_id)])
@@ -70,11 +114,12 @@ def get_note(request):
 
 def update_note(request):
     key = _key(request.params["id"])
-    text = _text_from(request)
+    text, size = _text_from(request)
     with state.transaction() as tx:
         note = tx.get(key)
         if note is None:
             raise HTTPError(404, "no such note")
+        _set_total(tx, _total_without(tx, note) + size)
         note = dict(note, text=text, updated=time.time())
         tx.put(key, note)
     return json_response(note)
@@ -83,11 +128,21 @@ def update_note(request):
 def delete_note(request):
     key = _key(request.params["id"])
     with state.transaction() as tx:
-        if tx.get(key) is None:
+        note = tx.get(key)
+        if note is None:
             raise HTTPError(404, "no such note")
+        tx.put(BYTES_KEY, _total_without(tx, note))
         tx.delete(key)
-        tx.incr("notes/count", -1)
+        tx.incr(COUNT_KEY, -1)
     return None
+
+
+def _total_without(tx, note):
+    """The notes' total bytes less this note's. Never below 0: a data dir from before the total
+    was kept holds notes it never counted. ("surrogatepass": such an old note may hold a lone
+    surrogate, which the store kept as the escape it was written with.)"""
+    size = len(note["text"].encode("utf-8", "surrogatepass"))
+    return max(0, tx.get(BYTES_KEY, 0) - size)
 
 
 ROUTES = [

@@ -4,6 +4,7 @@ import threading
 
 import pytest
 
+import handlers.notes as notes
 from conftest import request
 
 JSON = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -51,6 +52,53 @@ def test_bad_input_gets_400_with_a_clear_message(server, body, message):
     status, headers, raw = request(server, "POST", "/api/notes", body, JSON)
     assert status == 400 and headers["content-type"] == "application/json"
     assert json.loads(raw)["error"].startswith(message)
+
+
+EMOJI = "\U0001F600"  # 1 character, 4 bytes of UTF-8
+
+
+def test_a_note_may_hold_max_note_bytes_and_not_one_more(server):
+    assert notes.MAX_NOTE_BYTES == 4 * notes.MAX_TEXT_CHARS  # so the text below is at both limits
+    status, _, note = call(server, "POST", "/api/notes", {"text": EMOJI * 10000})
+    assert status == 201 and note["text"] == EMOJI * 10000
+    status, _, error = call(server, "POST", "/api/notes", {"text": EMOJI * 10000 + "a"})
+    assert status == 413 and error["error"] == "'text' must be at most 40000 bytes of UTF-8"
+    assert call(server, "PUT", "/api/notes/" + note["id"], {"text": "a" + EMOJI * 10000})[0] == 413
+    assert call(server, "GET", "/api/notes/" + note["id"])[2] == note
+
+
+def test_all_notes_together_stay_within_max_total_bytes(start_server, monkeypatch):
+    # server.py owns the settings; the area's limits are module constants, read per request
+    monkeypatch.setattr(notes, "MAX_TOTAL_BYTES", 100)
+    server = start_server()
+    first = call(server, "POST", "/api/notes", {"text": "a" * 60})[2]
+    second = call(server, "POST", "/api/notes", {"text": EMOJI * 10})[2]  # 100 bytes: the budget
+    status, _, error = call(server, "POST", "/api/notes", {"text": "b"})
+    assert status == 507 and error["error"] == "notes storage is full; delete some notes first"
+    assert call(server, "PUT", "/api/notes/" + second["id"], {"text": EMOJI * 10 + "c"})[0] == 507
+    assert call(server, "PUT", "/api/notes/" + second["id"], {"text": "\u00e9" * 20})[0] == 200
+    assert call(server, "DELETE", "/api/notes/" + first["id"])[0] == 204
+    assert call(server, "POST", "/api/notes", {"text": "d" * 60})[0] == 201  # 40 + 60 again
+    assert call(server, "POST", "/api/notes", {"text": "e"})[0] == 507
+    assert call(server, "GET", "/api/notes")[2]["count"] == 2
+
+
+def test_a_lone_surrogate_in_a_note_is_400(server):
+    status, _, raw = request(server, "POST", "/api/notes", b'{"text": "a\\ud800"}', JSON)
+    assert status == 400
+    assert call(server, "GET", "/api/notes")[2]["count"] == 0
+
+
+@pytest.mark.parametrize("number", ["%C2%B2", "%D9%A3", "%EF%BC%91", "9" * 5000, "-1", "1.0"],
+                         ids=["superscript-2", "arabic-indic-3", "fullwidth-1", "5000-digits",
+                              "negative", "decimal"])
+def test_only_ascii_digits_are_numbers(server, number):
+    # str.isdigit() accepts superscript two and Arabic-Indic or fullwidth digits; int() fails on
+    # the first and reads the others, and a 5,000-digit int() raises: all were once a 500
+    call(server, "POST", "/api/notes", {"text": "one"})
+    assert call(server, "GET", "/api/notes?limit=" + number)[0] == 400
+    for method, body in (("GET", None), ("PUT", {"text": "x"}), ("DELETE", None)):
+        assert call(server, method, "/api/notes/" + number, body)[0] == 404
 
 
 def test_unknown_ids_are_404(server):
