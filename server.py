@@ -46,7 +46,6 @@ import importlib
 import os
 import queue
 import re
-import shutil
 import select
 import selectors
 import signal
@@ -2040,7 +2039,8 @@ class OneboxServer(_Reactor, _Workers, http.server.ThreadingHTTPServer):
         folder = os.path.join(self.settings.data_dir, "backups")
         path = os.path.join(folder, time.strftime("state-%Y%m%dT%H%M%SZ.snapshot", time.gmtime()))
         try:
-            os.makedirs(folder, exist_ok=True)
+            os.makedirs(folder, 0o700, exist_ok=True)
+            os.chmod(folder, 0o700)   # makedirs' mode passes through the umask
             store.backup(path + ".tmp")
             os.replace(path + ".tmp", path)
             self.log_error("backup written: %s" % path)
@@ -2237,13 +2237,24 @@ def _backup_from_running_server(data_dir, path, wait_s):
         present = set(os.listdir(folder)) if os.path.isdir(folder) else set()
         new = sorted(name for name in present - before if name.endswith(".snapshot"))
         if new:
-            shutil.copyfile(os.path.join(folder, new[-1]), path)
+            _copy_private(os.path.join(folder, new[-1]), path)
             print("onebox: backup from the running server (pid %d) written to %s" % (pid, path))
             return 0
         time.sleep(0.1)
     print("onebox: the running server (pid %d) wrote no backup within %ds; see its error log"
           % (pid, wait_s), file=sys.stderr)
     return 1
+
+
+def _copy_private(source, target):
+    """Copy a backup to a file only its owner may read (0600 whatever the umask): it holds
+    the whole state."""
+    with open(source, "rb") as original:
+        data = original.read()
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as copy:
+        os.fchmod(fd, 0o600)
+        copy.write(data)
 
 
 def raise_file_limit(wanted):

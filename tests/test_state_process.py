@@ -227,6 +227,9 @@ def test_backup_of_a_running_server_restores(tmp_path):
         result = run("--backup", str(backup), "--data-dir", str(data_dir))
         assert result.returncode == 0, result.stderr
         assert "running server (pid %d)" % server.proc.pid in result.stdout
+        # the whole state: only its owner may read it, the copy and the server's own
+        assert os.stat(str(backup)).st_mode & 0o777 == 0o600
+        assert os.stat(str(data_dir / "backups")).st_mode & 0o777 == 0o700
         server.call("POST", "/api/notes", {"text": "after the backup"})
     finally:
         server.stop()
