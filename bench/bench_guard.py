@@ -82,7 +82,7 @@ def memory_child(keys, frozen):
     """Runs in a fresh process: print RSS before and after ``keys`` clients are checked."""
     import server
     from handlers._core import Headers, Request
-    from handlers._guard import Guard
+    from onebox.guard import Guard
 
     config = server.load_config(os.path.join(ROOT, "setup.cfg"))
     clock = (lambda: 1000.0) if frozen else time.monotonic

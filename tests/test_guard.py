@@ -13,7 +13,7 @@ import time
 import pytest
 
 from conftest import ROOT, raw_exchange, onebox, status_of
-from handlers._guard import MAX_WARNED_PROXIES, CidrSet, PathSet, client_key, normal_address
+from onebox.guard import MAX_WARNED_PROXIES, CidrSet, PathSet, client_key, normal_address
 
 # The shipped [limits] defaults (the fixture otherwise puts the limits out of reach).
 DEFAULT_LIMITS = {"limits." + s.name: s.default for s in onebox.SETTINGS["limits"]}

@@ -1,8 +1,10 @@
 """Static pages: the files under pages_dir, served as nginx serves them.
 
-Infrastructure, not an area: ``server.py`` builds one ``StaticPages`` and calls ``serve(request)``
-from its worker threads for unrouted GET and HEAD requests. Like every ``handlers/_*`` module it
-never imports ``server``. Everything here is safe to call from many workers at once.
+Part of the runtime, not an area: the engine builds one ``StaticPages`` and calls
+``serve(request)`` from its worker threads for unrouted GET and HEAD requests, and
+``not_found(request)`` for a 404. Imports the standard library, the handler contract and the
+codec's ``error_response``; never the engine or ``server``. Everything here is safe to call
+from many workers at once.
 
 What a request goes through (``StaticPages.serve``):
 
@@ -45,6 +47,7 @@ import urllib.parse
 import zlib
 
 from handlers._core import HTTPError, Response
+from onebox.codec import error_response
 
 __all__ = ["StaticPages", "compile_policy", "MIME_TYPES", "STATIC_METHODS"]
 
@@ -408,8 +411,9 @@ class Variant:
 class FileEntry:
     """A URL path resolved to a regular file: its validators, headers and (small) bytes."""
 
-    __slots__ = ("path", "sig", "checked", "mtime_s", "content_type", "cache_control",
-                 "identity", "sidecars", "codings", "gzip_on_the_fly", "vary", "cost")
+    __slots__ = ("path", "sig", "checked", "mtime_s", "strong_after", "content_type",
+                 "cache_control", "identity", "sidecars", "codings", "gzip_on_the_fly", "vary",
+                 "cost")
 
 
 def _sig(st):
@@ -619,6 +623,9 @@ class StaticPages:
         entry.path, entry.sig, entry.checked = path, _sig(st), time.monotonic()
         # Last-Modified must not be later than Date (RFC 9110 section 8.8.2.1)
         entry.mtime_s = min(int(st.st_mtime), int(time.time()))
+        # ...and is a strong validator only from a second after the file's own mtime
+        # (section 8.8.2.2): a file stamped in the future (clock skew) stays weak until then
+        entry.strong_after = st.st_mtime + 1
         content_type = MIME_TYPES.get(os.path.splitext(path)[1].lower(), DEFAULT_TYPE)
         entry.content_type = content_type
         entry.cache_control = self.policy.cache_control(url_path, content_type)
@@ -776,7 +783,7 @@ class StaticPages:
         if field.startswith('"') or field.startswith("W/"):
             return etag_matches(field, entry.identity.etag, strong=True)
         date = parse_http_date(field)
-        return date is not None and date == entry.mtime_s and entry.mtime_s < time.time() - 1
+        return date is not None and date == entry.mtime_s and time.time() > entry.strong_after
 
     def _ranged(self, entry, ranges, handle):
         """206 or 416; None to send the whole file instead (RFC 9110 section 14.2 allows it).
@@ -877,6 +884,14 @@ class StaticPages:
         head = [("Content-Type", "text/html; charset=utf-8"), ("Cache-Control", "no-cache")
                 ] + self.extra_headers
         return Response(page.encode("utf-8"), 200, head)
+
+    def not_found(self, request):
+        """404: 404.html for browsers, a short text or JSON error for everyone else."""
+        response = self.not_found_page(request)
+        if response is None:
+            response = error_response(request, 404, "not found")
+            response.headers.extend(self.extra_headers)
+        return response
 
     def not_found_page(self, request):
         """404.html with status 404, for clients that accept HTML; None otherwise."""

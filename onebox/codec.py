@@ -1,0 +1,551 @@
+"""The HTTP/1.1 codec: parse a request head, frame and read a body, render and send a response.
+
+Pure functions and small classes, and the one grammar of the protocol that everyone uses
+(tokens, field values, request lines: RFC 9110 section 5.6, RFC 9112 sections 2-7). No threads
+live here: the engine calls these from its reactor and workers. What a lenient parser accepts is
+what request smuggling exploits, so every rule is strict, and every rule's failure is an
+``HTTPError`` with a short message that never echoes the request.
+
+Imports only the standard library and the handler contract (``handlers._core``); never the
+engine, the guard or ``server``.
+"""
+import email.utils
+import http
+import os
+import re
+import select
+import socket
+import time
+import traceback
+import urllib.parse
+
+from handlers._core import HTTPError, Response, json_response
+
+# --- request parsing --------------------------------------------------------------------------
+# RFC 9112 sections 2-3 and 5-6, strictly: what a lenient parser accepts is what request
+# smuggling exploits. Runs in worker threads on a complete head (the reactor found its end).
+
+_TCHARS = "!#$%&'*+.^_`|~0-9A-Za-z-"
+# [0-9], not \d: in a str pattern \d matches every Unicode digit (Arabic-Indic, Devanagari...)
+_REQUEST_LINE_RE = re.compile(r"([%s]+) ([^\x00-\x20\x7f]+) HTTP/([0-9])\.([0-9])" % _TCHARS)
+_REQUEST_LINE_BYTES_RE = re.compile(rb"[%s]+ [^\x00-\x20\x7f]+ HTTP/[0-9]\.[0-9]"
+                                    % _TCHARS.encode())
+_METHOD_PREFIX_RE = re.compile(rb"[%s]{1,32}(?: |$)" % _TCHARS.encode())
+_BAD_VALUE_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# All field lines in one match: each a token, a colon and a value without controls (HTAB
+# aside). No match: obs-fold (a line starting with whitespace), whitespace before the colon
+# (RFC 9112 section 5.1 requires 400), a bare CR or LF, or no colon at all.
+_FIELD = r"[%s]+:[^\x00-\x08\x0a-\x1f\x7f]*" % _TCHARS
+_FIELD_LINES_RE = re.compile(r"(?:%s(?:\r\n%s)*)?" % (_FIELD, _FIELD))
+_HOST_RE = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
+# Optional whitespace is SP and HTAB only (RFC 9110 section 5.6.3). str.strip() with no argument
+# would also strip NBSP (0xA0) and NEL (0x85) of a latin-1 decoded head: a smuggling lever, since
+# a proxy in front reads "chunked\xa0" as an unknown coding.
+_OWS = " \t"
+_TCHAR_BYTES = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                         b"abcdefghijklmnopqrstuvwxyz")
+
+
+class Head:
+    """A parsed request head: what the worker needs to frame and route the request."""
+
+    __slots__ = ("method", "target", "version", "fields", "keep_alive", "content_length",
+                 "chunked", "expect_continue", "request_line")
+
+
+def parse_head(head_bytes, settings):
+    """Parse a request head (without its final CRLFCRLF); raise HTTPError on anything bad."""
+    text = head_bytes.decode("latin-1")
+    lines = text.split("\r\n")
+    head = Head()
+    head.request_line = lines[0]
+    if len(lines[0]) > settings.max_request_line_bytes:
+        raise HTTPError(414, "request line too long")
+    match = _REQUEST_LINE_RE.fullmatch(lines[0])
+    if match is None:
+        raise HTTPError(400, "malformed request line")
+    head.method, head.target, major, minor = match.groups()
+    if major != "1":
+        raise HTTPError(505, "only HTTP/1.x is supported")
+    head.version = "HTTP/1.0" if minor == "0" else "HTTP/1.1"
+    if len(lines) - 1 > settings.max_header_count:
+        raise HTTPError(431, "too many header fields")
+    if not _FIELD_LINES_RE.fullmatch(text, len(lines[0]) + 2):
+        raise HTTPError(400, "malformed header field")
+    fields = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        fields.setdefault(name.lower(), []).append(value.strip(_OWS))
+    head.fields = fields
+    _read_framing(head)
+    return head
+
+
+def _read_framing(head):
+    """Host, Connection, Content-Length / Transfer-Encoding and Expect (RFC 9112 sections
+    3.2, 6.1-6.3, 9.3; RFC 9110 section 10.1.1)."""
+    fields = head.fields
+    hosts = fields.get("host", ())
+    if len(hosts) > 1:
+        raise HTTPError(400, "more than one Host header")
+    if not hosts and head.version == "HTTP/1.1":
+        raise HTTPError(400, "missing Host header")
+    if hosts and not _HOST_RE.fullmatch(hosts[0]):
+        raise HTTPError(400, "invalid Host header")
+    connection = fields.get("connection")
+    tokens = {t.strip(_OWS).lower() for v in connection for t in v.split(",")} if connection else ()
+    if head.version == "HTTP/1.1":
+        head.keep_alive = "close" not in tokens
+    else:
+        head.keep_alive = "keep-alive" in tokens
+    head.chunked = False
+    head.content_length = 0
+    head.expect_continue = False
+    if "transfer-encoding" not in fields and "content-length" not in fields \
+            and "expect" not in fields:
+        return   # a request without a body, nearly every GET
+    codings = [t.strip(_OWS).lower() for v in fields.get("transfer-encoding", ())
+               for t in v.split(",")]
+    lengths = {v.strip(_OWS) for line in fields.get("content-length", ()) for v in line.split(",")}
+    if codings:
+        if head.version == "HTTP/1.0":
+            raise HTTPError(400, "Transfer-Encoding is not allowed in HTTP/1.0")
+        if lengths:  # section 6.3: both present is a smuggling attempt; reject and close
+            raise HTTPError(400, "both Transfer-Encoding and Content-Length")
+        if codings[-1] != "chunked":
+            raise HTTPError(400, "request body must be chunked last")
+        if len(codings) > 1:
+            raise HTTPError(501, "transfer coding not supported")
+        head.chunked = True
+    elif lengths:
+        if len(lengths) > 1:
+            raise HTTPError(400, "conflicting Content-Length values")
+        length = lengths.pop()
+        if not length.isdigit() or not length.isascii() or len(length) > 18:
+            raise HTTPError(400, "invalid Content-Length")
+        head.content_length = int(length)
+    expect = fields.get("expect")
+    if expect:
+        if len(expect) != 1 or expect[0].lower() != "100-continue":
+            raise HTTPError(417, "only Expect: 100-continue is supported")
+        head.expect_continue = head.version == "HTTP/1.1"
+
+
+def split_target(head):
+    """Return (raw path, query string) for the request target's form (RFC 9112 section 3.2)."""
+    target = head.target
+    if target.startswith("/"):
+        path, _, query = target.partition("?")
+        return path, query
+    if target == "*":
+        if head.method != "OPTIONS":
+            raise HTTPError(400, "asterisk-form is only for OPTIONS")
+        return "*", ""
+    scheme = target[:8].lower()
+    if scheme.startswith("http://") or scheme.startswith("https://"):
+        # absolute-form: the authority replaces Host (section 3.2.2)
+        try:
+            parts = urllib.parse.urlsplit(target)
+        except ValueError:   # "http://[zz]/": urlsplit checks bracketed hosts and raises
+            raise HTTPError(400, "invalid request target") from None
+        if not _HOST_RE.fullmatch(parts.netloc) or "@" in parts.netloc:
+            raise HTTPError(400, "invalid request target")
+        head.fields["host"] = [parts.netloc]
+        return parts.path or "/", parts.query
+    raise HTTPError(400, "invalid request target")
+
+
+def decode_path(raw_path):
+    """'/a//b%20c/' -> ('/a/b c/', ['a', 'b c', '']); dot-segments and NUL are refused."""
+    if raw_path == "*":
+        return "*", []
+    if "%" not in raw_path and "//" not in raw_path and "\x00" not in raw_path \
+            and raw_path.isascii():
+        segments = raw_path[1:].split("/")   # nothing to decode or collapse: the common case
+        if "." not in segments and ".." not in segments:
+            return raw_path, segments
+    raw_segments = raw_path.split("/")[1:]
+    last = len(raw_segments) - 1
+    segments = []
+    for position, raw in enumerate(raw_segments):
+        try:
+            if "%" in raw:
+                segment = urllib.parse.unquote_to_bytes(raw).decode("utf-8")
+            elif not raw.isascii():
+                segment = raw.encode("latin-1").decode("utf-8")
+            else:
+                segment = raw
+        except UnicodeDecodeError:
+            raise HTTPError(400, "request path is not UTF-8") from None
+        if segment in (".", ".."):
+            raise HTTPError(400, "request path must not contain dot-segments")
+        if "\x00" in segment:
+            raise HTTPError(400, "request path must not contain NUL")
+        if segment or position == last:
+            segments.append(segment)  # empty segments collapse, but a trailing "/" stays
+    if not segments:
+        segments = [""]
+    return "/" + "/".join(segments), segments
+
+
+# --- body readers -----------------------------------------------------------------------------
+# A handler reads the body through these; whatever it leaves unread is drained (bounded) or the
+# connection is closed, so the next request on the connection is never parsed out of body bytes.
+
+class ClientGone(Exception):
+    """The client stopped reading or writing in time; the connection is closed silently."""
+
+
+class StreamFailed(ClientGone):
+    """A streamed body raised after its head was sent: all we can do is cut the connection."""
+
+
+def wait_for(sock, events, timeout):
+    """Block until ``sock`` is ready for ``events`` (select.POLLIN/POLLOUT).
+
+    poll, not select: select cannot watch descriptors above 1023, and onebox holds thousands.
+    """
+    poller = select.poll()
+    poller.register(sock, events)
+    if not poller.poll(timeout * 1000):
+        raise ClientGone("timed out")
+
+
+_MSG_MORE = getattr(socket, "MSG_MORE", 0)   # Linux; elsewhere the head goes out alone
+MSG_DONTWAIT = socket.MSG_DONTWAIT   # a read that must not wait, on a blocking socket
+
+
+def send_all(sock, data, flags=0):
+    """Send all of ``data`` on a connection socket. Its SO_SNDTIMEO (write_timeout_s, set at
+    accept) bounds each wait for buffer room: when it expires, the send fails with EAGAIN."""
+    view = data
+    while True:
+        try:
+            sent = sock.send(view, flags)
+        except BlockingIOError:
+            raise ClientGone("timed out") from None
+        except OSError as error:
+            raise ClientGone(str(error)) from None
+        if sent == len(view):
+            return   # nearly always at the first call: a head, a small body
+        view = memoryview(view)[sent:]
+
+
+class BodyReader:
+    """Reads one request body from the connection's buffer and socket, within the limits."""
+
+    def __init__(self, conn, head, settings):
+        self.conn = conn
+        self.limit = settings.max_body_bytes
+        self.timeout = settings.body_timeout_s
+        self.expect_continue = head.expect_continue
+        self.continue_sent = False
+        self.done = False
+        self.broken = False   # framing lost: the connection must close after the response
+        self.failure = None   # the HTTPError that ended a drain (see drain)
+        self.received = 0
+
+    def read(self, size=-1):
+        if self.done:
+            return b""
+        if self.expect_continue and not self.continue_sent:
+            self.continue_sent = True  # RFC 9110 section 10.1.1: the client waits for this
+            self._guard(send_all, self.conn.sock, b"HTTP/1.1 100 Continue\r\n\r\n")
+        if size is None or size < 0:
+            parts = []
+            while not self.done:
+                parts.append(self._read_some(1 << 20))
+            return b"".join(parts)
+        return self._read_some(size) if size else b""
+
+    def drain(self, limit):
+        """Read and drop the rest of the body; False if more than ``limit`` bytes remain or it
+        cannot be read. A body that is malformed or too large leaves its error in ``failure``."""
+        try:
+            while not self.done:
+                if self._remaining_hint() > limit:
+                    return False
+                limit -= len(self._read_some(65536))
+                if limit < 0:
+                    return False
+        except HTTPError as error:
+            self.failure = error
+            return False
+        return True
+
+    def _take(self, size):
+        """Up to ``size`` bytes from the buffer, receiving more if it is empty."""
+        conn = self.conn
+        if not conn.buf:
+            self._guard(self._receive)
+        chunk = bytes(conn.buf[:size])
+        del conn.buf[:size]
+        return chunk
+
+    def _receive(self):
+        conn = self.conn
+        while True:
+            try:
+                data = conn.sock.recv(65536, MSG_DONTWAIT)
+            except BlockingIOError:
+                wait_for(conn.sock, select.POLLIN, self.timeout)
+                continue
+            if not data:
+                raise ClientGone("closed mid-body")
+            conn.buf += data
+            return
+
+    def _guard(self, function, *args):
+        try:
+            return function(*args)
+        except ClientGone:
+            self.broken = True
+            raise HTTPError(408, "request body not received in time") from None
+        except OSError:
+            self.broken = True
+            raise HTTPError(400, "request body incomplete") from None
+
+    def _count(self, size):
+        self.received += size
+        if self.received > self.limit:
+            self.broken = True
+            raise HTTPError(413, "request body too large")
+
+
+class LengthBody(BodyReader):
+    def __init__(self, conn, head, settings):
+        super().__init__(conn, head, settings)
+        self.remaining = head.content_length
+        self.done = self.remaining == 0
+
+    def _remaining_hint(self):
+        return self.remaining
+
+    def _read_some(self, size):
+        chunk = self._take(min(size, self.remaining))
+        self.remaining -= len(chunk)
+        self._count(len(chunk))
+        self.done = self.remaining == 0
+        return chunk
+
+
+class ChunkedBody(BodyReader):
+    """RFC 9112 section 7.1: hex size [;ext] CRLF data CRLF ... 0 CRLF [trailers] CRLF."""
+
+    MAX_LINE_BYTES = 4096
+
+    def __init__(self, conn, head, settings):
+        super().__init__(conn, head, settings)
+        self.chunk_left = 0
+        self.max_trailer_bytes = settings.max_head_bytes
+
+    def _remaining_hint(self):
+        return self.chunk_left
+
+    def _read_some(self, size):
+        if self.chunk_left == 0:
+            self._start_chunk()
+            if self.done:
+                return b""
+        chunk = self._take(min(size, self.chunk_left))
+        self.chunk_left -= len(chunk)
+        self._count(len(chunk))
+        if self.chunk_left == 0 and self._line() != b"":
+            self.broken = True
+            raise HTTPError(400, "malformed chunked body")
+        return chunk
+
+    def _start_chunk(self):
+        line = self._line()
+        size_text = line.split(b";", 1)[0].strip(b" \t")
+        if not size_text or len(size_text) > 16 or size_text.strip(b"0123456789abcdefABCDEF"):
+            self.broken = True
+            raise HTTPError(400, "malformed chunk size")
+        self.chunk_left = int(size_text, 16)
+        if self.chunk_left == 0:
+            trailer_bytes = 0
+            while True:  # trailer fields are read and ignored (section 7.1.2)
+                trailer = self._line()
+                trailer_bytes += len(trailer) + 2
+                if trailer == b"":
+                    break
+                if trailer_bytes > self.max_trailer_bytes:
+                    self.broken = True
+                    raise HTTPError(431, "chunked trailer too large")
+            self.done = True
+        elif self.received + self.chunk_left > self.limit:
+            self.broken = True
+            raise HTTPError(413, "request body too large")
+
+    def _line(self):
+        conn = self.conn
+        while True:
+            end = conn.buf.find(b"\r\n")
+            if end >= 0:
+                line = bytes(conn.buf[:end])
+                del conn.buf[:end + 2]
+                return line
+            if len(conn.buf) > self.MAX_LINE_BYTES:
+                self.broken = True
+                raise HTTPError(400, "malformed chunked body")
+            self._guard(self._receive)
+
+
+# --- responses --------------------------------------------------------------------------------
+# Head and (small) body go out in one send: with two sends and Nagle, a keep-alive client waits
+# ~40 ms for the delayed ACK (TCP_NODELAY is set as well). No header value may hold CR or LF.
+
+REASONS = {status.value: status.phrase for status in http.HTTPStatus}
+_NO_BODY_STATUSES = frozenset([204, 304])
+_SMALL_BODY_BYTES = 256 * 1024
+_HEADER_NAME_RE = re.compile(r"[%s]+" % _TCHARS)
+_date_cache = [0, ""]
+# On every response: a browser must not guess a type other than the one sent (a JSON body
+# holding "<script>" would otherwise run as HTML). Handlers must not set it themselves.
+_NOSNIFF = "X-Content-Type-Options: nosniff\r\n"
+
+
+def http_date(now=None):
+    """The Date header value (RFC 9110 section 5.6.7), formatted once a second."""
+    second = int(time.time() if now is None else now)
+    if _date_cache[0] != second:
+        _date_cache[1] = email.utils.formatdate(second, usegmt=True)
+        _date_cache[0] = second
+    return _date_cache[1]
+
+
+def error_response(request, status, message="", headers=()):
+    """A short error body: JSON for clients that accept it, plain text otherwise."""
+    message = message or REASONS.get(status, "error").lower()
+    accept = request.headers.get("accept", "") if request is not None else ""
+    if "application/json" in accept:
+        response = json_response({"error": message, "status": status}, status)
+    else:
+        response = Response((message + "\n").encode("utf-8"), status, None,
+                            "text/plain; charset=utf-8")
+    response.headers.extend(headers)
+    return response
+
+
+_rendered_fields = {}        # (name, value) -> "Name: value\r\n", checked once; see below
+_RENDERED_FIELDS_MAX = 4096
+
+
+def _render_field(field):
+    """Check one response header field and render it. Most fields repeat (Content-Type, a
+    file's ETag), so the checked line is remembered: checking costs ~1 us a field, a look-up
+    ~0.05. A CR or LF in a value would let a handler split the response (the stdlib's
+    send_header does not check); a bad field raises ValueError before anything is sent."""
+    name, value = field
+    text = str(value)
+    if not _HEADER_NAME_RE.fullmatch(name) or _BAD_VALUE_RE.search(text):
+        raise ValueError("response header %r has a bad name or value" % name)
+    line = "%s: %s\r\n" % (name, text)
+    if len(_rendered_fields) >= _RENDERED_FIELDS_MAX:
+        _rendered_fields.clear()  # many distinct values (per-request ids): start again
+    try:
+        _rendered_fields[(name, value)] = line
+    except TypeError:
+        pass  # an unhashable value: rendered, just not remembered
+    return line
+
+
+def render_head(status, headers, length, keep_alive, version):
+    """The response head as bytes; ``length`` None means chunked (or close-delimited)."""
+    rendered = _rendered_fields
+    lines = ["HTTP/1.1 %d %s\r\nDate: %s\r\nServer: onebox\r\n%s"
+             % (status, REASONS.get(status, "Unknown"), http_date(), _NOSNIFF)]
+    lines += [rendered.get(field) or _render_field(field) for field in headers]
+    if status not in _NO_BODY_STATUSES and status >= 200:
+        if length is not None:
+            lines.append("Content-Length: %d\r\n" % length)
+        elif version == "HTTP/1.1":
+            lines.append("Transfer-Encoding: chunked\r\n")
+    if not keep_alive:
+        lines.append("Connection: close\r\n")
+    elif version == "HTTP/1.0":
+        lines.append("Connection: keep-alive\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode("latin-1")
+
+
+def write_response(sock, response, keep_alive, version, head_only):
+    """Send ``response``; return the body bytes sent. Raises ClientGone."""
+    status = response.status
+    no_body = head_only or status in _NO_BODY_STATUSES or status < 200
+    if response.file is not None:
+        offset, length = response.file_range
+        head = render_head(status, response.headers, length, keep_alive, version)
+        try:
+            if no_body or not length:
+                send_all(sock, head)
+                return 0
+            # MSG_MORE: the head waits to leave in the file's first segment instead of a packet
+            # of its own, one transmit (and on loopback one receive) fewer per response
+            send_all(sock, head, _MSG_MORE)
+            return send_file(sock, response.file, offset, length)
+        finally:
+            response.file.close()
+    if response.stream is not None:
+        return _write_stream(sock, response, keep_alive, version, no_body)
+    body = response.body
+    head = render_head(status, response.headers, len(body), keep_alive, version)
+    if no_body or not body:
+        send_all(sock, head)
+        return 0
+    if len(body) <= _SMALL_BODY_BYTES:
+        send_all(sock, head + body)
+    else:
+        send_all(sock, head)
+        send_all(sock, body)
+    return len(body)
+
+
+def _write_stream(sock, response, keep_alive, version, no_body):
+    chunked = version == "HTTP/1.1"
+    send_all(sock, render_head(response.status, response.headers, None, keep_alive, version))
+    if no_body:
+        return 0
+    sent = 0
+    pieces = iter(response.stream)
+    while True:
+        try:
+            piece = next(pieces, None)
+        except Exception as error:
+            raise StreamFailed(traceback.format_exc()) from error
+        if piece is None:
+            break
+        if piece:
+            send_all(sock, b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+            sent += len(piece)
+    if chunked:
+        send_all(sock, b"0\r\n\r\n")
+    return sent
+
+
+def send_file(sock, handle, offset, length):
+    """Zero-copy with os.sendfile, in as few calls as the client's pace allows: the socket
+    blocks, so the kernel waits for buffer room itself instead of this thread polling and
+    re-entering Python every few hundred KiB. SO_SNDTIMEO bounds each wait. Where sendfile is
+    missing (or the socket is TLS, whose bytes must go through the SSL object), read and send."""
+    if not hasattr(os, "sendfile") or type(sock) is not socket.socket:
+        sent = 0
+        while sent < length:
+            piece = os.pread(handle.fileno(), min(length - sent, 1 << 16), offset + sent)
+            if not piece:
+                raise ClientGone("file shrank while being sent")
+            send_all(sock, piece)
+            sent += len(piece)
+        return sent
+    sent = 0
+    while sent < length:
+        try:
+            count = os.sendfile(sock.fileno(), handle.fileno(), offset + sent, length - sent)
+        except BlockingIOError:
+            raise ClientGone("timed out") from None   # SO_SNDTIMEO expired, nothing sent
+        except OSError as error:
+            raise ClientGone(str(error)) from None
+        if count == 0:
+            raise ClientGone("file shrank while being sent")
+        sent += count
+    return sent

@@ -1,0 +1,156 @@
+"""Routing: the areas' ROUTES tables, checked at start-up and matched per request.
+
+Owns ``load_routes`` (import every area module in handlers/ and collect its ROUTES), ``Router``
+(a tree of path segments, built once and then only read, so workers share it without a lock)
+and ``NotRouted``, the 404 of a request that no route matched. Pure apart from the imports of
+the area modules; never imports the engine or ``server``.
+"""
+import collections
+import importlib
+import os
+
+from handlers._core import HTTPError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Area modules in handlers/ end with ROUTES = [(method, pattern, handler), ...]. Patterns are
+# "/literal/{name}/more" with an optional final "{rest...}". A literal segment beats {name},
+# which beats {rest...}. Two routes with the same method and shape stop start-up.
+
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+class RouteError(Exception):
+    """A bad or conflicting ROUTES table; start-up stops with this message."""
+
+
+class NotRouted(HTTPError):
+    """The 404 of a request that no route and no page answered: the only kind of 404 that
+    scanner detection counts (a handler's "no such note" is ordinary use)."""
+
+
+Route = collections.namedtuple("Route", "method pattern handler names origin")
+
+
+class _RouteNode:
+    __slots__ = ("literals", "param", "rest", "routes")
+
+    def __init__(self):
+        self.literals = {}
+        self.param = None   # child node for a {name} segment
+        self.rest = None    # node holding routes whose pattern ends in {rest...}
+        self.routes = {}    # method -> Route ending at this node
+
+
+def load_routes(package_dir=os.path.join(ROOT, "handlers"), package="handlers"):
+    """Import every area module (handlers/*.py not starting with "_") and collect ROUTES."""
+    rows = []
+    for filename in sorted(os.listdir(package_dir)):
+        if not filename.endswith(".py") or filename.startswith("_"):
+            continue
+        origin = "handlers/" + filename
+        module = importlib.import_module("%s.%s" % (package, filename[:-3]))
+        table = getattr(module, "ROUTES", None)
+        if not isinstance(table, (list, tuple)):
+            raise RouteError("%s: no ROUTES table; end the module with ROUTES = [(method, "
+                             "pattern, handler), ...]" % origin)
+        for row in table:
+            if (not isinstance(row, tuple) or len(row) != 3 or not callable(row[2])
+                    or not isinstance(row[1], str)):
+                raise RouteError("%s: bad ROUTES row %r; expected (method, pattern, handler)"
+                                 % (origin, row))
+            rows.append(row + (origin,))
+    return rows
+
+
+class Router:
+    """Matches (method, path segments) to a Route; built once, read by every worker."""
+
+    def __init__(self, rows):
+        self.root = _RouteNode()
+        for method, pattern, handler, origin in rows:
+            self.add(method, pattern, handler, origin)
+
+    def add(self, method, pattern, handler, origin="?"):
+        if method not in METHODS:
+            raise RouteError("%s: %s %s: method must be one of %s"
+                             % (origin, method, pattern, ", ".join(METHODS)))
+        node, names = self.root, []
+        for segment, kind in _pattern_segments(pattern, origin):
+            if kind == "literal":
+                node = node.literals.setdefault(segment, _RouteNode())
+            elif kind == "param":
+                node.param = node.param or _RouteNode()
+                node = node.param
+            else:
+                node.rest = node.rest or _RouteNode()
+                node = node.rest
+            if kind != "literal":
+                if segment in names:
+                    raise RouteError("%s: %s: wildcard {%s} appears twice"
+                                     % (origin, pattern, segment))
+                names.append(segment)
+        existing = node.routes.get(method)
+        if existing is not None:
+            raise RouteError("conflicting routes: %s %s (%s) and %s %s (%s) match the same "
+                             "requests; remove or rename one"
+                             % (existing.method, existing.pattern, existing.origin,
+                                method, pattern, origin))
+        node.routes[method] = Route(method, pattern, handler, tuple(names), origin)
+
+    def match(self, method, segments):
+        """Return (route, params, None), or (None, None, allowed methods), or (None, None, None)."""
+        first_allowed = None
+        for node, values in self._walk(self.root, segments, 0, ()):
+            route = node.routes.get(method)
+            if route is None and method == "HEAD":
+                route = node.routes.get("GET")
+            if route is not None:
+                return route, dict(zip(route.names, values)), None
+            if first_allowed is None:
+                first_allowed = _allowed_methods(node.routes)
+        return None, None, first_allowed
+
+    def _walk(self, node, segments, index, values):
+        if index == len(segments):
+            if node.routes:
+                yield node, values
+            return
+        segment = segments[index]
+        child = node.literals.get(segment)
+        if child is not None:
+            yield from self._walk(child, segments, index + 1, values)
+        if node.param is not None and segment:
+            yield from self._walk(node.param, segments, index + 1, values + (segment,))
+        if node.rest is not None and node.rest.routes:
+            yield node.rest, values + ("/".join(segments[index:]),)
+
+
+def _pattern_segments(pattern, origin):
+    if not pattern.startswith("/"):
+        raise RouteError("%s: pattern %r must start with /" % (origin, pattern))
+    parts = pattern[1:].split("/")
+    for position, part in enumerate(parts):
+        if part.startswith("{") and part.endswith("}"):
+            name = part[1:-1]
+            if name.endswith("..."):
+                if position != len(parts) - 1:
+                    raise RouteError("%s: %s: {%s} must be the last segment"
+                                     % (origin, pattern, name))
+                yield name[:-3], "rest"
+                continue
+            if not name.isidentifier():
+                raise RouteError("%s: %s: {%s} is not a valid name" % (origin, pattern, name))
+            yield name, "param"
+        elif "{" in part or "}" in part:
+            raise RouteError("%s: %s: a wildcard must be a whole segment" % (origin, pattern))
+        else:
+            yield part, "literal"
+
+
+def _allowed_methods(routes):
+    methods = set(routes)
+    if "GET" in methods:
+        methods.add("HEAD")
+    methods.add("OPTIONS")
+    return ", ".join(m for m in METHODS if m in methods)

@@ -1,0 +1,329 @@
+"""Settings: every limit in one table, read from setup.cfg and overridden by flags.
+
+Owns ``SETTINGS`` (each setting with its unit in its name, its default and the reason for it),
+``load_config`` (defaults, then a setup.cfg, then overrides) and the checks that stop start-up
+with a message naming the file, the section and the key. Pure: no sockets, no threads.
+
+Imports only the standard library and the policy compilers of ``onebox.static`` and
+``onebox.guard`` (so that a bad rule fails here, at start-up); never the engine or ``server``.
+"""
+import collections
+import configparser
+import os
+import re
+import types
+
+from onebox.guard import GuardPolicy
+from onebox.static import compile_policy
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the directory copied
+DEFAULT_CONFIG_FILE = os.path.join(ROOT, "setup.cfg")
+
+# Every limit lives here, with its unit in its name and the reason for its default. setup.cfg
+# sections override the defaults, command-line flags override setup.cfg. Unknown keys and bad
+# values stop start-up with a message naming the file, the section and the key.
+
+class ConfigError(Exception):
+    """Bad configuration; the message names where and how to fix it."""
+
+
+Setting = collections.namedtuple("Setting", "name kind default minimum why choices",
+                                 defaults=(None,))
+
+SETTINGS = {
+    "server": [
+        Setting("host", "str", "127.0.0.1", None,
+                "address to listen on; 0.0.0.0 (or ::) serves the network"),
+        Setting("allowed_hosts", "str", "", None,
+                "Host names served (.example.org: it and its subdomains); others get 421. "
+                "Empty: any (DNS rebinding can then reach a server on a private network)"),
+        Setting("port", "int", 8000, 0, "TCP port; 0 picks a free one (printed at start)"),
+        Setting("pages_dir", "path", "pages", None, "static site served for unrouted GETs"),
+        Setting("data_dir", "path", "data", None, "where persisted state lives"),
+        Setting("worker_threads", "int", 16, 1,
+                "threads running handlers; waiting connections need none"),
+        Setting("max_connections", "int", 4096, 1,
+                "open connections in all; past it idle ones are closed, then 503"),
+        Setting("max_connections_per_ip", "int", 256, 1,
+                "open connections from one address; past it 503 (a browser uses ~6)"),
+        Setting("header_timeout_s", "float", 10.0, 0.001,
+                "deadline for a whole request head, from its first byte (slowloris)"),
+        Setting("keepalive_timeout_s", "float", 30.0, 0.001,
+                "an idle keep-alive connection is closed after this"),
+        Setting("body_timeout_s", "float", 30.0, 0.001,
+                "longest wait for more request-body bytes before 408"),
+        Setting("write_timeout_s", "float", 30.0, 0.001,
+                "longest wait for a client to accept more response bytes"),
+        Setting("shutdown_timeout_s", "float", 10.0, 0.0,
+                "how long busy requests may run on after SIGTERM"),
+        Setting("max_request_line_bytes", "int", 8192, 64, "longer request lines get 414"),
+        Setting("max_head_bytes", "int", 65536, 256, "larger request heads get 431"),
+        Setting("max_header_count", "int", 100, 1, "more header lines get 431"),
+        Setting("max_body_bytes", "int", 1048576, 0, "larger request bodies get 413"),
+        Setting("max_drain_bytes", "int", 65536, 0,
+                "unread body left by a handler is read and dropped up to this; past it close"),
+        Setting("access_log", "bool", True, None, "one combined-format line per request on stdout"),
+        Setting("log_flush_interval_s", "float", 1.0, 0.01,
+                "access lines are written in batches at least this often"),
+        Setting("log_buffer_bytes", "int", 1048576, 4096,
+                "access lines waiting for a slow stdout; past it they are dropped and counted"),
+    ],
+    "state": [
+        Setting("durability", "str", "always", None,
+                "always: a write returns once fsync'd; batch: fsync every batch_interval_ms; "
+                "off: never fsync (tests, caches)", ("always", "batch", "off")),
+        Setting("batch_interval_ms", "int", 50, 1,
+                "in batch mode, the most an OS crash or power cut can lose"),
+        Setting("compact_journal_bytes", "int", 64 * 1024 * 1024, 4096,
+                "a journal this large is folded into a fresh snapshot in the background"),
+    ],
+    "static": [   # how pages_dir is served; see onebox/static.py
+        Setting("html_max_age_s", "int", 60, 0,
+                "HTML is fresh this long, then revalidated (Cache-Control: must-revalidate)"),
+        Setting("max_age_s", "int", 600, 0,
+                "other files are fresh this long; edits show up within it"),
+        Setting("immutable_max_age_s", "int", 31536000, 0,
+                "fingerprinted names (app.3f9a1c.js) never change: cached a year, immutable"),
+        Setting("fingerprint_pattern", "str", r"[.-](?=[0-9a-f]*[0-9])[0-9a-f]{6,64}\.\w+$",
+                None, "regex searched in the file name; a match means a fingerprinted asset"),
+        Setting("cache_control", "str", "", None,
+                "per-path-prefix overrides, one '/prefix/ VALUE' a line; the longest wins"),
+        Setting("extra_headers", "str", "", None,
+                "headers added to every static response, one 'Name: value' a line"),
+        Setting("precompressed", "bool", True, None,
+                "serve file.br / file.zst / file.gz sidecars to clients that accept them"),
+        Setting("gzip", "bool", True, None, "gzip compressible files on the fly (cached)"),
+        Setting("gzip_min_bytes", "int", 1024, 0,
+                "smaller files are sent as they are: gzip saves too little to pay"),
+        Setting("gzip_max_file_bytes", "int", 8388608, 0,
+                "larger files are not gzipped on the fly (CPU, and the cache's memory)"),
+        Setting("gzip_cache_bytes", "int", 16777216, 0,
+                "memory for gzipped bodies, least recently used dropped first"),
+        Setting("memory_max_file_bytes", "int", 262144, 0,
+                "files up to this are kept in memory; larger ones go out with sendfile"),
+        Setting("file_cache_bytes", "int", 33554432, 0,
+                "memory for small files' bytes and every file's precomputed headers"),
+        Setting("path_recheck_s", "float", 1.0, 0.0,
+                "how long a URL's file (symlinks, index.html) is trusted; edits show at once"),
+        Setting("max_ranges", "int", 16, 1,
+                "a Range with more parts gets the whole file (RFC 9110 14.2: likely abuse)"),
+        Setting("max_multipart_bytes", "int", 1048576, 0,
+                "multi-range answers are built in memory; past this the whole file is sent"),
+        Setting("clean_urls", "bool", False, None, "/about serves about.html"),
+        Setting("directory_listing", "bool", False, None,
+                "list directories that have no index.html (otherwise 404)"),
+        Setting("listing_max_entries", "int", 1000, 1, "a directory listing shows at most this"),
+        Setting("follow_symlinks_outside", "bool", False, None,
+                "serve symlinks that resolve outside pages_dir (refused by default)"),
+    ],
+    # The abuse guard (onebox/guard.py tells the whole story). Lists are separated by spaces
+    # or commas. Per-route limits are sections of their own: [limits "/api/login"] (below).
+    "limits": [
+        Setting("enabled", "bool", True, None,
+                "the abuse guard; off skips every rule and limit (client identity still applies)"),
+        # Loopback is trusted and allowed by default (gunicorn's and uvicorn's
+        # forwarded_allow_ips convention): a local benchmark or health check is never limited,
+        # and behind a local reverse proxy each forwarded client is limited as itself (issue 10).
+        Setting("trusted_proxies", "str", "127.0.0.1 ::1", None,
+                "CIDRs of your reverse proxies; only their forwarded header names the client"),
+        Setting("forwarded_header", "str", "x-forwarded-for", None,
+                "the header your proxy sets; the other is ignored (a client could forge it)",
+                ("x-forwarded-for", "forwarded")),
+        Setting("ipv4_prefix_bits", "int", 32, 8,
+                "IPv4 clients are tracked per address; 24 groups each /24"),
+        Setting("ipv6_prefix_bits", "int", 64, 8,
+                "IPv6 clients are tracked per /64: one subscriber usually holds a whole /64"),
+        Setting("client_rate_per_s", "float", 20.0, 0.001,
+                "sustained requests/s per client across the site; a person browsing averages <1"),
+        Setting("client_burst", "int", 100, 1,
+                "requests a client may make at once: a page and its assets, a few tabs"),
+        Setting("route_rate_per_s", "float", 5.0, 0.001,
+                "sustained requests/s per client to one path (or [limits \"...\"] route)"),
+        Setting("route_burst", "int", 30, 1,
+                "requests to one path at once; reloads and polling stay far below"),
+        Setting("allow_cidrs", "str", "127.0.0.1 ::1", None,
+                "clients never limited, banned or denied (this machine, your monitoring)"),
+        Setting("allow_user_agents", "str", "", None,
+                "regex (case-insensitive); matching requests skip the rate limits (spoofable)"),
+        Setting("allow_paths", "str", "/.well-known/ /robots.txt /favicon.ico", None,
+                "paths that skip the rate limits and scanner counting (/x/ is a prefix, * a glob)"),
+        Setting("deny_cidrs", "str", "", None, "clients always refused with 403"),
+        Setting("deny_user_agents", "str", "", None,
+                "regex (case-insensitive); matching requests get 403"),
+        Setting("deny_paths", "str", "", None,
+                "paths that get 403 (/x/ is a prefix, * a glob): /wp-login.php /.env /.git/"),
+        Setting("ban_after_rejections", "int", 50, 0,
+                "more refusals (429, 403) than this within ban_window_s earn a ban; 0: never"),
+        Setting("ban_window_s", "float", 10.0, 0.001,
+                "the window ban_after_rejections counts in"),
+        Setting("ban_s", "float", 600.0, 0.001,
+                "a first ban; each repeat offence doubles it (a banned client gets 403)"),
+        Setting("ban_max_s", "float", 86400.0, 0.001,
+                "the longest ban; an offender is forgotten this long after its ban ends"),
+        Setting("ban_close_after_hits", "int", 5, 0,
+                "requests a banned client gets a 403 for; after that it is closed at accept"),
+        Setting("scanner_404_paths", "int", 30, 0,
+                "more distinct 404 paths than this within scanner_window_s earn a ban; 0: off"),
+        Setting("scanner_window_s", "float", 60.0, 0.001,
+                "the window scanner_404_paths counts in"),
+        Setting("dry_run", "str", "", None,
+                "rules that only log what they would do: all, or among deny_cidrs "
+                "deny_user_agents deny_paths client_rate route_rate scanner ban"),
+        Setting("max_tracked_clients", "int", 50000, 1,
+                "site-wide buckets kept (~180 bytes each); past it the least recent is dropped"),
+        Setting("max_tracked_routes", "int", 50000, 1,
+                "per-client-per-path buckets kept; past it the least recent is dropped"),
+        Setting("max_tracked_suspects", "int", 10000, 1,
+                "clients with recent refusals or 404s whose counts are kept"),
+        Setting("max_bans", "int", 20000, 1,
+                "bans (and offenders remembered for doubling) kept; least recent dropped"),
+    ],
+    "cache": [
+        Setting("max_entries", "int", 10000, 1,
+                "responses the @cached handlers may keep; past it the least recent goes"),
+        Setting("max_bytes", "int", 32 * 1024 * 1024, 1024,
+                "bytes of cached responses; an entry over an eighth of this is not cached"),
+    ],
+}
+
+# [limits "/path"] sections: limits for the requests whose path matches (a route pattern such as
+# /api/notes/{id}, a prefix ending in /, a * glob, or an exact path; the longest match wins).
+# Their bucket is shared by every path that matches. Unset keys take the [limits] route values.
+ROUTE_LIMIT_SETTINGS = [
+    Setting("rate_per_s", "float", None, 0.001, "sustained requests/s per client to these paths"),
+    Setting("burst", "int", None, 1, "requests to these paths at once"),
+    Setting("dry_run", "bool", None, None, "only log what this limit would do"),
+]
+_ROUTE_LIMITS_RE = re.compile(r'limits\s+"(/[^"]*)"')
+
+
+def _parse_value(setting, raw, where):
+    """Turn a setup.cfg or command-line string into the setting's type, or say why not."""
+    if not isinstance(raw, str):
+        value = raw
+    elif setting.kind == "int":
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ConfigError("%s: %r is not a whole number" % (where, raw)) from None
+    elif setting.kind == "float":
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise ConfigError("%s: %r is not a number" % (where, raw)) from None
+    elif setting.kind == "bool":
+        lowered = raw.strip().lower()
+        if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+            raise ConfigError("%s: %r is not on/off (true/false, yes/no, 1/0)" % (where, raw))
+        value = lowered in ("1", "true", "yes", "on")
+    else:
+        value = raw.strip()
+    if setting.choices is not None and value not in setting.choices:
+        raise ConfigError("%s: %r is not one of %s" % (where, raw, ", ".join(setting.choices)))
+    if setting.minimum is not None and not value >= setting.minimum:
+        raise ConfigError("%s: %r is below the minimum %s" % (where, raw, setting.minimum))
+    if setting.name == "port" and value > 65535:
+        raise ConfigError("%s: %r is not a TCP port (0-65535)" % (where, raw))
+    return value
+
+
+def load_config(path=None, overrides=None):
+    """Defaults, then ``path`` (a setup.cfg; None reads no file), then ``overrides``.
+
+    ``overrides`` maps "key" (a [server] key) or "section.key" to a value or a string.
+    Returns a namespace of sections: ``config.server.port``.
+    """
+    values = {section: {s.name: s.default for s in settings}
+              for section, settings in SETTINGS.items()}
+    base_dir = ROOT
+    if path is not None:
+        base_dir = os.path.dirname(os.path.abspath(path))
+        parser = configparser.ConfigParser(interpolation=None)
+        try:
+            with open(path, encoding="utf-8") as config_file:
+                parser.read_file(config_file)
+        except (OSError, configparser.Error) as error:
+            raise ConfigError("%s: cannot be read: %s" % (path, error)) from None
+        for section in SETTINGS:
+            if parser.has_section(section):
+                for key, raw in parser.items(section):
+                    _set_value(values, section, key, raw, "%s [%s] %s" % (path, section, key))
+        for section in parser.sections():
+            if section.startswith("limits") and section != "limits":  # [limits "/path"]
+                for key, raw in parser.items(section):
+                    _set_value(values, section, key, raw, "%s [%s] %s" % (path, section, key))
+    for dotted, raw in (overrides or {}).items():
+        section, _, key = dotted.rpartition(".")
+        _set_value(values, section or "server", key, raw, "setting %r" % dotted)
+    for key in ("pages_dir", "data_dir"):
+        values["server"][key] = os.path.join(base_dir, values["server"][key])
+    server = values["server"]
+    if server["max_request_line_bytes"] > server["max_head_bytes"]:
+        raise ConfigError("max_request_line_bytes must not exceed max_head_bytes")
+    check_static_settings(values["static"])
+    allowed_hosts = parse_allowed_hosts(server["allowed_hosts"], path or "settings")
+    route_limits = [(_ROUTE_LIMITS_RE.fullmatch(name).group(1),
+                     types.SimpleNamespace(**values.pop(name)))
+                    for name in sorted(set(values) - set(SETTINGS))]
+    config = types.SimpleNamespace(**{name: types.SimpleNamespace(**section)
+                                      for name, section in values.items()})
+    config.allowed_hosts = allowed_hosts
+    try:
+        config.guard = GuardPolicy(config.limits, route_limits)
+    except ValueError as error:
+        raise ConfigError("%s: %s" % (path or "settings", error)) from None
+    return config
+
+
+_HOST_NAME_RE = re.compile(r"\.?[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*"
+                           r"|\d{1,3}(\.\d{1,3}){3}|\[[0-9a-f:.]+\]", re.ASCII)
+
+
+def parse_allowed_hosts(text, where):
+    """[server] allowed_hosts as (exact names, suffixes), or None for "any Host". A name
+    starting with "." allows it and every subdomain (".example.org")."""
+    names = [item.lower() for item in re.split(r"[\s,]+", text.strip()) if item]
+    if not names:
+        return None
+    for name in names:
+        if not _HOST_NAME_RE.fullmatch(name):
+            raise ConfigError("%s [server] allowed_hosts: %r is not a host name (no scheme, port "
+                              "or path: example.org, .example.org, 192.0.2.7, [2001:db8::1])"
+                              % (where, name))
+    exact = frozenset(name.lstrip(".") for name in names)
+    suffixes = tuple(name for name in names if name.startswith("."))
+    return exact, suffixes
+
+
+def host_allowed(allowed, host_field):
+    """Whether a Host field value ("example.org:8000", "[::1]:80") names an allowed host."""
+    if host_field.startswith("["):
+        name = host_field.partition("]")[0] + "]"
+    else:
+        name = host_field.partition(":")[0]
+    name = name.lower().rstrip(".")
+    exact, suffixes = allowed
+    return name in exact or (bool(suffixes) and name.endswith(suffixes))
+
+
+def _set_value(values, section, key, raw, where):
+    settings = {s.name: s for s in SETTINGS.get(section, ())}
+    if section.startswith("limits") and section != "limits":
+        if not _ROUTE_LIMITS_RE.fullmatch(section):
+            raise ConfigError('%s: write a per-route section as [limits "/path"]' % where)
+        settings = {s.name: s for s in ROUTE_LIMIT_SETTINGS}
+        values.setdefault(section, {s.name: s.default for s in ROUTE_LIMIT_SETTINGS})
+    elif section not in SETTINGS:
+        raise ConfigError("%s: unknown section [%s]" % (where, section))
+    if key not in settings:
+        raise ConfigError("%s: unknown key; [%s] knows: %s"
+                          % (where, section, ", ".join(sorted(settings))))
+    values[section][key] = _parse_value(settings[key], raw, where)
+
+
+def check_static_settings(values):
+    """Parse [static] at start-up (and for --check), so a bad rule stops the server early."""
+    try:
+        compile_policy(types.SimpleNamespace(**values))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
