@@ -121,13 +121,12 @@ class Request:
     the fields of an urlencoded or multipart form (see ``handlers._forms``). ``read(n)`` streams.
     """
 
-    __slots__ = ("method", "target", "path", "segments", "params", "query_string", "_query",
+    __slots__ = ("method", "path", "segments", "params", "query_string", "_query",
                  "headers", "client_ip", "version", "_cookies", "_reader", "_body")
 
-    def __init__(self, method, target, path, segments, query_string, headers, client_ip,
+    def __init__(self, method, path, segments, query_string, headers, client_ip,
                  version="HTTP/1.1", reader=None):
         self.method = method
-        self.target = target              # as sent, for logs only
         self.path = path
         self.segments = segments          # decoded path segments; a segment may hold "/" (%2F)
         self.params = {}
@@ -254,13 +253,6 @@ class Response:
         self.stream = None
         self.file = None
         self.file_range = None
-
-    def header(self, name, default=None):
-        lower = name.lower()
-        for key, value in self.headers:
-            if key.lower() == lower:
-                return value
-        return default
 
 
 def json_response(data, status=200, headers=None):

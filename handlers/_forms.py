@@ -13,8 +13,6 @@ MAX_FORM_FIELDS = 1000  # a form with more fields than any human fills in is an 
 class FormError(ValueError):
     """Malformed form data; the runtime answers 400 with the message."""
 
-    status = 400
-
 
 class UploadedFile:
     """One file part of a multipart form: ``filename``, ``content_type``, ``data`` (bytes)."""

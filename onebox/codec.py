@@ -21,30 +21,71 @@ import urllib.parse
 
 from handlers._core import HTTPError, Response, json_response
 
-# --- request parsing --------------------------------------------------------------------------
-# RFC 9112 sections 2-3 and 5-6, strictly: what a lenient parser accepts is what request
-# smuggling exploits. Runs in worker threads on a complete head (the reactor found its end).
+# --- the grammar ------------------------------------------------------------------------------
+# Written once, used by the reactor, the workers, the response renderer and the settings that
+# carry header fields ([static] extra_headers).
 
-_TCHARS = "!#$%&'*+.^_`|~0-9A-Za-z-"
-# [0-9], not \d: in a str pattern \d matches every Unicode digit (Arabic-Indic, Devanagari...)
-_REQUEST_LINE_RE = re.compile(r"([%s]+) ([^\x00-\x20\x7f]+) HTTP/([0-9])\.([0-9])" % _TCHARS)
-_REQUEST_LINE_BYTES_RE = re.compile(rb"[%s]+ [^\x00-\x20\x7f]+ HTTP/[0-9]\.[0-9]"
-                                    % _TCHARS.encode())
-_METHOD_PREFIX_RE = re.compile(rb"[%s]{1,32}(?: |$)" % _TCHARS.encode())
-_BAD_VALUE_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-# All field lines in one match: each a token, a colon and a value without controls (HTAB
-# aside). No match: obs-fold (a line starting with whitespace), whitespace before the colon
-# (RFC 9112 section 5.1 requires 400), a bare CR or LF, or no colon at all.
-_FIELD = r"[%s]+:[^\x00-\x08\x0a-\x1f\x7f]*" % _TCHARS
+# RFC 9110 section 5.6.2: token = 1*tchar (a method, a field name, a coding)
+TCHARS = "!#$%&'*+.^_`|~0-9A-Za-z-"
+TOKEN_RE = re.compile("[%s]+" % TCHARS)
+TCHAR_BYTES = frozenset(re.sub("[^%s]" % TCHARS, "", "".join(map(chr, range(128)))).encode())
+# RFC 9110 section 5.5: a field value holds no control character but HTAB (never CR, LF, NUL)
+_VALUE_CHAR = r"[^\x00-\x08\x0a-\x1f\x7f]"
+BAD_VALUE_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# RFC 9112 section 3: method SP request-target SP HTTP-version, matched as bytes. [0-9], not \d,
+# should this ever become a str pattern: there \d matches every Unicode digit.
+REQUEST_LINE_RE = re.compile(rb"([%s]+) ([^\x00-\x20\x7f]+) HTTP/([0-9])\.([0-9])"
+                             % TCHARS.encode())
+# What a request line starts with, while the rest has not arrived: a method and a space
+METHOD_PREFIX_RE = re.compile(rb"[%s]{1,32}(?: |$)" % TCHARS.encode())
+# All field lines in one match: each a token, a colon and a value. No match: obs-fold (a line
+# starting with whitespace), whitespace before the colon (RFC 9112 section 5.1 requires 400), a
+# bare CR or LF, or no colon at all.
+_FIELD = "[%s]+:%s*" % (TCHARS, _VALUE_CHAR)
 _FIELD_LINES_RE = re.compile(r"(?:%s(?:\r\n%s)*)?" % (_FIELD, _FIELD))
 _HOST_RE = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
 # Optional whitespace is SP and HTAB only (RFC 9110 section 5.6.3). str.strip() with no argument
 # would also strip NBSP (0xA0) and NEL (0x85) of a latin-1 decoded head: a smuggling lever, since
 # a proxy in front reads "chunked\xa0" as an unknown coding.
 _OWS = " \t"
-_TCHAR_BYTES = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-                         b"abcdefghijklmnopqrstuvwxyz")
 
+
+def head_problem(buf, settings):
+    """What is wrong with an unfinished or finished request head in ``buf`` that no more bytes
+    can fix: (status, message), or None. For the reactor, which rejects garbage (a TLS hello,
+    a port scan) at its first bytes instead of waiting for a head that will never come."""
+    if buf[0] not in TCHAR_BYTES or not METHOD_PREFIX_RE.match(buf):
+        return 400, "not an HTTP request"
+    end = buf.find(b"\r\n\r\n")
+    line_end = buf.find(b"\r\n")
+    if end < 0 and _has_bare_lf(buf):
+        # RFC 9112 section 2.2 lets a server take a lone LF as a line end; onebox refuses it
+        # at once instead (a head with LF ends never completes, so it would otherwise wait out
+        # header_timeout_s): every real client sends CRLF, and reading line ends differently
+        # from a proxy in front is how requests are smuggled.
+        return 400, "line ends must be CRLF"
+    if line_end < 0:
+        if len(buf) > settings.max_request_line_bytes:
+            return 414, "request line too long"
+        return None
+    if line_end > settings.max_request_line_bytes:
+        return 414, "request line too long"
+    if not REQUEST_LINE_RE.fullmatch(buf, 0, line_end):
+        return 400, "malformed request line"
+    if (end if end >= 0 else len(buf)) + 4 > settings.max_head_bytes:
+        return 431, "request head too large"
+    return None
+
+
+def _has_bare_lf(buf):
+    """Whether an unfinished head holds an LF that is not part of a CRLF (rare: checked only
+    while a head is incomplete)."""
+    return b"\n" in buf and buf.count(b"\n") != buf.count(b"\r\n")
+
+
+# --- request parsing --------------------------------------------------------------------------
+# RFC 9112 sections 2-3 and 5-6, strictly: what a lenient parser accepts is what request
+# smuggling exploits. Runs in worker threads on a complete head (the reactor found its end).
 
 class Head:
     """A parsed request head: what the worker needs to frame and route the request."""
@@ -61,13 +102,14 @@ def parse_head(head_bytes, settings):
     head.request_line = lines[0]
     if len(lines[0]) > settings.max_request_line_bytes:
         raise HTTPError(414, "request line too long")
-    match = _REQUEST_LINE_RE.fullmatch(lines[0])
+    match = REQUEST_LINE_RE.fullmatch(head_bytes, 0, len(lines[0]))
     if match is None:
         raise HTTPError(400, "malformed request line")
-    head.method, head.target, major, minor = match.groups()
-    if major != "1":
+    method, target, major, minor = match.groups()
+    head.method, head.target = method.decode("ascii"), target.decode("latin-1")
+    if major != b"1":
         raise HTTPError(505, "only HTTP/1.x is supported")
-    head.version = "HTTP/1.0" if minor == "0" else "HTTP/1.1"
+    head.version = "HTTP/1.0" if minor == b"0" else "HTTP/1.1"
     if len(lines) - 1 > settings.max_header_count:
         raise HTTPError(431, "too many header fields")
     if not _FIELD_LINES_RE.fullmatch(text, len(lines[0]) + 2):
@@ -398,7 +440,6 @@ class ChunkedBody(BodyReader):
 REASONS = {status.value: status.phrase for status in http.HTTPStatus}
 _NO_BODY_STATUSES = frozenset([204, 304])
 _SMALL_BODY_BYTES = 256 * 1024
-_HEADER_NAME_RE = re.compile(r"[%s]+" % _TCHARS)
 _date_cache = [0, ""]
 # On every response: a browser must not guess a type other than the one sent (a JSON body
 # holding "<script>" would otherwise run as HTML). Handlers must not set it themselves.
@@ -438,7 +479,7 @@ def _render_field(field):
     send_header does not check); a bad field raises ValueError before anything is sent."""
     name, value = field
     text = str(value)
-    if not _HEADER_NAME_RE.fullmatch(name) or _BAD_VALUE_RE.search(text):
+    if not TOKEN_RE.fullmatch(name) or BAD_VALUE_RE.search(text):
         raise ValueError("response header %r has a bad name or value" % name)
     line = "%s: %s\r\n" % (name, text)
     if len(_rendered_fields) >= _RENDERED_FIELDS_MAX:
@@ -448,6 +489,30 @@ def _render_field(field):
     except TypeError:
         pass  # an unhashable value: rendered, just not remembered
     return line
+
+
+def check_response(response):
+    """Raise ValueError or TypeError for what a handler can get wrong in a Response: a status
+    outside 100-599, a header field that is not (token, value without controls), a body that
+    is not bytes. Checked fields are remembered (see _render_field), so a response of familiar
+    headers costs a look-up per field."""
+    status = response.status
+    if type(status) is not int or not 100 <= status <= 599:
+        raise ValueError("status %r is not a whole number from 100 to 599" % (status,))
+    remembered = _rendered_fields
+    for field in response.headers:
+        if type(field) is not tuple or len(field) != 2:
+            raise ValueError("header %r is not a (name, value) pair" % (field,))
+        try:
+            if field in remembered:
+                continue
+        except TypeError:
+            pass   # an unhashable value: checked below, just not remembered
+        _render_field(field)
+    if (response.stream is None and response.file is None
+            and not isinstance(response.body, (bytes, bytearray, memoryview))):
+        raise TypeError("body is %s; a Response body must be bytes"
+                        % type(response.body).__name__)
 
 
 def render_head(status, headers, length, keep_alive, version):

@@ -26,10 +26,10 @@ from handlers._cache import responses as response_cache
 from handlers._core import HTTPError, Headers, Request, Response, to_response
 from handlers._state import StateError, state
 from onebox.codec import (MSG_DONTWAIT, ChunkedBody, ClientGone, LengthBody, StreamFailed,
-                          _METHOD_PREFIX_RE, _REQUEST_LINE_BYTES_RE, _TCHAR_BYTES, decode_path,
-                          error_response, parse_head, render_head, split_target, write_response)
+                          check_response, decode_path, error_response, head_problem,
+                          parse_head, render_head, split_target, write_response)
 from onebox.guard import Guard
-from onebox.logs import AccessLog
+from onebox.logs import AccessLog, error_entry
 from onebox.routing import METHODS, NotRouted
 from onebox.settings import host_allowed
 from onebox.static import STATIC_METHODS, StaticPages
@@ -56,14 +56,17 @@ MAX_REQUESTS_PER_TURN = 32  # pipelined requests a worker serves before giving o
 
 
 class Connection:
-    __slots__ = ("sock", "ip", "buf", "waiting", "served", "started", "client", "idle_since")
+    """One client connection. Owned by one thread at a time (see above), which alone writes
+    its fields; hand-over through the work queue and ``_returned`` orders the writes."""
+
+    __slots__ = ("sock", "ip", "buf", "waiting", "client", "idle_since")
 
     def __init__(self, sock, ip):
         self.sock = sock
         self.ip = ip
+        self.client = None    # the guard's client key (set at accept); None for a trusted proxy
         self.buf = bytearray()
         self.waiting = None   # "new", "head", "idle" or "linger" while parked; None when busy
-        self.served = 0
         self.idle_since = 0.0     # when its last response was sent: idle deadlines count from it
 
     def recv_ready(self):
@@ -158,12 +161,6 @@ def _send_at_once(sock, response):
                               "HTTP/1.1") + response.body, MSG_DONTWAIT)
     except OSError:
         pass
-
-
-def _has_bare_lf(buf):
-    """Whether an unfinished head holds an LF that is not part of a CRLF (rare: checked only
-    while a head is incomplete)."""
-    return b"\n" in buf and buf.count(b"\n") != buf.count(b"\r\n")
 
 
 class _Reactor:
@@ -276,7 +273,6 @@ class _Reactor:
         return False
 
     def _refuse(self, conn, message):
-        self.stats["refused"] += 1
         _send_at_once(conn.sock, error_response(None, 503, message, [("Retry-After", "1")]))
         conn.sock.close()
 
@@ -309,36 +305,17 @@ class _Reactor:
 
     def _check_head(self, conn):
         """Dispatch the connection if its buffer holds a whole head; reject early what cannot
-        become a valid one (a TLS hello, garbage, an over-long line or head)."""
-        settings, buf = self.settings, conn.buf
+        become a valid one (the codec's ``head_problem``)."""
+        buf = conn.buf
         if buf[:1] in (b"\r", b"\n"):
             # RFC 9112 section 2.2: ignore empty lines before a request-line
             del buf[:len(buf) - len(buf.lstrip(b"\r\n"))]
             if not buf:
                 return
-        if buf[0] not in _TCHAR_BYTES or not _METHOD_PREFIX_RE.match(buf):
-            self._reject(conn, 400, "not an HTTP request")
-            return
-        end = buf.find(b"\r\n\r\n")
-        line_end = buf.find(b"\r\n")
-        if end < 0 and _has_bare_lf(buf):
-            # RFC 9112 section 2.2 lets a server take a lone LF as a line end; onebox refuses
-            # it at once instead (a head with LF ends never completes, so it would otherwise
-            # wait out header_timeout_s): every real client sends CRLF, and reading line ends
-            # differently from a proxy in front is how requests are smuggled.
-            self._reject(conn, 400, "line ends must be CRLF")
-            return
-        if line_end < 0:
-            if len(buf) > settings.max_request_line_bytes:
-                self._reject(conn, 414, "request line too long")
-            return
-        if line_end > settings.max_request_line_bytes:
-            self._reject(conn, 414, "request line too long")
-        elif not _REQUEST_LINE_BYTES_RE.fullmatch(buf, 0, line_end):
-            self._reject(conn, 400, "malformed request line")
-        elif (end if end >= 0 else len(buf)) + 4 > settings.max_head_bytes:
-            self._reject(conn, 431, "request head too large")
-        elif end >= 0:
+        problem = head_problem(buf, self.settings)
+        if problem is not None:
+            self._reject(conn, *problem)
+        elif buf.find(b"\r\n\r\n") >= 0:
             self._unpark(conn)
             self._queue_work(conn)
 
@@ -367,7 +344,6 @@ class _Reactor:
 
     def _reject(self, conn, status, message):
         """Answer a request that never reached a worker, then close."""
-        self.stats["rejected"] += 1
         response = error_response(None, status, message)
         _send_at_once(conn.sock, response)
         note = None
@@ -448,7 +424,7 @@ class _Workers:
             try:
                 keep = self._serve_connection(conn)
             except Exception:
-                self.log_error("connection error:\n" + traceback.format_exc())
+                self.log_error("connection error", traceback.format_exc())
             self._hand_back(conn, keep)
 
     def _hand_back(self, conn, keep):
@@ -531,87 +507,108 @@ class _Workers:
     def _serve_one(self, conn, end):
         """The request whose head ends at ``end`` in the buffer, in six steps. Returns whether
         the connection may be kept open."""
-        settings = self.settings
         started = time.monotonic()
         raw_head = bytes(conn.buf[:end])
         del conn.buf[:end + 4]
-        head = request = reader = verdict = None
-        unrouted = False
+        exchange = _Exchange()
+        # 1. Parse and check the head, build the request; 2. the guard, the route and the
+        # handler (or a static page). Every failure becomes the answer.
+        self._answer(conn, raw_head, exchange)
+        # 3. A body the handler left unread is judged before the answer goes out.
+        self._settle_body(exchange)
+        # 4. The guard counts strikes and scanning before the client can see the answer, so
+        # that its next request meets the ban.
+        note = self._count_for_guard(conn, exchange)
+        # 5. Write it; 6. log it, with the guard's decision.
+        sent = self._write(conn, exchange)
+        if self.access_log:
+            self._log_access(conn, raw_head, exchange, sent, note, started)
+        return exchange.keep_alive
+
+    def _answer(self, conn, raw_head, exchange):
+        """Steps 1 and 2: fill ``exchange`` with the head, request, reader, verdict and the
+        response. Whatever else the client's bytes make the parser raise is a 400 too, logged
+        in one line: a traceback per request would let anyone fill the error log."""
         try:
-            # 1. Parse and check the head; build the request and its body reader. Whatever
-            # else the client's bytes make the parser raise is a 400 too, logged in one line:
-            # a traceback per request would let anyone fill the error log.
             try:
-                head = parse_head(raw_head, settings)
-                reader = self._body_reader(conn, head)
-                request = self._build_request(conn, head, reader)
+                exchange.head = head = parse_head(raw_head, self.settings)
+                exchange.reader = self._body_reader(conn, head)
+                exchange.request = self._build_request(conn, head, exchange.reader)
             except HTTPError:
                 raise
             except Exception as error:
                 self.log_error("unparsable request from %s: %s" % (conn.ip, type(error).__name__))
                 raise HTTPError(400, "malformed request") from None
-            # 2. The abuse guard (429, 403, or a dry-run note), then route and run the handler
-            # (or a static page).
-            verdict = self.guard.check(request, conn.client)
+            exchange.verdict = verdict = self.guard.check(exchange.request, conn.client)
             if verdict is not None and not verdict.dry_run:
                 raise HTTPError(verdict.status, verdict.message, verdict.headers)
-            response = self._dispatch(request)
-        except NotRouted as error:
-            unrouted = True
-            response = self._error_for(request, error)
+            exchange.response = self._dispatch(exchange.request)
         except HTTPError as error:
-            response = self._error_for(request, error)
+            exchange.unrouted = isinstance(error, NotRouted)
+            exchange.response = self._error_for(exchange.request, error)
+        request, verdict = exchange.request, exchange.verdict
         # a request that could not even be built leaves the framing in doubt: close
-        keep_alive = request is not None and head.keep_alive and not self._stopping
-        if verdict is not None and verdict.close:
-            keep_alive = False  # a banned client reconnects, and meets the ban at accept
-        # 3. Whatever body the handler left unread is drained (judging its framing) before the
-        # answer goes out: a malformed or oversized body turns the answer into its 400 or 413.
-        # Past max_drain_bytes, with the client waiting for 100 Continue, or when the request
-        # was refused before it was built, the connection closes instead.
-        if reader is not None and not reader.done:
-            if reader.broken or (reader.expect_continue and not reader.continue_sent):
-                keep_alive = False
-            elif request is None or not reader.drain(settings.max_drain_bytes):
-                keep_alive = False
-                if reader.failure is not None and reader.failure.status in (400, 413):
-                    response = error_response(request, reader.failure.status,
-                                              reader.failure.message)
-        # 4. A request the parser refused is a strike, and a 404 that no route or page answered
-        # counts toward scanner detection (a handler's own "no such note" does not), before the
-        # client can see the answer, so that its next request meets the ban. Then write it.
+        exchange.keep_alive = (request is not None and exchange.head.keep_alive
+                               and not self._stopping
+                               and not (verdict is not None and verdict.close))
+        # (a banned client reconnects, and meets the ban at accept)
+
+    def _settle_body(self, exchange):
+        """Step 3: drain what the handler left unread, judging its framing: a malformed or
+        oversized body turns the answer into its 400 or 413. Past max_drain_bytes, with the
+        client waiting for 100 Continue, or when the request was refused before it was built,
+        the connection closes instead."""
+        reader = exchange.reader
+        if reader is None or reader.done:
+            return
+        if reader.broken or (reader.expect_continue and not reader.continue_sent):
+            exchange.keep_alive = False
+        elif exchange.request is None or not reader.drain(self.settings.max_drain_bytes):
+            exchange.keep_alive = False
+            if reader.failure is not None and reader.failure.status in (400, 413):
+                exchange.response = error_response(exchange.request, reader.failure.status,
+                                                   reader.failure.message)
+
+    def _count_for_guard(self, conn, exchange):
+        """Step 4: a request the parser refused is a strike; a 404 that no route or page
+        answered counts toward scanner detection (a handler's "no such note" does not).
+        Returns the access log's note."""
+        verdict, request = exchange.verdict, exchange.request
         note = verdict.note if verdict is not None else None
         if request is None:
-            note = self.guard.saw_bad_request(conn.ip, conn.client, response.status) or note
-        elif unrouted:
+            note = self.guard.saw_bad_request(conn.ip, conn.client,
+                                              exchange.response.status) or note
+        elif exchange.unrouted:
             note = self.guard.saw_404(request, conn.client) or note
+        return note
+
+    def _write(self, conn, exchange):
+        """Step 5: send the answer; the body bytes sent. A client that stops reading, or a
+        streamed body that fails half-way, closes the connection."""
+        request, head = exchange.request, exchange.head
         version = head.version if head is not None else "HTTP/1.1"
         head_only = request is not None and request.method == "HEAD"
         try:
-            sent = write_response(conn.sock, response, keep_alive, version, head_only)
+            return write_response(conn.sock, exchange.response, exchange.keep_alive, version,
+                                  head_only)
         except StreamFailed as error:
-            self.log_error("%s %s: streamed body failed:\n%s" % (request.method, request.path, error))
-            keep_alive, sent = False, 0
+            self.log_error("%s %s: streamed body failed" % (request.method, request.path),
+                           str(error))
         except ClientGone:
-            keep_alive, sent = False, 0
-        except (TypeError, ValueError):
-            # a handler set a malformed header or body; nothing has been sent yet
-            self.log_error("bad response:\n" + traceback.format_exc())
-            response = error_response(request, 500, "internal server error")
-            keep_alive = False
-            sent = write_response(conn.sock, response, False, version, head_only)
-        # 5. Log it, with the guard's decision.
-        if self.access_log:
-            request_line = head.request_line if head else raw_head.split(b"\r\n", 1)[0][:200]
-            fields = head.fields if head else {}
-            self.access_log.log(
-                request.client_ip if request else conn.ip,
-                request_line if isinstance(request_line, str) else request_line.decode("latin-1"),
-                response.status, sent, (fields.get("referer") or ("",))[0],
-                (fields.get("user-agent") or ("",))[0], time.monotonic() - started, note)
-        conn.served += 1
-        # 6. Keep the connection for the next request, or not.
-        return keep_alive
+            pass
+        exchange.keep_alive = False
+        return 0
+
+    def _log_access(self, conn, raw_head, exchange, sent, note, started):
+        head, request = exchange.head, exchange.request
+        if head is not None:
+            request_line, fields = head.request_line, head.fields
+        else:
+            request_line, fields = raw_head.split(b"\r\n", 1)[0][:200].decode("latin-1"), {}
+        self.access_log.log(
+            request.client_ip if request else conn.ip, request_line, exchange.response.status,
+            sent, (fields.get("referer") or ("",))[0], (fields.get("user-agent") or ("",))[0],
+            time.monotonic() - started, note)
 
     def _body_reader(self, conn, head):
         """The body's reader, made before anything can fail, so that even an error response
@@ -633,7 +630,7 @@ class _Workers:
             # RFC 9110 section 15.5.20; a browser sent here by DNS rebinding names another host
             raise HTTPError(421, "this server does not serve that host")
         path, segments = decode_path(raw_path)
-        return Request(head.method, head.target, path, segments, query,
+        return Request(head.method, path, segments, query,
                        Headers(head.fields), conn.ip, head.version, reader)
 
     def _dispatch(self, request):
@@ -660,8 +657,12 @@ class _Workers:
         raise NotRouted(404, "not found")
 
     def _call(self, handler, request):
+        """Run a handler. Its result is checked here, where the handler can be named: a bad
+        status, header or body is a 500 with the handler's name in the error log."""
         try:
-            return to_response(handler(request))
+            response = to_response(handler(request))
+            check_response(response)
+            return response
         except HTTPError:
             raise
         except Exception as error:
@@ -670,8 +671,9 @@ class _Workers:
                 # an infrastructure error that declares its status (e.g. storage full: 503)
                 self.log_error("%s %s: %s" % (request.method, request.path, error))
                 raise HTTPError(status, getattr(type(error), "public_message", "")) from None
-            self.log_error("%s %s raised:\n%s" % (request.method, request.path,
-                                                   traceback.format_exc()))
+            self.log_error("%s %s: handler %s raised" % (request.method, request.path,
+                                                       _name_of(handler)),
+                           traceback.format_exc())
             raise HTTPError(500, "internal server error") from None
 
     def _error_for(self, request, error):
@@ -680,6 +682,23 @@ class _Workers:
             response.headers.extend(error.headers)
             return response
         return error_response(request, error.status, error.message, error.headers)
+
+
+def _name_of(handler):
+    """'handlers.notes.get_note': where to look when a handler misbehaves."""
+    return "%s.%s" % (getattr(handler, "__module__", "?"),
+                      getattr(handler, "__qualname__", repr(handler)))
+
+
+class _Exchange:
+    """One request and its answer while a worker serves it (that worker alone touches it)."""
+
+    __slots__ = ("head", "request", "reader", "verdict", "response", "unrouted", "keep_alive")
+
+    def __init__(self):
+        self.head = self.request = self.reader = self.verdict = self.response = None
+        self.unrouted = False
+        self.keep_alive = False
 
 
 # --- server -----------------------------------------------------------------------------------
@@ -757,7 +776,6 @@ class OneboxServer(_Reactor, _Workers, http.server.ThreadingHTTPServer):
         self.stuck_workers = 0
         self._open = 0
         self._per_ip = {}
-        self.stats = collections.Counter()
 
     def server_bind(self):
         # HTTPServer.server_bind calls socket.getfqdn(), which can stall for seconds on DNS.
@@ -770,10 +788,12 @@ class OneboxServer(_Reactor, _Workers, http.server.ThreadingHTTPServer):
         host = "[%s]" % host if ":" in host else host
         return "http://%s:%d/" % (host, port)
 
-    def log_error(self, message):
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+    def log_error(self, message, detail=None):
+        """One entry on the error log (stderr): ``message`` on one line, escaped; ``detail``
+        (a traceback) indented below it. Any thread may call it."""
+        entry = error_entry(time.strftime("%Y-%m-%dT%H:%M:%S"), message, detail)
         try:
-            self.error_stream.write("%s onebox: %s\n" % (stamp, message.rstrip()))
+            self.error_stream.write(entry)
             self.error_stream.flush()
         except (OSError, ValueError):
             pass

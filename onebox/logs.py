@@ -1,4 +1,4 @@
-"""Logs: the access log (one line per request, on stdout) and how a line is escaped.
+"""Logs: the access log (one line per request, on stdout), error-log entries, and escaping.
 
 Owns ``AccessLog``: buffered, written by its own flusher thread, bounded, and never a reason for
 a request to wait. Imports only the standard library.
@@ -20,6 +20,24 @@ def _log_escape(text):
     if not text:
         return "-"
     return _LOG_ESCAPE_RE.sub(lambda m: "\\x%02X" % (ord(m.group()) & 0xFF), text)
+
+
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def error_entry(stamp, message, detail=None):
+    """One error-log entry: ``message`` on one line, its control characters escaped as the
+    access log escapes them (a "%0A" in a logged URL must not start a forged line), then any
+    ``detail`` (a traceback), every line of it indented, so that none can pass for an entry."""
+    entry = "%s onebox: %s\n" % (stamp, _escape_controls(message.rstrip()))
+    if detail:
+        entry += "".join("    %s\n" % _escape_controls(line)
+                         for line in detail.rstrip().split("\n"))
+    return entry
+
+
+def _escape_controls(text):
+    return _CONTROL_RE.sub(lambda match: "\\x%02X" % ord(match.group()), text)
 
 
 class AccessLog:

@@ -47,7 +47,7 @@ import urllib.parse
 import zlib
 
 from handlers._core import HTTPError, Response
-from onebox.codec import error_response
+from onebox.codec import BAD_VALUE_RE, TOKEN_RE, error_response
 
 __all__ = ["StaticPages", "compile_policy", "MIME_TYPES", "STATIC_METHODS"]
 
@@ -93,8 +93,6 @@ class _Stale(Exception):
 
 # --- settings that need parsing -------------------------------------------------------------
 
-_TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_BAD_VALUE_RE = re.compile(r"[\x00-\x1f\x7f]")
 # Set by the server: framing and the headers this module derives from the file.
 _RESERVED_HEADERS = frozenset([
     "content-length", "transfer-encoding", "connection", "keep-alive", "date", "server",
@@ -147,7 +145,7 @@ def _parse_overrides(text):
     for line in _setting_lines(text):
         prefix, _, value = line.partition(" ")
         value = value.strip()
-        if not prefix.startswith("/") or not value or _BAD_VALUE_RE.search(value):
+        if not prefix.startswith("/") or not value or BAD_VALUE_RE.search(value):
             raise ValueError("[static] cache_control: %r must be '/path/prefix VALUE', one rule "
                              "a line (e.g. '/downloads/ no-cache')" % line)
         rules.append((prefix, value))
@@ -159,7 +157,7 @@ def _parse_extra_headers(text):
     for line in _setting_lines(text):
         name, colon, value = line.partition(":")
         name, value = name.strip(), value.strip()
-        if not colon or not _TOKEN_RE.fullmatch(name) or _BAD_VALUE_RE.search(value):
+        if not colon or not TOKEN_RE.fullmatch(name) or BAD_VALUE_RE.search(value):
             raise ValueError("[static] extra_headers: %r must be 'Name: value', one a line"
                              % line)
         if name.lower() in _RESERVED_HEADERS:

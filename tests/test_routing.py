@@ -1,5 +1,6 @@
 """Routes as data, the handler contract, and the one-way dependency rule."""
 import ast
+import http.client
 import os
 import sys
 
@@ -136,6 +137,47 @@ def test_handler_contract(start_server):
     status, headers, body = request(server, "GET", "/t/stream")
     assert (status, headers.get("transfer-encoding"), body) == (200, "chunked", b"part0;part1;part2;")
     assert request(server, "GET", "/hello")[0] == 200  # the server is fine afterwards
+
+
+def bad_status(request):
+    return Response(b"x", "200 OK")
+
+
+def str_body(request):
+    return Response("not bytes", 200)
+
+
+def bad_name(request):
+    return Response(b"x", 200, [("X Bad", "1")])
+
+
+@pytest.mark.parametrize("handler, problem", [
+    (bad_header, "'X-Bad' has a bad name or value"), (bad_status, "status '200 OK'"),
+    (str_body, "body is str"), (bad_name, "'X Bad' has a bad name or value")])
+def test_a_bad_response_is_a_500_naming_the_handler(start_server, handler, problem):
+    server = start_server(routes=[("GET", "/t/bad", handler)])
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    connection.request("GET", "/t/bad")
+    response = connection.getresponse()
+    assert (response.status, response.read()) == (500, b"internal server error\n")
+    connection.request("GET", "/hello")               # nothing half-sent: the connection goes on
+    assert connection.getresponse().read() == b"hello, world\n"
+    connection.close()
+    log = server.error_text()
+    assert "GET /t/bad: handler test_routing.%s raised" % handler.__name__ in log
+    assert problem in log and "connection error" not in log
+
+
+def test_the_error_log_escapes_what_a_client_sent(start_server):
+    server = start_server(routes=[("GET", "/t/crash/{rest...}", crash)])
+    forged = "/t/crash/x%0A2026-01-01T00:00:00%20onebox:%20forged%0D%1B[31m"
+    assert request(server, "GET", forged)[0] == 500
+    log = server.error_text()
+    assert "x\\x0A2026-01-01T00:00:00 onebox: forged\\x0D\\x1B[31m: handler" in log
+    lines = log.splitlines()
+    assert not any(line.startswith("2026-01-01T00:00:00") for line in lines)
+    entries = [line for line in lines if not line.startswith("    ") and "/t/crash" in line]
+    assert len(entries) == 1 and entries[0].endswith("raised")   # the traceback is indented
 
 
 def test_infrastructure_errors_map_to_their_declared_status(start_server):
