@@ -1,7 +1,11 @@
 #!/usr/bin/env python3
-"""Two (or more) versions of onebox against nginx on the 10 MiB file, interleaved, in one run.
+"""Two (or more) versions of onebox against nginx, interleaved, in one run.
 
     python3 bench/ab_static.py OLD/server.py NEW/server.py [--rounds 6] [--seconds 3]
+                               [--target 10m|1k|hello]
+
+The target is the 10 MiB file (default), the 1 KiB page, or /hello, a handler (which nginx
+does not have: its runs there are of a missing file, a 404, and its ratio means little).
 
 For telling whether a change to the request path moved the server's CPU: each server.py given
 (a copy of an older checkout, say) and nginx serve the same directory, pinned as
@@ -50,7 +54,13 @@ def onebox_argv(server_py, site, data_dir):
     return [sys.executable, server_py, "--port", "0", "--pages-dir", site, "--access-log", "off",
             "--data-dir", data_dir, "--limits-client-rate-per-s", "1e9",
             "--limits-client-burst", "1000000000", "--limits-route-rate-per-s", "1e9",
-            "--limits-route-burst", "1000000000"]
+            "--limits-route-burst", "1000000000",
+            # the guard checks every request, as for a remote client (loopback is exempt by
+            # default since issue 10; versions before it had no such default)
+            "--limits-trusted-proxies", "", "--limits-allow-cidrs", ""]
+
+
+TARGETS = {"10m": static.FILES[1][1], "1k": static.FILES[0][1], "hello": "hello"}
 
 
 def main():
@@ -59,6 +69,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--seconds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--target", choices=sorted(TARGETS), default="10m")
     args = parser.parse_args()
     nginx = static.ensure_tools()
     work = tempfile.mkdtemp(prefix="onebox-ab-")
@@ -81,7 +92,7 @@ def main():
         for number, path in enumerate(args.servers):
             print("v%d = %s" % (number, path))
         rows = {name: [] for name, _, _ in running}
-        url_path = static.FILES[1][1]
+        url_path = TARGETS[args.target]
         for round_number in range(1, args.rounds + 1):
             for name, process, url in running:
                 static.wrk(url + url_path, 1, args.connections)   # warm-up
