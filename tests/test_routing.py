@@ -294,3 +294,29 @@ def test_the_dependency_tests_catch_what_they_guard(tmp_path):
     runtime = tmp_path / "runtime.py"
     runtime.write_text("import server\nfrom handlers import notes\nimport pytest\n")
     assert forbidden_in_runtime(str(runtime)) == ["server", "pytest"]
+
+
+# --- what the README promises area authors --------------------------------------------------
+
+def readme():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
+        return handle.read()
+
+
+def test_every_name_the_readme_documents_for_areas_exists():
+    import importlib
+    import re
+    table = readme().split("The whole contract", 1)[1].split("\n\n", 2)[1]
+    rows = re.findall(r"^\| `(handlers\.\w+)` \| (.+) \|$", table, re.M)
+    assert {module for module, _ in rows} == CONTRACT - {"handlers._limits"}
+    for module, names in rows:
+        loaded = importlib.import_module(module)
+        for name in re.findall(r"`(\w+)`", names):
+            assert hasattr(loaded, name), "README documents %s.%s" % (module, name)
+
+
+def test_the_readmes_example_of_testing_an_area_runs(tmp_path):
+    source = readme().split("To test an area", 1)[1].split("```python\n", 1)[1].split("```")[0]
+    namespace = {}
+    exec(compile(source, "README.md", "exec"), namespace)
+    namespace["test_count_visit"](tmp_path)   # asserts visits 1 then 2: incr returns the value
