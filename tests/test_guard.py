@@ -13,7 +13,9 @@ import time
 import pytest
 
 from conftest import ROOT, raw_exchange, onebox, status_of
-from onebox.guard import MAX_WARNED_PROXIES, CidrSet, PathSet, client_key, normal_address
+from handlers._core import Headers, Request
+from onebox.guard import (MAX_WARNED_PROXIES, CidrSet, Guard, PathSet, client_key,
+                          normal_address)
 
 # The shipped [limits] defaults (the fixture otherwise puts the limits out of reach).
 DEFAULT_LIMITS = {"limits." + s.name: s.default for s in onebox.SETTINGS["limits"]}
@@ -314,28 +316,95 @@ def test_empty_lists_make_loopback_an_ordinary_client(start_server):
 
 # --- escalation and bans ----------------------------------------------------------------------
 
-def test_hammering_while_limited_escalates_to_a_ban_that_expires_and_doubles(start_server):
+def test_hammering_while_limited_escalates_to_a_ban(start_server):
+    """Over real sockets: the refusal that earns a ban, the 403 while it lasts, the logs. How a
+    ban expires and doubles is timed with a fake clock below, not with sleeps."""
     server = start_server(config={
         "limits.client_rate_per_s": 0.5, "limits.client_burst": 1,
-        "limits.ban_after_rejections": 2, "limits.ban_window_s": 5, "limits.ban_s": 0.5,
-        "limits.ban_max_s": 10, "limits.ban_close_after_hits": 100})
+        "limits.ban_after_rejections": 2, "limits.ban_window_s": 5, "limits.ban_s": 60,
+        "limits.ban_max_s": 600, "limits.ban_close_after_hits": 100})
     assert statuses(server, "/hello", 4, "127.0.0.2") == [200, 429, 429, 429]  # third 429: ban
     status, _, body = get(server, "/hello", "127.0.0.2")
     assert (status, body) == (403, b"forbidden\n")
     assert get(server, "/hello", "127.0.0.3")[0] == 200
     (key, left, offences, reason), = server.guard.bans()
-    assert key == "127.0.0.2" and offences == 1 and 0 < left <= 0.5
+    assert key == "127.0.0.2" and offences == 1 and 0 < left <= 60
     assert "client_rate" in reason
-    time.sleep(0.6)                                            # the ban is over...
-    assert statuses(server, "/hello", 3, "127.0.0.2") == [429, 429, 429]   # ...the habit is not
-    (key, left, offences, _), = server.guard.bans()
-    assert offences == 2 and 0.5 < left <= 1.0                 # doubled
-    time.sleep(1.5)                                            # the ban is over, the bucket full
-    assert get(server, "/hello", "127.0.0.2")[0] == 200
-    assert "banned 127.0.0.2 for 0.5s" in server.error_text()
-    assert "banned 127.0.0.2 for 1s" in server.error_text()
+    assert "banned 127.0.0.2 for 60s" in server.error_text()
     log = server.access_text()
     assert "guard=429:client_rate+ban" in log and "guard=403:banned" in log
+
+
+class FakeTime:
+    """The guard's two seams in one: ``clock`` (monotonic: buckets, strike windows) and ``wall``
+    (epoch: bans, which persist), moved together by ``advance``."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def clock(self):
+        return self.now
+
+    def wall(self):
+        return 1.7e9 + self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+def guard_with_fake_time(**limits):
+    config = onebox.load_config(None, {"limits." + name: value for name, value in limits.items()})
+    time_ = FakeTime()
+    lines = []
+    return Guard(config.guard, log=lines.append, clock=time_.clock, wall=time_.wall), time_, lines
+
+
+def verdicts(guard, count, ip="127.0.0.2"):
+    """The guard's answers to ``count`` requests from ``ip``: None (served) or "status rule"."""
+    answers = []
+    for _ in range(count):
+        request = Request("GET", "/hello", "/hello", ["hello"], "", Headers({}), ip)
+        verdict = guard.check(request, guard.admit(ip)[0])
+        answers.append(verdict and "%d %s%s" % (verdict.status, verdict.rule,
+                                                 "+" + verdict.ban if verdict.ban else ""))
+    return answers
+
+
+def test_a_ban_expires_and_a_repeat_offence_doubles_it():
+    guard, time_, log = guard_with_fake_time(
+        client_rate_per_s=0.5, client_burst=1, ban_after_rejections=2, ban_window_s=5,
+        ban_s=0.5, ban_max_s=10, ban_close_after_hits=100)
+    assert verdicts(guard, 5) == [None, "429 client_rate", "429 client_rate",
+                                  "429 client_rate+ban", "403 banned"]
+    assert verdicts(guard, 1, "127.0.0.3") == [None]                  # another client
+    assert [(key, left, offences) for key, left, offences, _ in guard.bans()] \
+        == [("127.0.0.2", 0.5, 1)]
+    time_.advance(0.49)
+    assert verdicts(guard, 1) == ["403 banned"]                       # still banned
+    time_.advance(0.02)                                               # the ban is over...
+    assert guard.bans() == []
+    assert verdicts(guard, 3) == ["429 client_rate", "429 client_rate",  # ...the habit is not
+                                  "429 client_rate+ban"]
+    assert [(left, offences) for _, left, offences, _ in guard.bans()] == [(1.0, 2)]  # doubled
+    time_.advance(0.99)
+    assert verdicts(guard, 1) == ["403 banned"]
+    time_.advance(0.6)          # the ban is over; 2.1 s after the last token (0.5/s), one more
+    assert verdicts(guard, 2) == [None, "429 client_rate"]
+    assert log == ["guard: banned 127.0.0.2 for 0.5s (client_rate: more than 2 refusals in 5s; "
+                   "offence 1)",
+                   "guard: banned 127.0.0.2 for 1s (client_rate: more than 2 refusals in 5s; "
+                   "offence 2)"]
+
+
+def test_an_offender_is_forgotten_ban_max_s_after_its_ban():
+    guard, time_, log = guard_with_fake_time(
+        client_rate_per_s=0.5, client_burst=1, ban_after_rejections=1, ban_window_s=5,
+        ban_s=1, ban_max_s=4, ban_close_after_hits=100)
+    assert verdicts(guard, 3)[-1] == "429 client_rate+ban"
+    time_.advance(1 + 4)                          # the ban (1 s) and ban_max_s after it
+    assert verdicts(guard, 1) == [None]           # forgotten, and the bucket is full again
+    assert verdicts(guard, 2)[-1] == "429 client_rate+ban"
+    assert [(left, offences) for _, left, offences, _ in guard.bans()] == [(1.0, 1)]  # a first
 
 
 def test_a_banned_client_that_keeps_coming_is_closed_at_accept(start_server):

@@ -72,6 +72,99 @@ def test_bad_patterns_are_refused(pattern):
         make_router(pattern)
 
 
+ROUTES_FOR_ALLOW = [("GET", "/r"), ("POST", "/w"), ("DELETE", "/w"), ("PUT", "/all"),
+                    ("PATCH", "/all"), ("GET", "/all"), ("OPTIONS", "/all"), ("HEAD", "/h")]
+
+
+@pytest.mark.parametrize("method, path, expected", [
+    ("GET", "/r", "/r"),
+    ("HEAD", "/r", "/r"),                                  # GET answers HEAD
+    ("POST", "/r", "GET, HEAD, OPTIONS"),                  # OPTIONS is always allowed
+    ("OPTIONS", "/r", "GET, HEAD, OPTIONS"),               # unless a route takes it
+    ("GET", "/w", "POST, DELETE, OPTIONS"),                # no GET: no HEAD either
+    ("HEAD", "/w", "POST, DELETE, OPTIONS"),
+    ("PATCH", "/w", "POST, DELETE, OPTIONS"),
+    ("OPTIONS", "/all", "/all"),
+    ("DELETE", "/all", "GET, HEAD, PUT, PATCH, OPTIONS"),  # in METHODS order
+    ("HEAD", "/h", "/h"),
+    ("GET", "/h", "HEAD, OPTIONS"),                        # HEAD does not answer GET
+    ("GET", "/nowhere", None),                             # no route at all: not 405
+], ids=lambda value: repr(value))
+def test_methods_and_allow_lists(method, path, expected):
+    router = onebox.Router([(m, p, handler_named(m + p), "t") for m, p in ROUTES_FOR_ALLOW])
+    result = matched(router, path, method)          # (pattern, params), or the Allow list
+    assert (result[0] if isinstance(result, tuple) else result) == expected
+
+
+def test_an_explicit_head_route_beats_get():
+    router = onebox.Router([("GET", "/x", handler_named("get"), "t"),
+                            ("HEAD", "/x", handler_named("head"), "t")])
+    route, _, _ = router.match("HEAD", decode_path("/x")[1])
+    assert route.method == "HEAD"
+
+
+@pytest.mark.parametrize("path, expected", [
+    ("/a/b", ("/a/b", {})),                               # a literal first...
+    ("/a/c", ("/a/{x}", {"x": "c"})),                     # ...then {x}...
+    ("/a/c/d/e", ("/a/{rest...}", {"rest": "c/d/e"})),    # ...then {rest...}
+    ("/a/b/d/e", ("/a/{rest...}", {"rest": "b/d/e"})),    # backtracking from the literal
+    ("/a", None),                                         # {rest...} needs the slash
+    ("/a/", ("/a/{rest...}", {"rest": ""})),              # {x} never matches an empty segment
+    ("/u/1/n/2", ("/u/{user}/n/{note}", {"user": "1", "note": "2"})),
+    ("/u/1/n/", None),
+    ("/u/%20/n/caf%C3%A9", ("/u/{user}/n/{note}", {"user": " ", "note": "caf\xe9"})),
+], ids=lambda value: repr(value))
+def test_precedence_and_parameters(path, expected):
+    router = make_router("/a/b", "/a/{x}", "/a/{rest...}", "/u/{user}/n/{note}")
+    assert matched(router, path) == expected
+
+
+def test_the_most_specific_node_gives_the_allow_list():
+    router = onebox.Router([("POST", "/a/b", handler_named("p"), "t"),
+                            ("GET", "/a/{x}", handler_named("g"), "t")])
+    assert matched(router, "/a/b", "GET") == ("/a/{x}", {"x": "b"})   # GET falls to {x}
+    assert matched(router, "/a/b", "DELETE") == "POST, OPTIONS"
+
+
+def test_same_shape_with_other_methods_or_names_is_no_conflict():
+    router = onebox.Router([("GET", "/n/{id}", handler_named("g"), "t"),
+                            ("PUT", "/n/{key}", handler_named("p"), "t"),
+                            ("GET", "/n/{id}/x", handler_named("x"), "t")])
+    assert matched(router, "/n/7", "PUT") == ("/n/{key}", {"key": "7"})
+    assert matched(router, "/n/7", "GET") == ("/n/{id}", {"id": "7"})
+
+
+@pytest.mark.parametrize("pattern, message", [
+    ("/a/{}", "/a/{}: {} is not a valid name"),
+    ("/a/{x-y}", "{x-y} is not a valid name"),
+    ("/{x}/{x...}", "wildcard {x} appears twice"),
+    ("/{rest...}/x", "{rest...} must be the last segment"),
+    ("/a{b}", "a wildcard must be a whole segment"),
+    ("/a/{b", "a wildcard must be a whole segment"),
+    ("a/b", "pattern 'a/b' must start with /"),
+    ("", "pattern '' must start with /"),
+    pytest.param("/{...}", "is not a valid name", marks=pytest.mark.xfail(
+        strict=True, raises=AssertionError,
+        reason="bug: a nameless {...} is accepted (its value lands in params[''])")),
+    pytest.param("/{1bad...}", "is not a valid name", marks=pytest.mark.xfail(
+        strict=True, raises=AssertionError,
+        reason="bug: {name...} names are not checked as {name} names are: {1bad...} passes")),
+], ids=lambda value: repr(value))
+def test_bad_pattern_messages_name_the_origin_and_the_rule(pattern, message):
+    try:
+        onebox.Router([("GET", pattern, handler_named(pattern), "handlers/area.py")])
+    except onebox.RouteError as error:
+        assert str(error).startswith("handlers/area.py: ") and message in str(error)
+    else:
+        raise AssertionError("%r was accepted" % pattern)
+
+
+def test_an_unknown_method_names_the_origin():
+    with pytest.raises(onebox.RouteError, match="^handlers/area.py: FETCH /x: method must be "
+                                               "one of GET, HEAD, POST"):
+        onebox.Router([("FETCH", "/x", handler_named("x"), "handlers/area.py")])
+
+
 def test_unknown_method_in_routes_is_refused():
     with pytest.raises(onebox.RouteError):
         make_router("/x", method="FETCH")
