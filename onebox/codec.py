@@ -136,10 +136,9 @@ def _read_framing(head):
         raise HTTPError(400, "invalid Host header")
     connection = fields.get("connection")
     tokens = {t.strip(_OWS).lower() for v in connection for t in v.split(",")} if connection else ()
-    if head.version == "HTTP/1.1":
-        head.keep_alive = "close" not in tokens
-    else:
-        head.keep_alive = "keep-alive" in tokens
+    # RFC 9112 section 9.3: "close" wins; HTTP/1.0 persists only when asked to
+    head.keep_alive = "close" not in tokens and (head.version == "HTTP/1.1"
+                                                 or "keep-alive" in tokens)
     head.chunked = False
     head.content_length = 0
     head.expect_continue = False
@@ -190,7 +189,9 @@ def split_target(head):
             parts = urllib.parse.urlsplit(target)
         except ValueError:   # "http://[zz]/": urlsplit checks bracketed hosts and raises
             raise HTTPError(400, "invalid request target") from None
-        if not _HOST_RE.fullmatch(parts.netloc) or "@" in parts.netloc:
+        host = parts.netloc
+        if not host or host[0] == ":" or not _HOST_RE.fullmatch(host) or "@" in host:
+            # an http(s) URI with an empty host is invalid (RFC 9110 section 4.2.1)
             raise HTTPError(400, "invalid request target")
         head.fields["host"] = [parts.netloc]
         return parts.path or "/", parts.query
@@ -212,7 +213,8 @@ def decode_path(raw_path):
     for position, raw in enumerate(raw_segments):
         try:
             if "%" in raw:
-                segment = urllib.parse.unquote_to_bytes(raw).decode("utf-8")
+                # as bytes: unquote_to_bytes would UTF-8-encode a str's raw (latin-1) bytes
+                segment = urllib.parse.unquote_to_bytes(raw.encode("latin-1")).decode("utf-8")
             elif not raw.isascii():
                 segment = raw.encode("latin-1").decode("utf-8")
             else:

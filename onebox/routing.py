@@ -134,6 +134,8 @@ def _pattern_segments(pattern, origin):
         if part.startswith("{") and part.endswith("}"):
             name = part[1:-1]
             if name.endswith("..."):
+                if not name[:-3].isidentifier():
+                    raise RouteError("%s: %s: {%s} is not a valid name" % (origin, pattern, name))
                 if position != len(parts) - 1:
                     raise RouteError("%s: %s: {%s} must be the last segment"
                                      % (origin, pattern, name))

@@ -9,6 +9,7 @@ Imports only the standard library and the policy compilers of ``onebox.static`` 
 """
 import collections
 import configparser
+import math
 import os
 import re
 import types
@@ -211,6 +212,8 @@ def _parse_value(setting, raw, where):
             value = float(raw.strip())
         except ValueError:
             raise ConfigError("%s: %r is not a number" % (where, raw)) from None
+        if not math.isfinite(value):   # inf and nan would reach poll() and struct.pack
+            raise ConfigError("%s: %r is not a finite number" % (where, raw))
     elif setting.kind == "bool":
         lowered = raw.strip().lower()
         if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):

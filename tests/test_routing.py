@@ -143,12 +143,8 @@ def test_same_shape_with_other_methods_or_names_is_no_conflict():
     ("/a/{b", "a wildcard must be a whole segment"),
     ("a/b", "pattern 'a/b' must start with /"),
     ("", "pattern '' must start with /"),
-    pytest.param("/{...}", "is not a valid name", marks=pytest.mark.xfail(
-        strict=True, raises=AssertionError,
-        reason="bug: a nameless {...} is accepted (its value lands in params[''])")),
-    pytest.param("/{1bad...}", "is not a valid name", marks=pytest.mark.xfail(
-        strict=True, raises=AssertionError,
-        reason="bug: {name...} names are not checked as {name} names are: {1bad...} passes")),
+    ("/{...}", "is not a valid name"),
+    ("/{1bad...}", "is not a valid name"),
 ], ids=lambda value: repr(value))
 def test_bad_pattern_messages_name_the_origin_and_the_rule(pattern, message):
     try:

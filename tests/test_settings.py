@@ -66,7 +66,7 @@ def test_values_of_each_kind(tmp_path, section, key, raw, expected):
     ("server", "port", "", "'' is not a whole number"),
     ("server", "port", "65536", "'65536' is not a TCP port (0-65535)"),
     ("server", "header_timeout_s", "soon", "'soon' is not a number"),
-    ("server", "header_timeout_s", "nan", "'nan' is below the minimum 0.001"),
+    ("server", "header_timeout_s", "nan", "'nan' is not a finite number"),
     ("server", "access_log", "maybe", "'maybe' is not on/off (true/false, yes/no, 1/0)"),
     ("server", "access_log", "", "'' is not on/off"),
     ("state", "durability", "sometimes", "'sometimes' is not one of always, batch, off"),
@@ -84,11 +84,6 @@ def test_bad_values_name_file_section_key_and_rule(tmp_path, section, key, raw, 
     ("keepalive_timeout_s", "inf"),
     ("header_timeout_s", "1e400"),
 ], ids=short_id)
-@pytest.mark.xfail(strict=True, reason="bug: an infinite timeout is accepted at start-up, then "
-                                       "int()/poll() raise OverflowError in the engine "
-                                       "(write_timeout_s at construction, the others per "
-                                       "connection); it should be a ConfigError",
-                   raises=AssertionError)
 def test_infinite_timeouts_are_refused_at_start_up(tmp_path, key, raw):
     result = loaded(tmp_path, "server", key, raw)
     assert isinstance(result, str) and result.startswith("error: "), result
