@@ -9,6 +9,7 @@ Imports only the standard library and the policy compilers of ``onebox.static`` 
 """
 import collections
 import configparser
+import difflib
 import math
 import os
 import re
@@ -255,6 +256,8 @@ def load_config(path=None, overrides=None):
             if section.startswith("limits") and section != "limits":  # [limits "/path"]
                 for key, raw in parser.items(section):
                     _set_value(values, section, key, raw, "%s [%s] %s" % (path, section, key))
+            elif section not in SETTINGS:
+                _check_foreign_section(section, path)
     for dotted, raw in (overrides or {}).items():
         section, _, key = dotted.rpartition(".")
         _set_value(values, section or "server", key, raw, "setting %r" % dotted)
@@ -307,6 +310,15 @@ def host_allowed(allowed, host_field):
     name = name.lower().rstrip(".")
     exact, suffixes = allowed
     return name in exact or (bool(suffixes) and name.endswith(suffixes))
+
+
+def _check_foreign_section(section, path):
+    """setup.cfg is shared ([metadata], [tool:pytest], other tools' sections are not ours), so
+    an unknown section is let be, unless it looks like a misspelling of one of ours: [sever]
+    would otherwise leave every setting in it silently unapplied."""
+    near = difflib.get_close_matches(section.lower(), list(SETTINGS), n=1, cutoff=0.75)
+    if near:
+        raise ConfigError("%s: unknown section [%s]; did you mean [%s]?" % (path, section, near[0]))
 
 
 def _set_value(values, section, key, raw, where):

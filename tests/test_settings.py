@@ -138,6 +138,15 @@ def test_sections_of_other_tools_are_left_alone(tmp_path):
     assert load_config(path).server.port == 1
 
 
+@pytest.mark.parametrize("section, ours", [("sever", "server"), ("limit", "limits"),
+                                           ("Static", "static"), ("caches", "cache")])
+def test_a_misspelt_section_of_ours_is_refused(tmp_path, section, ours):
+    path = write_config(tmp_path, "[%s]\nport = 1\n" % section)
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert str(error.value) == "%s: unknown section [%s]; did you mean [%s]?" % (path, section, ours)
+
+
 @pytest.mark.parametrize("dotted, raw, message", [
     ("nosuch.key", "1", "setting 'nosuch.key': unknown section [nosuch]"),
     ("server.nosuch", "1", "setting 'server.nosuch': unknown key; [server] knows: "),
