@@ -175,7 +175,7 @@ def imported_modules(path):
 
 # The contract: what an area may import. Everything else in handlers/ is an area.
 CONTRACT = {"handlers._core", "handlers._state", "handlers._limits", "handlers._cache",
-            "handlers._forms"}
+            "handlers._forms", "handlers._context"}
 
 
 def is_stdlib(name):
