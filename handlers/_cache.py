@@ -34,6 +34,13 @@ Memory
     least recently used entries go. A response larger than an eighth of ``max_bytes`` is not
     cached (one response must not flush the rest). ``stats()`` gives the counters.
 
+One cache per server
+    Each server owns a ``ResponseCache``, sized by its own ``[cache]``, and its worker threads are
+    bound to it (handlers/_context.py): ``cached``, ``invalidate`` and ``responses`` reach the
+    cache of the server running the handler, so one server's cached GET never answers another
+    server's request, and an invalidation empties only its own. On a thread bound to no server
+    they raise RuntimeError ("the response cache is not bound: ..."), naming the fix.
+
 One lock (``ResponseCache._lock``) guards the table, the in-flight computations and the counters;
 handlers run outside it.
 """
@@ -42,6 +49,7 @@ import functools
 import threading
 import time
 
+from handlers import _context
 from handlers._core import Response, to_response
 
 __all__ = ["cached", "invalidate", "ResponseCache", "responses"]
@@ -95,7 +103,7 @@ class ResponseCache(object):
         self.configure(max_entries, max_bytes)
 
     def configure(self, max_entries, max_bytes):
-        """Set the caps and empty the cache (the server calls this at start-up)."""
+        """Set the caps and empty the cache."""
         if max_entries < 1 or max_bytes < 1:
             raise ValueError("'max_entries' and 'max_bytes' must be at least 1")
         with self._lock:
@@ -215,7 +223,22 @@ class ResponseCache(object):
         return out
 
 
-responses = ResponseCache()   # the process's cache; the server sets its caps at start-up
+class _ResponsesProxy(object):
+    """``responses``: the response cache of the server whose worker thread is running (see
+    handlers/_context.py); RuntimeError on a thread bound to none."""
+
+    __slots__ = ()
+
+    def __getattr__(self, name):
+        return getattr(_here(), name)
+
+
+def _here():
+    """The calling thread's server's ResponseCache."""
+    return _context.require("responses", "the response cache")
+
+
+responses = _ResponsesProxy()
 
 
 def cached(ttl_s, vary=(), cache=None):
@@ -233,11 +256,11 @@ def cached(ttl_s, vary=(), cache=None):
             key = request.path + "?" + request.query_string
             for name in vary:
                 key += "\n%s: %s" % (name, request.headers.get(name, ""))
-            return (cache or responses).serve(key, ttl_s, lambda: handler(request))
+            return (cache or _here()).serve(key, ttl_s, lambda: handler(request))
         return serve_cached
     return decorate
 
 
 def invalidate(prefix=""):
     """Drop cached responses whose key (path + "?" + query) starts with ``prefix``."""
-    return responses.invalidate(prefix)
+    return _here().invalidate(prefix)

@@ -21,15 +21,22 @@ with the message as a short body. Any other exception becomes a 500 whose body s
 the cause; the traceback goes to the error log. Infrastructure errors declare their own status
 (``StateWriteError.http_status = 503``: the write was not made; the client may retry).
 
-Shared state: ``state`` (from ``handlers._state``) is the process's one durable store:
-``state.get(key)``, ``state.put(key, value)``, ``state.delete(key)``, ``state.incr(key, n)``,
-``state.items(prefix)``, and ``with state.transaction() as tx:`` for all-or-nothing writes.
-A write returns once it is on disk (in the default durability mode).
+Shared state: ``state`` (from ``handlers._state``) is the durable store of the server running
+the handler: ``state.get(key)``, ``state.put(key, value)``, ``state.delete(key)``,
+``state.incr(key, n)``, ``state.items(prefix)``, and ``with state.transaction() as tx:`` for
+all-or-nothing writes. A write returns once it is on disk (in the default durability mode).
 
 Rate limits for a handler's own keys (login attempts per account, say): ``limiter(name,
-rate_per_s, burst)`` gives the process's limiter of that name (``handlers._limits``: hit, peek,
+rate_per_s, burst)`` gives the limiter of that name (``handlers._limits``: hit, peek,
 retry_after, stats), and ``rate_limit(limiter, key)`` raises a 429 with Retry-After when the key's
 bucket is empty. Cached GET responses: ``handlers._cache`` (``@cached(ttl_s=...)``, ``invalidate``).
+
+Each server owns its store, its response cache and its limiters' buckets: two servers in one
+process (tests build several) share none of them. ``state``, ``@cached``/``invalidate`` and
+``limiter()`` find them through the thread that runs the handler, which the server bound to itself
+(``handlers._context``). So they work in handlers and in what handlers call, on the worker
+thread; a thread that a handler starts is bound to nothing and gets RuntimeError("state is not
+bound: ...") until it is started as ``threading.Thread(target=carry_context(work))``.
 
 Area modules import only ``handlers._*`` modules, never ``server`` (a test enforces it): run as
 ``python3 server.py`` the runtime is ``__main__``, and importing ``server`` would load a second copy
@@ -42,13 +49,14 @@ import json
 import re
 
 from handlers import _forms
+from handlers._context import carry_context  # noqa: F401  (re-exported for areas)
 from handlers._limits import Limiter, Policy, limiter, rate_limit_headers  # noqa: F401
 from handlers._state import StateWriteError, state  # noqa: F401  (re-exported for areas)
 
 __all__ = [
     "HTTPError", "Request", "Headers", "Response", "state", "StateWriteError",
     "json_response", "text_response", "html_response", "redirect", "to_response",
-    "Limiter", "Policy", "limiter", "rate_limit",
+    "Limiter", "Policy", "limiter", "rate_limit", "carry_context",
 ]
 
 

@@ -24,8 +24,11 @@ For handler areas (through ``handlers._core``)::
         rate_limit(LOGINS, request.json().get("account", ""))  # 429 + Retry-After when spent
         ...
 
-``limiter(name, ...)`` returns the process's limiter of that name, made on first use, so a
-module that is imported again (a reload) keeps its counters.
+``limiter(name, ...)`` returns the limiter of that name (the same object on every call, so a
+module that is imported again -- a reload -- keeps its counters). Its buckets belong to the server
+whose worker thread calls it: each server keeps its own, made on first use (``LimiterRegistry``,
+through ``handlers._context``), so two servers in one process never share a bucket. Used from a
+thread bound to no server it raises RuntimeError ("limiter 'login-per-account' is not bound").
 
 The in-process implementation (``InProcessLimiter``)
     Each key holds one float: the monotonic time at which its bucket is full again (the
@@ -43,8 +46,10 @@ import math
 import threading
 import time
 
-__all__ = ["Policy", "Hit", "Limiter", "InProcessLimiter", "limiter", "set_backend",
-           "all_stats", "rate_limit_headers", "DEFAULT_MAX_KEYS"]
+from handlers import _context
+
+__all__ = ["Policy", "Hit", "Limiter", "InProcessLimiter", "LimiterRegistry", "NamedLimiter",
+           "limiter", "set_backend", "all_stats", "rate_limit_headers", "DEFAULT_MAX_KEYS"]
 
 DEFAULT_MAX_KEYS = 10000    # a handler's limiter: keys tracked before the least recent is evicted
 _EXPIRE_PER_HIT = 2         # idle keys looked at (and dropped if full) per hit
@@ -74,6 +79,13 @@ def check_policy(policy):
     return policy
 
 
+def check_max_keys(max_keys):
+    """Raise ValueError unless ``max_keys`` is a whole number >= 1; returns it."""
+    if not isinstance(max_keys, int) or max_keys < 1:
+        raise ValueError("'max_keys' must be a whole number >= 1")
+    return max_keys
+
+
 class Limiter(object):
     """The contract every limiter backend keeps (see the module docstring). Keys are any
     hashable value; a backend that is not in-process would need them to be strings."""
@@ -101,10 +113,8 @@ class InProcessLimiter(Limiter):
     """
 
     def __init__(self, policy, max_keys=DEFAULT_MAX_KEYS, clock=time.monotonic):
-        if not isinstance(max_keys, int) or max_keys < 1:
-            raise ValueError("'max_keys' must be a whole number >= 1")
         self.policy = check_policy(policy)
-        self.max_keys = max_keys
+        self.max_keys = check_max_keys(max_keys)
         self._clock = clock
         # _lock guards _full_at and the counters below it.
         self._lock = threading.Lock()
@@ -203,36 +213,95 @@ def rate_limit_headers(hit):
     return headers
 
 
-# --- the process's named limiters, for handler areas ------------------------------------------
+# --- named limiters, for handler areas: one table per server ----------------------------------
+# ``limiter(name, ...)`` runs at import time, before any server exists, and one imported module
+# serves every server in the process; so it returns a ``NamedLimiter``: a name and a policy,
+# whose buckets live in the ``LimiterRegistry`` of the server whose worker thread calls it
+# (handlers/_context.py). Two servers never share a bucket.
 
 _backend = InProcessLimiter
-_registry_lock = threading.Lock()  # guards _registry and _backend
-_registry = {}                     # name -> Limiter
+_names_lock = threading.Lock()   # guards _names and _backend
+_names = {}                      # name -> NamedLimiter
+
+
+class LimiterRegistry(object):
+    """One server's named limiters: name -> the backend's Limiter, made on first use."""
+
+    def __init__(self):
+        self._lock = threading.Lock()   # guards the making of limiters in _limiters
+        self._limiters = {}             # name -> Limiter
+
+    def get(self, name, policy, max_keys):
+        """The limiter called ``name``, made with ``policy`` and ``max_keys`` if it is new."""
+        found = self._limiters.get(name)   # one dict read, no lock: the common case
+        if found is None:
+            with self._lock:
+                found = self._limiters.get(name)
+                if found is None:
+                    found = self._limiters[name] = _backend(policy, max_keys)
+        return found
+
+    def stats(self):
+        """{name: stats()} for every limiter made so far (metrics)."""
+        with self._lock:
+            limiters = list(self._limiters.items())
+        return {name: item.stats() for name, item in limiters}
+
+
+class NamedLimiter(Limiter):
+    """What ``limiter(name, ...)`` returns: each call goes to the limiter of that name in the
+    calling thread's server, with this ``policy`` (a call's own ``policy`` wins)."""
+
+    def __init__(self, policy, max_keys):
+        self.policy = policy
+        self.max_keys = max_keys
+        self._what = "limiter %r" % policy.name   # for the error on an unbound thread
+
+    def _here(self):
+        registry = _context.require("limiters", self._what)
+        return registry.get(self.policy.name, self.policy, self.max_keys)
+
+    def hit(self, key, cost=1, policy=None):
+        return self._here().hit(key, cost, policy or self.policy)
+
+    def peek(self, key, policy=None):
+        return self._here().peek(key, policy or self.policy)
+
+    def retry_after(self, key, cost=1, policy=None):
+        return self._here().retry_after(key, cost, policy or self.policy)
+
+    def forget(self, key):
+        self._here().forget(key)
+
+    def stats(self):
+        return self._here().stats()
+
+    def __repr__(self):
+        return "<NamedLimiter %r>" % (self.policy,)
 
 
 def limiter(name, rate_per_s, burst, max_keys=DEFAULT_MAX_KEYS):
-    """The limiter called ``name``, made on first use with this policy; later calls get the
-    same one (its policy updated), so counters survive a module being imported again."""
+    """The limiter called ``name`` (see above): later calls get the same one with this policy,
+    so counters survive a module being imported again. Its buckets are per server."""
     policy = check_policy(Policy(name, rate_per_s, burst))
-    with _registry_lock:
-        existing = _registry.get(name)
+    check_max_keys(max_keys)   # now: the limiter itself is made later, by each server
+    with _names_lock:
+        existing = _names.get(name)
         if existing is None:
-            existing = _registry[name] = _backend(policy, max_keys)
+            existing = _names[name] = NamedLimiter(policy, max_keys)
         else:
             existing.policy = policy
         return existing
 
 
 def set_backend(factory):
-    """Make later ``limiter`` calls use ``factory(policy, max_keys)`` (another backend); call it
-    before the handler areas are imported."""
+    """Make limiters that servers make from now on use ``factory(policy, max_keys)`` (another
+    backend); call it before the handler areas are imported."""
     global _backend
-    with _registry_lock:
+    with _names_lock:
         _backend = factory
 
 
 def all_stats():
-    """{name: stats()} for every named limiter (metrics)."""
-    with _registry_lock:
-        limiters = list(_registry.items())
-    return {name: item.stats() for name, item in limiters}
+    """{name: stats()} for every named limiter of the calling thread's server (metrics)."""
+    return _context.require("limiters", "limiters").stats()

@@ -21,9 +21,11 @@ import threading
 import time
 import traceback
 
-from handlers._cache import responses as response_cache
+from handlers import _context
+from handlers._cache import ResponseCache
 from handlers._core import HTTPError, Headers, Request, Response, to_response
-from handlers._state import StateError, state
+from handlers._limits import LimiterRegistry
+from handlers._state import StateError
 from onebox.codec import (MSG_DONTWAIT, ChunkedBody, ClientGone, LengthBody, StreamFailed,
                           check_response, decode_path, error_response, head_problem,
                           parse_head, render_head, split_target, write_response)
@@ -346,6 +348,7 @@ class _Workers:
     """The worker half of OneboxServer (a mixin: its state is made in OneboxServer.__init__)."""
 
     def _work_loop(self):
+        _context.bind(self.context)   # state, @cached and limiter() reach this server's own
         idle = self._idle_workers
         while True:
             idle.append(None)   # list appends and pops are atomic: a count without a lock
@@ -653,14 +656,15 @@ class OneboxServer(_Reactor, _Workers, http.server.ThreadingHTTPServer):
         self.settings = settings
         self.router = router
         self.store = store   # the shared state; closed (and compacted) after the workers stop
-        if store is not None:
-            state.bind(store)
         self.static = StaticPages(settings.pages_dir, config.static)
         self.error_stream = error_stream or sys.stderr
-        # The abuse guard (handlers/_guard.py): bans persist in the store; the response cache
-        # is the process's, emptied and sized here.
+        # The abuse guard (onebox/guard.py): bans persist in the store.
         self.guard = Guard(config.guard, store, self.log_error)
-        response_cache.configure(config.cache.max_entries, config.cache.max_bytes)
+        # What handlers reach through state, @cached and limiter(): this server's own, bound by
+        # each worker thread as it starts (handlers/_context.py); never the process's.
+        self.context = _context.ServerContext(
+            store, ResponseCache(config.cache.max_entries, config.cache.max_bytes),
+            LimiterRegistry())
         self.access_log = None
         if settings.access_log:
             self.access_log = AccessLog(access_stream or sys.stdout, settings.log_flush_interval_s,
@@ -791,7 +795,6 @@ class OneboxServer(_Reactor, _Workers, http.server.ThreadingHTTPServer):
         store, self.store = getattr(self, "store", None), None
         if store is None:
             return
-        state.unbind(store)
         try:
             store.close()
         except StateError as error:

@@ -5,7 +5,7 @@ import time
 import pytest
 
 from conftest import request
-from handlers._cache import ResponseCache, cached, invalidate, responses
+from handlers._cache import ResponseCache, cached, invalidate
 from handlers._core import Response, json_response
 
 
@@ -36,7 +36,7 @@ def test_ttl_expiry(start_server):
     assert handler.calls == 1
     time.sleep(0.35)
     assert request(server, "GET", "/t/c")[2] == b"computed 2 for /t/c?\n"
-    stats = responses.stats()
+    stats = server.context.responses.stats()
     assert (stats["hits"], stats["misses"], stats["expired"]) == (2, 2, 1)
 
 
@@ -69,7 +69,7 @@ def test_concurrent_misses_compute_once(start_server):
         thread.join()
     assert handler.calls == 1
     assert bodies == [b"computed 1 for /t/slow?\n"] * 10
-    assert responses.stats()["coalesced"] == 9
+    assert server.context.responses.stats()["coalesced"] == 9
 
 
 def test_invalidation_by_prefix(start_server):
@@ -91,7 +91,7 @@ def test_invalidation_by_prefix(start_server):
     for path in ("/t/notes", "/t/notes/1", "/t/other"):
         request(server, "GET", path)
     assert (notes.calls, other.calls) == (5, 1)
-    assert responses.stats()["invalidated"] == 3
+    assert server.context.responses.stats()["invalidated"] == 3
 
 
 def test_an_invalidation_during_a_computation_keeps_its_result_out():

@@ -363,7 +363,7 @@ def verdicts(guard, count, ip="127.0.0.2"):
     """The guard's answers to ``count`` requests from ``ip``: None (served) or "status rule"."""
     answers = []
     for _ in range(count):
-        request = Request("GET", "/hello", "/hello", ["hello"], "", Headers({}), ip)
+        request = Request("GET", "/hello", ["hello"], "", Headers({}), ip)
         verdict = guard.check(request, guard.admit(ip)[0])
         answers.append(verdict and "%d %s%s" % (verdict.status, verdict.rule,
                                                  "+" + verdict.ban if verdict.ban else ""))
