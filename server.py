@@ -146,6 +146,11 @@ def main(argv=None):
         store.close()
         print("onebox: %s is consistent; start the server as usual" % config.server.data_dir)
         return 0
+    return serve(config, router, store)
+
+
+def serve(config, router, store):
+    """Listen, install the signal handlers, serve until SIGTERM or SIGINT; the exit status."""
     raise_file_limit(config.server.max_connections + 64)
     try:
         server = OneboxServer(config, router, store=store)

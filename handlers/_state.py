@@ -1,5 +1,8 @@
 """The shared state store: string keys, JSON values, held in memory, made durable by a journal.
 
+Why one module of ~1,300 lines: the journal format, the group commit and the compaction share
+one lock order and one set of invariants (below), and must be read together to be trusted.
+
 What it owns
     One data directory, by one process at a time (``fcntl.flock`` on ``data_dir/lock``):
 
@@ -380,6 +383,7 @@ class Store(object):
     def __init__(self, data_dir, durability="always", batch_interval_ms=50,
                  compact_journal_bytes=64 * 1024 * 1024, repair=False, log=None,
                  _crash_at=None, _eio_at=None):
+        # Long: every field that threads share is made here, beside the lock that guards it.
         self._check_settings(durability, batch_interval_ms, compact_journal_bytes, _crash_at, _eio_at)
         self.data_dir = os.path.abspath(data_dir)
         self.durability = durability

@@ -1,8 +1,8 @@
 """The connection engine: the reactor thread, the worker pool and the server object.
 
 How a connection is served, and why: see ``server.py``'s docstring. This module holds the
-machinery: ``Connection`` (one client socket and its buffer), ``_Poller`` (epoll or a selector),
-``_Reactor`` (accepting and every connection that waits), ``_Workers`` (serving a request) and
+machinery: ``Connection`` (one client socket and its buffer), ``_Reactor`` (accepting and every
+connection that waits, through ``onebox/poller.py``), ``_Workers`` (serving a request) and
 ``OneboxServer``, which composes them with the stdlib ``ThreadingHTTPServer`` for the listening
 socket's life cycle. The next issue rebuilds this module; it moved here as it was.
 
@@ -36,9 +36,9 @@ from onebox.routing import METHODS, NotRouted
 from onebox.settings import host_allowed
 from onebox.static import STATIC_METHODS, StaticPages
 
+
 def _is_loopback(host):
     return host in ("localhost", "::1") or host.startswith("127.")
-
 
 
 # --- connections ------------------------------------------------------------------------------
@@ -651,6 +651,8 @@ class OneboxServer(_Reactor, _Workers, http.server.ThreadingHTTPServer):
     allow_reuse_address = True
 
     def __init__(self, config, router, access_stream=None, error_stream=None, store=None):
+        # Long: it makes the state of both mixins, each field commented where it is not plain.
+        # The next issue (the engine rebuilt as composed objects) splits it with them.
         settings = config.server
         self.config = config
         self.settings = settings
