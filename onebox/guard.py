@@ -742,6 +742,11 @@ class Guard(object):
             self._log("guard: %d bans restored from the state store" % len(self._bans))
 
     # -- metrics ------------------------------------------------------------------------------
+    def count(self, name):
+        """Count an event the runtime decided itself (a refusal at accept, a slow client cut
+        off), beside the guard's own decisions in ``stats()["counts"]``."""
+        self._count(name)
+
     def _count(self, name):
         with self._counts_lock:
             self._counts[name] += 1

@@ -32,16 +32,22 @@ class Poller:
             self._selector.register(sock, selectors.EVENT_READ, owner)
         self._owners[sock.fileno()] = owner
 
-    def arm(self, conn):
+    def arm(self, conn, write=False):
+        """Report ``conn`` once when it has input (or, with ``write``, room for output)."""
         fd = conn.sock.fileno()
         if self._epoll is None:
+            events = selectors.EVENT_WRITE if write else selectors.EVENT_READ
             if fd not in self._owners:
-                self._selector.register(conn.sock, selectors.EVENT_READ, conn)
+                self._selector.register(conn.sock, events, conn)
                 self._owners[fd] = conn
-        elif fd in self._owners:
-            self._epoll.modify(fd, select.EPOLLIN | select.EPOLLONESHOT)
+            elif self._selector.get_key(conn.sock).events != events:
+                self._selector.modify(conn.sock, events, conn)
+            return
+        events = (select.EPOLLOUT if write else select.EPOLLIN) | select.EPOLLONESHOT
+        if fd in self._owners:
+            self._epoll.modify(fd, events)
         else:
-            self._epoll.register(fd, select.EPOLLIN | select.EPOLLONESHOT)
+            self._epoll.register(fd, events)
             self._owners[fd] = conn
 
     def rearm(self, conn):

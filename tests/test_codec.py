@@ -11,8 +11,9 @@ import types
 import pytest
 
 from handlers._core import Headers, HTTPError
-from onebox.codec import (ChunkedBody, LengthBody, decode_path, error_response, http_date,
-                          parse_head, render_head, split_target)
+from onebox.codec import (decode_path, error_response, http_date, parse_head, render_head,
+                          split_target)
+from onebox.transfer import ChunkedBody, LengthBody
 from onebox.settings import load_config
 
 SETTINGS = load_config(None).server   # the shipped defaults: 8192-byte line, 100 fields
@@ -384,7 +385,8 @@ def test_decode_path(raw, expected):
 # --- body readers, over a real socketpair ---------------------------------------------------------
 
 BODY_SETTINGS = types.SimpleNamespace(max_body_bytes=64, body_timeout_s=0.05,
-                                      max_head_bytes=256)
+                                      max_head_bytes=256, min_body_rate_bytes_s=240.0,
+                                      body_rate_grace_s=5.0)
 
 
 class Conn:

@@ -108,7 +108,7 @@ def test_a_worker_holds_a_kept_connection_until_another_needs_it(start_server):
     reactor hop), and is handed back at once when B's request needs the worker."""
     server = start_server(config={"worker_threads": 1, "keepalive_timeout_s": 10})
     (first,) = open_idle(server, 1)
-    assert wait_until(lambda: len(server._held) == 1)   # held by the only worker
+    assert wait_until(lambda: len(server.handoff.held) == 1)   # held by the only worker
     started = time.monotonic()
     assert request(server, "GET", "/hello")[0] == 200
     assert time.monotonic() - started < 1.0   # not after A's 10 s idle time
@@ -126,7 +126,7 @@ def test_a_released_connection_keeps_its_idle_deadline(start_server):
     server = start_server(config={"worker_threads": 1, "keepalive_timeout_s": 0.6})
     (first,) = open_idle(server, 1)
     answered = time.monotonic()
-    assert wait_until(lambda: len(server._held) == 1)
+    assert wait_until(lambda: len(server.handoff.held) == 1)
     time.sleep(0.3)
     assert request(server, "GET", "/hello")[0] == 200   # needs the worker: first goes back
     assert is_closed(first, timeout=2)

@@ -1,0 +1,137 @@
+"""What the reactor thread and the worker pool pass each other, and the fields they share.
+
+A ``Connection`` is owned by exactly one thread at a time: the reactor while it waits (for a
+head, a body, a slow reader, or the next request), a worker while a request is served (or while
+it holds the connection for the next one). It moves between them through the ``Handoff``: the
+work queue one way, the ``returned`` deque with an ``Outcome`` the other. Whoever owns it alone
+writes its fields; the queues order the writes, so it needs no lock.
+
+Imports only the standard library.
+"""
+import collections
+import enum
+import os
+import queue
+import socket
+import threading
+
+
+class Outcome(enum.Enum):
+    """What a worker hands a connection back with, and what the reactor then does."""
+
+    ARMED = "armed"   # kept, nothing buffered, re-armed by the worker itself: wait for the next
+    KEEP = "keep"     # kept: park it (idle, or an unfinished head is in its buffer)
+    BODY = "body"     # a request waits for its body (conn.pending): read it, then queue it again
+    SEND = "send"     # a response waits for a slow reader (conn.outbox): finish sending it
+    CLOSE = "close"   # answered and done: close gracefully (linger)
+    GONE = "gone"     # the client left or stayed idle too long: close now
+
+
+class Connection:
+    """One client connection; see the module docstring for who writes its fields."""
+
+    __slots__ = ("sock", "ip", "client", "buf", "waiting", "idle_since", "pending", "outbox",
+                 "wait_key", "deadline", "progress", "started_wait")
+
+    def __init__(self, sock, ip):
+        self.sock = sock
+        self.ip = ip
+        self.client = None    # the guard's client key (set at accept); None for a trusted proxy
+        self.buf = bytearray()
+        self.waiting = None   # what it waits for in the reactor (see Reactor); None in a worker
+        self.idle_since = 0.0     # when its last response was sent: idle deadlines count from it
+        self.pending = None   # a request waiting for its body (workers' _Exchange)
+        self.outbox = None    # the rest of a response a slow reader has not taken (Outbox)
+        self.wait_key = None  # the client it waits for, as the guard counts (also proxied ones)
+        self.deadline = 0.0   # when a body or send wait ends, unless progress moves it
+        self.progress = 0     # bytes moved in that wait
+        self.started_wait = 0.0
+
+    def recv_ready(self):
+        """What the socket holds now: bytes; b"" if the client closed (or the connection
+        broke); None if nothing yet (a report that was spurious)."""
+        try:
+            return self.sock.recv(65536, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            return b""
+
+
+class Handoff:
+    """The channel between the reactor and the workers. Which thread writes each field:
+
+    ``work``           the reactor puts connections in (the server puts None at shutdown);
+                       workers take them out.
+    ``returned``       workers append (connection, Outcome); the reactor pops them.
+    ``idle``           each worker appends an item while it waits on ``work`` and pops it
+                       when it has one (list appends and pops are atomic: a count, no lock).
+    ``held``           a worker adds a kept connection it waits on; the worker or the reactor
+                       pops it (dict.pop is atomic: exactly one of them gets it).
+    ``workers_wanted`` the reactor (release flag, with the release pipe): raised while ready
+                       connections wait for a worker, so that held ones are let go.
+    ``wakes_at``       the reactor: when its current wait ends at the latest; workers read it.
+    ``stopping``       the server (begin_shutdown); everyone reads it.
+    ``rearm_lock``     a worker holds it while it books and re-arms a kept connection, the
+                       reactor while it closes one: so a descriptor is never re-armed after it
+                       is closed (and perhaps reused by a new connection).
+    ``before_rearm``   a test seam: called by the worker between booking and re-arming.
+    """
+
+    def __init__(self):
+        self.work = queue.SimpleQueue()
+        self.returned = collections.deque()
+        self.idle = []
+        self.held = {}
+        self.workers_wanted = False
+        self.wakes_at = 0.0
+        self.stopping = False
+        self.rearm_lock = threading.Lock()
+        self.before_rearm = None
+        self._wakeup_recv, self._wakeup_send = socket.socketpair()
+        self._wakeup_recv.setblocking(False)
+        self._wakeup_send.setblocking(False)
+        self.release_recv, self._release_send = os.pipe()
+        os.set_blocking(self.release_recv, False)
+        os.set_blocking(self._release_send, False)
+
+    @property
+    def wakeup_socket(self):
+        """What the reactor's poller watches to hear ``wake``."""
+        return self._wakeup_recv
+
+    def wake(self):
+        """Make the reactor look at ``returned`` now; safe from any thread and signal handlers."""
+        try:
+            self._wakeup_send.send(b"\0")
+        except OSError:
+            pass  # full (a wake-up is pending already) or closed (shut down)
+
+    def take_wakeups(self):
+        try:
+            while self._wakeup_recv.recv(4096):
+                pass
+        except OSError:
+            pass
+
+    def want_workers(self, wanted):
+        """Reactor only: raise or lower the flag that sends held connections back."""
+        self.workers_wanted = wanted
+        try:
+            if wanted:
+                os.write(self._release_send, b"\0")
+            else:
+                while os.read(self.release_recv, 4096):
+                    pass
+        except OSError:
+            pass   # full: readable already; or empty
+
+    def close(self):
+        """Once; a second call does nothing (a closed descriptor's number may be reused)."""
+        if self.release_recv < 0:
+            return
+        for sock in (self._wakeup_recv, self._wakeup_send):
+            sock.close()
+        for fd in (self.release_recv, self._release_send):
+            os.close(fd)
+        self.release_recv = self._release_send = -1

@@ -1,0 +1,572 @@
+"""The reactor: the one thread that accepts connections and owns every one that waits.
+
+A connection waits here, never in a worker, for whatever a client can be slow at (issue 12):
+
+  waiting   what for                                    until
+  "new"     the first byte of a request                 header_timeout_s after accept
+  "head"    the rest of a request head                  header_timeout_s after its first byte
+  "idle"    the next request on a kept connection       keepalive_timeout_s after the response
+  "linger"  nothing: input is read and dropped          LINGER_S, after a refusal (RFC 9112 9.6)
+  "body"    a request's body, buffered here             the body pace (min_body_rate_bytes_s)
+  "send"    a slow reader to take a response's rest     the response pace
+  "line"    its turn for a body or send wait            the client's earlier waits to end
+  "ready"   a worker its client may take                the client's other requests to finish
+
+The first four have one timeout each, so their tables (insertion-ordered dicts) are in deadline
+order and expiring costs nothing per waiting connection. Body and send deadlines move with
+progress; they live in a heap checked lazily (an entry whose connection has moved its
+deadline is pushed again when it comes up).
+
+Fairness, per client as the guard counts clients (an IPv4 address, an IPv6 /64; a trusted
+proxy's connections are not counted at accept, but its requests' waits are, by the client
+each names): at most ``max_workers_per_client`` of a client's requests are in workers at once,
+and at most ``max_waiting_per_client`` of its bodies and responses wait here at once; the rest
+wait in line behind them, so one client's slowness costs others nothing.
+
+At ``max_connections``, room is made before anyone is refused: (1) the longest-idle kept
+connection is closed (one parked here, else one a worker holds), then (2) the oldest
+connection still without a whole request from the client that holds the most connections,
+unless the newcomer is that client (or one as large): then the newcomer gets 503.
+
+Every field here is the reactor thread's alone; nothing in this module takes a lock except
+the hand-off's ``rearm_lock`` (see ``onebox/handoff.py``). Imports the standard library, the
+codec, transfer and hand-off modules; never the engine or ``server``.
+"""
+import collections
+import heapq
+import socket
+import struct
+import time
+
+from onebox.codec import error_response, head_problem, render_head
+from onebox.handoff import Connection, Outcome
+from onebox.transfer import ClientGone, Pace
+
+LINGER_S = 2.0                 # after a close with unread input, read and drop it this long
+REFUSALS_LOGGED_PER_S = 20     # refusals at accept or before a worker, logged a second; the
+                               # rest are counted and summed up in one error-log line
+_FIXED_KINDS = ("new", "head", "idle", "linger")
+
+
+def _send_at_once(sock, response):
+    """A small error response, in one non-blocking send, with Connection: close. The reactor
+    never waits on a client: what the socket buffer does not take is dropped."""
+    try:
+        sock.send(render_head(response.status, response.headers, len(response.body), False,
+                              "HTTP/1.1") + response.body, socket.MSG_DONTWAIT)
+    except OSError:
+        pass
+
+
+class Reactor:
+    """For the server: ``step()`` (one turn: expire, poll, act); at shutdown ``drain(deadline)``
+    and ``after_workers()``. Built by the server with what it needs."""
+
+    def __init__(self, listener, settings, handoff, poller, guard, access_log, log_error):
+        self.listener = listener
+        self.settings = settings
+        self.handoff = handoff
+        self.poller = poller
+        self.guard = guard
+        self.access_log = access_log
+        self.log_error = log_error
+        self.body_pace = Pace(settings.min_body_rate_bytes_s, settings.body_rate_grace_s,
+                              settings.body_timeout_s)
+        self.send_pace = Pace(settings.min_response_rate_bytes_s, settings.response_rate_grace_s,
+                              settings.write_timeout_s)
+        seconds = int(settings.worker_write_s)
+        self.send_timeval = struct.pack(   # a struct timeval, for SO_SNDTIMEO at each accept
+            "ll", seconds, int((settings.worker_write_s - seconds) * 1e6))
+        self.parked = {kind: collections.OrderedDict() for kind in _FIXED_KINDS}
+        self.timed = []          # heap of (deadline, sequence, conn): body and send waits
+        self._sequence = 0
+        self.busy = set()        # in workers (queued, served or held)
+        self.open = 0
+        self.per_client = {}     # client key -> open connections (None: trusted proxies)
+        self.in_workers = {}     # client key -> its connections in workers
+        self.ready_line = {}     # client key -> deque of connections waiting for a worker
+        self.waits = {}          # client key -> its active body and send waits
+        self.wait_line = {}      # client key -> deque of connections waiting to start one
+        self._refusals = [0, 0, 0]   # [second, logged in it, not logged]
+
+    # -- one turn ---------------------------------------------------------------------------
+    def step(self):
+        handoff = self.handoff
+        if handoff.workers_wanted and handoff.work.qsize() < len(handoff.idle) \
+                and not self.ready_line:
+            handoff.want_workers(False)
+        now = time.monotonic()
+        handoff.wakes_at = wakes_at = self._expire(now)   # workers read it: see Workers
+        # handed back before wakes_at was set: their deadlines are not counted, so no sleep
+        ready = self.poller.poll(0 if handoff.returned else max(0.0, wakes_at - now))
+        if handoff.returned:
+            self._book_returned()   # first: a connection a worker re-armed may be among ready
+        for owner in ready:
+            if owner == "listener":
+                self._accept()
+            elif owner == "wakeup":
+                handoff.take_wakeups()
+                self._book_returned()
+            else:
+                self._on_ready(owner)
+
+    def _on_ready(self, conn):
+        kind = conn.waiting
+        if kind is None or kind in ("line", "ready"):
+            return   # a stale report for a connection handed on, or one not armed
+        if kind == "idle":
+            # the next request on a kept connection: a worker reads it (see Workers), so the
+            # reactor makes no recv and the head is checked once, not twice
+            self._unpark(conn)
+            self._queue_work(conn)
+        elif kind == "send":
+            self._send_more(conn)
+        elif kind == "body":
+            self._read_body(conn)
+        else:
+            self._read_head(conn)
+            if conn.waiting in _FIXED_KINDS:
+                self.poller.arm(conn)  # still waiting: report it again (one-shot)
+
+    # -- accepting --------------------------------------------------------------------------
+    def _accept(self):
+        settings = self.settings
+        for _ in range(64):
+            try:
+                sock, address = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:  # EMFILE and friends: keep serving who we have
+                self.log_error("accept failed: %s" % error)
+                return
+            # blocking (BSDs pass the listener's O_NONBLOCK on), each send bounded by
+            # SO_SNDTIMEO = worker_write_s: see onebox/transfer.py
+            sock.setblocking(True)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self.send_timeval)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = Connection(sock, address[0])
+            # the guard's client key (an IPv6 /64 is one client; None: a trusted proxy, uncapped)
+            conn.client, banned = self.guard.admit(conn.ip)
+            if banned:  # banned, and told so ban_close_after_hits times: close without reading
+                sock.close()
+            elif self.open >= settings.max_connections and not self._make_room(conn.client):
+                self._refuse(conn, "server is at its connection limit", "connection_cap")
+            elif (conn.client is not None
+                  and self.per_client.get(conn.client, 0) >= settings.max_connections_per_ip):
+                self._refuse(conn, "too many connections from your address", "client_cap")
+            else:
+                self.open += 1
+                self.per_client[conn.client] = self.per_client.get(conn.client, 0) + 1
+                self._park(conn, "new")
+
+    def _make_room(self, newcomer):
+        """At the global cap: close a connection that costs least to lose (the module
+        docstring gives the order); False if the newcomer should be refused instead."""
+        idle = self.parked["idle"]
+        if idle:
+            self._close(next(iter(idle)))
+            return True
+        held = self.handoff.held
+        for conn in sorted(list(held), key=lambda kept: kept.idle_since):
+            if held.pop(conn, False):   # atomic: the worker or the reactor gets it
+                try:
+                    conn.sock.shutdown(socket.SHUT_RDWR)   # its worker's poll wakes
+                except OSError:
+                    pass
+                return True
+        counts = [(count, key) for key, count in self.per_client.items() if key is not None]
+        if not counts:
+            return False
+        most, largest = max(counts)
+        if newcomer is not None and self.per_client.get(newcomer, 0) + 1 >= most:
+            return False   # the newcomer is (as large as) the largest: it is the one refused
+        for kind in ("new", "head"):
+            for conn in self.parked[kind]:
+                if conn.client == largest:
+                    self._close(conn)
+                    return True
+        return False
+
+    def _refuse(self, conn, message, reason):
+        response = error_response(None, 503, message, [("Retry-After", "1")])
+        _send_at_once(conn.sock, response)
+        conn.sock.close()
+        self.guard.count("refused_" + reason)
+        self._log_refusal(conn.ip, "", 503, len(response.body), "refused=" + reason)
+
+    def _log_refusal(self, ip, request_line, status, size, note):
+        """Refusals reach the access log, at most REFUSALS_LOGGED_PER_S a second: a flood of
+        them must not become a flood of log lines."""
+        if not self.access_log:
+            return
+        second = int(time.monotonic())
+        sample = self._refusals
+        if sample[0] != second:
+            if sample[2]:
+                self.log_error("%d more refusals in the last second(s) not logged" % sample[2])
+            sample[:] = [second, 0, 0]
+        if sample[1] >= REFUSALS_LOGGED_PER_S:
+            sample[2] += 1
+            return
+        sample[1] += 1
+        self.access_log.log(ip, request_line, status, size, "", "", 0.0, note)
+
+    # -- heads ------------------------------------------------------------------------------
+    def _read_head(self, conn):
+        data = conn.recv_ready()
+        if data is None:
+            return
+        if not data:
+            self._close(conn)
+            return
+        if conn.waiting == "linger":
+            return
+        if conn.waiting != "head":
+            self._park(conn, "head")  # the head deadline starts with the head's first byte
+        conn.buf += data
+        self._check_head(conn)
+
+    def _check_head(self, conn):
+        """Dispatch the connection if its buffer holds a whole head; reject early what cannot
+        become a valid one (the codec's ``head_problem``)."""
+        buf = conn.buf
+        if buf[:1] in (b"\r", b"\n"):
+            # RFC 9112 section 2.2: ignore empty lines before a request-line
+            del buf[:len(buf) - len(buf.lstrip(b"\r\n"))]
+            if not buf:
+                return
+        problem = head_problem(buf, self.settings)
+        if problem is not None:
+            self._reject(conn, *problem)
+        elif buf.find(b"\r\n\r\n") >= 0:
+            self._unpark(conn)
+            self._queue_work(conn)
+
+    def _reject(self, conn, status, message):
+        """Answer a request that never reached a worker, then close."""
+        response = error_response(None, status, message)
+        _send_at_once(conn.sock, response)
+        note = None
+        if status != 408:   # bytes no parser could take are a strike; slowness is not
+            note = self.guard.saw_bad_request(conn.ip, conn.client, status, in_reactor=True)
+        else:
+            self.guard.count("refused_timeout")
+        line = bytes(conn.buf[:conn.buf.find(b"\r\n")] if b"\r\n" in conn.buf else b"")
+        self._log_refusal(conn.ip, line[:200].decode("latin-1"), status, len(response.body),
+                          note)
+        self._linger(conn)
+
+    # -- bodies and slow readers --------------------------------------------------------------
+    def _read_body(self, conn):
+        data = conn.recv_ready()
+        if data is None:
+            self.poller.arm(conn)
+            return
+        if not data:
+            self._close(conn)
+            return
+        conn.buf += data
+        conn.progress += len(data)
+        conn.deadline = self.body_pace.deadline(conn.started_wait, conn.progress,
+                                                time.monotonic())
+        exchange = conn.pending
+        if exchange.scan is None:
+            done = len(conn.buf) >= exchange.head.content_length
+        else:
+            done = exchange.scan.feed(conn.buf)
+        if done:
+            self._end_wait(conn)
+            self._queue_work(conn)
+        else:
+            self.poller.arm(conn)
+
+    def _send_more(self, conn):
+        outbox = conn.outbox
+        sent_before = outbox.size()
+        try:
+            done = outbox.send_more(conn.sock)
+        except ClientGone:
+            self._finish_send(conn, ok=False)
+            return
+        conn.progress += sent_before - outbox.size()
+        if done:
+            self._finish_send(conn, ok=True)
+            return
+        conn.deadline = self.send_pace.deadline(conn.started_wait, conn.progress,
+                                                time.monotonic())
+        self.poller.arm(conn, write=True)
+
+    def _finish_send(self, conn, ok):
+        outbox, conn.outbox = conn.outbox, None
+        outbox.close()
+        if self.access_log and outbox.log is not None:
+            ip, line, status, referer, agent, started, note = outbox.log
+            self.access_log.log(ip, line, status, outbox.body_sent, referer, agent,
+                                time.monotonic() - started, note if ok else
+                                ((note + " " if note else "") + "send=cut"))
+        self._end_wait(conn)
+        if not ok:
+            self._close(conn)
+            return
+        if not outbox.keep_alive:
+            self._linger(conn)
+            return
+        conn.sock.setblocking(True)   # back to the workers' mode (see onebox/transfer.py)
+        conn.idle_since = time.monotonic()
+        self._park(conn, "head" if conn.buf else "idle")
+        if conn.buf:
+            self._check_head(conn)
+
+    def _start_wait(self, conn, kind):
+        """A body or send wait, if the client has a free place; else in line behind its own."""
+        key = conn.wait_key
+        if key is not None and self.waits.get(key, 0) >= self.settings.max_waiting_per_client:
+            conn.waiting = "line"
+            self.wait_line.setdefault(key, collections.deque()).append((conn, kind))
+            return
+        if key is not None:
+            self.waits[key] = self.waits.get(key, 0) + 1
+        conn.waiting = kind
+        conn.started_wait = time.monotonic()
+        conn.progress = 0
+        pace = self.body_pace if kind == "body" else self.send_pace
+        conn.deadline = pace.deadline(conn.started_wait, 0, conn.started_wait)
+        self._sequence += 1
+        heapq.heappush(self.timed, (conn.deadline, self._sequence, conn))
+        if kind == "send":
+            self._send_more(conn)
+        else:
+            self.poller.arm(conn)
+
+    def _end_wait(self, conn):
+        """The body or send wait of ``conn`` is over: its client's next in line may start."""
+        kind, conn.waiting = conn.waiting, None
+        key = conn.wait_key
+        if kind == "line":
+            queued = self.wait_line.get(key)
+            if queued:
+                for index, (waiting, _) in enumerate(queued):
+                    if waiting is conn:
+                        del queued[index]
+                        break
+            return
+        if key is None:
+            return
+        count = self.waits.get(key, 1) - 1
+        if count:
+            self.waits[key] = count
+        else:
+            self.waits.pop(key, None)
+        queued = self.wait_line.get(key)
+        if queued:
+            following, kind = queued.popleft()
+            if not queued:
+                del self.wait_line[key]
+            self._start_wait(following, kind)
+
+    # -- to and from the workers --------------------------------------------------------------
+    def _queue_work(self, conn):
+        """Give a connection with a whole request (or body) to a worker, unless its client has
+        max_workers_per_client in workers already: then it waits its turn."""
+        key = conn.client
+        if key is not None and self.in_workers.get(key, 0) >= self.settings.max_workers_per_client:
+            conn.waiting = "ready"
+            self.ready_line.setdefault(key, collections.deque()).append(conn)
+            self.handoff.want_workers(True)   # its held connections, if any, come back
+            return
+        if key is not None:
+            self.in_workers[key] = self.in_workers.get(key, 0) + 1
+        conn.waiting = None
+        self.busy.add(conn)
+        handoff = self.handoff
+        handoff.work.put(conn)
+        if not handoff.workers_wanted and handoff.work.qsize() > len(handoff.idle):
+            handoff.want_workers(True)
+
+    def _left_workers(self, conn):
+        self.busy.discard(conn)
+        key = conn.client
+        if key is None or key not in self.in_workers:
+            return
+        count = self.in_workers[key] - 1
+        if count:
+            self.in_workers[key] = count
+        else:
+            del self.in_workers[key]
+        queued = self.ready_line.get(key)
+        if queued:
+            following = queued.popleft()
+            if not queued:
+                del self.ready_line[key]
+            self._queue_work(following)
+
+    def _book_returned(self):
+        returned = self.handoff.returned
+        while returned:
+            conn, outcome = returned.popleft()
+            self._left_workers(conn)
+            if outcome is Outcome.ARMED and not self.handoff.stopping:
+                # re-armed by its worker; its idle time began at its last response
+                conn.waiting = "idle"
+                self.parked["idle"][conn] = max(
+                    conn.idle_since + self.settings.keepalive_timeout_s, time.monotonic())
+            elif outcome is Outcome.CLOSE:
+                self._linger(conn)
+            elif outcome is Outcome.GONE or self.handoff.stopping:
+                self._close(conn)
+            elif outcome is Outcome.BODY:
+                self._start_wait(conn, "body")
+            elif outcome is Outcome.SEND:
+                conn.sock.setblocking(False)   # finished here without a wait in the kernel
+                self._start_wait(conn, "send")
+            else:
+                self._park(conn, "head" if conn.buf else "idle")
+                if conn.buf:
+                    self._check_head(conn)
+
+    # -- parking, expiring, closing -------------------------------------------------------------
+    def _timeout_for(self, kind):
+        settings = self.settings
+        if kind == "idle":
+            return settings.keepalive_timeout_s
+        if kind == "linger":
+            return LINGER_S
+        return settings.header_timeout_s
+
+    def _park(self, conn, kind):
+        """Wait for input with one of the fixed timeouts (deadline order = insertion order)."""
+        first = conn.waiting not in _FIXED_KINDS
+        if not first:
+            del self.parked[conn.waiting][conn]
+        conn.waiting = kind
+        self.parked[kind][conn] = time.monotonic() + self._timeout_for(kind)
+        if first:
+            self.poller.arm(conn)
+
+    def _unpark(self, conn):
+        del self.parked[conn.waiting][conn]
+        conn.waiting = None
+        self.poller.disarm(conn)
+
+    def _expire(self, now):
+        """End the waits that are over; return when the next one is (within a second)."""
+        soonest = now + 1.0
+        for kind, parked in self.parked.items():
+            while parked:
+                conn, deadline = next(iter(parked.items()))
+                if deadline > now:
+                    soonest = min(soonest, deadline)
+                    break
+                if kind == "head":
+                    self._reject(conn, 408, "request head not received in time")
+                else:
+                    self._close(conn)
+        timed = self.timed
+        while timed:
+            deadline, _, conn = timed[0]
+            if conn.waiting not in ("body", "send"):
+                heapq.heappop(timed)                 # ended: a stale entry
+            elif conn.deadline > deadline:           # progress moved it: look again later
+                self._sequence += 1
+                heapq.heapreplace(timed, (conn.deadline, self._sequence, conn))
+            elif deadline > now:
+                soonest = min(soonest, deadline)
+                break
+            else:
+                heapq.heappop(timed)
+                self._too_slow(conn)
+        return soonest
+
+    def _too_slow(self, conn):
+        if conn.waiting == "body":
+            self.guard.count("refused_slow_body")
+            self._end_wait(conn)
+            self._reject(conn, 408, "request body not received in time")
+        else:
+            self.guard.count("closed_slow_reader")
+            self._finish_send(conn, ok=False)
+
+    def _linger(self, conn):
+        """Close for writing, then read and drop input for a while before closing: closing a
+        socket with unread input sends RST, which can destroy the response before the client
+        reads it (RFC 9112 section 9.6)."""
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(conn)
+            return
+        conn.buf = bytearray()
+        conn.sock.setblocking(True)   # a send wait's socket was non-blocking; reads pass DONTWAIT
+        self._park(conn, "linger")
+
+    def _close(self, conn):
+        kind = conn.waiting
+        if conn.outbox is not None:
+            conn.outbox.close()
+            conn.outbox = None
+        if kind in _FIXED_KINDS:
+            self._unpark(conn)
+        elif kind in ("body", "send", "line"):
+            self._end_wait(conn)
+        elif kind == "ready":
+            queued = self.ready_line.get(conn.client)
+            if queued and conn in queued:
+                queued.remove(conn)
+                if not queued:
+                    del self.ready_line[conn.client]
+        conn.waiting = None
+        self.busy.discard(conn)
+        self.poller.forget(conn.sock)
+        with self.handoff.rearm_lock:   # never close under a worker about to re-arm it
+            conn.sock.close()
+        self.open -= 1
+        count = self.per_client[conn.client] - 1
+        if count:
+            self.per_client[conn.client] = count
+        else:
+            del self.per_client[conn.client]
+
+    # -- shutdown ------------------------------------------------------------------------------
+    def close_waiting(self):
+        """Close every connection that waits here, answered or not (shutdown)."""
+        for parked in self.parked.values():
+            for conn in list(parked):
+                self._close(conn)
+        for queued in list(self.ready_line.values()) + list(self.wait_line.values()):
+            for item in list(queued):
+                self._close(item if isinstance(item, Connection) else item[0])
+        for _, _, conn in list(self.timed):
+            if conn.waiting in ("body", "send"):
+                self._close(conn)
+        self.timed = []
+
+    def drain(self, deadline):
+        """Shutdown: busy connections have until ``deadline`` to finish; then their sockets are
+        shut down, which unblocks their workers."""
+        self.handoff.want_workers(True)   # workers holding idle connections let go
+        self.close_waiting()
+        while self.busy and time.monotonic() < deadline:
+            self.poller.poll(min(0.05, max(0.0, deadline - time.monotonic())))
+            self.handoff.take_wakeups()
+            self._book_returned()
+            self.close_waiting()
+        for conn in list(self.busy):
+            try:
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def after_workers(self):
+        """Once the workers have stopped: close what they handed back (or never took)."""
+        returned = self.handoff.returned
+        while returned:
+            conn, _ = returned.popleft()
+            if conn in self.busy:
+                self.busy.discard(conn)
+                self._close_quietly(conn)
+
+    def _close_quietly(self, conn):
+        try:
+            conn.sock.close()
+        except OSError:
+            pass
