@@ -37,6 +37,7 @@ import heapq
 import socket
 import struct
 import time
+import traceback
 
 from onebox.codec import error_response, head_problem, render_head
 from onebox.handoff import Connection, Outcome
@@ -108,7 +109,11 @@ class Reactor:
                 handoff.take_wakeups()
                 self._book_returned()
             else:
-                self._on_ready(owner)
+                try:
+                    self._on_ready(owner)
+                except Exception:   # one connection's bug must not stop the reactor
+                    self.log_error("reactor error", traceback.format_exc())
+                    self._close(owner)
 
     def _on_ready(self, conn):
         kind = conn.waiting
@@ -199,17 +204,22 @@ class Reactor:
         them must not become a flood of log lines."""
         if not self.access_log:
             return
-        second = int(time.monotonic())
+        self._sum_up_refusals(time.monotonic())
         sample = self._refusals
-        if sample[0] != second:
-            if sample[2]:
-                self.log_error("%d more refusals in the last second(s) not logged" % sample[2])
-            sample[:] = [second, 0, 0]
         if sample[1] >= REFUSALS_LOGGED_PER_S:
             sample[2] += 1
             return
         sample[1] += 1
         self.access_log.log(ip, request_line, status, size, "", "", 0.0, note)
+
+    def _sum_up_refusals(self, now):
+        """A new second: say how many refusals went unlogged in the last."""
+        sample = self._refusals
+        if sample[0] != int(now):
+            if sample[2]:
+                self.log_error("%d more refusals not logged in the last second (the access log "
+                               "takes %d a second)" % (sample[2], REFUSALS_LOGGED_PER_S))
+            sample[:] = [int(now), 0, 0]
 
     # -- heads ------------------------------------------------------------------------------
     def _read_head(self, conn):
@@ -451,6 +461,8 @@ class Reactor:
     def _expire(self, now):
         """End the waits that are over; return when the next one is (within a second)."""
         soonest = now + 1.0
+        if self._refusals[2]:
+            self._sum_up_refusals(now)
         for kind, parked in self.parked.items():
             while parked:
                 conn, deadline = next(iter(parked.items()))
@@ -500,6 +512,8 @@ class Reactor:
         self._park(conn, "linger")
 
     def _close(self, conn):
+        if conn.sock.fileno() < 0:
+            return   # closed already (a connection handed back twice after a failure)
         kind = conn.waiting
         if conn.outbox is not None:
             conn.outbox.close()

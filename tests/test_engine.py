@@ -1,0 +1,140 @@
+"""The engine's own promises (issue 12): the worker pool keeps its size whatever races happen,
+refusals the reactor makes itself are logged and counted, and at the global connection cap
+the client holding the most connections makes room for a newcomer."""
+import http.client
+import socket
+import threading
+import time
+
+from conftest import raw_exchange, read_until_close, request, status_of
+
+
+def still_open(sock):
+    sock.settimeout(0.1)
+    try:
+        return sock.recv(1) != b""
+    except socket.timeout:
+        return True
+
+
+def workers_alive():
+    return sum(thread.name.startswith("onebox-worker") and thread.is_alive()
+               for thread in threading.enumerate())
+
+
+def test_a_connection_closed_while_its_worker_hands_it_back_costs_no_worker(start_server):
+    """The reactor closes a kept connection (its idle time is up) while the worker that
+    served it is between booking it and re-arming it: once, a worker died of EBADF there."""
+    server = start_server(config={"worker_threads": 2, "keepalive_timeout_s": 0.05})
+    assert request(server, "GET", "/hello")[0] == 200   # the pool has started
+    assert workers_alive() == 2
+    paused = []
+
+    def pause(conn):
+        if not paused:
+            paused.append(conn)
+            server.handoff.wake()     # the reactor books it now, and expires it 0.05 s later
+            time.sleep(0.3)           # ...while this worker has not re-armed it yet
+
+    server.handoff.before_rearm = pause
+    kept = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    kept.request("GET", "/hello")
+    assert kept.getresponse().read() == b"hello, world\n"   # a worker now holds it...
+    results = []
+
+    def fetch():
+        results.append(request(server, "GET", "/hello")[0])
+
+    threads = [threading.Thread(target=fetch) for _ in range(8)]
+    for thread in threads:   # ...until these need the workers: it hands it back (re-armed)
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    deadline = time.monotonic() + 5
+    while not paused and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.5)
+    kept.close()
+    assert paused, "the race was not staged: no kept connection was handed back re-armed"
+    assert results == [200] * 8 and workers_alive() == 2
+    threads = [threading.Thread(target=fetch) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert results == [200] * 16 and workers_alive() == 2
+    assert "hand-back failed" not in server.error_text()
+    assert "connection error" not in server.error_text()
+
+
+def test_refusals_reach_the_access_log_and_the_guard_counters(start_server):
+    server = start_server(config={"max_connections_per_ip": 2})
+    held = [socket.create_connection(("127.0.0.1", server.port), source_address=("127.0.0.3", 0))
+            for _ in range(2)]
+    try:
+        time.sleep(0.2)   # accepted
+        raw = raw_exchange(server, b"", source="127.0.0.3")
+        assert status_of(raw) == 503 and b"too many connections from your address" in raw
+    finally:
+        for sock in held:
+            sock.close()
+    assert status_of(raw_exchange(server, b"\x16\x03\x01 not http\r\n\r\n")) == 400
+    log = server.access_text()
+    assert '127.0.0.3 - - [' in log and '"-" 503 ' in log and "refused=client_cap" in log
+    assert '"\\x16\\x03\\x01 not http" 400 ' in log
+    assert server.guard.stats()["counts"]["refused_client_cap"] == 1
+
+
+def test_a_flood_of_refusals_is_sampled_in_the_access_log(start_server):
+    server = start_server(config={"max_connections_per_ip": 1})
+    holder = socket.create_connection(("127.0.0.1", server.port), source_address=("127.0.0.4", 0))
+    try:
+        time.sleep(0.2)
+        started = time.monotonic()
+        for _ in range(60):
+            raw_exchange(server, b"", source="127.0.0.4", timeout=2)
+        elapsed = time.monotonic() - started
+    finally:
+        holder.close()
+    time.sleep(1.1)
+    request(server, "GET", "/hello")   # a new second: the sum of the unlogged is written
+    lines = server.access_text().count("refused=client_cap")
+    assert server.guard.stats()["counts"]["refused_client_cap"] == 60
+    if elapsed < 1:   # all in one second: 20 lines, and one error-log line for the other 40
+        assert lines == 20 and "40 more refusals" in server.error_text()
+    else:
+        assert 20 <= lines < 60 and "more refusals" in server.error_text()
+
+
+def test_at_the_global_cap_the_largest_client_makes_room(start_server):
+    """18 addresses x 256 silent connections once filled the 4,096 cap and refused everyone
+    else. Now a newcomer gets in: the oldest silent connection of the client holding the most
+    goes; that client's own next connection is refused instead."""
+    server = start_server(config={"max_connections": 12, "max_connections_per_ip": 100,
+                                  "header_timeout_s": 30})
+    silent = []
+    try:
+        for source in ("127.0.0.6", "127.0.0.7"):
+            for _ in range(7 if source == "127.0.0.6" else 5):
+                silent.append(socket.create_connection(("127.0.0.1", server.port), timeout=5,
+                                                       source_address=(source, 0)))
+        time.sleep(0.3)   # all twelve accepted: the cap is reached
+        newcomer = socket.create_connection(("127.0.0.1", server.port), timeout=5,
+                                            source_address=("127.0.0.8", 0))
+        newcomer.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert status_of(read_until_close(newcomer)) == 200
+        newcomer.close()
+        oldest = silent[0]                      # 127.0.0.6's first: closed to make room
+        oldest.settimeout(2)
+        assert oldest.recv(100) == b""
+        silent.append(socket.create_connection(("127.0.0.1", server.port), timeout=5,
+                                               source_address=("127.0.0.9", 0)))
+        time.sleep(0.2)   # the cap again: 6 + 5 + 1, all silent
+        greedy = socket.create_connection(("127.0.0.1", server.port), timeout=5,
+                                          source_address=("127.0.0.6", 0))
+        assert status_of(read_until_close(greedy, 2)) == 503   # the largest is refused itself
+        greedy.close()
+        assert all(still_open(sock) for sock in silent[1:])   # nobody else was closed
+    finally:
+        for sock in silent:
+            sock.close()
