@@ -23,10 +23,12 @@ each names): at most ``max_workers_per_client`` of a client's requests are in wo
 and at most ``max_waiting_per_client`` of its bodies and responses wait here at once; the rest
 wait in line behind them, so one client's slowness costs others nothing.
 
-At ``max_connections``, room is made before anyone is refused: (1) the longest-idle kept
-connection is closed (one parked here, else one a worker holds), then (2) the oldest
-connection still without a whole request from the client that holds the most connections,
-unless the newcomer is that client (or one as large): then the newcomer gets 503.
+At ``max_connections``, room is made before anyone is refused: (1) a connection already
+answered and lingering to close is closed, else (2) the longest-idle kept connection (one
+parked here, else one a worker holds), else (3) the oldest connection still without a whole
+request from the client that holds the most connections, unless the newcomer is that client
+(or one as large): then the newcomer gets 503. Busy connections, and bodies and responses on
+their way, are never shed for a newcomer: they are bounded by the paces instead.
 
 Every field here is the reactor thread's alone; nothing in this module takes a lock except
 the hand-off's ``rearm_lock`` (see ``onebox/handoff.py``). Imports the standard library, the
@@ -167,10 +169,11 @@ class Reactor:
     def _make_room(self, newcomer):
         """At the global cap: close a connection that costs least to lose (the module
         docstring gives the order); False if the newcomer should be refused instead."""
-        idle = self.parked["idle"]
-        if idle:
-            self._close(next(iter(idle)))
-            return True
+        for kind in ("linger", "idle"):
+            parked = self.parked[kind]
+            if parked:
+                self._close(next(iter(parked)))
+                return True
         held = self.handoff.held
         for conn in sorted(list(held), key=lambda kept: kept.idle_since):
             if held.pop(conn, False):   # atomic: the worker or the reactor gets it
