@@ -11,11 +11,16 @@ Where things are
 ----------------
 ``onebox/settings.py``  every limit, with its unit and reason; setup.cfg and flags
 ``onebox/routing.py``   the areas' ROUTES tables, checked at start-up, matched per request
-``onebox/codec.py``     HTTP/1.1: parse a head, frame and read a body, render and send a response
+``onebox/codec.py``     HTTP/1.1's grammar: parse a head, render a response head
+``onebox/transfer.py``  bodies in and responses out, under a minimum data rate
 ``onebox/static.py``    pages/: validators, ranges, compression, caches, containment
 ``onebox/guard.py``     the abuse guard: client identity, rate limits, bans, scanners, rules
 ``onebox/logs.py``      the access log, which never makes a request wait
-``onebox/engine.py``    the reactor, the worker pool and the server object
+``onebox/poller.py``    which waiting sockets are ready (epoll, or a selector)
+``onebox/handoff.py``   what the reactor and the workers pass each other, and who writes what
+``onebox/reactor.py``   the thread that accepts, and owns every connection that waits
+``onebox/workers.py``   the pool that serves requests that are ready
+``onebox/engine.py``    the server object that composes them: start, drain, stop
 Dependencies point one way: ``server.py`` imports ``onebox``; ``onebox`` imports the contract
 (``handlers/_*.py``) and the areas (to route to them); areas import only the contract; nothing
 imports ``server.py`` but tests.
@@ -23,24 +28,25 @@ imports ``server.py`` but tests.
 How a connection is served, and why
 -----------------------------------
 The stdlib's ``ThreadingHTTPServer`` gives every connection a thread for its whole life. That is
-simple, but a client that opens a connection and says nothing holds a thread (and its stack)
-until a timeout, and a thousand such clients are a thousand threads. onebox keeps the stdlib
-server class for the listening socket's life cycle (bind, listen, close) and replaces its request
-loop with two kinds of thread (``onebox/engine.py``):
+simple, but a client that opens a connection and says nothing, or sends its body a byte every
+few seconds, or reads a large file a kilobyte at a time, holds a thread (and its stack) until a
+timeout, and a few hundred such clients take the site down. onebox keeps the stdlib server
+class for the listening socket's life cycle (bind, listen, close) and replaces its request loop
+with two kinds of thread:
 
 * the **reactor** (the thread that calls ``serve_forever``) owns the listening socket and every
-  connection that is *waiting*: it accepts, applies the connection caps, reads request heads
-  without blocking, and enforces the head deadline and the idle keep-alive timeout. A waiting
-  connection costs a selector registration and a small buffer, never a thread;
-* a fixed pool of **workers** (``worker_threads``) takes connections whose request head is
-  complete, parses it, runs the handler, reads or drains the body, writes the response, and
-  hands the connection back to the reactor (or serves the next pipelined request first).
-  While no other connection needs a worker, a worker keeps its kept-alive connection and
-  waits for the next request itself; the reactor calls it back the moment one does.
+  connection that *waits*: for a request head, for a body (buffered up to
+  ``buffer_body_bytes``), for the next request on a kept connection, or for a slow reader to
+  take the rest of a response. It never blocks on a client; bodies and responses must keep a
+  minimum average rate. A waiting connection costs a registration and a buffer, never a thread;
+* a fixed pool of **workers** (``worker_threads``) gets only requests that are ready: it parses
+  them, runs the handler, and writes the response for at most ``worker_write_s``, handing what
+  a slow reader has not taken to the reactor. While no other connection needs a worker, a
+  worker keeps its kept-alive connection and waits for the next request itself; the reactor
+  calls it back the moment one does. One client may hold ``max_workers_per_client`` workers.
 
-A slow client can hold a worker only while a handler reads its body (``body_timeout_s`` per
-read) or while the response is written (``write_timeout_s``); never while it dawdles over a head,
-and an idle one only for as long as no other connection needs the worker.
+A worker waits on a client only for a body too large to buffer that its handler streams, and
+for a streamed response whose generator outruns its reader: both under the minimum data rates.
 
 The stdlib request handler is replaced too: it parses headers with ``email.parser`` (slow, and
 lenient where RFC 9112 asks for strictness), writes headers and body in separate sends (with

@@ -138,3 +138,35 @@ def test_at_the_global_cap_the_largest_client_makes_room(start_server):
     finally:
         for sock in silent:
             sock.close()
+
+
+def test_a_clients_bodies_past_max_waiting_per_client_wait_in_line(start_server):
+    server = start_server(config={"max_waiting_per_client": 1, "body_rate_grace_s": 30})
+    head = (b"POST /hello/echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 8\r\nConnection: close\r\n\r\n")
+    first, second = (socket.create_connection(("127.0.0.1", server.port), timeout=5,
+                                              source_address=("127.0.0.11", 0))
+                     for _ in range(2))
+    other = socket.create_connection(("127.0.0.1", server.port), timeout=5,
+                                     source_address=("127.0.0.12", 0))
+    try:
+        first.sendall(head + b'{"a"')
+        time.sleep(0.2)
+        second.sendall(head + b'{"b"')           # in line behind the first: not read
+        other.sendall(head + b'{"c"')             # another client's wait starts at once
+        time.sleep(0.2)
+        second.sendall(b':2}\n')                  # all of it now; but its turn has not come
+        other.sendall(b':3}\n')
+        assert status_of(read_until_close(other, 5)) == 200
+        second.settimeout(0.5)
+        try:
+            early = second.recv(100)
+        except socket.timeout:
+            early = b""
+        assert early == b"", "the second body was taken before the first wait ended"
+        first.sendall(b':1}\n')
+        assert read_until_close(first, 5).endswith(b'{"json":{"a":1}}')
+        assert read_until_close(second, 5).endswith(b'{"json":{"b":2}}')
+    finally:
+        for sock in (first, second, other):
+            sock.close()
