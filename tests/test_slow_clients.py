@@ -1,0 +1,307 @@
+"""Slow clients cannot hold a worker (issue 12): the reactor owns every wait on a client.
+
+Bodies up to ``buffer_body_bytes`` are read by the reactor before a worker runs the handler; a
+body a handler streams must keep ``min_body_rate_bytes_s`` after ``body_rate_grace_s`` (else
+408); a client must take its response at ``min_response_rate_bytes_s`` after
+``response_rate_grace_s`` (else it is disconnected); one client holds at most
+``max_workers_per_client`` workers. Each test attacks from one ordinary loopback address
+(127.0.0.2 or .3; 127.0.0.1 is a trusted proxy by default and never capped) while a normal
+client from 127.0.0.5 must keep being served. The server runs in this process, so
+``threading.active_count()`` counts its threads.
+
+The bench counterpart, with the default settings and nginx beside onebox, is
+bench/slow_clients.py.
+"""
+import http.client
+import json
+import socket
+import threading
+import time
+
+from conftest import status_of
+
+ATTACKER, READER, NORMAL = "127.0.0.2", "127.0.0.3", "127.0.0.5"
+FAST_S = 2.0    # what "served promptly" means for the normal client
+
+
+def connect(server, source, rcvbuf=None, timeout=5):
+    """A raw socket from ``source``; ``rcvbuf`` is set before connect (the window is agreed
+    in the handshake)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        if rcvbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.settimeout(timeout)
+        sock.bind((source, 0))
+        sock.connect(("127.0.0.1", server.port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def timed_get(server, path="/hello", source=NORMAL, timeout=FAST_S):
+    """GET on a fresh connection from ``source``: (status, body, seconds taken)."""
+    started = time.monotonic()
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=timeout,
+                                            source_address=(source, 0))
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        body = response.read()
+        return response.status, body, time.monotonic() - started
+    finally:
+        connection.close()
+
+
+def normal_client_is_served(server, seconds, every_s=0.3):
+    """Asks for /hello from NORMAL for ``seconds``; returns the (status, seconds) of each try,
+    a timeout counting as (None, seconds)."""
+    results = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            status, _, took = timed_get(server)
+        except (socket.timeout, OSError):
+            status, took = None, FAST_S
+        results.append((status, round(took, 2)))
+        time.sleep(every_s)
+    return results
+
+
+def read_response(sock, timeout=10):
+    """(status, headers dict, body) of one response with a Content-Length, read from ``sock``."""
+    sock.settimeout(timeout)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict((name.strip().lower(), value.strip())
+                   for name, _, value in (line.partition(":") for line in lines[1:]))
+    length = int(headers.get("content-length", 0))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return int(lines[0].split()[1]), headers, body
+
+
+def drain_until_closed(sock, timeout):
+    """Reads as fast as possible; (bytes read, True if the server closed or reset the
+    connection within ``timeout``)."""
+    total = 0
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            chunk = sock.recv(1 << 20)
+        except socket.timeout:
+            return total, False
+        except (ConnectionResetError, BrokenPipeError):
+            return total, True
+        if not chunk:
+            return total, True
+        total += len(chunk)
+    return total, False
+
+
+# --- bodies ------------------------------------------------------------------------------------
+
+def test_sixteen_slow_bodies_from_one_address_hold_no_worker(start_server):
+    server = start_server(config={"worker_threads": 4, "body_rate_grace_s": 1})
+    assert timed_get(server)[0] == 200      # the pool is up: this is its steady thread count
+    threads_before = threading.active_count()
+    attackers = []
+    try:
+        for _ in range(16):   # heads and one byte of a 100,000-byte body that never ends
+            sock = connect(server, ATTACKER)
+            attackers.append(sock)
+            sock.sendall(b"POST /hello/echo HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n[")
+        most_threads = threads_before
+        results = []
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            for sock in attackers:          # a trickle, far below 240 bytes/s
+                try:
+                    sock.send(b" ")
+                except OSError:
+                    pass                    # the server may give up on it: that is fine
+            results += normal_client_is_served(server, 0.01, every_s=0)
+            most_threads = max(most_threads, threading.active_count())
+            time.sleep(0.25)
+    finally:
+        for sock in attackers:
+            sock.close()
+    assert all(status == 200 and took < FAST_S for status, took in results), results
+    assert len(results) >= 5
+    assert most_threads <= threads_before
+
+
+def test_small_body_sent_byte_by_byte_reaches_the_handler_whole(start_server):
+    seen = []
+
+    def echo_length(request):
+        seen.append(time.monotonic())     # when a worker started on it
+        body = request.body()
+        return {"bytes": len(body), "json": json.loads(body)}
+
+    server = start_server(routes=[("POST", "/t/length", echo_length)],
+                          config={"worker_threads": 2})
+    body = json.dumps({"text": "sent one byte at a time"}).encode()
+    sock = connect(server, ATTACKER)
+    try:
+        sock.sendall(b"POST /t/length HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body))
+        for byte in body[:-1]:             # ~1.2 s in all: within the body and head timeouts
+            sock.sendall(bytes([byte]))
+            time.sleep(0.03)
+        last_byte_sent = time.monotonic()
+        sock.sendall(body[-1:])
+        status, _, answer = read_response(sock)
+    finally:
+        sock.close()
+    assert status == 200
+    assert json.loads(answer) == {"bytes": len(body), "json": {"text": "sent one byte at a time"}}
+    # the reactor buffered the body: no worker waited on the trickle
+    assert len(seen) == 1 and seen[0] >= last_byte_sent - 0.01
+
+
+def test_streamed_body_slower_than_the_minimum_rate_gets_408_after_the_grace(start_server):
+    handled = []
+
+    def count_bytes(request):
+        total = 0
+        while True:
+            chunk = request.read(4096)
+            if not chunk:
+                break
+            total += len(chunk)
+        handled.append(total)
+        return {"bytes": total}
+
+    server = start_server(routes=[("POST", "/t/stream", count_bytes)],
+                          config={"buffer_body_bytes": 1024, "min_body_rate_bytes_s": 240,
+                                  "body_rate_grace_s": 1, "body_timeout_s": 30})
+    sock = connect(server, ATTACKER)
+    try:
+        sock.sendall(b"POST /t/stream HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
+                     + b"x" * 100)
+        started = time.monotonic()
+        answered = None
+        while time.monotonic() - started < 6:   # ~20 bytes/s: above no timeout, below the rate
+            sock.settimeout(0.5)
+            try:
+                first = sock.recv(65536, socket.MSG_PEEK)
+            except socket.timeout:
+                try:
+                    sock.sendall(b"x" * 10)
+                except OSError:
+                    break
+                continue
+            answered = time.monotonic() - started
+            break
+        assert answered is not None, "no answer within 6 s"
+        status = status_of(first)
+    finally:
+        sock.close()
+    assert status == 408
+    assert answered >= 0.9      # the grace is honoured: the rate is judged after it
+    assert handled == []        # the handler never got a truncated body as a whole one
+
+
+def test_streamed_body_at_a_good_rate_is_not_cut_off(start_server):
+    def count_bytes(request):
+        total = 0
+        while True:
+            chunk = request.read(4096)
+            if not chunk:
+                return {"bytes": total}
+            total += len(chunk)
+
+    server = start_server(routes=[("POST", "/t/stream", count_bytes)],
+                          config={"buffer_body_bytes": 1024, "min_body_rate_bytes_s": 240,
+                                  "body_rate_grace_s": 1})
+    sock = connect(server, ATTACKER)
+    try:
+        sock.sendall(b"POST /t/stream HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+        for _ in range(10):                # 10,000 bytes each 0.2 s: 50,000 bytes/s
+            sock.sendall(b"y" * 10000)
+            time.sleep(0.2)
+        status, _, answer = read_response(sock)
+    finally:
+        sock.close()
+    assert status == 200
+    assert json.loads(answer) == {"bytes": 100000}
+
+
+# --- responses ---------------------------------------------------------------------------------
+
+def test_sixteen_slow_readers_hold_no_worker_and_are_disconnected(start_server, tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    size = 4 * 1024 * 1024
+    (site / "big.bin").write_bytes(b"z" * size)
+    server = start_server(pages_dir=site, config={
+        "worker_threads": 4, "min_response_rate_bytes_s": 100000, "response_rate_grace_s": 1})
+    readers = []
+    try:
+        for _ in range(16):   # ask for 4 MiB through a tiny window, then read nothing
+            sock = connect(server, READER, rcvbuf=1024)
+            readers.append(sock)
+            sock.sendall(b"GET /big.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+        opened = time.monotonic()
+        results = normal_client_is_served(server, 3)
+        time.sleep(max(0.0, opened + 5 - time.monotonic()))   # grace 1 s, then far too slow
+        drained_by = time.monotonic() + 6       # one deadline for all, so a failure is quick
+        outcomes = [drain_until_closed(sock, max(0.2, drained_by - time.monotonic()))
+                    for sock in readers]
+    finally:
+        for sock in readers:
+            sock.close()
+    assert all(status == 200 and took < FAST_S for status, took in results), results
+    assert len(results) >= 5
+    # each was cut off: the server closed before sending the whole file
+    assert all(closed and got < size for got, closed in outcomes), outcomes
+
+
+# --- fairness ----------------------------------------------------------------------------------
+
+def test_one_client_holds_at_most_its_share_of_workers(start_server):
+    lock = threading.Lock()
+    running = [0, 0]     # now, most at once; guarded by lock
+
+    def sleepy(request):
+        with lock:
+            running[0] += 1
+            running[1] = max(running[1], running[0])
+        try:
+            time.sleep(0.8)
+        finally:
+            with lock:
+                running[0] -= 1
+        return "slept\n"
+
+    server = start_server(routes=[("GET", "/t/sleep", sleepy)],
+                          config={"worker_threads": 4, "max_workers_per_client": 1})
+    hogs = []
+    try:
+        for _ in range(4):
+            sock = connect(server, ATTACKER, timeout=10)
+            hogs.append(sock)
+            sock.sendall(b"GET /t/sleep HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.2)                    # the first of them is in its handler by now
+        status, body, took = timed_get(server)
+        hog_statuses = [read_response(sock)[0] for sock in hogs]
+    finally:
+        for sock in hogs:
+            sock.close()
+    assert (status, body) == (200, b"hello, world\n")
+    assert took < 0.5                      # not behind the 0.8 s handlers
+    assert hog_statuses == [200] * 4       # the client's own requests wait, and are all served
+    assert running[1] == 1
