@@ -172,6 +172,36 @@ def test_small_body_sent_byte_by_byte_reaches_the_handler_whole(start_server):
     assert len(seen) == 1 and seen[0] >= last_byte_sent - 0.01
 
 
+def body_seen_only_when_complete(start_server, size, buffer_body_bytes):
+    """Sends a ``size``-byte body but its last byte 0.5 s late; True if the handler started
+    only after that byte (the reactor buffered the body), False if it started before."""
+    entered = []
+
+    def read_all(request):
+        entered.append(time.monotonic())
+        return {"bytes": len(request.body())}
+
+    server = start_server(routes=[("POST", "/t/all", read_all)],
+                          config={"buffer_body_bytes": buffer_body_bytes})
+    sock = connect(server, ATTACKER)
+    try:
+        sock.sendall(b"POST /t/all HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size
+                     + b"b" * (size - 1))
+        time.sleep(0.5)
+        last_byte_sent = time.monotonic()
+        sock.sendall(b"b")
+        status, _, answer = read_response(sock)
+    finally:
+        sock.close()
+    assert (status, json.loads(answer)) == (200, {"bytes": size})
+    return entered[0] >= last_byte_sent - 0.01
+
+
+def test_a_body_of_buffer_body_bytes_is_buffered_and_one_byte_more_is_streamed(start_server):
+    assert body_seen_only_when_complete(start_server, 1024, buffer_body_bytes=1024)
+    assert not body_seen_only_when_complete(start_server, 1025, buffer_body_bytes=1024)
+
+
 def test_streamed_body_slower_than_the_minimum_rate_gets_408_after_the_grace(start_server):
     handled = []
 
@@ -198,6 +228,8 @@ def test_streamed_body_slower_than_the_minimum_rate_gets_408_after_the_grace(sta
             sock.settimeout(0.5)
             try:
                 first = sock.recv(65536, socket.MSG_PEEK)
+            except ConnectionResetError:
+                raise AssertionError("reset without an answer: the 408 was lost") from None
             except socket.timeout:
                 try:
                     sock.sendall(b"x" * 10)
