@@ -11,8 +11,11 @@ attackers, then a normal client from 127.0.0.200 asks for the small page once a 
 ``--seconds`` (a fresh connection each time; answered means a 200 within 2 s of starting to
 connect). Per run: answered / asked, the server's threads (/proc/PID/status Threads, summed
 over its processes) at the start and the most seen during, its RSS (VmRSS) before and the most
-during, and what became of the attackers (how many held a connection at the end, how many
-closes the server made; our attackers reopen a closed slot, as a real one would).
+during, its open file descriptors (its own side of the connections) at the start, the most and
+at the end, and what became of the attackers (how many held a connection at the end, how many
+closes the server made; our attackers reopen a closed slot, as a real one would). A slow reader
+sees the server's close only once it has read what the kernel still buffers for it, which at
+1 KiB per 10 s is never: for readers, trust the server's descriptors.
 
 Scenarios (the attackers are one thread here with non-blocking raw sockets, or Debian's
 slowhttptest in a child process):
@@ -451,8 +454,10 @@ def stop_process(process):
 
 
 def session_usage(sid):
-    """(threads, RSS bytes) summed over every process in session ``sid``."""
-    threads = rss = 0
+    """(threads, RSS bytes, open file descriptors) summed over every process in session
+    ``sid``. The descriptors are the server's side of the truth about connections: a slow
+    reader does not see its close until it has read what the kernel still holds for it."""
+    threads = rss = fds = 0
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -466,23 +471,24 @@ def session_usage(sid):
                         threads += int(line.split()[1])
                     elif line.startswith("VmRSS:"):
                         rss += int(line.split()[1]) * 1024
+            fds += len(os.listdir("/proc/%s/fd" % entry))
         except (OSError, ValueError, IndexError):
             continue
-    return threads, rss
+    return threads, rss, fds
 
 
 class Sampler(threading.Thread):
-    """The most threads and RSS seen in a session, every half second until stopped."""
+    """The most threads, RSS and descriptors seen in a session, every half second until
+    stopped."""
 
-    def __init__(self, sid):
+    def __init__(self, sid, start):
         super().__init__(name="sampler", daemon=True)
         self.sid, self.stopping = sid, threading.Event()
-        self.max_threads = self.max_rss = 0
+        self.most = list(start)
 
     def run(self):
         while not self.stopping.is_set():
-            threads, rss = session_usage(self.sid)
-            self.max_threads, self.max_rss = max(self.max_threads, threads), max(self.max_rss, rss)
+            self.most = [max(pair) for pair in zip(self.most, session_usage(self.sid))]
             self.stopping.wait(0.5)
 
     def stop(self):
@@ -523,8 +529,8 @@ def run_one(scenario, label, target, site, work, seconds):
     server = start_server(label, target, site, work, scenario)
     attack = sampler = None
     try:
-        threads_start, rss_before = session_usage(server.process.pid)
-        sampler = Sampler(server.process.pid)
+        start = session_usage(server.process.pid)
+        sampler = Sampler(server.process.pid, start)
         sampler.start()
         kind, spec = SCENARIOS[scenario]
         setup_s = 3.0
@@ -539,7 +545,7 @@ def run_one(scenario, label, target, site, work, seconds):
             attack.start()
         time.sleep(setup_s)     # let every attacker connect and start its slow work
         results = normal_client(server.port, seconds)
-        held = attack.held()
+        held, fds_end = attack.held(), session_usage(server.process.pid)[2]
     finally:
         if attack is not None:
             attack.stop()
@@ -557,21 +563,22 @@ def run_one(scenario, label, target, site, work, seconds):
                                         100.0 * answered / max(1, len(results))),
         "slowest": "%.2f s" % slowest if slowest is not None else "-",
         "failures": ", ".join("%s x%d" % item for item in sorted(failures.items())) or "-",
-        "threads": "%d -> %d" % (threads_start, max(sampler.max_threads, threads_start)),
-        "rss": "%.0f -> %.0f" % (rss_before / MIB, max(sampler.max_rss, rss_before) / MIB),
+        "threads": "%d -> %d" % (start[0], sampler.most[0]),
+        "rss": "%.0f -> %.0f" % (start[1] / MIB, sampler.most[1] / MIB),
+        "fds": "%d -> %d, %d at the end" % (start[2], sampler.most[2], fds_end),
         "attackers": attack.summary(held),
     }
 
 
 HEADER = ("| scenario | server | normal client: 200 within 2 s | slowest 200 | other outcomes "
-          "| threads start -> max | RSS MiB before -> max | attackers at the end |\n"
-          "|---|---|---|---|---|---|---|---|")
+          "| threads start -> max | RSS MiB before -> max | server fds start -> max "
+          "| attackers at the end |\n|---|---|---|---|---|---|---|---|---|")
 
 
 def row(scenario, label, cells):
-    return "| %s | %s | %s | %s | %s | %s | %s | %s |" % (
+    return "| %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
         scenario, label, cells["answered"], cells["slowest"], cells["failures"],
-        cells["threads"], cells["rss"], cells["attackers"])
+        cells["threads"], cells["rss"], cells["fds"], cells["attackers"])
 
 
 # --- setup and the whole run -------------------------------------------------------------------
@@ -607,7 +614,11 @@ def describe(path):
         commit = subprocess.run(["git", "-C", os.path.dirname(path), "rev-parse", "--short",
                                  "HEAD"], capture_output=True, text=True, timeout=10)
         if commit.returncode == 0:
-            return "%s (commit %s)" % (path, commit.stdout.strip())
+            dirty = subprocess.run(["git", "-C", os.path.dirname(path), "status", "--porcelain",
+                                    "--untracked-files=no"], capture_output=True, text=True,
+                                   timeout=10).stdout.strip()
+            return "%s (commit %s%s)" % (path, commit.stdout.strip(),
+                                         " with uncommitted changes" if dirty else "")
     except (OSError, subprocess.TimeoutExpired):
         pass
     return path
