@@ -432,10 +432,11 @@ class Reactor:
             elif outcome is Outcome.SEND:
                 conn.sock.setblocking(False)   # finished here without a wait in the kernel
                 self._start_wait(conn, "send")
-            else:
-                self._park(conn, "head" if conn.buf else "idle")
-                if conn.buf:
-                    self._check_head(conn)
+            elif conn.buf:
+                self._park(conn, "head")
+                self._check_head(conn)
+            else:   # kept: its idle time began at its last response, not now (see ARMED)
+                self._park(conn, "idle", conn.idle_since + self.settings.keepalive_timeout_s)
 
     # -- parking, expiring, closing -------------------------------------------------------------
     def _timeout_for(self, kind):
@@ -446,13 +447,17 @@ class Reactor:
             return LINGER_S
         return settings.header_timeout_s
 
-    def _park(self, conn, kind):
-        """Wait for input with one of the fixed timeouts (deadline order = insertion order)."""
+    def _park(self, conn, kind, deadline=None):
+        """Wait for input with one of the fixed timeouts (deadline order = insertion order; a
+        kept connection a worker held comes with an earlier ``deadline``, which keeps the order
+        only roughly: it may outstay its idle time by as long as it was held)."""
         first = conn.waiting not in _FIXED_KINDS
         if not first:
             del self.parked[conn.waiting][conn]
         conn.waiting = kind
-        self.parked[kind][conn] = time.monotonic() + self._timeout_for(kind)
+        now = time.monotonic()
+        self.parked[kind][conn] = now + self._timeout_for(kind) if deadline is None \
+            else max(deadline, now)
         if first:
             self.poller.arm(conn)
 
