@@ -13,7 +13,6 @@ import enum
 import os
 import queue
 import socket
-import threading
 
 
 class Outcome(enum.Enum):
@@ -31,10 +30,14 @@ class Connection:
     """One client connection; see the module docstring for who writes its fields."""
 
     __slots__ = ("sock", "ip", "client", "buf", "waiting", "idle_since", "pending", "outbox",
-                 "wait_key", "deadline", "progress", "started_wait")
+                 "wait_key", "deadline", "progress", "started_wait", "early_report")
 
     def __init__(self, sock, ip):
         self.sock = sock
+        # The one field the reactor writes while a worker owns the connection (the worker never
+        # touches it): a report that came after the worker re-armed the connection and before
+        # its hand-back was booked (see Workers._hand_back, Reactor._book_returned).
+        self.early_report = False
         self.ip = ip
         self.client = None    # the guard's client key (set at accept); None for a trusted proxy
         self.buf = bytearray()
@@ -71,11 +74,11 @@ class Handoff:
     ``workers_wanted`` the reactor (release flag, with the release pipe): raised while ready
                        connections wait for a worker, so that held ones are let go.
     ``wakes_at``       the reactor: when its current wait ends at the latest; workers read it.
+    ``clients_in_line`` the reactor: whether requests wait for their client's share of the
+                       workers; a worker that hands a connection back then wakes it at once.
     ``stopping``       the server (begin_shutdown); everyone reads it.
-    ``rearm_lock``     a worker holds it while it books and re-arms a kept connection, the
-                       reactor while it closes one: so a descriptor is never re-armed after it
-                       is closed (and perhaps reused by a new connection).
-    ``before_rearm``   a test seam: called by the worker between booking and re-arming.
+    ``before_booking`` a test seam: called by a worker between re-arming a kept connection
+                       and booking it.
     """
 
     def __init__(self):
@@ -85,9 +88,9 @@ class Handoff:
         self.held = {}
         self.workers_wanted = False
         self.wakes_at = 0.0
+        self.clients_in_line = False
         self.stopping = False
-        self.rearm_lock = threading.Lock()
-        self.before_rearm = None
+        self.before_booking = None
         self._wakeup_recv, self._wakeup_send = socket.socketpair()
         self._wakeup_recv.setblocking(False)
         self._wakeup_send.setblocking(False)

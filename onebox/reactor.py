@@ -30,9 +30,9 @@ request from the client that holds the most connections, unless the newcomer is 
 (or one as large): then the newcomer gets 503. Busy connections, and bodies and responses on
 their way, are never shed for a newcomer: they are bounded by the paces instead.
 
-Every field here is the reactor thread's alone; nothing in this module takes a lock except
-the hand-off's ``rearm_lock`` (see ``onebox/handoff.py``). Imports the standard library, the
-codec, transfer and hand-off modules; never the engine or ``server``.
+Every field here is the reactor thread's alone, and nothing in this module takes a lock.
+Imports the standard library, the codec, transfer and hand-off modules; never the engine or
+``server``.
 """
 import collections
 import heapq
@@ -119,8 +119,12 @@ class Reactor:
 
     def _on_ready(self, conn):
         kind = conn.waiting
-        if kind is None or kind in ("line", "ready"):
-            return   # a stale report for a connection handed on, or one not armed
+        if kind is None:
+            # re-armed by its worker, not booked yet: the booking will act on it
+            conn.early_report = True
+            return
+        if kind in ("line", "ready"):
+            return   # not armed: a stale report
         if kind == "idle":
             # the next request on a kept connection: a worker reads it (see Workers), so the
             # reactor makes no recv and the head is checked once, not twice
@@ -385,6 +389,7 @@ class Reactor:
         if key is not None and self.in_workers.get(key, 0) >= self.settings.max_workers_per_client:
             conn.waiting = "ready"
             self.ready_line.setdefault(key, collections.deque()).append(conn)
+            self.handoff.clients_in_line = True
             self.handoff.want_workers(True)   # its held connections, if any, come back
             return
         if key is not None:
@@ -411,6 +416,7 @@ class Reactor:
             following = queued.popleft()
             if not queued:
                 del self.ready_line[key]
+                self.handoff.clients_in_line = bool(self.ready_line)
             self._queue_work(following)
 
     def _book_returned(self):
@@ -418,7 +424,10 @@ class Reactor:
         while returned:
             conn, outcome = returned.popleft()
             self._left_workers(conn)
-            if outcome is Outcome.ARMED and not self.handoff.stopping:
+            if outcome is Outcome.ARMED and conn.early_report and not self.handoff.stopping:
+                conn.early_report = False   # its next request came before this booking
+                self._queue_work(conn)
+            elif outcome is Outcome.ARMED and not self.handoff.stopping:
                 # re-armed by its worker; its idle time began at its last response
                 conn.waiting = "idle"
                 self.parked["idle"][conn] = max(
@@ -536,11 +545,11 @@ class Reactor:
                 queued.remove(conn)
                 if not queued:
                     del self.ready_line[conn.client]
+                    self.handoff.clients_in_line = bool(self.ready_line)
         conn.waiting = None
         self.busy.discard(conn)
         self.poller.forget(conn.sock)
-        with self.handoff.rearm_lock:   # never close under a worker about to re-arm it
-            conn.sock.close()
+        conn.sock.close()
         self.open -= 1
         count = self.per_client[conn.client] - 1
         if count:
