@@ -404,7 +404,7 @@ class Reactor:
     def _left_workers(self, conn):
         self.busy.discard(conn)
         key = conn.client
-        if key is None or key not in self.in_workers:
+        if key not in self.in_workers:   # a trusted proxy (None) is never counted
             return
         count = self.in_workers[key] - 1
         if count:

@@ -231,14 +231,15 @@ class Workers:
         note = self._count_for_guard(conn, exchange)
         # 6. Write it for a turn (the reactor finishes it for a slow reader); log it.
         sent, outbox = self._write(conn, exchange)
-        fields = self._log_fields(conn, exchange, note)
         if outbox is not None:
-            outbox.log, outbox.keep_alive = fields, exchange.keep_alive
+            outbox.log = self._log_fields(conn, exchange, note)
+            outbox.keep_alive = exchange.keep_alive
             conn.outbox, conn.wait_key = outbox, self._wait_key(conn, exchange)
             return Outcome.SEND
         log = self.server.access_log
         if log:
-            ip, line, status, referer, agent, started, note = fields
+            ip, line, status, referer, agent, started, note = self._log_fields(conn, exchange,
+                                                                               note)
             log.log(ip, line, status, sent, referer, agent, time.monotonic() - started, note)
         return None if exchange.keep_alive else Outcome.CLOSE
 
