@@ -73,10 +73,8 @@ class Reactor:
         self.guard = guard
         self.access_log = access_log
         self.log_error = log_error
-        self.body_pace = Pace(settings.min_body_rate_bytes_s, settings.body_rate_grace_s,
-                              settings.body_timeout_s)
-        self.send_pace = Pace(settings.min_response_rate_bytes_s, settings.response_rate_grace_s,
-                              settings.write_timeout_s)
+        self.body_pace = Pace.for_bodies(settings)
+        self.send_pace = Pace.for_responses(settings)
         seconds = int(settings.worker_write_s)
         self.send_timeval = struct.pack(   # a struct timeval, for SO_SNDTIMEO at each accept
             "ll", seconds, int((settings.worker_write_s - seconds) * 1e6))

@@ -54,6 +54,16 @@ class Pace:
         self.grace = grace_s
         self.patience = longest_wait_s
 
+    @classmethod
+    def for_bodies(cls, settings):
+        return cls(settings.min_body_rate_bytes_s, settings.body_rate_grace_s,
+                   settings.body_timeout_s)
+
+    @classmethod
+    def for_responses(cls, settings):
+        return cls(settings.min_response_rate_bytes_s, settings.response_rate_grace_s,
+                   settings.write_timeout_s)
+
     def deadline(self, started, done, last):
         return min(started + self.grace + done / self.rate, last + self.patience)
 
@@ -144,8 +154,7 @@ class BodyReader:
     def __init__(self, conn, head, settings):
         self.conn = conn
         self.limit = settings.max_body_bytes
-        self.pace = Pace(settings.min_body_rate_bytes_s, settings.body_rate_grace_s,
-                         settings.body_timeout_s)
+        self.pace = Pace.for_bodies(settings)
         self.started = self.last = time.monotonic()
         self.expect_continue = head.expect_continue
         self.continue_sent = False
@@ -400,8 +409,7 @@ def _rest(data, head_bytes, sent, body_sent=None):
         return None
     if body_sent is None:
         body_sent = max(0, sent - head_bytes)
-    outbox = Outbox(memoryview(data)[sent:], max(0, head_bytes - sent), body_sent=body_sent)
-    return outbox
+    return Outbox(memoryview(data)[sent:], max(0, head_bytes - sent), body_sent=body_sent)
 
 
 def _write_file(sock, response, keep_alive, version, no_body, deadline):

@@ -69,8 +69,7 @@ class Workers:
         self.threads = []
         self.stuck = 0
         self.buffer_limit = min(settings.buffer_body_bytes, settings.max_body_bytes)
-        self.send_pace = Pace(settings.min_response_rate_bytes_s, settings.response_rate_grace_s,
-                              settings.write_timeout_s)
+        self.send_pace = Pace.for_responses(settings)
 
     def start(self):
         for number in range(self.settings.worker_threads):
