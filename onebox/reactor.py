@@ -45,6 +45,10 @@ from onebox.codec import error_response, head_problem, render_head
 from onebox.handoff import Connection, Outcome
 from onebox.transfer import ClientGone, Pace
 
+# A report can reach the reactor between a worker's re-arm and its booking (Workers._hand_back);
+# the worker does not wake the reactor for the booking, so the reactor polls this briefly until
+# it comes (it used to sleep out its timer: up to a second for that request).
+EARLY_BOOKING_POLL_S = 0.001
 LINGER_S = 2.0                 # after a close with unread input, read and drop it this long
 REFUSALS_LOGGED_PER_S = 20     # refusals at accept or before a worker, logged a second; the
                                # rest are counted and summed up in one error-log line
@@ -82,6 +86,7 @@ class Reactor:
         self.timed = []          # heap of (deadline, sequence, conn): body and send waits
         self._sequence = 0
         self.busy = set()        # in workers (queued, served or held)
+        self.reported_early = 0  # connections reported between their re-arm and booking
         self.open = 0
         self.per_client = {}     # client key -> open connections (None: trusted proxies)
         self.in_workers = {}     # client key -> its connections in workers
@@ -98,8 +103,15 @@ class Reactor:
             handoff.want_workers(False)
         now = time.monotonic()
         handoff.wakes_at = wakes_at = self._expire(now)   # workers read it: see Workers
-        # handed back before wakes_at was set: their deadlines are not counted, so no sleep
-        ready = self.poller.poll(0 if handoff.returned else max(0.0, wakes_at - now))
+        # handed back before wakes_at was set: their deadlines are not counted, so no sleep;
+        # a connection reported early is booked within moments (its worker does not wake us)
+        if handoff.returned:
+            timeout = 0
+        elif self.reported_early:
+            timeout = EARLY_BOOKING_POLL_S
+        else:
+            timeout = max(0.0, wakes_at - now)
+        ready = self.poller.poll(timeout)
         if handoff.returned:
             self._book_returned()   # first: a connection a worker re-armed may be among ready
         for owner in ready:
@@ -120,6 +132,7 @@ class Reactor:
         if kind is None:
             # re-armed by its worker, not booked yet: the booking will act on it
             conn.early_report = True
+            self.reported_early += 1
             return
         if kind in ("line", "ready"):
             return   # not armed: a stale report
@@ -421,10 +434,11 @@ class Reactor:
         returned = self.handoff.returned
         while returned:
             conn, outcome = returned.popleft()
+            reported_early, conn.early_report = conn.early_report, False
+            self.reported_early -= reported_early
             self._left_workers(conn)
-            if outcome is Outcome.ARMED and conn.early_report and not self.handoff.stopping:
-                conn.early_report = False   # its next request came before this booking
-                self._queue_work(conn)
+            if outcome is Outcome.ARMED and reported_early and not self.handoff.stopping:
+                self._queue_work(conn)   # its next request came before this booking
             elif outcome is Outcome.ARMED and not self.handoff.stopping:
                 # re-armed by its worker; its idle time began at its last response
                 conn.waiting = "idle"

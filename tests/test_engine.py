@@ -70,6 +70,45 @@ def test_a_request_that_comes_while_its_connection_is_handed_back_is_served(star
     assert "connection error" not in server.error_text()
 
 
+def test_a_request_seen_before_its_connection_is_booked_is_served_at_once(start_server):
+    """The reactor may see a kept connection's next request after its worker re-armed it and
+    before the worker books it. With nothing else going on, the reactor must turn again for
+    the booking instead of sleeping out its timer (it used to: up to a second a request)."""
+    server = start_server(config={"worker_threads": 1})
+    if not server.workers.poller.can_rearm:
+        pytest.skip("only epoll lets a worker re-arm a connection (ONEBOX_POLLER=select)")
+    kept = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    other = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    staged = []
+
+    def between(conn):   # in the worker: the next request comes, and the reactor sees it
+        if not staged and conn.sock.getpeername()[1] == kept.getsockname()[1]:
+            kept.sendall(b"GET /hello/again HTTP/1.1\r\nHost: x\r\n\r\n")
+            deadline = time.monotonic() + 2
+            while not conn.early_report and time.monotonic() < deadline:
+                time.sleep(0.001)
+            staged.append((conn.early_report, time.monotonic()))
+
+    try:
+        kept.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert kept.recv(4096).endswith(b"hello, world\n")   # its worker now holds it...
+        server.handoff.before_booking = between
+        other.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")   # ...and lets it go
+        assert other.recv(4096).endswith(b"hello, world\n")
+        answer = b""
+        while not answer.endswith(b'"hello, again"}'):
+            data = kept.recv(4096)
+            assert data, "the request sent during the hand-back was lost"
+            answer += data
+        answered = time.monotonic()
+        assert staged and staged[0][0], "the race was not staged"
+        waited = answered - staged[0][1]
+        assert waited < 0.5, "the request waited %.2f s for the reactor's next turn" % waited
+    finally:
+        kept.close()
+        other.close()
+
+
 def test_refusals_reach_the_access_log_and_the_guard_counters(start_server):
     server = start_server(config={"max_connections_per_ip": 2})
     held = [socket.create_connection(("127.0.0.1", server.port), source_address=("127.0.0.3", 0))

@@ -103,6 +103,11 @@ def nginx(tmp_path):
                         log.read_text() if log.exists() else ""))
                 time.sleep(0.05)
 
+    def error_log():
+        log = tmp_path / "nginx" / "error.log"
+        return log.read_text() if log.exists() else ""
+
+    start.error_log = error_log
     yield start
     for process in running:
         process.terminate()
@@ -176,7 +181,9 @@ def test_behind_nginx_with_shipped_limits_each_visitor_is_its_own_client(start_s
     fast = collections.Counter(results.pop(FAST))
     assert sorted(results) == sorted(POLITE)
     for source, codes in results.items():
-        assert codes == [200] * (POLITE_RATE_PER_S * POLITE_SECONDS), (source, codes)
+        assert codes == [200] * (POLITE_RATE_PER_S * POLITE_SECONDS), (
+            source, codes, nginx.error_log(), server.error_text(),
+            [line for line in server.access_text().splitlines() if line.startswith(source + " ")])
     print("\nbehind nginx: 32 visitors all 200; the fast client in %.2f s: %s"
           % (fast_seconds, dict(fast)))
     assert fast[429] > 0 and set(fast) <= {200, 429, 403}, fast
