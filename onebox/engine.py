@@ -117,6 +117,22 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         except (OSError, ValueError):
             pass
 
+    def health(self):
+        """None while the server is healthy, else why not (one line): the reactor has turned,
+        and a worker has taken the reactor's latest probe, within stall_timeout_s. What the
+        systemd watchdog and /healthz go by. Any thread."""
+        handoff, bound = self.handoff, self.settings.stall_timeout_s
+        now = time.monotonic()
+        if handoff.stopping:
+            return "shutting down"
+        if not handoff.turned_at:
+            return "not serving yet"
+        if now - handoff.turned_at > bound:
+            return "the reactor has not turned for %.1f s" % (now - handoff.turned_at)
+        if handoff.probe_sent_at > handoff.probe_taken_at and now - handoff.probe_sent_at > bound:
+            return "no worker has taken a job for %.1f s" % (now - handoff.probe_sent_at)
+        return None
+
     # -- running ---------------------------------------------------------------------------
     def serve_forever(self, poll_interval=None):
         self._reactor_thread = threading.current_thread()

@@ -15,6 +15,11 @@ import queue
 import socket
 
 
+# Put on the work queue by the reactor now and then: a worker that takes it proves the pool can
+# take a job (see Handoff.probe_sent_at and OneboxServer.health).
+PROBE = object()
+
+
 class Outcome(enum.Enum):
     """What a worker hands a connection back with, and what the reactor then does."""
 
@@ -77,6 +82,9 @@ class Handoff:
     ``clients_in_line`` the reactor: whether requests wait for their client's share of the
                        workers; a worker that hands a connection back then wakes it at once.
     ``stopping``       the server (begin_shutdown); everyone reads it.
+    ``turned_at``      the reactor, at each turn (time.monotonic()); health checks read it.
+    ``probe_sent_at``  the reactor, when it puts a PROBE on ``work``;
+    ``probe_taken_at`` the worker that takes it. A probe is out while sent > taken.
     ``before_booking`` a test seam: called by a worker between re-arming a kept connection
                        and booking it.
     """
@@ -90,6 +98,7 @@ class Handoff:
         self.wakes_at = 0.0
         self.clients_in_line = False
         self.stopping = False
+        self.turned_at = self.probe_sent_at = self.probe_taken_at = 0.0
         self.before_booking = None
         self._wakeup_recv, self._wakeup_send = socket.socketpair()
         self._wakeup_recv.setblocking(False)

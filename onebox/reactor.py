@@ -42,13 +42,14 @@ import time
 import traceback
 
 from onebox.codec import error_response, head_problem, render_head
-from onebox.handoff import Connection, Outcome
+from onebox.handoff import PROBE, Connection, Outcome
 from onebox.transfer import ClientGone, Pace
 
 # A report can reach the reactor between a worker's re-arm and its booking (Workers._hand_back);
 # the worker does not wake the reactor for the booking, so the reactor polls this briefly until
 # it comes (it used to sleep out its timer: up to a second for that request).
 EARLY_BOOKING_POLL_S = 0.001
+PROBE_INTERVAL_S = 1.0         # how often the reactor checks that a worker can take a job
 LINGER_S = 2.0                 # after a close with unread input, read and drop it this long
 REFUSALS_LOGGED_PER_S = 20     # refusals at accept or before a worker, logged a second; the
                                # rest are counted and summed up in one error-log line
@@ -101,7 +102,10 @@ class Reactor:
         if handoff.workers_wanted and handoff.work.qsize() < len(handoff.idle) \
                 and not self.ready_line:
             handoff.want_workers(False)
-        now = time.monotonic()
+        now = handoff.turned_at = time.monotonic()
+        if handoff.probe_taken_at >= handoff.probe_sent_at \
+                and now - handoff.probe_sent_at >= PROBE_INTERVAL_S:
+            self._probe_workers(now)
         handoff.wakes_at = wakes_at = self._expire(now)   # workers read it: see Workers
         # handed back before wakes_at was set: their deadlines are not counted, so no sleep;
         # a connection reported early is booked within moments (its worker does not wake us)
@@ -126,6 +130,18 @@ class Reactor:
                 except Exception:   # one connection's bug must not stop the reactor
                     self.log_error("reactor error", traceback.format_exc())
                     self._close(owner)
+
+    def _probe_workers(self, now):
+        """Prove that a worker can take a job: at once if one waits idle with nothing queued,
+        else by a PROBE on the queue (held connections are let go, as for any job)."""
+        handoff = self.handoff
+        handoff.probe_sent_at = now
+        if handoff.idle and not handoff.work.qsize():
+            handoff.probe_taken_at = now
+            return
+        handoff.work.put(PROBE)
+        if not handoff.workers_wanted:
+            handoff.want_workers(True)
 
     def _on_ready(self, conn):
         kind = conn.waiting

@@ -71,6 +71,9 @@ SETTINGS = {
         Setting("worker_write_s", "float", 0.1, 0.001,
                 "a worker writes a response this long at most; a slower client's rest is "
                 "finished by the reactor"),
+        Setting("stall_timeout_s", "float", 10.0, 2.0,
+                "the reactor must turn, and a queued job reach a worker, within this, or the "
+                "server is unhealthy (no systemd watchdog ping; /healthz 503)"),
         Setting("max_workers_per_client", "int", 4, 1,
                 "workers one client may hold at once; its other ready requests wait their turn"),
         Setting("max_waiting_per_client", "int", 32, 1,

@@ -23,7 +23,7 @@ from handlers import _context
 from handlers._core import HTTPError, Headers, Request, Response, to_response
 from onebox.codec import (check_response, decode_path, error_response, parse_head,
                           split_target)
-from onebox.handoff import Outcome
+from onebox.handoff import PROBE, Outcome
 from onebox.routing import METHODS, NotRouted
 from onebox.settings import host_allowed
 from onebox.static import STATIC_METHODS
@@ -95,6 +95,9 @@ class Workers:
             handoff.idle.pop()
             if conn is None:
                 return
+            if conn is PROBE:
+                handoff.probe_taken_at = time.monotonic()
+                continue
             outcome = Outcome.CLOSE
             try:
                 outcome = self._serve_connection(conn)

@@ -109,6 +109,38 @@ def test_a_request_seen_before_its_connection_is_booked_is_served_at_once(start_
         other.close()
 
 
+def test_a_wedged_worker_pool_makes_the_server_unhealthy_until_it_frees(start_server):
+    """health() is what the systemd watchdog and /healthz go by: the reactor turns, and a
+    worker takes a job, within stall_timeout_s."""
+    release = threading.Event()
+
+    def wedge(request):
+        release.wait(20)
+        return "freed"
+
+    server = start_server(config={"worker_threads": 1, "stall_timeout_s": 2.0},
+                          routes=[("GET", "/wedge", wedge)])
+    deadline = time.monotonic() + 5
+    while server.health() is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.health() is None
+    stuck = threading.Thread(target=request, args=(server, "GET", "/wedge"), kwargs={"timeout": 30})
+    stuck.start()
+    try:
+        deadline = time.monotonic() + 6
+        while server.health() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.health() is not None and "no worker has taken a job" in server.health()
+    finally:
+        release.set()
+        stuck.join(30)
+    deadline = time.monotonic() + 3
+    while server.health() is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.health() is None
+    assert request(server, "GET", "/hello")[0] == 200
+
+
 def test_refusals_reach_the_access_log_and_the_guard_counters(start_server):
     server = start_server(config={"max_connections_per_ip": 2})
     held = [socket.create_connection(("127.0.0.1", server.port), source_address=("127.0.0.3", 0))
