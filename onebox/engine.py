@@ -50,8 +50,13 @@ class OneboxServer(http.server.ThreadingHTTPServer):
     request_queue_size = 1024   # listen backlog: bursts of connects queue instead of failing
     allow_reuse_address = True
 
-    def __init__(self, config, router, access_stream=None, error_stream=None, store=None):
+    def __init__(self, config, router, access_stream=None, error_stream=None, store=None,
+                 listeners=None):
+        """``listeners``: sockets already listening, by name (socket activation and the
+        zero-downtime restart hand them over): "http" is served instead of binding host:port;
+        other names are for the listeners that use them (e.g. "admin")."""
         settings = config.server
+        self.listeners = dict(listeners or {})
         self.config, self.settings, self.router = config, settings, router
         self.store = store   # the shared state; closed (and compacted) after the workers stop
         self.error_stream = error_stream or sys.stderr
@@ -66,7 +71,7 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         if settings.access_log:
             self.access_log = AccessLog(access_stream or sys.stdout, settings.log_flush_interval_s,
                                         settings.log_buffer_bytes, self.log_error)
-        self._listen(settings)
+        self._listen(settings, self.listeners.get("http"))
         if config.allowed_hosts is None and not _is_loopback(settings.host):
             self.log_error("listening on %s with any Host allowed: set allowed_hosts in [server] "
                            "(e.g. allowed_hosts = example.org) so that DNS rebinding cannot "
@@ -84,7 +89,17 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         self._stopped = threading.Event()
         self.stuck_workers = 0
 
-    def _listen(self, settings):
+    def _listen(self, settings, inherited=None):
+        if inherited is not None:
+            self.address_family = inherited.family
+            super().__init__(inherited.getsockname(), http.server.BaseHTTPRequestHandler,
+                             bind_and_activate=False)
+            self.socket.close()
+            self.socket = inherited
+            self.server_address = inherited.getsockname()
+            self.server_name, self.server_port = self.server_address[:2]
+            self.socket.setblocking(False)
+            return
         self.address_family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
         super().__init__((settings.host, settings.port), http.server.BaseHTTPRequestHandler,
                          bind_and_activate=False)
