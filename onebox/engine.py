@@ -81,6 +81,10 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         self.reactor = Reactor(self.socket, settings, self.handoff, self._poller, self.guard,
                                self.access_log, self.log_error)
         self.workers = Workers(self, self.handoff, self._poller)
+        # What the server is doing, for readiness (/readyz, systemd): "starting" until the
+        # reactor's first turn, then "serving"; "reloading" while the reactor applies a reload;
+        # "draining" from begin_shutdown on. Written by the reactor (and begin_shutdown).
+        self.phase = "starting"
         # Written by signal handlers or other threads, read by the reactor's loop:
         self._backup_requested = False
         self._sighup_received = False
@@ -159,6 +163,8 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         try:
             while not self.handoff.stopping:
                 self.reactor.step()
+                if self.phase == "starting":
+                    self.phase = "serving"
                 if self._backup_requested:
                     self._start_backup()
                 if self._sighup_received:
@@ -178,6 +184,7 @@ class OneboxServer(http.server.ThreadingHTTPServer):
     def begin_shutdown(self):
         """Ask the reactor to stop; safe from signal handlers and any thread."""
         self.handoff.stopping = True
+        self.phase = "draining"
         self.handoff.wake()   # the reactor's drain then sends held connections back
 
     def shutdown(self):
