@@ -86,7 +86,8 @@ class ResponseCache(object):
     """A capped, least-recently-used map from key to response; safe from any thread.
 
     For callers: ``serve(key, ttl_s, compute)``, ``invalidate(prefix)``, ``clear()``,
-    ``configure(max_entries, max_bytes)``, ``stats()``.
+    ``configure(max_entries, max_bytes)`` (and empty), ``resize(max_entries, max_bytes)`` (and
+    keep what fits), ``stats()``.
     """
 
     WAIT_S = 30.0   # a waiter gives up on a stuck computation after this and computes its own
@@ -109,6 +110,15 @@ class ResponseCache(object):
         with self._lock:
             self.max_entries, self.max_bytes = max_entries, max_bytes
             self._clear_locked()
+
+    def resize(self, max_entries, max_bytes):
+        """Set the caps, keeping what fits (a reload of [cache]): past the new caps the least
+        recently used entries go."""
+        if max_entries < 1 or max_bytes < 1:
+            raise ValueError("'max_entries' and 'max_bytes' must be at least 1")
+        with self._lock:
+            self.max_entries, self.max_bytes = max_entries, max_bytes
+            self._evict_locked()
 
     def serve(self, key, ttl_s, compute):
         """The cached response for ``key``, or ``compute()``'s (a handler's return value), kept
@@ -177,6 +187,9 @@ class ResponseCache(object):
         self._entries[key] = entry
         self._bytes += entry.size
         self._counts["stored"] += 1
+        self._evict_locked()
+
+    def _evict_locked(self):
         while self._entries and (len(self._entries) > self.max_entries
                                  or self._bytes > self.max_bytes):
             _, oldest = self._entries.popitem(last=False)

@@ -16,6 +16,7 @@ import socketserver
 import sys
 import threading
 import time
+import traceback
 
 from handlers import _context
 from handlers._cache import ResponseCache
@@ -26,6 +27,7 @@ from onebox.handoff import Handoff
 from onebox.logs import AccessLog, error_entry
 from onebox.poller import Poller
 from onebox.reactor import Reactor
+from onebox.reload import reload_server
 from onebox.static import StaticPages
 from onebox.workers import Workers
 
@@ -42,7 +44,8 @@ class OneboxServer(http.server.ThreadingHTTPServer):
     For callers: ``serve_forever()`` (runs the reactor in the calling thread until shutdown),
     ``shutdown()`` (from another thread: stop and wait), ``begin_shutdown()`` (from a signal
     handler: stop without waiting), ``server_close()``, ``url``, ``request_backup()`` and
-    ``note_sighup()`` (from signal handlers), ``log_error(message, detail)`` (any thread).
+    ``note_sighup()`` (from signal handlers), ``log_error(message, detail)`` (any thread),
+    ``reload()`` (the reactor thread, on SIGHUP).
     The site the workers serve: ``config``, ``settings``, ``router``, ``static``, ``guard``,
     ``context`` (store, response cache, limiters), ``access_log``.
     """
@@ -68,8 +71,9 @@ class OneboxServer(http.server.ThreadingHTTPServer):
             store, ResponseCache(config.cache.max_entries, config.cache.max_bytes),
             LimiterRegistry())
         self.access_log = None
+        self.access_stream = access_stream or sys.stdout   # kept for a reload turning it on
         if settings.access_log:
-            self.access_log = AccessLog(access_stream or sys.stdout, settings.log_flush_interval_s,
+            self.access_log = AccessLog(self.access_stream, settings.log_flush_interval_s,
                                         settings.log_buffer_bytes, self.log_error)
         self._listen(settings, self.listeners.get("http"))
         if config.allowed_hosts is None and not _is_loopback(settings.host):
@@ -169,8 +173,7 @@ class OneboxServer(http.server.ThreadingHTTPServer):
                     self._start_backup()
                 if self._sighup_received:
                     self._sighup_received = False
-                    self.log_error("SIGHUP received and ignored: onebox cannot reload yet; "
-                                   "restart it to apply changes")
+                    self.reload()
             self._drain()
         finally:
             if self._backup_thread is not None:
@@ -236,10 +239,29 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         self.handoff.wake()
 
     def note_sighup(self):
-        """SIGHUP: logged (by the reactor) and ignored; safe from signal handlers. Its default
-        action would kill the process without a drain."""
+        """SIGHUP: ask the reactor to ``reload()``; safe from signal handlers. (Its default
+        action would kill the process without a drain.)"""
         self._sighup_received = True
         self.handoff.wake()
+
+    def reload(self):
+        """Read the configuration again (the same file and command-line overrides) and apply
+        what can change live (onebox/reload.py); log and return a one-line summary of what
+        changed and what needs a restart. An invalid file changes nothing. Reactor thread
+        only, between turns: it swaps the reactor's settings."""
+        self.phase = "reloading"
+        detail = None
+        try:
+            summary = reload_server(self)
+        except Exception as error:   # a bug in reloading must not stop the serving
+            summary = ("reload failed: %s: %s; still serving the previous settings"
+                       % (type(error).__name__, error))
+            detail = traceback.format_exc()
+        finally:
+            if self.phase == "reloading":   # not if a SIGTERM began the drain meanwhile
+                self.phase = "serving"
+        self.log_error(summary, detail)
+        return summary
 
     def _start_backup(self):
         self._backup_requested = False

@@ -393,6 +393,18 @@ class Guard(object):
         if store is not None:
             self._load_bans()
 
+    def replace_policy(self, policy):
+        """Serve from now on under ``policy`` (a reload; reactor thread). What the guard has
+        learnt is kept: buckets, suspects and bans (a reload must not free an abuser). A policy is
+        never changed in place: swapping it is one assignment, and the checks read it into a
+        local first, so a request decides under the old policy or the new one (a request in
+        flight at the swap may see both). The limiters take rate and burst per call, and trim
+        to their new caps as keys are added; the other tables trim as entries are added."""
+        self.clients.policy, self.clients.max_keys = policy.client_policy, \
+            policy.max_tracked_clients
+        self.routes.policy, self.routes.max_keys = policy.route_policy, policy.max_tracked_routes
+        self.policy = policy
+
     # -- identity --------------------------------------------------------------------------
     def key_of(self, ip):
         return client_key(ip, self.policy.ipv4_prefix_bits, self.policy.ipv6_prefix_bits)

@@ -77,11 +77,27 @@ class AccessLog:
         self._flush_lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
+        self._linger = False   # retired: flush once more, an interval after stopping
         self.thread = threading.Thread(target=self._run, name="onebox-log", daemon=True)
         self._time_cache = (0, "")
 
     def start(self):
         self.thread.start()
+
+    def configure(self, flush_interval_s, buffer_bytes):
+        """New flush interval and buffer bound (a reload; any thread). Both are plain values
+        read afresh at each use; the flusher is woken so that a shorter interval starts now."""
+        self.interval, self.buffer_bytes = flush_interval_s, buffer_bytes
+        self._wake.set()
+
+    def retire(self):
+        """Stop without waiting (a reload turned the access log off, in the reactor thread,
+        which must not wait on a stalled stream). The flusher writes what is queued, and once
+        more an interval later for the lines of requests that were finishing at the switch
+        (they hold this log), then ends."""
+        self._linger = True
+        self._stopping = True
+        self._wake.set()
 
     def log(self, client_ip, request_line, status, size, referer, agent, seconds, note=None):
         """``note``: the abuse guard's decision ('guard=429:client_rate'), appended after the
@@ -138,6 +154,9 @@ class AccessLog:
         while not self._stopping:
             self._wake.wait(self.interval)
             self._wake.clear()
+            self.flush()
+        if self._linger:
+            time.sleep(self.interval)
             self.flush()
 
     def close(self):

@@ -72,17 +72,12 @@ class Reactor:
 
     def __init__(self, listener, settings, handoff, poller, guard, access_log, log_error):
         self.listener = listener
-        self.settings = settings
         self.handoff = handoff
         self.poller = poller
         self.guard = guard
         self.access_log = access_log
         self.log_error = log_error
-        self.body_pace = Pace.for_bodies(settings)
-        self.send_pace = Pace.for_responses(settings)
-        seconds = int(settings.worker_write_s)
-        self.send_timeval = struct.pack(   # a struct timeval, for SO_SNDTIMEO at each accept
-            "ll", seconds, int((settings.worker_write_s - seconds) * 1e6))
+        self.use_settings(settings)
         self.parked = {kind: collections.OrderedDict() for kind in _FIXED_KINDS}
         self.timed = []          # heap of (deadline, sequence, conn): body and send waits
         self._sequence = 0
@@ -95,6 +90,16 @@ class Reactor:
         self.waits = {}          # client key -> its active body and send waits
         self.wait_line = {}      # client key -> deque of connections waiting to start one
         self._refusals = [0, 0, 0]   # [second, logged in it, not logged]
+
+    def use_settings(self, settings):
+        """[server] settings for what starts from now on (at start, and on a reload, in this
+        thread); waits already timed keep their deadlines."""
+        self.settings = settings
+        self.body_pace = Pace.for_bodies(settings)
+        self.send_pace = Pace.for_responses(settings)
+        seconds = int(settings.worker_write_s)
+        self.send_timeval = struct.pack(   # a struct timeval, for SO_SNDTIMEO at each accept
+            "ll", seconds, int((settings.worker_write_s - seconds) * 1e6))
 
     # -- one turn ---------------------------------------------------------------------------
     def step(self):

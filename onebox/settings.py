@@ -257,7 +257,9 @@ def load_config(path=None, overrides=None):
     """Defaults, then ``path`` (a setup.cfg; None reads no file), then ``overrides``.
 
     ``overrides`` maps "key" (a [server] key) or "section.key" to a value or a string.
-    Returns a namespace of sections: ``config.server.port``.
+    Returns a namespace of sections: ``config.server.port``; also ``allowed_hosts``, ``guard``
+    (the compiled [limits]), ``route_limits`` (the [limits "/path"] sections as (path,
+    namespace) pairs) and ``source`` (``(path, overrides)``: what a reload reads again).
     """
     values = {section: {s.name: s.default for s in settings}
               for section, settings in SETTINGS.items()}
@@ -296,6 +298,10 @@ def load_config(path=None, overrides=None):
     config = types.SimpleNamespace(**{name: types.SimpleNamespace(**section)
                                       for name, section in values.items()})
     config.allowed_hosts = allowed_hosts
+    config.route_limits = route_limits
+    # Where these values came from, so that a reload (SIGHUP) reads the same file with the same
+    # command-line overrides: load_config(*config.source).
+    config.source = (path, dict(overrides or {}))
     try:
         config.guard = GuardPolicy(config.limits, route_limits)
     except ValueError as error:

@@ -63,13 +63,19 @@ class Workers:
 
     def __init__(self, server, handoff, poller):
         self.server = server
-        self.settings = settings = server.settings
         self.handoff = handoff
         self.poller = poller
         self.threads = []
         self.stuck = 0
+        self.use_settings(server.settings)
+
+    def use_settings(self, settings):
+        """[server] settings for the requests that start from now on (a reload calls it from
+        the reactor thread). Each value is replaced whole, never changed in place; a request
+        under way may read some of the old values and some of the new."""
         self.buffer_limit = min(settings.buffer_body_bytes, settings.max_body_bytes)
         self.send_pace = Pace.for_responses(settings)
+        self.settings = settings
 
     def start(self):
         for number in range(self.settings.worker_threads):
