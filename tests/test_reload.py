@@ -1,0 +1,430 @@
+"""SIGHUP reloads setup.cfg without dropping a connection (onebox/reload.py).
+
+Most tests run the real `python3 server.py --config <a copy of setup.cfg>` and send it a real
+SIGHUP; a few use the start_server fixture and ``server.note_sighup()``, the very call the
+SIGHUP handler makes (the reload itself then runs in the reactor thread, as it does for a
+signal). Clients other than the loopback proxy come from 127.0.0.2 and up (127.0.0.1 is trusted
+and never limited).
+"""
+import configparser
+import http.client
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+from conftest import ROOT, raw_exchange, request, status_of
+
+from handlers._cache import ResponseCache
+from handlers._core import Response
+from onebox.reload import HOW, RESTART
+from onebox.settings import SETTINGS
+
+SERVER = os.path.join(ROOT, "server.py")
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+def write_config(path, values):
+    """Set ``{"section.key": value}`` in the setup.cfg at ``path`` (sections made as needed)."""
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(str(path), encoding="utf-8")
+    for dotted, value in values.items():
+        section, _, key = dotted.rpartition(".")
+        if not parser.has_section(section):
+            parser.add_section(section)
+        parser.set(section, key, str(value))
+    with open(str(path), "w", encoding="utf-8") as config_file:
+        parser.write(config_file)
+
+
+def config_copy(tmp_path, values=None):
+    """A copy of the shipped setup.cfg in tmp_path (pages_dir is then tmp_path/pages), with
+    ``values`` set, durability off (speed) and bans off (a client refused on purpose by a
+    test is not to be banned, which would close its connections)."""
+    path = tmp_path / "setup.cfg"
+    shutil.copy(os.path.join(ROOT, "setup.cfg"), str(path))
+    (tmp_path / "pages").mkdir(exist_ok=True)
+    write_config(path, dict({"state.durability": "off", "limits.ban_after_rejections": 0,
+                             "limits.scanner_404_paths": 0}, **(values or {})))
+    return path
+
+
+class Process:
+    """`python3 server.py --config CONFIG FLAGS`, its stdout and stderr read by threads."""
+
+    def __init__(self, tmp_path, config, *flags):
+        self.process = subprocess.Popen(
+            [sys.executable, SERVER, "--config", str(config),
+             "--data-dir", str(tmp_path / "data")] + list(flags),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.out, self.err = [], []
+        self.readers = [threading.Thread(target=self._read, args=(stream, lines), daemon=True)
+                        for stream, lines in ((self.process.stdout, self.out),
+                                              (self.process.stderr, self.err))]
+        for reader in self.readers:
+            reader.start()
+        line = self.wait_for(self.out, r"listening on http://127\.0\.0\.1:(\d+)/$")
+        self.port = int(re.search(r":(\d+)/$", line).group(1))
+
+    @staticmethod
+    def _read(stream, lines):
+        for line in stream:
+            lines.append(line.rstrip("\n"))
+
+    def wait_for(self, lines, pattern, after=0, timeout=10):
+        """The first line (from index ``after``) that matches ``pattern``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in lines[after:]:
+                if re.search(pattern, line):
+                    return line
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise AssertionError("no line matching %r; stderr:\n%s"
+                                     % (pattern, "\n".join(self.err)))
+            time.sleep(0.02)
+
+    def reload(self, pattern=r"reload"):
+        """SIGHUP, then the error-log line that reports the reload."""
+        mark = len(self.err)
+        os.kill(self.process.pid, signal.SIGHUP)
+        return self.wait_for(self.err, pattern, after=mark)
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        for reader in self.readers:
+            reader.join(5)
+        self.process.stdout.close()
+        self.process.stderr.close()
+        return self.process.returncode
+
+
+class Port:
+    """Stands in for a started server in conftest's clients (they need ``.port``)."""
+
+    def __init__(self, port):
+        self.port = port
+
+
+def get(port, path, source="127.0.0.2", headers=None, timeout=10):
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout,
+                                            source_address=(source, 0))
+    try:
+        connection.request("GET", path, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        connection.close()
+
+
+class Load:
+    """Clients sending GET /hello continuously from 127.0.0.3, bounded in count and time: one
+    on a keep-alive connection, one opening a connection per request. Any exception (refused,
+    reset, timeout) or 5xx is a failure; every status is counted."""
+
+    def __init__(self, port, max_requests=4000, max_s=20.0, pause_s=0.002):
+        self.port, self.max_requests, self.pause_s = port, max_requests, pause_s
+        self.deadline = time.monotonic() + max_s
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.sent = self.failed = 0
+        self.longest = 0.0
+        self.statuses = {}
+        self.failures = []
+        self.threads = [threading.Thread(target=self._run, args=(keep,)) for keep in (True, False)]
+
+    def __enter__(self):
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(30)
+
+    def _more(self):
+        with self.lock:
+            return (not self.stop.is_set() and self.sent < self.max_requests
+                    and time.monotonic() < self.deadline)
+
+    def _run(self, keep_alive):
+        connection = None
+        while self._more():
+            if connection is None:
+                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10,
+                                                        source_address=("127.0.0.3", 0))
+            started = time.monotonic()
+            status, error = None, None
+            try:
+                connection.request("GET", "/hello")
+                response = connection.getresponse()
+                response.read()
+                status = response.status
+            except (OSError, http.client.HTTPException) as problem:
+                error = "%s: %s" % (type(problem).__name__, problem)
+            waited = time.monotonic() - started
+            with self.lock:
+                self.sent += 1
+                self.longest = max(self.longest, waited)
+                self.statuses[status] = self.statuses.get(status, 0) + 1
+                if error or status >= 500:
+                    self.failed += 1
+                    self.failures.append(error or status)
+            if error or not keep_alive or response.will_close:
+                connection.close()
+                connection = None
+            time.sleep(self.pause_s)
+        if connection is not None:
+            connection.close()
+
+    def figures(self):
+        return ("requests sent %d, failed %d, longest wait %.3f s, statuses %s"
+                % (self.sent, self.failed, self.longest, self.statuses))
+
+
+def burst_statuses(port, count, path="/hello", source="127.0.0.2"):
+    return [get(port, path, source)[0] for _ in range(count)]
+
+
+# --- the real process, a real SIGHUP ----------------------------------------------------------
+
+def test_a_reload_under_load_fails_no_request_and_applies_the_new_limit(tmp_path):
+    config = config_copy(tmp_path, {"limits.route_burst": 1000, "limits.route_rate_per_s": 1000})
+    server = Process(tmp_path, config, "--port", "0", "--access-log", "off")
+    try:
+        assert burst_statuses(server.port, 6) == [200] * 6          # far below the limit
+        with Load(server.port) as load:
+            time.sleep(0.5)
+            write_config(config, {"limits.route_burst": 3, "limits.route_rate_per_s": 0.5,
+                                  "static.extra_headers": "X-Reloaded: 1"})
+            line = server.reload()
+            time.sleep(0.5)
+            # a second reload, with nothing changed, under the same load
+            assert "no setting changed" in server.reload()
+            time.sleep(0.3)
+        print("\nreload under load: " + load.figures())
+        assert "reloaded: static.extra_headers, limits.route_rate_per_s 1000->0.5, " \
+               "limits.route_burst 1000->3" in line, line
+        assert load.failed == 0, (load.figures(), load.failures[:5])
+        assert load.sent >= 100, load.figures()    # the load did run through the reloads
+        assert load.statuses.get(429), load.figures()   # ...and met the new limit after them
+        # a client with a full bucket now has 3 requests, then 429 (it had 1000 before)
+        statuses = burst_statuses(server.port, 5, path="/hello/x")
+        assert statuses[:3] == [200] * 3 and statuses[3:] == [429] * 2, statuses
+        write_config(config, {"limits.route_burst": 1000})
+        assert "limits.route_burst 3->1000" in server.reload()
+        assert burst_statuses(server.port, 5, path="/hello/y") == [200] * 5
+    finally:
+        assert server.stop() == 0
+    assert not [line for line in server.err if "Traceback" in line], server.err
+
+
+def test_an_invalid_file_keeps_the_old_settings_and_names_the_key(tmp_path):
+    config = config_copy(tmp_path, {"limits.route_burst": 4, "limits.route_rate_per_s": 0.5})
+    server = Process(tmp_path, config, "--port", "0")
+    try:
+        write_config(config, {"limits.route_burst": "many", "static.html_max_age_s": 7})
+        line = server.reload()
+        assert re.search(r"reload failed: .*setup\.cfg \[limits\] route_burst: 'many' is not a "
+                         r"whole number; still serving the previous settings", line), line
+        # the old limit (4) still applies, and nothing of the file was taken (html_max_age_s)
+        assert burst_statuses(server.port, 6) == [200] * 4 + [429] * 2
+        (tmp_path / "pages" / "index.html").write_text("<p>hi</p>")
+        assert get(server.port, "/")[1]["cache-control"] == "max-age=60, must-revalidate"
+        # a whole section misspelt, and a rule that does not compile: named too
+        write_config(config, {"limits.route_burst": 4, "static.extra_headers": "Content-Length: 1"})
+        assert "[static] extra_headers: Content-Length is set by the server" in server.reload()
+        write_config(config, {"static.extra_headers": ""})
+        assert "static.html_max_age_s 60->7" in server.reload()
+        assert get(server.port, "/")[1]["cache-control"] == "max-age=7, must-revalidate"
+    finally:
+        assert server.stop() == 0
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_what_needs_a_restart_is_named_and_keeps_its_value(tmp_path):
+    port = free_port()
+    config = config_copy(tmp_path, {"server.port": port, "server.worker_threads": 4})
+    server = Process(tmp_path, config)           # port from the file, not a flag
+    try:
+        assert server.port == port
+        other = free_port()
+        write_config(config, {"server.port": other, "server.worker_threads": 2,
+                              "server.data_dir": str(tmp_path / "elsewhere"),
+                              "state.durability": "batch", "server.max_body_bytes": 10})
+        line = server.reload()
+        # (data_dir changed in the file, but the --data-dir flag wins, as it did at start)
+        assert line.endswith("reloaded: server.max_body_bytes 1048576->10; needs a restart: "
+                              "server.port %d->%d, server.worker_threads 4->2, "
+                              "state.durability off->batch" % (port, other)), line
+        assert get(port, "/hello")[0] == 200                         # still on the old port
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", other)) != 0       # and not on the new one
+        # the live part applied: a body over 10 bytes is refused now
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection.request("POST", "/hello/echo", body=b'{"a": "0123456789"}',
+                           headers={"Content-Type": "application/json"})
+        assert connection.getresponse().status == 413
+        connection.close()
+        # a second reload still says what waits for a restart
+        assert "needs a restart: server.port" in server.reload()
+    finally:
+        assert server.stop() == 0
+
+
+def test_pages_are_scanned_again(tmp_path):
+    # path_recheck_s trusts how a URL maps to a file for an hour: only the reload's fresh static
+    # pages (empty caches) can see that /about is now a file of its own, not about.html
+    config = config_copy(tmp_path, {"static.clean_urls": "on", "static.path_recheck_s": 3600})
+    pages = tmp_path / "pages"
+    (pages / "about.html").write_text("clean url")
+    server = Process(tmp_path, config, "--port", "0")
+    try:
+        assert get(server.port, "/about")[2] == b"clean url"
+        assert get(server.port, "/new.txt")[0] == 404
+        (pages / "about").write_text("a file of its own")
+        (pages / "new.txt").write_text("added after start")
+        assert get(server.port, "/about")[2] == b"clean url"      # the cache hides it
+        assert "reloaded: no setting changed" in server.reload()
+        assert get(server.port, "/about")[2] == b"a file of its own"
+        assert get(server.port, "/new.txt")[2] == b"added after start"
+    finally:
+        assert server.stop() == 0
+
+
+def test_keep_alive_connections_open_across_a_reload_keep_working(tmp_path):
+    config = config_copy(tmp_path)
+    server = Process(tmp_path, config, "--port", "0")
+    try:
+        connections = [http.client.HTTPConnection("127.0.0.1", server.port, timeout=10,
+                                                  source_address=("127.0.0.%d" % (4 + n), 0))
+                       for n in range(3)]
+        sockets = []
+        for connection in connections:
+            connection.request("GET", "/hello")
+            assert connection.getresponse().read() == b"hello, world\n"
+            sockets.append(connection.sock)
+        # one more connection, idle between its request line and the rest of its head
+        partial = socket.create_connection(("127.0.0.1", server.port), timeout=10,
+                                           source_address=("127.0.0.8", 0))
+        partial.sendall(b"GET /hello HTTP/1.1\r\n")
+        write_config(config, {"server.keepalive_timeout_s": 5, "server.header_timeout_s": 5,
+                              "limits.client_burst": 50})
+        assert "server.keepalive_timeout_s 30->5" in server.reload()
+        for connection, sock in zip(connections, sockets):
+            connection.request("GET", "/hello")
+            response = connection.getresponse()
+            assert (response.status, response.read()) == (200, b"hello, world\n")
+            assert connection.sock is sock                  # the same connection, not a new one
+            connection.close()
+        partial.sendall(b"Host: x\r\nConnection: close\r\n\r\n")
+        assert status_of(raw_exchange_on(partial)) == 200
+    finally:
+        assert server.stop() == 0
+
+
+def raw_exchange_on(sock, timeout=10):
+    sock.settimeout(timeout)
+    chunks = []
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    sock.close()
+    return b"".join(chunks)
+
+
+# --- in a thread: note_sighup(), the call the SIGHUP handler makes ----------------------------
+
+def reload_in(server, mark=None):
+    """note_sighup() (what the signal handler does), then the reload's line on the error log."""
+    before = server.error_text()
+    server.note_sighup()
+    deadline = time.monotonic() + 10
+    while True:
+        new = server.error_text()[len(before):]
+        if "reload" in new:
+            return new.strip()
+        assert time.monotonic() < deadline, server.error_text()
+        time.sleep(0.02)
+
+
+def test_every_setting_says_how_a_reload_applies_it():
+    for section, settings in SETTINGS.items():
+        assert set(HOW[section]) == {setting.name for setting in settings}, section
+    assert set(HOW) == set(SETTINGS)
+    restart = sorted("%s.%s" % (section, key) for section, keys in HOW.items()
+                     for key, how in keys.items() if how == RESTART)
+    assert restart == ["server.data_dir", "server.host", "server.port", "server.worker_threads",
+                       "state.batch_interval_ms", "state.compact_journal_bytes",
+                       "state.durability"]
+
+
+def test_new_timeouts_apply_to_new_connections(start_server, tmp_path):
+    config = config_copy(tmp_path)
+    server = start_server(config_file=str(config), pages_dir=tmp_path / "pages")
+    write_config(config, {"server.header_timeout_s": 0.3})
+    assert "server.header_timeout_s 10->0.3" in reload_in(server)
+    assert server.phase == "serving"
+    started = time.monotonic()
+    answer = raw_exchange(server, b"GET /hello HTTP/1.1\r\n", timeout=5, source="127.0.0.2")
+    assert status_of(answer) == 408
+    assert time.monotonic() - started < 3          # not the old 10 s
+
+
+def test_the_access_log_can_be_turned_off_and_on(start_server, tmp_path):
+    config = config_copy(tmp_path, {"server.log_flush_interval_s": 0.05})
+    server = start_server(config_file=str(config), pages_dir=tmp_path / "pages")
+    assert request(server, "GET", "/hello?first")[0] == 200
+    write_config(config, {"server.access_log": "off"})
+    assert "server.access_log on->off" in reload_in(server)
+    assert server.access_log is None and server.reactor.access_log is None
+    assert request(server, "GET", "/hello?second")[0] == 200
+    write_config(config, {"server.access_log": "on", "server.log_flush_interval_s": 0.1})
+    assert "server.access_log off->on, server.log_flush_interval_s 0.05->0.1" \
+        in reload_in(server)
+    assert request(server, "GET", "/hello?third")[0] == 200
+    log = server.access_text()
+    assert "/hello?first" in log and "/hello?third" in log
+    assert "/hello?second" not in log
+
+
+def test_a_reload_without_a_file_changes_nothing(start_server, tmp_path):
+    server = start_server()                        # defaults and overrides: no file
+    settings, guard_policy = server.settings, server.guard.policy
+    assert reload_in(server).endswith("reloaded: no setting changed")
+    assert server.settings is not settings         # fresh objects, never changed in place
+    assert vars(server.settings) == vars(settings)
+    assert server.guard.policy is not guard_policy
+    assert request(server, "GET", "/hello")[0] == 200
+
+
+def test_response_cache_resize_keeps_what_fits():
+    cache = ResponseCache(max_entries=10, max_bytes=1 << 20)
+    for number in range(5):
+        cache.serve("/k%d" % number, 60, lambda: b"x")
+    cache.serve("/k0", 60, lambda: b"y")           # /k0 is now the most recently used
+    cache.resize(3, 1 << 20)
+    assert cache.stats()["entries"] == 3
+    not_stored = Response(b"miss", 200, [("Cache-Control", "no-store")])
+    kept = [key for key in ("/k0", "/k1", "/k2", "/k3", "/k4")
+            if cache.serve(key, 60, lambda: not_stored).body == b"x"]
+    assert kept == ["/k0", "/k3", "/k4"]
