@@ -390,6 +390,19 @@ def test_new_timeouts_apply_to_new_connections(start_server, tmp_path):
     assert time.monotonic() - started < 3          # not the old 10 s
 
 
+def test_pages_dir_and_allowed_hosts_apply_live(start_server, tmp_path):
+    config = config_copy(tmp_path)
+    (tmp_path / "pages" / "where.txt").write_text("first")
+    (tmp_path / "site2").mkdir()
+    (tmp_path / "site2" / "where.txt").write_text("second")
+    server = start_server(config_file=str(config))    # pages_dir from the file: tmp_path/pages
+    assert request(server, "GET", "/where.txt")[2] == b"first"
+    write_config(config, {"server.pages_dir": "site2", "server.allowed_hosts": "example.org"})
+    assert reload_in(server).endswith("reloaded: server.allowed_hosts, server.pages_dir")
+    assert request(server, "GET", "/where.txt", headers={"Host": "example.org"})[2] == b"second"
+    assert request(server, "GET", "/where.txt", headers={"Host": "other.org"})[0] == 421
+
+
 def test_the_access_log_can_be_turned_off_and_on(start_server, tmp_path):
     config = config_copy(tmp_path, {"server.log_flush_interval_s": 0.05})
     server = start_server(config_file=str(config), pages_dir=tmp_path / "pages")
