@@ -129,9 +129,14 @@ def get(port, path, source="127.0.0.2", headers=None, timeout=10):
 
 
 class Load:
-    """Clients sending GET /hello continuously from 127.0.0.3, bounded in count and time: one
-    on a keep-alive connection, one opening a connection per request. Any exception (refused,
-    reset, timeout) or 5xx is a failure; every status is counted."""
+    """Clients sending GETs continuously, bounded in count and time: GET /hello from
+    127.0.0.3 (an ordinary client, which the guard limits) on a keep-alive connection and on a
+    connection per request, and GET / (a static page) from 127.0.0.1 (a trusted proxy's own
+    requests, never limited) on a keep-alive connection. Any exception (refused, reset,
+    timeout) or 5xx is a failure; statuses are counted per client."""
+
+    CLIENTS = (("127.0.0.3", True, "/hello"), ("127.0.0.3", False, "/hello"),
+               ("127.0.0.1", True, "/"))
 
     def __init__(self, port, max_requests=4000, max_s=20.0, pause_s=0.002):
         self.port, self.max_requests, self.pause_s = port, max_requests, pause_s
@@ -142,7 +147,8 @@ class Load:
         self.longest = 0.0
         self.statuses = {}
         self.failures = []
-        self.threads = [threading.Thread(target=self._run, args=(keep,)) for keep in (True, False)]
+        self.threads = [threading.Thread(target=self._run, args=client)
+                        for client in self.CLIENTS]
 
     def __enter__(self):
         for thread in self.threads:
@@ -159,16 +165,16 @@ class Load:
             return (not self.stop.is_set() and self.sent < self.max_requests
                     and time.monotonic() < self.deadline)
 
-    def _run(self, keep_alive):
+    def _run(self, source, keep_alive, path):
         connection = None
         while self._more():
             if connection is None:
                 connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10,
-                                                        source_address=("127.0.0.3", 0))
+                                                        source_address=(source, 0))
             started = time.monotonic()
             status, error = None, None
             try:
-                connection.request("GET", "/hello")
+                connection.request("GET", path)
                 response = connection.getresponse()
                 response.read()
                 status = response.status
@@ -178,7 +184,8 @@ class Load:
             with self.lock:
                 self.sent += 1
                 self.longest = max(self.longest, waited)
-                self.statuses[status] = self.statuses.get(status, 0) + 1
+                counts = self.statuses.setdefault(source, {})
+                counts[status] = counts.get(status, 0) + 1
                 if error or status >= 500:
                     self.failed += 1
                     self.failures.append(error or status)
@@ -202,6 +209,7 @@ def burst_statuses(port, count, path="/hello", source="127.0.0.2"):
 
 def test_a_reload_under_load_fails_no_request_and_applies_the_new_limit(tmp_path):
     config = config_copy(tmp_path, {"limits.route_burst": 1000, "limits.route_rate_per_s": 1000})
+    (tmp_path / "pages" / "index.html").write_text("<p>home</p>")
     server = Process(tmp_path, config, "--port", "0", "--access-log", "off")
     try:
         assert burst_statuses(server.port, 6) == [200] * 6          # far below the limit
@@ -219,7 +227,9 @@ def test_a_reload_under_load_fails_no_request_and_applies_the_new_limit(tmp_path
                "limits.route_burst 1000->3" in line, line
         assert load.failed == 0, (load.figures(), load.failures[:5])
         assert load.sent >= 100, load.figures()    # the load did run through the reloads
-        assert load.statuses.get(429), load.figures()   # ...and met the new limit after them
+        assert load.statuses["127.0.0.3"].get(429), load.figures()   # the new limit met it
+        assert list(load.statuses["127.0.0.1"]) == [200], load.figures()   # never limited
+        assert get(server.port, "/", "127.0.0.1")[1]["x-reloaded"] == "1"
         # a client with a full bucket now has 3 requests, then 429 (it had 1000 before)
         statuses = burst_statuses(server.port, 5, path="/hello/x")
         assert statuses[:3] == [200] * 3 and statuses[3:] == [429] * 2, statuses
