@@ -93,13 +93,14 @@ class Reactor:
 
     def use_settings(self, settings):
         """[server] settings for what starts from now on (at start, and on a reload, in this
-        thread); waits already timed keep their deadlines."""
-        self.settings = settings
+        thread); waits already timed keep their deadlines. Raises before changing anything."""
+        seconds = int(settings.worker_write_s)
+        send_timeval = struct.pack(   # a struct timeval, for SO_SNDTIMEO at each accept
+            "ll", seconds, int((settings.worker_write_s - seconds) * 1e6))
         self.body_pace = Pace.for_bodies(settings)
         self.send_pace = Pace.for_responses(settings)
-        seconds = int(settings.worker_write_s)
-        self.send_timeval = struct.pack(   # a struct timeval, for SO_SNDTIMEO at each accept
-            "ll", seconds, int((settings.worker_write_s - seconds) * 1e6))
+        self.send_timeval = send_timeval
+        self.settings = settings
 
     # -- one turn ---------------------------------------------------------------------------
     def step(self):

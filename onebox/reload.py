@@ -129,11 +129,13 @@ def _running_config(old, new):
 
 
 def _swap(server, config, static, access_log):
-    """Put the new pieces in place, each in one assignment (workers read them as they go)."""
+    """Put the new pieces in place, each in one assignment (workers read them as they go).
+    The one step that can raise (the reactor's, on a value no socket option takes) is first,
+    so that an error leaves the server as it was."""
     settings = config.server
-    server.config, server.settings = config, settings
     server.reactor.use_settings(settings)
     server.workers.use_settings(settings)
+    server.config, server.settings = config, settings
     server.guard.replace_policy(config.guard)
     server.static = static
     server.context.responses.resize(config.cache.max_entries, config.cache.max_bytes)

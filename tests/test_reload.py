@@ -110,13 +110,6 @@ class Process:
         return self.process.returncode
 
 
-class Port:
-    """Stands in for a started server in conftest's clients (they need ``.port``)."""
-
-    def __init__(self, port):
-        self.port = port
-
-
 def get(port, path, source="127.0.0.2", headers=None, timeout=10):
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout,
                                             source_address=(source, 0))
@@ -437,6 +430,21 @@ def test_a_reload_without_a_file_changes_nothing(start_server, tmp_path):
     assert server.settings is not settings         # fresh objects, never changed in place
     assert vars(server.settings) == vars(settings)
     assert server.guard.policy is not guard_policy
+    assert request(server, "GET", "/hello")[0] == 200
+
+
+def test_a_value_that_fails_while_applying_changes_nothing(start_server, tmp_path):
+    # settings take any finite worker_write_s, but SO_SNDTIMEO's struct timeval cannot hold
+    # 1e30 s: the reload fails while applying, and must leave everything as it was
+    config = config_copy(tmp_path)
+    server = start_server(config_file=str(config))
+    settings, policy = server.settings, server.guard.policy
+    write_config(config, {"server.worker_write_s": 1e30, "limits.client_burst": 5})
+    line = reload_in(server)
+    assert "reload failed" in line and "still serving the previous settings" in line, line
+    assert server.settings is settings and server.reactor.settings is settings
+    assert server.workers.settings is settings and server.guard.policy is policy
+    assert server.phase == "serving"
     assert request(server, "GET", "/hello")[0] == 200
 
 
