@@ -29,8 +29,12 @@ class ConfigError(Exception):
     """Bad configuration; the message names where and how to fix it."""
 
 
-Setting = collections.namedtuple("Setting", "name kind default minimum why choices",
-                                 defaults=(None,))
+Setting = collections.namedtuple("Setting", "name kind default minimum why choices maximum",
+                                 defaults=(None, None))
+
+# The longest wait a [server] setting may ask for: waits reach poll() (whose timeout is a C int
+# of milliseconds, ~24.8 days) and SO_SNDTIMEO, and a larger value made them raise at run time.
+LONGEST_WAIT_S = 86400.0
 
 SETTINGS = {
     "server": [
@@ -49,37 +53,46 @@ SETTINGS = {
         Setting("max_connections_per_ip", "int", 256, 1,
                 "open connections from one address; past it 503 (a browser uses ~6)"),
         Setting("header_timeout_s", "float", 10.0, 0.001,
-                "deadline for a whole request head, from its first byte (slowloris)"),
+                "deadline for a whole request head, from its first byte (slowloris)",
+                maximum=LONGEST_WAIT_S),
         Setting("keepalive_timeout_s", "float", 30.0, 0.001,
-                "an idle keep-alive connection is closed after this"),
+                "an idle keep-alive connection is closed after this",
+                maximum=LONGEST_WAIT_S),
         Setting("body_timeout_s", "float", 30.0, 0.001,
-                "longest wait for more request-body bytes before 408"),
+                "longest wait for more request-body bytes before 408",
+                maximum=LONGEST_WAIT_S),
         Setting("buffer_body_bytes", "int", 1048576, 0,
                 "a body up to this (and max_body_bytes) is read before a worker sees the "
                 "request; a larger one is streamed by its handler"),
         Setting("min_body_rate_bytes_s", "float", 240.0, 1.0,
                 "a body must arrive at least this fast on average (after the grace), or 408"),
         Setting("body_rate_grace_s", "float", 5.0, 0.0,
-                "how long a body may arrive slower than min_body_rate_bytes_s"),
+                "how long a body may arrive slower than min_body_rate_bytes_s",
+                maximum=LONGEST_WAIT_S),
         Setting("write_timeout_s", "float", 30.0, 0.001,
-                "longest wait for a client to accept more response bytes"),
+                "longest wait for a client to accept more response bytes",
+                maximum=LONGEST_WAIT_S),
         Setting("min_response_rate_bytes_s", "float", 240.0, 1.0,
                 "a client must take a response at least this fast on average (after the "
                 "grace), or it is cut off"),
         Setting("response_rate_grace_s", "float", 5.0, 0.0,
-                "how long a client may take a response slower than min_response_rate_bytes_s"),
+                "how long a client may take a response slower than min_response_rate_bytes_s",
+                maximum=LONGEST_WAIT_S),
         Setting("worker_write_s", "float", 0.1, 0.001,
                 "a worker writes a response this long at most; a slower client's rest is "
-                "finished by the reactor"),
+                "finished by the reactor",
+                maximum=LONGEST_WAIT_S),
         Setting("stall_timeout_s", "float", 10.0, 2.0,
                 "the reactor must turn, and a queued job reach a worker, within this, or the "
-                "server is unhealthy (no systemd watchdog ping; /healthz 503)"),
+                "server is unhealthy (no systemd watchdog ping; /healthz 503)",
+                maximum=LONGEST_WAIT_S),
         Setting("max_workers_per_client", "int", 4, 1,
                 "workers one client may hold at once; its other ready requests wait their turn"),
         Setting("max_waiting_per_client", "int", 32, 1,
                 "bodies and responses one client may have waiting at once; more wait in line"),
         Setting("shutdown_timeout_s", "float", 10.0, 0.0,
-                "how long busy requests may run on after SIGTERM"),
+                "how long busy requests may run on after SIGTERM",
+                maximum=LONGEST_WAIT_S),
         Setting("max_request_line_bytes", "int", 8192, 64, "longer request lines get 414"),
         Setting("max_head_bytes", "int", 65536, 256, "larger request heads get 431"),
         Setting("max_header_count", "int", 100, 1, "more header lines get 431"),
@@ -88,7 +101,8 @@ SETTINGS = {
                 "unread body left by a handler is read and dropped up to this; past it close"),
         Setting("access_log", "bool", True, None, "one combined-format line per request on stdout"),
         Setting("log_flush_interval_s", "float", 1.0, 0.01,
-                "access lines are written in batches at least this often"),
+                "access lines are written in batches at least this often",
+                maximum=LONGEST_WAIT_S),
         Setting("log_buffer_bytes", "int", 1048576, 4096,
                 "access lines waiting for a slow stdout; past it they are dropped and counted"),
     ],
@@ -128,7 +142,8 @@ SETTINGS = {
         Setting("file_cache_bytes", "int", 33554432, 0,
                 "memory for small files' bytes and every file's precomputed headers"),
         Setting("path_recheck_s", "float", 1.0, 0.0,
-                "how long a URL's file (symlinks, index.html) is trusted; edits show at once"),
+                "how long a URL's file (symlinks, index.html) is trusted; edits show at once",
+                maximum=LONGEST_WAIT_S),
         Setting("max_ranges", "int", 16, 1,
                 "a Range with more parts gets the whole file (RFC 9110 14.2: likely abuse)"),
         Setting("max_multipart_bytes", "int", 1048576, 0,
@@ -248,6 +263,8 @@ def _parse_value(setting, raw, where):
         raise ConfigError("%s: %r is not one of %s" % (where, raw, ", ".join(setting.choices)))
     if setting.minimum is not None and not value >= setting.minimum:
         raise ConfigError("%s: %r is below the minimum %s" % (where, raw, setting.minimum))
+    if setting.maximum is not None and not value <= setting.maximum:
+        raise ConfigError("%s: %r is above the maximum %s" % (where, raw, setting.maximum))
     if setting.name == "port" and value > 65535:
         raise ConfigError("%s: %r is not a TCP port (0-65535)" % (where, raw))
     return value

@@ -131,6 +131,31 @@ def test_the_minimum_table_is_not_empty():
     assert len(minimum_rows()) > 40        # every int and float setting with a minimum
 
 
+def maximum_rows():
+    return [pytest.param(section, setting, id="%s.%s" % (section, setting.name))
+            for section, settings in SETTINGS.items() for setting in settings
+            if setting.maximum is not None]
+
+
+@pytest.mark.parametrize("section, setting", maximum_rows())
+def test_every_maximum_is_a_boundary(section, setting):
+    """A wait past LONGEST_WAIT_S used to pass the checks and then raise at run time
+    (keepalive_timeout_s 1e30 in poll(), worker_write_s 1e30 in struct.pack for SO_SNDTIMEO)."""
+    key = "%s.%s" % (section, setting.name)
+    config = load_config(None, {key: str(setting.maximum)})
+    assert getattr(getattr(config, section), setting.name) == setting.maximum
+    with pytest.raises(ConfigError, match="above the maximum"):
+        load_config(None, {key: "1e30"})
+
+
+def test_every_server_wait_has_a_maximum():
+    waits = [setting.name for setting in SETTINGS["server"]
+             if setting.kind == "float" and setting.name.endswith("_s")
+             and not setting.name.endswith("bytes_s")]
+    assert waits and [row.values[1].name for row in maximum_rows()
+                      if row.values[0] == "server"] == waits
+
+
 # --- unknown sections and keys --------------------------------------------------------------------
 
 def test_unknown_key_names_file_section_key_and_what_the_section_knows(tmp_path):
