@@ -66,6 +66,7 @@ import sys
 import time
 
 from handlers._state import StateError, StateLockedError, Store
+from onebox.admin import AdminConfigError, load_token
 from onebox.engine import OneboxServer
 from onebox.routing import RouteError, Router, load_routes
 from onebox.settings import DEFAULT_CONFIG_FILE, SETTINGS, ConfigError, load_config  # noqa: F401
@@ -131,7 +132,8 @@ def main(argv=None):
     try:
         config = load_config(args.config, overrides)
         router = Router(load_routes())
-    except (ConfigError, RouteError) as error:
+        load_token(config.admin)   # fail here, before the state is opened, if one is needed
+    except (ConfigError, RouteError, AdminConfigError) as error:
         print("onebox: %s" % error, file=sys.stderr)
         return 1
     if args.check:
@@ -160,16 +162,23 @@ def serve(config, router, store):
     raise_file_limit(config.server.max_connections + 64)
     try:
         server = OneboxServer(config, router, store=store)
+    except AdminConfigError as error:
+        store.close()
+        print("onebox: %s" % error, file=sys.stderr)
+        return 1
     except OSError as error:
         store.close()
-        print("onebox: cannot listen on %s port %s: %s"
-              % (config.server.host, config.server.port, error.strerror), file=sys.stderr)
+        print("onebox: cannot listen on %s port %s (or the admin listener on %s port %s): %s"
+              % (config.server.host, config.server.port, config.admin.host, config.admin.port,
+                 error.strerror), file=sys.stderr)
         return 1
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: server.begin_shutdown())
     signal.signal(signal.SIGUSR1, lambda *_: server.request_backup())
     signal.signal(signal.SIGHUP, lambda *_: server.note_sighup())
     print("listening on %s" % server.url, flush=True)
+    if server.admin_url:
+        print("admin on %s" % server.admin_url, flush=True)
     try:
         server.serve_forever()
     finally:
