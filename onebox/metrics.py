@@ -10,6 +10,10 @@ two threads write the same counter; a scrape sums the shards. A scrape may read 
 its thread writes it: a count can then be one request behind, never wrong by more, and it is
 right at the next scrape (counters only grow).
 
+Requests the reactor refuses before any worker sees them (a connection over a cap, a head
+that is malformed or too slow) are not requests here: they are in
+``onebox_connections_refused_total`` and the guard's counters.
+
 Cardinality is bounded by what the server knows, never by what clients send: ``route`` is a
 route's pattern ("/api/notes/{id}"), or one of ``STATIC``, ``UNROUTED`` (no route and no page:
 404, 405), ``REFUSED`` (answered before routing: the guard, a malformed request); ``method``

@@ -304,3 +304,25 @@ def test_admin_connections_have_their_own_cap(start_server):
             sock.close()
     time.sleep(0.2)
     assert admin_request(server, "GET", "/metrics")[0] == 200
+
+
+def test_a_handed_over_admin_socket_is_served_instead_of_binding(tmp_path):
+    """Socket activation names the admin listener "admin" (LISTEN_FDNAMES): it is used as is."""
+    from conftest import onebox
+    handed = socket.create_server(("127.0.0.1", 0))
+    config = onebox.load_config(None, {"port": 0, "data_dir": str(tmp_path / "data"),
+                                       "admin.port": "off",   # off: only the handed socket
+                                       "access_log": False})
+    store = onebox.open_store(config)
+    built = onebox.OneboxServer(config, onebox.Router(onebox.load_routes()), store=store,
+                                listeners={"admin": handed})
+    thread = threading.Thread(target=built.serve_forever)
+    thread.start()
+    try:
+        assert built.admin_socket is handed
+        assert built.admin_url == "http://127.0.0.1:%d/" % handed.getsockname()[1]
+        assert admin_request(built, "GET", "/metrics")[0] == 200
+    finally:
+        built.shutdown()
+        thread.join(30)
+        built.server_close()
