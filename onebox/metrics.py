@@ -238,15 +238,23 @@ def _requests(out, server):
 def _connections(out, server):
     reactor, handoff = server.reactor, server.handoff
     parked = reactor.parked
+    # the heap of body and send waits may hold stale entries (see Reactor._expire): count each
+    # connection once, by what it waits for now
+    timed = {conn for _, _, conn in list(reactor.timed)}
+    waits = [conn.waiting for conn in timed]
     states = [("reading", len(parked["new"]) + len(parked["head"])),
               ("idle", len(parked["idle"])), ("held", len(handoff.held)),
               ("lingering", len(parked["linger"])), ("in_workers", len(reactor.busy)),
-              ("waiting", len(reactor.timed))]
+              ("body", waits.count("body")), ("send", waits.count("send")),
+              ("in_line", sum(len(line) for line in list(reactor.wait_line.values()))),
+              ("ready", sum(len(line) for line in list(reactor.ready_line.values())))]
     out.one("onebox_connections_open", "gauge", "Open connections on the public port",
             reactor.open)
     out.family("onebox_connections", "gauge",
                "Public connections by what they wait for (idle: kept, parked in the reactor; "
-               "held: kept, a worker waits on it; waiting: body or slow-reader waits, roughly)",
+               "held: kept, a worker waits on it; body: its request body; send: a slow reader; "
+               "in_line: behind its client's other waits; ready: for its client's share of the "
+               "workers)",
                [({"state": name}, value) for name, value in states])
     out.one("onebox_connections_max", "gauge", "max_connections", server.settings.max_connections)
     out.one("onebox_admin_connections_open", "gauge", "Open connections on the admin listener",
