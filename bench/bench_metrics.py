@@ -5,8 +5,8 @@
                                    [--off-flag=--status-history=off ...]
 
 Two servers from this checkout run side by side, the same settings but for ``[admin] metrics``
-(``--admin-metrics off``, plus every ``--off-flag``: the status page's ring buffer, once it has
-one, belongs there too); both pinned to CPU 0, wrk to CPU 1 (bench_http.py's helpers). Each round
+(``--admin-metrics off``; the status page's recorder too, ``--status-recorder off``, when this
+checkout has it; plus every ``--off-flag``); both pinned to CPU 0, wrk to CPU 1 (bench_http.py's helpers). Each round
 measures both, in alternating order, after a one-second warm-up; the report is the median of
 the rounds' req/s and of the server's CPU time per request, and the median of the per-round
 on/off ratios (interleaving keeps a noisy neighbour from favouring one side). The target is
@@ -23,6 +23,7 @@ import argparse
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 
@@ -57,6 +58,10 @@ def main():
     args = parser.parse_args()
     ensure_wrk()
     off_flags = ["--admin-metrics", "off"]
+    help_text = subprocess.run([sys.executable, "server.py", "--help"], capture_output=True,
+                               text=True, cwd=ROOT).stdout
+    if "--status-recorder" in help_text:   # the status page's ring buffer (onebox/activity.py)
+        off_flags += ["--status-recorder", "off"]
     for flag in args.off_flag:
         off_flags += flag.split("=", 1)
     work = tempfile.mkdtemp(prefix="onebox-metrics-")
