@@ -118,7 +118,8 @@ def test_off_loopback_with_a_credential_file_starts_and_wants_the_token(tmp_path
                             env=environment_without_token(CREDENTIALS_DIRECTORY=str(credentials)))
     try:
         process.stdout.readline()
-        admin = re.fullmatch(r"admin on http://0\.0\.0\.0:(\d+)/", process.stdout.readline().strip())
+        line = process.stdout.readline().strip()
+        admin = re.fullmatch(r"admin on http://0\.0\.0\.0:(\d+)/", line)
         assert admin
         url = "http://127.0.0.1:%s/metrics" % admin.group(1)
         code = ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", url]
