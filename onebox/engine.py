@@ -96,7 +96,8 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         self.reactor = Reactor(self.socket, settings, self.handoff, self._poller, self.guard,
                                self.access_log, self.log_error, self.admin_socket,
                                config.admin.max_connections)
-        self.reactor.health = HealthChecks(self, config.health)
+        self.health_checks = HealthChecks(self, config.health)
+        self.reactor.health = self.health_checks
         self.reactor.metrics = self.metrics if self.metrics.enabled else None
         self.workers = Workers(self, self.handoff, self._poller)
         # What the server is doing, for readiness (/readyz, systemd): "starting" until the

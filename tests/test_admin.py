@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, raw_exchange, request, status_of
+from conftest import ROOT, raw_exchange, read_until_close, request, status_of
 
 SERVER = os.path.join(ROOT, "server.py")
 TOKEN = "s3cret-admin-token-for-tests"
@@ -297,7 +297,6 @@ def test_admin_connections_have_their_own_cap(start_server):
     try:
         time.sleep(0.2)
         extra = socket.create_connection(("127.0.0.1", port), timeout=5)
-        from conftest import read_until_close
         assert status_of(read_until_close(extra)) == 503
         extra.close()
     finally:
@@ -327,3 +326,19 @@ def test_a_handed_over_admin_socket_is_served_instead_of_binding(tmp_path):
         built.shutdown()
         thread.join(30)
         built.server_close()
+
+
+def test_a_health_check_on_a_kept_connection_is_answered_too(start_server):
+    """After another request on the same connection, a worker (not the reactor) sees it."""
+    server = start_server(config={"limits.client_rate_per_s": 0.001, "limits.client_burst": 1})
+    sock = socket.create_connection(("127.0.0.1", server.port), source_address=("127.0.0.2", 0))
+    try:
+        sock.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n"
+                     b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+                     b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        raw = read_until_close(sock)
+    finally:
+        sock.close()
+    assert raw.count(b"HTTP/1.1 200 OK") == 3, raw   # the burst of 1 went on /hello
+    assert raw.endswith(b"ready\n") and b"\r\n\r\nok\n" in raw
+    assert server.access_text().count("GET /healthz") == 1
