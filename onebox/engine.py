@@ -21,7 +21,7 @@ from handlers import _context
 from handlers._cache import ResponseCache
 from handlers._limits import LimiterRegistry
 from handlers._state import StateError
-from onebox.admin import AdminSite, load_token
+from onebox.admin import AdminConfigError, AdminSite, load_token
 from onebox.guard import Guard
 from onebox.health import HealthChecks
 from onebox.handoff import Handoff
@@ -83,9 +83,12 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         self.admin_socket = None
         try:
             self.admin_socket = self._listen_admin(config.admin, self.listeners.get("admin"))
-        except OSError:
+        except OSError as error:
             self.server_close()
-            raise
+            raise AdminConfigError(
+                "cannot listen on %s port %s for the admin listener: %s; set [admin] port "
+                "(--admin-port 0 picks a free one, off turns it off)"
+                % (config.admin.host, config.admin.port, error.strerror or error)) from None
         self.metrics = Metrics(config.admin.metrics)
         if config.allowed_hosts is None and not _is_loopback(settings.host):
             self.log_error("listening on %s with any Host allowed: set allowed_hosts in [server] "

@@ -342,3 +342,17 @@ def test_a_health_check_on_a_kept_connection_is_answered_too(start_server):
     assert raw.count(b"HTTP/1.1 200 OK") == 3, raw   # the burst of 1 went on /hello
     assert raw.endswith(b"ready\n") and b"\r\n\r\nok\n" in raw
     assert server.access_text().count("GET /healthz") == 1
+
+
+def test_an_admin_port_in_use_is_a_clear_error(tmp_path):
+    holder = socket.create_server(("127.0.0.1", 0))
+    port = holder.getsockname()[1]
+    try:
+        process = start_process(tmp_path, "--admin-port", str(port),
+                                env=environment_without_token())
+        out, err = process.communicate(timeout=30)
+    finally:
+        holder.close()
+    assert process.returncode == 1 and "Traceback" not in err
+    assert "cannot listen on 127.0.0.1 port %d for the admin listener" % port in err, err
+    assert "--admin-port 0" in err
