@@ -21,6 +21,9 @@ Where things are
 ``onebox/reactor.py``   the thread that accepts, and owns every connection that waits
 ``onebox/workers.py``   the pool that serves requests that are ready
 ``onebox/engine.py``    the server object that composes them: start, drain, stop
+``onebox/admin.py``     the admin listener: /metrics, the status page, its token and origin check
+``onebox/metrics.py``   per-thread request counters; /metrics in the Prometheus text format
+``onebox/health.py``    /healthz and /readyz on the public port, answered by the reactor
 Dependencies point one way: ``server.py`` imports ``onebox``; ``onebox`` imports the contract
 (``handlers/_*.py``) and the areas (to route to them); areas import only the contract; nothing
 imports ``server.py`` but tests.
@@ -66,6 +69,7 @@ import sys
 import time
 
 from handlers._state import StateError, StateLockedError, Store
+from onebox.admin import AdminConfigError, load_token
 from onebox.engine import OneboxServer
 from onebox.routing import RouteError, Router, load_routes
 from onebox.settings import DEFAULT_CONFIG_FILE, SETTINGS, ConfigError, load_config  # noqa: F401
@@ -131,7 +135,8 @@ def main(argv=None):
     try:
         config = load_config(args.config, overrides)
         router = Router(load_routes())
-    except (ConfigError, RouteError) as error:
+        load_token(config.admin)   # fail here, before the state is opened, if one is needed
+    except (ConfigError, RouteError, AdminConfigError) as error:
         print("onebox: %s" % error, file=sys.stderr)
         return 1
     if args.check:
@@ -160,6 +165,10 @@ def serve(config, router, store):
     raise_file_limit(config.server.max_connections + 64)
     try:
         server = OneboxServer(config, router, store=store)
+    except AdminConfigError as error:
+        store.close()
+        print("onebox: %s" % error, file=sys.stderr)
+        return 1
     except OSError as error:
         store.close()
         print("onebox: cannot listen on %s port %s: %s"
@@ -170,6 +179,8 @@ def serve(config, router, store):
     signal.signal(signal.SIGUSR1, lambda *_: server.request_backup())
     signal.signal(signal.SIGHUP, lambda *_: server.note_sighup())
     print("listening on %s" % server.url, flush=True)
+    if server.admin_url:
+        print("admin on %s" % server.admin_url, flush=True)
     try:
         server.serve_forever()
     finally:

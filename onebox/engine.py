@@ -22,9 +22,12 @@ from handlers import _context
 from handlers._cache import ResponseCache
 from handlers._limits import LimiterRegistry
 from handlers._state import StateError
+from onebox.admin import AdminConfigError, AdminSite, load_token
 from onebox.guard import Guard
+from onebox.health import HealthChecks
 from onebox.handoff import Handoff
 from onebox.logs import AccessLog, error_entry
+from onebox.metrics import Metrics
 from onebox.poller import Poller
 from onebox.reactor import Reactor
 from onebox.reload import reload_server
@@ -47,7 +50,9 @@ class OneboxServer(http.server.ThreadingHTTPServer):
     ``note_sighup()`` (from signal handlers), ``log_error(message, detail)`` (any thread),
     ``reload()`` (the reactor thread, on SIGHUP).
     The site the workers serve: ``config``, ``settings``, ``router``, ``static``, ``guard``,
-    ``context`` (store, response cache, limiters), ``access_log``.
+    ``context`` (store, response cache, limiters), ``access_log``. The operator's:
+    ``metrics``, ``admin`` (the admin listener's site, or None: onebox/admin.py),
+    ``admin_socket``, ``admin_url``, ``health()``, ``phase``, ``started_at``.
     """
 
     request_queue_size = 1024   # listen backlog: bursts of connects queue instead of failing
@@ -59,6 +64,9 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         zero-downtime restart hand them over): "http" is served instead of binding host:port;
         other names are for the listeners that use them (e.g. "admin")."""
         settings = config.server
+        self.started_at = time.time()
+        # before anything is bound: a missing admin token stops start-up (AdminConfigError)
+        admin_token = load_token(config.admin)
         self.listeners = dict(listeners or {})
         self.config, self.settings, self.router = config, settings, router
         self.store = store   # the shared state; closed (and compacted) after the workers stop
@@ -76,6 +84,16 @@ class OneboxServer(http.server.ThreadingHTTPServer):
             self.access_log = AccessLog(self.access_stream, settings.log_flush_interval_s,
                                         settings.log_buffer_bytes, self.log_error)
         self._listen(settings, self.listeners.get("http"))
+        self.admin_socket = None
+        try:
+            self.admin_socket = self._listen_admin(config.admin, self.listeners.get("admin"))
+        except OSError as error:
+            self.server_close()
+            raise AdminConfigError(
+                "cannot listen on %s port %s for the admin listener: %s; set [admin] port "
+                "(--admin-port 0 picks a free one, off turns it off)"
+                % (config.admin.host, config.admin.port, error.strerror or error)) from None
+        self.metrics = Metrics(config.admin.metrics)
         if config.allowed_hosts is None and not _is_loopback(settings.host):
             self.log_error("listening on %s with any Host allowed: set allowed_hosts in [server] "
                            "(e.g. allowed_hosts = example.org) so that DNS rebinding cannot "
@@ -83,7 +101,11 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         self.handoff = Handoff()
         self._poller = Poller()
         self.reactor = Reactor(self.socket, settings, self.handoff, self._poller, self.guard,
-                               self.access_log, self.log_error)
+                               self.access_log, self.log_error, self.admin_socket,
+                               config.admin.max_connections)
+        self.health_checks = HealthChecks(self, config.health)
+        self.reactor.health = self.health_checks
+        self.reactor.metrics = self.metrics if self.metrics.enabled else None
         self.workers = Workers(self, self.handoff, self._poller)
         # What the server is doing, for readiness (/readyz, systemd): "starting" until the
         # reactor's first turn, then "serving"; "reloading" while the reactor applies a reload;
@@ -96,6 +118,35 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         self._reactor_thread = None
         self._stopped = threading.Event()
         self.stuck_workers = 0
+        self.admin = None
+        if self.admin_socket is not None:
+            try:
+                self.admin = AdminSite(self, admin_token)
+            except Exception:
+                self.server_close()
+                raise
+
+    def _listen_admin(self, admin_settings, inherited=None):
+        """The admin listener (onebox/admin.py): the socket handed over, else one bound to
+        [admin] host and port, else None (port = off)."""
+        if inherited is not None:
+            inherited.setblocking(False)
+            return inherited
+        if admin_settings.port is None:
+            return None
+        family = socket.AF_INET6 if ":" in admin_settings.host else socket.AF_INET
+        sock = socket.create_server((admin_settings.host, admin_settings.port), family=family,
+                                    backlog=64)
+        sock.setblocking(False)
+        return sock
+
+    @property
+    def admin_url(self):
+        if self.admin_socket is None:
+            return None
+        host, port = self.admin_socket.getsockname()[:2]
+        host = "[%s]" % host if ":" in host else host
+        return "http://%s:%d/" % (host, port)
 
     def _listen(self, settings, inherited=None):
         if inherited is not None:
@@ -163,6 +214,8 @@ class OneboxServer(http.server.ThreadingHTTPServer):
             self.access_log.start()
         self.workers.start()
         self._poller.watch(self.socket, "listener")
+        if self.admin_socket is not None:
+            self._poller.watch(self.admin_socket, "admin-listener")
         self._poller.watch(self.handoff.wakeup_socket, "wakeup")
         try:
             while not self.handoff.stopping:
@@ -198,8 +251,16 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         if self._reactor_thread is not None:
             self._stopped.wait()
 
+    def _close_admin_socket(self):
+        sock = getattr(self, "admin_socket", None)
+        if sock is not None and sock.fileno() >= 0:
+            if getattr(self, "_poller", None) is not None:
+                self._poller.forget(sock)
+            sock.close()
+
     def server_close(self):
         self._close_store()
+        self._close_admin_socket()
         socketserver.TCPServer.server_close(self)
         if getattr(self, "handoff", None) is not None:
             self.handoff.close()
@@ -211,6 +272,7 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         shutdown_timeout_s to finish, then cut what is left."""
         self._poller.forget(self.socket)
         self.socket.close()
+        self._close_admin_socket()
         self.reactor.drain(time.monotonic() + self.settings.shutdown_timeout_s)
 
     def _stop_workers(self):

@@ -41,7 +41,8 @@ RESTART = "restart"
 #   RESTART      kept as it is until the next start:
 #                host, port: the listening socket is bound once (and may be inherited);
 #                data_dir, [state]: the state store is open and locked there, with these rules;
-#                worker_threads: the pool is started once.
+#                worker_threads: the pool is started once;
+#                [admin], [health]: the admin listener is bound, the checks built, at start.
 _CONNECTION_KEYS = (
     "max_connections max_connections_per_ip header_timeout_s keepalive_timeout_s body_timeout_s "
     "buffer_body_bytes min_body_rate_bytes_s body_rate_grace_s write_timeout_s "
@@ -58,6 +59,9 @@ HOW = {
     "static": {setting.name: "static" for setting in SETTINGS["static"]},
     "limits": {setting.name: "guard" for setting in SETTINGS["limits"]},
     "cache": {setting.name: "cache" for setting in SETTINGS["cache"]},
+    # the admin listener is bound, and the health checks and metrics built, once at start
+    "admin": {setting.name: RESTART for setting in SETTINGS["admin"]},
+    "health": {setting.name: RESTART for setting in SETTINGS["health"]},
 }
 
 
@@ -124,7 +128,10 @@ def _running_config(old, new):
             setattr(server, key, getattr(new.server, key))
     config = types.SimpleNamespace(**vars(old))
     vars(config).update(vars(new))
-    config.server, config.state = server, old.state
+    config.server = server
+    for section, keys in HOW.items():   # sections wholly fixed at start keep their running values
+        if section != "server" and all(how == RESTART for how in keys.values()):
+            setattr(config, section, getattr(old, section))
     return config
 
 

@@ -9,6 +9,11 @@ with an ``Outcome``. A worker never waits on a slow client except for a body too
 that its handler streams, and a streamed response whose produced chunks the client does not take:
 both under a minimum data rate (``onebox/transfer.py``).
 
+A connection from the admin listener (``conn.admin``) skips the guard and goes to the admin
+site's routes only (``onebox/admin.py``). Each request is counted once for the metrics
+(``onebox/metrics.py``), where its access line is logged (or by the reactor, for a response it
+finishes).
+
 The pool's size is an invariant: nothing a request or a hand-back raises ends a worker.
 Threads: ``worker_threads`` of them, each bound to its server's context (state, cache, limiters;
 ``handlers/_context.py``). Imports the contract and the runtime's codec, transfer, routing and
@@ -24,6 +29,7 @@ from handlers._core import HTTPError, Headers, Request, Response, to_response
 from onebox.codec import (check_response, decode_path, error_response, parse_head,
                           split_target)
 from onebox.handoff import PROBE, Outcome
+from onebox.metrics import REFUSED, STATIC, UNROUTED
 from onebox.routing import METHODS, NotRouted
 from onebox.settings import host_allowed
 from onebox.static import STATIC_METHODS
@@ -38,11 +44,12 @@ class _Exchange:
     the reactor while the request waits for its body)."""
 
     __slots__ = ("head", "request", "reader", "verdict", "response", "unrouted", "keep_alive",
-                 "started", "raw_head", "scan")
+                 "started", "raw_head", "scan", "route")
 
     def __init__(self, started, raw_head):
         self.head = self.request = self.reader = self.verdict = self.response = None
         self.unrouted = False
+        self.route = REFUSED   # the metrics' route label: the pattern, once routed
         self.keep_alive = False
         self.started = started
         self.raw_head = raw_head
@@ -67,6 +74,9 @@ class Workers:
         self.poller = poller
         self.threads = []
         self.stuck = 0
+        metrics = server.metrics
+        self.metrics = metrics if metrics.enabled else None
+        self.health_checks = server.health_checks
         self.use_settings(server.settings)
 
     def use_settings(self, settings):
@@ -230,7 +240,7 @@ class Workers:
         """Steps 3-6 of a request whose body (if any) is buffered or to be streamed."""
         # 3. Route it and run the handler (or a static page).
         if exchange.response is None:
-            self._dispatch_into(exchange)
+            self._dispatch_into(conn, exchange)
         if self.handoff.stopping:
             exchange.keep_alive = False   # say Connection: close while shutting down
         # 4. A body the handler left unread is judged before the answer goes out.
@@ -239,17 +249,40 @@ class Workers:
         note = self._count_for_guard(conn, exchange)
         # 6. Write it for a turn (the reactor finishes it for a slow reader); log it.
         sent, outbox = self._write(conn, exchange)
+        metrics = self.metrics
+        if metrics is not None:
+            self._count(conn, exchange, sent, outbox)
+        if conn.admin:
+            note = "admin"
         if outbox is not None:
             outbox.log = self._log_fields(conn, exchange, note)
             outbox.keep_alive = exchange.keep_alive
             conn.outbox, conn.wait_key = outbox, self._wait_key(conn, exchange)
             return Outcome.SEND
         log = self.server.access_log
-        if log:
+        if log and (exchange.route not in self.health_checks.paths or self.health_checks
+                    .should_log(exchange.route, exchange.response.status)):
             ip, line, status, referer, agent, started, note = self._log_fields(conn, exchange,
                                                                                note)
             log.log(ip, line, status, sent, referer, agent, time.monotonic() - started, note)
         return None if exchange.keep_alive else Outcome.CLOSE
+
+    def _count(self, conn, exchange, sent, outbox):
+        """Metrics, once per request (onebox/metrics.py): admin requests apart; a response the
+        reactor finishes is counted by it, when it is done."""
+        metrics, status = self.metrics, exchange.response.status
+        if conn.admin:
+            metrics.record_admin(status)
+            return
+        verdict = exchange.verdict
+        if verdict is not None:
+            metrics.record_decision(verdict)
+        method = exchange.head.method if exchange.head is not None else "other"
+        if outbox is not None:
+            outbox.metric = (method, status, exchange.route, exchange.started)
+        else:
+            metrics.record(method, status, exchange.route, time.monotonic() - exchange.started,
+                           sent)
 
     def _prepare(self, conn, exchange):
         """Parse, build the request, ask the guard; a failure becomes the response. Whatever
@@ -267,17 +300,31 @@ class Workers:
                 server.log_error("unparsable request from %s: %s" % (conn.ip,
                                                                      type(error).__name__))
                 raise HTTPError(400, "malformed request") from None
+            if conn.admin or self._is_health_check(exchange):
+                # the operator's listener, or a monitor: never limited, banned or counted
+                exchange.keep_alive = exchange.head.keep_alive and not self.handoff.stopping
+                return
             exchange.verdict = verdict = server.guard.check(exchange.request, conn.client)
             if verdict is not None and not verdict.dry_run:
                 raise HTTPError(verdict.status, verdict.message, verdict.headers)
         except HTTPError as error:
-            exchange.response = self._error_for(exchange.request, error)
+            exchange.response = self._error_for(exchange.request, error, conn.admin)
         request, verdict = exchange.request, exchange.verdict
         # a request that could not even be built leaves the framing in doubt: close (and a
         # banned client reconnects, to meet the ban at accept)
         exchange.keep_alive = (request is not None and exchange.head.keep_alive
                                and not self.handoff.stopping
                                and not (verdict is not None and verdict.close))
+
+    def _is_health_check(self, exchange):
+        """A health check that reached a worker (most are answered by the reactor: see
+        onebox/health.py) is answered here, before the guard."""
+        request, checks = exchange.request, self.health_checks
+        if request.path not in checks.paths or request.method not in ("GET", "HEAD"):
+            return False
+        exchange.response = checks.response_for(request.path)
+        exchange.route = request.path
+        return True
 
     def _wait_for_body(self, conn, exchange, buffered):
         """Hand the connection to the reactor until the body is in (issue 12: no worker waits
@@ -303,12 +350,15 @@ class Workers:
             return None
         return self.server.guard.key_of(request.client_ip)
 
-    def _dispatch_into(self, exchange):
+    def _dispatch_into(self, conn, exchange):
         try:
-            exchange.response = self._dispatch(exchange.request)
+            if conn.admin:
+                exchange.response = self.server.admin.serve(exchange.request, self._call)
+            else:
+                exchange.response = self._dispatch(exchange.request, exchange)
         except HTTPError as error:
             exchange.unrouted = isinstance(error, NotRouted)
-            exchange.response = self._error_for(exchange.request, error)
+            exchange.response = self._error_for(exchange.request, error, conn.admin)
 
     def _settle_body(self, conn, exchange):
         """Drain what the handler left unread, if it is all here, judging its framing: a
@@ -340,6 +390,8 @@ class Workers:
         guard = self.server.guard
         verdict, request = exchange.verdict, exchange.request
         note = verdict.note if verdict is not None else None
+        if conn.admin:
+            return None
         if request is None:
             note = guard.saw_bad_request(conn.ip, conn.client, exchange.response.status) or note
         elif exchange.unrouted:
@@ -390,7 +442,7 @@ class Workers:
             raise HTTPError(413, "request body too large")  # before reading a byte of it
         raw_path, query = split_target(head)
         allowed = self.server.config.allowed_hosts
-        if allowed is not None and not host_allowed(allowed,
+        if allowed is not None and not conn.admin and not host_allowed(allowed,
                                                     (head.fields.get("host") or ("",))[0]):
             # RFC 9110 section 15.5.20; a browser sent here by DNS rebinding names another host
             raise HTTPError(421, "this server does not serve that host")
@@ -398,14 +450,17 @@ class Workers:
         return Request(head.method, path, segments, query, Headers(head.fields), conn.ip,
                        head.version, reader)
 
-    def _dispatch(self, request):
-        """Handler routes first, then static pages; 404 and 405 (with Allow) otherwise."""
+    def _dispatch(self, request, exchange):
+        """Handler routes first, then static pages; 404 and 405 (with Allow) otherwise.
+        ``exchange.route`` gets the metrics' route label."""
         method = request.method
+        exchange.route = UNROUTED
         if request.path == "*":
             return Response(b"", 204, [("Allow", ", ".join(METHODS))])
         route, params, allowed = self.server.router.match(method, request.segments)
         if route is not None:
             request.params = params
+            exchange.route = route.pattern
             return self._call(route.handler, request)
         if allowed is not None:
             if method == "OPTIONS":
@@ -415,8 +470,10 @@ class Workers:
         if method in ("GET", "HEAD"):
             response = static.serve(request)
             if response is not None:
+                exchange.route = STATIC
                 return response
         elif static.resolve(request.segments) is not None:
+            exchange.route = STATIC
             if method == "OPTIONS":
                 return Response(b"", 204, [("Allow", STATIC_METHODS)])
             raise HTTPError(405, "method not allowed", [("Allow", STATIC_METHODS)])
@@ -442,8 +499,9 @@ class Workers:
                                   traceback.format_exc())
             raise HTTPError(500, "internal server error") from None
 
-    def _error_for(self, request, error):
-        if error.status == 404 and request is not None and request.method in ("GET", "HEAD"):
+    def _error_for(self, request, error, admin=False):
+        if (error.status == 404 and request is not None and request.method in ("GET", "HEAD")
+                and not admin):
             response = self.server.static.not_found(request)
             response.headers.extend(error.headers)
             return response

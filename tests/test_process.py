@@ -63,6 +63,7 @@ def test_server_process_serves_logs_and_stops_on_sigterm(tmp_path):
         line = process.stdout.readline()
         match = re.match(r"listening on (http://127\.0\.0\.1:(\d+)/)$", line.strip())
         assert match, line
+        assert process.stdout.readline().startswith("admin on http://127.0.0.1:")
         url = match.group(1)
         curl = subprocess.run(["curl", "-sS", "-A", 'evil"\\ agent\xe9', url + "hello"],
                               capture_output=True, timeout=10)
