@@ -21,6 +21,7 @@ from handlers import _context
 from handlers._cache import ResponseCache
 from handlers._limits import LimiterRegistry
 from handlers._state import StateError
+from onebox.activity import Activity
 from onebox.guard import Guard
 from onebox.handoff import Handoff
 from onebox.logs import AccessLog, error_entry
@@ -44,7 +45,8 @@ class OneboxServer(http.server.ThreadingHTTPServer):
     handler: stop without waiting), ``server_close()``, ``url``, ``request_backup()`` and
     ``note_sighup()`` (from signal handlers), ``log_error(message, detail)`` (any thread).
     The site the workers serve: ``config``, ``settings``, ``router``, ``static``, ``guard``,
-    ``context`` (store, response cache, limiters), ``access_log``.
+    ``context`` (store, response cache, limiters), ``access_log``, ``activity`` (what the
+    status page shows).
     """
 
     request_queue_size = 1024   # listen backlog: bursts of connects queue instead of failing
@@ -62,6 +64,12 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         self.error_stream = error_stream or sys.stderr
         self.static = StaticPages(settings.pages_dir, config.static)
         self.guard = Guard(config.guard, store, self.log_error)   # bans persist in the store
+        # What the status page shows (onebox/activity.py): workers record each request in it,
+        # the guard each refusal and ban.
+        status = config.status
+        self.activity = Activity(status.recorder, status.top_entries, status.recent_decisions)
+        if status.recorder:
+            self.guard.on_decision = self.activity.decision
         # What handlers reach through state, @cached and limiter(): this server's own, bound by
         # each worker thread as it starts (handlers/_context.py); never the process's.
         self.context = _context.ServerContext(

@@ -70,6 +70,7 @@ class Workers:
         self.stuck = 0
         self.buffer_limit = min(settings.buffer_body_bytes, settings.max_body_bytes)
         self.send_pace = Pace.for_responses(settings)
+        self.activity = server.activity   # the status page's recorder (onebox/activity.py)
 
     def start(self):
         for number in range(self.settings.worker_threads):
@@ -233,6 +234,7 @@ class Workers:
         note = self._count_for_guard(conn, exchange)
         # 6. Write it for a turn (the reactor finishes it for a slow reader); log it.
         sent, outbox = self._write(conn, exchange)
+        self.activity.record(conn.ip, exchange, sent)   # for the status page
         if outbox is not None:
             outbox.log = self._log_fields(conn, exchange, note)
             outbox.keep_alive = exchange.keep_alive
