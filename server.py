@@ -66,6 +66,7 @@ import sys
 import time
 
 from handlers._state import StateError, StateLockedError, Store
+from onebox.admin import AdminConfigError, load_token
 from onebox.engine import OneboxServer
 from onebox.guard import BAN_PREFIX, client_key, lift_stored_ban, stored_bans
 from onebox.routing import RouteError, Router, load_routes
@@ -141,7 +142,8 @@ def main(argv=None):
     try:
         config = load_config(args.config, overrides)
         router = Router(load_routes())
-    except (ConfigError, RouteError) as error:
+        load_token(config.admin)   # fail here, before the state is opened, if one is needed
+    except (ConfigError, RouteError, AdminConfigError) as error:
         print("onebox: %s" % error, file=sys.stderr)
         return 1
     if args.check:
@@ -172,16 +174,23 @@ def serve(config, router, store):
     raise_file_limit(config.server.max_connections + 64)
     try:
         server = OneboxServer(config, router, store=store)
+    except AdminConfigError as error:
+        store.close()
+        print("onebox: %s" % error, file=sys.stderr)
+        return 1
     except OSError as error:
         store.close()
-        print("onebox: cannot listen on %s port %s: %s"
-              % (config.server.host, config.server.port, error.strerror), file=sys.stderr)
+        print("onebox: cannot listen on %s port %s (or the admin listener on %s port %s): %s"
+              % (config.server.host, config.server.port, config.admin.host, config.admin.port,
+                 error.strerror), file=sys.stderr)
         return 1
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: server.begin_shutdown())
     signal.signal(signal.SIGUSR1, lambda *_: server.request_backup())
     signal.signal(signal.SIGHUP, lambda *_: server.note_sighup())
     print("listening on %s" % server.url, flush=True)
+    if server.admin_url:
+        print("admin on %s" % server.admin_url, flush=True)
     write_admin_url(server)   # left in place at exit: the next owner of data_dir rewrites it
     try:
         server.serve_forever()
@@ -352,15 +361,11 @@ def _admin_call(config, url, method, path, body=None):
 
 
 def _admin_token(config):
-    """The admin token as the server reads it (environment or $CREDENTIALS_DIRECTORY), if
-    the admin listener module is there; None without one."""
-    try:
-        from onebox.admin import load_token
-    except ImportError:
-        return None
+    """The admin token as the server reads it (environment or $CREDENTIALS_DIRECTORY); None
+    without one (the server then says 401 if it needs one)."""
     try:
         return load_token(config.admin)
-    except Exception:   # no token where one is needed: the server will say 401
+    except AdminConfigError:
         return None
 
 
@@ -378,7 +383,7 @@ def _print_bans(bans):
 def write_admin_url(server):
     """Tell --bans/--unban where this server's admin listener is: ADMIN_URL_FILE in the data
     dir (removed at exit; the data dir's lock says whether it is current)."""
-    url = getattr(server, "admin_url", None)
+    url = server.admin_url
     path = os.path.join(server.settings.data_dir, ADMIN_URL_FILE)
     try:
         if url:

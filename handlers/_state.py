@@ -503,9 +503,10 @@ class Store(object):
         out.update(journal_bytes=self._jsize, fsyncs=self._fsyncs, compactions=self._compactions,
                    durability=self.durability)
         try:
-            out["snapshot_bytes"] = os.path.getsize(self._paths["snapshot"])
+            snapshot = os.stat(self._paths["snapshot"])
+            out["snapshot_bytes"], out["snapshot_time"] = snapshot.st_size, snapshot.st_mtime
         except OSError:
-            out["snapshot_bytes"] = 0
+            out["snapshot_bytes"], out["snapshot_time"] = 0, 0.0   # never compacted yet
         return out
 
     # --- writes: the public verbs -------------------------------------------------------------

@@ -153,13 +153,15 @@ class Activity(object):
         self._decisions = collections.deque(maxlen=recent_decisions)
 
     # -- recording (worker threads) -------------------------------------------------------
-    def record(self, ip, exchange, sent):
-        """One request answered (a worker's ``_Exchange``: its ``request``, None if it could
-        not be built, ``response`` and monotonic ``started``), from the connection's peer
-        ``ip``, with ``sent`` body bytes written (by the worker: a slow reader's rest, finished
-        by the reactor, is not counted, nor its time)."""
-        if not self.enabled:
+    def record(self, conn, exchange, sent):
+        """One request answered on ``conn`` (a ``handoff.Connection``: its peer ``ip``; one
+        on the admin listener is not the site's traffic, and is skipped), from a worker's
+        ``_Exchange`` (its ``request``, None if it could not be built, ``response`` and
+        monotonic ``started``), with ``sent`` body bytes written (by the worker: a slow
+        reader's rest, finished by the reactor, is not counted, nor its time)."""
+        if not self.enabled or conn.admin:
             return
+        ip = conn.ip
         request, status = exchange.request, exchange.response.status
         duration = self._clock() - exchange.started
         second = int(self._wall())

@@ -22,9 +22,12 @@ from handlers._cache import ResponseCache
 from handlers._limits import LimiterRegistry
 from handlers._state import StateError
 from onebox.activity import Activity
+from onebox.admin import AdminSite, load_token
 from onebox.guard import Guard
+from onebox.health import HealthChecks
 from onebox.handoff import Handoff
 from onebox.logs import AccessLog, error_entry
+from onebox.metrics import Metrics
 from onebox.poller import Poller
 from onebox.reactor import Reactor
 from onebox.static import StaticPages
@@ -45,8 +48,10 @@ class OneboxServer(http.server.ThreadingHTTPServer):
     handler: stop without waiting), ``server_close()``, ``url``, ``request_backup()`` and
     ``note_sighup()`` (from signal handlers), ``log_error(message, detail)`` (any thread).
     The site the workers serve: ``config``, ``settings``, ``router``, ``static``, ``guard``,
-    ``context`` (store, response cache, limiters), ``access_log``, ``activity`` (what the
-    status page shows).
+    ``context`` (store, response cache, limiters), ``access_log``. The operator's:
+    ``metrics``, ``admin`` (the admin listener's site, or None: onebox/admin.py),
+    ``admin_socket``, ``admin_url``, ``health()``, ``phase``, ``started_at``, ``activity``
+    (what the status page shows: onebox/activity.py).
     """
 
     request_queue_size = 1024   # listen backlog: bursts of connects queue instead of failing
@@ -58,6 +63,9 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         zero-downtime restart hand them over): "http" is served instead of binding host:port;
         other names are for the listeners that use them (e.g. "admin")."""
         settings = config.server
+        self.started_at = time.time()
+        # before anything is bound: a missing admin token stops start-up (AdminConfigError)
+        admin_token = load_token(config.admin)
         self.listeners = dict(listeners or {})
         self.config, self.settings, self.router = config, settings, router
         self.store = store   # the shared state; closed (and compacted) after the workers stop
@@ -80,6 +88,13 @@ class OneboxServer(http.server.ThreadingHTTPServer):
             self.access_log = AccessLog(access_stream or sys.stdout, settings.log_flush_interval_s,
                                         settings.log_buffer_bytes, self.log_error)
         self._listen(settings, self.listeners.get("http"))
+        self.admin_socket = None
+        try:
+            self.admin_socket = self._listen_admin(config.admin, self.listeners.get("admin"))
+        except OSError:
+            self.server_close()
+            raise
+        self.metrics = Metrics(config.admin.metrics)
         if config.allowed_hosts is None and not _is_loopback(settings.host):
             self.log_error("listening on %s with any Host allowed: set allowed_hosts in [server] "
                            "(e.g. allowed_hosts = example.org) so that DNS rebinding cannot "
@@ -87,7 +102,10 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         self.handoff = Handoff()
         self._poller = Poller()
         self.reactor = Reactor(self.socket, settings, self.handoff, self._poller, self.guard,
-                               self.access_log, self.log_error)
+                               self.access_log, self.log_error, self.admin_socket,
+                               config.admin.max_connections)
+        self.reactor.health = HealthChecks(self, config.health)
+        self.reactor.metrics = self.metrics if self.metrics.enabled else None
         self.workers = Workers(self, self.handoff, self._poller)
         # What the server is doing, for readiness (/readyz, systemd): "starting" until the
         # reactor's first turn, then "serving"; "reloading" while the reactor applies a reload;
@@ -100,6 +118,35 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         self._reactor_thread = None
         self._stopped = threading.Event()
         self.stuck_workers = 0
+        self.admin = None
+        if self.admin_socket is not None:
+            try:
+                self.admin = AdminSite(self, admin_token)
+            except Exception:
+                self.server_close()
+                raise
+
+    def _listen_admin(self, admin_settings, inherited=None):
+        """The admin listener (onebox/admin.py): the socket handed over, else one bound to
+        [admin] host and port, else None (port = off)."""
+        if inherited is not None:
+            inherited.setblocking(False)
+            return inherited
+        if admin_settings.port is None:
+            return None
+        family = socket.AF_INET6 if ":" in admin_settings.host else socket.AF_INET
+        sock = socket.create_server((admin_settings.host, admin_settings.port), family=family,
+                                    backlog=64)
+        sock.setblocking(False)
+        return sock
+
+    @property
+    def admin_url(self):
+        if self.admin_socket is None:
+            return None
+        host, port = self.admin_socket.getsockname()[:2]
+        host = "[%s]" % host if ":" in host else host
+        return "http://%s:%d/" % (host, port)
 
     def _listen(self, settings, inherited=None):
         if inherited is not None:
@@ -167,6 +214,8 @@ class OneboxServer(http.server.ThreadingHTTPServer):
             self.access_log.start()
         self.workers.start()
         self._poller.watch(self.socket, "listener")
+        if self.admin_socket is not None:
+            self._poller.watch(self.admin_socket, "admin-listener")
         self._poller.watch(self.handoff.wakeup_socket, "wakeup")
         try:
             while not self.handoff.stopping:
@@ -203,8 +252,16 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         if self._reactor_thread is not None:
             self._stopped.wait()
 
+    def _close_admin_socket(self):
+        sock = getattr(self, "admin_socket", None)
+        if sock is not None and sock.fileno() >= 0:
+            if getattr(self, "_poller", None) is not None:
+                self._poller.forget(sock)
+            sock.close()
+
     def server_close(self):
         self._close_store()
+        self._close_admin_socket()
         socketserver.TCPServer.server_close(self)
         if getattr(self, "handoff", None) is not None:
             self.handoff.close()
@@ -216,6 +273,7 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         shutdown_timeout_s to finish, then cut what is left."""
         self._poller.forget(self.socket)
         self.socket.close()
+        self._close_admin_socket()
         self.reactor.drain(time.monotonic() + self.settings.shutdown_timeout_s)
 
     def _stop_workers(self):

@@ -35,10 +35,11 @@ class Connection:
     """One client connection; see the module docstring for who writes its fields."""
 
     __slots__ = ("sock", "ip", "client", "buf", "waiting", "idle_since", "pending", "outbox",
-                 "wait_key", "deadline", "progress", "started_wait", "early_report")
+                 "wait_key", "deadline", "progress", "started_wait", "early_report", "admin")
 
-    def __init__(self, sock, ip):
+    def __init__(self, sock, ip, admin=False):
         self.sock = sock
+        self.admin = admin    # accepted on the admin listener: admin routes only, no guard
         # The one field the reactor writes while a worker owns the connection (the worker never
         # touches it): a report that came after the worker re-armed the connection and before
         # its hand-back was booked (see Workers._hand_back, Reactor._book_returned).

@@ -70,8 +70,16 @@ class Reactor:
     """For the server: ``step()`` (one turn: expire, poll, act); at shutdown ``drain(deadline)``
     and ``after_workers()``. Built by the server with what it needs."""
 
-    def __init__(self, listener, settings, handoff, poller, guard, access_log, log_error):
+    def __init__(self, listener, settings, handoff, poller, guard, access_log, log_error,
+                 admin_listener=None, admin_max_connections=64):
         self.listener = listener
+        # The admin listener's connections (onebox/admin.py) skip the guard and the site's
+        # connection caps, and are counted apart: admin_open of at most admin_max_connections.
+        self.admin_listener = admin_listener
+        self.admin_max_connections = admin_max_connections
+        self.admin_open = 0
+        self.health = None    # HealthChecks (onebox/health.py): answered here, never by a worker
+        self.metrics = None   # Metrics (onebox/metrics.py): responses finished here are counted
         self.settings = settings
         self.handoff = handoff
         self.poller = poller
@@ -121,6 +129,8 @@ class Reactor:
         for owner in ready:
             if owner == "listener":
                 self._accept()
+            elif owner == "admin-listener":
+                self._accept(admin=True)
             elif owner == "wakeup":
                 handoff.take_wakeups()
                 self._book_returned()
@@ -167,11 +177,12 @@ class Reactor:
                 self.poller.arm(conn)  # still waiting: report it again (one-shot)
 
     # -- accepting --------------------------------------------------------------------------
-    def _accept(self):
+    def _accept(self, admin=False):
         settings = self.settings
+        listener = self.admin_listener if admin else self.listener
         for _ in range(64):
             try:
-                sock, address = self.listener.accept()
+                sock, address = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as error:  # EMFILE and friends: keep serving who we have
@@ -182,6 +193,9 @@ class Reactor:
             sock.setblocking(True)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self.send_timeval)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if admin:
+                self._accept_admin(sock, address[0])
+                continue
             conn = Connection(sock, address[0])
             # the guard's client key (an IPv6 /64 is one client; None: a trusted proxy, uncapped)
             conn.client, banned = self.guard.admit(conn.ip)
@@ -196,6 +210,19 @@ class Reactor:
                 self.open += 1
                 self.per_client[conn.client] = self.per_client.get(conn.client, 0) + 1
                 self._park(conn, "new")
+
+    def _accept_admin(self, sock, ip):
+        """An admin connection: no guard, no site caps (a flood of the site must not lock the
+        operator out), only its own cap. Its client key stays None: never counted per client."""
+        if self.admin_open >= self.admin_max_connections:
+            _send_at_once(sock, error_response(None, 503, "too many admin connections",
+                                               [("Retry-After", "1")]))
+            sock.close()
+            self.log_error("admin connection from %s refused: [admin] max_connections (%d) are "
+                           "open" % (ip, self.admin_max_connections))
+            return
+        self.admin_open += 1
+        self._park(Connection(sock, ip, admin=True), "new")
 
     def _make_room(self, newcomer):
         """At the global cap: close a connection that costs least to lose (the module
@@ -283,8 +310,35 @@ class Reactor:
         if problem is not None:
             self._reject(conn, *problem)
         elif buf.find(b"\r\n\r\n") >= 0:
+            if (self.health is not None and buf.startswith(self.health.prefixes)
+                    and not conn.admin and self._answer_health(conn)):
+                return
             self._unpark(conn)
             self._queue_work(conn)
+
+    def _answer_health(self, conn):
+        """A health check, answered here (see onebox/health.py); False if it is not one."""
+        started = time.monotonic()
+        buf = conn.buf
+        answer = self.health.answer(bytes(buf[:buf.find(b"\r\n\r\n")]))
+        if answer is None:
+            return False
+        response, line, path, head_only, version = answer
+        body = b"" if head_only else response.body
+        try:
+            conn.sock.send(render_head(response.status, response.headers, len(response.body),
+                                       False, version) + body, socket.MSG_DONTWAIT)
+        except OSError:
+            pass
+        seconds = time.monotonic() - started
+        if self.metrics is not None:
+            self.metrics.record(line.partition(" ")[0], response.status, path, seconds,
+                                len(body))
+        if self.access_log and self.health.should_log(path, response.status):
+            self.access_log.log(conn.ip, line, response.status, len(body), "", "", seconds,
+                                "health")
+        self._linger(conn)
+        return True
 
     def _reject(self, conn, status, message):
         """Answer a request that never reached a worker, then close."""
@@ -343,6 +397,10 @@ class Reactor:
     def _finish_send(self, conn, ok):
         outbox, conn.outbox = conn.outbox, None
         outbox.close()
+        if self.metrics is not None and outbox.metric is not None:
+            method, status, route, started = outbox.metric
+            self.metrics.record(method, status, route, time.monotonic() - started,
+                                outbox.body_sent)
         if self.access_log and outbox.log is not None:
             ip, line, status, referer, agent, started, note = outbox.log
             self.access_log.log(ip, line, status, outbox.body_sent, referer, agent,
@@ -578,6 +636,9 @@ class Reactor:
         self.busy.discard(conn)
         self.poller.forget(conn.sock)
         conn.sock.close()
+        if conn.admin:
+            self.admin_open -= 1
+            return
         self.open -= 1
         count = self.per_client[conn.client] - 1
         if count:

@@ -216,6 +216,29 @@ SETTINGS = {
                 "clients and paths tracked per minute for the top tables (space-saving sketch)"),
         Setting("recent_decisions", "int", 200, 1,
                 "guard refusals and bans kept for the status page (a run of one client's is one)"),
+    # The admin listener (onebox/admin.py): /metrics, the status page and admin actions, on a
+    # socket of their own, never on the public port. Off the loopback it needs a token.
+    "admin": [
+        Setting("host", "str", "127.0.0.1", None,
+                "address of the admin listener; off loopback a token is required "
+                "(ONEBOX_ADMIN_TOKEN or $CREDENTIALS_DIRECTORY/admin_token)"),
+        Setting("port", "int_or_off", 8001, 0,
+                "admin listener's TCP port; 0 picks a free one (and is the default when [server] "
+                "port is 0); off: no admin listener"),
+        Setting("max_connections", "int", 64, 1,
+                "open admin connections; they skip the site's connection caps, so have their own"),
+        Setting("metrics", "bool", True, None,
+                "count requests for /metrics (per-thread counters); off saves a few us a request"),
+    ],
+    # Health checks on the public port, answered by the reactor thread itself: cheap, never
+    # rate-limited, and a wedged worker pool is reported instead of hanging the check.
+    "health": [
+        Setting("live_path", "str", "/healthz", None,
+                "200 ok while the reactor turns and a worker takes jobs, else 503 and why"),
+        Setting("ready_path", "str", "/readyz", None,
+                "200 while serving; 503 while starting, reloading or draining"),
+        Setting("log_every_s", "float", 60.0, 0.0,
+                "a successful health check is access-logged at most this often; 0 logs each"),
     ],
 }
 
@@ -234,7 +257,11 @@ def _parse_value(setting, raw, where):
     """Turn a setup.cfg or command-line string into the setting's type, or say why not."""
     if not isinstance(raw, str):
         value = raw
-    elif setting.kind == "int":
+        if value is None and setting.kind == "int_or_off":
+            return None
+    elif setting.kind == "int_or_off" and raw.strip().lower() == "off":
+        return None
+    elif setting.kind in ("int", "int_or_off"):
         try:
             value = int(raw.strip())
         except ValueError:
@@ -271,6 +298,7 @@ def load_config(path=None, overrides=None):
     values = {section: {s.name: s.default for s in settings}
               for section, settings in SETTINGS.items()}
     base_dir = ROOT
+    explicit = set()   # (section, key) set by the file or an override, not defaulted
     if path is not None:
         base_dir = os.path.dirname(os.path.abspath(path))
         parser = configparser.ConfigParser(interpolation=None)
@@ -283,6 +311,7 @@ def load_config(path=None, overrides=None):
             if parser.has_section(section):
                 for key, raw in parser.items(section):
                     _set_value(values, section, key, raw, "%s [%s] %s" % (path, section, key))
+                    explicit.add((section, key))
         for section in parser.sections():
             if section.startswith("limits") and section != "limits":  # [limits "/path"]
                 for key, raw in parser.items(section):
@@ -292,6 +321,11 @@ def load_config(path=None, overrides=None):
     for dotted, raw in (overrides or {}).items():
         section, _, key = dotted.rpartition(".")
         _set_value(values, section or "server", key, raw, "setting %r" % dotted)
+        explicit.add((section or "server", key))
+    if values["server"]["port"] == 0 and ("admin", "port") not in explicit:
+        values["admin"]["port"] = 0   # a test's (or a second instance's) free port: a free one too
+    for key in ("live_path", "ready_path"):
+        check_health_path(values["health"][key], "%s [health] %s" % (path or "settings", key))
     for key in ("pages_dir", "data_dir"):
         values["server"][key] = os.path.join(base_dir, values["server"][key])
     server = values["server"]
@@ -365,6 +399,12 @@ def _set_value(values, section, key, raw, where):
         raise ConfigError("%s: unknown key; [%s] knows: %s"
                           % (where, section, ", ".join(sorted(settings))))
     values[section][key] = _parse_value(settings[key], raw, where)
+
+
+def check_health_path(text, where):
+    if not re.fullmatch(r"/[A-Za-z0-9._~/-]*", text):
+        raise ConfigError("%s: %r must be a plain path starting with / (letters, digits, "
+                          "'._~-/')" % (where, text))
 
 
 def check_static_settings(values):

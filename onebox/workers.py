@@ -24,6 +24,7 @@ from handlers._core import HTTPError, Headers, Request, Response, to_response
 from onebox.codec import (check_response, decode_path, error_response, parse_head,
                           split_target)
 from onebox.handoff import PROBE, Outcome
+from onebox.metrics import REFUSED, STATIC, UNROUTED
 from onebox.routing import METHODS, NotRouted
 from onebox.settings import host_allowed
 from onebox.static import STATIC_METHODS
@@ -38,11 +39,12 @@ class _Exchange:
     the reactor while the request waits for its body)."""
 
     __slots__ = ("head", "request", "reader", "verdict", "response", "unrouted", "keep_alive",
-                 "started", "raw_head", "scan")
+                 "started", "raw_head", "scan", "route")
 
     def __init__(self, started, raw_head):
         self.head = self.request = self.reader = self.verdict = self.response = None
         self.unrouted = False
+        self.route = REFUSED   # the metrics' route label: the pattern, once routed
         self.keep_alive = False
         self.started = started
         self.raw_head = raw_head
@@ -71,6 +73,8 @@ class Workers:
         self.buffer_limit = min(settings.buffer_body_bytes, settings.max_body_bytes)
         self.send_pace = Pace.for_responses(settings)
         self.activity = server.activity   # the status page's recorder (onebox/activity.py)
+        metrics = server.metrics
+        self.metrics = metrics if metrics.enabled else None
 
     def start(self):
         for number in range(self.settings.worker_threads):
@@ -225,7 +229,7 @@ class Workers:
         """Steps 3-6 of a request whose body (if any) is buffered or to be streamed."""
         # 3. Route it and run the handler (or a static page).
         if exchange.response is None:
-            self._dispatch_into(exchange)
+            self._dispatch_into(conn, exchange)
         if self.handoff.stopping:
             exchange.keep_alive = False   # say Connection: close while shutting down
         # 4. A body the handler left unread is judged before the answer goes out.
@@ -234,7 +238,12 @@ class Workers:
         note = self._count_for_guard(conn, exchange)
         # 6. Write it for a turn (the reactor finishes it for a slow reader); log it.
         sent, outbox = self._write(conn, exchange)
-        self.activity.record(conn.ip, exchange, sent)   # for the status page
+        self.activity.record(conn, exchange, sent)   # for the status page
+        metrics = self.metrics
+        if metrics is not None:
+            self._count(conn, exchange, sent, outbox)
+        if conn.admin:
+            note = "admin"
         if outbox is not None:
             outbox.log = self._log_fields(conn, exchange, note)
             outbox.keep_alive = exchange.keep_alive
@@ -246,6 +255,23 @@ class Workers:
                                                                                note)
             log.log(ip, line, status, sent, referer, agent, time.monotonic() - started, note)
         return None if exchange.keep_alive else Outcome.CLOSE
+
+    def _count(self, conn, exchange, sent, outbox):
+        """Metrics, once per request (onebox/metrics.py): admin requests apart; a response the
+        reactor finishes is counted by it, when it is done."""
+        metrics, status = self.metrics, exchange.response.status
+        if conn.admin:
+            metrics.record_admin(status)
+            return
+        verdict = exchange.verdict
+        if verdict is not None:
+            metrics.record_decision(verdict)
+        method = exchange.head.method if exchange.head is not None else "other"
+        if outbox is not None:
+            outbox.metric = (method, status, exchange.route, exchange.started)
+        else:
+            metrics.record(method, status, exchange.route, time.monotonic() - exchange.started,
+                           sent)
 
     def _prepare(self, conn, exchange):
         """Parse, build the request, ask the guard; a failure becomes the response. Whatever
@@ -263,11 +289,14 @@ class Workers:
                 server.log_error("unparsable request from %s: %s" % (conn.ip,
                                                                      type(error).__name__))
                 raise HTTPError(400, "malformed request") from None
+            if conn.admin:   # the operator's listener: never limited, banned or counted
+                exchange.keep_alive = exchange.head.keep_alive and not self.handoff.stopping
+                return
             exchange.verdict = verdict = server.guard.check(exchange.request, conn.client)
             if verdict is not None and not verdict.dry_run:
                 raise HTTPError(verdict.status, verdict.message, verdict.headers)
         except HTTPError as error:
-            exchange.response = self._error_for(exchange.request, error)
+            exchange.response = self._error_for(exchange.request, error, conn.admin)
         request, verdict = exchange.request, exchange.verdict
         # a request that could not even be built leaves the framing in doubt: close (and a
         # banned client reconnects, to meet the ban at accept)
@@ -299,12 +328,15 @@ class Workers:
             return None
         return self.server.guard.key_of(request.client_ip)
 
-    def _dispatch_into(self, exchange):
+    def _dispatch_into(self, conn, exchange):
         try:
-            exchange.response = self._dispatch(exchange.request)
+            if conn.admin:
+                exchange.response = self.server.admin.serve(exchange.request, self._call)
+            else:
+                exchange.response = self._dispatch(exchange.request, exchange)
         except HTTPError as error:
             exchange.unrouted = isinstance(error, NotRouted)
-            exchange.response = self._error_for(exchange.request, error)
+            exchange.response = self._error_for(exchange.request, error, conn.admin)
 
     def _settle_body(self, conn, exchange):
         """Drain what the handler left unread, if it is all here, judging its framing: a
@@ -336,6 +368,8 @@ class Workers:
         guard = self.server.guard
         verdict, request = exchange.verdict, exchange.request
         note = verdict.note if verdict is not None else None
+        if conn.admin:
+            return None
         if request is None:
             note = guard.saw_bad_request(conn.ip, conn.client, exchange.response.status) or note
         elif exchange.unrouted:
@@ -386,7 +420,7 @@ class Workers:
             raise HTTPError(413, "request body too large")  # before reading a byte of it
         raw_path, query = split_target(head)
         allowed = self.server.config.allowed_hosts
-        if allowed is not None and not host_allowed(allowed,
+        if allowed is not None and not conn.admin and not host_allowed(allowed,
                                                     (head.fields.get("host") or ("",))[0]):
             # RFC 9110 section 15.5.20; a browser sent here by DNS rebinding names another host
             raise HTTPError(421, "this server does not serve that host")
@@ -394,14 +428,17 @@ class Workers:
         return Request(head.method, path, segments, query, Headers(head.fields), conn.ip,
                        head.version, reader)
 
-    def _dispatch(self, request):
-        """Handler routes first, then static pages; 404 and 405 (with Allow) otherwise."""
+    def _dispatch(self, request, exchange):
+        """Handler routes first, then static pages; 404 and 405 (with Allow) otherwise.
+        ``exchange.route`` gets the metrics' route label."""
         method = request.method
+        exchange.route = UNROUTED
         if request.path == "*":
             return Response(b"", 204, [("Allow", ", ".join(METHODS))])
         route, params, allowed = self.server.router.match(method, request.segments)
         if route is not None:
             request.params = params
+            exchange.route = route.pattern
             return self._call(route.handler, request)
         if allowed is not None:
             if method == "OPTIONS":
@@ -411,8 +448,10 @@ class Workers:
         if method in ("GET", "HEAD"):
             response = static.serve(request)
             if response is not None:
+                exchange.route = STATIC
                 return response
         elif static.resolve(request.segments) is not None:
+            exchange.route = STATIC
             if method == "OPTIONS":
                 return Response(b"", 204, [("Allow", STATIC_METHODS)])
             raise HTTPError(405, "method not allowed", [("Allow", STATIC_METHODS)])
@@ -438,8 +477,9 @@ class Workers:
                                   traceback.format_exc())
             raise HTTPError(500, "internal server error") from None
 
-    def _error_for(self, request, error):
-        if error.status == 404 and request is not None and request.method in ("GET", "HEAD"):
+    def _error_for(self, request, error, admin=False):
+        if (error.status == 404 and request is not None and request.method in ("GET", "HEAD")
+                and not admin):
             response = self.server.static.not_found(request)
             response.headers.extend(error.headers)
             return response

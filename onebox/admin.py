@@ -1,0 +1,247 @@
+"""The admin listener: the operator's own socket, for /metrics, the status page and actions.
+
+Why a second socket
+-------------------
+Like Caddy's admin endpoint on localhost:2019, what shows the whole site (every client's
+address, every ban) and what changes it (lift a ban) is never served on the public port: a
+reverse-proxy rule or a forwarded header cannot expose it there, because it is not there. The
+public port answers 404 for these paths like any unknown path. ``[admin] host`` (127.0.0.1)
+and ``port`` (8001; 0 picks a free one; ``off`` disables it) say where it listens; socket
+activation may hand it over as the listener named "admin" (``OneboxServer(listeners=...)``).
+
+Connections accepted on it (``Connection.admin``) are served by the same reactor and workers
+as the site's, but: they are routed to the rows below only (never the areas or pages/); the
+abuse guard neither limits, bans nor counts them, and they skip the site's connection caps
+(``[admin] max_connections`` caps them instead); they are counted apart in the metrics
+(``onebox_admin_requests_total``), never as the site's traffic; and each is access-logged
+with the note ``admin`` (every one: admin actions must leave a trace), each action (a POST)
+on the error log too.
+
+Who may ask
+-----------
+* Bound to loopback with no token configured: anyone on this machine. The Host header must
+  then name the loopback (localhost, 127.x, [::1]), else 421: a web page cannot read the
+  status through DNS rebinding (a name of its own that resolves to 127.0.0.1).
+* With a token (``ONEBOX_ADMIN_TOKEN`` in the environment, or the file
+  ``$CREDENTIALS_DIRECTORY/admin_token``: systemd's LoadCredential=), every request needs it,
+  compared in constant time (``hmac.compare_digest``): ``Authorization: Bearer <token>``
+  (scripts, Prometheus' ``authorization`` config), or the session cookie that ``POST /login``
+  sets from a form (a browser: HttpOnly, SameSite=Strict, derived from the token, so changing
+  the token ends every session). Without it: 401, with a login form for a browser.
+* Bound to anything but loopback without a token, the server refuses to start.
+* Actions (any method but GET, HEAD and OPTIONS) must come from the admin listener's own
+  origin: a ``Sec-Fetch-Site`` other than same-origin, or an ``Origin`` other than
+  ``http://<Host>``, gets 403 (no cross-site request forgery through a browser). A client
+  that sends neither (curl, ``server.py --unban``) is not a browser and passes.
+
+Adding admin pages (the contract for other modules)
+---------------------------------------------------
+A module named in ``EXTENSIONS`` (``onebox.status``: the status page) defines
+``routes(server)`` returning ``[(method, pattern, handler), ...]``; the rows join this
+module's own in one ``onebox.routing.Router`` (duplicates stop start-up, as for areas).
+Handlers take the ``handlers._core.Request`` and return what area handlers return (a
+Response, a dict for JSON, ``HTTPError`` for an expected failure); they run in a worker
+thread, so they may read ``server`` (guard, metrics, store, reactor gauges) but must not block.
+Authentication and the same-origin check are done before the handler is called: a handler
+never checks them itself. This module's own rows: ``GET /metrics``, ``GET /login``,
+``POST /login``, ``POST /logout``, and ``GET /`` (a list of links) unless an extension
+serves "/".
+
+Imports the contract, the routing and metrics modules, and (optionally) the extensions; never
+the engine, the workers or ``server``.
+"""
+import hashlib
+import hmac
+import html
+import importlib
+import os
+import re
+
+from handlers._core import HTTPError, Response, html_response, redirect
+from onebox.metrics import render
+from onebox.routing import Router
+
+EXTENSIONS = ("onebox.status",)   # modules whose routes(server) join the admin routes
+TOKEN_ENV = "ONEBOX_ADMIN_TOKEN"
+TOKEN_CREDENTIAL = "admin_token"  # the file's name in $CREDENTIALS_DIRECTORY
+MIN_TOKEN_CHARS = 16
+COOKIE = "onebox_admin"
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+_LOOPBACK_HOST_RE = re.compile(r"(localhost|127(\.\d{1,3}){3}|\[::1\])(:\d{1,5})?", re.I)
+
+
+class AdminConfigError(Exception):
+    """The admin listener cannot start as configured; the message names the setting and fix."""
+
+
+def is_loopback(host):
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def load_token(admin_settings, environ=None):
+    """The admin token, or None; AdminConfigError if one is needed and missing, or unusable.
+    Read once, at start-up."""
+    environ = os.environ if environ is None else environ
+    token, where = environ.get(TOKEN_ENV), TOKEN_ENV
+    directory = environ.get("CREDENTIALS_DIRECTORY")
+    if not token and directory:
+        where = os.path.join(directory, TOKEN_CREDENTIAL)
+        try:
+            with open(where, encoding="utf-8") as credential:
+                token = credential.read()
+        except FileNotFoundError:
+            token = None
+        except (OSError, UnicodeDecodeError) as error:
+            raise AdminConfigError("cannot read the admin token %s: %s" % (where, error)) from None
+    token = (token or "").strip() or None
+    if token is not None and (len(token) < MIN_TOKEN_CHARS or not token.isprintable()):
+        raise AdminConfigError("the admin token in %s must be at least %d printable characters "
+                               "(e.g. python3 -c 'import secrets; print(secrets.token_urlsafe())')"
+                               % (where, MIN_TOKEN_CHARS))
+    if (token is None and admin_settings.port is not None
+            and not is_loopback(admin_settings.host)):
+        raise AdminConfigError(
+            "[admin] host = %s serves the admin listener beyond this machine, and no admin token "
+            "is set: set %s (or the systemd credential %s), or set [admin] host = 127.0.0.1, or "
+            "[admin] port = off" % (admin_settings.host, TOKEN_ENV, TOKEN_CREDENTIAL))
+    return token
+
+
+def session_value(token):
+    """The login cookie's value: derived from the token (a new token ends old sessions), and
+    not the token itself (a leaked cookie does not give the Bearer token away)."""
+    return hmac.new(token.encode("utf-8"), b"onebox admin session", hashlib.sha256).hexdigest()
+
+
+class AdminSite(object):
+    """What the admin listener serves. For the workers: ``serve(request, call)`` (``call``
+    runs a handler with the workers' error handling) -> Response."""
+
+    def __init__(self, server, token):
+        self.server = server
+        self.token = token
+        self._session = session_value(token) if token else None
+        self.router = Router(admin_routes(server, self))
+
+    # -- one request, in a worker ------------------------------------------------------------
+    def serve(self, request, call):
+        """1. Host (no token: a loopback name), 2. the token, 3. same origin for actions,
+        4. route, 5. call the handler; actions are logged."""
+        method = request.method
+        if self.token is None and not _LOOPBACK_HOST_RE.fullmatch(
+                request.headers.get("host", "")):
+            raise HTTPError(421, "the admin listener answers to localhost and 127.0.0.1 only")
+        login = request.path == "/login"
+        if self.token is not None and not login and not self._authorized(request):
+            return self._unauthorized(request)
+        if method not in SAFE_METHODS and not self._same_origin(request):
+            self.server.log_error("admin: %s %s from %s refused: not from the admin origin"
+                                  % (method, request.path, request.client_ip))
+            raise HTTPError(403, "admin actions must come from the admin page itself")
+        route, params, allowed = self.router.match(method, request.segments)
+        if route is None:
+            if allowed is not None:
+                if method == "OPTIONS":
+                    return Response(b"", 204, [("Allow", allowed)])
+                raise HTTPError(405, "method not allowed", [("Allow", allowed)])
+            raise HTTPError(404, "not found")
+        request.params = params
+        if method not in SAFE_METHODS and not login:
+            self.server.log_error("admin: %s %s by %s" % (method, request.path, request.client_ip))
+        return call(route.handler, request)
+
+    def _authorized(self, request):
+        scheme, _, credential = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and credential:
+            return hmac.compare_digest(credential.strip().encode("utf-8"),
+                                       self.token.encode("utf-8"))
+        cookie = request.cookies.get(COOKIE)
+        return bool(cookie) and hmac.compare_digest(cookie.encode("utf-8"),
+                                                    self._session.encode("utf-8"))
+
+    def _unauthorized(self, request):
+        headers = [("WWW-Authenticate", 'Bearer realm="onebox admin"'),
+                   ("Cache-Control", "no-store")]
+        if "text/html" in request.headers.get("accept", "") and request.method == "GET":
+            return html_response(_login_page(""), 401, headers)
+        return Response(b"admin token required: Authorization: Bearer <token>\n", 401, headers,
+                        "text/plain; charset=utf-8")
+
+    @staticmethod
+    def _same_origin(request):
+        """Sec-Fetch-Site (Fetch Metadata) when the browser sends it, and Origin (RFC 6454
+        section 7) when present, must both say the request comes from this listener's page."""
+        site = request.headers.get("sec-fetch-site")
+        if site is not None and site != "same-origin":
+            return False
+        origin = request.headers.get("origin")
+        if origin is not None and origin != "http://" + request.headers.get("host", ""):
+            return False
+        return True
+
+    # -- its own pages ------------------------------------------------------------------------
+    def login(self, request):
+        if self.token is None:
+            return redirect("/")
+        token = request.form().get("token") or ""
+        if not hmac.compare_digest(token.strip().encode("utf-8"), self.token.encode("utf-8")):
+            self.server.log_error("admin: failed login from %s" % request.client_ip)
+            return html_response(_login_page("wrong token"), 401, [("Cache-Control", "no-store")])
+        self.server.log_error("admin: login by %s" % request.client_ip)
+        return redirect("/", headers=[("Set-Cookie", "%s=%s; Path=/; HttpOnly; SameSite=Strict"
+                                       % (COOKIE, self._session))])
+
+    def login_page(self, request):
+        return html_response(_login_page(""), 200, [("Cache-Control", "no-store")])
+
+    def logout(self, request):
+        return redirect("/login", headers=[("Set-Cookie", "%s=; Path=/; Max-Age=0; HttpOnly; "
+                                            "SameSite=Strict" % COOKIE)])
+
+    def metrics(self, request):
+        return Response(render(self.server).encode("utf-8"), 200,
+                        [("Cache-Control", "no-store")], METRICS_TYPE)
+
+
+def admin_routes(server, site):
+    """Every admin row, (method, pattern, handler, origin): the extensions' (see the module
+    docstring), then this module's (``site``'s)."""
+    rows = []
+    for name in EXTENSIONS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as error:
+            if error.name != name:
+                raise
+            continue
+        rows.extend(tuple(row) + (name.replace(".", "/") + ".py",)
+                    for row in module.routes(server))
+    own = [("GET", "/metrics", site.metrics), ("GET", "/login", site.login_page),
+           ("POST", "/login", site.login), ("POST", "/logout", site.logout)]
+    if not any(row[0] == "GET" and row[1] == "/" for row in rows):
+        own.append(("GET", "/", _index))
+    return rows + [row + ("onebox/admin.py",) for row in own]
+
+
+def _index(request):
+    return html_response("<!doctype html><title>onebox admin</title>"
+                         "<h1>onebox admin</h1><ul><li><a href=/metrics>/metrics</a></li></ul>")
+
+
+_LOGIN = """<!doctype html>
+<html lang=en><meta charset=utf-8><meta name=viewport content="width=device-width">
+<title>onebox admin: sign in</title>
+<style>body{font:16px system-ui,sans-serif;max-width:24em;margin:4em auto;padding:0 1em}
+input,button{font:inherit;padding:.4em;width:100%%;box-sizing:border-box;margin:.3em 0}
+p.error{color:#b00}</style>
+<h1>onebox admin</h1>%s
+<form method=post action=/login><label>Admin token
+<input name=token type=password autocomplete=current-password required autofocus></label>
+<button>Sign in</button></form>
+<p>The token is ONEBOX_ADMIN_TOKEN, or the admin_token systemd credential.</p>
+"""
+
+
+def _login_page(error):
+    return _LOGIN % ('<p class=error>%s</p>' % html.escape(error) if error else "")

@@ -1,0 +1,357 @@
+"""Metrics: what the server counts per request, and /metrics in the Prometheus text format.
+
+The hot path
+------------
+Each request is counted once, by the thread that finishes it (a worker where it logs the access
+line; the reactor for a response it finished for a slow reader, and for the health checks it
+answers): ``Metrics.record(method, status, route, seconds, sent)``. Every thread writes to a
+shard of its own (a few dicts found through a ``threading.local``), so no lock is taken and no
+two threads write the same counter; a scrape sums the shards. A scrape may read a shard while
+its thread writes it: a count can then be one request behind, never wrong by more, and it is
+right at the next scrape (counters only grow).
+
+Cardinality is bounded by what the server knows, never by what clients send: ``route`` is a
+route's pattern ("/api/notes/{id}"), or one of ``STATIC``, ``UNROUTED`` (no route and no page:
+404, 405), ``REFUSED`` (answered before routing: the guard, a malformed request); ``method``
+is one of ``onebox.routing.METHODS`` or "other"; the status is its class ("2xx").
+
+The scrape
+----------
+``render(server)`` reads the shards and the server's parts (the reactor's tables, the worker
+pool, the guard's ``stats()``, the response cache, the static caches, the state store, the
+process) and writes the text exposition format 0.0.4
+(https://prometheus.io/docs/instrumenting/exposition_formats/). Each part's figures are read
+without stopping it; the worst a race costs is a gauge a moment stale. Its size is bounded by
+routes x methods x status classes (and the histogram's buckets per route).
+
+Stdlib only; imports no runtime module but routing's METHODS (the server is passed in).
+"""
+import bisect
+import os
+import platform
+import resource
+import sys
+import threading
+
+from onebox.routing import METHODS
+
+STATIC, UNROUTED, REFUSED = "static", "unrouted", "refused"
+# Request duration buckets (seconds): Prometheus client libraries' defaults, which cover a
+# cached hello (~0.1 ms) to a slow upload.
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+_KNOWN_METHODS = frozenset(METHODS)
+VERSION = "0.1"   # onebox's version, for onebox_build_info
+
+
+class _Shard(object):
+    """One thread's counters; written by that thread only."""
+
+    __slots__ = ("requests", "durations", "decisions", "admin")
+
+    def __init__(self):
+        self.requests = {}    # (method, class, route) -> [count, body bytes sent]
+        self.durations = {}   # route -> [bucket counts..., +Inf count, sum of seconds]
+        self.decisions = {}   # (rule, action) -> count
+        self.admin = {}       # status class -> admin listener requests
+
+
+class Metrics(object):
+    """For the runtime: ``record(...)``, ``record_decision(verdict)``, ``record_admin(status)``
+    from any thread; ``totals()`` for a scrape. ``enabled`` False makes the records no-ops
+    (``[admin] metrics = off``)."""
+
+    def __init__(self, enabled=True):
+        self.enabled = enabled
+        self._local = threading.local()
+        self._shards_lock = threading.Lock()   # guards _shards (appended once per thread)
+        self._shards = []
+
+    def _shard(self):
+        try:
+            return self._local.shard
+        except AttributeError:
+            shard = self._local.shard = _Shard()
+            with self._shards_lock:
+                self._shards.append(shard)
+            return shard
+
+    def record(self, method, status, route, seconds, sent):
+        """One request answered on the public port (any thread; no lock)."""
+        if not self.enabled:
+            return
+        shard = self._shard()
+        if method not in _KNOWN_METHODS:
+            method = "other"
+        key = (method, status // 100, route)
+        counts = shard.requests.get(key)
+        if counts is None:
+            counts = shard.requests[key] = [0, 0]
+        counts[0] += 1
+        counts[1] += sent
+        histogram = shard.durations.get(route)
+        if histogram is None:
+            histogram = shard.durations[route] = [0] * (len(BUCKETS) + 1) + [0.0]
+        histogram[bisect.bisect_left(BUCKETS, seconds)] += 1
+        histogram[-1] += seconds
+
+    def record_decision(self, verdict):
+        """A guard verdict that a request met (refused, or dry-run only)."""
+        if not self.enabled:
+            return
+        decisions = self._shard().decisions
+        key = (verdict.rule, "dry_run" if verdict.dry_run else "refused")
+        decisions[key] = decisions.get(key, 0) + 1
+
+    def record_admin(self, status):
+        """A request on the admin listener: counted apart, never as the site's traffic."""
+        if not self.enabled:
+            return
+        admin = self._shard().admin
+        admin[status // 100] = admin.get(status // 100, 0) + 1
+
+    def totals(self):
+        """The shards summed: (requests, durations, decisions, admin), as the shards' dicts."""
+        with self._shards_lock:
+            shards = list(self._shards)
+        requests, durations, decisions, admin = {}, {}, {}, {}
+        for shard in shards:
+            for key, (count, sent) in _snapshot(shard.requests):
+                total = requests.setdefault(key, [0, 0])
+                total[0] += count
+                total[1] += sent
+            for route, histogram in _snapshot(shard.durations):
+                total = durations.setdefault(route, [0] * (len(BUCKETS) + 1) + [0.0])
+                for index, value in enumerate(list(histogram)):
+                    total[index] += value
+            for table, into in ((shard.decisions, decisions), (shard.admin, admin)):
+                for key, count in _snapshot(table):
+                    into[key] = into.get(key, 0) + count
+        return requests, durations, decisions, admin
+
+
+def _snapshot(table):
+    """A dict's items, read while its thread may add a key (then read again)."""
+    for _ in range(10):
+        try:
+            return [(key, list(value) if isinstance(value, list) else value)
+                    for key, value in list(table.items())]
+        except RuntimeError:   # "dictionary changed size during iteration"
+            continue
+    return []
+
+
+# --- the exposition format ---------------------------------------------------------------------
+
+def _escape(value):
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(value):
+    if isinstance(value, float):
+        if value != value:
+            return "NaN"
+        if value in (float("inf"), float("-inf")):
+            return "+Inf" if value > 0 else "-Inf"
+        return repr(value)
+    return str(int(value))
+
+
+class _Writer(object):
+    """Families in the text format; each family's HELP and TYPE once, before its samples."""
+
+    def __init__(self):
+        self.lines = []
+
+    def family(self, name, kind, help_text, samples):
+        """``samples``: [(labels dict or (), value)] or [(suffix, labels, value)] for histograms."""
+        self.lines.append("# HELP %s %s" % (name, help_text.replace("\\", "\\\\")
+                                            .replace("\n", " ")))
+        self.lines.append("# TYPE %s %s" % (name, kind))
+        for sample in samples:
+            suffix, labels, value = sample if len(sample) == 3 else ("",) + tuple(sample)
+            label_text = ",".join('%s="%s"' % (key, _escape(val)) for key, val in
+                                  (labels.items() if isinstance(labels, dict) else labels))
+            self.lines.append("%s%s%s %s" % (name, suffix, "{%s}" % label_text if label_text
+                                             else "", _number(value)))
+
+    def one(self, name, kind, help_text, value):
+        self.family(name, kind, help_text, [((), value)])
+
+    def text(self):
+        return "\n".join(self.lines) + "\n"
+
+
+def render(server):
+    """The whole scrape, as text."""
+    out = _Writer()
+    _requests(out, server)
+    _connections(out, server)
+    _guard(out, server)
+    _caches(out, server)
+    _state(out, server)
+    _process(out, server)
+    return out.text()
+
+
+def _requests(out, server):
+    metrics = server.metrics
+    requests, durations, decisions, admin = metrics.totals()
+    rows = sorted(requests.items())
+    out.family("onebox_http_requests_total", "counter",
+               "Requests answered on the public port, by method, status class and route "
+               "pattern (static: every page; unrouted: no route or page; refused: answered "
+               "before routing)",
+               [({"method": m, "code": "%dxx" % c, "route": r}, v[0]) for (m, c, r), v in rows])
+    out.family("onebox_http_response_body_bytes_total", "counter",
+               "Response body bytes sent on the public port",
+               [({"method": m, "code": "%dxx" % c, "route": r}, v[1]) for (m, c, r), v in rows])
+    samples = []
+    for route, histogram in sorted(durations.items()):
+        running = 0
+        for bound, count in zip(BUCKETS, histogram):
+            running += count
+            samples.append(("_bucket", {"route": route, "le": repr(bound)}, running))
+        running += histogram[len(BUCKETS)]
+        samples.append(("_bucket", {"route": route, "le": "+Inf"}, running))
+        samples.append(("_sum", {"route": route}, histogram[-1]))
+        samples.append(("_count", {"route": route}, running))
+    out.family("onebox_http_request_duration_seconds", "histogram",
+               "Time from a whole request head to the response's last byte handed to the kernel",
+               samples)
+    out.family("onebox_guard_decisions_total", "counter",
+               "Requests the abuse guard refused (or would have: dry_run), by rule",
+               [({"rule": rule, "action": action}, count)
+                for (rule, action), count in sorted(decisions.items())])
+    out.family("onebox_admin_requests_total", "counter",
+               "Requests on the admin listener (not counted as the site's traffic)",
+               [({"code": "%dxx" % cls}, count) for cls, count in sorted(admin.items())])
+    out.one("onebox_metrics_enabled", "gauge",
+            "1 if requests are counted ([admin] metrics); 0: the request families stay empty",
+            1 if metrics.enabled else 0)
+
+
+def _connections(out, server):
+    reactor, handoff = server.reactor, server.handoff
+    parked = reactor.parked
+    states = [("reading", len(parked["new"]) + len(parked["head"])),
+              ("idle", len(parked["idle"])), ("held", len(handoff.held)),
+              ("lingering", len(parked["linger"])), ("in_workers", len(reactor.busy)),
+              ("waiting", len(reactor.timed))]
+    out.one("onebox_connections_open", "gauge", "Open connections on the public port",
+            reactor.open)
+    out.family("onebox_connections", "gauge",
+               "Public connections by what they wait for (idle: kept, parked in the reactor; "
+               "held: kept, a worker waits on it; waiting: body or slow-reader waits, roughly)",
+               [({"state": name}, value) for name, value in states])
+    out.one("onebox_connections_max", "gauge", "max_connections", server.settings.max_connections)
+    out.one("onebox_admin_connections_open", "gauge", "Open connections on the admin listener",
+            reactor.admin_open)
+    counts = server.guard.stats()["counts"]
+    out.family("onebox_connections_refused_total", "counter",
+               "Connections refused or cut by the runtime, by cause",
+               [({"cause": name}, counts.get(name, 0)) for name in sorted(
+                   set(counts) | {"refused_connection_cap", "refused_client_cap",
+                                  "refused_timeout", "refused_slow_body", "closed_slow_reader",
+                                  "closed_at_accept"})
+                if name.startswith(("refused_", "closed_"))])
+    idle = len(handoff.idle)
+    threads = len(server.workers.threads)
+    out.family("onebox_workers", "gauge", "Worker threads by state",
+               [({"state": "busy"}, max(0, threads - idle)), ({"state": "idle"}, idle)])
+    out.one("onebox_workers_queued", "gauge", "Jobs waiting on the work queue for a worker",
+            handoff.work.qsize())
+    out.one("onebox_healthy", "gauge", "1 while OneboxServer.health() finds nothing wrong",
+            1 if server.health() is None else 0)
+    out.family("onebox_phase", "gauge", "1 for the server's current phase",
+               [({"phase": phase}, 1 if server.phase == phase else 0)
+                for phase in ("starting", "serving", "reloading", "draining")])
+
+
+def _guard(out, server):
+    stats = server.guard.stats()
+    counts = stats["counts"]
+    out.family("onebox_guard_events_total", "counter",
+               "The abuse guard's own counters (bans earned, banned hits, scanners, ...)",
+               [({"event": name}, value) for name, value in sorted(counts.items())
+                if not name.startswith(("refused_", "closed_"))])
+    out.one("onebox_guard_bans_active", "gauge", "Bans in force", stats["bans"]["active"])
+    out.one("onebox_guard_enabled", "gauge", "1 if [limits] enabled", 1 if stats["enabled"] else 0)
+    tables = [("guard_clients", stats["clients"]), ("guard_routes", stats["routes"]),
+              ("guard_suspects", stats["suspects"]), ("guard_bans", stats["bans"])]
+    cache = server.context.responses.stats()
+    tables.append(("response_cache", {"keys": cache["entries"], "max_keys": cache["max_entries"],
+                                      "evictions": cache["evictions"]}))
+    for name, limiter_stats in sorted(server.context.limiters.stats().items()):
+        tables.append(("limiter:" + name, limiter_stats))
+    out.family("onebox_table_entries", "gauge", "Entries in each capped in-memory table",
+               [({"table": name}, table["keys"]) for name, table in tables])
+    out.family("onebox_table_capacity", "gauge", "Each capped table's cap (entries)",
+               [({"table": name}, table["max_keys"]) for name, table in tables])
+    out.family("onebox_table_evictions_total", "counter",
+               "Entries dropped from a full table (least recently used first)",
+               [({"table": name}, table.get("evictions", 0)) for name, table in tables])
+
+
+def _caches(out, server):
+    cache = server.context.responses.stats()
+    out.one("onebox_response_cache_hits_total", "counter", "@cached responses served from memory",
+            cache["hits"])
+    out.one("onebox_response_cache_misses_total", "counter",
+            "@cached responses computed by their handler", cache["misses"])
+    caches = [("response_cache", cache["bytes"], cache["max_bytes"])]
+    static = server.static
+    for name, budget in (("static_files", static.files), ("static_gzip", static.gzipped)):
+        caches.append((name, budget.used, budget.budget))
+    out.family("onebox_cache_bytes", "gauge", "Bytes held by each in-memory cache",
+               [({"cache": name}, used) for name, used, _ in caches])
+    out.family("onebox_cache_capacity_bytes", "gauge", "Each cache's byte budget",
+               [({"cache": name}, cap) for name, _, cap in caches])
+
+
+def _state(out, server):
+    store = server.store
+    if store is None:
+        return
+    stats = store.stats()
+    out.one("onebox_state_keys", "gauge", "Keys in the state store", stats["keys"])
+    out.one("onebox_state_bytes", "gauge", "Bytes of values in the state store", stats["bytes"])
+    out.one("onebox_state_journal_bytes", "gauge", "Size of the journal", stats["journal_bytes"])
+    out.one("onebox_state_snapshot_bytes", "gauge", "Size of the snapshot", stats["snapshot_bytes"])
+    out.one("onebox_state_writes_total", "counter", "Writes applied to the state store",
+            stats["writes"])
+    out.one("onebox_state_fsyncs_total", "counter", "fsyncs of the journal", stats["fsyncs"])
+    out.one("onebox_state_compactions_total", "counter", "Journal compactions into a snapshot",
+            stats["compactions"])
+    out.one("onebox_state_last_snapshot_timestamp_seconds", "gauge",
+            "When the snapshot was last written (Unix time; 0: never)",
+            stats.get("snapshot_time", 0.0))
+
+
+
+def _process(out, server):
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    out.one("process_cpu_seconds_total", "counter", "User and system CPU time spent",
+            float(usage.ru_utime + usage.ru_stime))
+    out.one("process_resident_memory_bytes", "gauge", "Resident memory size", _rss_bytes(usage))
+    try:
+        fds = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        fds = -1
+    if fds >= 0:
+        out.one("process_open_fds", "gauge", "Open file descriptors", fds)
+    out.one("process_threads", "gauge", "Threads in the process", threading.active_count())
+    out.one("process_start_time_seconds", "gauge", "Start time of the process (Unix time)",
+            server.started_at)
+    out.family("onebox_build_info", "gauge", "onebox and Python versions (always 1)",
+               [({"version": VERSION, "python": platform.python_version(),
+                  "implementation": sys.implementation.name}, 1)])
+
+
+def _rss_bytes(usage):
+    """The current resident size from /proc (Linux), else the peak from getrusage."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
