@@ -216,6 +216,7 @@ SETTINGS = {
                 "clients and paths tracked per minute for the top tables (space-saving sketch)"),
         Setting("recent_decisions", "int", 200, 1,
                 "guard refusals and bans kept for the status page (a run of one client's is one)"),
+    ],
     # The admin listener (onebox/admin.py): /metrics, the status page and admin actions, on a
     # socket of their own, never on the public port. Off the loopback it needs a token.
     "admin": [
