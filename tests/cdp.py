@@ -7,6 +7,7 @@ commands carry its ``sessionId``), and keeps every event it reports, for the tes
 Used by tests/test_status_browser.py; not part of the server.
 """
 import base64
+import fcntl
 import json
 import os
 import queue
@@ -29,6 +30,12 @@ def chromium_path():
     return None
 
 
+def _above_9(fd):
+    moved = fcntl.fcntl(fd, fcntl.F_DUPFD, 10)
+    os.close(fd)
+    return moved
+
+
 class CDPError(Exception):
     pass
 
@@ -41,10 +48,15 @@ class Browser(object):
         self.timeout = timeout
         to_chrome_read, self._to_chrome = os.pipe()
         self._from_chrome, from_chrome_write = os.pipe()
-        # The shell puts the pipes on fds 3 and 4, where Chromium looks for them.
+        # Chromium's ends moved above fd 9, so that neither is already 3 or 4 (which the
+        # shell's redirections below would overwrite before reading)
+        to_chrome_read, from_chrome_write = [_above_9(fd) for fd in (to_chrome_read,
+                                                                    from_chrome_write)]
+        # bash puts the pipes on fds 3 and 4, where Chromium looks for them (dash, /bin/sh,
+        # takes no fd above 9 in a redirection).
         script = 'exec "$0" "$@" 3<&%d 4>&%d' % (to_chrome_read, from_chrome_write)
         self.process = subprocess.Popen(
-            ["/bin/sh", "-c", script, chromium_path()] + FLAGS
+            ["bash", "-c", script, chromium_path()] + FLAGS
             + ["--user-data-dir=%s" % profile_dir, "--window-size=%d,%d" % (width, height),
                "about:blank"],
             pass_fds=(to_chrome_read, from_chrome_write), stdin=subprocess.DEVNULL,
@@ -58,7 +70,8 @@ class Browser(object):
         self._stderr = []
         self._reader = threading.Thread(target=self._read, name="cdp-reader", daemon=True)
         self._reader.start()
-        threading.Thread(target=self._drain_stderr, daemon=True).start()
+        self._stderr_reader = threading.Thread(target=self._drain_stderr, daemon=True)
+        self._stderr_reader.start()
         self.session = None
         target = self._call(None, "Target.createTarget", url="about:blank")["targetId"]
         self.session = self._call(None, "Target.attachToTarget", targetId=target,
@@ -133,11 +146,16 @@ class Browser(object):
                 raise CDPError("still false after %ss: %s" % (timeout, expression))
             time.sleep(interval)
 
-    def screenshot(self, path, width, height):
+    def screenshot(self, path, width, height, full_page=False):
         self.send("Emulation.setDeviceMetricsOverride", width=width, height=height,
                   deviceScaleFactor=1, mobile=width < 600)
         time.sleep(0.3)   # let the layout settle at the new size
-        data = self.send("Page.captureScreenshot", format="png")["data"]
+        params = {"format": "png"}
+        if full_page:
+            tall = self.evaluate("document.documentElement.scrollHeight")
+            params.update(captureBeyondViewport=True,
+                          clip={"x": 0, "y": 0, "width": width, "height": tall, "scale": 1})
+        data = self.send("Page.captureScreenshot", **params)["data"]
         with open(path, "wb") as image:
             image.write(base64.b64decode(data))
 
@@ -161,6 +179,8 @@ class Browser(object):
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(10)
+        self._stderr_reader.join(10)   # at the end of Chromium's stderr
+        self.process.stderr.close()
         for fd in (self._to_chrome, self._from_chrome):
             try:
                 os.close(fd)
