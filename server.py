@@ -21,6 +21,9 @@ Where things are
 ``onebox/reactor.py``   the thread that accepts, and owns every connection that waits
 ``onebox/workers.py``   the pool that serves requests that are ready
 ``onebox/engine.py``    the server object that composes them: start, drain, stop
+``onebox/admin.py``     the admin listener: /metrics, the status page, its token and origin check
+``onebox/metrics.py``   per-thread request counters; /metrics in the Prometheus text format
+``onebox/health.py``    /healthz and /readyz on the public port, answered by the reactor
 Dependencies point one way: ``server.py`` imports ``onebox``; ``onebox`` imports the contract
 (``handlers/_*.py``) and the areas (to route to them); areas import only the contract; nothing
 imports ``server.py`` but tests.

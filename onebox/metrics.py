@@ -10,6 +10,10 @@ two threads write the same counter; a scrape sums the shards. A scrape may read 
 its thread writes it: a count can then be one request behind, never wrong by more, and it is
 right at the next scrape (counters only grow).
 
+Requests the reactor refuses before any worker sees them (a connection over a cap, a head
+that is malformed or too slow) are not requests here: they are in
+``onebox_connections_refused_total`` and the guard's counters.
+
 Cardinality is bounded by what the server knows, never by what clients send: ``route`` is a
 route's pattern ("/api/notes/{id}"), or one of ``STATIC``, ``UNROUTED`` (no route and no page:
 404, 405), ``REFUSED`` (answered before routing: the guard, a malformed request); ``method``
@@ -234,15 +238,23 @@ def _requests(out, server):
 def _connections(out, server):
     reactor, handoff = server.reactor, server.handoff
     parked = reactor.parked
+    # the heap of body and send waits may hold stale entries (see Reactor._expire): count each
+    # connection once, by what it waits for now
+    timed = {conn for _, _, conn in list(reactor.timed)}
+    waits = [conn.waiting for conn in timed]
     states = [("reading", len(parked["new"]) + len(parked["head"])),
               ("idle", len(parked["idle"])), ("held", len(handoff.held)),
               ("lingering", len(parked["linger"])), ("in_workers", len(reactor.busy)),
-              ("waiting", len(reactor.timed))]
+              ("body", waits.count("body")), ("send", waits.count("send")),
+              ("in_line", sum(len(line) for line in list(reactor.wait_line.values()))),
+              ("ready", sum(len(line) for line in list(reactor.ready_line.values())))]
     out.one("onebox_connections_open", "gauge", "Open connections on the public port",
             reactor.open)
     out.family("onebox_connections", "gauge",
                "Public connections by what they wait for (idle: kept, parked in the reactor; "
-               "held: kept, a worker waits on it; waiting: body or slow-reader waits, roughly)",
+               "held: kept, a worker waits on it; body: its request body; send: a slow reader; "
+               "in_line: behind its client's other waits; ready: for its client's share of the "
+               "workers)",
                [({"state": name}, value) for name, value in states])
     out.one("onebox_connections_max", "gauge", "max_connections", server.settings.max_connections)
     out.one("onebox_admin_connections_open", "gauge", "Open connections on the admin listener",

@@ -30,6 +30,11 @@ request from the client that holds the most connections, unless the newcomer is 
 (or one as large): then the newcomer gets 503. Busy connections, and bodies and responses on
 their way, are never shed for a newcomer: they are bounded by the paces instead.
 
+The admin listener's connections (``Connection.admin``, onebox/admin.py) are accepted and wait
+here like the site's, but skip the guard and the site's connection caps: ``admin_open`` counts
+them against ``[admin] max_connections``. Health checks on the public port (onebox/health.py)
+are answered here as soon as their head is in, so that a wedged worker pool is reported.
+
 Every field here is the reactor thread's alone, and nothing in this module takes a lock.
 Imports the standard library, the codec, transfer and hand-off modules; never the engine or
 ``server``.

@@ -9,6 +9,11 @@ with an ``Outcome``. A worker never waits on a slow client except for a body too
 that its handler streams, and a streamed response whose produced chunks the client does not take:
 both under a minimum data rate (``onebox/transfer.py``).
 
+A connection from the admin listener (``conn.admin``) skips the guard and goes to the admin
+site's routes only (``onebox/admin.py``). Each request is counted once for the metrics
+(``onebox/metrics.py``), where its access line is logged (or by the reactor, for a response it
+finishes).
+
 The pool's size is an invariant: nothing a request or a hand-back raises ends a worker.
 Threads: ``worker_threads`` of them, each bound to its server's context (state, cache, limiters;
 ``handlers/_context.py``). Imports the contract and the runtime's codec, transfer, routing and
