@@ -268,6 +268,10 @@ def ban_control(config, unban=None):
     """--bans (``unban`` None) or --unban ADDR. A stopped server's data dir is opened directly
     (its lock is free); a running server's (it holds the lock) is asked through its admin
     listener, whose address it wrote to ADMIN_URL_FILE in the data dir at start."""
+    if not os.path.isdir(config.server.data_dir):   # do not make one just to say so
+        print("onebox: no data directory at %s, so no bans" % config.server.data_dir,
+              file=sys.stderr)
+        return 0 if unban is None else 1
     try:
         store = open_store(config)
     except StateLockedError:

@@ -456,6 +456,7 @@ class Guard(object):
                      and ban.hits >= policy.ban_close_after_hits)
         if close:
             self._count("closed_at_accept")
+            self._tell(key, "", 0, "closed_at_accept")
         return key, close
 
     # -- per request (worker threads) ---------------------------------------------------------

@@ -156,6 +156,13 @@ def test_flood_shows_decisions_and_ban_and_lift_lets_the_client_in(start_server)
     refused = sum(row["count"] for row in doc["decisions"] if row["status"] == 429)
     assert refused == statuses.count(429)
     assert server.store.get(BAN_PREFIX + "127.0.0.5") is not None
+    # a banned client is answered 403, then (ban_close_after_hits on) closed at accept
+    hits = server.config.limits.ban_close_after_hits
+    assert [from_client(server.port, "/hello", "127.0.0.5") for _ in range(hits + 2)
+            ][-1] is None
+    decisions = admin(server, "GET", "/status.json")[1]["decisions"]
+    assert (decisions[0]["client"], decisions[0]["rule"]) == ("127.0.0.5", "closed_at_accept")
+    assert any(row["status"] == 403 and row["rule"] == "banned" for row in decisions)
 
     # a cross-site POST (a browser on another origin) is refused; the ban stays
     body = json.dumps({"client": "127.0.0.5"}).encode()
