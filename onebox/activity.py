@@ -38,8 +38,10 @@ complete up to the moment it asked. Lock order: a slot's lock, then ``_lock``.
 ``decision`` runs on refusals only (worker or reactor thread) and takes ``_decisions_lock``.
 
 Measured on this machine (2 cores shared with other work, Python 3.11): ``record`` costs
-2.6-3.7 us a request, against 0.1-1.5 us with the recorder off (tests/test_status.py's
-``test_record_cost`` prints both). The page's read with a full hour of data takes ~11 ms (the
+2.5-3.7 us a request, against ~0.15 us with the recorder off (tests/test_status.py's
+``test_record_cost`` prints both; timeit agrees), of a hello request's ~150 us of server CPU;
+``bench/bench_metrics.py --rounds 6`` (metrics and recorder on, against both off) gave a
+median on/off req/s ratio of 1.03x, i.e. lost in the noise. The page's read with a full hour of data takes ~11 ms (the
 JSON is ~16 KB), of which ``_lock`` is held for copies of the rings (~20 us) and the top-k merge.
 
 Imports only the standard library.

@@ -105,7 +105,8 @@ def status_document(server):
     memory = {"rss_bytes": _rss_bytes(), "activity_bytes": activity.memory_bytes(),
               "activity_budget_bytes": BUDGET_BYTES, "threads": threading.active_count()}
     return {
-        "server": server.url, "uptime_s": time.time() - activity.started,
+        "server": server.url,
+        "uptime_s": time.time() - getattr(server, "started_at", activity.started),
         "phase": getattr(server, "phase", ""),
         "activity": snapshot,
         "bans": server.guard.list_bans(),

@@ -12,10 +12,8 @@ import tracemalloc
 import types
 import urllib.parse
 
-import pytest
-
 from conftest import ROOT, request
-from onebox.activity import BUDGET_BYTES, TOP_MINUTES, Activity, percentile, LATENCY_BOUNDS_S
+from onebox.activity import BUDGET_BYTES, LATENCY_BOUNDS_S, TOP_MINUTES, Activity, percentile
 from onebox.guard import BAN_PREFIX
 
 SERVER = os.path.join(ROOT, "server.py")
@@ -189,6 +187,8 @@ def test_flood_shows_decisions_and_ban_and_lift_lets_the_client_in(start_server)
                      {"Content-Type": "application/json"})[0] == 400
     assert admin(server, "POST", "/bans/lift", b"client=x",
                  {"Content-Type": "text/plain"})[0] == 415
+    assert admin(server, "POST", "/bans/lift", b"client=127.0.0.9",     # a form: read, not banned
+                 {"Content-Type": "application/x-www-form-urlencoded"})[0] == 404
     assert "lifted by the admin listener" in server.error_text()
 
 
