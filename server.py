@@ -183,9 +183,8 @@ def serve(config, router, store):
         return 1
     except OSError as error:
         store.close()
-        print("onebox: cannot listen on %s port %s (or the admin listener on %s port %s): %s"
-              % (config.server.host, config.server.port, config.admin.host, config.admin.port,
-                 error.strerror), file=sys.stderr)
+        print("onebox: cannot listen on %s port %s: %s"
+              % (config.server.host, config.server.port, error.strerror), file=sys.stderr)
         return 1
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: server.begin_shutdown())

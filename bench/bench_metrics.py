@@ -2,15 +2,15 @@
 """What counting costs: hello req/s with metrics on (the shipped default) against metrics off.
 
     python3 bench/bench_metrics.py [--rounds 8] [--seconds 3] [--connections 16]
-                                   [--off-flag=--status-history=off ...]
+                                   [--off-flag=--FLAG=VALUE ...]
 
 Two servers from this checkout run side by side, the same settings but for ``[admin] metrics``
 (``--admin-metrics off``; the status page's recorder too, ``--status-recorder off``, when this
-checkout has it; plus every ``--off-flag``); both pinned to CPU 0, wrk to CPU 1 (bench_http.py's helpers). Each round
-measures both, in alternating order, after a one-second warm-up; the report is the median of
-the rounds' req/s and of the server's CPU time per request, and the median of the per-round
-on/off ratios (interleaving keeps a noisy neighbour from favouring one side). The target is
-on/off >= 0.95.
+checkout has it; plus every ``--off-flag``); both pinned to CPU 0, wrk to CPU 1 (bench_http.py's
+helpers). Each round measures both, in alternating order, after a one-second warm-up; the
+report is the median of the rounds' req/s and of the server's CPU time per request, and the
+median of the per-round on/off ratios (interleaving keeps a noisy neighbour from favouring one
+side). The target is on/off >= 0.95.
 
 Both servers run with the access log off (a smaller denominator makes the counters' share
 larger, so the ratio is the stricter), the guard checking every request with its limits out of

@@ -31,7 +31,7 @@ Who may ask
 * Bound to anything but loopback without a token, the server refuses to start.
 * Actions (any method but GET, HEAD and OPTIONS) must come from the admin listener's own
   origin: a ``Sec-Fetch-Site`` other than same-origin, or an ``Origin`` other than
-  ``http://<Host>``, gets 403 (no cross-site request forgery through a browser). A client
+  ``http://<Host>`` (or https://, behind a TLS proxy), gets 403 (no cross-site request forgery through a browser). A client
   that sends neither (curl, ``server.py --unban``) is not a browser and passes.
 
 Adding admin pages (the contract for other modules)
@@ -176,8 +176,11 @@ class AdminSite(object):
         if site is not None and site != "same-origin":
             return False
         origin = request.headers.get("origin")
-        if origin is not None and origin != "http://" + request.headers.get("host", ""):
-            return False
+        if origin is not None:
+            # either scheme: behind a TLS proxy the page's origin is https://, and no other
+            # site can make a browser send this host in Origin
+            scheme, _, authority = origin.partition("://")
+            return scheme in ("http", "https") and authority == request.headers.get("host")
         return True
 
     # -- its own pages ------------------------------------------------------------------------

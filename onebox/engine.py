@@ -22,7 +22,7 @@ from handlers._cache import ResponseCache
 from handlers._limits import LimiterRegistry
 from handlers._state import StateError
 from onebox.activity import Activity
-from onebox.admin import AdminSite, load_token
+from onebox.admin import AdminConfigError, AdminSite, load_token
 from onebox.guard import Guard
 from onebox.health import HealthChecks
 from onebox.handoff import Handoff
@@ -91,9 +91,12 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         self.admin_socket = None
         try:
             self.admin_socket = self._listen_admin(config.admin, self.listeners.get("admin"))
-        except OSError:
+        except OSError as error:
             self.server_close()
-            raise
+            raise AdminConfigError(
+                "cannot listen on %s port %s for the admin listener: %s; set [admin] port "
+                "(--admin-port 0 picks a free one, off turns it off)"
+                % (config.admin.host, config.admin.port, error.strerror or error)) from None
         self.metrics = Metrics(config.admin.metrics)
         if config.allowed_hosts is None and not _is_loopback(settings.host):
             self.log_error("listening on %s with any Host allowed: set allowed_hosts in [server] "
@@ -104,7 +107,8 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         self.reactor = Reactor(self.socket, settings, self.handoff, self._poller, self.guard,
                                self.access_log, self.log_error, self.admin_socket,
                                config.admin.max_connections)
-        self.reactor.health = HealthChecks(self, config.health)
+        self.health_checks = HealthChecks(self, config.health)
+        self.reactor.health = self.health_checks
         self.reactor.metrics = self.metrics if self.metrics.enabled else None
         self.workers = Workers(self, self.handoff, self._poller)
         # What the server is doing, for readiness (/readyz, systemd): "starting" until the

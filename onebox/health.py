@@ -16,7 +16,9 @@ worker took the reactor's latest probe within ``stall_timeout_s``), else 503 wit
 ``ready_path`` answers 200 "ready" while ``server.phase`` is "serving", else 503 with the phase
 (starting, reloading, draining): a load balancer stops sending new clients during a drain.
 Both close the connection after the answer (a kept connection's next request would go to a
-worker, which is what a wedged pool cannot take). The Host header is not checked against
+worker, which is what a wedged pool cannot take). One that reaches a worker all the same (the
+next request on a connection a worker holds, or a pipelined one) is answered there the same
+way, before the guard, and the connection is kept. The Host header is not checked against
 ``allowed_hosts``: the answer holds nothing worth a DNS rebinding.
 
 Imports the codec and the contract only; the server is passed in.
@@ -33,6 +35,7 @@ class HealthChecks(object):
     def __init__(self, server, settings):
         self.server = server
         self.live_path, self.ready_path = settings.live_path, settings.ready_path
+        self.paths = frozenset((self.live_path, self.ready_path))
         self.log_every_s = settings.log_every_s
         prefixes = []
         for method in (b"GET ", b"HEAD "):
@@ -50,18 +53,22 @@ class HealthChecks(object):
             path, _ = split_target(head)
         except HTTPError:
             return None
+        if path not in self.paths:
+            return None
+        return (self.response_for(path), head.request_line, path, head.method == "HEAD",
+                head.version)
+
+    def response_for(self, path):
+        """The answer for one of ``paths`` (any thread)."""
         if path == self.live_path:
             reason = self.server.health()
-            response = _plain(200, "ok") if reason is None else _plain(503, reason)
-        elif path == self.ready_path:
-            phase = self.server.phase
-            response = _plain(200, "ready") if phase == "serving" else _plain(503, phase)
-        else:
-            return None
-        return response, head.request_line, path, head.method == "HEAD", head.version
+            return _plain(200, "ok") if reason is None else _plain(503, reason)
+        phase = self.server.phase
+        return _plain(200, "ready") if phase == "serving" else _plain(503, phase)
 
     def should_log(self, path, status):
-        """Failures always; a success once per log_every_s per path."""
+        """Failures always; a success once per log_every_s per path. (Workers call it too: two
+        threads may both log a success in a race, which costs a line.)"""
         if status != 200:
             return True
         now = time.monotonic()

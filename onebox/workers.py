@@ -80,6 +80,7 @@ class Workers:
         self.activity = server.activity   # the status page's recorder (onebox/activity.py)
         metrics = server.metrics
         self.metrics = metrics if metrics.enabled else None
+        self.health_checks = server.health_checks
 
     def start(self):
         for number in range(self.settings.worker_threads):
@@ -255,7 +256,8 @@ class Workers:
             conn.outbox, conn.wait_key = outbox, self._wait_key(conn, exchange)
             return Outcome.SEND
         log = self.server.access_log
-        if log:
+        if log and (exchange.route not in self.health_checks.paths or self.health_checks
+                    .should_log(exchange.route, exchange.response.status)):
             ip, line, status, referer, agent, started, note = self._log_fields(conn, exchange,
                                                                                note)
             log.log(ip, line, status, sent, referer, agent, time.monotonic() - started, note)
@@ -294,7 +296,8 @@ class Workers:
                 server.log_error("unparsable request from %s: %s" % (conn.ip,
                                                                      type(error).__name__))
                 raise HTTPError(400, "malformed request") from None
-            if conn.admin:   # the operator's listener: never limited, banned or counted
+            if conn.admin or self._is_health_check(exchange):
+                # the operator's listener, or a monitor: never limited, banned or counted
                 exchange.keep_alive = exchange.head.keep_alive and not self.handoff.stopping
                 return
             exchange.verdict = verdict = server.guard.check(exchange.request, conn.client)
@@ -308,6 +311,16 @@ class Workers:
         exchange.keep_alive = (request is not None and exchange.head.keep_alive
                                and not self.handoff.stopping
                                and not (verdict is not None and verdict.close))
+
+    def _is_health_check(self, exchange):
+        """A health check that reached a worker (most are answered by the reactor: see
+        onebox/health.py) is answered here, before the guard."""
+        request, checks = exchange.request, self.health_checks
+        if request.path not in checks.paths or request.method not in ("GET", "HEAD"):
+            return False
+        exchange.response = checks.response_for(request.path)
+        exchange.route = request.path
+        return True
 
     def _wait_for_body(self, conn, exchange, buffered):
         """Hand the connection to the reactor until the body is in (issue 12: no worker waits

@@ -64,6 +64,9 @@ check "POST /api/notes gives an id" 1  "$([ -n "$note_id" ] && echo 1 || echo 0)
 check "GET the note back"          1   "$(curl -s --max-time 10 "$base/api/notes/$note_id" | grep -c '"text":"smoke"')"
 check "empty note text is 400"     400 "$(status -X POST -H 'Content-Type: application/json' -d '{"text":""}' "$base/api/notes")"
 check "DELETE the note"            204 "$(status -X DELETE "$base/api/notes/$note_id")"
+check "GET /healthz is ok"         ok  "$(curl -s --max-time 10 "$base/healthz")"
+check "GET /readyz is 200"         200 "$(status "$base/readyz")"
+check "/metrics is not public"     404 "$(status "$base/metrics")"
 check "keep-alive reuses the connection" 1 "$(curl -sv --max-time 10 "$base/hello" "$base/hello" 2>&1 | grep -c 'Re-using existing connection')"
 
 if [ -n "$server_pid" ]; then

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, raw_exchange, request, status_of
+from conftest import ROOT, raw_exchange, read_until_close, request, status_of
 
 SERVER = os.path.join(ROOT, "server.py")
 TOKEN = "s3cret-admin-token-for-tests"
@@ -118,7 +118,8 @@ def test_off_loopback_with_a_credential_file_starts_and_wants_the_token(tmp_path
                             env=environment_without_token(CREDENTIALS_DIRECTORY=str(credentials)))
     try:
         process.stdout.readline()
-        admin = re.fullmatch(r"admin on http://0\.0\.0\.0:(\d+)/", process.stdout.readline().strip())
+        line = process.stdout.readline().strip()
+        admin = re.fullmatch(r"admin on http://0\.0\.0\.0:(\d+)/", line)
         assert admin
         url = "http://127.0.0.1:%s/metrics" % admin.group(1)
         code = ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", url]
@@ -296,7 +297,6 @@ def test_admin_connections_have_their_own_cap(start_server):
     try:
         time.sleep(0.2)
         extra = socket.create_connection(("127.0.0.1", port), timeout=5)
-        from conftest import read_until_close
         assert status_of(read_until_close(extra)) == 503
         extra.close()
     finally:
@@ -326,3 +326,33 @@ def test_a_handed_over_admin_socket_is_served_instead_of_binding(tmp_path):
         built.shutdown()
         thread.join(30)
         built.server_close()
+
+
+def test_a_health_check_on_a_kept_connection_is_answered_too(start_server):
+    """After another request on the same connection, a worker (not the reactor) sees it."""
+    server = start_server(config={"limits.client_rate_per_s": 0.001, "limits.client_burst": 1})
+    sock = socket.create_connection(("127.0.0.1", server.port), source_address=("127.0.0.2", 0))
+    try:
+        sock.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n"
+                     b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+                     b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        raw = read_until_close(sock)
+    finally:
+        sock.close()
+    assert raw.count(b"HTTP/1.1 200 OK") == 3, raw   # the burst of 1 went on /hello
+    assert raw.endswith(b"ready\n") and b"\r\n\r\nok\n" in raw
+    assert server.access_text().count("GET /healthz") == 1
+
+
+def test_an_admin_port_in_use_is_a_clear_error(tmp_path):
+    holder = socket.create_server(("127.0.0.1", 0))
+    port = holder.getsockname()[1]
+    try:
+        process = start_process(tmp_path, "--admin-port", str(port),
+                                env=environment_without_token())
+        out, err = process.communicate(timeout=30)
+    finally:
+        holder.close()
+    assert process.returncode == 1 and "Traceback" not in err
+    assert "cannot listen on 127.0.0.1 port %d for the admin listener" % port in err, err
+    assert "--admin-port 0" in err
