@@ -291,20 +291,20 @@ def test_record_cost():
 
 # --- --bans / --unban --------------------------------------------------------------------------
 
-def run_cli(data_dir, *args):
+def run_cli(data_dir, *args, env=None):
     result = subprocess.run([sys.executable, SERVER, "--data-dir", str(data_dir),
                              "--state-durability", "off"] + list(args),
-                            capture_output=True, text=True, timeout=60)
+                            capture_output=True, text=True, timeout=60, env=env)
     return result.returncode, result.stdout + result.stderr
 
 
-def start_process(data_dir):
+def start_process(data_dir, env=None):
     process = subprocess.Popen(
         [sys.executable, SERVER, "--port", "0", "--data-dir", str(data_dir),
          "--state-durability", "off", "--limits-client-rate-per-s", "1",
          "--limits-client-burst", "3", "--limits-ban-after-rejections", "4",
          "--limits-ban-window-s", "30"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     line = process.stdout.readline()
     assert line.startswith("listening on http://"), line + process.stderr.read()
     admin_line = process.stdout.readline()
@@ -352,5 +352,25 @@ def test_bans_and_unban_on_a_running_and_a_stopped_server(tmp_path):
     try:
         assert from_client(port, "/hello", "127.0.0.2") == 200          # the lift persisted
         assert from_client(port, "/hello", "127.0.0.3") in (403, None)  # the other did not
+    finally:
+        stop_process(process)
+
+
+def test_bans_cli_sends_the_admin_token(tmp_path):
+    """With an admin token configured, the running server's admin listener wants it; the CLI
+    reads it where the server does (ONEBOX_ADMIN_TOKEN) and sends it."""
+    data_dir = tmp_path / "data"
+    env = dict(os.environ, ONEBOX_ADMIN_TOKEN="a-token-of-twenty-chars")
+    process, port = start_process(data_dir, env)
+    try:
+        flood_until_banned(port, "127.0.0.2")
+        without = dict(os.environ)
+        without.pop("ONEBOX_ADMIN_TOKEN", None)
+        code, out = run_cli(data_dir, "--bans", env=without)
+        assert code == 1 and "401" in out, out
+        code, out = run_cli(data_dir, "--bans", env=env)
+        assert code == 0 and "127.0.0.2" in out, out
+        code, out = run_cli(data_dir, "--unban", "127.0.0.2", env=env)
+        assert code == 0 and "through the running server" in out, out
     finally:
         stop_process(process)
