@@ -71,8 +71,12 @@ import time
 from handlers._state import StateError, StateLockedError, Store
 from onebox.admin import AdminConfigError, load_token
 from onebox.engine import OneboxServer
+from onebox.guard import BAN_PREFIX, client_key, lift_stored_ban, stored_bans
 from onebox.routing import RouteError, Router, load_routes
 from onebox.settings import DEFAULT_CONFIG_FILE, SETTINGS, ConfigError, load_config  # noqa: F401
+
+
+ADMIN_URL_FILE = "admin.url"   # in data_dir while the server runs: its admin listener's URL
 
 
 def make_server(port=0, host="127.0.0.1", pages_dir=None, data_dir=None, config=None,
@@ -119,6 +123,12 @@ def parse_args(argv):
     parser.add_argument("--backup", metavar="PATH",
                         help="write a consistent snapshot of the state to PATH (asks the running "
                              "server for it if there is one), then exit")
+    parser.add_argument("--bans", action="store_true",
+                        help="list the bans in force (client, reason, until), then exit; asks "
+                             "the running server through its admin listener if there is one")
+    parser.add_argument("--unban", metavar="ADDR",
+                        help="lift the ban on ADDR (an address, or a key as --bans lists it), "
+                             "then exit; through the running server if there is one")
     for section, settings in SETTINGS.items():
         for setting in settings:
             flag = setting.name if section == "server" else section + "_" + setting.name
@@ -144,6 +154,8 @@ def main(argv=None):
         return 0
     if args.backup:
         return backup_state(config, args.backup)
+    if args.bans or args.unban:
+        return ban_control(config, args.unban)
     try:
         store = open_store(config, repair=args.repair)
     except StateLockedError as error:
@@ -181,6 +193,7 @@ def serve(config, router, store):
     print("listening on %s" % server.url, flush=True)
     if server.admin_url:
         print("admin on %s" % server.admin_url, flush=True)
+    write_admin_url(server)   # left in place at exit: the next owner of data_dir rewrites it
     try:
         server.serve_forever()
     finally:
@@ -246,6 +259,147 @@ def _copy_private(source, target):
     with os.fdopen(fd, "wb") as copy:
         os.fchmod(fd, 0o600)
         copy.write(data)
+
+
+# --- ban control: --bans / --unban ------------------------------------------------------------
+
+def ban_control(config, unban=None):
+    """--bans (``unban`` None) or --unban ADDR. A stopped server's data dir is opened directly
+    (its lock is free); a running server's (it holds the lock) is asked through its admin
+    listener, whose address it wrote to ADMIN_URL_FILE in the data dir at start."""
+    if not os.path.isdir(config.server.data_dir):   # do not make one just to say so
+        print("onebox: no data directory at %s, so no bans" % config.server.data_dir,
+              file=sys.stderr)
+        return 0 if unban is None else 1
+    try:
+        store = open_store(config)
+    except StateLockedError:
+        return _ban_control_running(config, unban)
+    except (StateError, OSError) as error:
+        print("onebox: cannot open the state in %s: %s" % (config.server.data_dir, error),
+              file=sys.stderr)
+        return 1
+    try:
+        if unban is None:
+            _print_bans(stored_bans(store))
+            return 0
+        key = unban.strip()
+        if store.get(BAN_PREFIX + key) is None:   # an address, not a key as listed
+            key = client_key(key, config.guard.ipv4_prefix_bits, config.guard.ipv6_prefix_bits)
+        live = {row["client"] for row in stored_bans(store)}
+        if key not in live:
+            print("onebox: %s is not banned" % unban, file=sys.stderr)
+            return 1
+        lift_stored_ban(store, key)
+        print("onebox: lifted the ban of %s (the server is stopped: it starts without it)" % key)
+        return 0
+    except StateError as error:
+        print("onebox: cannot change the state in %s: %s" % (config.server.data_dir, error),
+              file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+
+
+def _ban_control_running(config, unban):
+    data_dir = config.server.data_dir
+    try:
+        with open(os.path.join(data_dir, "lock")) as lock:
+            pid = lock.read().strip()
+        with open(os.path.join(data_dir, ADMIN_URL_FILE)) as note:
+            url = note.read().strip()
+    except OSError:
+        print("onebox: the data dir %s is in use by a running server that has no admin "
+              "listener ([admin] port = off?); stop it, or run it with one" % data_dir,
+              file=sys.stderr)
+        return 1
+    if unban is None:
+        status, reply = _admin_call(config, url, "GET", "bans")
+    else:
+        status, reply = _admin_call(config, url, "POST", "bans/lift",
+                                    {"client": unban.strip()})
+    if status is None:
+        print("onebox: cannot reach the running server (pid %s) at %s: %s" % (pid, url, reply),
+              file=sys.stderr)
+        return 1
+    if unban is None and status == 200:
+        _print_bans(reply["bans"])
+        return 0
+    if status == 200:
+        print("onebox: lifted the ban of %s (through the running server, pid %s)"
+              % (reply["lifted"], pid))
+        return 0
+    if status == 404 and unban is not None:
+        print("onebox: %s is not banned" % unban, file=sys.stderr)
+        return 1
+    print("onebox: the running server (pid %s) answered %s: %s" % (pid, status, reply),
+          file=sys.stderr)
+    return 1
+
+
+def _admin_call(config, url, method, path, body=None):
+    """(status, decoded JSON or text) from the admin listener at ``url``, or (None, why)."""
+    import http.client
+    import json
+    import urllib.parse
+    parts = urllib.parse.urlsplit(url)
+    headers = {"Accept": "application/json"}
+    token = _admin_token(config)
+    if token:
+        headers["Authorization"] = "Bearer " + token
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode("utf-8")
+        headers["Content-Type"] = "application/json"
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    try:
+        connection.request(method, parts.path.rstrip("/") + "/" + path, data, headers)
+        response = connection.getresponse()
+        raw = response.read()
+    except (OSError, http.client.HTTPException) as error:
+        return None, error
+    finally:
+        connection.close()
+    try:
+        return response.status, json.loads(raw.decode("utf-8"))
+    except ValueError:
+        return response.status, raw.decode("utf-8", "replace").strip()
+
+
+def _admin_token(config):
+    """The admin token as the server reads it (environment or $CREDENTIALS_DIRECTORY); None
+    without one (the server then says 401 if it needs one)."""
+    try:
+        return load_token(config.admin)
+    except AdminConfigError:
+        return None
+
+
+def _print_bans(bans):
+    if not bans:
+        print("no bans in force")
+        return
+    print("%-40s %-20s %10s %8s  %s" % ("client", "until (UTC)", "left", "offences", "reason"))
+    for ban in bans:
+        until = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ban["until"]))
+        print("%-40s %-20s %9.0fs %8d  %s" % (ban["client"], until, ban["remaining_s"],
+                                              ban["offences"], ban["reason"]))
+
+
+def write_admin_url(server):
+    """Tell --bans/--unban where this server's admin listener is: ADMIN_URL_FILE in the data
+    dir (removed at exit; the data dir's lock says whether it is current)."""
+    url = server.admin_url
+    path = os.path.join(server.settings.data_dir, ADMIN_URL_FILE)
+    try:
+        if url:
+            with open(path, "w") as note:
+                note.write(url + "\n")
+        elif os.path.exists(path):
+            os.remove(path)   # a previous run's: this one has no admin listener
+    except OSError as error:
+        server.log_error("cannot write %s (--bans/--unban will not find this server): %s"
+                         % (path, error))
 
 
 def raise_file_limit(wanted):

@@ -22,6 +22,7 @@ from handlers import _context
 from handlers._cache import ResponseCache
 from handlers._limits import LimiterRegistry
 from handlers._state import StateError
+from onebox.activity import Activity
 from onebox.admin import AdminConfigError, AdminSite, load_token
 from onebox.guard import Guard
 from onebox.health import HealthChecks
@@ -52,7 +53,8 @@ class OneboxServer(http.server.ThreadingHTTPServer):
     The site the workers serve: ``config``, ``settings``, ``router``, ``static``, ``guard``,
     ``context`` (store, response cache, limiters), ``access_log``. The operator's:
     ``metrics``, ``admin`` (the admin listener's site, or None: onebox/admin.py),
-    ``admin_socket``, ``admin_url``, ``health()``, ``phase``, ``started_at``.
+    ``admin_socket``, ``admin_url``, ``health()``, ``phase``, ``started_at``, ``activity``
+    (what the status page shows: onebox/activity.py).
     """
 
     request_queue_size = 1024   # listen backlog: bursts of connects queue instead of failing
@@ -73,6 +75,12 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         self.error_stream = error_stream or sys.stderr
         self.static = StaticPages(settings.pages_dir, config.static)
         self.guard = Guard(config.guard, store, self.log_error)   # bans persist in the store
+        # What the status page shows (onebox/activity.py): workers record each request in it,
+        # the guard each refusal and ban.
+        status = config.status
+        self.activity = Activity(status.recorder, status.top_entries, status.recent_decisions)
+        if status.recorder:
+            self.guard.on_decision = self.activity.decision
         # What handlers reach through state, @cached and limiter(): this server's own, bound by
         # each worker thread as it starts (handlers/_context.py); never the process's.
         self.context = _context.ServerContext(

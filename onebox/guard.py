@@ -359,7 +359,8 @@ class Guard(object):
 
     For the runtime: ``admit(peer_ip)`` (reactor thread, at accept), ``check(request, key)``
     (worker, before routing), ``saw_404(request, key)`` (worker, after a 404), ``stats()``,
-    ``bans()``. ``key_of(ip)`` is the client grouping. Nothing is meant for overriding.
+    ``bans()``; for the operator (status page, ``--bans``/``--unban``): ``list_bans()``,
+    ``lift_ban(address)``. ``key_of(ip)`` is the client grouping. Nothing is meant for overriding.
     ``store`` is the state store bans persist in (None: they live in memory only); ``log``
     takes one line for the error log; ``clock`` (monotonic) and ``wall`` (epoch) are seams.
     """
@@ -390,6 +391,9 @@ class Guard(object):
         # header (once each per process; at most MAX_WARNED_PROXIES of them).
         self._warned_lock = threading.Lock()
         self._warned = set()
+        # Told of each refusal and ban, for the status page: set by the runtime to a callable
+        # (client key, path, status, rule, ban, dry_run), e.g. onebox.activity.Activity.decision.
+        self.on_decision = None
         if store is not None:
             self._load_bans()
 
@@ -464,6 +468,7 @@ class Guard(object):
                      and ban.hits >= policy.ban_close_after_hits)
         if close:
             self._count("closed_at_accept")
+            self._tell(key, "", 0, "closed_at_accept")
         return key, close
 
     # -- per request (worker threads) ---------------------------------------------------------
@@ -494,6 +499,7 @@ class Guard(object):
         if self._bans:
             verdict = self._banned(key)
             if verdict is not None:
+                self._tell(key, request.path, verdict.status, verdict.rule)
                 return verdict
         verdict = self._denied(request) if policy.has_deny_rules else None
         if (verdict is None or verdict.dry_run) and not self._exempt(request):
@@ -503,7 +509,12 @@ class Guard(object):
         if verdict is None:
             return None
         self._strike(key, verdict)
+        self._tell(key, request.path, verdict.status, verdict.rule, verdict.ban, verdict.dry_run)
         return verdict
+
+    def _tell(self, key, path, status, rule, ban="", dry_run=False):
+        if self.on_decision is not None:
+            self.on_decision(key, path, status, rule, ban, dry_run)
 
     def saw_404(self, request, key):
         """Count a 404 toward scanner detection; returns an access-log note if it earned a ban."""
@@ -532,6 +543,7 @@ class Guard(object):
         self._count("dry_run_scanners" if dry else "scanners")
         outcome = self._ban(key, "scanner: more than %d distinct 404s in %gs"
                             % (policy.scanner_404_paths, policy.scanner_window_s), dry)
+        self._tell(key, request.path, 404, "scanner", outcome, dry)
         return "guard=%s:scanner" % outcome if outcome else None
 
     def saw_bad_request(self, client_ip, key, status, in_reactor=False):
@@ -545,6 +557,8 @@ class Guard(object):
             return None
         verdict = Verdict(status, "", [], "bad_request")
         self._strike(key, verdict, in_reactor)
+        if verdict.ban:
+            self._tell(key, "", status, "bad_request", verdict.ban)
         return verdict.note if verdict.ban else None
 
     def _banned(self, key):
@@ -771,6 +785,49 @@ class Guard(object):
                     for key, ban in self._bans.items()]
         return [row for row in rows if row[1] > 0]
 
+    def list_bans(self):
+        """The bans in force, longest-running first, as dicts: ``client`` (the key),
+        ``reason``, ``until`` (epoch seconds), ``remaining_s``, ``offences``, ``hits``."""
+        now = self._wall()
+        with self._bans_lock:
+            rows = [{"client": key, "reason": ban.reason, "until": ban.until,
+                     "remaining_s": ban.until - now, "offences": ban.offences, "hits": ban.hits}
+                    for key, ban in self._bans.items() if ban.until > now]
+        rows.sort(key=lambda row: -row["until"])
+        return rows
+
+    def ban_key(self, address):
+        """The ban table's key for what an operator typed: a key as listed ('2001:db8::/64'),
+        or an address, grouped as requests are ('2001:db8::7' -> its /64)."""
+        address = address.strip()
+        with self._bans_lock:
+            if address in self._bans:
+                return address
+        return self.key_of(address)
+
+    def lift_ban(self, address, by="operator"):
+        """Lift the ban on ``address`` (see ``ban_key``): it is forgotten (a later ban is a
+        first offence again), its site-wide bucket and strikes start afresh, and its record
+        leaves the state store (before this returns, so a restart does not bring it back).
+        Returns the key lifted, or None if it was not banned. Any thread but the reactor (the
+        store write waits for the disk)."""
+        key = self.ban_key(address)
+        with self._bans_lock:
+            ban = self._bans.get(key)
+            if ban is None or ban.until <= self._wall():
+                return None
+        if self.store is not None:   # first: a failed write (StateWriteError) changes nothing
+            self.store.delete(BAN_PREFIX + key)
+        with self._bans_lock:
+            self._bans.pop(key, None)
+        with self._suspects_lock:
+            self._suspects.pop(key, None)
+        self.clients.forget(key)
+        self._count("lifted")
+        self._log("guard: ban of %s lifted by %s" % (key, by))
+        self._tell(key, "", 0, "lifted")
+        return key
+
     def stats(self):
         """Table sizes and caps (every table is capped), and the refusal counters."""
         with self._suspects_lock:
@@ -801,3 +858,31 @@ def _forwarded_items(values, header):
                     found = param
             items.append(found)
     return items
+
+
+# --- the bans of a stopped server (``server.py --bans`` / ``--unban`` on a free data dir) ---------
+
+def stored_bans(store, wall=time.time):
+    """The bans in force in a state store that no server has open, as ``Guard.list_bans``
+    gives them (hits unknown: 0)."""
+    now = wall()
+    rows = []
+    for store_key, record in store.items(BAN_PREFIX):
+        try:
+            until, offences = float(record["until"]), int(record["offences"])
+        except (TypeError, KeyError, ValueError):
+            continue
+        if until > now:
+            rows.append({"client": store_key[len(BAN_PREFIX):], "reason": str(record.get(
+                "reason", "")), "until": until, "remaining_s": until - now,
+                "offences": offences, "hits": 0})
+    rows.sort(key=lambda row: -row["until"])
+    return rows
+
+
+def lift_stored_ban(store, key):
+    """Delete a ban's record from a state store no server has open; whether there was one."""
+    if store.get(BAN_PREFIX + key) is None:
+        return False
+    store.delete(BAN_PREFIX + key)
+    return True

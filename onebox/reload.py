@@ -42,7 +42,8 @@ RESTART = "restart"
 #                host, port: the listening socket is bound once (and may be inherited);
 #                data_dir, [state]: the state store is open and locked there, with these rules;
 #                worker_threads: the pool is started once;
-#                [admin], [health]: the admin listener is bound, the checks built, at start.
+#                [admin], [health], [status]: the admin listener is bound, the checks and the
+#                status page's recorder built, at start.
 _CONNECTION_KEYS = (
     "max_connections max_connections_per_ip header_timeout_s keepalive_timeout_s body_timeout_s "
     "buffer_body_bytes min_body_rate_bytes_s body_rate_grace_s write_timeout_s "
@@ -62,6 +63,7 @@ HOW = {
     # the admin listener is bound, and the health checks and metrics built, once at start
     "admin": {setting.name: RESTART for setting in SETTINGS["admin"]},
     "health": {setting.name: RESTART for setting in SETTINGS["health"]},
+    "status": {setting.name: RESTART for setting in SETTINGS["status"]},
 }
 
 

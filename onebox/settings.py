@@ -223,6 +223,15 @@ SETTINGS = {
         Setting("max_bytes", "int", 32 * 1024 * 1024, 1024,
                 "bytes of cached responses; an entry over an eighth of this is not cached"),
     ],
+    "status": [   # what the status page shows; see onebox/activity.py
+        Setting("recorder", "bool", True, None,
+                "keep the last hour of traffic, top clients and paths, and guard decisions in "
+                "memory for the status page (~300 KB); off: the page shows tables and bans only"),
+        Setting("top_entries", "int", 50, 1,
+                "clients and paths tracked per minute for the top tables (space-saving sketch)"),
+        Setting("recent_decisions", "int", 200, 1,
+                "guard refusals and bans kept for the status page (a run of one client's is one)"),
+    ],
     # The admin listener (onebox/admin.py): /metrics, the status page and admin actions, on a
     # socket of their own, never on the public port. Off the loopback it needs a token.
     "admin": [

@@ -74,6 +74,7 @@ class Workers:
         self.poller = poller
         self.threads = []
         self.stuck = 0
+        self.activity = server.activity   # the status page's recorder (onebox/activity.py)
         metrics = server.metrics
         self.metrics = metrics if metrics.enabled else None
         self.health_checks = server.health_checks
@@ -249,6 +250,7 @@ class Workers:
         note = self._count_for_guard(conn, exchange)
         # 6. Write it for a turn (the reactor finishes it for a slow reader); log it.
         sent, outbox = self._write(conn, exchange)
+        self.activity.record(conn, exchange, sent)   # for the status page
         metrics = self.metrics
         if metrics is not None:
             self._count(conn, exchange, sent, outbox)

@@ -1,0 +1,188 @@
+"""The status page, its JSON and the ban actions, served on the admin listener only.
+
+``routes(server)`` gives the rows the admin listener (``onebox/admin.py``) mounts:
+
+    GET  /              the page (``status_page.html`` beside this file: inline CSS and script,
+                        no external file; it polls status.json every 3 s)
+    GET  /status.json   everything the page shows (``status_document``)
+    GET  /bans          the bans in force, as JSON (what ``server.py --bans`` prints)
+    POST /bans/lift     {"client": "192.0.2.7"}: lift that ban (``Guard.lift_ban``); 404 if
+                        it is not banned. The admin listener checks the token and the origin.
+
+Everything here reads what other threads write: counters and table sizes are read without
+their owners' locks where a single ``len()`` or attribute read is atomic in CPython, so the
+figures are a moment's approximation, never a reason for a request to wait. The page's script
+builds its DOM with textContent only (client addresses and paths are attacker input), and the
+Content-Security-Policy sent with it allows only its own inline script and style (by hash) and
+fetches to its own origin: a page that tried to load anything else would be stopped.
+
+Imports the handler contract, the recorder's budget and the standard library.
+"""
+import base64
+import hashlib
+import os
+import re
+import threading
+import time
+
+from handlers._core import HTTPError, html_response, json_response
+from onebox.activity import BUDGET_BYTES
+
+__all__ = ["routes", "status_document", "PAGE_PATH"]
+
+PAGE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "status_page.html")
+MAX_LIFT_BODY_BYTES = 4096
+NO_STORE = [("Cache-Control", "no-store")]
+
+
+def _load_page():
+    with open(PAGE_PATH, encoding="utf-8") as page:
+        html = page.read()
+    script = re.search(r"<script>(.*?)</script>", html, re.S).group(1)
+    digest = base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode("ascii")
+    # The script runs by its hash; style may be inline (the <style> block and the swatches'
+    # style attributes); nothing may load from anywhere, and fetches only from this origin.
+    policy = ("default-src 'none'; script-src 'sha256-%s'; style-src 'unsafe-inline'; "
+              "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; "
+              "frame-ancestors 'none'" % digest)
+    return html, policy
+
+
+PAGE_HTML, PAGE_POLICY = _load_page()
+
+
+def routes(server):
+    """The (method, pattern, handler) rows of the status page, for the admin listener."""
+    def page(request):
+        return html_response(PAGE_HTML, headers=NO_STORE + [
+            ("Content-Security-Policy", PAGE_POLICY),
+            ("X-Frame-Options", "DENY"), ("Referrer-Policy", "no-referrer")])
+
+    def document(request):
+        return json_response(status_document(server), headers=NO_STORE)
+
+    def bans(request):
+        return json_response({"bans": server.guard.list_bans(), "now": time.time()},
+                             headers=NO_STORE)
+
+    def lift(request):
+        client = _lift_target(request)
+        who = "the admin listener (from %s)" % request.client_ip
+        key = server.guard.lift_ban(client, by=who)
+        if key is None:
+            raise HTTPError(404, "that client is not banned")
+        return json_response({"lifted": key}, headers=NO_STORE)
+
+    return [("GET", "/", page), ("GET", "/status.json", document), ("GET", "/bans", bans),
+            ("POST", "/bans/lift", lift)]
+
+
+def _lift_target(request):
+    """The "client" of a lift request: JSON {"client": ...} or a form field client=..."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > MAX_LIFT_BODY_BYTES:
+        raise HTTPError(413, "request body too large")
+    kind = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+    if kind == "application/json":
+        body = request.json()
+        client = body.get("client") if isinstance(body, dict) else None
+    elif kind == "application/x-www-form-urlencoded":
+        client = request.form().get("client")
+    else:
+        raise HTTPError(415, "send JSON {\"client\": ...} (Content-Type: application/json)")
+    if not isinstance(client, str) or not client.strip() or len(client) > 100:
+        raise HTTPError(400, "'client' must be an address or a banned key as listed")
+    return client.strip()
+
+
+# --- the document ---------------------------------------------------------------------------
+
+def status_document(server):
+    """What the page shows, JSON-able: activity (onebox/activity.py), bans, recent decisions,
+    gauges (connections, workers) and tables (each with its size and cap)."""
+    activity = server.activity
+    snapshot = activity.snapshot()
+    memory = {"rss_bytes": _rss_bytes(), "activity_bytes": activity.memory_bytes(),
+              "activity_budget_bytes": BUDGET_BYTES, "threads": threading.active_count()}
+    return {
+        "server": server.url,
+        "uptime_s": time.time() - getattr(server, "started_at", activity.started),
+        "phase": getattr(server, "phase", ""),
+        "activity": snapshot,
+        "bans": server.guard.list_bans(),
+        "decisions": activity.decisions(),
+        "guard_counts": server.guard.stats()["counts"],
+        "gauges": _gauges(server),
+        "tables": _tables(server, memory),
+        "memory": memory,
+    }
+
+
+def _gauges(server):
+    settings, reactor, handoff = server.settings, server.reactor, server.handoff
+    threads = settings.worker_threads
+    idle = len(handoff.idle)
+    parked = {kind: len(table) for kind, table in list(reactor.parked.items())}
+    rows = [
+        ("open", "open connections", reactor.open, settings.max_connections),
+        ("in_workers", "connections in workers", len(reactor.busy), None),
+        ("busy_workers", "busy workers", max(0, threads - idle), threads),
+        ("held", "kept connections a worker waits on", len(handoff.held), None),
+        ("queued", "hand-off queue (ready, waiting for a worker)", handoff.work.qsize(), None),
+        ("timed", "body and slow-reader waits in the reactor", len(reactor.timed), None),
+    ]
+    rows += [("parked_" + kind, "parked: %s" % kind, count, None)
+             for kind, count in sorted(parked.items())]
+    return [{"key": key, "name": name, "value": value, "of": of}
+            for key, name, value, of in rows]
+
+
+def _tables(server, memory):
+    guard = server.guard.stats()
+    rows = [
+        ("guard: client buckets", guard["clients"]["keys"], guard["clients"]["max_keys"], ""),
+        ("guard: route buckets", guard["routes"]["keys"], guard["routes"]["max_keys"], ""),
+        ("guard: suspects", guard["suspects"]["keys"], guard["suspects"]["max_keys"], ""),
+        ("guard: bans (and offenders remembered)", guard["bans"]["keys"],
+         guard["bans"]["max_keys"], ""),
+    ]
+    responses = server.context.responses
+    if responses is not None:
+        cache = responses.stats()
+        rows += [("response cache: entries", cache["entries"], cache["max_entries"], ""),
+                 ("response cache: bytes", cache["bytes"], cache["max_bytes"], "bytes")]
+    static = server.static
+    for name, table in (("static: file cache", getattr(static, "files", None)),
+                        ("static: gzip cache", getattr(static, "gzipped", None))):
+        if table is not None:
+            rows.append((name, table.used, table.budget, "bytes"))
+    store = server.store
+    if store is not None:
+        try:
+            state = store.stats()
+        except Exception:   # closed during shutdown
+            state = None
+        if state is not None:
+            rows += [("state store: keys", state["keys"], None, ""),
+                     ("state store: bytes in memory", state["bytes"], None, "bytes"),
+                     ("state store: journal", state["journal_bytes"],
+                      server.config.state.compact_journal_bytes, "bytes")]
+    rows += [("status recorder", memory["activity_bytes"], BUDGET_BYTES, "bytes"),
+             ("process: RSS", memory["rss_bytes"], None, "bytes"),
+             ("process: threads", memory["threads"], None, "")]
+    return [{"name": name, "size": size, "cap": cap, "unit": unit or "count"}
+            for name, size, cap, unit in rows]
+
+
+def _rss_bytes():
+    """Resident memory now (Linux /proc), else the peak (getrusage), else None."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    except (ImportError, OSError):
+        return None
