@@ -69,6 +69,7 @@ from handlers._state import StateError, StateLockedError, Store
 from onebox.engine import OneboxServer
 from onebox.routing import RouteError, Router, load_routes
 from onebox.settings import DEFAULT_CONFIG_FILE, SETTINGS, ConfigError, load_config  # noqa: F401
+from onebox.systemd import Notifier, SystemdError, listen_sockets
 
 
 def make_server(port=0, host="127.0.0.1", pages_dir=None, data_dir=None, config=None,
@@ -156,20 +157,33 @@ def main(argv=None):
 
 
 def serve(config, router, store):
-    """Listen, install the signal handlers, serve until SIGTERM or SIGINT; the exit status."""
+    """Listen (or take the sockets systemd passed), install the signal handlers, tell systemd
+    how it goes (onebox/systemd.py), serve until SIGTERM or SIGINT; the exit status."""
     raise_file_limit(config.server.max_connections + 64)
+    notifier = Notifier()
     try:
-        server = OneboxServer(config, router, store=store)
+        listeners = listen_sockets()
+        server = OneboxServer(config, router, store=store, listeners=listeners)
+    except SystemdError as error:
+        store.close()
+        print("onebox: %s" % error, file=sys.stderr)
+        return 1
     except OSError as error:
         store.close()
         print("onebox: cannot listen on %s port %s: %s"
               % (config.server.host, config.server.port, error.strerror), file=sys.stderr)
         return 1
+    notifier.log_error = server.log_error
+
+    def stop(*_):
+        notifier.stopping()
+        server.begin_shutdown()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: server.begin_shutdown())
+        signal.signal(signum, stop)
     signal.signal(signal.SIGUSR1, lambda *_: server.request_backup())
     signal.signal(signal.SIGHUP, lambda *_: server.note_sighup())
     print("listening on %s" % server.url, flush=True)
+    notifier.watch(server)   # READY=1 once the reactor turns; then STATUS= and WATCHDOG=1
     try:
         server.serve_forever()
     finally:

@@ -19,6 +19,7 @@ import time
 
 from handlers import _context
 from handlers._cache import ResponseCache
+from handlers._core import HTTPError, text_response
 from handlers._limits import LimiterRegistry
 from handlers._state import StateError
 from onebox.guard import Guard
@@ -48,6 +49,7 @@ class OneboxServer(http.server.ThreadingHTTPServer):
     """
 
     request_queue_size = 1024   # listen backlog: bursts of connects queue instead of failing
+    probe_paths = ("/healthz", "/readyz")   # the server's own: answer_probe, ahead of routes
     allow_reuse_address = True
 
     def __init__(self, config, router, access_stream=None, error_stream=None, store=None,
@@ -72,10 +74,11 @@ class OneboxServer(http.server.ThreadingHTTPServer):
             self.access_log = AccessLog(access_stream or sys.stdout, settings.log_flush_interval_s,
                                         settings.log_buffer_bytes, self.log_error)
         self._listen(settings, self.listeners.get("http"))
-        if config.allowed_hosts is None and not _is_loopback(settings.host):
+        host = self.server_address[0]   # a socket systemd passed may not be settings.host
+        if config.allowed_hosts is None and not _is_loopback(host):
             self.log_error("listening on %s with any Host allowed: set allowed_hosts in [server] "
                            "(e.g. allowed_hosts = example.org) so that DNS rebinding cannot "
-                           "reach this server from a browser" % settings.host)
+                           "reach this server from a browser" % host)
         self.handoff = Handoff()
         self._poller = Poller()
         self.reactor = Reactor(self.socket, settings, self.handoff, self._poller, self.guard,
@@ -152,6 +155,24 @@ class OneboxServer(http.server.ThreadingHTTPServer):
             return "no worker has taken a job for %.1f s" % (now - handoff.probe_sent_at)
         return None
 
+    def answer_probe(self, request):
+        """GET (or HEAD) /healthz and /readyz, the server's own paths (ahead of every route),
+        for load balancers and orchestrators; plain text, never cached. /healthz is liveness:
+        200 while health() is None, else 503 (restart me; "draining" once a drain began).
+        /readyz is readiness: 200 only while the server is also "serving", else 503 naming the
+        phase (starting, reloading, draining: send traffic elsewhere). Why it is unhealthy
+        stays off the public port: it goes to the error log and systemd's STATUS=. A worker
+        runs it."""
+        if request.method not in ("GET", "HEAD"):
+            raise HTTPError(405, "method not allowed", [("Allow", "GET, HEAD")])
+        phase = self.phase
+        if phase == "draining" or (phase != "serving" and request.path == "/readyz"):
+            answer = phase
+        else:
+            answer = "unhealthy" if self.health() is not None else "ok"
+        return text_response(answer + "\n", 200 if answer == "ok" else 503,
+                             [("Cache-Control", "no-store")])
+
     # -- running ---------------------------------------------------------------------------
     def serve_forever(self, poll_interval=None):
         self._reactor_thread = threading.current_thread()
@@ -162,9 +183,9 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         self._poller.watch(self.handoff.wakeup_socket, "wakeup")
         try:
             while not self.handoff.stopping:
-                self.reactor.step()
-                if self.phase == "starting":
+                if self.phase == "starting":   # before the first turn, which may sleep 1 s
                     self.phase = "serving"
+                self.reactor.step()
                 if self._backup_requested:
                     self._start_backup()
                 if self._sighup_received:

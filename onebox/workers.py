@@ -397,6 +397,8 @@ class Workers:
         method = request.method
         if request.path == "*":
             return Response(b"", 204, [("Allow", ", ".join(METHODS))])
+        if request.path in self.server.probe_paths:   # /healthz, /readyz
+            return self.server.answer_probe(request)
         route, params, allowed = self.server.router.match(method, request.segments)
         if route is not None:
             request.params = params
