@@ -80,7 +80,8 @@ def _not_servable(sock, name, taken):
         return ("a name no listener here serves; give onebox.socket's ListenStream= "
                 "FileDescriptorName=%s" % SERVED_NAMES[0])
     if name in taken:
-        return "a second socket of that name; give each ListenStream= its own name"
+        return ("a second socket of that name, and one is served; keep one ListenStream= in "
+                "onebox.socket (a port alone listens on IPv4 and IPv6)")
     if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
         return "which is not a TCP socket; use ListenStream=PORT or ADDRESS:PORT in onebox.socket"
     if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
@@ -111,6 +112,7 @@ class Notifier:
             self._socket.setblocking(False)   # never wait on systemd (it reads at once)
         self._failed = False
         self._closed = threading.Event()
+        self._thread = None
 
     def send(self, *fields):
         """One message of ``KEY=value`` fields; True if it went. A failure is logged once: the
@@ -127,9 +129,11 @@ class Notifier:
             return False
 
     def close(self):
-        """Stop the watch thread (within a tick) and close the socket; for tests, which outlive
-        their servers (the process exits without it)."""
+        """Stop the watch thread (within a tick), which then closes the socket; for tests,
+        which outlive their servers (the process exits without it)."""
         self._closed.set()
+        if self._thread is None and self._socket is not None:
+            self._socket.close()
 
     def stopping(self):
         """A drain begins (SIGTERM, SIGINT): systemd shows the unit as deactivating."""
@@ -140,12 +144,18 @@ class Notifier:
         what it reports changes, and WATCHDOG=1 while it is healthy. Nothing without systemd."""
         if not self.enabled:
             return None
-        thread = threading.Thread(target=self._watch, args=(server,), name="onebox-systemd",
-                                  daemon=True)
-        thread.start()
-        return thread
+        self._thread = threading.Thread(target=self._watch, args=(server,),
+                                        name="onebox-systemd", daemon=True)
+        self._thread.start()
+        return self._thread
 
     def _watch(self, server):
+        try:
+            self._report(server)
+        finally:
+            self._socket.close()
+
+    def _report(self, server):
         while server.phase == "starting" and not self._closed.wait(WAIT_FOR_SERVING_S):
             pass
         if server.phase != "serving":
@@ -173,8 +183,6 @@ class Notifier:
                 shown = (phase, problem)
             if fields:
                 self.send(*fields)
-        if self._socket is not None:
-            self._socket.close()
 
 
 def _status(server, phase, problem):
