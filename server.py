@@ -20,7 +20,8 @@ Where things are
 ``onebox/handoff.py``   what the reactor and the workers pass each other, and who writes what
 ``onebox/reactor.py``   the thread that accepts, and owns every connection that waits
 ``onebox/workers.py``   the pool that serves requests that are ready
-``onebox/engine.py``    the server object that composes them: start, drain, stop
+``onebox/engine.py``    the server object that composes them: start, drain, stop, health
+``onebox/systemd.py``   systemd's passed sockets, and what it is told: ready, status, watchdog
 Dependencies point one way: ``server.py`` imports ``onebox``; ``onebox`` imports the contract
 (``handlers/_*.py``) and the areas (to route to them); areas import only the contract; nothing
 imports ``server.py`` but tests.
@@ -58,6 +59,12 @@ SIGINT, or ``shutdown()`` from another thread) closes the listener and idle conn
 busy ones finish within ``shutdown_timeout_s``, then joins every worker: they are not daemon
 threads, so exit never cuts a handler off half-way through a write. (The access-log flusher is
 one: it holds no state, and a stalled stdout must not keep the process alive.)
+
+Under systemd (``deploy/``), the listening socket may be systemd's (socket activation: it
+outlives a restart, so nobody is refused while the server is replaced), and one more daemon
+thread tells systemd that the server is ready, how it is doing, and (while
+``OneboxServer.health()`` finds the reactor turning and a worker taking jobs) that it is alive:
+a server that stops pinging is killed and restarted. Outside systemd neither happens.
 """
 import argparse
 import os
