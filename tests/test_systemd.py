@@ -249,6 +249,22 @@ def test_a_passed_socket_is_served_instead_of_binding(tmp_path):
     assert "Traceback" not in (tmp_path / "stderr.txt").read_text()
 
 
+def test_a_passed_socket_on_every_address_warns_about_allowed_hosts(tmp_path):
+    """The warning goes by the socket's address, not the host setting it replaces."""
+    held = socket.socket()
+    held.bind(("0.0.0.0", 0))
+    held.listen(8)
+    process = activated(tmp_path, [held], names=["http"])
+    try:
+        line = process.stdout.readline()
+        assert line.strip() == "listening on http://0.0.0.0:%d/" % held.getsockname()[1], line
+        assert stop(process) == 0
+    finally:
+        stop(process)
+        held.close()
+    assert "listening on 0.0.0.0 with any Host allowed" in (tmp_path / "stderr.txt").read_text()
+
+
 def test_a_restart_on_systemds_socket_refuses_nobody(tmp_path):
     """systemctl restart with onebox.socket: systemd keeps the socket between the two
     processes. A client that connects while neither runs waits in the backlog and is answered
