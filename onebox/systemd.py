@@ -65,8 +65,13 @@ def listen_sockets(environ=None):
     sockets = {}
     for index, name in enumerate(names):
         fd = LISTEN_FDS_START + index
-        os.set_inheritable(fd, False)   # systemd passes them inheritable; no child needs them
-        sock = socket.socket(fileno=fd)
+        try:
+            os.set_inheritable(fd, False)   # systemd passes them inheritable; no child needs them
+            sock = socket.socket(fileno=fd)
+        except OSError as error:   # not open, or not a socket
+            raise SystemdError("systemd passed descriptor %d (LISTEN_FDNAMES: %r), which is not "
+                               "a socket (%s); start onebox from onebox.socket"
+                               % (fd, name, error.strerror)) from None
         problem = _not_servable(sock, name, sockets)
         if problem:
             raise SystemdError("systemd passed descriptor %d (LISTEN_FDNAMES: %r), %s"

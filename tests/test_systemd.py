@@ -73,7 +73,8 @@ def wait_for(sock, key, seconds=10):
 # the sockets onto descriptors 3, 4, ..., and LISTEN_PID set to the pid that exec keeps.
 LAUNCH = """
 import os, sys
-count, names, passed = int(sys.argv[1]), sys.argv[2], [int(fd) for fd in sys.argv[3:3 + int(sys.argv[1])]]
+count, names = int(sys.argv[1]), sys.argv[2]
+passed = [int(fd) for fd in sys.argv[3:3 + count]]
 for index, fd in enumerate(passed):
     os.dup2(fd, 3 + index)
     os.close(fd)
@@ -299,6 +300,7 @@ def udp_socket():
 
 
 @pytest.mark.parametrize("make, names, words", [
+    (lambda: [open(os.devnull)], ["http"], ["not a socket"]),
     (lambda: [udp_socket()], ["http"], ["not a TCP socket", "ListenStream="]),
     (lambda: [listener(listen=False)], ["http"], ["not listening", "ListenStream="]),
     (lambda: [listener(), listener()], None, ["'unknown'", "FileDescriptorName=http"]),
