@@ -35,6 +35,7 @@ LISTEN_FDS_START = 3            # SD_LISTEN_FDS_START: the first passed descript
 SERVED_NAMES = ("http",)        # the FileDescriptorName= values a listener here serves
 WAIT_FOR_SERVING_S = 0.01       # before READY=1: how often the server's phase is looked at
 STATUS_EVERY_S = 1.0            # how often the status (and health) is looked at after that
+DRAINING = "draining: finishing requests in flight"   # the STATUS= of a drain
 
 
 class SystemdError(Exception):
@@ -142,7 +143,7 @@ class Notifier:
 
     def stopping(self):
         """A drain begins (SIGTERM, SIGINT): systemd shows the unit as deactivating."""
-        self.send("STOPPING=1", "STATUS=draining: finishing requests in flight")
+        self.send("STOPPING=1", "STATUS=" + DRAINING)
 
     def watch(self, server):
         """Start the thread that sends READY=1 once ``server`` serves, then STATUS= whenever
@@ -193,7 +194,7 @@ class Notifier:
 def _status(server, phase, problem):
     """One line for ``systemctl status``."""
     if phase == "draining":
-        return "draining: finishing requests in flight"
+        return DRAINING
     if problem is not None:
         return "unhealthy: %s" % problem.replace("\n", " ")
     return "%s on %s" % (phase, server.url)

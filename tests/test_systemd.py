@@ -22,7 +22,7 @@ import types
 
 import pytest
 
-from conftest import ROOT, LogCapture, onebox, request, status_of
+from conftest import ROOT, LogCapture, onebox, read_until_close, request, status_of
 from onebox.systemd import Notifier
 
 SERVER = os.path.join(ROOT, "server.py")
@@ -281,12 +281,7 @@ def test_a_restart_on_systemds_socket_refuses_nobody(tmp_path):
     second = activated(tmp_path, [held], names=["http"])
     try:
         assert listening_port(second) == port
-        answer = b""
-        while True:
-            data = between.recv(4096)
-            if not data:
-                break
-            answer += data
+        answer = read_until_close(between, timeout=10)
         assert status_of(answer) == 200 and answer.endswith(b"hello, world\n"), answer
         assert stop(second) == 0
     finally:
