@@ -44,6 +44,8 @@ status() { curl -s -o /dev/null -w '%{http_code}' --max-time 10 "$@"; }
 check "GET / is 200"               200 "$(status "$base/")"
 check "GET / is the index page"    1   "$(curl -s --max-time 10 "$base/" | grep -c '<title>onebox</title>')"
 check "HEAD / has no body"         0   "$(curl -s -I --max-time 10 "$base/" -o /dev/null -w '%{size_download}')"
+check "GET /healthz is ok"         "ok" "$(curl -s --max-time 10 "$base/healthz")"
+check "GET /readyz is ok"          "ok" "$(curl -s --max-time 10 "$base/readyz")"
 check "GET /hello"                 "hello, world" "$(curl -s --max-time 10 "$base/hello")"
 check "GET /hello/smoke is JSON"   '{"greeting":"hello, smoke"}' "$(curl -s --max-time 10 "$base/hello/smoke")"
 check "unknown page is 404"        404 "$(status "$base/no-such-page")"
