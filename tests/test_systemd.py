@@ -273,9 +273,11 @@ def test_a_restart_on_systemds_socket_refuses_nobody(tmp_path):
     held = listener()
     port = held.getsockname()[1]
     first = activated(tmp_path, [held], names=["http"])
-    listening_port(first)
-    assert get(port, "/hello")[0] == 200
-    assert stop(first) == 0
+    try:
+        listening_port(first)
+        assert get(port, "/hello")[0] == 200
+    finally:
+        assert stop(first) == 0
     between = socket.create_connection(("127.0.0.1", port), timeout=10)   # no server runs
     between.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     second = activated(tmp_path, [held], names=["http"])
@@ -309,6 +311,9 @@ def test_a_passed_socket_that_cannot_be_served_stops_start_up(tmp_path, make, na
     try:
         out, _ = process.communicate(timeout=30)
     finally:
+        if process.poll() is None:   # it served: the assertion below says so
+            process.kill()
+            out, _ = process.communicate()
         for sock in sockets:
             sock.close()
     errors = (tmp_path / "stderr.txt").read_text()
