@@ -277,7 +277,8 @@ def test_a_restart_on_systemds_socket_refuses_nobody(tmp_path):
         listening_port(first)
         assert get(port, "/hello")[0] == 200
     finally:
-        assert stop(first) == 0
+        status = stop(first)
+    assert status == 0
     between = socket.create_connection(("127.0.0.1", port), timeout=10)   # no server runs
     between.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     second = activated(tmp_path, [held], names=["http"])
