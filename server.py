@@ -20,10 +20,11 @@ Where things are
 ``onebox/handoff.py``   what the reactor and the workers pass each other, and who writes what
 ``onebox/reactor.py``   the thread that accepts, and owns every connection that waits
 ``onebox/workers.py``   the pool that serves requests that are ready
-``onebox/engine.py``    the server object that composes them: start, drain, stop
+``onebox/engine.py``    the server object that composes them: start, drain, stop, health
 ``onebox/admin.py``     the admin listener: /metrics, the status page, its token and origin check
 ``onebox/metrics.py``   per-thread request counters; /metrics in the Prometheus text format
 ``onebox/health.py``    /healthz and /readyz on the public port, answered by the reactor
+``onebox/systemd.py``   systemd's passed sockets, and what it is told: ready, status, watchdog
 Dependencies point one way: ``server.py`` imports ``onebox``; ``onebox`` imports the contract
 (``handlers/_*.py``) and the areas (to route to them); areas import only the contract; nothing
 imports ``server.py`` but tests.
@@ -61,6 +62,12 @@ SIGINT, or ``shutdown()`` from another thread) closes the listener and idle conn
 busy ones finish within ``shutdown_timeout_s``, then joins every worker: they are not daemon
 threads, so exit never cuts a handler off half-way through a write. (The access-log flusher is
 one: it holds no state, and a stalled stdout must not keep the process alive.)
+
+Under systemd (``deploy/``), the listening socket may be systemd's (socket activation: it
+outlives a restart, so nobody is refused while the server is replaced), and one more daemon
+thread tells systemd that the server is ready, how it is doing, and (while
+``OneboxServer.health()`` finds the reactor turning and a worker taking jobs) that it is alive:
+a server that stops pinging is killed and restarted. Outside systemd neither happens.
 """
 import argparse
 import os
@@ -74,6 +81,7 @@ from onebox.engine import OneboxServer
 from onebox.guard import BAN_PREFIX, client_key, lift_stored_ban, stored_bans
 from onebox.routing import RouteError, Router, load_routes
 from onebox.settings import DEFAULT_CONFIG_FILE, SETTINGS, ConfigError, load_config  # noqa: F401
+from onebox.systemd import Notifier, SystemdError, listen_sockets
 
 
 ADMIN_URL_FILE = "admin.url"   # in data_dir while the server runs: its admin listener's URL
@@ -173,11 +181,14 @@ def main(argv=None):
 
 
 def serve(config, router, store):
-    """Listen, install the signal handlers, serve until SIGTERM or SIGINT; the exit status."""
+    """Listen (or take the sockets systemd passed), install the signal handlers, tell systemd
+    how it goes (onebox/systemd.py), serve until SIGTERM or SIGINT; the exit status."""
     raise_file_limit(config.server.max_connections + 64)
+    notifier = Notifier()
     try:
-        server = OneboxServer(config, router, store=store)
-    except AdminConfigError as error:
+        listeners = listen_sockets()
+        server = OneboxServer(config, router, store=store, listeners=listeners)
+    except (AdminConfigError, SystemdError) as error:
         store.close()
         print("onebox: %s" % error, file=sys.stderr)
         return 1
@@ -186,14 +197,20 @@ def serve(config, router, store):
         print("onebox: cannot listen on %s port %s: %s"
               % (config.server.host, config.server.port, error.strerror), file=sys.stderr)
         return 1
+    notifier.log_error = server.log_error
+
+    def stop(*_):
+        notifier.stopping()
+        server.begin_shutdown()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: server.begin_shutdown())
+        signal.signal(signum, stop)
     signal.signal(signal.SIGUSR1, lambda *_: server.request_backup())
     signal.signal(signal.SIGHUP, lambda *_: server.note_sighup())
     print("listening on %s" % server.url, flush=True)
     if server.admin_url:
         print("admin on %s" % server.admin_url, flush=True)
     write_admin_url(server)   # left in place at exit: the next owner of data_dir rewrites it
+    notifier.watch(server)   # READY=1 once the reactor turns; then STATUS= and WATCHDOG=1
     try:
         server.serve_forever()
     finally:

@@ -102,10 +102,11 @@ class OneboxServer(http.server.ThreadingHTTPServer):
                 "(--admin-port 0 picks a free one, off turns it off)"
                 % (config.admin.host, config.admin.port, error.strerror or error)) from None
         self.metrics = Metrics(config.admin.metrics)
-        if config.allowed_hosts is None and not _is_loopback(settings.host):
+        host = self.server_address[0]   # a socket systemd passed may not be settings.host
+        if config.allowed_hosts is None and not _is_loopback(host):
             self.log_error("listening on %s with any Host allowed: set allowed_hosts in [server] "
                            "(e.g. allowed_hosts = example.org) so that DNS rebinding cannot "
-                           "reach this server from a browser" % settings.host)
+                           "reach this server from a browser" % host)
         self.handoff = Handoff()
         self._poller = Poller()
         self.reactor = Reactor(self.socket, settings, self.handoff, self._poller, self.guard,
@@ -227,9 +228,9 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         self._poller.watch(self.handoff.wakeup_socket, "wakeup")
         try:
             while not self.handoff.stopping:
-                self.reactor.step()
-                if self.phase == "starting":
+                if self.phase == "starting":   # before the first turn, which may sleep 1 s
                     self.phase = "serving"
+                self.reactor.step()
                 if self._backup_requested:
                     self._start_backup()
                 if self._sighup_received:

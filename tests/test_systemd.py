@@ -1,0 +1,410 @@
+"""Run as a service (issue 13): what systemd hears (READY=1, STATUS=, WATCHDOG=1, STOPPING=1 on
+a real NOTIFY_SOCKET), the sockets it passes (LISTEN_FDS), a restart on systemd's socket,
+and the shipped unit files.
+
+No systemd runs here (it is not PID 1), so its side is played by what it does: a unix datagram
+socket that reads the notifications, and a launcher that puts listening sockets on descriptors
+3, 4, ... and sets LISTEN_PID to its own pid before exec'ing the server (sd_listen_fds(3));
+where Debian's systemd package is installed, its own systemd-socket-activate and
+systemd-analyze are used too.
+"""
+import http.client
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import types
+
+import pytest
+
+from conftest import ROOT, onebox, read_until_close, status_of
+from onebox.systemd import Notifier
+
+SERVER = os.path.join(ROOT, "server.py")
+DEPLOY = os.path.join(ROOT, "deploy")
+
+
+# --- systemd's side ---------------------------------------------------------------------------
+
+def notify_socket():
+    """A socket to read sd_notify messages from, in the abstract namespace (as systemd's own
+    is named since v254): (socket, the NOTIFY_SOCKET value)."""
+    name = "onebox-test-%d-%s" % (os.getpid(), os.urandom(4).hex())
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind("\0" + name)
+    return sock, "@" + name
+
+
+def messages(sock, seconds):
+    """Every message that arrives within ``seconds``: (arrival time, {KEY: value})."""
+    found = []
+    deadline = time.monotonic() + seconds
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return found
+        sock.settimeout(left)
+        try:
+            data = sock.recv(4096)
+        except socket.timeout:
+            return found
+        found.append((time.monotonic(), dict(line.split("=", 1)
+                                             for line in data.decode().split("\n"))))
+
+
+def wait_for(sock, key, seconds=10):
+    """The first message with ``key`` (and the ones before it)."""
+    seen = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for item in messages(sock, min(0.2, deadline - time.monotonic())):
+            seen.append(item[1])
+            if key in item[1]:
+                return item[1], seen
+    raise AssertionError("no %s within %ss; heard %r" % (key, seconds, seen))
+
+
+# What systemd does between fork and exec for a socket-activated service (sd_listen_fds(3)):
+# the sockets onto descriptors 3, 4, ..., and LISTEN_PID set to the pid that exec keeps.
+LAUNCH = """
+import os, sys
+count, names = int(sys.argv[1]), sys.argv[2]
+passed = [int(fd) for fd in sys.argv[3:3 + count]]
+for index, fd in enumerate(passed):
+    os.dup2(fd, 3 + index)
+    os.close(fd)
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(count))
+if names != "-":
+    os.environ["LISTEN_FDNAMES"] = names
+command = sys.argv[3 + count:]
+os.execv(command[0], command)
+"""
+
+
+def activated(tmp_path, sockets, names=None, flags=(), env=None):
+    """``python3 server.py --data-dir ... FLAGS`` started as systemd starts a socket-activated
+    service: ``sockets`` on descriptors 3, 4, ..., LISTEN_PID its own pid, LISTEN_FDS and
+    LISTEN_FDNAMES (':'-joined ``names``, unset if None). Returns the process; stderr goes to
+    tmp_path/stderr.txt."""
+    passed = []
+    for index, sock in enumerate(sockets):
+        passed.append(100 + index)   # out of the way of 3, 4, ... while they are set
+        os.dup2(sock.fileno(), passed[-1])
+    command = ([sys.executable, "-c", LAUNCH, str(len(sockets)),
+                ":".join(names) if names is not None else "-"] + [str(fd) for fd in passed]
+               + [sys.executable, SERVER, "--data-dir", str(tmp_path / "data")] + list(flags))
+    errors = open(tmp_path / "stderr.txt", "a")
+    try:
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, pass_fds=passed,
+                                env=dict(os.environ, **(env or {})), text=True)
+    finally:
+        errors.close()
+        for fd in passed:
+            os.close(fd)
+
+
+def listening_port(process):
+    line = process.stdout.readline()
+    match = re.match(r"listening on http://127\.0\.0\.1:(\d+)/$", line.strip())
+    assert match, line
+    return int(match.group(1))
+
+
+def stop(process, timeout=15):
+    """SIGTERM and the exit status (killed, and None, if it does not exit in time)."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        return None
+    finally:
+        process.stdout.close()
+
+
+def get(port, path, timeout=5, method="GET"):
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request(method, path)
+        response = connection.getresponse()
+        return response.status, response.read(), response
+    finally:
+        connection.close()
+
+
+def listener(family=socket.AF_INET, kind=socket.SOCK_STREAM, listen=True):
+    sock = socket.socket(family, kind)
+    sock.bind(("127.0.0.1", 0))
+    if listen:
+        sock.listen(64)
+    return sock
+
+
+# --- sd_notify ----------------------------------------------------------------------------------
+
+def test_systemd_hears_ready_then_watchdog_pings_then_stopping(tmp_path):
+    reader, address = notify_socket()
+    process = subprocess.Popen(
+        [sys.executable, SERVER, "--port", "0", "--data-dir", str(tmp_path / "data")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, NOTIFY_SOCKET=address, WATCHDOG_USEC="400000"))
+    try:
+        port = listening_port(process)
+        ready, before = wait_for(reader, "READY")
+        assert [message for message in before if "WATCHDOG" in message] == []   # none before
+        assert ready["READY"] == "1"
+        assert ready["STATUS"] == "serving on http://127.0.0.1:%d/" % port
+        assert get(port, "/readyz")[:2] == (200, b"ready\n")   # ready means it answers
+        # WatchdogSec=0.4 s: a ping every 0.2 s, so 1.2 s hold about 6
+        pings = [when for when, message in messages(reader, 1.2) if "WATCHDOG" in message]
+        assert len(pings) >= 4, pings
+        assert max(b - a for a, b in zip(pings, pings[1:])) < 0.4
+        process.send_signal(signal.SIGTERM)
+        stopping, _ = wait_for(reader, "STOPPING")
+        assert stopping["STATUS"].startswith("draining")
+        assert process.wait(15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
+        reader.close()
+
+
+def test_without_notify_socket_nothing_is_sent_and_nothing_changes(tmp_path):
+    quiet = Notifier(environ={})
+    assert not quiet.enabled and quiet.send("READY=1") is False
+    assert quiet.watch(types.SimpleNamespace(phase="serving")) is None
+    # a watchdog meant for another process (WATCHDOG_PID) is not ours to ping
+    reader, address = notify_socket()
+    other = Notifier(environ={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "1000000",
+                              "WATCHDOG_PID": str(os.getppid())})
+    assert other.enabled and other.watchdog_s is None
+    other.close()
+    ours = {"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": str(os.getpid())}
+    notifier = Notifier(environ=ours)
+    notifier.close()
+    assert notifier.watchdog_s == 1.0
+    assert ours == {}   # read once, then removed: no child process takes them for its own
+    reader.close()
+
+
+def test_no_watchdog_ping_while_no_worker_can_take_a_job(start_server):
+    """One worker, stuck in a handler: the reactor still turns, but its probe waits in the
+    queue; after stall_timeout_s the pings stop (systemd would restart the server) and resume
+    once the worker is free."""
+    release = threading.Event()
+
+    def stuck(request):
+        release.wait(15)
+        return "unstuck\n"
+    server = start_server(config={"worker_threads": 1, "stall_timeout_s": 2},
+                          routes=[("GET", "/stuck", stuck)])
+    reader, address = notify_socket()
+    notifier = Notifier(environ={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "200000"},
+                        log_error=server.log_error)
+    notifier.watch(server)
+    client = socket.create_connection(("127.0.0.1", server.port), timeout=20)
+    try:
+        wait_for(reader, "READY")
+        assert len([m for _, m in messages(reader, 0.5) if "WATCHDOG" in m]) >= 3
+        client.sendall(b"GET /stuck HTTP/1.1\r\nHost: x\r\n\r\n")
+        unhealthy, _ = wait_for(reader, "STATUS", seconds=6)
+        assert unhealthy["STATUS"].startswith("unhealthy: no worker has taken a job"), unhealthy
+        assert "WATCHDOG" not in unhealthy
+        assert [m for _, m in messages(reader, 0.6) if "WATCHDOG" in m] == []
+        assert "unhealthy: no worker has taken a job" in server.error_text()
+        release.set()
+        assert b"unstuck" in client.recv(4096)
+        healthy, _ = wait_for(reader, "WATCHDOG", seconds=5)
+        assert len([m for _, m in messages(reader, 0.5) if "WATCHDOG" in m]) >= 2
+        assert "healthy again" in server.error_text()
+    finally:
+        release.set()
+        client.close()
+        notifier.close()
+        reader.close()
+
+
+# --- socket activation ------------------------------------------------------------------------
+
+def test_a_passed_socket_is_served_instead_of_binding(tmp_path):
+    held = listener()
+    port = held.getsockname()[1]
+    # --port names the very port systemd holds: binding it would fail (EADDRINUSE)
+    process = activated(tmp_path, [held], names=["http"], flags=["--port", str(port)])
+    try:
+        assert listening_port(process) == port
+        assert get(port, "/hello")[:2] == (200, b"hello, world\n")
+        assert get(port, "/healthz")[:2] == (200, b"ok\n")
+        assert stop(process) == 0
+    finally:
+        stop(process)
+        held.close()
+    assert "Traceback" not in (tmp_path / "stderr.txt").read_text()
+
+
+def test_a_passed_socket_on_every_address_warns_about_allowed_hosts(tmp_path):
+    """The warning goes by the socket's address, not the host setting it replaces."""
+    held = socket.socket()
+    held.bind(("0.0.0.0", 0))
+    held.listen(8)
+    process = activated(tmp_path, [held], names=["http"])
+    try:
+        line = process.stdout.readline()
+        assert line.strip() == "listening on http://0.0.0.0:%d/" % held.getsockname()[1], line
+        assert stop(process) == 0
+    finally:
+        stop(process)
+        held.close()
+    assert "listening on 0.0.0.0 with any Host allowed" in (tmp_path / "stderr.txt").read_text()
+
+
+def test_a_restart_on_systemds_socket_refuses_nobody(tmp_path):
+    """systemctl restart with onebox.socket: systemd keeps the socket between the two
+    processes. A client that connects while neither runs waits in the backlog and is answered
+    by the next one."""
+    held = listener()
+    port = held.getsockname()[1]
+    first = activated(tmp_path, [held], names=["http"])
+    try:
+        listening_port(first)
+        assert get(port, "/hello")[0] == 200
+    finally:
+        status = stop(first)
+    assert status == 0
+    between = socket.create_connection(("127.0.0.1", port), timeout=10)   # no server runs
+    between.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    second = activated(tmp_path, [held], names=["http"])
+    try:
+        assert listening_port(second) == port
+        answer = read_until_close(between, timeout=10)
+        assert status_of(answer) == 200 and answer.endswith(b"hello, world\n"), answer
+        assert stop(second) == 0
+    finally:
+        stop(second)
+        between.close()
+        held.close()
+
+
+def udp_socket():
+    return listener(kind=socket.SOCK_DGRAM, listen=False)
+
+
+@pytest.mark.parametrize("make, names, words", [
+    (lambda: [open(os.devnull)], ["http"], ["not a socket"]),
+    (lambda: [udp_socket()], ["http"], ["not a TCP socket", "ListenStream="]),
+    (lambda: [listener(listen=False)], ["http"], ["not listening", "ListenStream="]),
+    (lambda: [listener(), listener()], None, ["'unknown'", "FileDescriptorName=http"]),
+    (lambda: [listener(), listener()], ["http", "http"], ["second socket of that name"]),
+    (lambda: [listener(), listener()], ["http", "metrics"], ["'metrics'",
+                                                            "FileDescriptorName="]),
+])
+def test_a_passed_socket_that_cannot_be_served_stops_start_up(tmp_path, make, names, words):
+    sockets = make()
+    process = activated(tmp_path, sockets, names=names)
+    try:
+        out, _ = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:   # it served: the assertion below says so
+            process.kill()
+            out, _ = process.communicate()
+        for sock in sockets:
+            sock.close()
+    errors = (tmp_path / "stderr.txt").read_text()
+    assert process.returncode == 1, (out, errors)
+    assert "LISTEN_FDNAMES" in errors and "onebox.socket" in errors
+    for word in words:
+        assert word in errors
+    assert "Traceback" not in errors and "listening on" not in out
+
+
+def test_sockets_passed_to_another_process_are_left_alone(tmp_path):
+    """LISTEN_PID names the process systemd meant them for; a child it started (or one that
+    inherited the environment) must not take descriptor 3 for its own."""
+    process = subprocess.Popen(
+        [sys.executable, SERVER, "--port", "0", "--data-dir", str(tmp_path / "data")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, LISTEN_PID=str(os.getpid()), LISTEN_FDS="1"))
+    try:
+        port = listening_port(process)
+        assert get(port, "/hello")[0] == 200
+    finally:
+        stop(process)
+        process.stderr.close()
+
+
+@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
+                    reason="systemd-socket-activate comes with Debian's systemd package "
+                           "(.ci/run installs it)")
+def test_systemds_own_socket_activation_tool(tmp_path):
+    probe = listener()
+    port = probe.getsockname()[1]
+    probe.close()   # systemd-socket-activate binds it again (a small race with other tests)
+    process = subprocess.Popen(
+        ["systemd-socket-activate", "-l", "127.0.0.1:%d" % port, "--fdname=http",
+         sys.executable, SERVER, "--data-dir", str(tmp_path / "data")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 10
+        while True:   # it listens first, and starts the server on the first connection
+            try:
+                status, body, _ = get(port, "/hello", timeout=10)
+                break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline, "systemd-socket-activate never listened"
+                time.sleep(0.05)
+        assert (status, body) == (200, b"hello, world\n")
+        assert listening_port(process) == port
+        assert stop(process) == 0
+    finally:
+        stop(process)
+        process.stderr.close()
+
+
+# --- the shipped unit files -----------------------------------------------------------------
+
+def unit(name):
+    with open(os.path.join(DEPLOY, name), encoding="utf-8") as file:
+        return file.read()
+
+
+def test_the_service_unit_is_notify_watchdog_socket_activated_and_hardened():
+    service, sock = unit("onebox.service"), unit("onebox.socket")
+    for line in ("Type=notify", "NotifyAccess=main", "Requires=onebox.socket",
+                 "DynamicUser=yes", "StateDirectory=onebox", "ProtectSystem=strict",
+                 "NoNewPrivileges=yes", "CapabilityBoundingSet=", "Restart=on-failure",
+                 "ExecReload=/bin/kill -HUP $MAINPID"):
+        assert "\n%s\n" % line in service, line
+    watchdog_s = int(re.search(r"\nWatchdogSec=(\d+)\n", service).group(1))
+    stop_s = int(re.search(r"\nTimeoutStopSec=(\d+)\n", service).group(1))
+    config = onebox.load_config(None, {})
+    # pings stop after stall_timeout_s; the drain and the workers' join must fit the stop
+    assert watchdog_s > config.server.stall_timeout_s
+    assert stop_s > config.server.shutdown_timeout_s + 5
+    assert "\nFileDescriptorName=http\n" in sock and "\nListenStream=" in sock
+
+
+def test_the_service_units_flags_pass_check():
+    flags = re.search(r'\nEnvironment=ONEBOX_FLAGS="([^"]*)"\n', unit("onebox.service")).group(1)
+    result = subprocess.run([sys.executable, SERVER, "--check"] + flags.split(),
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                    reason="systemd-analyze comes with Debian's systemd package "
+                           "(.ci/run installs it)")
+def test_systemd_analyze_verify_finds_nothing_in_the_units(tmp_path):
+    for name in ("onebox.service", "onebox.socket"):
+        (tmp_path / name).write_text(unit(name).replace("/opt/onebox", ROOT))
+    result = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "onebox.socket"),
+                             str(tmp_path / "onebox.service")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stderr.strip() == "", result.stderr
