@@ -227,24 +227,8 @@ class Activity(object):
             self._totals[index] += counts[index]
         if second <= int(self._wall()) - HOUR_S:
             return                                   # older than the window: nothing to show
-        row = second % HOUR_S
-        if self._second_of[row] != second:
-            self._second_of[row] = second
-            self._seconds[row * _COLUMNS:(row + 1) * _COLUMNS] = array.array("I", bytes(
-                4 * _COLUMNS))
-        base = row * _COLUMNS
-        for index in range(_COLUMNS):
-            self._seconds[base + index] += counts[index]
-        step = second // STEP_S
-        row = step % _ROWS
-        if self._step_of[row] != step:
-            self._step_of[row] = step
-            self._hist[row * _BUCKETS:(row + 1) * _BUCKETS] = array.array("I", bytes(
-                4 * _BUCKETS))
-        base = row * _BUCKETS
-        for index, count in enumerate(hist):
-            if count:
-                self._hist[base + index] += count
+        _add_row(self._seconds, self._second_of, _COLUMNS, second, counts)
+        _add_row(self._hist, self._step_of, _BUCKETS, second // STEP_S, hist)
 
     def _minute_locked(self, minute):
         """The sketches of ``minute`` (made if new, the oldest dropped past TOP_MINUTES), or
@@ -309,8 +293,9 @@ class Activity(object):
             rings = (self._seconds[:], self._second_of[:], self._hist[:], self._step_of[:])
             tops = self._tops_locked(now // 60)
             totals = list(self._totals)
-        seconds = _seconds_window(rings[0], rings[1], now - HOUR_S + 1, now)
-        hists = _hist_window(rings[2], rings[3], (now - HOUR_S + 1) // STEP_S, now // STEP_S)
+        seconds = _window(rings[0], rings[1], _COLUMNS, now - HOUR_S + 1, now)
+        hists = _window(rings[2], rings[3], _BUCKETS, (now - HOUR_S + 1) // STEP_S,
+                        now // STEP_S)
         first = now - HOUR_S + 1
         hour = self._hour_series(seconds, hists, first, now)
         recent = [row[0] for row in seconds[-recent_s:]]
@@ -387,27 +372,31 @@ class Activity(object):
         return size
 
 
-def _seconds_window(seconds, second_of, first, last):
-    """The per-second rows of seconds first..last (zeros where a row holds another second)."""
-    rows = []
-    for second in range(first, last + 1):
-        row = second % HOUR_S
-        if second_of[row] == second:
-            rows.append(seconds[row * _COLUMNS:(row + 1) * _COLUMNS].tolist())
-        else:
-            rows.append([0] * _COLUMNS)
-    return rows
+def _add_row(ring, stamp_of, width, stamp, counts):
+    """Add ``counts`` to the ring's row for ``stamp`` (a second or a step), emptying the row
+    first if it holds an older one (the ring has ``len(stamp_of)`` rows of ``width``)."""
+    row = stamp % len(stamp_of)
+    base = row * width
+    if stamp_of[row] != stamp:
+        stamp_of[row] = stamp
+        ring[base:base + width] = array.array("I", bytes(4 * width))
+    for index, count in enumerate(counts):
+        if count:
+            ring[base + index] += count
 
 
-def _hist_window(hist, step_of, first, last):
-    """The latency histograms of steps first..last (zeros where a row holds another step)."""
+def _window(ring, stamp_of, width, first, last):
+    """Rows first..last of a ring of ``len(stamp_of)`` rows of ``width`` counts, where
+    ``stamp_of[row]`` says which second (or step) the row holds now: zeros where it holds
+    another."""
     rows = []
-    for step in range(first, last + 1):
-        row = step % _ROWS
-        if step_of[row] == step:
-            rows.append(hist[row * _BUCKETS:(row + 1) * _BUCKETS].tolist())
+    length = len(stamp_of)
+    for stamp in range(first, last + 1):
+        row = stamp % length
+        if stamp_of[row] == stamp:
+            rows.append(ring[row * width:(row + 1) * width].tolist())
         else:
-            rows.append([0] * _BUCKETS)
+            rows.append([0] * width)
     return rows
 
 

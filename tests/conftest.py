@@ -92,6 +92,39 @@ def server(start_server):
     return start_server()
 
 
+class Wedge:
+    """A server with one worker and a route, GET /wedge, that holds the worker until released:
+    how a test makes the pool unable to take a job. ``with wedge:`` holds it; leaving frees it."""
+
+    def __init__(self, start_server, config=None):
+        self.release = threading.Event()
+
+        def hold(request):
+            self.release.wait(30)
+            return "freed\n"
+
+        self.server = start_server(
+            config=dict({"worker_threads": 1, "stall_timeout_s": 2.0}, **(config or {})),
+            routes=[("GET", "/wedge", hold)])
+        self.thread = None
+
+    def __enter__(self):
+        self.release.clear()
+        self.thread = threading.Thread(target=request, args=(self.server, "GET", "/wedge"),
+                                       kwargs={"timeout": 40})
+        self.thread.start()
+        return self.server
+
+    def __exit__(self, *exc):
+        self.release.set()
+        self.thread.join(40)
+
+
+@pytest.fixture
+def wedge(start_server):
+    return Wedge(start_server)
+
+
 def request(server, method, path, body=None, headers=None, timeout=10):
     """One request on a fresh connection: (status, headers as a dict of lower-case names, body)."""
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=timeout)

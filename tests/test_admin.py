@@ -258,20 +258,10 @@ def test_readyz_is_503_while_not_serving(server):
     assert "GET /readyz HTTP/1.1\" 503" in server.access_text()   # failures always logged
 
 
-def test_healthz_is_503_while_the_worker_pool_is_wedged(start_server):
-    release = threading.Event()
-
-    def wedge(request):
-        release.wait(20)
-        return "freed"
-
-    server = start_server(config={"worker_threads": 1, "stall_timeout_s": 2.0},
-                          routes=[("GET", "/wedge", wedge)])
+def test_healthz_is_503_while_the_worker_pool_is_wedged(wedge):
+    server = wedge.server
     assert request(server, "GET", "/healthz")[0] == 200
-    stuck = threading.Thread(target=request, args=(server, "GET", "/wedge"),
-                             kwargs={"timeout": 30})
-    stuck.start()
-    try:
+    with wedge:
         deadline = time.monotonic() + 8
         status, body = None, b""
         while time.monotonic() < deadline:
@@ -280,9 +270,6 @@ def test_healthz_is_503_while_the_worker_pool_is_wedged(start_server):
                 break
             time.sleep(0.1)
         assert status == 503 and b"no worker has taken a job" in body
-    finally:
-        release.set()
-        stuck.join(30)
     deadline = time.monotonic() + 4
     while request(server, "GET", "/healthz")[0] != 200 and time.monotonic() < deadline:
         time.sleep(0.1)

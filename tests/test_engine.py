@@ -1,7 +1,6 @@
 """The engine's own promises (issue 12): the worker pool keeps its size whatever races happen,
 refusals the reactor makes itself are logged and counted, and at the global connection cap
 the client holding the most connections makes room for a newcomer."""
-import http.client
 import re
 import socket
 import threading
@@ -109,31 +108,19 @@ def test_a_request_seen_before_its_connection_is_booked_is_served_at_once(start_
         other.close()
 
 
-def test_a_wedged_worker_pool_makes_the_server_unhealthy_until_it_frees(start_server):
+def test_a_wedged_worker_pool_makes_the_server_unhealthy_until_it_frees(wedge):
     """health() is what the systemd watchdog and /healthz go by: the reactor turns, and a
     worker takes a job, within stall_timeout_s."""
-    release = threading.Event()
-
-    def wedge(request):
-        release.wait(20)
-        return "freed"
-
-    server = start_server(config={"worker_threads": 1, "stall_timeout_s": 2.0},
-                          routes=[("GET", "/wedge", wedge)])
+    server = wedge.server
     deadline = time.monotonic() + 5
     while server.health() is not None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert server.health() is None
-    stuck = threading.Thread(target=request, args=(server, "GET", "/wedge"), kwargs={"timeout": 30})
-    stuck.start()
-    try:
+    with wedge:
         deadline = time.monotonic() + 6
         while server.health() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert server.health() is not None and "no worker has taken a job" in server.health()
-    finally:
-        release.set()
-        stuck.join(30)
     deadline = time.monotonic() + 3
     while server.health() is not None and time.monotonic() < deadline:
         time.sleep(0.05)
