@@ -16,10 +16,10 @@ What this module owns:
   module cannot rotate ticket keys (OpenSSL's ticket-key callback is not exposed), so a key
   would live as long as the process, and anyone who read it from memory could decrypt every
   TLS 1.2 session resumed under it: that undoes forward secrecy (Mozilla's nginx template
-  sets ``ssl_session_tickets off`` for this reason). TLS 1.2 clients still resume through the
-  server's session cache (session IDs, in memory, this process only); TLS 1.3 clients make a
-  full handshake per connection, which keep-alive makes rare. No tickets also spares each TLS
-  1.3 handshake the two tickets OpenSSL would encrypt and send after it.
+  sets ``ssl_session_tickets off`` for this reason). So a new connection makes a full
+  handshake (testssl.sh reports no resumption, by ticket or by session ID, from the ssl
+  module's server), which keep-alive makes rare. No tickets also spares each TLS 1.3
+  handshake the two tickets OpenSSL would encrypt and send after it.
 * ``not_after(cert_file)``: the certificate's expiry, read from the PEM file's first
   certificate with ``ssl.PEM_cert_to_DER_cert`` and a few lines of DER (RFC 5280 4.1): public
   stdlib only (``ssl._ssl._test_decode_cert`` would do it, but it is private and may go).

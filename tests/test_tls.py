@@ -3,7 +3,9 @@ to with ssl-wrapped http.client, raw SSL sockets and curl --cacert."""
 import hashlib
 import http.client
 import os
+import json
 import re
+import shutil
 import signal
 import socket
 import ssl
@@ -27,12 +29,12 @@ def _openssl(folder, *args):
                    capture_output=True, timeout=60)
 
 
-def _leaf(folder, name, days=30):
+def _leaf(folder, name, days=30, ext="leaf.ext"):
     """A key and a certificate for localhost and 127.0.0.1, signed by the test CA."""
     _openssl(folder, "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
              "-nodes", "-keyout", name + ".key", "-out", name + ".csr", "-subj", "/CN=localhost")
     _openssl(folder, "x509", "-req", "-in", name + ".csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-             "-CAcreateserial", "-days", str(days), "-extfile", "leaf.ext", "-out",
+             "-CAcreateserial", "-days", str(days), "-extfile", ext, "-out",
              name + ".pem")
     return str(folder / (name + ".pem")), str(folder / (name + ".key"))
 
@@ -52,6 +54,12 @@ def pki(tmp_path_factory):
         "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n")
     certs = {name: _leaf(folder, name) for name in ("a", "b")}
     certs["soon"] = _leaf(folder, "soon", days=5)
+    # for testssl.sh: what a public CA's certificate has (revocation URIs, months of validity),
+    # so that its findings are about onebox's TLS, not about a test certificate
+    (folder / "scan.ext").write_text(
+        (folder / "leaf.ext").read_text() + "crlDistributionPoints=URI:http://localhost/ca.crl\n"
+        "authorityInfoAccess=OCSP;URI:http://localhost/ocsp\n")
+    certs["scan"] = _leaf(folder, "scan", days=200, ext="scan.ext")
     # an expired one: `openssl ca` is the CLI's way to set notBefore/notAfter in the past
     (folder / "index.txt").write_text("")
     (folder / "serial").write_text("1000\n")
@@ -565,3 +573,43 @@ def test_reload_warns_of_a_certificate_near_expiry(tmp_path, pki):
             assert fingerprint(new) == pem_fingerprint(pki["soon"][0])
     finally:
         server.stop()
+
+
+def test_smoke_script_over_https_with_a_custom_ca(start_server, pki):
+    server = start_tls(start_server, pki)
+    url = "https://localhost:%d" % server.tls_port
+    result = subprocess.run(["bash", os.path.join(ROOT, "tests", "smoke.sh"), "--cacert",
+                             pki["ca"], url], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "all smoke checks passed" in result.stdout
+    without = subprocess.run(["bash", os.path.join(ROOT, "tests", "smoke.sh"), url],
+                             capture_output=True, text=True, timeout=120,
+                             env=dict(os.environ, CURL_CA_BUNDLE=""))
+    assert without.returncode != 0   # curl refuses a certificate it cannot verify
+
+
+# --- testssl.sh ---------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not shutil.which("testssl"),
+                    reason="testssl.sh is not installed (.ci/run installs the Debian package)")
+def test_testssl_finds_nothing_at_medium_or_above(start_server, pki, tmp_path):
+    """testssl.sh's scan (--fast: about a minute): only TLS 1.2 and 1.3 offered, and no
+    finding of severity MEDIUM, HIGH or CRITICAL. The test CA is added to its trust store."""
+    # HSTS as a production site would send it (testssl.sh wants 180 days or more)
+    server = start_tls(start_server, pki, name="scan", **{"tls.hsts_max_age_s": 31536000})
+    report = tmp_path / "testssl.json"
+    result = subprocess.run(
+        ["testssl", "--quiet", "--color", "0", "--warnings", "off", "--fast", "--add-ca",
+         pki["ca"], "--jsonfile", str(report), "localhost:%d" % server.tls_port],
+        capture_output=True, text=True, timeout=600)
+    findings = json.loads(report.read_text())
+    by_id = {finding["id"]: finding for finding in findings}
+    serious = ["%s %s: %s" % (finding["severity"], finding["id"], finding["finding"])
+               for finding in findings
+               if finding["severity"] in ("MEDIUM", "HIGH", "CRITICAL")]
+    assert not serious, (serious, result.stdout[-3000:])
+    for protocol in ("SSLv2", "SSLv3", "TLS1", "TLS1_1"):
+        assert by_id[protocol]["finding"].startswith("not offered"), by_id[protocol]
+    for protocol in ("TLS1_2", "TLS1_3"):
+        assert by_id[protocol]["finding"].startswith("offered"), by_id[protocol]
+    assert by_id["ALPN"]["finding"] == "http/1.1"
