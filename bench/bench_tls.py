@@ -174,7 +174,7 @@ def idle_cost(pid, port, count, context):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="0: idle connections only")
     parser.add_argument("--seconds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--idle", type=int, default=2000)
@@ -228,9 +228,11 @@ def main():
                           flush=True)
         idle = {}
         if args.idle:
+            # plain first: memory the TLS connections freed would otherwise be reused, and
+            # the plain figure come out near zero
             for scheme, idle_port, idle_context in (
-                    ("https", int(urls["https"].rstrip("/").rsplit(":", 1)[1]), context),
-                    ("http", int(urls["http"].rstrip("/").rsplit(":", 1)[1]), None)):
+                    ("http", int(urls["http"].rstrip("/").rsplit(":", 1)[1]), None),
+                    ("https", int(urls["https"].rstrip("/").rsplit(":", 1)[1]), context)):
                 idle[scheme] = idle_cost(onebox.pid, idle_port, args.idle, idle_context)
                 print("idle %-5s %d connections: %.0f bytes/connection (onebox RSS growth)"
                       % (scheme, args.idle, idle[scheme]), flush=True)
@@ -246,6 +248,11 @@ def summarize(rows, idle, args):
         return statistics.median(row[measure] for row in rows if (row["server"], row["scheme"],
                                  row["target"]) == (name, scheme, target))
     print()
+    if not rows:   # --rounds 0: the idle connections only
+        if idle:
+            print("idle kept-alive connections (%d): https %.0f, http %.0f bytes/connection"
+                  % (args.idle, idle["https"], idle["http"]))
+        return
     print("medians of %d rounds, wrk -t1 -c%d, %d s each (server and wrk pinned apart)"
           % (args.rounds, args.connections, args.seconds))
     print("%-7s %-6s %10s %10s %12s" % ("target", "server", "http req/s", "https req/s",

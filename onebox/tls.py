@@ -271,10 +271,12 @@ class TLSSocket:
         return self.ssl.getpeercert(binary_form)
 
     def shutdown(self, how):
-        """Before a graceful close: TLS's close_notify (RFC 8446 6.1) if the socket takes it
-        now, then the TCP shutdown; what comes in afterwards is read raw and dropped."""
+        """SHUT_WR, the reactor's graceful close of a connection it owns: TLS's close_notify
+        (RFC 8446 6.1) if the socket takes it now, then the TCP shutdown. SHUT_RDWR, what the
+        reactor does to a connection a worker may be using (to wake or cut it): the TCP
+        shutdown only, since an SSL object must never be used by two threads at once."""
         sock = self.ssl
-        if how != socket.SHUT_RD:
+        if how == socket.SHUT_WR:
             try:
                 sock.unwrap()   # sends close_notify; waiting for the client's is not needed
             except (OSError, ValueError):

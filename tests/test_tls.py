@@ -110,8 +110,8 @@ def tls_config(pki, name="a", **extra):
     return config
 
 
-def start_tls(start_server, pki, pages_dir=None, **extra):
-    server = start_server(config=tls_config(pki, **extra), pages_dir=pages_dir)
+def start_tls(start_server, pki, pages_dir=None, routes=(), **extra):
+    server = start_server(config=tls_config(pki, **extra), pages_dir=pages_dir, routes=routes)
     server.tls_port = server.tls_socket.getsockname()[1]
     return server
 
@@ -310,6 +310,51 @@ def test_a_kept_connection_after_a_body_wait_stays_open(start_server, pki, tls):
         connection.request("GET", "/hello")
         assert connection.getresponse().read() == b"hello, world\n"
         connection.close()
+
+
+def test_streamed_response_and_large_upload_over_tls_to_slow_peers(start_server, pki):
+    """A streamed (chunked) response whose reader is slow, and a body larger than
+    buffer_body_bytes that its handler reads as it comes: both wait on a TLS socket (the
+    worker's paced waits, then the reactor's finishing of the rest)."""
+    from handlers._core import Response
+    piece = os.urandom(32 * 1024)
+
+    def stream(request):
+        response = Response(b"", 200, [("Content-Type", "application/octet-stream")])
+        response.stream = (piece for _ in range(64))   # 2 MiB
+        return response
+
+    def upload(request):
+        return Response(hashlib.sha256(request.body()).hexdigest().encode(), 200)
+
+    server = start_tls(start_server, pki, routes=[("GET", "/t/stream", stream),
+                                                  ("POST", "/t/upload", upload)],
+                       worker_write_s=0.05, buffer_body_bytes=65536, max_body_bytes=4194304)
+    with raw_tls(server.tls_port, pki, rcvbuf=4096, source="127.0.0.2") as slow:
+        slow.sendall(b"GET /t/stream HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        time.sleep(0.5)
+        received = b""
+        while not received.endswith(b"\r\n0\r\n\r\n"):
+            data = slow.recv(1 << 20)
+            assert data, "closed mid-stream"
+            received += data
+        body, chunked = b"", received.split(b"\r\n\r\n", 1)[1]
+        while True:
+            size, _, chunked = chunked.partition(b"\r\n")
+            size = int(size, 16)
+            if not size:
+                break
+            body, chunked = body + chunked[:size], chunked[size + 2:]
+        assert body == piece * 64
+    data = os.urandom(3 * 1024 * 1024)
+    with raw_tls(server.tls_port, pki, source="127.0.0.3") as uploader:
+        uploader.sendall(b"POST /t/upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d"
+                         b"\r\n\r\n" % len(data))
+        for start in range(0, len(data), 256 * 1024):
+            uploader.sendall(data[start:start + 256 * 1024])
+            time.sleep(0.01)
+        status, _, answer, _ = read_response(uploader, b"")
+        assert (status, answer) == (200, hashlib.sha256(data).hexdigest().encode())
 
 
 # --- abuse and confusion --------------------------------------------------------------------
