@@ -25,6 +25,7 @@ Where things are
 ``onebox/metrics.py``   per-thread request counters; /metrics in the Prometheus text format
 ``onebox/health.py``    /healthz and /readyz on the public port, answered by the reactor
 ``onebox/systemd.py``   systemd's passed sockets, and what it is told: ready, status, watchdog
+``onebox/tls.py``       HTTPS: the TLS policy, the certificate's checks, the TLS connection's socket
 Dependencies point one way: ``server.py`` imports ``onebox``; ``onebox`` imports the contract
 (``handlers/_*.py``) and the areas (to route to them); areas import only the contract; nothing
 imports ``server.py`` but tests.

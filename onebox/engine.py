@@ -61,7 +61,10 @@ class OneboxServer(http.server.ThreadingHTTPServer):
     ``context`` (store, response cache, limiters), ``access_log``. The operator's:
     ``metrics``, ``admin`` (the admin listener's site, or None: onebox/admin.py),
     ``admin_socket``, ``admin_url``, ``health()``, ``phase``, ``started_at``, ``activity``
-    (what the status page shows: onebox/activity.py).
+    (what the status page shows: onebox/activity.py). HTTPS (onebox/tls.py): ``tls_socket``
+    and ``tls_url`` (None while [tls] cert_file is empty), ``tls_context`` and ``tls_expires``
+    (replaced by a reload: ``use_tls_context``), ``hsts_header``, ``redirect_to_https`` and
+    ``https_redirect(request)`` (read by the workers).
     """
 
     request_queue_size = 1024   # listen backlog: bursts of connects queue instead of failing

@@ -485,6 +485,13 @@ def test_expiry_warning_at_start(start_server, pki):
     assert "expires on" in server.error_text() and pki["soon"][0] in server.error_text()
     quiet = start_tls(start_server, pki, name="soon", **{"tls.expiry_warning_days": 2})
     assert "expires on" not in quiet.error_text()
+    # and the expiry is a metric, for an alert that does not depend on reading logs
+    import urllib.request
+    from onebox.tls import not_after
+    scrape = urllib.request.urlopen(server.admin_url + "metrics", timeout=10).read().decode()
+    assert "onebox_tls_certificate_expiry_timestamp_seconds %d" % int(not_after(pki["soon"][0])) \
+        in scrape
+    assert 'onebox_connections{state="handshake"} 0' in scrape
 
 
 # --- start-up refusals ------------------------------------------------------------------------
