@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -118,18 +119,12 @@ def wait_for(url, context):
     deadline = time.monotonic() + 10
     while True:
         try:
-            import urllib.request
             urllib.request.urlopen(url + "hello", timeout=1, context=context).read()
             return
         except OSError:
             if time.monotonic() > deadline:
                 raise SystemExit("nothing answers at %s" % url)
             time.sleep(0.05)
-
-
-def onebox_pid(process):
-    """taskset execs the server: the Popen's pid is the server's."""
-    return process.pid
 
 
 def rss_kib(pid):
