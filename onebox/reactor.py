@@ -45,7 +45,7 @@ closed at once. After it the connection is served as any other: its socket is an
 ``onebox.tls.TLSSocket``, which behaves as a plain one does for the code here and in the workers.
 
 Every field here is the reactor thread's alone, and nothing in this module takes a lock.
-Imports the standard library, the codec, transfer and hand-off modules; never the engine or
+Imports the standard library, the codec, transfer, tls and hand-off modules; never the engine or
 ``server``.
 """
 import collections
