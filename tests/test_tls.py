@@ -664,3 +664,36 @@ def test_testssl_finds_nothing_at_medium_or_above(start_server, pki, tmp_path):
     for protocol in ("TLS1_2", "TLS1_3"):
         assert by_id[protocol]["finding"].startswith("offered"), by_id[protocol]
     assert by_id["ALPN"]["finding"] == "http/1.1"
+
+
+# --- socket activation ----------------------------------------------------------------------------
+
+def test_socket_activation_passes_an_https_socket(tmp_path, pki):
+    """systemd's LISTEN_FDNAMES=http:https: both passed sockets are served, the second with
+    TLS (onebox.socket's FileDescriptorName=https)."""
+    from test_systemd import activated
+    from test_systemd import stop as stop_activated
+    held = []
+    for _ in range(2):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        held.append(sock)
+    cert, key = pki["a"]
+    process = activated(tmp_path, held, names=["http", "https"],
+                        flags=["--tls-cert-file", cert, "--tls-key-file", key,
+                               "--admin-port", "off"])
+    try:
+        lines = [process.stdout.readline().strip() for _ in range(2)]
+        assert lines == ["listening on http://127.0.0.1:%d/" % held[0].getsockname()[1],
+                         "listening on https://127.0.0.1:%d/" % held[1].getsockname()[1]], \
+            (lines, (tmp_path / "stderr.txt").read_text())
+        with raw_tls(held[1].getsockname()[1], pki) as tls:
+            tls.sendall(b"GET /hello HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            assert read_response(tls, b"")[2] == b"hello, world\n"
+    finally:
+        code = stop_activated(process)
+        process.stdout.close()
+        for sock in held:
+            sock.close()
+    assert code == 0
