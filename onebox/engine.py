@@ -222,7 +222,8 @@ class OneboxServer(http.server.ThreadingHTTPServer):
             name = self.tls_socket.getsockname()[0]
             name = "[%s]" % name if ":" in name else name
         port = self.config.tls.redirect_port or self.tls_socket.getsockname()[1]
-        target = urllib.parse.quote(request.path, safe="/:@!$&'()*+,;=~")
+        path = request.path if request.path.startswith("/") else "/"   # OPTIONS *
+        target = urllib.parse.quote(path, safe="/:@!$&'()*+,;=~")
         if request.query_string:
             target += "?" + request.query_string
         location = "https://%s%s%s" % (name, "" if port == 443 else ":%d" % port, target)
