@@ -25,6 +25,7 @@ Where things are
 ``onebox/metrics.py``   per-thread request counters; /metrics in the Prometheus text format
 ``onebox/health.py``    /healthz and /readyz on the public port, answered by the reactor
 ``onebox/systemd.py``   systemd's passed sockets, and what it is told: ready, status, watchdog
+``onebox/tls.py``       HTTPS: the TLS policy, the certificate's checks, the TLS connection's socket
 Dependencies point one way: ``server.py`` imports ``onebox``; ``onebox`` imports the contract
 (``handlers/_*.py``) and the areas (to route to them); areas import only the contract; nothing
 imports ``server.py`` but tests.
@@ -82,6 +83,7 @@ from onebox.guard import BAN_PREFIX, client_key, lift_stored_ban, stored_bans
 from onebox.routing import RouteError, Router, load_routes
 from onebox.settings import DEFAULT_CONFIG_FILE, SETTINGS, ConfigError, load_config  # noqa: F401
 from onebox.systemd import Notifier, SystemdError, listen_sockets
+from onebox.tls import TLSConfigError, build_context
 
 
 ADMIN_URL_FILE = "admin.url"   # in data_dir while the server runs: its admin listener's URL
@@ -154,7 +156,9 @@ def main(argv=None):
         config = load_config(args.config, overrides)
         router = Router(load_routes())
         load_token(config.admin)   # fail here, before the state is opened, if one is needed
-    except (ConfigError, RouteError, AdminConfigError) as error:
+        if config.tls.cert_file:   # missing, mismatched or expired: refused here (and --check)
+            build_context(config.tls)
+    except (ConfigError, RouteError, AdminConfigError, TLSConfigError) as error:
         print("onebox: %s" % error, file=sys.stderr)
         return 1
     if args.check:
@@ -188,7 +192,7 @@ def serve(config, router, store):
     try:
         listeners = listen_sockets()
         server = OneboxServer(config, router, store=store, listeners=listeners)
-    except (AdminConfigError, SystemdError) as error:
+    except (AdminConfigError, SystemdError, TLSConfigError) as error:
         store.close()
         print("onebox: %s" % error, file=sys.stderr)
         return 1
@@ -207,6 +211,8 @@ def serve(config, router, store):
     signal.signal(signal.SIGUSR1, lambda *_: server.request_backup())
     signal.signal(signal.SIGHUP, lambda *_: server.note_sighup())
     print("listening on %s" % server.url, flush=True)
+    if server.tls_url:
+        print("listening on %s" % server.tls_url, flush=True)
     if server.admin_url:
         print("admin on %s" % server.admin_url, flush=True)
     write_admin_url(server)   # left in place at exit: the next owner of data_dir rewrites it

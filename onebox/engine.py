@@ -11,14 +11,17 @@ Imports the other runtime modules and the handler contract; never ``server``.
 """
 import http.server
 import os
+import re
 import socket
 import socketserver
 import sys
 import threading
 import time
 import traceback
+import urllib.parse
 
 from handlers import _context
+from handlers._core import Response
 from handlers._cache import ResponseCache
 from handlers._limits import LimiterRegistry
 from handlers._state import StateError
@@ -33,9 +36,13 @@ from onebox.poller import Poller
 from onebox.reactor import Reactor
 from onebox.reload import reload_server
 from onebox.static import StaticPages
+from onebox.tls import TLSConfigError, build_context, expiry_warning
 from onebox.workers import Workers
 
 WORKER_JOIN_S = 5.0       # after the drain, how long a stuck handler may delay exit
+# A Host field's name that may go into a redirect's Location (RFC 3986 3.2.2's reg-name,
+# without percent-encoding, or an IP literal); anything else is replaced by the listener's.
+_REDIRECT_HOST_RE = re.compile(r"[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]+\]")
 
 
 def _is_loopback(host):
@@ -54,7 +61,10 @@ class OneboxServer(http.server.ThreadingHTTPServer):
     ``context`` (store, response cache, limiters), ``access_log``. The operator's:
     ``metrics``, ``admin`` (the admin listener's site, or None: onebox/admin.py),
     ``admin_socket``, ``admin_url``, ``health()``, ``phase``, ``started_at``, ``activity``
-    (what the status page shows: onebox/activity.py).
+    (what the status page shows: onebox/activity.py). HTTPS (onebox/tls.py): ``tls_socket``
+    and ``tls_url`` (None while [tls] cert_file is empty), ``tls_context`` and ``tls_expires``
+    (replaced by a reload: ``use_tls_context``), ``hsts_header``, ``redirect_to_https`` and
+    ``https_redirect(request)`` (read by the workers).
     """
 
     request_queue_size = 1024   # listen backlog: bursts of connects queue instead of failing
@@ -67,8 +77,12 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         other names are for the listeners that use them (e.g. "admin")."""
         settings = config.server
         self.started_at = time.time()
-        # before anything is bound: a missing admin token stops start-up (AdminConfigError)
+        # before anything is bound: a missing admin token stops start-up (AdminConfigError),
+        # as does a certificate or key that cannot be served (TLSConfigError, onebox/tls.py)
         admin_token = load_token(config.admin)
+        self.tls_context = self.tls_expires = self.tls_socket = None
+        if config.tls.cert_file:
+            self.tls_context, self.tls_expires = build_context(config.tls)
         self.listeners = dict(listeners or {})
         self.config, self.settings, self.router = config, settings, router
         self.store = store   # the shared state; closed (and compacted) after the workers stop
@@ -101,6 +115,15 @@ class OneboxServer(http.server.ThreadingHTTPServer):
                 "cannot listen on %s port %s for the admin listener: %s; set [admin] port "
                 "(--admin-port 0 picks a free one, off turns it off)"
                 % (config.admin.host, config.admin.port, error.strerror or error)) from None
+        try:
+            self.tls_socket = self._listen_tls(config, self.listeners.get("https"))
+        except OSError as error:
+            self.server_close()
+            raise TLSConfigError(
+                "cannot listen on %s port %s for HTTPS: %s; set [tls] port (--tls-port 0 "
+                "picks a free one)" % (config.tls.host or settings.host, config.tls.port,
+                                       error.strerror or error)) from None
+        self.use_tls_settings(config.tls)
         self.metrics = Metrics(config.admin.metrics)
         host = self.server_address[0]   # a socket systemd passed may not be settings.host
         if config.allowed_hosts is None and not _is_loopback(host):
@@ -112,6 +135,8 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         self.reactor = Reactor(self.socket, settings, self.handoff, self._poller, self.guard,
                                self.access_log, self.log_error, self.admin_socket,
                                config.admin.max_connections)
+        self.reactor.tls_listener = self.tls_socket
+        self.reactor.tls_context = self.tls_context
         self.health_checks = HealthChecks(self, config.health)
         self.reactor.health = self.health_checks
         self.reactor.metrics = self.metrics if self.metrics.enabled else None
@@ -148,6 +173,69 @@ class OneboxServer(http.server.ThreadingHTTPServer):
                                     backlog=64)
         sock.setblocking(False)
         return sock
+
+    def _listen_tls(self, config, inherited=None):
+        """The HTTPS listener: the socket handed over ("https"), else one bound to [tls] host
+        (default [server] host) and port; None while [tls] cert_file is empty."""
+        if self.tls_context is None:
+            if inherited is not None:
+                self.log_error("a socket named https was passed, but [tls] cert_file is empty: "
+                               "it is not served; set cert_file and key_file")
+                inherited.close()
+            return None
+        if inherited is not None:
+            inherited.setblocking(False)
+            return inherited
+        host = config.tls.host or config.server.host
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.create_server((host, config.tls.port), family=family,
+                                    backlog=self.request_queue_size)
+        sock.setblocking(False)
+        return sock
+
+    def use_tls_settings(self, tls):
+        """[tls] settings read per request (at start, and on a reload, in the reactor thread):
+        the HSTS header, and whether the plain listener redirects to HTTPS. Also warns of a
+        certificate near its expiry."""
+        header = None
+        if self.tls_socket is not None and tls.hsts_max_age_s:
+            header = ("Strict-Transport-Security", "max-age=%d%s" % (
+                tls.hsts_max_age_s, "; includeSubDomains" if tls.hsts_include_subdomains else ""))
+        self.hsts_header = header
+        self.redirect_to_https = self.tls_socket is not None and tls.redirect_http
+        if self.tls_expires is not None:
+            warning = expiry_warning(tls.cert_file, self.tls_expires, tls.expiry_warning_days)
+            if warning:
+                self.log_error(warning)
+
+    def use_tls_context(self, context, expires):
+        """A new certificate (a reload): new connections are wrapped with ``context``; those
+        open keep the one they began with. Reactor thread."""
+        self.tls_context = self.reactor.tls_context = context
+        self.tls_expires = expires
+
+    def https_redirect(self, request):
+        """[tls] redirect_http's 301: the same host and target on HTTPS (RFC 9110 15.4.2)."""
+        host = request.headers.get("host") or ""
+        name = host.partition("]")[0] + "]" if host.startswith("[") else host.partition(":")[0]
+        if not _REDIRECT_HOST_RE.fullmatch(name):
+            name = self.tls_socket.getsockname()[0]
+            name = "[%s]" % name if ":" in name else name
+        port = self.config.tls.redirect_port or self.tls_socket.getsockname()[1]
+        path = request.path if request.path.startswith("/") else "/"   # OPTIONS *
+        target = urllib.parse.quote(path, safe="/:@!$&'()*+,;=~")
+        if request.query_string:
+            target += "?" + request.query_string
+        location = "https://%s%s%s" % (name, "" if port == 443 else ":%d" % port, target)
+        return Response(b"", 301, [("Location", location)])
+
+    @property
+    def tls_url(self):
+        if self.tls_socket is None:
+            return None
+        host, port = self.tls_socket.getsockname()[:2]
+        host = "[%s]" % host if ":" in host else host
+        return "https://%s:%d/" % (host, port)
 
     @property
     def admin_url(self):
@@ -225,6 +313,8 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         self._poller.watch(self.socket, "listener")
         if self.admin_socket is not None:
             self._poller.watch(self.admin_socket, "admin-listener")
+        if self.tls_socket is not None:
+            self._poller.watch(self.tls_socket, "tls-listener")
         self._poller.watch(self.handoff.wakeup_socket, "wakeup")
         try:
             while not self.handoff.stopping:
@@ -261,11 +351,12 @@ class OneboxServer(http.server.ThreadingHTTPServer):
             self._stopped.wait()
 
     def _close_admin_socket(self):
-        sock = getattr(self, "admin_socket", None)
-        if sock is not None and sock.fileno() >= 0:
-            if getattr(self, "_poller", None) is not None:
-                self._poller.forget(sock)
-            sock.close()
+        for name in ("admin_socket", "tls_socket"):   # the HTTPS listener too
+            sock = getattr(self, name, None)
+            if sock is not None and sock.fileno() >= 0:
+                if getattr(self, "_poller", None) is not None:
+                    self._poller.forget(sock)
+                sock.close()
 
     def server_close(self):
         self._close_store()

@@ -35,11 +35,15 @@ class Connection:
     """One client connection; see the module docstring for who writes its fields."""
 
     __slots__ = ("sock", "ip", "client", "buf", "waiting", "idle_since", "pending", "outbox",
-                 "wait_key", "deadline", "progress", "started_wait", "early_report", "admin")
+                 "wait_key", "deadline", "progress", "started_wait", "early_report", "admin", "tls")
 
-    def __init__(self, sock, ip, admin=False):
+    def __init__(self, sock, ip, admin=False, tls=False):
         self.sock = sock
         self.admin = admin    # accepted on the admin listener: admin routes only, no guard
+        # accepted on the HTTPS listener: sock is an onebox.tls.TLSSocket, which behaves as the
+        # plain socket does for recv_ready() and the transfer functions (files are sent in
+        # chunks instead of with sendfile); chosen once here, never per call on the plain path
+        self.tls = tls
         # The one field the reactor writes while a worker owns the connection (the worker never
         # touches it): a report that came after the worker re-armed the connection and before
         # its hand-back was booked (see Workers._hand_back, Reactor._book_returned).

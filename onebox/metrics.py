@@ -242,7 +242,8 @@ def _connections(out, server):
     # connection once, by what it waits for now
     timed = {conn for _, _, conn in list(reactor.timed)}
     waits = [conn.waiting for conn in timed]
-    states = [("reading", len(parked["new"]) + len(parked["head"])),
+    states = [("handshake", len(parked["handshake"])),   # TLS handshakes under way
+              ("reading", len(parked["new"]) + len(parked["head"])),
               ("idle", len(parked["idle"])), ("held", len(handoff.held)),
               ("lingering", len(parked["linger"])), ("in_workers", len(reactor.busy)),
               ("body", waits.count("body")), ("send", waits.count("send")),
@@ -251,10 +252,10 @@ def _connections(out, server):
     out.one("onebox_connections_open", "gauge", "Open connections on the public port",
             reactor.open)
     out.family("onebox_connections", "gauge",
-               "Public connections by what they wait for (idle: kept, parked in the reactor; "
-               "held: kept, a worker waits on it; body: its request body; send: a slow reader; "
-               "in_line: behind its client's other waits; ready: for its client's share of the "
-               "workers)",
+               "Public connections by what they wait for (handshake: TLS; idle: kept, parked in "
+               "the reactor; held: kept, a worker waits on it; body: its request body; send: a "
+               "slow reader; in_line: behind its client's other waits; ready: for its client's "
+               "share of the workers)",
                [({"state": name}, value) for name, value in states])
     out.one("onebox_connections_max", "gauge", "max_connections", server.settings.max_connections)
     out.one("onebox_admin_connections_open", "gauge", "Open connections on the admin listener",
@@ -278,6 +279,11 @@ def _connections(out, server):
     out.family("onebox_phase", "gauge", "1 for the server's current phase",
                [({"phase": phase}, 1 if server.phase == phase else 0)
                 for phase in ("starting", "serving", "reloading", "draining")])
+    expires = getattr(server, "tls_expires", None)
+    if expires is not None:   # what an alert on certificate renewal watches (onebox/tls.py)
+        out.one("onebox_tls_certificate_expiry_timestamp_seconds", "gauge",
+                "When the HTTPS certificate served to new connections expires (Unix time)",
+                int(expires))
 
 
 def _guard(out, server):

@@ -3,7 +3,9 @@
 A connection waits here, never in a worker, for whatever a client can be slow at (issue 12):
 
   waiting   what for                                    until
-  "new"     the first byte of a request                 header_timeout_s after accept
+  "handshake" a TLS handshake to finish (HTTPS listener) header_timeout_s after accept
+  "new"     the first byte of a request                 header_timeout_s after accept (or
+                                                        after a TLS handshake)
   "head"    the rest of a request head                  header_timeout_s after its first byte
   "idle"    the next request on a kept connection       keepalive_timeout_s after the response
   "linger"  nothing: input is read and dropped          LINGER_S, after a refusal (RFC 9112 9.6)
@@ -12,7 +14,7 @@ A connection waits here, never in a worker, for whatever a client can be slow at
   "line"    its turn for a body or send wait            the client's earlier waits to end
   "ready"   a worker its client may take                the client's other requests to finish
 
-The first four have one timeout each, so their tables (insertion-ordered dicts) are in deadline
+The first five have one timeout each, so their tables (insertion-ordered dicts) are in deadline
 order and expiring costs nothing per waiting connection. Body and send deadlines move with
 progress; they live in a heap checked lazily (an entry whose connection has moved its
 deadline is pushed again when it comes up).
@@ -35,19 +37,28 @@ here like the site's, but skip the guard and the site's connection caps: ``admin
 them against ``[admin] max_connections``. Health checks on the public port (onebox/health.py)
 are answered here as soon as their head is in, so that a wedged worker pool is reported.
 
+The HTTPS listener's connections (``Connection.tls``) are wrapped at accept, after the same
+guard and caps as the plain listener's, and wait in "handshake" while the reactor drives the
+handshake without blocking (ssl's SSLWantRead/WriteError arm the socket for reading or writing),
+so half a ClientHello holds no worker; a handshake that fails (plain HTTP to the HTTPS port) is
+closed at once. After it the connection is served as any other: its socket is an
+``onebox.tls.TLSSocket``, which behaves as a plain one does for the code here and in the workers.
+
 Every field here is the reactor thread's alone, and nothing in this module takes a lock.
-Imports the standard library, the codec, transfer and hand-off modules; never the engine or
+Imports the standard library, the codec, transfer, tls and hand-off modules; never the engine or
 ``server``.
 """
 import collections
 import heapq
 import socket
+import ssl
 import struct
 import time
 import traceback
 
 from onebox.codec import error_response, head_problem, render_head
 from onebox.handoff import PROBE, Connection, Outcome
+from onebox.tls import TLSSocket
 from onebox.transfer import ClientGone, Pace
 
 # A report can reach the reactor between a worker's re-arm and its booking (Workers._hand_back);
@@ -58,7 +69,7 @@ PROBE_INTERVAL_S = 1.0         # how often the reactor checks that a worker can 
 LINGER_S = 2.0                 # after a close with unread input, read and drop it this long
 REFUSALS_LOGGED_PER_S = 20     # refusals at accept or before a worker, logged a second; the
                                # rest are counted and summed up in one error-log line
-_FIXED_KINDS = ("new", "head", "idle", "linger")
+_FIXED_KINDS = ("handshake", "new", "head", "idle", "linger")
 
 
 def _send_at_once(sock, response):
@@ -83,6 +94,10 @@ class Reactor:
         self.admin_listener = admin_listener
         self.admin_max_connections = admin_max_connections
         self.admin_open = 0
+        # The HTTPS listener and the SSLContext new connections are wrapped with (the engine
+        # sets them; a reload replaces the context: connections keep the one they began with).
+        self.tls_listener = None
+        self.tls_context = None
         self.health = None    # HealthChecks (onebox/health.py): answered here, never by a worker
         self.metrics = None   # Metrics (onebox/metrics.py): responses finished here are counted
         self.handoff = handoff
@@ -142,6 +157,8 @@ class Reactor:
                 self._accept()
             elif owner == "admin-listener":
                 self._accept(admin=True)
+            elif owner == "tls-listener":
+                self._accept(tls=True)
             elif owner == "wakeup":
                 handoff.take_wakeups()
                 self._book_returned()
@@ -182,15 +199,17 @@ class Reactor:
             self._send_more(conn)
         elif kind == "body":
             self._read_body(conn)
+        elif kind == "handshake":
+            self._handshake(conn)
         else:
             self._read_head(conn)
             if conn.waiting in _FIXED_KINDS:
                 self.poller.arm(conn)  # still waiting: report it again (one-shot)
 
     # -- accepting --------------------------------------------------------------------------
-    def _accept(self, admin=False):
+    def _accept(self, admin=False, tls=False):
         settings = self.settings
-        listener = self.admin_listener if admin else self.listener
+        listener = self.admin_listener if admin else (self.tls_listener if tls else self.listener)
         for _ in range(64):
             try:
                 sock, address = listener.accept()
@@ -207,7 +226,7 @@ class Reactor:
             if admin:
                 self._accept_admin(sock, address[0])
                 continue
-            conn = Connection(sock, address[0])
+            conn = Connection(sock, address[0], tls=tls)   # sock is wrapped once admitted
             # the guard's client key (an IPv6 /64 is one client; None: a trusted proxy, uncapped)
             conn.client, banned = self.guard.admit(conn.ip)
             if banned:  # banned, and told so ban_close_after_hits times: close without reading
@@ -217,10 +236,51 @@ class Reactor:
             elif (conn.client is not None
                   and self.per_client.get(conn.client, 0) >= settings.max_connections_per_ip):
                 self._refuse(conn, "too many connections from your address", "client_cap")
+            elif tls:
+                if not self._wrap(conn):
+                    continue
+                self.open += 1
+                self.per_client[conn.client] = self.per_client.get(conn.client, 0) + 1
+                self._park(conn, "handshake")   # the client speaks first: its ClientHello
             else:
                 self.open += 1
                 self.per_client[conn.client] = self.per_client.get(conn.client, 0) + 1
                 self._park(conn, "new")
+
+    def _wrap(self, conn):
+        """Make ``conn`` a TLS connection whose handshake the reactor drives (see _handshake);
+        False (closed) if it cannot be."""
+        sock = conn.sock
+        sock.setblocking(False)   # the SSLSocket never blocks: TLSSocket emulates blocking sends
+        try:
+            wrapped = self.tls_context.wrap_socket(sock, server_side=True,
+                                                   do_handshake_on_connect=False)
+        except (OSError, ValueError):
+            sock.close()
+            return False
+        conn.sock = TLSSocket(wrapped, self.settings.worker_write_s)
+        conn.tls = True
+        return True
+
+    def _handshake(self, conn):
+        """One step of a TLS handshake, as far as the client's bytes go; then wait for them
+        (or for room to send ours). Done: the connection waits for its first request, with a
+        fresh header_timeout_s. Failed (not TLS at all, no common protocol or cipher): closed
+        at once, with nothing sent: a plain-HTTP client sees the connection close."""
+        try:
+            conn.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self.poller.arm(conn)
+            return
+        except ssl.SSLWantWriteError:
+            self.poller.arm(conn, write=True)
+            return
+        except (ssl.SSLError, OSError, ValueError):
+            self.guard.count("closed_tls_handshake")
+            self._close(conn)
+            return
+        self._park(conn, "new")
+        self.poller.arm(conn)
 
     def _accept_admin(self, sock, ip):
         """An admin connection: no guard, no site caps (a flood of the site must not lock the
@@ -257,7 +317,7 @@ class Reactor:
         most, largest = max(counts)
         if newcomer is not None and self.per_client.get(newcomer, 0) + 1 >= most:
             return False   # the newcomer is (as large as) the largest: it is the one refused
-        for kind in ("new", "head"):
+        for kind in ("handshake", "new", "head"):
             for conn in self.parked[kind]:
                 if conn.client == largest:
                     self._close(conn)
@@ -266,7 +326,8 @@ class Reactor:
 
     def _refuse(self, conn, message, reason):
         response = error_response(None, 503, message, [("Retry-After", "1")])
-        _send_at_once(conn.sock, response)
+        if not conn.tls:   # a TLS client could not read a plain 503: it sees a close
+            _send_at_once(conn.sock, response)
         conn.sock.close()
         self.guard.count("refused_" + reason)
         self._log_refusal(conn.ip, "", 503, len(response.body), "refused=" + reason)

@@ -27,6 +27,7 @@ import types
 from onebox.logs import AccessLog
 from onebox.settings import SETTINGS, ConfigError, load_config
 from onebox.static import StaticPages
+from onebox.tls import TLSConfigError, build_context
 
 RESTART = "restart"
 
@@ -38,6 +39,12 @@ RESTART = "restart"
 #   access_log   the access log's switch, flush interval and buffer
 #   guard        a new GuardPolicy in the running Guard (its buckets and bans are kept)
 #   cache        the response cache's caps (entries past them are dropped, the rest kept)
+#   tls          the certificate and key are read again at every reload, changed or not
+#                (certbot renews them in place): a new SSLContext for new connections, while
+#                open ones finish on the old; a pair that cannot be served keeps the old one
+#                and the summary says why. HSTS, the redirect and the expiry warning: per
+#                request from then on. [tls] host and port are RESTART (the listener is bound
+#                once), as is turning HTTPS on or off.
 #   RESTART      kept as it is until the next start:
 #                host, port: the listening socket is bound once (and may be inherited);
 #                data_dir, [state]: the state store is open and locked there, with these rules;
@@ -64,6 +71,8 @@ HOW = {
     "admin": {setting.name: RESTART for setting in SETTINGS["admin"]},
     "health": {setting.name: RESTART for setting in SETTINGS["health"]},
     "status": {setting.name: RESTART for setting in SETTINGS["status"]},
+    "tls": dict({setting.name: "tls" for setting in SETTINGS["tls"]}, host=RESTART,
+                port=RESTART),
 }
 
 
@@ -79,15 +88,39 @@ def reload_server(server):
     live, restart = compare(old, new)
     config = _running_config(old, new)
     static = StaticPages(config.server.pages_dir, config.static)
+    tls_context, tls_note = _load_certificate(server, config)
+    if tls_context is None and server.tls_socket is not None:
+        config.tls.cert_file, config.tls.key_file = old.tls.cert_file, old.tls.key_file
     access_log = server.access_log
     if config.server.access_log and access_log is None:
         access_log = AccessLog(server.access_stream, config.server.log_flush_interval_s,
                                config.server.log_buffer_bytes, server.log_error)
     _swap(server, config, static, access_log)
+    if tls_context is not None:
+        server.use_tls_context(*tls_context)
+    server.use_tls_settings(config.tls)   # HSTS, the redirect; warns of a near expiry
     summary = "reloaded: %s" % (", ".join(live) or "no setting changed")
+    if tls_note:
+        summary += "; " + tls_note
     if restart:
         summary += "; needs a restart: %s" % ", ".join(restart)
     return summary
+
+
+def _load_certificate(server, config):
+    """((SSLContext, expiry), note) for the certificate and key now on disk, or (None, why
+    the running one is kept). Built before anything is swapped."""
+    if server.tls_socket is None:
+        if config.tls.cert_file:
+            return None, "tls: HTTPS is off since the start; turning it on needs a restart"
+        return None, None
+    if not config.tls.cert_file:
+        return None, ("tls: cert_file is empty; HTTPS stays on with the previous certificate "
+                      "until a restart")
+    try:
+        return build_context(config.tls), "tls: certificate loaded from %s" % config.tls.cert_file
+    except TLSConfigError as error:
+        return None, "tls: kept the previous certificate: %s" % error
 
 
 def compare(old, new):
@@ -134,6 +167,12 @@ def _running_config(old, new):
     for section, keys in HOW.items():   # sections wholly fixed at start keep their running values
         if section != "server" and all(how == RESTART for how in keys.values()):
             setattr(config, section, getattr(old, section))
+        elif section != "server":   # mixed: what needs a restart keeps its running value
+            values = types.SimpleNamespace(**vars(getattr(new, section)))
+            for key, how in keys.items():
+                if how == RESTART:
+                    setattr(values, key, getattr(getattr(old, section), key))
+            setattr(config, section, values)
     return config
 
 

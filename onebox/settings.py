@@ -246,6 +246,32 @@ SETTINGS = {
         Setting("metrics", "bool", True, None,
                 "count requests for /metrics (per-thread counters); off saves a few us a request"),
     ],
+    # HTTPS (onebox/tls.py). Off while cert_file is empty. The certificate and key are read at
+    # start and again at each reload (SIGHUP): a renewed certificate needs no restart.
+    "tls": [
+        Setting("cert_file", "str", "", None,
+                "PEM certificate chain (certbot: fullchain.pem); empty: no HTTPS"),
+        Setting("key_file", "str", "", None,
+                "PEM private key (certbot: privkey.pem); empty: the key is in cert_file"),
+        Setting("host", "str", "", None, "address of the HTTPS listener; empty: [server] host"),
+        Setting("port", "int", 8443, 0,
+                "HTTPS TCP port (443 in production); 0 picks a free one (printed at start)"),
+        Setting("redirect_http", "bool", False, None,
+                "the plain listener ([server] port) answers 301 to https:// for every path "
+                "but /.well-known/acme-challenge/ (served from pages_dir, for certbot)"),
+        Setting("redirect_port", "int", 0, 0,
+                "the HTTPS port named in those redirects; 0: the HTTPS listener's own "
+                "(set 443 when a firewall maps 443 to port)"),
+        Setting("hsts_max_age_s", "int", 0, 0,
+                "Strict-Transport-Security max-age sent over HTTPS; 0: no header (browsers "
+                "remember it: start small)"),
+        Setting("hsts_include_subdomains", "bool", False, None,
+                "add includeSubDomains to Strict-Transport-Security (every subdomain must "
+                "serve HTTPS)"),
+        Setting("expiry_warning_days", "int", 14, 0,
+                "warn in the error log, at start and at each reload, when the certificate "
+                "expires within this many days; 0: never"),
+    ],
     # Health checks on the public port, answered by the reactor thread itself: cheap, never
     # rate-limited, and a wedged worker pool is reported instead of hanging the check.
     "health": [
@@ -302,7 +328,7 @@ def _parse_value(setting, raw, where):
         raise ConfigError("%s: %r is below the minimum %s" % (where, raw, setting.minimum))
     if setting.maximum is not None and not value <= setting.maximum:
         raise ConfigError("%s: %r is above the maximum %s" % (where, raw, setting.maximum))
-    if setting.name == "port" and value > 65535:
+    if setting.name in ("port", "redirect_port") and value > 65535:
         raise ConfigError("%s: %r is not a TCP port (0-65535)" % (where, raw))
     return value
 
@@ -344,10 +370,15 @@ def load_config(path=None, overrides=None):
         explicit.add((section or "server", key))
     if values["server"]["port"] == 0 and ("admin", "port") not in explicit:
         values["admin"]["port"] = 0   # a test's (or a second instance's) free port: a free one too
+    if values["server"]["port"] == 0 and ("tls", "port") not in explicit:
+        values["tls"]["port"] = 0
     for key in ("live_path", "ready_path"):
         check_health_path(values["health"][key], "%s [health] %s" % (path or "settings", key))
     for key in ("pages_dir", "data_dir"):
         values["server"][key] = os.path.join(base_dir, values["server"][key])
+    for key in ("cert_file", "key_file"):   # relative to the settings file, as pages_dir is
+        if values["tls"][key]:
+            values["tls"][key] = os.path.join(base_dir, values["tls"][key])
     server = values["server"]
     if server["max_request_line_bytes"] > server["max_head_bytes"]:
         raise ConfigError("max_request_line_bytes must not exceed max_head_bytes")

@@ -32,7 +32,7 @@ import threading
 import time
 
 LISTEN_FDS_START = 3            # SD_LISTEN_FDS_START: the first passed descriptor
-SERVED_NAMES = ("http", "admin")   # the FileDescriptorName= values a listener here serves
+SERVED_NAMES = ("http", "admin", "https")   # the FileDescriptorName= values a listener here serves
 WAIT_FOR_SERVING_S = 0.01       # before READY=1: how often the server's phase is looked at
 STATUS_EVERY_S = 1.0            # how often the status (and health) is looked at after that
 DRAINING = "draining: finishing requests in flight"   # the STATUS= of a drain

@@ -17,7 +17,7 @@ make a thread wait on it for long (issue 12), so:
 Connection sockets are blocking with SO_SNDTIMEO = ``worker_write_s``, reads pass
 MSG_DONTWAIT, and a socket handed to the reactor to finish a response is non-blocking until it
 is done. Threads: none of its own; every function runs in the thread that calls it.
-Imports the standard library, the handler contract and the codec.
+Imports the standard library, the handler contract, the codec and onebox.tls (a constant).
 """
 import os
 import select
@@ -27,6 +27,7 @@ import traceback
 
 from handlers._core import HTTPError
 from onebox.codec import _NO_BODY_STATUSES, render_head
+from onebox.tls import FILE_CHUNK_BYTES
 
 STREAM_BUFFER_BYTES = 256 * 1024   # a stream's produced but unsent bytes before its worker waits
 _SMALL_BODY_BYTES = 256 * 1024     # a body up to this leaves in one send with its head
@@ -343,11 +344,24 @@ class Outbox:
 
     def send_more(self, sock):
         """Send what the (non-blocking) socket takes now; True once all is sent. Raises
-        ClientGone if the connection broke."""
+        ClientGone if the connection broke. Over TLS the file is read into ``data`` a
+        FILE_CHUNK_BYTES piece at a time (sendfile cannot encrypt), and a piece the socket
+        did not take stays in ``data``: OpenSSL wants the same bytes again."""
+        tls = getattr(sock, "tls", False)
         try:
             while self.data:
                 count = sock.send(self.data)
                 self._count_data(count)
+            while self.remaining and tls:
+                piece = os.pread(self.file.fileno(), min(self.remaining, FILE_CHUNK_BYTES),
+                                 self.offset)
+                if not piece:
+                    raise ClientGone("file shrank while being sent")
+                self.offset += len(piece)
+                self.remaining -= len(piece)
+                self.data = memoryview(piece)
+                while self.data:
+                    self._count_data(sock.send(self.data))
             while self.remaining:
                 count = os.sendfile(sock.fileno(), self.file.fileno(), self.offset,
                                     self.remaining)
@@ -458,15 +472,18 @@ def _send_file_some(sock, handle, offset, length, deadline):
     """Zero-copy with os.sendfile, in as few calls as the client's pace allows: the socket
     blocks, so the kernel waits for buffer room itself instead of this thread polling and
     re-entering Python every few hundred KiB (SO_SNDTIMEO bounds each wait). Stops at
-    ``deadline``; the bytes sent. Where sendfile is missing (or the socket is TLS, whose bytes
-    must go through the SSL object), read and send."""
+    ``deadline``; the bytes sent. Where sendfile is missing, or over TLS (whose bytes must go
+    through the SSL object), read and send FILE_CHUNK_BYTES at a time: a piece the socket did
+    not take is read again, whole, by the Outbox (OpenSSL wants the same bytes again)."""
     sent = 0
+    zero_copy = hasattr(os, "sendfile") and type(sock) is socket.socket
     while sent < length:
         try:
-            if hasattr(os, "sendfile") and type(sock) is socket.socket:
+            if zero_copy:
                 count = os.sendfile(sock.fileno(), handle.fileno(), offset + sent, length - sent)
             else:
-                piece = os.pread(handle.fileno(), min(length - sent, 1 << 16), offset + sent)
+                piece = os.pread(handle.fileno(), min(length - sent, FILE_CHUNK_BYTES),
+                                 offset + sent)
                 count = sock.send(piece) if piece else 0
         except BlockingIOError:
             return sent   # SO_SNDTIMEO passed, nothing sent

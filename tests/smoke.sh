@@ -2,9 +2,16 @@
 # Curl-only smoke test for any onebox deployment.
 #   tests/smoke.sh https://example.org     check a running deployment
 #   tests/smoke.sh                          start server.py on a free port, check it, stop it
+#   tests/smoke.sh --cacert ca.pem https://localhost:8443
+#                                           HTTPS with a certificate from your own (or a test)
+#                                           CA; CURL_CA_BUNDLE=ca.pem does the same
 # Exits non-zero on the first failed check.
 set -uo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
+if [ "${1:-}" = "--cacert" ]; then
+    export CURL_CA_BUNDLE="${2:?--cacert needs a file}"   # curl reads it for every call
+    shift 2
+fi
 base="${1:-}"
 server_pid=""
 

@@ -378,7 +378,8 @@ def test_every_setting_says_how_a_reload_applies_it():
                      for key, how in keys.items() if how == RESTART)
     assert [key for key in restart if not key.startswith(("admin.", "health.", "status."))] == [
         "server.data_dir", "server.host", "server.port", "server.worker_threads",
-        "state.batch_interval_ms", "state.compact_journal_bytes", "state.durability"]
+        "state.batch_interval_ms", "state.compact_journal_bytes", "state.durability",
+        "tls.host", "tls.port"]   # the HTTPS listener is bound once; its certificate reloads
 
 
 def test_new_timeouts_apply_to_new_connections(start_server, tmp_path):
