@@ -78,6 +78,7 @@ import time
 from handlers._state import StateError, StateLockedError, Store
 from onebox.admin import AdminConfigError, load_token
 from onebox.engine import OneboxServer
+from onebox.logs import PRIORITIES, journal_stream
 from onebox.guard import BAN_PREFIX, client_key, lift_stored_ban, stored_bans
 from onebox.routing import RouteError, Router, load_routes
 from onebox.settings import DEFAULT_CONFIG_FILE, SETTINGS, ConfigError, load_config  # noqa: F401
@@ -113,7 +114,16 @@ def open_store(config, repair=False):
     """The shared state store, per [state]; raises StateLockedError / StateCorruptError."""
     return Store(config.server.data_dir, durability=config.state.durability,
                  batch_interval_ms=config.state.batch_interval_ms,
-                 compact_journal_bytes=config.state.compact_journal_bytes, repair=repair)
+                 compact_journal_bytes=config.state.compact_journal_bytes, repair=repair,
+                 log=_state_log)
+
+
+def _state_log(message):
+    """The store's notices (a repair, a failed fsync or compaction, a data dir made private),
+    on stderr as before, as warnings for the journal when stderr is its (onebox/logs.py)."""
+    prefix = "<%d>" % PRIORITIES["warning"] if journal_stream(sys.stderr) else ""
+    sys.stderr.write("%sstate: %s\n" % (prefix, message))
+    sys.stderr.flush()
 
 
 # --- command line -----------------------------------------------------------------------------
@@ -198,6 +208,7 @@ def serve(config, router, store):
               % (config.server.host, config.server.port, error.strerror), file=sys.stderr)
         return 1
     notifier.log_error = server.log_error
+    server.notifier = notifier   # a reload tells systemd: RELOADING=1, then READY=1
 
     def stop(*_):
         notifier.stopping()
@@ -416,7 +427,7 @@ def write_admin_url(server):
             os.remove(path)   # a previous run's: this one has no admin listener
     except OSError as error:
         server.log_error("cannot write %s (--bans/--unban will not find this server): %s"
-                         % (path, error))
+                         % (path, error), level="warning")
 
 
 def raise_file_limit(wanted):

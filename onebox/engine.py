@@ -27,7 +27,7 @@ from onebox.admin import AdminConfigError, AdminSite, load_token
 from onebox.guard import Guard
 from onebox.health import HealthChecks
 from onebox.handoff import Handoff
-from onebox.logs import AccessLog, error_entry
+from onebox.logs import AccessLog, error_entry, journal_stream
 from onebox.metrics import Metrics
 from onebox.poller import Poller
 from onebox.reactor import Reactor
@@ -73,6 +73,7 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         self.config, self.settings, self.router = config, settings, router
         self.store = store   # the shared state; closed (and compacted) after the workers stop
         self.error_stream = error_stream or sys.stderr
+        self.journal_priorities = journal_stream(self.error_stream)   # under systemd
         self.static = StaticPages(settings.pages_dir, config.static)
         self.guard = Guard(config.guard, store, self.log_error)   # bans persist in the store
         # What the status page shows (onebox/activity.py): workers record each request in it,
@@ -106,7 +107,7 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         if config.allowed_hosts is None and not _is_loopback(host):
             self.log_error("listening on %s with any Host allowed: set allowed_hosts in [server] "
                            "(e.g. allowed_hosts = example.org) so that DNS rebinding cannot "
-                           "reach this server from a browser" % host)
+                           "reach this server from a browser" % host, level="warning")
         self.handoff = Handoff()
         self._poller = Poller()
         self.reactor = Reactor(self.socket, settings, self.handoff, self._poller, self.guard,
@@ -127,6 +128,9 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         self._reactor_thread = None
         self._stopped = threading.Event()
         self.stuck_workers = 0
+        # Told of a reload (its reloading() and reloaded(summary)): the process's systemd
+        # Notifier (onebox/systemd.py), set by server.py; None in tests that build a server.
+        self.notifier = None
         self.admin = None
         if self.admin_socket is not None:
             try:
@@ -190,10 +194,12 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         host = "[%s]" % host if ":" in host else host
         return "http://%s:%d/" % (host, port)
 
-    def log_error(self, message, detail=None):
+    def log_error(self, message, detail=None, level="error"):
         """One entry on the error log (stderr): ``message`` on one line, escaped; ``detail``
-        (a traceback) indented below it. Any thread may call it."""
-        entry = error_entry(time.strftime("%Y-%m-%dT%H:%M:%S"), message, detail)
+        (a traceback) indented below it; ``level`` "error", "warning" or "info" (a syslog
+        prefix on each line when stderr is the journal's). Any thread may call it."""
+        entry = error_entry(time.strftime("%Y-%m-%dT%H:%M:%S"), message, detail, level,
+                            self.journal_priorities)
         try:
             self.error_stream.write(entry)
             self.error_stream.flush()
@@ -291,7 +297,7 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         self.stuck_workers = self.workers.stuck
         if self.stuck_workers:
             self.log_error("%d handler(s) still running after shutdown; exiting anyway"
-                           % self.stuck_workers)
+                           % self.stuck_workers, level="warning")
         self.reactor.after_workers()
 
     def _close_store(self):
@@ -321,6 +327,8 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         changed and what needs a restart. An invalid file changes nothing. Reactor thread
         only, between turns: it swaps the reactor's settings."""
         self.phase = "reloading"
+        if self.notifier is not None:   # systemd: RELOADING=1 now, READY=1 once applied
+            self.notifier.reloading()
         detail = None
         try:
             summary = reload_server(self)
@@ -331,7 +339,10 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         finally:
             if self.phase == "reloading":   # not if a SIGTERM began the drain meanwhile
                 self.phase = "serving"
-        self.log_error(summary, detail)
+        self.log_error(summary, detail, level="error" if detail or summary.startswith(
+            "reload failed") else "info")
+        if self.notifier is not None:
+            self.notifier.reloaded(summary)
         return summary
 
     def _start_backup(self):
@@ -350,6 +361,6 @@ class OneboxServer(http.server.ThreadingHTTPServer):
             os.chmod(folder, 0o700)   # makedirs' mode passes through the umask
             store.backup(path + ".tmp")
             os.replace(path + ".tmp", path)
-            self.log_error("backup written: %s" % path)
+            self.log_error("backup written: %s" % path, level="info")
         except (OSError, StateError) as error:
             self.log_error("backup failed: %s" % error)

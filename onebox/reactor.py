@@ -230,7 +230,7 @@ class Reactor:
                                                [("Retry-After", "1")]))
             sock.close()
             self.log_error("admin connection from %s refused: [admin] max_connections (%d) are "
-                           "open" % (ip, self.admin_max_connections))
+                           "open" % (ip, self.admin_max_connections), level="warning")
             return
         self.admin_open += 1
         self._park(Connection(sock, ip, admin=True), "new")
@@ -290,7 +290,8 @@ class Reactor:
         if sample[0] != int(now):
             if sample[2]:
                 self.log_error("%d more refusals not logged in the last second (the access log "
-                               "takes %d a second)" % (sample[2], REFUSALS_LOGGED_PER_S))
+                               "takes %d a second)" % (sample[2], REFUSALS_LOGGED_PER_S),
+                               level="warning")
             sample[:] = [int(now), 0, 0]
 
     # -- heads ------------------------------------------------------------------------------

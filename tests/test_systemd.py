@@ -23,6 +23,7 @@ import types
 import pytest
 
 from conftest import ROOT, onebox, read_until_close, status_of
+from onebox import logs as onebox_logs
 from onebox.systemd import Notifier
 
 SERVER = os.path.join(ROOT, "server.py")
@@ -230,6 +231,118 @@ def test_no_watchdog_ping_while_no_worker_can_take_a_job(start_server):
         client.close()
         notifier.close()
         reader.close()
+
+
+def reload_messages(reader, seconds=10):
+    """The RELOADING=1 message and the READY=1 that follows it (in that order, nothing
+    between them ready)."""
+    heard = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        heard += [message for _, message in messages(reader, 0.2)]
+        starts = [index for index, message in enumerate(heard) if "RELOADING" in message]
+        if starts:
+            after = [message for message in heard[starts[0]:] if "READY" in message]
+            if after:
+                assert [m for m in heard[:starts[0]] if "READY" in m] == [], heard
+                return heard[starts[0]], after[0]
+    raise AssertionError("no RELOADING=1 then READY=1 within %ss; heard %r" % (seconds, heard))
+
+
+def test_a_reload_is_told_as_reloading_then_ready_with_its_summary(tmp_path):
+    """SIGHUP with a changed limit: RELOADING=1 with MONOTONIC_USEC= (CLOCK_MONOTONIC, as
+    systemd reads it), then READY=1 with the reload's summary as STATUS=: what changed, and
+    what needs a restart."""
+    config = tmp_path / "onebox.cfg"
+    config.write_text("[limits]\nclient_burst = 100\n")
+    reader, address = notify_socket()
+    process = subprocess.Popen(
+        [sys.executable, SERVER, "--config", str(config), "--port", "0",
+         "--data-dir", str(tmp_path / "data")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, NOTIFY_SOCKET=address))
+    try:
+        port = listening_port(process)
+        wait_for(reader, "READY")
+        config.write_text("[limits]\nclient_burst = 7\n[server]\nworker_threads = 3\n")
+        before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        process.send_signal(signal.SIGHUP)
+        reloading, ready = reload_messages(reader)
+        after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        assert reloading["RELOADING"] == "1"
+        assert before <= int(reloading["MONOTONIC_USEC"]) <= after, (before, reloading, after)
+        assert ready["STATUS"] == ("reloaded: limits.client_burst 100->7; needs a restart: "
+                                   "server.worker_threads 16->3"), ready
+        assert get(port, "/hello")[0] == 200
+        # an invalid file: READY=1 again (the server serves on), and STATUS= names the key
+        config.write_text("[limits]\nclient_burst = many\n")
+        process.send_signal(signal.SIGHUP)
+        _, ready = reload_messages(reader)
+        assert ready["STATUS"].startswith("reload failed:") and "client_burst" in ready["STATUS"]
+        assert get(port, "/hello")[0] == 200
+    finally:
+        stop(process)
+        process.stderr.close()
+        reader.close()
+
+
+# --- the journal ------------------------------------------------------------------------------
+
+def journal_run(tmp_path, journal):
+    """A server whose stderr is a pipe, with JOURNAL_STREAM naming that pipe (as systemd sets
+    it for a service whose stderr is the journal's stream) if ``journal``, else naming another
+    file (a redirected stderr keeps the variable). Warns (every address, any Host; a data dir
+    with a public mode), reloads twice (fine, then with a bad file), stops; its stderr lines."""
+    data = tmp_path / ("data-%s" % journal)
+    data.mkdir(mode=0o755)
+    data.chmod(0o755)
+    config = tmp_path / ("onebox-%s.cfg" % journal)
+    config.write_text("[server]\n")
+    read_end, write_end = os.pipe()
+    status = os.fstat(write_end if journal else 0)
+    process = subprocess.Popen(
+        [sys.executable, SERVER, "--config", str(config), "--host", "0.0.0.0", "--port", "0",
+         "--data-dir", str(data), "--admin-port", "off"],
+        stdout=subprocess.PIPE, stderr=write_end, text=True,
+        env=dict(os.environ, JOURNAL_STREAM="%d:%d" % (status.st_dev, status.st_ino)))
+    os.close(write_end)
+    try:
+        process.stdout.readline()
+        process.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        config.write_text("[server]\nmax_connections = none\n")
+        process.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert stop(process) == 0
+        with os.fdopen(read_end, encoding="utf-8") as errors:
+            return errors.read().splitlines()
+    finally:
+        stop(process)
+
+
+def test_error_lines_carry_syslog_priorities_when_stderr_is_the_journal(tmp_path):
+    lines = journal_run(tmp_path, journal=True)
+    def level_of(words):
+        found = [line for line in lines if words in line]
+        assert len(found) == 1, (words, lines)
+        return found[0][:3]
+    assert level_of("with any Host allowed") == "<4>"        # warning
+    assert level_of("made it 700") == "<4>"                  # the store's notice: warning
+    assert level_of("reloaded: no setting changed") == "<6>"   # info
+    assert level_of("reload failed") == "<3>"                # error
+    assert all(re.match(r"<[346]>", line) for line in lines), lines   # each line, each record
+    quiet = journal_run(tmp_path, journal=False)   # stderr is not the journal's stream
+    assert any("reload failed" in line for line in quiet), quiet
+    assert not [line for line in quiet if line.startswith("<")], quiet
+
+
+def test_each_line_of_a_traceback_carries_the_priority():
+    """journald makes a record of each line: a traceback's lines keep its priority."""
+    entry = onebox_logs.error_entry("T", "handler raised", "Traceback:\n  File x\nValueError",
+                                    "error", priorities=True)
+    assert entry == ("<3>T onebox: handler raised\n<3>    Traceback:\n<3>      File x\n"
+                     "<3>    ValueError\n")
+    assert onebox_logs.error_entry("T", "banned", level="warning") == "T onebox: banned\n"
 
 
 # --- socket activation ------------------------------------------------------------------------
