@@ -124,6 +124,10 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         # Written by signal handlers or other threads, read by the reactor's loop:
         self._backup_requested = False
         self._sighup_received = False
+        self._restart_requested = False
+        # SIGUSR2's: starts a successor process on this one's sockets (onebox/restart.py);
+        # set by server.py, None in tests that build a server
+        self.restarter = None
         self._backup_thread = None   # the reactor's
         self._reactor_thread = None
         self._stopped = threading.Event()
@@ -242,6 +246,10 @@ class OneboxServer(http.server.ThreadingHTTPServer):
                 if self._sighup_received:
                     self._sighup_received = False
                     self.reload()
+                if self._restart_requested:
+                    self._restart_requested = False
+                    if self.restarter is not None:
+                        self.restarter.begin(self)
             self._drain()
         finally:
             if self._backup_thread is not None:
@@ -282,13 +290,43 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         if getattr(self, "_poller", None) is not None:
             self._poller.close()
 
+    def listening_sockets(self):
+        """The listening sockets by name, as socket activation names them ("http", "admin"):
+        what a successor inherits (onebox/restart.py)."""
+        sockets = {"http": self.socket}
+        if self.admin_socket is not None:
+            sockets["admin"] = self.admin_socket
+        return sockets
+
     def _drain(self):
-        """Shutdown: close the listener and waiting connections, give busy ones
-        shutdown_timeout_s to finish, then cut what is left."""
+        """Shutdown: stop accepting (connections not accepted yet stay in the backlog of a
+        socket that systemd or a successor also holds), serve the connections already open
+        to their end, then close what is left; all within shutdown_timeout_s."""
         self._poller.forget(self.socket)
-        self.socket.close()
+        self.socket.close()   # this process's descriptor; a copy elsewhere keeps listening
         self._close_admin_socket()
-        self.reactor.drain(time.monotonic() + self.settings.shutdown_timeout_s)
+        deadline = time.monotonic() + self.settings.shutdown_timeout_s
+        self._serve_out(deadline)
+        self.reactor.drain(deadline)
+
+    def _serve_out(self, deadline):
+        """Turn the reactor, without a listener, until every connection has closed or the
+        deadline. A request on an open connection, in flight or arriving now, is served and
+        answered with Connection: close (workers see ``stopping``), so a restart fails no
+        request a client had sent. Connections that wait for one (kept-alive and idle, or
+        new and silent) get drain_idle_s: a client that sends just as one closes sees it
+        closed unanswered, and may retry (RFC 9112 section 9.3.1)."""
+        reactor, handoff = self.reactor, self.handoff
+        idle_until = min(deadline, time.monotonic() + self.settings.drain_idle_s)
+        while reactor.open + reactor.admin_open and time.monotonic() < deadline:
+            if handoff.held and not handoff.workers_wanted:
+                handoff.want_workers(True)   # workers holding kept connections hand them back
+            for kind in ("idle", "new"):
+                parked = reactor.parked[kind]
+                for conn, until in parked.items():   # order kept: an earlier deadline stays first
+                    if until > idle_until:
+                        parked[conn] = idle_until
+            reactor.step()
 
     def _stop_workers(self):
         for _ in self.workers.threads:
@@ -313,6 +351,12 @@ class OneboxServer(http.server.ThreadingHTTPServer):
     def request_backup(self):
         """Ask for a snapshot in data_dir/backups/ (SIGUSR1); safe from signal handlers."""
         self._backup_requested = True
+        self.handoff.wake()
+
+    def request_restart(self):
+        """SIGUSR2: ask the reactor to start the successor (``restarter``); safe from signal
+        handlers."""
+        self._restart_requested = True
         self.handoff.wake()
 
     def note_sighup(self):

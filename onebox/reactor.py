@@ -523,16 +523,18 @@ class Reactor:
             reported_early, conn.early_report = conn.early_report, False
             self.reported_early -= reported_early
             self._left_workers(conn)
-            if outcome is Outcome.ARMED and reported_early and not self.handoff.stopping:
+            # While stopping, too: a drain serves the connections that are open (see
+            # OneboxServer._serve_out); its last step closes whatever still waits.
+            if outcome is Outcome.ARMED and reported_early:
                 self._queue_work(conn)   # its next request came before this booking
-            elif outcome is Outcome.ARMED and not self.handoff.stopping:
+            elif outcome is Outcome.ARMED:
                 # re-armed by its worker; its idle time began at its last response
                 conn.waiting = "idle"
                 self.parked["idle"][conn] = max(
                     conn.idle_since + self.settings.keepalive_timeout_s, time.monotonic())
             elif outcome is Outcome.CLOSE:
                 self._linger(conn)
-            elif outcome is Outcome.GONE or self.handoff.stopping:
+            elif outcome is Outcome.GONE:
                 self._close(conn)
             elif outcome is Outcome.BODY:
                 self._start_wait(conn, "body")
