@@ -169,7 +169,14 @@ def main(argv=None):
     # Who hears how start-up goes: systemd (Type=notify), or the server this one replaces,
     # which keeps serving unless this one says its configuration is valid (onebox/restart.py).
     notifier = Notifier()
+    try:
+        return _start(args, argv, old_pid, notifier)
+    except Exception as error:   # a crash (a broken area's import, say): its reason goes there too
+        notifier.send("STATUS=onebox: crashed: %s: %s" % (type(error).__name__, error))
+        raise
 
+
+def _start(args, argv, old_pid, notifier):
     def fail(message, status=1):
         print("onebox: %s" % message, file=sys.stderr)
         notifier.send("STATUS=onebox: %s" % message)   # systemctl status shows it too
@@ -181,6 +188,8 @@ def main(argv=None):
         router = Router(load_routes())
         load_token(config.admin)   # fail here, before the state is opened, if one is needed
     except (ConfigError, RouteError, AdminConfigError) as error:
+        if args.restart:   # checked first, as `systemctl reload` runs --check first
+            return fail("%s; not restarted: the running server serves on unchanged" % error)
         return fail(error)
     if args.check:
         print("onebox: configuration and routes are valid (%s)" % args.config)
