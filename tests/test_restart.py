@@ -375,3 +375,27 @@ def test_a_restart_on_a_held_socket_fails_no_request_and_loses_no_note(tmp_path)
             between.close()
         held.close()
     assert "Traceback" not in (tmp_path / "stderr.txt").read_text()
+
+
+def test_under_systemd_sigusr2_refuses_and_says_to_use_systemctl(tmp_path):
+    """Under systemd the unit's main process must stay the one systemd started (NotifyAccess=
+    main); `systemctl restart onebox` with onebox.socket is the way there."""
+    from test_systemd import notify_socket
+    reader, address = notify_socket()
+    process = subprocess.Popen(
+        [sys.executable, SERVER, "--port", "0", "--admin-port", "off", "--data-dir",
+         str(tmp_path / "data")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, NOTIFY_SOCKET=address))
+    try:
+        port = listening_port(process)
+        process.send_signal(signal.SIGUSR2)
+        time.sleep(0.5)
+        assert get(port, "/hello")[0] == 200
+        assert stop(process) == 0
+        errors = process.stderr.read()
+    finally:
+        stop(process)
+        process.stderr.close()
+        reader.close()
+    assert "restart refused: under systemd, run `systemctl restart onebox`" in errors, errors
+    assert lock_pid(tmp_path / "data") == process.pid
