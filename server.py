@@ -25,6 +25,7 @@ Where things are
 ``onebox/metrics.py``   per-thread request counters; /metrics in the Prometheus text format
 ``onebox/health.py``    /healthz and /readyz on the public port, answered by the reactor
 ``onebox/systemd.py``   systemd's passed sockets, and what it is told: ready, status, watchdog
+``onebox/restart.py``   SIGUSR2 / --restart: a successor on the same sockets, then hand over
 Dependencies point one way: ``server.py`` imports ``onebox``; ``onebox`` imports the contract
 (``handlers/_*.py``) and the areas (to route to them); areas import only the contract; nothing
 imports ``server.py`` but tests.
