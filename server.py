@@ -279,6 +279,8 @@ def serve(config, router, store, notifier=None, listeners=None, restarter=None):
         server.serve_forever()
     finally:
         server.server_close()
+        if restarter is not None:
+            restarter.abandon()   # a successor that has not taken over yet is not wanted
     if server.stuck_workers:
         # a handler ignored shutdown; non-daemon threads would keep the process alive forever
         sys.stdout.flush()

@@ -84,6 +84,7 @@ class Restarter:
         self.command = list(command)
         self.under_systemd = under_systemd
         self._thread = None
+        self._child = None   # a successor not handed over to yet
 
     def begin(self, server):
         log = server.log_error
@@ -121,6 +122,7 @@ class Restarter:
             log("restart failed: cannot start the successor: %s; still serving" % error)
             self._result(server, "cannot start the successor: %s" % error)
             return
+        self._child = child
         log("restart: successor started (pid %d); serving until its configuration is valid"
             % child.pid, level="info")
         try:
@@ -129,6 +131,7 @@ class Restarter:
         finally:
             reader.close()
         if verdict == "valid":
+            self._child = None
             log("restart: successor (pid %d) has a valid configuration and the listening "
                 "sockets; this process (pid %d) stops accepting, drains, and hands it the "
                 "data dir" % (child.pid, os.getpid()), level="info")
@@ -143,6 +146,14 @@ class Restarter:
         why = "the successor (pid %d) %s%s" % (child.pid, why, ": " + status if status else "")
         log("restart failed: %s; still serving (its messages are on stderr above)" % why)
         self._result(server, why)
+
+    def abandon(self):
+        """The server stops (SIGTERM) before its successor took over: the successor must not
+        take the data dir and serve on against the operator's wish."""
+        child, self._child = self._child, None
+        if child is not None and child.poll() is None:
+            child.kill()
+            child.wait()
 
     @staticmethod
     def _result(server, why):
