@@ -38,7 +38,8 @@ class Load:
 
     def __init__(self, port, fresh=2, kept=2, seconds=30.0, max_requests=6000):
         self.port, self.max_requests = port, max_requests
-        self.deadline = time.monotonic() + seconds
+        self.began = time.monotonic()
+        self.deadline = self.began + seconds
         self.lock = threading.Lock()
         self.sent, self.failures, self.longest, self.notes, self.closes = 0, [], 0.0, {}, 0
         self._stop = threading.Event()
@@ -76,6 +77,7 @@ class Load:
             number = self._take()
             if number is None:
                 break
+            reused = connection is not None
             if connection is None:
                 connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
             text = "%s-%d" % (name, number)
@@ -91,7 +93,8 @@ class Load:
                 closing = (response.getheader("Connection") or "").lower() == "close"
             except (OSError, http.client.HTTPException) as error:
                 with self.lock:
-                    self.failures.append("%s: %r" % (text, error))
+                    self.failures.append("%s at %.3f s (%s connection): %r" % (
+                        text, started - self.began, "reused" if reused else "new", error))
                 connection.close()
                 connection = None
                 continue

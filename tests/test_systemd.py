@@ -98,7 +98,8 @@ def activated(tmp_path, sockets, names=None, flags=(), env=None):
         os.dup2(sock.fileno(), passed[-1])
     command = ([sys.executable, "-c", LAUNCH, str(len(sockets)),
                 ":".join(names) if names is not None else "-"] + [str(fd) for fd in passed]
-               + [sys.executable, SERVER, "--data-dir", str(tmp_path / "data")] + list(flags))
+               + [sys.executable, SERVER, "--data-dir", str(tmp_path / "data")]
+               + (["--admin-port", "0"] if "--admin-port" not in flags else []) + list(flags))
     errors = open(tmp_path / "stderr.txt", "a")
     try:
         return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, pass_fds=passed,
@@ -153,7 +154,8 @@ def listener(family=socket.AF_INET, kind=socket.SOCK_STREAM, listen=True):
 def test_systemd_hears_ready_then_watchdog_pings_then_stopping(tmp_path):
     reader, address = notify_socket()
     process = subprocess.Popen(
-        [sys.executable, SERVER, "--port", "0", "--data-dir", str(tmp_path / "data")],
+        [sys.executable, SERVER, "--port", "0", "--admin-port", "0",
+         "--data-dir", str(tmp_path / "data")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=dict(os.environ, NOTIFY_SOCKET=address, WATCHDOG_USEC="400000"))
     try:
@@ -257,7 +259,7 @@ def test_a_reload_is_told_as_reloading_then_ready_with_its_summary(tmp_path):
     config.write_text("[limits]\nclient_burst = 100\n")
     reader, address = notify_socket()
     process = subprocess.Popen(
-        [sys.executable, SERVER, "--config", str(config), "--port", "0",
+        [sys.executable, SERVER, "--config", str(config), "--port", "0", "--admin-port", "0",
          "--data-dir", str(tmp_path / "data")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=dict(os.environ, NOTIFY_SOCKET=address))
@@ -415,7 +417,8 @@ def test_sockets_passed_to_another_process_are_left_alone(tmp_path):
     """LISTEN_PID names the process systemd meant them for; a child it started (or one that
     inherited the environment) must not take descriptor 3 for its own."""
     process = subprocess.Popen(
-        [sys.executable, SERVER, "--port", "0", "--data-dir", str(tmp_path / "data")],
+        [sys.executable, SERVER, "--port", "0", "--admin-port", "0",
+         "--data-dir", str(tmp_path / "data")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=dict(os.environ, LISTEN_PID=str(os.getpid()), LISTEN_FDS="1"))
     try:
@@ -435,7 +438,7 @@ def test_systemds_own_socket_activation_tool(tmp_path):
     probe.close()   # systemd-socket-activate binds it again (a small race with other tests)
     process = subprocess.Popen(
         ["systemd-socket-activate", "-l", "127.0.0.1:%d" % port, "--fdname=http",
-         sys.executable, SERVER, "--data-dir", str(tmp_path / "data")],
+         sys.executable, SERVER, "--admin-port", "0", "--data-dir", str(tmp_path / "data")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 10
