@@ -10,7 +10,9 @@ tells it (readiness, status, the watchdog), by their documented protocols.
 * ``Notifier``: sd_notify(3). One datagram per message on the unix socket named by
   ``NOTIFY_SOCKET``, each a few ``KEY=value`` lines: ``READY=1`` once the server serves (for
   ``Type=notify``, so that ``systemctl start`` and units ordered after this one wait for it),
-  ``STOPPING=1`` when a drain begins, ``STATUS=`` for ``systemctl status``, and ``WATCHDOG=1``
+  ``STOPPING=1`` when a drain begins, ``RELOADING=1`` (with ``MONOTONIC_USEC=``) then ``READY=1``
+  around a reload (the engine calls ``reloading()`` and ``reloaded(summary)`` from the reactor
+  thread; the summary becomes ``STATUS=``), ``STATUS=`` for ``systemctl status``, and ``WATCHDOG=1``
   every half of ``WATCHDOG_USEC`` while ``OneboxServer.health()`` says the server is healthy.
   Pings stop when it is not (the reactor stopped turning, or no worker took a job within
   ``stall_timeout_s``), and systemd then kills and restarts the process (``WatchdogSec=``,
