@@ -26,6 +26,7 @@ Where things are
 ``onebox/health.py``    /healthz and /readyz on the public port, answered by the reactor
 ``onebox/systemd.py``   systemd's passed sockets, and what it is told: ready, status, watchdog
 ``onebox/tls.py``       HTTPS: the TLS policy, the certificate's checks, the TLS connection's socket
+``onebox/restart.py``   SIGUSR2 / --restart: a successor on the same sockets, then hand over
 Dependencies point one way: ``server.py`` imports ``onebox``; ``onebox`` imports the contract
 (``handlers/_*.py``) and the areas (to route to them); areas import only the contract; nothing
 imports ``server.py`` but tests.
@@ -79,6 +80,9 @@ import time
 from handlers._state import StateError, StateLockedError, Store
 from onebox.admin import AdminConfigError, load_token
 from onebox.engine import OneboxServer
+from onebox.logs import PRIORITIES, error_entry, journal_stream
+from onebox.restart import (SERVER_URL_FILE, VALID, Restarter, open_when_free, predecessor,
+                            restart_running)
 from onebox.guard import BAN_PREFIX, client_key, lift_stored_ban, stored_bans
 from onebox.routing import RouteError, Router, load_routes
 from onebox.settings import DEFAULT_CONFIG_FILE, SETTINGS, ConfigError, load_config  # noqa: F401
@@ -115,7 +119,16 @@ def open_store(config, repair=False):
     """The shared state store, per [state]; raises StateLockedError / StateCorruptError."""
     return Store(config.server.data_dir, durability=config.state.durability,
                  batch_interval_ms=config.state.batch_interval_ms,
-                 compact_journal_bytes=config.state.compact_journal_bytes, repair=repair)
+                 compact_journal_bytes=config.state.compact_journal_bytes, repair=repair,
+                 log=_state_log)
+
+
+def _state_log(message):
+    """The store's notices (a repair, a failed fsync or compaction, a data dir made private),
+    on stderr as before, as warnings for the journal when stderr is its (onebox/logs.py)."""
+    prefix = "<%d>" % PRIORITIES["warning"] if journal_stream(sys.stderr) else ""
+    sys.stderr.write("%sstate: %s\n" % (prefix, message))
+    sys.stderr.flush()
 
 
 # --- command line -----------------------------------------------------------------------------
@@ -136,6 +149,10 @@ def parse_args(argv):
     parser.add_argument("--bans", action="store_true",
                         help="list the bans in force (client, reason, until), then exit; asks "
                              "the running server through its admin listener if there is one")
+    parser.add_argument("--restart", action="store_true",
+                        help="replace the running server of this data dir by a new process "
+                             "(new code, same state, same sockets: nobody is refused), wait "
+                             "until it serves, then exit 0 or 1; give the server's own flags")
     parser.add_argument("--unban", metavar="ADDR",
                         help="lift the ban on ADDR (an address, or a key as --bans lists it), "
                              "then exit; through the running server if there is one")
@@ -149,7 +166,24 @@ def parse_args(argv):
 
 
 def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    old_pid = predecessor()   # set when this process is a restart's successor (SIGUSR2)
+    # Who hears how start-up goes: systemd (Type=notify), or the server this one replaces,
+    # which keeps serving unless this one says its configuration is valid (onebox/restart.py).
+    notifier = Notifier()
+    try:
+        return _start(args, argv, old_pid, notifier)
+    except Exception as error:   # a crash (a broken area's import, say): its reason goes there too
+        notifier.send("STATUS=onebox: crashed: %s: %s" % (type(error).__name__, error))
+        raise
+
+
+def _start(args, argv, old_pid, notifier):
+    def fail(message, status=1):
+        print("onebox: %s" % message, file=sys.stderr)
+        notifier.send("STATUS=onebox: %s" % message)   # systemctl status shows it too
+        return status
     overrides = {dest[4:]: value for dest, value in vars(args).items()
                  if dest.startswith("set:") and value is not None}
     try:
@@ -159,8 +193,9 @@ def main(argv=None):
         if config.tls.cert_file:   # missing, mismatched or expired: refused here (and --check)
             build_context(config.tls)
     except (ConfigError, RouteError, AdminConfigError, TLSConfigError) as error:
-        print("onebox: %s" % error, file=sys.stderr)
-        return 1
+        if args.restart:   # checked first, as `systemctl reload` runs --check first
+            return fail("%s; not restarted: the running server serves on unchanged" % error)
+        return fail(error)
     if args.check:
         print("onebox: configuration and routes are valid (%s)" % args.config)
         return 0
@@ -168,40 +203,68 @@ def main(argv=None):
         return backup_state(config, args.backup)
     if args.bans or args.unban:
         return ban_control(config, args.unban)
+    if args.restart:
+        settings = config.server
+        return restart_running(settings.data_dir, settings.restart_wait_s
+                               + settings.shutdown_timeout_s + 30.0)
     try:
-        store = open_store(config, repair=args.repair)
+        listeners = {} if args.repair else listen_sockets()
+    except SystemdError as error:
+        return fail(error)
+    if old_pid is not None:
+        notifier.send(VALID + "=1")   # the predecessor now drains and releases the data dir
+        notifier = Notifier(environ={})   # its socket goes with it; nothing more to tell
+    try:
+        if old_pid is not None:
+            store = open_when_free(open_store, config, old_pid, _note)
+        else:
+            store = open_store(config, repair=args.repair)
     except StateLockedError as error:
-        print("onebox: %s" % error, file=sys.stderr)
-        return 2
+        return fail(error, 2)
     except (StateError, OSError) as error:
-        print("onebox: cannot open the state in %s: %s" % (config.server.data_dir, error),
-              file=sys.stderr)
-        return 1
+        return fail("cannot open the state in %s: %s" % (config.server.data_dir, error))
     if args.repair:
         store.close()
         print("onebox: %s is consistent; start the server as usual" % config.server.data_dir)
         return 0
-    return serve(config, router, store)
+    # under systemd the successor would not be the unit's main process: `systemctl restart`
+    restarter = Restarter([os.path.abspath(__file__)] + argv,
+                          under_systemd=notifier.enabled and old_pid is None)
+    return serve(config, router, store, notifier, listeners, restarter)
 
 
-def serve(config, router, store):
-    """Listen (or take the sockets systemd passed), install the signal handlers, tell systemd
-    how it goes (onebox/systemd.py), serve until SIGTERM or SIGINT; the exit status."""
+def _note(message):
+    """A start-up notice before the server (and its error log) exists."""
+    sys.stderr.write(error_entry(time.strftime("%Y-%m-%dT%H:%M:%S"), message, level="info",
+                                 priorities=journal_stream(sys.stderr)))
+    sys.stderr.flush()
+
+
+def serve(config, router, store, notifier=None, listeners=None, restarter=None):
+    """Listen (or take the sockets systemd or a predecessor passed), install the signal
+    handlers, tell systemd how it goes (onebox/systemd.py), serve until SIGTERM or SIGINT (or a
+    successor takes over: SIGUSR2, onebox/restart.py); the exit status."""
     raise_file_limit(config.server.max_connections + 64)
-    notifier = Notifier()
+    notifier = notifier or Notifier()
     try:
-        listeners = listen_sockets()
+        if listeners is None:
+            listeners = listen_sockets()
         server = OneboxServer(config, router, store=store, listeners=listeners)
     except (AdminConfigError, SystemdError, TLSConfigError) as error:
         store.close()
         print("onebox: %s" % error, file=sys.stderr)
+        notifier.send("STATUS=onebox: %s" % error)
         return 1
     except OSError as error:
         store.close()
-        print("onebox: cannot listen on %s port %s: %s"
-              % (config.server.host, config.server.port, error.strerror), file=sys.stderr)
+        message = "cannot listen on %s port %s: %s" % (config.server.host, config.server.port,
+                                                       error.strerror)
+        print("onebox: %s" % message, file=sys.stderr)
+        notifier.send("STATUS=onebox: %s" % message)
         return 1
     notifier.log_error = server.log_error
+    server.notifier = notifier   # a reload tells systemd: RELOADING=1, then READY=1
+    server.restarter = restarter
 
     def stop(*_):
         notifier.stopping()
@@ -210,6 +273,7 @@ def serve(config, router, store):
         signal.signal(signum, stop)
     signal.signal(signal.SIGUSR1, lambda *_: server.request_backup())
     signal.signal(signal.SIGHUP, lambda *_: server.note_sighup())
+    signal.signal(signal.SIGUSR2, lambda *_: server.request_restart())
     print("listening on %s" % server.url, flush=True)
     if server.tls_url:
         print("listening on %s" % server.tls_url, flush=True)
@@ -221,6 +285,8 @@ def serve(config, router, store):
         server.serve_forever()
     finally:
         server.server_close()
+        if restarter is not None:
+            restarter.abandon()   # a successor that has not taken over yet is not wanted
     if server.stuck_workers:
         # a handler ignored shutdown; non-daemon threads would keep the process alive forever
         sys.stdout.flush()
@@ -410,19 +476,30 @@ def _print_bans(bans):
 
 
 def write_admin_url(server):
-    """Tell --bans/--unban where this server's admin listener is: ADMIN_URL_FILE in the data
-    dir (removed at exit; the data dir's lock says whether it is current)."""
+    """Tell --bans/--unban where this server's admin listener is (ADMIN_URL_FILE in the data
+    dir), and --restart where it serves (SERVER_URL_FILE); the data dir's lock says whether
+    they are current. Private (0600) whatever the umask, as the store's files are."""
     url = server.admin_url
     path = os.path.join(server.settings.data_dir, ADMIN_URL_FILE)
     try:
+        _write_private(os.path.join(server.settings.data_dir, SERVER_URL_FILE), server.url)
         if url:
-            with open(path, "w") as note:
-                note.write(url + "\n")
+            _write_private(path, url)
         elif os.path.exists(path):
             os.remove(path)   # a previous run's: this one has no admin listener
     except OSError as error:
         server.log_error("cannot write %s (--bans/--unban will not find this server): %s"
-                         % (path, error))
+                         % (path, error), level="warning")
+
+
+def _write_private(path, line):
+    """Replace ``path`` by one line, mode 0600 (fchmod: open's mode passes through the umask),
+    atomically (a reader sees the old line or the new one)."""
+    fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as note:
+        os.fchmod(fd, 0o600)
+        note.write(line + "\n")
+    os.replace(path + ".tmp", path)
 
 
 def raise_file_limit(wanted):

@@ -137,7 +137,7 @@ class AdminSite(object):
             return self._unauthorized(request)
         if method not in SAFE_METHODS and not self._same_origin(request):
             self.server.log_error("admin: %s %s from %s refused: not from the admin origin"
-                                  % (method, request.path, request.client_ip))
+                                  % (method, request.path, request.client_ip), level="warning")
             raise HTTPError(403, "admin actions must come from the admin page itself")
         route, params, allowed = self.router.match(method, request.segments)
         if route is None:
@@ -148,7 +148,8 @@ class AdminSite(object):
             raise HTTPError(404, "not found")
         request.params = params
         if method not in SAFE_METHODS and not login:
-            self.server.log_error("admin: %s %s by %s" % (method, request.path, request.client_ip))
+            self.server.log_error("admin: %s %s by %s" % (method, request.path,
+                                                          request.client_ip), level="info")
         return call(route.handler, request)
 
     def _authorized(self, request):
@@ -189,9 +190,10 @@ class AdminSite(object):
             return redirect("/")
         token = request.form().get("token") or ""
         if not hmac.compare_digest(token.strip().encode("utf-8"), self.token.encode("utf-8")):
-            self.server.log_error("admin: failed login from %s" % request.client_ip)
+            self.server.log_error("admin: failed login from %s" % request.client_ip,
+                                  level="warning")
             return html_response(_login_page("wrong token"), 401, [("Cache-Control", "no-store")])
-        self.server.log_error("admin: login by %s" % request.client_ip)
+        self.server.log_error("admin: login by %s" % request.client_ip, level="info")
         return redirect("/", headers=[("Set-Cookie", "%s=%s; Path=/; HttpOnly; SameSite=Strict"
                                        % (COOKIE, self._session))])
 

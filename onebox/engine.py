@@ -30,7 +30,7 @@ from onebox.admin import AdminConfigError, AdminSite, load_token
 from onebox.guard import Guard
 from onebox.health import HealthChecks
 from onebox.handoff import Handoff
-from onebox.logs import AccessLog, error_entry
+from onebox.logs import AccessLog, error_entry, journal_stream
 from onebox.metrics import Metrics
 from onebox.poller import Poller
 from onebox.reactor import Reactor
@@ -87,6 +87,7 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         self.config, self.settings, self.router = config, settings, router
         self.store = store   # the shared state; closed (and compacted) after the workers stop
         self.error_stream = error_stream or sys.stderr
+        self.journal_priorities = journal_stream(self.error_stream)   # under systemd
         self.static = StaticPages(settings.pages_dir, config.static)
         self.guard = Guard(config.guard, store, self.log_error)   # bans persist in the store
         # What the status page shows (onebox/activity.py): workers record each request in it,
@@ -129,7 +130,7 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         if config.allowed_hosts is None and not _is_loopback(host):
             self.log_error("listening on %s with any Host allowed: set allowed_hosts in [server] "
                            "(e.g. allowed_hosts = example.org) so that DNS rebinding cannot "
-                           "reach this server from a browser" % host)
+                           "reach this server from a browser" % host, level="warning")
         self.handoff = Handoff()
         self._poller = Poller()
         self.reactor = Reactor(self.socket, settings, self.handoff, self._poller, self.guard,
@@ -148,10 +149,17 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         # Written by signal handlers or other threads, read by the reactor's loop:
         self._backup_requested = False
         self._sighup_received = False
+        self._restart_requested = False
+        # SIGUSR2's: starts a successor process on this one's sockets (onebox/restart.py);
+        # set by server.py, None in tests that build a server
+        self.restarter = None
         self._backup_thread = None   # the reactor's
         self._reactor_thread = None
         self._stopped = threading.Event()
         self.stuck_workers = 0
+        # Told of a reload (its reloading() and reloaded(summary)): the process's systemd
+        # Notifier (onebox/systemd.py), set by server.py; None in tests that build a server.
+        self.notifier = None
         self.admin = None
         if self.admin_socket is not None:
             try:
@@ -278,10 +286,12 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         host = "[%s]" % host if ":" in host else host
         return "http://%s:%d/" % (host, port)
 
-    def log_error(self, message, detail=None):
+    def log_error(self, message, detail=None, level="error"):
         """One entry on the error log (stderr): ``message`` on one line, escaped; ``detail``
-        (a traceback) indented below it. Any thread may call it."""
-        entry = error_entry(time.strftime("%Y-%m-%dT%H:%M:%S"), message, detail)
+        (a traceback) indented below it; ``level`` "error", "warning" or "info" (a syslog
+        prefix on each line when stderr is the journal's). Any thread may call it."""
+        entry = error_entry(time.strftime("%Y-%m-%dT%H:%M:%S"), message, detail, level,
+                            self.journal_priorities)
         try:
             self.error_stream.write(entry)
             self.error_stream.flush()
@@ -326,6 +336,10 @@ class OneboxServer(http.server.ThreadingHTTPServer):
                 if self._sighup_received:
                     self._sighup_received = False
                     self.reload()
+                if self._restart_requested:
+                    self._restart_requested = False
+                    if self.restarter is not None:
+                        self.restarter.begin(self)
             self._drain()
         finally:
             if self._backup_thread is not None:
@@ -350,8 +364,8 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         if self._reactor_thread is not None:
             self._stopped.wait()
 
-    def _close_admin_socket(self):
-        for name in ("admin_socket", "tls_socket"):   # the HTTPS listener too
+    def _close_other_listeners(self):
+        for name in ("admin_socket", "tls_socket"):
             sock = getattr(self, name, None)
             if sock is not None and sock.fileno() >= 0:
                 if getattr(self, "_poller", None) is not None:
@@ -360,20 +374,52 @@ class OneboxServer(http.server.ThreadingHTTPServer):
 
     def server_close(self):
         self._close_store()
-        self._close_admin_socket()
+        self._close_other_listeners()
         socketserver.TCPServer.server_close(self)
         if getattr(self, "handoff", None) is not None:
             self.handoff.close()
         if getattr(self, "_poller", None) is not None:
             self._poller.close()
 
+    def listening_sockets(self):
+        """The listening sockets by name, as socket activation names them ("http", "admin",
+        "https"): what a successor inherits (onebox/restart.py)."""
+        sockets = {"http": self.socket}
+        if self.admin_socket is not None:
+            sockets["admin"] = self.admin_socket
+        if self.tls_socket is not None:
+            sockets["https"] = self.tls_socket
+        return sockets
+
     def _drain(self):
-        """Shutdown: close the listener and waiting connections, give busy ones
-        shutdown_timeout_s to finish, then cut what is left."""
+        """Shutdown: stop accepting (connections not accepted yet stay in the backlog of a
+        socket that systemd or a successor also holds), serve the connections already open
+        to their end, then close what is left; all within shutdown_timeout_s."""
         self._poller.forget(self.socket)
-        self.socket.close()
-        self._close_admin_socket()
-        self.reactor.drain(time.monotonic() + self.settings.shutdown_timeout_s)
+        self.socket.close()   # this process's descriptor; a copy elsewhere keeps listening
+        self._close_other_listeners()
+        deadline = time.monotonic() + self.settings.shutdown_timeout_s
+        self._serve_out(deadline)
+        self.reactor.drain(deadline)
+
+    def _serve_out(self, deadline):
+        """Turn the reactor, without a listener, until every connection has closed or the
+        deadline. A request on an open connection, in flight or arriving now, is served and
+        answered with Connection: close (workers see ``stopping``), so a restart fails no
+        request a client had sent. Connections that wait for one (kept-alive and idle, or
+        new and silent) get drain_idle_s: a client that sends just as one closes sees it
+        closed unanswered, and may retry (RFC 9112 section 9.3.1)."""
+        reactor, handoff = self.reactor, self.handoff
+        idle_until = min(deadline, time.monotonic() + self.settings.drain_idle_s)
+        while reactor.open + reactor.admin_open and time.monotonic() < deadline:
+            if handoff.held and not handoff.workers_wanted:
+                handoff.want_workers(True)   # workers holding kept connections hand them back
+            for kind in ("idle", "new"):
+                parked = reactor.parked[kind]
+                for conn, until in parked.items():   # order kept: an earlier deadline stays first
+                    if until > idle_until:
+                        parked[conn] = idle_until
+            reactor.step()
 
     def _stop_workers(self):
         for _ in self.workers.threads:
@@ -382,7 +428,7 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         self.stuck_workers = self.workers.stuck
         if self.stuck_workers:
             self.log_error("%d handler(s) still running after shutdown; exiting anyway"
-                           % self.stuck_workers)
+                           % self.stuck_workers, level="warning")
         self.reactor.after_workers()
 
     def _close_store(self):
@@ -400,6 +446,12 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         self._backup_requested = True
         self.handoff.wake()
 
+    def request_restart(self):
+        """SIGUSR2: ask the reactor to start the successor (``restarter``); safe from signal
+        handlers."""
+        self._restart_requested = True
+        self.handoff.wake()
+
     def note_sighup(self):
         """SIGHUP: ask the reactor to ``reload()``; safe from signal handlers. (Its default
         action would kill the process without a drain.)"""
@@ -412,6 +464,8 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         changed and what needs a restart. An invalid file changes nothing. Reactor thread
         only, between turns: it swaps the reactor's settings."""
         self.phase = "reloading"
+        if self.notifier is not None:   # systemd: RELOADING=1 now, READY=1 once applied
+            self.notifier.reloading()
         detail = None
         try:
             summary = reload_server(self)
@@ -422,7 +476,10 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         finally:
             if self.phase == "reloading":   # not if a SIGTERM began the drain meanwhile
                 self.phase = "serving"
-        self.log_error(summary, detail)
+        self.log_error(summary, detail, level="error" if detail or summary.startswith(
+            "reload failed") else "info")
+        if self.notifier is not None:
+            self.notifier.reloaded(summary)
         return summary
 
     def _start_backup(self):
@@ -441,6 +498,6 @@ class OneboxServer(http.server.ThreadingHTTPServer):
             os.chmod(folder, 0o700)   # makedirs' mode passes through the umask
             store.backup(path + ".tmp")
             os.replace(path + ".tmp", path)
-            self.log_error("backup written: %s" % path)
+            self.log_error("backup written: %s" % path, level="info")
         except (OSError, StateError) as error:
             self.log_error("backup failed: %s" % error)

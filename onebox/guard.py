@@ -368,7 +368,7 @@ class Guard(object):
     def __init__(self, policy, store=None, log=None, clock=time.monotonic, wall=time.time):
         self.policy = policy
         self.store = store
-        self._log = log or (lambda message: None)
+        self._log = log or (lambda message, detail=None, level="error": None)
         self._clock = clock
         self._wall = wall
         self.clients = InProcessLimiter(policy.client_policy, policy.max_tracked_clients, clock)
@@ -447,7 +447,7 @@ class Guard(object):
         header = "-".join(word.capitalize() for word in self.policy.forwarded_header.split("-"))
         self._log("guard: %s is a trusted proxy but sent no %s; its requests are treated as its "
                   "own and not limited (set trusted_proxies/allow_cidrs in [limits] to change "
-                  "this)" % (proxy, header))
+                  "this)" % (proxy, header), level="warning")
 
     # -- at accept (reactor thread) ---------------------------------------------------------
     def admit(self, peer_ip):
@@ -695,10 +695,11 @@ class Guard(object):
         if dry:
             self._count("dry_run_bans")
             self._log("guard (dry run): would ban %s for %gs (%s; offence %d)"
-                      % (key, seconds, reason, offences))
+                      % (key, seconds, reason, offences), level="info")
             return "dry-run-ban"
         self._count("bans")
-        self._log("guard: banned %s for %gs (%s; offence %d)" % (key, seconds, reason, offences))
+        self._log("guard: banned %s for %gs (%s; offence %d)" % (key, seconds, reason, offences),
+                  level="warning")
         if record is not None and self.store is not None:
             if defer_store:
                 self._unsaved_bans.append((key, record))
@@ -765,7 +766,8 @@ class Guard(object):
             except Exception as error:
                 self._log("guard: could not drop %d expired bans: %s" % (len(expired), error))
         if live:
-            self._log("guard: %d bans restored from the state store" % len(self._bans))
+            self._log("guard: %d bans restored from the state store" % len(self._bans),
+                      level="info")
 
     # -- metrics ------------------------------------------------------------------------------
     def count(self, name):
@@ -824,7 +826,7 @@ class Guard(object):
             self._suspects.pop(key, None)
         self.clients.forget(key)
         self._count("lifted")
-        self._log("guard: ban of %s lifted by %s" % (key, by))
+        self._log("guard: ban of %s lifted by %s" % (key, by), level="info")
         self._tell(key, "", 0, "lifted")
         return key
 

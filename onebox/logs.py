@@ -25,15 +25,35 @@ def _log_escape(text):
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
-def error_entry(stamp, message, detail=None):
+# syslog(3) priorities, as journald reads them at the start of each line of a stream
+# (sd-daemon(3): "<3>" error, "<4>" warning, "<6>" info); ``journalctl -p warning`` filters on them.
+PRIORITIES = {"error": 3, "warning": 4, "info": 6}
+
+
+def error_entry(stamp, message, detail=None, level="error", priorities=False):
     """One error-log entry: ``message`` on one line, its control characters escaped as the
     access log escapes them (a "%0A" in a logged URL must not start a forged line), then any
-    ``detail`` (a traceback), every line of it indented, so that none can pass for an entry."""
-    entry = "%s onebox: %s\n" % (stamp, _escape_controls(message.rstrip()))
+    ``detail`` (a traceback), every line of it indented, so that none can pass for an entry.
+    ``level``: "error", "warning" or "info". With ``priorities`` (stderr is the journal's:
+    ``journal_stream``) every line starts with the level's syslog prefix, since journald makes
+    a record of each line, a traceback's included."""
+    lines = ["%s onebox: %s" % (stamp, _escape_controls(message.rstrip()))]
     if detail:
-        entry += "".join("    %s\n" % _escape_controls(line)
-                         for line in detail.rstrip().split("\n"))
-    return entry
+        lines += ["    %s" % _escape_controls(line) for line in detail.rstrip().split("\n")]
+    prefix = "<%d>" % PRIORITIES[level] if priorities else ""
+    return "".join("%s%s\n" % (prefix, line) for line in lines)
+
+
+def journal_stream(stream, environ=None):
+    """Whether ``stream`` is connected to systemd's journal: $JOURNAL_STREAM ("DEV:INODE",
+    systemd.exec(5)) names the very file the stream's descriptor is, not merely one that a
+    parent had (a redirected stderr keeps the variable but is another file)."""
+    value = (os.environ if environ is None else environ).get("JOURNAL_STREAM", "")
+    try:
+        status = os.fstat(stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        return False
+    return value == "%d:%d" % (status.st_dev, status.st_ino)
 
 
 def _escape_controls(text):

@@ -133,8 +133,9 @@ class Reactor:
     # -- one turn ---------------------------------------------------------------------------
     def step(self):
         handoff = self.handoff
+        # (while stopping, held connections must come back to be closed: the flag stays up)
         if handoff.workers_wanted and handoff.work.qsize() < len(handoff.idle) \
-                and not self.ready_line:
+                and not self.ready_line and not handoff.stopping:
             handoff.want_workers(False)
         now = handoff.turned_at = time.monotonic()
         if handoff.probe_taken_at >= handoff.probe_sent_at \
@@ -143,8 +144,8 @@ class Reactor:
         handoff.wakes_at = wakes_at = self._expire(now)   # workers read it: see Workers
         # handed back before wakes_at was set: their deadlines are not counted, so no sleep;
         # a connection reported early is booked within moments (its worker does not wake us)
-        if handoff.returned:
-            timeout = 0
+        if handoff.returned or (handoff.stopping and not self.open + self.admin_open):
+            timeout = 0   # (a drain whose last connection just expired ends now, not in 1 s)
         elif self.reported_early:
             timeout = EARLY_BOOKING_POLL_S
         else:
@@ -290,7 +291,7 @@ class Reactor:
                                                [("Retry-After", "1")]))
             sock.close()
             self.log_error("admin connection from %s refused: [admin] max_connections (%d) are "
-                           "open" % (ip, self.admin_max_connections))
+                           "open" % (ip, self.admin_max_connections), level="warning")
             return
         self.admin_open += 1
         self._park(Connection(sock, ip, admin=True), "new")
@@ -351,7 +352,8 @@ class Reactor:
         if sample[0] != int(now):
             if sample[2]:
                 self.log_error("%d more refusals not logged in the last second (the access log "
-                               "takes %d a second)" % (sample[2], REFUSALS_LOGGED_PER_S))
+                               "takes %d a second)" % (sample[2], REFUSALS_LOGGED_PER_S),
+                               level="warning")
             sample[:] = [int(now), 0, 0]
 
     # -- heads ------------------------------------------------------------------------------
@@ -583,16 +585,18 @@ class Reactor:
             reported_early, conn.early_report = conn.early_report, False
             self.reported_early -= reported_early
             self._left_workers(conn)
-            if outcome is Outcome.ARMED and reported_early and not self.handoff.stopping:
+            # While stopping, too: a drain serves the connections that are open (see
+            # OneboxServer._serve_out); its last step closes whatever still waits.
+            if outcome is Outcome.ARMED and reported_early:
                 self._queue_work(conn)   # its next request came before this booking
-            elif outcome is Outcome.ARMED and not self.handoff.stopping:
+            elif outcome is Outcome.ARMED:
                 # re-armed by its worker; its idle time began at its last response
                 conn.waiting = "idle"
                 self.parked["idle"][conn] = max(
                     conn.idle_since + self.settings.keepalive_timeout_s, time.monotonic())
             elif outcome is Outcome.CLOSE:
                 self._linger(conn)
-            elif outcome is Outcome.GONE or self.handoff.stopping:
+            elif outcome is Outcome.GONE:
                 self._close(conn)
             elif outcome is Outcome.BODY:
                 self._start_wait(conn, "body")

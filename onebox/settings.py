@@ -93,6 +93,14 @@ SETTINGS = {
         Setting("shutdown_timeout_s", "float", 10.0, 0.0,
                 "how long busy requests may run on after SIGTERM",
                 maximum=LONGEST_WAIT_S),
+        Setting("drain_idle_s", "float", 1.0, 0.0,
+                "while draining, how long an idle kept-alive or silent new connection may wait "
+                "for its request (answered with Connection: close) before it is closed",
+                maximum=LONGEST_WAIT_S),
+        Setting("restart_wait_s", "float", 60.0, 0.1,
+                "a successor (--restart, SIGUSR2) waits this long for the data dir the old "
+                "server releases once drained; past it, it gives up",
+                maximum=3600.0),
         Setting("max_request_line_bytes", "int", 8192, 64, "longer request lines get 414"),
         Setting("max_head_bytes", "int", 65536, 256, "larger request heads get 431"),
         Setting("max_header_count", "int", 100, 1, "more header lines get 431"),

@@ -10,7 +10,9 @@ tells it (readiness, status, the watchdog), by their documented protocols.
 * ``Notifier``: sd_notify(3). One datagram per message on the unix socket named by
   ``NOTIFY_SOCKET``, each a few ``KEY=value`` lines: ``READY=1`` once the server serves (for
   ``Type=notify``, so that ``systemctl start`` and units ordered after this one wait for it),
-  ``STOPPING=1`` when a drain begins, ``STATUS=`` for ``systemctl status``, and ``WATCHDOG=1``
+  ``STOPPING=1`` when a drain begins, ``RELOADING=1`` (with ``MONOTONIC_USEC=``) then ``READY=1``
+  around a reload (the engine calls ``reloading()`` and ``reloaded(summary)`` from the reactor
+  thread; the summary becomes ``STATUS=``), ``STATUS=`` for ``systemctl status``, and ``WATCHDOG=1``
   every half of ``WATCHDOG_USEC`` while ``OneboxServer.health()`` says the server is healthy.
   Pings stop when it is not (the reactor stopped turning, or no worker took a job within
   ``stall_timeout_s``), and systemd then kills and restarts the process (``WatchdogSec=``,
@@ -111,12 +113,13 @@ class Notifier:
         if usec.isdigit() and int(usec) > 0 and pid in ("", str(os.getpid())):
             self.watchdog_s = int(usec) / 1e6
         self.enabled = self.address is not None
-        self.log_error = log_error or (lambda message, detail=None: None)
+        self.log_error = log_error or (lambda message, detail=None, level="error": None)
         self._socket = None
         if self.enabled:
             self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             self._socket.setblocking(False)   # never wait on systemd (it reads at once)
         self._failed = False
+        self._reload_summary = None   # the last reload's, shown as STATUS= while serving
         self._closed = threading.Event()
         self._thread = None
 
@@ -131,7 +134,8 @@ class Notifier:
         except OSError as error:
             if not self._failed:
                 self._failed = True
-                self.log_error("cannot notify systemd at NOTIFY_SOCKET: %s" % error)
+                self.log_error("cannot notify systemd at NOTIFY_SOCKET: %s" % error,
+                               level="warning")
             return False
 
     def close(self):
@@ -144,6 +148,21 @@ class Notifier:
     def stopping(self):
         """A drain begins (SIGTERM, SIGINT): systemd shows the unit as deactivating."""
         self.send("STOPPING=1", "STATUS=" + DRAINING)
+
+    def reloading(self):
+        """A reload (SIGHUP) begins, in the reactor thread: RELOADING=1 with the time it began
+        on CLOCK_MONOTONIC (MONOTONIC_USEC=, which systemd >= 253 requires with it, so that it
+        can tell this reload from an older one: sd_notify(3)). ``systemctl reload`` waits
+        for the READY=1 that ``reloaded`` sends."""
+        self.send("RELOADING=1", "MONOTONIC_USEC=%d" % monotonic_usec(),
+                  "STATUS=reloading the configuration")
+
+    def reloaded(self, summary):
+        """The reload is over (applied, or refused with the old settings kept): READY=1, and
+        its one-line summary (what changed, what needs a restart) as STATUS=, which stays
+        until the status changes again."""
+        self._reload_summary = summary.replace("\n", " ")
+        self.send("READY=1", "STATUS=" + self._reload_summary)
 
     def watch(self, server):
         """Start the thread that sends READY=1 once ``server`` serves, then STATUS= whenever
@@ -172,29 +191,43 @@ class Notifier:
         tick = min(STATUS_EVERY_S, ping_every or STATUS_EVERY_S)
         while not self._closed.wait(tick):
             phase = server.phase
+            if phase == "reloading":
+                phase = "serving"   # reloading() and reloaded() tell systemd themselves
             # A drain has its own bounds (shutdown_timeout_s, TimeoutStopSec=): the watchdog
             # must not kill a server that is finishing its requests.
             problem = None if phase == "draining" else server.health()
             if (problem is None) != (shown[1] is None) and phase != "draining":
                 self.log_error("healthy again" if problem is None else
                                "unhealthy: %s%s" % (problem, "; systemd's watchdog is no "
-                                                    "longer pinged" if ping_every else ""))
+                                                    "longer pinged" if ping_every else ""),
+                               level="info" if problem is None else "error")
             fields = []
             now = time.monotonic()
             if problem is None and ping_every and (pinged is None or now - pinged >= ping_every):
                 fields.append("WATCHDOG=1")
                 pinged = now
             if (phase, problem) != shown:
-                fields.append("STATUS=" + _status(server, phase, problem))
+                fields.append("STATUS=" + _status(server, phase, problem, self._reload_summary))
                 shown = (phase, problem)
             if fields:
                 self.send(*fields)
 
 
-def _status(server, phase, problem):
+def _status(server, phase, problem, reload_summary=None):
     """One line for ``systemctl status``."""
     if phase == "draining":
         return DRAINING
     if problem is not None:
         return "unhealthy: %s" % problem.replace("\n", " ")
+    if reload_summary:
+        return "%s on %s; last %s" % (phase, server.url, reload_summary)
     return "%s on %s" % (phase, server.url)
+
+
+def monotonic_usec():
+    """CLOCK_MONOTONIC in microseconds, the clock systemd's MONOTONIC_USEC= is read on
+    (time.monotonic() is that clock on Linux, but only clock_gettime names it)."""
+    clock = getattr(time, "CLOCK_MONOTONIC", None)
+    if clock is not None:
+        return time.clock_gettime_ns(clock) // 1000
+    return time.monotonic_ns() // 1000

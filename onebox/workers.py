@@ -225,7 +225,9 @@ class Workers:
             if outcome is not None:
                 return outcome
             if self.handoff.stopping:
-                return Outcome.CLOSE
+                # its response said keep-alive (stopping came after): closing now would fail
+                # the client's next request; the reactor's drain answers it with a close
+                return Outcome.KEEP
             if not conn.buf:
                 return Outcome.KEEP
         return Outcome.KEEP

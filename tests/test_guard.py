@@ -356,7 +356,9 @@ def guard_with_fake_time(**limits):
     config = onebox.load_config(None, {"limits." + name: value for name, value in limits.items()})
     time_ = FakeTime()
     lines = []
-    return Guard(config.guard, log=lines.append, clock=time_.clock, wall=time_.wall), time_, lines
+    guard = Guard(config.guard, log=lambda message, level="error": lines.append(message),
+                  clock=time_.clock, wall=time_.wall)
+    return guard, time_, lines
 
 
 def verdicts(guard, count, ip="127.0.0.2"):
