@@ -45,6 +45,12 @@ WORKER_JOIN_S = 5.0       # after the drain, how long a stuck handler may delay 
 _REDIRECT_HOST_RE = re.compile(r"[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]+\]")
 
 
+def _url_of(scheme, address):
+    """The URL served at a listening socket's address: http://[::1]:8000/."""
+    host, port = address[:2]
+    return "%s://%s:%d/" % (scheme, "[%s]" % host if ":" in host else host, port)
+
+
 def _is_loopback(host):
     return host in ("localhost", "::1") or host.startswith("127.")
 
@@ -239,19 +245,11 @@ class OneboxServer(http.server.ThreadingHTTPServer):
 
     @property
     def tls_url(self):
-        if self.tls_socket is None:
-            return None
-        host, port = self.tls_socket.getsockname()[:2]
-        host = "[%s]" % host if ":" in host else host
-        return "https://%s:%d/" % (host, port)
+        return self.tls_socket and _url_of("https", self.tls_socket.getsockname())
 
     @property
     def admin_url(self):
-        if self.admin_socket is None:
-            return None
-        host, port = self.admin_socket.getsockname()[:2]
-        host = "[%s]" % host if ":" in host else host
-        return "http://%s:%d/" % (host, port)
+        return self.admin_socket and _url_of("http", self.admin_socket.getsockname())
 
     def _listen(self, settings, inherited=None):
         if inherited is not None:
@@ -282,9 +280,7 @@ class OneboxServer(http.server.ThreadingHTTPServer):
 
     @property
     def url(self):
-        host, port = self.server_address[:2]
-        host = "[%s]" % host if ":" in host else host
-        return "http://%s:%d/" % (host, port)
+        return _url_of("http", self.server_address)   # (also once the socket is closed)
 
     def log_error(self, message, detail=None, level="error"):
         """One entry on the error log (stderr): ``message`` on one line, escaped; ``detail``
