@@ -64,11 +64,13 @@ def normal_try(server):
     return status, round(took, 2)
 
 
-def normal_client_is_served(server, seconds, every_s=0.3):
-    """NORMAL asks for /hello for ``seconds``; the (status, seconds) of each try."""
+def normal_client_is_served(server, tries, every_s=0.3):
+    """NORMAL asks for /hello ``tries`` times, ``every_s`` apart; the (status, seconds) of each.
+
+    A count of tries, not a time window: on a loaded CI machine a window holds fewer tries,
+    and the test would then measure the machine instead of the server."""
     results = []
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    for _ in range(tries):
         results.append(normal_try(server))
         time.sleep(every_s)
     return results
@@ -152,7 +154,6 @@ def test_sixteen_slow_bodies_from_one_address_hold_no_worker(start_server):
         for sock in attackers:
             sock.close()
     assert all(status == 200 and took < FAST_S for status, took in results), results
-    assert len(results) >= 5
     assert most_threads <= threads_before
 
 
@@ -301,14 +302,13 @@ def test_sixteen_slow_readers_hold_no_worker_and_are_disconnected(start_server, 
             readers.append(sock)
             sock.sendall(b"GET /big.bin HTTP/1.1\r\nHost: x\r\n\r\n")
         opened = time.monotonic()
-        results = normal_client_is_served(server, 3)
+        results = normal_client_is_served(server, 8)
         time.sleep(max(0.0, opened + 5 - time.monotonic()))   # grace 1 s, then far too slow
         outcomes = drain_until_closed(readers, 5)
     finally:
         for sock in readers:
             sock.close()
     assert all(status == 200 and took < FAST_S for status, took in results), results
-    assert len(results) >= 5
     # each was cut off: the server closed before sending the whole file
     assert all(closed and got < size for got, closed in outcomes), outcomes
 
