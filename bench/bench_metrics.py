@@ -2,7 +2,7 @@
 """What counting costs: hello req/s with metrics on (the shipped default) against metrics off.
 
     python3 bench/bench_metrics.py [--rounds 8] [--seconds 3] [--connections 16]
-                                   [--off-flag=--FLAG=VALUE ...]
+                                   [--off-flag=--FLAG=VALUE ...] [--instructions]
 
 Two servers from this checkout run side by side, the same settings but for ``[admin] metrics``
 (``--admin-metrics off``; the status page's recorder too, ``--status-recorder off``, when this
@@ -12,6 +12,13 @@ report is the median of the rounds' req/s and of the server's CPU time per reque
 median of the per-round on/off ratios (interleaving keeps a noisy neighbour from favouring one
 side). The target is on/off >= 0.95.
 
+On this shared 2-core machine a round's req/s moves by 10% and more with the neighbours' load,
+so ``--instructions`` also counts what a request costs in CPU instructions, which does not
+depend on the neighbours: each server runs under valgrind (callgrind), once for
+``INSTRUCTION_REQUESTS[0]`` requests and once for ``[1]``, on one keep-alive connection, and the
+difference over the difference in requests is the cost of one request (start-up and shut-down
+cancel out). It needs valgrind (Debian's package) and takes about a minute.
+
 Both servers run with the access log off (a smaller denominator makes the counters' share
 larger, so the ratio is the stricter), the guard checking every request with its limits out of
 reach (wrk's 127.0.0.1 taken out of the trusted and allowed lists, as bench_guard.py does), and
@@ -20,12 +27,17 @@ the per-client caps lifted (wrk is one client with many connections).
 Never imported by the runtime.
 """
 import argparse
+import glob
+import http.client
 import os
+import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -37,6 +49,48 @@ from bench_http import ensure_wrk, start, stop, wrk  # noqa: E402
 BASE = [sys.executable, "server.py", "--port", "0", "--access-log", "off",
         "--max-connections-per-ip", "4096", "--max-workers-per-client", "1000000",
         "--admin-port", "0"] + OUT_OF_REACH + LOOPBACK_NOT_TRUSTED
+
+
+INSTRUCTION_REQUESTS = (200, 1200)
+
+
+def instructions_per_request(flags, work):
+    """CPU instructions one hello costs a server started with ``flags`` (valgrind's count)."""
+    totals = []
+    for count in INSTRUCTION_REQUESTS:
+        run = tempfile.mkdtemp(dir=work)
+        with open(os.path.join(run, "out"), "w") as out:
+            process = subprocess.Popen(
+                ["valgrind", "--tool=callgrind", "--callgrind-out-file=%s/callgrind.%%p" % run]
+                + BASE + flags + ["--data-dir", os.path.join(run, "data")],
+                cwd=ROOT, stdout=out, stderr=subprocess.DEVNULL)
+        match = None
+        for _ in range(1200):
+            with open(os.path.join(run, "out")) as text:
+                match = re.search(r"listening on http://([\d.]+):(\d+)", text.read())
+            if match or process.poll() is not None:
+                break
+            time.sleep(0.1)
+        if not match:
+            process.kill()
+            raise SystemExit("server under valgrind did not start: %s" % " ".join(flags))
+        connection = http.client.HTTPConnection(match.group(1), int(match.group(2)), timeout=60)
+        for _ in range(count):
+            connection.request("GET", "/hello")
+            response = connection.getresponse()
+            response.read()
+            assert response.status == 200, response.status
+        connection.close()
+        process.send_signal(signal.SIGTERM)
+        process.wait(300)
+        total = 0
+        for name in glob.glob(os.path.join(run, "callgrind.*")):
+            with open(name) as dump:
+                for line in dump:
+                    if line.startswith(("summary:", "totals:")):
+                        total = max(total, int(line.split()[1]))
+        totals.append(total)
+    return (totals[1] - totals[0]) / float(INSTRUCTION_REQUESTS[1] - INSTRUCTION_REQUESTS[0])
 
 
 def measure(url, seconds, connections, pid):
@@ -52,6 +106,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--seconds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--instructions", action="store_true",
+                        help="also count CPU instructions per request under valgrind")
     parser.add_argument("--off-flag", action="append", default=[],
                         help="another flag for the 'off' server (FLAG=VALUE), e.g. the status "
                              "page's ring buffer")
@@ -83,6 +139,14 @@ def main():
             stop(process)
         shutil.rmtree(work, ignore_errors=True)
     report(results, args, off_flags)
+    if args.instructions:
+        work = tempfile.mkdtemp(prefix="onebox-instructions-")
+        try:
+            on, off = (instructions_per_request(flags, work) for flags in ([], off_flags))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        print("CPU instructions per hello (valgrind, one connection): on %.0f, off %.0f; "
+              "counting costs %.0f (%.1f%%)" % (on, off, on - off, 100.0 * (on - off) / off))
 
 
 def report(results, args, off_flags):

@@ -2,12 +2,13 @@
 
 What it keeps
 -------------
-* **The last hour, second by second**: requests and their status classes (1xx..5xx) per
-  second, in flat ``array('I')`` rings of 3,600 rows; and request durations as a small
-  log-scale histogram (``LATENCY_BOUNDS_S``: 40 buckets, each sqrt(2) wider than the one
-  before, 16 us to 12 s, plus one for slower) per ten seconds, 360 rows. A percentile is the
-  upper bound of the bucket it falls in: at most ~41% high, never low; histograms add, so a
-  wider window is the sum of its rows.
+* **The last hour, ten seconds at a time**: per ``STEP_S`` step, requests, their status classes
+  (1xx..5xx) and their durations as a small log-scale histogram (``LATENCY_BOUNDS_S``: 40
+  buckets, each sqrt(2) wider than the one before, 16 us to 12 s, plus one for slower), in one
+  flat ``array('I')`` ring of 360 rows. A percentile is the upper bound of the bucket it falls
+  in: at most ~41% high, never low; histograms add, so a wider window is the sum of its rows.
+* **The last ``RECENT_S`` seconds, second by second**: requests and status classes, a ring of
+  120 rows (the page's live chart and its last-minute figures).
 * **Top clients and top paths over the last ``TOP_MINUTES`` minutes**: per minute, a
   space-saving sketch (Metwally et al., 2005) of ``top_entries`` keys: a key that comes in when
   the sketch is full takes the place of the smallest, inheriting its count as its error, so
@@ -17,76 +18,60 @@ What it keeps
   status, rule), a run of the same client and rule folded into one row with a count, so a
   flood of one client does not push everyone else's out.
 
-Memory: the rings are 3,600 x 6 + 360 x 41 uint32 plus their uint32 row stamps (163 KB); the
+Memory: the rings are 360 x 47 + 120 x 6 uint32 plus their uint32 row stamps (72 KB); the
 sketches at most 2 x TOP_MINUTES x top_entries small entries; the decisions a few hundred
-short rows. ``BUDGET_BYTES`` (400 KB) is what it may hold at the default settings:
+short rows; the ledger's rows not yet folded (``onebox/ledger.py``: fewer than ``BATCH_ROWS``
+per thread). ``BUDGET_BYTES`` (400 KB) is what it may hold at the default settings:
 tests/test_status.py feeds it 74,000 requests, each from a new client to a new 150-character
-path, over more than an hour, plus 3,700 refusals from new clients, and measures with
-``tracemalloc`` what it still holds: 353 KB (``memory_bytes()``, a ``sys.getsizeof`` walk
-the page shows, said 343 KB). Nothing here grows with traffic.
+path, over more than an hour, plus 3,700 refusals from new clients, then leaves a full batch
+less one of such rows waiting in each of 17 threads (16 workers and the reactor), and measures
+with ``tracemalloc`` what it still holds. Nothing here grows with traffic.
 
 Threads and locks
 -----------------
-``record`` runs in every worker, once per request, beside the access-log line. It takes no
-lock that another worker takes: each worker thread has its own ``_Slot`` (found through a
-``threading.local``) holding the current second's counts, guarded by the slot's own lock,
-which only the status page's reader ever contends for (every few seconds). When a worker sees
-a new second, or its slot's client or path table reaches ``SLOT_MAX_KEYS``, it folds the slot
-into the shared rings and sketches under ``_lock`` (once a second per worker at most, in the
-common case). The reader folds every slot the same way before it reads, so what it shows is
-complete up to the moment it asked. Lock order: a slot's lock, then ``_lock``.
-``decision`` runs on refusals only (worker or reactor thread) and takes ``_decisions_lock``.
+Requests come as the ledger's rows, which every thread that answers requests adds to a list of
+its own; ``fold`` sums a batch of them into the rings and sketches, under the ledger's lock,
+which also guards every table here but the decisions. The status page reads through
+``Ledger.read``, which folds every thread's rows first and copies the tables under the same
+lock. ``decision`` runs on refusals only (worker or reactor thread) and takes
+``_decisions_lock``.
 
-Measured on this machine (2 cores shared with other work, Python 3.11): ``record`` costs
-2.5-3.7 us a request, against ~0.15 us with the recorder off (tests/test_status.py's
-``test_record_cost`` prints both; timeit agrees), of a hello request's ~150 us of server CPU;
-``bench/bench_metrics.py --rounds 6`` (metrics and recorder on, against both off) gave a
-median on/off req/s ratio of 1.03x, i.e. lost in the noise. The page's read with a full hour of data takes ~11 ms (the
-JSON is ~16 KB), of which ``_lock`` is held for copies of the rings (~20 us) and the top-k merge.
+What it costs: ``bench/bench_metrics.py --instructions`` counts the CPU instructions a hello
+request costs with the metrics and this recorder on and off (valgrind; the count does not
+depend on what else the machine runs). The page's read with a full hour of data copies the
+rings under the lock (~20 us) and does the rest outside.
 
-Imports only the standard library.
+Imports only the standard library and the ledger.
 """
 import array
-import bisect
 import collections
 import sys
 import threading
 import time
 
-__all__ = ["Activity", "LATENCY_BOUNDS_S", "HOUR_S", "STEP_S", "TOP_MINUTES", "BUDGET_BYTES"]
+from onebox.tally import DURATION_BOUNDS_S, PATH_CHARS
 
-HOUR_S = 3600            # seconds of per-second history
-STEP_S = 10              # seconds per latency histogram row (and per point of the hour charts)
+__all__ = ["Activity", "LATENCY_BOUNDS_S", "HOUR_S", "STEP_S", "RECENT_S", "TOP_MINUTES",
+           "BUDGET_BYTES"]
+
+HOUR_S = 3600            # seconds of history
+STEP_S = 10              # seconds per row of the hour (and per point of the hour charts)
+RECENT_S = 120           # seconds kept one by one
 TOP_MINUTES = 5          # minutes of top clients and top paths
-MAX_PATH_CHARS = 80      # a longer path is cut (and ends in "...")
-SLOT_MAX_KEYS = 256      # a worker's per-second client or path table folds when it reaches this
+MAX_PATH_CHARS = PATH_CHARS - 1   # a longer path is cut (and ends in "...")
 BUDGET_BYTES = 400 * 1024  # what the recorder may hold at the default settings (tested)
 CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
-# Upper bounds of the latency buckets: 16 us * sqrt(2)**i; the last bucket is "slower".
-LATENCY_BOUNDS_S = tuple(16e-6 * 2 ** (i / 2.0) for i in range(40))
+LATENCY_BOUNDS_S = DURATION_BOUNDS_S   # the latency buckets' upper bounds; the last is "slower"
 _BUCKETS = len(LATENCY_BOUNDS_S) + 1
-_COLUMNS = 1 + len(CLASSES)     # per second: requests, then one count per status class
+_COLUMNS = 1 + len(CLASSES)     # requests, then one count per status class
 _ROWS = HOUR_S // STEP_S
-
-
-class _Slot(object):
-    """One worker thread's counts for the second it is in; ``lock`` guards every field."""
-
-    __slots__ = ("lock", "second", "counts", "hist", "clients", "paths")
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.second = 0
-        self.counts = [0] * _COLUMNS
-        self.hist = [0] * _BUCKETS
-        self.clients = {}    # client -> [requests, bytes]
-        self.paths = {}      # path -> requests
+_STEP_WIDTH = _COLUMNS + _BUCKETS   # a row of the hour: the columns, then the histogram
 
 
 class SpaceSaving(object):
     """The ``capacity`` heaviest keys of a stream, approximately (space-saving): ``add(key,
     count, size)``; ``rows()`` gives (key, count, size, error), count never below the truth
-    and at most ``error`` above it. Not thread-safe: the recorder's ``_lock`` guards it."""
+    and at most ``error`` above it. Not thread-safe: the ledger's lock guards it."""
 
     __slots__ = ("capacity", "table")
 
@@ -110,6 +95,11 @@ class SpaceSaving(object):
     def rows(self):
         return [(key, entry[0], entry[1], entry[2]) for key, entry in self.table.items()]
 
+    def copy(self):
+        twin = SpaceSaving(self.capacity)
+        twin.table = {key: list(entry) for key, entry in self.table.items()}
+        return twin
+
 
 def cut_path(path):
     # "..." rather than an ellipsis: one non-ASCII character would double the string's size
@@ -131,120 +121,107 @@ def percentile(hist, fraction):
     return LATENCY_BOUNDS_S[-1]
 
 
-class Activity(object):
-    """One server's recorder. For the runtime: ``record(...)`` (workers, per request),
-    ``decision(...)`` (the guard, per refusal). For the status page: ``snapshot()``,
-    ``decisions()``, ``memory_bytes()``. ``enabled`` False makes ``record`` and ``decision``
-    return at once (the benchmark compares the two). ``wall`` and ``clock`` are seams for
-    tests (epoch seconds and monotonic seconds)."""
+class _Tables(object):
+    """The recorder's sums: written by ``Activity.fold`` under the tally's lock, or a reader's
+    copy of them (``copy``), which that reader alone touches."""
 
-    def __init__(self, enabled=True, top_entries=50, recent_decisions=200, wall=time.time,
-                 clock=time.monotonic):
+    __slots__ = ("steps", "step_of", "recent", "second_of", "minutes", "totals")
+
+    def __init__(self):
+        self.steps = array.array("I", bytes(4 * _STEP_WIDTH * _ROWS))
+        # which step (second) a row holds: epoch seconds fit in uint32 until 2106
+        self.step_of = array.array("I", bytes(4 * _ROWS))
+        self.recent = array.array("I", bytes(4 * _COLUMNS * RECENT_S))
+        self.second_of = array.array("I", bytes(4 * RECENT_S))
+        self.minutes = collections.OrderedDict()   # minute -> (clients, paths) SpaceSavings
+        self.totals = [0] * _COLUMNS
+
+    def copy(self):
+        twin = _Tables.__new__(_Tables)
+        for name in ("steps", "step_of", "recent", "second_of", "totals"):
+            setattr(twin, name, getattr(self, name)[:])
+        twin.minutes = collections.OrderedDict(
+            (minute, (clients.copy(), paths.copy()))
+            for minute, (clients, paths) in self.minutes.items())
+        return twin
+
+    def memory_bytes(self):
+        size = sum(sys.getsizeof(getattr(self, name)) for name in self.__slots__)
+        for tables in self.minutes.values():
+            for table in tables:
+                size += sys.getsizeof(table.table)
+                for key, entry in table.table.items():
+                    size += sys.getsizeof(key) + sys.getsizeof(entry)
+        return size
+
+
+class Activity(object):
+    """One server's recorder. For the runtime: ``fold(entries)`` (through the tally, which it
+    subscribes to when ``enabled``), ``decision(...)`` (the guard, per refusal). For the status
+    page: ``snapshot()``, ``decisions()``, ``memory_bytes()``. ``enabled`` False records
+    nothing (the benchmark compares the two). ``wall`` and ``clock`` are seams for tests
+    (epoch seconds and monotonic seconds: a tally key's second is monotonic)."""
+
+    def __init__(self, tally, enabled=True, top_entries=50, recent_decisions=200,
+                 wall=time.time, clock=time.monotonic):
         self.enabled = enabled
         self.top_entries = top_entries
+        self._tally = tally
         self._wall, self._clock = wall, clock
-        self._local = threading.local()
-        # _lock guards everything below it, up to _decisions_lock.
-        self._lock = threading.Lock()
-        self._slots = []                          # every worker's _Slot
-        self._seconds = array.array("I", bytes(4 * _COLUMNS * HOUR_S))
-        # which second (step) a row holds: epoch seconds fit in uint32 until 2106
-        self._second_of = array.array("I", bytes(4 * HOUR_S))
-        self._hist = array.array("I", bytes(4 * _BUCKETS * _ROWS))
-        self._step_of = array.array("I", bytes(4 * _ROWS))
-        self._minutes = collections.OrderedDict()   # minute -> (clients, paths) SpaceSavings
-        self._totals = [0] * _COLUMNS
+        self._tables = _Tables()   # guarded by the tally's lock
         self.started = wall()
         # _decisions_lock guards _decisions: [time, client, path, status, rule, ban, count]
         self._decisions_lock = threading.Lock()
         self._decisions = collections.deque(maxlen=recent_decisions)
+        if enabled:
+            tally.subscribe(self.fold)
 
-    # -- recording (worker threads) -------------------------------------------------------
-    def record(self, conn, exchange, sent):
-        """One request answered on ``conn`` (a ``handoff.Connection``: its peer ``ip``; one
-        on the admin listener is not the site's traffic, and is skipped), from a worker's
-        ``_Exchange`` (its ``request``, None if it could not be built, ``response`` and
-        monotonic ``started``), with ``sent`` body bytes written (by the worker: a slow
-        reader's rest, finished by the reactor, is not counted, nor its time)."""
-        if not self.enabled or conn.admin:
-            return
-        ip = conn.ip
-        request, status = exchange.request, exchange.response.status
-        duration = self._clock() - exchange.started
-        second = int(self._wall())
-        if request is not None:
-            ip, path = request.client_ip, request.path
-        else:
-            path = "(unparsed)"
-        try:
-            slot = self._local.slot
-        except AttributeError:
-            slot = self._local.slot = self._new_slot()
-        with slot.lock:
-            if second != slot.second:
-                if slot.counts[0]:
-                    self._fold_slot_locked(slot)
-                slot.second = second
-            counts = slot.counts
-            counts[0] += 1
-            if 100 <= status < 600:
-                counts[status // 100] += 1
-            slot.hist[bisect.bisect_left(LATENCY_BOUNDS_S, duration)] += 1
-            client = slot.clients.get(ip)
-            if client is None:
-                slot.clients[ip] = [1, sent]
-            else:
-                client[0] += 1
-                client[1] += sent
-            slot.paths[path] = slot.paths.get(path, 0) + 1
-            if len(slot.clients) >= SLOT_MAX_KEYS or len(slot.paths) >= SLOT_MAX_KEYS:
-                self._fold_slot_locked(slot)
+    # -- recording (under the tally's lock, or on a reader's copy) ----------------------------
+    def fold(self, entries, tables=None):
+        """The tally's entries (``onebox/tally.py``), added to ``tables`` (by default the
+        recorder's own): one Python step per distinct key, not per request."""
+        tables = tables or self._tables
+        offset = self._wall() - self._clock()   # a key's monotonic second to an epoch one
+        now = int(self._wall())
+        oldest_step = (now - HOUR_S) // STEP_S
+        totals, recent, steps = tables.totals, tables.recent, tables.steps
+        for (second, status, _, _, client, path, bucket), (count, sent, _) in entries:
+            second = int(second + offset)
+            status_class = status // 100
+            known = 1 <= status_class <= 5
+            totals[0] += count
+            if known:
+                totals[status_class] += count
+            if second > now - RECENT_S:
+                base = _row(recent, tables.second_of, _COLUMNS, second)
+                recent[base] += count
+                if known:
+                    recent[base + status_class] += count
+            if second // STEP_S > oldest_step:
+                base = _row(steps, tables.step_of, _STEP_WIDTH, second // STEP_S)
+                steps[base] += count
+                steps[base + _COLUMNS + bucket] += count
+                if known:
+                    steps[base + status_class] += count
+            sketches = self._minute_tables(tables, second // 60)
+            if sketches is not None:
+                sketches[0].add(client, count, sent)
+                sketches[1].add(cut_path(path), count)
 
-    def _new_slot(self):
-        slot = _Slot()
-        with self._lock:
-            self._slots.append(slot)
-        return slot
-
-    def _fold_slot_locked(self, slot):
-        """Move a slot's counts into the shared tables (the slot's lock held) and empty it."""
-        second = slot.second
-        with self._lock:
-            self._add_second_locked(second, slot.counts, slot.hist)
-            clients, paths = self._minute_locked(second // 60)
-            if clients is not None:
-                for ip, (count, size) in slot.clients.items():
-                    clients.add(ip, count, size)
-                for path, count in slot.paths.items():
-                    paths.add(cut_path(path), count)
-        slot.counts = [0] * _COLUMNS
-        slot.hist = [0] * _BUCKETS
-        slot.clients = {}
-        slot.paths = {}
-
-    def _add_second_locked(self, second, counts, hist):
-        for index in range(_COLUMNS):
-            self._totals[index] += counts[index]
-        if second <= int(self._wall()) - HOUR_S:
-            return                                   # older than the window: nothing to show
-        _add_row(self._seconds, self._second_of, _COLUMNS, second, counts)
-        _add_row(self._hist, self._step_of, _BUCKETS, second // STEP_S, hist)
-
-    def _minute_locked(self, minute):
+    def _minute_tables(self, tables, minute):
         """The sketches of ``minute`` (made if new, the oldest dropped past TOP_MINUTES), or
-        (None, None) for a minute already dropped."""
-        tables = self._minutes.get(minute)
-        if tables is not None:
-            return tables
-        if self._minutes and minute < next(iter(self._minutes)):
-            return None, None
-        tables = self._minutes[minute] = (SpaceSaving(self.top_entries),
-                                          SpaceSaving(self.top_entries))
-        if len(self._minutes) > 1 and minute < next(reversed(self._minutes)):
-            self._minutes = collections.OrderedDict(sorted(self._minutes.items()))
-        while len(self._minutes) > TOP_MINUTES:
-            self._minutes.popitem(last=False)
-        return tables
+        None for a minute already dropped."""
+        sketches = tables.minutes.get(minute)
+        if sketches is not None:
+            return sketches
+        if tables.minutes and minute < next(iter(tables.minutes)):
+            return None
+        tables.minutes[minute] = (SpaceSaving(self.top_entries), SpaceSaving(self.top_entries))
+        if len(tables.minutes) > 1 and minute < next(reversed(tables.minutes)):
+            tables.minutes = collections.OrderedDict(sorted(tables.minutes.items()))
+        while len(tables.minutes) > TOP_MINUTES:
+            tables.minutes.popitem(last=False)
+        return tables.minutes.get(minute)
 
     # -- guard decisions (worker or reactor threads; refusals only) ------------------------
     def decision(self, client, path, status, rule, ban="", dry_run=False):
@@ -274,40 +251,30 @@ class Activity(object):
                  "rule": row[4], "ban": row[5], "count": row[6]} for row in rows]
 
     # -- reading (the status page's thread) ------------------------------------------------
-    def fold(self):
-        """Fold every worker's current counts into the shared tables."""
-        with self._lock:
-            slots = list(self._slots)
-        for slot in slots:
-            with slot.lock:
-                if slot.counts[0]:
-                    self._fold_slot_locked(slot)
-
-    def snapshot(self, recent_s=120):
+    def snapshot(self, recent_s=RECENT_S):
         """What the status page draws, as JSON-able values: the hour in STEP_S steps
-        (requests, statuses, p50/p99), the last ``recent_s`` seconds one by one, the last
-        minute's figures, top clients and paths over the last TOP_MINUTES minutes, totals."""
-        self.fold()
+        (requests, statuses, p50/p99), the last ``recent_s`` (at most RECENT_S) seconds one by
+        one, the last minute's figures, top clients and paths over the last TOP_MINUTES
+        minutes, totals."""
+        recent_s = min(recent_s, RECENT_S)
+        tables, entries = self._tally.read(lambda entries: (self._tables.copy(), entries))
+        if self.enabled:
+            self.fold(entries, tables)   # what the threads' books hold, on the copy
         now = int(self._wall())
-        with self._lock:   # copies (memcpy, ~20 us): the workers' folds need not wait for the rest
-            rings = (self._seconds[:], self._second_of[:], self._hist[:], self._step_of[:])
-            tops = self._tops_locked(now // 60)
-            totals = list(self._totals)
-        seconds = _window(rings[0], rings[1], _COLUMNS, now - HOUR_S + 1, now)
-        hists = _window(rings[2], rings[3], _BUCKETS, (now - HOUR_S + 1) // STEP_S,
-                        now // STEP_S)
-        first = now - HOUR_S + 1
-        hour = self._hour_series(seconds, hists, first, now)
-        recent = [row[0] for row in seconds[-recent_s:]]
-        recent_status = {name: [row[i + 1] for row in seconds[-recent_s:]]
-                         for i, name in enumerate(CLASSES)}
+        tops = self._tops(tables, now // 60)
+        rows = _window(tables.steps, tables.step_of, _STEP_WIDTH, (now - HOUR_S + 1) // STEP_S,
+                       now // STEP_S)
+        seconds = _window(tables.recent, tables.second_of, _COLUMNS, now - recent_s + 1, now)
         minute = seconds[-60:]
-        minute_hist = [sum(column) for column in zip(*hists[-60 // STEP_S:])]
+        minute_hist = [sum(column) for column in zip(*(row[_COLUMNS:]
+                                                       for row in rows[-60 // STEP_S:]))]
         return {
             "now": now, "started": self.started, "enabled": self.enabled,
-            "hour": hour,
-            "recent": {"step_s": 1, "start": now - recent_s + 1, "requests": recent,
-                       "status": recent_status},
+            "hour": self._hour_series(rows, (now - HOUR_S + 1) // STEP_S),
+            "recent": {"step_s": 1, "start": now - recent_s + 1,
+                       "requests": [row[0] for row in seconds],
+                       "status": {name: [row[i + 1] for row in seconds]
+                                  for i, name in enumerate(CLASSES)}},
             "last_minute": {
                 "requests": sum(row[0] for row in minute),
                 "rate_per_s": sum(row[0] for row in minute) / 60.0,
@@ -315,31 +282,24 @@ class Activity(object):
                            for i, name in enumerate(CLASSES)},
                 "p50_ms": _ms(percentile(minute_hist, 0.5)),
                 "p99_ms": _ms(percentile(minute_hist, 0.99))},
-            "totals": dict(zip(("requests",) + CLASSES, totals)),
+            "totals": dict(zip(("requests",) + CLASSES, tables.totals)),
             "top_clients": tops[0], "top_paths": tops[1], "top_window_s": TOP_MINUTES * 60,
         }
 
     @staticmethod
-    def _hour_series(seconds, hists, first, now):
+    def _hour_series(rows, start_step):
         """The hour as STEP_S points, aligned on multiples of STEP_S (the last one partial)."""
-        start_step = first // STEP_S
-        points = now // STEP_S - start_step + 1
-        requests = [0] * points
-        status = {name: [0] * points for name in CLASSES}
-        for offset, row in enumerate(seconds):
-            point = (first + offset) // STEP_S - start_step
-            requests[point] += row[0]
-            for i, name in enumerate(CLASSES):
-                status[name][point] += row[i + 1]
-        p50 = [_ms(percentile(hist, 0.5)) for hist in hists]
-        p99 = [_ms(percentile(hist, 0.99)) for hist in hists]
-        return {"step_s": STEP_S, "start": start_step * STEP_S, "requests": requests,
-                "status": status, "p50_ms": p50, "p99_ms": p99}
+        hists = [row[_COLUMNS:] for row in rows]
+        return {"step_s": STEP_S, "start": start_step * STEP_S,
+                "requests": [row[0] for row in rows],
+                "status": {name: [row[i + 1] for row in rows] for i, name in enumerate(CLASSES)},
+                "p50_ms": [_ms(percentile(hist, 0.5)) for hist in hists],
+                "p99_ms": [_ms(percentile(hist, 0.99)) for hist in hists]}
 
-    def _tops_locked(self, minute):
+    def _tops(self, tables, minute):
         clients, paths = collections.Counter(), collections.Counter()
         sizes = collections.Counter()
-        for when, (client_table, path_table) in self._minutes.items():
+        for when, (client_table, path_table) in tables.minutes.items():
             if when <= minute - TOP_MINUTES:
                 continue
             for key, count, size, _ in client_table.rows():
@@ -353,36 +313,26 @@ class Activity(object):
                 [{"path": key, "requests": count} for key, count in paths.most_common(limit)])
 
     def memory_bytes(self):
-        """What the recorder holds, counted by walking it with sys.getsizeof (approximate:
-        shared small ints and interned strings are counted once per use)."""
-        size = sum(sys.getsizeof(part) for part in (self._seconds, self._second_of, self._hist,
-                                                     self._step_of, self._minutes,
-                                                     self._decisions))
-        with self._lock:
-            for clients, paths in self._minutes.values():
-                for table in (clients, paths):
-                    size += sys.getsizeof(table.table)
-                    for key, entry in table.table.items():
-                        size += sys.getsizeof(key) + sys.getsizeof(entry)
-            for slot in self._slots:
-                size += sys.getsizeof(slot.clients) + sys.getsizeof(slot.paths)
+        """What the recorder holds, the tally's books included, counted by walking it with
+        sys.getsizeof (approximate: shared small ints and strings are counted once per use)."""
+        size = self._tally.read(lambda entries: self._tables.memory_bytes())
+        size += self._tally.memory_bytes() + sys.getsizeof(self._decisions)
         with self._decisions_lock:
             for row in self._decisions:
                 size += sys.getsizeof(row) + sys.getsizeof(row[1]) + sys.getsizeof(row[2])
         return size
 
 
-def _add_row(ring, stamp_of, width, stamp, counts):
-    """Add ``counts`` to the ring's row for ``stamp`` (a second or a step), emptying the row
-    first if it holds an older one (the ring has ``len(stamp_of)`` rows of ``width``)."""
+def _row(ring, stamp_of, width, stamp):
+    """Where the ring's row for ``stamp`` (a step or a second) starts, emptied first if it
+    held an older one (the ring has ``len(stamp_of)`` rows of ``width``). Callers never pass
+    a stamp older than the ring's span."""
     row = stamp % len(stamp_of)
     base = row * width
     if stamp_of[row] != stamp:
         stamp_of[row] = stamp
         ring[base:base + width] = array.array("I", bytes(4 * width))
-    for index, count in enumerate(counts):
-        if count:
-            ring[base + index] += count
+    return base
 
 
 def _window(ring, stamp_of, width, first, last):

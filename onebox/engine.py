@@ -36,6 +36,7 @@ from onebox.poller import Poller
 from onebox.reactor import Reactor
 from onebox.reload import reload_server
 from onebox.static import StaticPages
+from onebox.tally import Tally
 from onebox.tls import TLSConfigError, build_context, expiry_warning
 from onebox.workers import Workers
 
@@ -65,7 +66,7 @@ class OneboxServer(http.server.ThreadingHTTPServer):
     ``reload()`` (the reactor thread, on SIGHUP).
     The site the workers serve: ``config``, ``settings``, ``router``, ``static``, ``guard``,
     ``context`` (store, response cache, limiters), ``access_log``. The operator's:
-    ``metrics``, ``admin`` (the admin listener's site, or None: onebox/admin.py),
+    ``tally``, ``metrics``, ``admin`` (the admin listener's site, or None: onebox/admin.py),
     ``admin_socket``, ``admin_url``, ``health()``, ``phase``, ``started_at``, ``activity``
     (what the status page shows: onebox/activity.py). HTTPS (onebox/tls.py): ``tls_socket``
     and ``tls_url`` (None while [tls] cert_file is empty), ``tls_context`` and ``tls_expires``
@@ -96,10 +97,14 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         self.journal_priorities = journal_stream(self.error_stream)   # under systemd
         self.static = StaticPages(settings.pages_dir, config.static)
         self.guard = Guard(config.guard, store, self.log_error)   # bans persist in the store
-        # What the status page shows (onebox/activity.py): workers record each request in it,
-        # the guard each refusal and ban.
+        # Each answered request is counted once, in the tally (onebox/tally.py), for the
+        # metrics and for what the status page shows (onebox/activity.py), where the guard
+        # also records each refusal and ban.
+        self.tally = Tally()
+        self.metrics = Metrics(self.tally, config.admin.metrics)
         status = config.status
-        self.activity = Activity(status.recorder, status.top_entries, status.recent_decisions)
+        self.activity = Activity(self.tally, status.recorder, status.top_entries,
+                                 status.recent_decisions)
         if status.recorder:
             self.guard.on_decision = self.activity.decision
         # What handlers reach through state, @cached and limiter(): this server's own, bound by
@@ -131,7 +136,6 @@ class OneboxServer(http.server.ThreadingHTTPServer):
                 "picks a free one)" % (config.tls.host or settings.host, config.tls.port,
                                        error.strerror or error)) from None
         self.use_tls_settings(config.tls)
-        self.metrics = Metrics(config.admin.metrics)
         host = self.server_address[0]   # a socket systemd passed may not be settings.host
         if config.allowed_hosts is None and not _is_loopback(host):
             self.log_error("listening on %s with any Host allowed: set allowed_hosts in [server] "
@@ -146,7 +150,7 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         self.reactor.tls_context = self.tls_context
         self.health_checks = HealthChecks(self, config.health)
         self.reactor.health = self.health_checks
-        self.reactor.metrics = self.metrics if self.metrics.enabled else None
+        self.reactor.tally = self.tally if self.tally.wanted else None
         self.workers = Workers(self, self.handoff, self._poller)
         # What the server is doing, for readiness (/readyz, systemd): "starting" until the
         # reactor's first turn, then "serving"; "reloading" while the reactor applies a reload;

@@ -2,13 +2,12 @@
 
 The hot path
 ------------
-Each request is counted once, by the thread that finishes it (a worker where it logs the access
-line; the reactor for a response it finished for a slow reader, and for the health checks it
-answers): ``Metrics.record(method, status, route, seconds, sent)``. Every thread writes to a
-shard of its own (a few dicts found through a ``threading.local``), so no lock is taken and no
-two threads write the same counter; a scrape sums the shards. A scrape may read a shard while
-its thread writes it: a count can then be one request behind, never wrong by more, and it is
-right at the next scrape (counters only grow).
+Each request is counted once, in the tally (``onebox/tally.py``), by the thread that finishes
+it (a worker where it logs the access line; the reactor for a response it finished for a slow
+reader, and for the health checks it answers): no lock, and a request like the one before it
+costs one dictionary lookup. The tally folds each thread's entries into ``Metrics``' tables
+under its lock; a scrape adds the entries not yet folded, so it is complete up to the moment
+it asked.
 
 Requests the reactor refuses before any worker sees them (a connection over a cap, a head
 that is malformed or too slow) are not requests here: they are in
@@ -21,16 +20,16 @@ is one of ``onebox.routing.METHODS`` or "other"; the status is its class ("2xx")
 
 The scrape
 ----------
-``render(server)`` reads the shards and the server's parts (the reactor's tables, the worker
+``render(server)`` reads the tables above and the server's parts (the reactor's tables, the worker
 pool, the guard's ``stats()``, the response cache, the static caches, the state store, the
 process) and writes the text exposition format 0.0.4
 (https://prometheus.io/docs/instrumenting/exposition_formats/). Each part's figures are read
 without stopping it; the worst a race costs is a gauge a moment stale. Its size is bounded by
 routes x methods x status classes (and the histogram's buckets per route).
 
-Stdlib only; imports no runtime module but routing's METHODS (the server is passed in).
+Stdlib only; imports no runtime module but routing's METHODS and the tally's buckets (the
+server is passed in).
 """
-import bisect
 import os
 import platform
 import resource
@@ -38,111 +37,83 @@ import sys
 import threading
 
 from onebox.routing import METHODS
+from onebox.tally import DURATION_BOUNDS_S, METRICS_BOUNDS_S, metrics_bucket
 
 STATIC, UNROUTED, REFUSED = "static", "unrouted", "refused"
-# Request duration buckets (seconds): Prometheus client libraries' defaults, which cover a
-# cached hello (~0.1 ms) to a slow upload.
-BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BUCKETS = METRICS_BOUNDS_S   # the request duration histogram's upper bounds (seconds)
+# the tally's duration bucket -> the histogram's
+_BUCKET_OF = tuple(metrics_bucket(bucket) for bucket in range(len(DURATION_BOUNDS_S) + 1))
 _CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 _KNOWN_METHODS = frozenset(METHODS)
 VERSION = "0.1"   # onebox's version, for onebox_build_info
 
 
-class _Shard(object):
-    """One thread's counters; written by that thread only."""
+class Metrics(object):
+    """For the runtime: ``record_decision(verdict)`` and ``record_admin(status)`` from any
+    thread; requests come through the tally (``onebox/tally.py``), which calls ``fold`` with
+    each book's entries. ``totals()`` for a scrape. ``enabled`` False: nothing is counted
+    (``[admin] metrics = off``).
 
-    __slots__ = ("requests", "durations", "decisions", "admin")
+    ``requests`` and ``durations`` are written by ``fold`` only, under the tally's lock, and
+    copied under it (``totals``); ``decisions`` and ``admin`` are guarded by ``_counts_lock``
+    (refusals and admin requests: rarer, from any thread)."""
 
-    def __init__(self):
+    def __init__(self, tally, enabled=True):
+        self.enabled = enabled
+        self._tally = tally
         self.requests = {}    # (method, class, route) -> [count, body bytes sent]
         self.durations = {}   # route -> [bucket counts..., +Inf count, sum of seconds]
+        self._counts_lock = threading.Lock()
         self.decisions = {}   # (rule, action) -> count
         self.admin = {}       # status class -> admin listener requests
+        if enabled:
+            tally.subscribe(self.fold)
 
-
-class Metrics(object):
-    """For the runtime: ``record(...)``, ``record_decision(verdict)``, ``record_admin(status)``
-    from any thread; ``totals()`` for a scrape. ``enabled`` False makes the records no-ops
-    (``[admin] metrics = off``)."""
-
-    def __init__(self, enabled=True):
-        self.enabled = enabled
-        self._local = threading.local()
-        self._shards_lock = threading.Lock()   # guards _shards (appended once per thread)
-        self._shards = []
-
-    def _shard(self):
-        try:
-            return self._local.shard
-        except AttributeError:
-            shard = self._local.shard = _Shard()
-            with self._shards_lock:
-                self._shards.append(shard)
-            return shard
-
-    def record(self, method, status, route, seconds, sent):
-        """One request answered on the public port (any thread; no lock)."""
-        if not self.enabled:
-            return
-        shard = self._shard()
-        if method not in _KNOWN_METHODS:
-            method = "other"
-        key = (method, status // 100, route)
-        counts = shard.requests.get(key)
-        if counts is None:
-            counts = shard.requests[key] = [0, 0]
-        counts[0] += 1
-        counts[1] += sent
-        histogram = shard.durations.get(route)
-        if histogram is None:
-            histogram = shard.durations[route] = [0] * (len(BUCKETS) + 1) + [0.0]
-        histogram[bisect.bisect_left(BUCKETS, seconds)] += 1
-        histogram[-1] += seconds
+    def fold(self, entries, offset=0.0, into=None):
+        """The tally's entries, added to ``into`` (requests, durations), or to the tables."""
+        requests, durations = into if into is not None else (self.requests, self.durations)
+        for (_, status, method, route, _, _, bucket), (count, sent, took) in entries:
+            if method not in _KNOWN_METHODS:   # a client's token never becomes a label
+                method = "other"
+            key = (method, status // 100, route)
+            totals = requests.get(key)
+            if totals is None:
+                totals = requests[key] = [0, 0]
+            totals[0] += count
+            totals[1] += sent
+            histogram = durations.get(route)
+            if histogram is None:
+                histogram = durations[route] = [0] * (len(BUCKETS) + 1) + [0.0]
+            histogram[_BUCKET_OF[bucket]] += count
+            histogram[-1] += took
 
     def record_decision(self, verdict):
         """A guard verdict that a request met (refused, or dry-run only)."""
         if not self.enabled:
             return
-        decisions = self._shard().decisions
         key = (verdict.rule, "dry_run" if verdict.dry_run else "refused")
-        decisions[key] = decisions.get(key, 0) + 1
+        with self._counts_lock:
+            self.decisions[key] = self.decisions.get(key, 0) + 1
 
     def record_admin(self, status):
         """A request on the admin listener: counted apart, never as the site's traffic."""
         if not self.enabled:
             return
-        admin = self._shard().admin
-        admin[status // 100] = admin.get(status // 100, 0) + 1
+        with self._counts_lock:
+            self.admin[status // 100] = self.admin.get(status // 100, 0) + 1
 
     def totals(self):
-        """The shards summed: (requests, durations, decisions, admin), as the shards' dicts."""
-        with self._shards_lock:
-            shards = list(self._shards)
-        requests, durations, decisions, admin = {}, {}, {}, {}
-        for shard in shards:
-            for key, (count, sent) in _snapshot(shard.requests):
-                total = requests.setdefault(key, [0, 0])
-                total[0] += count
-                total[1] += sent
-            for route, histogram in _snapshot(shard.durations):
-                total = durations.setdefault(route, [0] * (len(BUCKETS) + 1) + [0.0])
-                for index, value in enumerate(list(histogram)):
-                    total[index] += value
-            for table, into in ((shard.decisions, decisions), (shard.admin, admin)):
-                for key, count in _snapshot(table):
-                    into[key] = into.get(key, 0) + count
-        return requests, durations, decisions, admin
+        """Copies of (requests, durations, decisions, admin), the threads' books included."""
+        if not self.enabled:
+            return {}, {}, {}, {}
 
-
-def _snapshot(table):
-    """A dict's items, read while its thread may add a key (then read again)."""
-    for _ in range(10):
-        try:
-            return [(key, list(value) if isinstance(value, list) else value)
-                    for key, value in list(table.items())]
-        except RuntimeError:   # "dictionary changed size during iteration"
-            continue
-    return []
+        def copy(entries):
+            return ({key: list(value) for key, value in self.requests.items()},
+                    {key: list(value) for key, value in self.durations.items()}, entries)
+        requests, durations, entries = self._tally.read(copy)
+        self.fold(entries, into=(requests, durations))
+        with self._counts_lock:
+            return requests, durations, dict(self.decisions), dict(self.admin)
 
 
 # --- the exposition format ---------------------------------------------------------------------

@@ -99,7 +99,7 @@ class Reactor:
         self.tls_listener = None
         self.tls_context = None
         self.health = None    # HealthChecks (onebox/health.py): answered here, never by a worker
-        self.metrics = None   # Metrics (onebox/metrics.py): responses finished here are counted
+        self.tally = None     # Tally (onebox/tally.py): responses finished here are counted
         self.handoff = handoff
         self.poller = poller
         self.guard = guard
@@ -404,13 +404,13 @@ class Reactor:
                                        False, version) + body, socket.MSG_DONTWAIT)
         except OSError:
             pass
-        seconds = time.monotonic() - started
-        if self.metrics is not None:
-            self.metrics.record(line.partition(" ")[0], response.status, path, seconds,
-                                len(body))
+        finished = time.monotonic()
+        if self.tally is not None:   # the health path is its own route label
+            self.tally.add(started, finished, response.status, line.partition(" ")[0], path,
+                           conn.ip, path, len(body))
         if self.access_log and self.health.should_log(path, response.status):
-            self.access_log.log(conn.ip, line, response.status, len(body), "", "", seconds,
-                                "health")
+            self.access_log.log(conn.ip, line, response.status, len(body), "", "",
+                                finished - started, "health")
         self._linger(conn)
         return True
 
@@ -471,14 +471,15 @@ class Reactor:
     def _finish_send(self, conn, ok):
         outbox, conn.outbox = conn.outbox, None
         outbox.close()
-        if self.metrics is not None and outbox.metric is not None:
-            method, status, route, started = outbox.metric
-            self.metrics.record(method, status, route, time.monotonic() - started,
-                                outbox.body_sent)
+        finished = time.monotonic()
+        if self.tally is not None and outbox.tally is not None:
+            started, status, method, route, client, path = outbox.tally
+            self.tally.add(started, finished, status, method, route, client, path,
+                           outbox.body_sent)
         if self.access_log and outbox.log is not None:
             ip, line, status, referer, agent, started, note = outbox.log
             self.access_log.log(ip, line, status, outbox.body_sent, referer, agent,
-                                time.monotonic() - started, note if ok else
+                                finished - started, note if ok else
                                 ((note + " " if note else "") + "send=cut"))
         self._end_wait(conn)
         if not ok:

@@ -329,12 +329,14 @@ class Outbox:
     connection is."""
 
     __slots__ = ("data", "head_left", "file", "offset", "remaining", "body_sent", "log",
-                 "keep_alive", "metric")
+                 "keep_alive", "tally")
 
     def __init__(self, data=b"", head_left=0, file=None, offset=0, remaining=0, body_sent=0):
         self.log = None   # the access log line's fields, written once the response is done
         self.keep_alive = False   # whether the connection stays open after it
-        self.metric = None   # (method, status, route, started) to count once done (metrics)
+        # Tally.add's arguments but the finish time and bytes sent, counted once done:
+        # (started, status, method, route, client, path); onebox/tally.py
+        self.tally = None
         self.data = memoryview(data)
         self.head_left = head_left
         self.file = file

@@ -10,9 +10,9 @@ that its handler streams, and a streamed response whose produced chunks the clie
 both under a minimum data rate (``onebox/transfer.py``).
 
 A connection from the admin listener (``conn.admin``) skips the guard and goes to the admin
-site's routes only (``onebox/admin.py``). Each request is counted once for the metrics
-(``onebox/metrics.py``), where its access line is logged (or by the reactor, for a response it
-finishes).
+site's routes only (``onebox/admin.py``). Each request is counted once, in the tally
+(``onebox/tally.py``) for the metrics and the status page, where its access line is logged (or
+by the reactor, for a response it finishes).
 
 The pool's size is an invariant: nothing a request or a hand-back raises ends a worker.
 Threads: ``worker_threads`` of them, each bound to its server's context (state, cache, limiters;
@@ -78,7 +78,8 @@ class Workers:
         self.poller = poller
         self.threads = []
         self.stuck = 0
-        self.activity = server.activity   # the status page's recorder (onebox/activity.py)
+        # where each request is counted for the metrics and the status page (onebox/tally.py)
+        self.tally = server.tally if server.tally.wanted else None
         metrics = server.metrics
         self.metrics = metrics if metrics.enabled else None
         self.health_checks = server.health_checks
@@ -260,12 +261,13 @@ class Workers:
         note = self._count_for_guard(conn, exchange)
         # 6. Write it for a turn (the reactor finishes it for a slow reader); log it.
         sent, outbox = self._write(conn, exchange)
-        self.activity.record(conn, exchange, sent)   # for the status page
-        metrics = self.metrics
-        if metrics is not None:
-            self._count(conn, exchange, sent, outbox)
+        finished = time.monotonic()
         if conn.admin:
             note = "admin"
+            if self.metrics is not None:
+                self.metrics.record_admin(exchange.response.status)
+        elif self.tally is not None:
+            self._count(conn, exchange, sent, outbox, finished)
         if outbox is not None:
             outbox.log = self._log_fields(conn, exchange, note)
             outbox.keep_alive = exchange.keep_alive
@@ -276,25 +278,26 @@ class Workers:
                     .should_log(exchange.route, exchange.response.status)):
             ip, line, status, referer, agent, started, note = self._log_fields(conn, exchange,
                                                                                note)
-            log.log(ip, line, status, sent, referer, agent, time.monotonic() - started, note)
+            log.log(ip, line, status, sent, referer, agent, finished - started, note)
         return None if exchange.keep_alive else Outcome.CLOSE
 
-    def _count(self, conn, exchange, sent, outbox):
-        """Metrics, once per request (onebox/metrics.py): admin requests apart; a response the
-        reactor finishes is counted by it, when it is done."""
-        metrics, status = self.metrics, exchange.response.status
-        if conn.admin:
-            metrics.record_admin(status)
-            return
-        verdict = exchange.verdict
-        if verdict is not None:
-            metrics.record_decision(verdict)
-        method = exchange.head.method if exchange.head is not None else "other"
-        if outbox is not None:
-            outbox.metric = (method, status, exchange.route, exchange.started)
+    def _count(self, conn, exchange, sent, outbox, finished):
+        """Count the request in the tally, for the metrics and the status page
+        (onebox/tally.py); a response the reactor finishes is counted there, once done."""
+        if exchange.verdict is not None and self.metrics is not None:
+            self.metrics.record_decision(exchange.verdict)
+        request = exchange.request
+        if request is not None:
+            client, path, method = request.client_ip, request.path, request.method
         else:
-            metrics.record(method, status, exchange.route, time.monotonic() - exchange.started,
-                           sent)
+            client, path = conn.ip, "(unparsed)"
+            method = exchange.head.method if exchange.head is not None else "other"
+        if outbox is None:
+            self.tally.add(exchange.started, finished, exchange.response.status, method,
+                           exchange.route, client, path, sent)
+        else:
+            outbox.tally = (exchange.started, exchange.response.status, method, exchange.route,
+                            client, path)
 
     def _prepare(self, conn, exchange):
         """Parse, build the request, ask the guard; a failure becomes the response. Whatever
