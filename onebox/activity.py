@@ -3,10 +3,11 @@
 What it keeps
 -------------
 * **The last hour, ten seconds at a time**: per ``STEP_S`` step, requests, their status classes
-  (1xx..5xx) and their durations as a small log-scale histogram (``LATENCY_BOUNDS_S``: 40
-  buckets, each sqrt(2) wider than the one before, 16 us to 12 s, plus one for slower), in one
-  flat ``array('I')`` ring of 360 rows. A percentile is the upper bound of the bucket it falls
-  in: at most ~41% high, never low; histograms add, so a wider window is the sum of its rows.
+  (1xx..5xx) and their durations as a small log-scale histogram (``LATENCY_BOUNDS_S``, the
+  tally's 54 bounds: each about sqrt(2) above the one before, 16 us to 12 s, plus one bucket
+  for slower), in one flat ``array('I')`` ring of 360 rows. A percentile is the upper bound of
+  the bucket it falls in: at most ~41% high, never low; histograms add, so a wider window is
+  the sum of its rows.
 * **The last ``RECENT_S`` seconds, second by second**: requests and status classes, a ring of
   120 rows (the page's live chart and its last-minute figures).
 * **Top clients and top paths over the last ``TOP_MINUTES`` minutes**: per minute, a
@@ -18,30 +19,29 @@ What it keeps
   status, rule), a run of the same client and rule folded into one row with a count, so a
   flood of one client does not push everyone else's out.
 
-Memory: the rings are 360 x 47 + 120 x 6 uint32 plus their uint32 row stamps (72 KB); the
+Memory: the rings are 360 x 61 + 120 x 6 uint32 plus their uint32 row stamps (93 KB); the
 sketches at most 2 x TOP_MINUTES x top_entries small entries; the decisions a few hundred
-short rows; the ledger's rows not yet folded (``onebox/ledger.py``: fewer than ``BATCH_ROWS``
-per thread). ``BUDGET_BYTES`` (400 KB) is what it may hold at the default settings:
-tests/test_status.py feeds it 74,000 requests, each from a new client to a new 150-character
-path, over more than an hour, plus 3,700 refusals from new clients, then leaves a full batch
-less one of such rows waiting in each of 17 threads (16 workers and the reactor), and measures
-with ``tracemalloc`` what it still holds. Nothing here grows with traffic.
+short rows; the tally's books (``onebox/tally.py``: at most ``BOOK_KEYS`` keys per thread).
+``BUDGET_BYTES`` (400 KB) is what it may hold at the default settings: tests/test_status.py
+feeds it 74,000 requests, each from a new client to a new 150-character path, over more than
+an hour, plus 3,700 refusals from new clients, then fills the books of 17 more threads (16
+workers and the reactor) with such requests, and measures with ``tracemalloc`` what it still
+holds: 387 KB (``memory_bytes()``, the ``sys.getsizeof`` walk the page shows, said 368 KB).
+Nothing here grows with traffic.
 
 Threads and locks
 -----------------
-Requests come as the ledger's rows, which every thread that answers requests adds to a list of
-its own; ``fold`` sums a batch of them into the rings and sketches, under the ledger's lock,
-which also guards every table here but the decisions. The status page reads through
-``Ledger.read``, which folds every thread's rows first and copies the tables under the same
-lock. ``decision`` runs on refusals only (worker or reactor thread) and takes
-``_decisions_lock``.
+Requests come from the tally, which each thread that answers requests counts them in, in a
+book of its own; ``fold`` adds a book's entries to the rings and sketches, under the tally's
+lock, which also guards every table here but the decisions. The status page reads through
+``Tally.read``: it copies the tables and the books' entries under that lock (the rings are a
+memcpy; ~0.2 ms with full sketches), then adds the entries to its copy outside it.
+``decision`` runs on refusals only (worker or reactor thread) and takes ``_decisions_lock``.
 
-What it costs: ``bench/bench_metrics.py --instructions`` counts the CPU instructions a hello
-request costs with the metrics and this recorder on and off (valgrind; the count does not
-depend on what else the machine runs). The page's read with a full hour of data copies the
-rings under the lock (~20 us) and does the rest outside.
+What counting costs a request: ``bench/bench_metrics.py --instructions`` (valgrind's count of
+CPU instructions, which does not depend on what else the machine runs).
 
-Imports only the standard library and the ledger.
+Imports only the standard library and the tally.
 """
 import array
 import collections
@@ -71,7 +71,7 @@ _STEP_WIDTH = _COLUMNS + _BUCKETS   # a row of the hour: the columns, then the h
 class SpaceSaving(object):
     """The ``capacity`` heaviest keys of a stream, approximately (space-saving): ``add(key,
     count, size)``; ``rows()`` gives (key, count, size, error), count never below the truth
-    and at most ``error`` above it. Not thread-safe: the ledger's lock guards it."""
+    and at most ``error`` above it. Not thread-safe: the tally's lock guards it."""
 
     __slots__ = ("capacity", "table")
 

@@ -4,13 +4,14 @@ Why one tally
 -------------
 Two readers want every request: the Prometheus metrics (``onebox/metrics.py``) and the status
 page's recorder (``onebox/activity.py``). When each counted in place, a hello request paid for
-two sets of dictionary updates, two thread-local lookups, two clock reads and a lock: 17,800
-CPU instructions of its 136,000 (valgrind's count), and hello's req/s fell to 0.89x. Now the
-thread that answers a request makes one key of everything both readers group by and adds to
-that key's count in a dictionary of its own: a request like the one before it in the same
-second costs one tuple, one dictionary lookup and three additions. Each reader's ``fold`` then
-works per distinct key, not per request. ``bench/bench_metrics.py --instructions`` measures
-what is left.
+two sets of dictionary updates, two thread-local lookups, a clock read and a lock: 17,800 CPU
+instructions beside the 136,000 of the request itself (valgrind's count), and hello's req/s
+fell to 0.89x. Now the thread that answers a request makes one key of everything both readers
+group by and adds to that key's sums in a dictionary of its own, and each reader's ``fold``
+works once per distinct key, not per request: 7,700 instructions in all, most of them the
+key's making (``bench/bench_metrics.py --instructions`` measures it). A batch of rows folded
+with C-level tools (``zip``, ``map``, ``Counter``) was tried first and cost more: it still
+made several objects per request, and kept them for longer.
 
 A key is ``(second, status, method, route, client, path, bucket)``: the monotonic second (a
 float) the response's last byte was handed to the kernel, the status code, the method (as
@@ -31,8 +32,9 @@ to the moment it asked, and a book is never folded twice. A copy taken while its
 may be one request behind; the next read has it.
 
 Memory: at most ``BOOK_KEYS`` keys per thread that answers requests (the workers and the
-reactor): about 17 x 16 x 450 bytes at the default settings when every request is a new client
-and a long path (the recorder's budget counts them: ``Activity.memory_bytes``).
+reactor): about 17 x 8 x 560 bytes at the default settings when every request is a new client
+and a long path (the recorder's budget counts them: ``Activity.memory_bytes``, and
+tests/test_status.py measures them).
 
 Imports only the standard library.
 """
