@@ -231,3 +231,34 @@ def test_a_clients_bodies_past_max_waiting_per_client_wait_in_line(start_server)
     finally:
         for sock in (first, second, other):
             sock.close()
+
+
+def test_at_the_global_cap_bodies_waiting_in_line_make_room(start_server):
+    """A client's bodies past max_waiting_per_client wait in line unread, with no deadline of
+    their own. Slow bodies from a few addresses, most of them in line, once filled the cap for
+    everyone: a newcomer got 503. Now the oldest body in line of the largest client goes."""
+    server = start_server(config={"max_connections": 12, "max_connections_per_ip": 100,
+                                  "max_waiting_per_client": 1, "body_rate_grace_s": 60,
+                                  "header_timeout_s": 30})
+    head = (b"POST /hello/echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100000\r\n\r\n[")
+    slow = []
+    try:
+        for source in ("127.0.0.13", "127.0.0.14"):
+            for _ in range(7 if source == "127.0.0.13" else 5):
+                sock = socket.create_connection(("127.0.0.1", server.port), timeout=5,
+                                                source_address=(source, 0))
+                slow.append(sock)
+                sock.sendall(head)   # one body being read per client, the others in line
+                time.sleep(0.05)
+        time.sleep(0.3)   # all twelve have whole heads: none is head-less, none idle
+        newcomer = socket.create_connection(("127.0.0.1", server.port), timeout=5,
+                                            source_address=("127.0.0.15", 0))
+        newcomer.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert status_of(read_until_close(newcomer)) == 200
+        newcomer.close()
+        closed = [number for number, sock in enumerate(slow) if not still_open(sock)]
+        assert len(closed) == 1 and closed[0] in range(1, 7), closed   # 127.0.0.13's, in line
+    finally:
+        for sock in slow:
+            sock.close()
