@@ -427,6 +427,8 @@ class Reactor:
         note = None
         if status != 408:   # bytes no parser could take are a strike; slowness is not
             note = self.guard.saw_bad_request(conn.ip, conn.client, status, in_reactor=True)
+            # counted as well: a strike is not seen, and a trusted proxy's earn none
+            self.guard.count("refused_bad_request")
         else:
             self.guard.count("refused_timeout")
         line = bytes(conn.buf[:conn.buf.find(b"\r\n")] if b"\r\n" in conn.buf else b"")

@@ -146,6 +146,20 @@ def test_refusals_reach_the_access_log_and_the_guard_counters(start_server):
     assert server.guard.stats()["counts"]["refused_client_cap"] == 1
 
 
+@pytest.mark.parametrize("source", ["127.0.0.3", "127.0.0.1"])   # a client; a trusted proxy
+def test_heads_the_reactor_refuses_are_counted_by_the_guard(start_server, source):
+    """400, 414 and 431 sent by the reactor before any worker sees the request are counted in
+    guard.stats()["counts"] (and so in /metrics), whoever sent them: a strike alone is not
+    seen, and a trusted proxy's connections earn none."""
+    server = start_server()
+    heads = [b"\x16\x03\x01 not http\r\n\r\n",
+             b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+             b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 70000 + b"\r\n\r\n"]
+    assert [status_of(raw_exchange(server, head, source=source)) for head in heads] == [
+        400, 414, 431]
+    assert server.guard.stats()["counts"].get("refused_bad_request") == 3
+    assert server.access_text().count('" 4') >= 3
+
 def test_a_flood_of_refusals_is_sampled_in_the_access_log(start_server):
     server = start_server(config={"max_connections_per_ip": 1})
     holder = socket.create_connection(("127.0.0.1", server.port), source_address=("127.0.0.4", 0))
