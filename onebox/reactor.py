@@ -28,9 +28,11 @@ wait in line behind them, so one client's slowness costs others nothing.
 At ``max_connections``, room is made before anyone is refused: (1) a connection already
 answered and lingering to close is closed, else (2) the longest-idle kept connection (one
 parked here, else one a worker holds), else (3) the oldest connection still without a whole
-request from the client that holds the most connections, unless the newcomer is that client
-(or one as large): then the newcomer gets 503. Busy connections, and bodies and responses on
-their way, are never shed for a newcomer: they are bounded by the paces instead.
+request from the client that holds the most connections: one without a whole head, else one
+whose body waits in line unread (past ``max_waiting_per_client``; it has no deadline of its
+own, so a few addresses' slow bodies could otherwise fill the cap), unless the newcomer is that
+client (or one as large): then the newcomer gets 503. Busy connections, and bodies and
+responses on their way, are never shed for a newcomer: they are bounded by the paces instead.
 
 The admin listener's connections (``Connection.admin``, onebox/admin.py) are accepted and wait
 here like the site's, but skip the guard and the site's connection caps: ``admin_open`` counts
@@ -323,6 +325,10 @@ class Reactor:
                 if conn.client == largest:
                     self._close(conn)
                     return True
+        for conn, kind in self.wait_line.get(largest, ()):
+            if kind == "body" and conn.client == largest:   # unread: nothing is lost
+                self._close(conn)
+                return True
         return False
 
     def _refuse(self, conn, message, reason):
@@ -421,6 +427,8 @@ class Reactor:
         note = None
         if status != 408:   # bytes no parser could take are a strike; slowness is not
             note = self.guard.saw_bad_request(conn.ip, conn.client, status, in_reactor=True)
+            # counted as well: a strike is not seen, and a trusted proxy's earn none
+            self.guard.count("refused_bad_request")
         else:
             self.guard.count("refused_timeout")
         line = bytes(conn.buf[:conn.buf.find(b"\r\n")] if b"\r\n" in conn.buf else b"")
@@ -526,6 +534,8 @@ class Reactor:
                     if waiting is conn:
                         del queued[index]
                         break
+                if not queued:
+                    del self.wait_line[key]
             return
         if key is None:
             return

@@ -88,7 +88,7 @@ def body_is_buffered(buf, head, limit):
     False, or a ChunkedScan to go on with. A body longer than ``limit`` counts as buffered:
     it is not waited for; the handler streams it."""
     if head.chunked:
-        scan = ChunkedScan(limit)
+        scan = ChunkedScan(limit, limit + ChunkedScan.MAX_LINE_BYTES)
         return True if scan.feed(buf) else scan
     return head.content_length > limit or len(buf) >= head.content_length
 
@@ -97,21 +97,26 @@ class ChunkedScan:
     """Where a chunked body (RFC 9112 section 7.1) ends, in a buffer that grows as the reactor
     reads it. ``feed(buf)`` goes on from where it stopped (a trickled body is scanned once) and
     returns True once the body and its trailer section are in ``buf``, once it is malformed (the
-    worker's reader then says how), or once its data passes ``limit`` (the handler streams the
-    rest); False while more is needed."""
+    worker's reader then says how), once its data passes ``limit``, or once ``buf`` holds more
+    than ``wire_limit`` bytes, framing included (the handler streams the rest: chunk extensions
+    and trailer fields around a few data bytes must not make the reactor buffer without end);
+    False while more is needed."""
 
-    __slots__ = ("limit", "pos", "left", "state", "data")
+    __slots__ = ("limit", "wire_limit", "pos", "left", "state", "data")
 
     MAX_LINE_BYTES = 4096
 
-    def __init__(self, limit):
+    def __init__(self, limit, wire_limit=None):
         self.limit = limit
+        self.wire_limit = wire_limit   # None: the caller bounds the buffer itself
         self.pos = 0          # next byte of the buffer to look at
         self.left = 0         # data bytes left in the current chunk
         self.state = "size"   # "size", "data", "crlf" or "trailer"
         self.data = 0         # data bytes seen
 
     def feed(self, buf):
+        if self.wire_limit is not None and len(buf) > self.wire_limit:
+            return True
         while True:
             if self.state in ("size", "trailer"):
                 end = buf.find(b"\r\n", self.pos)

@@ -146,6 +146,20 @@ def test_refusals_reach_the_access_log_and_the_guard_counters(start_server):
     assert server.guard.stats()["counts"]["refused_client_cap"] == 1
 
 
+@pytest.mark.parametrize("source", ["127.0.0.3", "127.0.0.1"])   # a client; a trusted proxy
+def test_heads_the_reactor_refuses_are_counted_by_the_guard(start_server, source):
+    """400, 414 and 431 sent by the reactor before any worker sees the request are counted in
+    guard.stats()["counts"] (and so in /metrics), whoever sent them: a strike alone is not
+    seen, and a trusted proxy's connections earn none."""
+    server = start_server()
+    heads = [b"\x16\x03\x01 not http\r\n\r\n",
+             b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+             b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 70000 + b"\r\n\r\n"]
+    assert [status_of(raw_exchange(server, head, source=source)) for head in heads] == [
+        400, 414, 431]
+    assert server.guard.stats()["counts"].get("refused_bad_request") == 3
+    assert server.access_text().count('" 4') >= 3
+
 def test_a_flood_of_refusals_is_sampled_in_the_access_log(start_server):
     server = start_server(config={"max_connections_per_ip": 1})
     holder = socket.create_connection(("127.0.0.1", server.port), source_address=("127.0.0.4", 0))
@@ -230,4 +244,35 @@ def test_a_clients_bodies_past_max_waiting_per_client_wait_in_line(start_server)
         assert read_until_close(second, 5).endswith(b'{"json":{"b":2}}')
     finally:
         for sock in (first, second, other):
+            sock.close()
+
+
+def test_at_the_global_cap_bodies_waiting_in_line_make_room(start_server):
+    """A client's bodies past max_waiting_per_client wait in line unread, with no deadline of
+    their own. Slow bodies from a few addresses, most of them in line, once filled the cap for
+    everyone: a newcomer got 503. Now the oldest body in line of the largest client goes."""
+    server = start_server(config={"max_connections": 12, "max_connections_per_ip": 100,
+                                  "max_waiting_per_client": 1, "body_rate_grace_s": 60,
+                                  "header_timeout_s": 30})
+    head = (b"POST /hello/echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100000\r\n\r\n[")
+    slow = []
+    try:
+        for source in ("127.0.0.13", "127.0.0.14"):
+            for _ in range(7 if source == "127.0.0.13" else 5):
+                sock = socket.create_connection(("127.0.0.1", server.port), timeout=5,
+                                                source_address=(source, 0))
+                slow.append(sock)
+                sock.sendall(head)   # one body being read per client, the others in line
+                time.sleep(0.05)
+        time.sleep(0.3)   # all twelve have whole heads: none is head-less, none idle
+        newcomer = socket.create_connection(("127.0.0.1", server.port), timeout=5,
+                                            source_address=("127.0.0.15", 0))
+        newcomer.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert status_of(read_until_close(newcomer)) == 200
+        newcomer.close()
+        closed = [number for number, sock in enumerate(slow) if not still_open(sock)]
+        assert len(closed) == 1 and closed[0] in range(1, 7), closed   # 127.0.0.13's, in line
+    finally:
+        for sock in slow:
             sock.close()

@@ -19,6 +19,8 @@ import socket
 import threading
 import time
 
+import pytest
+
 from conftest import status_of
 
 ATTACKER, READER, NORMAL = "127.0.0.2", "127.0.0.3", "127.0.0.5"
@@ -214,6 +216,39 @@ def body_seen_only_when_complete(start_server, size, buffer_body_bytes):
 def test_a_body_of_buffer_body_bytes_is_buffered_and_one_byte_more_is_streamed(start_server):
     assert body_seen_only_when_complete(start_server, 1024, buffer_body_bytes=1024)
     assert not body_seen_only_when_complete(start_server, 1025, buffer_body_bytes=1024)
+
+
+@pytest.mark.parametrize("framing", [
+    b"1\r\n[\r\n0\r\n" + (b"X-T: " + b"t" * 4000 + b"\r\n") * 256,      # trailer fields
+    (b"1;" + b"e" * 4000 + b"\r\n \r\n") * 256])                          # chunk extensions
+def test_a_chunked_body_buffers_no_more_than_buffer_body_bytes_of_framing(start_server, framing):
+    """A chunked body's framing counts against buffer_body_bytes: a megabyte of trailer fields
+    or chunk extensions around one data byte once made the reactor buffer all of it (and as
+    much more as the client sent). Past the buffer, the handler's reader takes over, and its
+    limits answer (431: a trailer section past max_head_bytes), or it reads on under the pace."""
+    entered = []
+
+    def read_all(request):
+        entered.append(True)
+        return {"bytes": len(request.body())}
+
+    server = start_server(routes=[("POST", "/t/all", read_all)],
+                          config={"buffer_body_bytes": 4096, "max_head_bytes": 16384})
+    sock = connect(server, ATTACKER)
+    try:
+        sock.sendall(b"POST /t/all HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        try:
+            sock.sendall(framing)       # about 1 MiB, as fast as the server takes it
+        except OSError:
+            pass                        # answered and closed before it was all sent
+        deadline = time.monotonic() + 3
+        while not entered and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert entered, "the reactor is still buffering the framing"
+        if framing.startswith(b"1\r\n"):
+            assert read_response(sock, timeout=3)[0] == 431
+    finally:
+        sock.close()
 
 
 def test_streamed_body_slower_than_the_minimum_rate_gets_408_after_the_grace(start_server):
