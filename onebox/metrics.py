@@ -236,8 +236,8 @@ def _connections(out, server):
                "Connections refused or cut by the runtime, by cause",
                [({"cause": name}, counts.get(name, 0)) for name in sorted(
                    set(counts) | {"refused_connection_cap", "refused_client_cap",
-                                  "refused_timeout", "refused_slow_body", "closed_slow_reader",
-                                  "closed_at_accept"})
+                                  "refused_timeout", "refused_bad_request", "refused_slow_body",
+                                  "closed_slow_reader", "closed_at_accept"})
                 if name.startswith(("refused_", "closed_"))])
     idle = len(handoff.idle)
     threads = len(server.workers.threads)

@@ -221,6 +221,9 @@ def test_metrics_off_counts_no_requests_but_still_reports_gauges(start_server):
     assert request(server, "GET", "/hello")[0] == 200
     samples = scrape(server)
     assert value(samples, "onebox_metrics_enabled") == 0
+    # every cause is listed from the start, so a rate() over it has a zero to start from
+    key = ("onebox_connections_refused_total", (("cause", "refused_bad_request"),))
+    assert samples[key] == 0
     assert not any(key[0] == "onebox_http_requests_total" for key in samples)
     assert value(samples, "onebox_workers", state="idle") >= 1
     assert value(samples, "onebox_state_keys") >= 0
