@@ -1,6 +1,7 @@
-"""The HTTP/1.1 codec: parse a request head, frame and read a body, render and send a response.
+"""The HTTP/1.1 codec: parse a request head and its framing, check and render a response head.
 
-Pure functions and small classes, and the one grammar of the protocol that everyone uses
+Pure functions and small classes (reading bodies and writing responses, which wait on
+sockets, are ``onebox/transfer.py``'s), and the one grammar of the protocol that everyone uses
 (tokens, field values, request lines: RFC 9110 section 5.6, RFC 9112 sections 2-7). No threads
 live here: the engine calls these from its reactor and workers. What a lenient parser accepts is
 what request smuggling exploits, so every rule is strict, and every rule's failure is an

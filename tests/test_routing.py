@@ -2,6 +2,7 @@
 import ast
 import http.client
 import os
+import re
 import sys
 
 import pytest
@@ -385,6 +386,30 @@ def test_the_dependency_tests_catch_what_they_guard(tmp_path):
     assert forbidden_in_runtime(str(runtime)) == ["server", "pytest"]
 
 
+def runtime_modules():
+    return [os.path.basename(path) for path in python_files("onebox")
+            if not path.endswith("__init__.py")]
+
+
+def test_each_runtime_module_says_what_it_imports():
+    for name in runtime_modules():
+        with open(os.path.join(ROOT, "onebox", name), encoding="utf-8") as source:
+            docstring = ast.get_docstring(ast.parse(source.read())) or ""
+        assert "mports" in docstring, "onebox/%s: its docstring must say what it imports" % name
+
+
+def test_the_readme_and_server_py_map_every_runtime_module():
+    """The README's directory table and server.py's "Where things are" name each module of
+    onebox/, and name no module that is not there."""
+    table = readme().split("## What is in the directory", 1)[1].split("\n\n", 2)[1]
+    in_table = set(re.findall(r"^\| `onebox/(\w+\.py)` \|", table, re.M))
+    with open(os.path.join(ROOT, "server.py"), encoding="utf-8") as source:
+        where = ast.get_docstring(ast.parse(source.read())).split("Where things are", 1)[1]
+    in_server_py = set(re.findall(r"^``onebox/(\w+\.py)``", where.split("\n\n", 1)[0], re.M))
+    assert in_table == set(runtime_modules())
+    assert in_server_py == set(runtime_modules())
+
+
 # --- what the README promises area authors --------------------------------------------------
 
 def readme():
@@ -394,7 +419,6 @@ def readme():
 
 def test_every_name_the_readme_documents_for_areas_exists():
     import importlib
-    import re
     table = readme().split("The whole contract", 1)[1].split("\n\n", 2)[1]
     rows = re.findall(r"^\| `(handlers\.\w+)` \| (.+) \|$", table, re.M)
     # _limits and _context are reached through _core
