@@ -278,12 +278,11 @@ def _render_field(field):
     if not TOKEN_RE.fullmatch(name) or BAD_VALUE_RE.search(text):
         raise ValueError("response header %r has a bad name or value" % name)
     line = "%s: %s\r\n" % (name, text)
-    if len(_rendered_fields) >= _RENDERED_FIELDS_MAX:
-        _rendered_fields.clear()  # many distinct values (per-request ids): start again
-    try:
+    # Only str values are remembered: 1, 1.0 and True are equal keys of different text
+    if type(value) is str and type(name) is str:
+        if len(_rendered_fields) >= _RENDERED_FIELDS_MAX:
+            _rendered_fields.clear()  # many distinct values (per-request ids): start again
         _rendered_fields[(name, value)] = line
-    except TypeError:
-        pass  # an unhashable value: rendered, just not remembered
     return line
 
 
@@ -316,7 +315,10 @@ def render_head(status, headers, length, keep_alive, version):
     rendered = _rendered_fields
     lines = ["HTTP/1.1 %d %s\r\nDate: %s\r\nServer: onebox\r\n%s"
              % (status, REASONS.get(status, "Unknown"), http_date(), _NOSNIFF)]
-    lines += [rendered.get(field) or _render_field(field) for field in headers]
+    try:
+        lines += [rendered.get(field) or _render_field(field) for field in headers]
+    except TypeError:   # an unhashable value (a list, say): rendered, just not looked up
+        lines += [_render_field(field) for field in headers]
     if status not in _NO_BODY_STATUSES and status >= 200:
         if length is not None:
             lines.append("Content-Length: %d\r\n" % length)

@@ -620,6 +620,19 @@ def test_render_head_refuses_a_bad_field(field):
         render_head(200, [field], 0, True, "HTTP/1.1")
 
 
+def test_values_that_compare_equal_are_rendered_each_as_itself():
+    """1 == True == 1.0, so a checked line remembered by (name, value) must not be one of
+    theirs: "X-N: True" is not what ("X-N", 1) says."""
+    for value, text in [(True, "True"), (1, "1"), (1.0, "1.0"), (True, "True")]:
+        head = render_head(200, [("X-N", value)], 0, True, "HTTP/1.1").decode("latin-1")
+        assert "\r\nX-N: %s\r\n" % text in head
+
+
+def test_an_unhashable_value_is_rendered_not_a_crash_at_the_write():
+    head = render_head(200, [("X-A", "1"), ("X-L", ["a"])], 0, True, "HTTP/1.1")
+    assert b"\r\nX-A: 1\r\nX-L: ['a']\r\n" in head
+
+
 def test_date_header_is_an_rfc_9110_date_of_now():
     import time
     text = render_head(200, [], 0, True, "HTTP/1.1").decode("latin-1")

@@ -258,6 +258,18 @@ def test_a_bad_response_is_a_500_naming_the_handler(start_server, handler, probl
     assert problem in log and "connection error" not in log
 
 
+def list_value(request):
+    return Response(b"x", 200, [("X-List", ["a"])])
+
+
+def test_a_header_value_of_any_type_is_answered_not_dropped_at_the_write(start_server):
+    """A value is rendered with str(), as an int is; an unhashable one (a list) once made the
+    write raise, and the client got no response at all."""
+    server = start_server(routes=[("GET", "/t/list", list_value)])
+    status, headers, body = request(server, "GET", "/t/list")
+    assert (status, headers["x-list"], body) == (200, "['a']", b"x")
+
+
 def test_the_error_log_escapes_what_a_client_sent(start_server):
     server = start_server(routes=[("GET", "/t/crash/{rest...}", crash)])
     forged = "/t/crash/x%0A2026-01-01T00:00:00%20onebox:%20forged%0D%1B[31m"
