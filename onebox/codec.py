@@ -47,6 +47,15 @@ _HOST_RE = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::
 _OWS = " \t"
 
 
+def chunk_size(line):
+    """The size a chunked body's size line gives (RFC 9112 section 7.1: 1*HEXDIG, at most 16
+    digits here, then any chunk-ext, which is ignored), or None if the line is malformed."""
+    size = line.split(b";", 1)[0].strip(b" \t")
+    if not size or len(size) > 16 or size.strip(b"0123456789abcdefABCDEF"):
+        return None
+    return int(size, 16)
+
+
 def head_problem(buf, settings):
     """What is wrong with an unfinished or finished request head in ``buf`` that no more bytes
     can fix: (status, message), or None. For the reactor, which rejects garbage (a TLS hello,

@@ -11,9 +11,9 @@ import types
 import pytest
 
 from handlers._core import Headers, HTTPError
-from onebox.codec import (decode_path, error_response, http_date, parse_head, render_head,
-                          split_target)
-from onebox.transfer import ChunkedBody, LengthBody
+from onebox.codec import (chunk_size, decode_path, error_response, http_date, parse_head,
+                          render_head, split_target)
+from onebox.transfer import ChunkedBody, ChunkedScan, LengthBody
 from onebox.settings import load_config
 
 SETTINGS = load_config(None).server   # the shipped defaults: 8192-byte line, 100 fields
@@ -440,6 +440,18 @@ def outcome(result, expected):
     """``result``, or GONE when it is one of the outcomes GONE allows."""
     return GONE if expected is GONE and result in ((400, True), (408, True)) else result
 
+
+
+@pytest.mark.parametrize("line, expected", [
+    (b"5", 5), (b"a", 10), (b"A", 10), (b"0005", 5), (b"0000000000000005", 5),
+    (b"ffffffffffffffff", 2 ** 64 - 1), (b"5;name=value", 5), (b"5 ;ext", 5), (b"5\t;ext", 5),
+    (b"", None), (b";ext", None), (b"zz", None), (b"0x5", None), (b"-5", None), (b"+5", None),
+    (b"1 1", None), (b"5\xa0", None), (b"00000000000000005", None)], ids=short_id)
+def test_chunk_size(line, expected):
+    """One rule for a chunk's size line, read by the reactor's scan and the worker's reader."""
+    assert chunk_size(line) == expected
+    scan = ChunkedScan(limit=2 ** 65)
+    assert scan.feed(bytearray(line + b"\r\n")) is (expected is None)   # malformed: done at once
 
 
 @pytest.mark.parametrize("data, expected", [
