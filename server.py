@@ -11,7 +11,7 @@ Where things are
 ----------------
 ``onebox/settings.py``  every limit, with its unit and reason; setup.cfg and flags
 ``onebox/routing.py``   the areas' ROUTES tables, checked at start-up, matched per request
-``onebox/codec.py``     HTTP/1.1's grammar: parse a head, render a response head
+``onebox/codec.py``     HTTP/1.1's grammar: parse a head, check and render a response head
 ``onebox/transfer.py``  bodies in and responses out, under a minimum data rate
 ``onebox/static.py``    pages/: validators, ranges, compression, caches, containment
 ``onebox/guard.py``     the abuse guard: client identity, rate limits, bans, scanners, rules
@@ -21,12 +21,17 @@ Where things are
 ``onebox/reactor.py``   the thread that accepts, and owns every connection that waits
 ``onebox/workers.py``   the pool that serves requests that are ready
 ``onebox/engine.py``    the server object that composes them: start, drain, stop, health
+``onebox/reload.py``    SIGHUP: setup.cfg read again and applied while serving
 ``onebox/admin.py``     the admin listener: /metrics, the status page, its token and origin check
-``onebox/metrics.py``   per-thread request counters; /metrics in the Prometheus text format
+``onebox/tally.py``     each answered request counted once, per thread, for metrics and status
+``onebox/metrics.py``   the counters the tally feeds; /metrics in the Prometheus text format
+``onebox/activity.py``  what the status page shows, in memory under a fixed budget
+``onebox/status.py``    the status page, its JSON and the Lift action (on the admin listener)
 ``onebox/health.py``    /healthz and /readyz on the public port, answered by the reactor
 ``onebox/systemd.py``   systemd's passed sockets, and what it is told: ready, status, watchdog
 ``onebox/tls.py``       HTTPS: the TLS policy, the certificate's checks, the TLS connection's socket
 ``onebox/restart.py``   SIGUSR2 / --restart: a successor on the same sockets, then hand over
+
 Dependencies point one way: ``server.py`` imports ``onebox``; ``onebox`` imports the contract
 (``handlers/_*.py``) and the areas (to route to them); areas import only the contract; nothing
 imports ``server.py`` but tests.

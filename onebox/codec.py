@@ -1,6 +1,7 @@
-"""The HTTP/1.1 codec: parse a request head, frame and read a body, render and send a response.
+"""The HTTP/1.1 codec: parse a request head and its framing, check and render a response head.
 
-Pure functions and small classes, and the one grammar of the protocol that everyone uses
+Pure functions and small classes (reading bodies and writing responses, which wait on
+sockets, are ``onebox/transfer.py``'s), and the one grammar of the protocol that everyone uses
 (tokens, field values, request lines: RFC 9110 section 5.6, RFC 9112 sections 2-7). No threads
 live here: the engine calls these from its reactor and workers. What a lenient parser accepts is
 what request smuggling exploits, so every rule is strict, and every rule's failure is an
@@ -44,6 +45,15 @@ _HOST_RE = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::
 # would also strip NBSP (0xA0) and NEL (0x85) of a latin-1 decoded head: a smuggling lever, since
 # a proxy in front reads "chunked\xa0" as an unknown coding.
 _OWS = " \t"
+
+
+def chunk_size(line):
+    """The size a chunked body's size line gives (RFC 9112 section 7.1: 1*HEXDIG, at most 16
+    digits here, then any chunk-ext, which is ignored), or None if the line is malformed."""
+    size = line.split(b";", 1)[0].strip(b" \t")
+    if not size or len(size) > 16 or size.strip(b"0123456789abcdefABCDEF"):
+        return None
+    return int(size, 16)
 
 
 def head_problem(buf, settings):
@@ -277,12 +287,11 @@ def _render_field(field):
     if not TOKEN_RE.fullmatch(name) or BAD_VALUE_RE.search(text):
         raise ValueError("response header %r has a bad name or value" % name)
     line = "%s: %s\r\n" % (name, text)
-    if len(_rendered_fields) >= _RENDERED_FIELDS_MAX:
-        _rendered_fields.clear()  # many distinct values (per-request ids): start again
-    try:
+    # Only str values are remembered: 1, 1.0 and True are equal keys of different text
+    if type(value) is str and type(name) is str:
+        if len(_rendered_fields) >= _RENDERED_FIELDS_MAX:
+            _rendered_fields.clear()  # many distinct values (per-request ids): start again
         _rendered_fields[(name, value)] = line
-    except TypeError:
-        pass  # an unhashable value: rendered, just not remembered
     return line
 
 
@@ -315,7 +324,10 @@ def render_head(status, headers, length, keep_alive, version):
     rendered = _rendered_fields
     lines = ["HTTP/1.1 %d %s\r\nDate: %s\r\nServer: onebox\r\n%s"
              % (status, REASONS.get(status, "Unknown"), http_date(), _NOSNIFF)]
-    lines += [rendered.get(field) or _render_field(field) for field in headers]
+    try:
+        lines += [rendered.get(field) or _render_field(field) for field in headers]
+    except TypeError:   # an unhashable value (a list, say): rendered, just not looked up
+        lines += [_render_field(field) for field in headers]
     if status not in _NO_BODY_STATUSES and status >= 200:
         if length is not None:
             lines.append("Content-Length: %d\r\n" % length)

@@ -82,6 +82,8 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         """``listeners``: sockets already listening, by name (socket activation and the
         zero-downtime restart hand them over): "http" is served instead of binding host:port;
         other names are for the listeners that use them (e.g. "admin")."""
+        # Long: the server's own fields, each made here beside the comment that says who
+        # writes it; the parts are built by _count_requests, _open_listeners and _compose.
         settings = config.server
         self.started_at = time.time()
         # before anything is bound: a missing admin token stops start-up (AdminConfigError),
@@ -97,16 +99,7 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         self.journal_priorities = journal_stream(self.error_stream)   # under systemd
         self.static = StaticPages(settings.pages_dir, config.static)
         self.guard = Guard(config.guard, store, self.log_error)   # bans persist in the store
-        # Each answered request is counted once, in the tally (onebox/tally.py), for the
-        # metrics and for what the status page shows (onebox/activity.py), where the guard
-        # also records each refusal and ban.
-        self.tally = Tally()
-        self.metrics = Metrics(self.tally, config.admin.metrics)
-        status = config.status
-        self.activity = Activity(self.tally, status.recorder, status.top_entries,
-                                 status.recent_decisions)
-        if status.recorder:
-            self.guard.on_decision = self.activity.decision
+        self._count_requests(config)
         # What handlers reach through state, @cached and limiter(): this server's own, bound by
         # each worker thread as it starts (handlers/_context.py); never the process's.
         self.context = _context.ServerContext(
@@ -117,41 +110,8 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         if settings.access_log:
             self.access_log = AccessLog(self.access_stream, settings.log_flush_interval_s,
                                         settings.log_buffer_bytes, self.log_error)
-        self._listen(settings, self.listeners.get("http"))
-        self.admin_socket = None
-        try:
-            self.admin_socket = self._listen_admin(config.admin, self.listeners.get("admin"))
-        except OSError as error:
-            self.server_close()
-            raise AdminConfigError(
-                "cannot listen on %s port %s for the admin listener: %s; set [admin] port "
-                "(--admin-port 0 picks a free one, off turns it off)"
-                % (config.admin.host, config.admin.port, error.strerror or error)) from None
-        try:
-            self.tls_socket = self._listen_tls(config, self.listeners.get("https"))
-        except OSError as error:
-            self.server_close()
-            raise TLSConfigError(
-                "cannot listen on %s port %s for HTTPS: %s; set [tls] port (--tls-port 0 "
-                "picks a free one)" % (config.tls.host or settings.host, config.tls.port,
-                                       error.strerror or error)) from None
-        self.use_tls_settings(config.tls)
-        host = self.server_address[0]   # a socket systemd passed may not be settings.host
-        if config.allowed_hosts is None and not _is_loopback(host):
-            self.log_error("listening on %s with any Host allowed: set allowed_hosts in [server] "
-                           "(e.g. allowed_hosts = example.org) so that DNS rebinding cannot "
-                           "reach this server from a browser" % host, level="warning")
-        self.handoff = Handoff()
-        self._poller = Poller()
-        self.reactor = Reactor(self.socket, settings, self.handoff, self._poller, self.guard,
-                               self.access_log, self.log_error, self.admin_socket,
-                               config.admin.max_connections)
-        self.reactor.tls_listener = self.tls_socket
-        self.reactor.tls_context = self.tls_context
-        self.health_checks = HealthChecks(self, config.health)
-        self.reactor.health = self.health_checks
-        self.reactor.tally = self.tally if self.tally.wanted else None
-        self.workers = Workers(self, self.handoff, self._poller)
+        self._open_listeners(config)
+        self._compose(config)
         # What the server is doing, for readiness (/readyz, systemd): "starting" until the
         # reactor's first turn, then "serving"; "reloading" while the reactor applies a reload;
         # "draining" from begin_shutdown on. Written by the reactor (and begin_shutdown).
@@ -177,6 +137,62 @@ class OneboxServer(http.server.ThreadingHTTPServer):
             except Exception:
                 self.server_close()
                 raise
+
+    def _count_requests(self, config):
+        """Each answered request is counted once, in the tally (onebox/tally.py), for the
+        metrics and for what the status page shows (onebox/activity.py), where the guard also
+        records each refusal and ban."""
+        self.tally = Tally()
+        self.metrics = Metrics(self.tally, config.admin.metrics)
+        status = config.status
+        self.activity = Activity(self.tally, status.recorder, status.top_entries,
+                                 status.recent_decisions)
+        if status.recorder:
+            self.guard.on_decision = self.activity.decision
+
+    def _open_listeners(self, config):
+        """The public listener, the admin listener and the HTTPS one (each handed over, or
+        bound); a port that cannot be had closes what is open and stops start-up."""
+        settings = config.server
+        self._listen(settings, self.listeners.get("http"))
+        self.admin_socket = None
+        try:
+            self.admin_socket = self._listen_admin(config.admin, self.listeners.get("admin"))
+        except OSError as error:
+            self.server_close()
+            raise AdminConfigError(
+                "cannot listen on %s port %s for the admin listener: %s; set [admin] port "
+                "(--admin-port 0 picks a free one, off turns it off)"
+                % (config.admin.host, config.admin.port, error.strerror or error)) from None
+        try:
+            self.tls_socket = self._listen_tls(config, self.listeners.get("https"))
+        except OSError as error:
+            self.server_close()
+            raise TLSConfigError(
+                "cannot listen on %s port %s for HTTPS: %s; set [tls] port (--tls-port 0 "
+                "picks a free one)" % (config.tls.host or settings.host, config.tls.port,
+                                       error.strerror or error)) from None
+        self.use_tls_settings(config.tls)
+        host = self.server_address[0]   # a socket systemd passed may not be settings.host
+        if config.allowed_hosts is None and not _is_loopback(host):
+            self.log_error("listening on %s with any Host allowed: set allowed_hosts in [server] "
+                           "(e.g. allowed_hosts = example.org) so that DNS rebinding cannot "
+                           "reach this server from a browser" % host, level="warning")
+
+    def _compose(self, config):
+        """The engine: the hand-off between the reactor and the workers, the poller, the
+        reactor (with the listeners, the health checks and the tally) and the worker pool."""
+        self.handoff = Handoff()
+        self._poller = Poller()
+        self.reactor = Reactor(self.socket, config.server, self.handoff, self._poller,
+                               self.guard, self.access_log, self.log_error, self.admin_socket,
+                               config.admin.max_connections)
+        self.reactor.tls_listener = self.tls_socket
+        self.reactor.tls_context = self.tls_context
+        self.health_checks = HealthChecks(self, config.health)
+        self.reactor.health = self.health_checks
+        self.reactor.tally = self.tally if self.tally.wanted else None
+        self.workers = Workers(self, self.handoff, self._poller)
 
     def _listen_admin(self, admin_settings, inherited=None):
         """The admin listener (onebox/admin.py): the socket handed over, else one bound to

@@ -55,7 +55,8 @@ the state store is written only by workers and never under a lock. Idle entries 
 expire: each use looks at the least recently used entry or two and drops them if stale; nothing
 sweeps a whole table on the request path.
 
-This module is stdlib only and imports no runtime module: the runtime passes in what it needs.
+Imports the standard library and the contract's rate limiters (``handlers._limits``); never the
+engine, another runtime module or ``server``: the runtime passes in what it needs.
 """
 import array
 import collections

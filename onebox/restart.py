@@ -39,6 +39,9 @@ socket stays open in systemd, so nobody is refused), and systemd keeps tracking 
 (a successor would need ``MAINPID=`` and ``NotifyAccess=all`` to be the unit's). The launcher
 and the hand-shake are in the standard library only; one daemon thread ("onebox-restart")
 runs each restart, so the reactor never waits on the successor.
+
+Imports the standard library and the store's ``StateLockedError`` (``handlers._state``); never
+the engine (the server is passed in) or ``server``.
 """
 import fcntl
 import http.client

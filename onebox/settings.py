@@ -355,23 +355,7 @@ def load_config(path=None, overrides=None):
     explicit = set()   # (section, key) set by the file or an override, not defaulted
     if path is not None:
         base_dir = os.path.dirname(os.path.abspath(path))
-        parser = configparser.ConfigParser(interpolation=None)
-        try:
-            with open(path, encoding="utf-8") as config_file:
-                parser.read_file(config_file)
-        except (OSError, configparser.Error) as error:
-            raise ConfigError("%s: cannot be read: %s" % (path, error)) from None
-        for section in SETTINGS:
-            if parser.has_section(section):
-                for key, raw in parser.items(section):
-                    _set_value(values, section, key, raw, "%s [%s] %s" % (path, section, key))
-                    explicit.add((section, key))
-        for section in parser.sections():
-            if section.startswith("limits") and section != "limits":  # [limits "/path"]
-                for key, raw in parser.items(section):
-                    _set_value(values, section, key, raw, "%s [%s] %s" % (path, section, key))
-            elif section not in SETTINGS:
-                _check_foreign_section(section, path)
+        _read_file(path, values, explicit)
     for dotted, raw in (overrides or {}).items():
         section, _, key = dotted.rpartition(".")
         _set_value(values, section or "server", key, raw, "setting %r" % dotted)
@@ -407,6 +391,28 @@ def load_config(path=None, overrides=None):
     except ValueError as error:
         raise ConfigError("%s: %s" % (path or "settings", error)) from None
     return config
+
+
+def _read_file(path, values, explicit):
+    """Set ``values`` from the settings file at ``path``: our sections, and the
+    [limits "/path"] ones; note in ``explicit`` each (section, key) the file sets."""
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path, encoding="utf-8") as config_file:
+            parser.read_file(config_file)
+    except (OSError, configparser.Error) as error:
+        raise ConfigError("%s: cannot be read: %s" % (path, error)) from None
+    for section in SETTINGS:
+        if parser.has_section(section):
+            for key, raw in parser.items(section):
+                _set_value(values, section, key, raw, "%s [%s] %s" % (path, section, key))
+                explicit.add((section, key))
+    for section in parser.sections():
+        if section.startswith("limits") and section != "limits":  # [limits "/path"]
+            for key, raw in parser.items(section):
+                _set_value(values, section, key, raw, "%s [%s] %s" % (path, section, key))
+        elif section not in SETTINGS:
+            _check_foreign_section(section, path)
 
 
 _HOST_NAME_RE = re.compile(r"\.?[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*"

@@ -4,7 +4,8 @@ Part of the runtime, not an area: the engine builds one ``StaticPages`` and call
 ``serve(request)`` from its worker threads for unrouted GET and HEAD requests, and
 ``not_found(request)`` for a 404. Imports the standard library, the handler contract and the
 codec's ``error_response``; never the engine or ``server``. Everything here is safe to call
-from many workers at once.
+from many workers at once. About 900 lines, as one module: the five steps below read and fill
+the same cache entries, and their invariants (at the end) hold only if read together.
 
 What a request goes through (``StaticPages.serve``):
 

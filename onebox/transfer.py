@@ -26,7 +26,7 @@ import time
 import traceback
 
 from handlers._core import HTTPError
-from onebox.codec import _NO_BODY_STATUSES, render_head
+from onebox.codec import _NO_BODY_STATUSES, chunk_size, render_head
 from onebox.tls import FILE_CHUNK_BYTES
 
 STREAM_BUFFER_BYTES = 256 * 1024   # a stream's produced but unsent bytes before its worker waits
@@ -127,10 +127,10 @@ class ChunkedScan:
                     if not line:
                         return True
                     continue
-                size = line.split(b";", 1)[0].strip(b" \t")
-                if not size or len(size) > 16 or size.strip(b"0123456789abcdefABCDEF"):
+                size = chunk_size(line)
+                if size is None:
                     return True
-                self.left = int(size, 16)
+                self.left = size
                 self.data += self.left
                 if self.data > self.limit:
                     return True
@@ -286,12 +286,11 @@ class ChunkedBody(BodyReader):
         return chunk
 
     def _start_chunk(self):
-        line = self._line()
-        size_text = line.split(b";", 1)[0].strip(b" \t")
-        if not size_text or len(size_text) > 16 or size_text.strip(b"0123456789abcdefABCDEF"):
+        size = chunk_size(self._line())
+        if size is None:
             self.broken = True
             raise HTTPError(400, "malformed chunk size")
-        self.chunk_left = int(size_text, 16)
+        self.chunk_left = size
         if self.chunk_left == 0:
             trailer_bytes = 0
             while True:  # trailer fields are read and ignored (section 7.1.2)

@@ -16,8 +16,9 @@ by the reactor, for a response it finishes).
 
 The pool's size is an invariant: nothing a request or a hand-back raises ends a worker.
 Threads: ``worker_threads`` of them, each bound to its server's context (state, cache, limiters;
-``handlers/_context.py``). Imports the contract and the runtime's codec, transfer, routing and
-hand-off modules; never the reactor, the engine or ``server``.
+``handlers/_context.py``). Imports the contract and the runtime's codec, transfer, routing,
+hand-off, settings (``host_allowed``), static (``STATIC_METHODS``) and metrics (its route
+labels) modules; never the reactor, the engine or ``server``.
 """
 import select
 import threading

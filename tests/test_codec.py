@@ -11,9 +11,9 @@ import types
 import pytest
 
 from handlers._core import Headers, HTTPError
-from onebox.codec import (decode_path, error_response, http_date, parse_head, render_head,
-                          split_target)
-from onebox.transfer import ChunkedBody, LengthBody
+from onebox.codec import (chunk_size, decode_path, error_response, http_date, parse_head,
+                          render_head, split_target)
+from onebox.transfer import ChunkedBody, ChunkedScan, LengthBody
 from onebox.settings import load_config
 
 SETTINGS = load_config(None).server   # the shipped defaults: 8192-byte line, 100 fields
@@ -442,6 +442,18 @@ def outcome(result, expected):
 
 
 
+@pytest.mark.parametrize("line, expected", [
+    (b"5", 5), (b"a", 10), (b"A", 10), (b"0005", 5), (b"0000000000000005", 5),
+    (b"ffffffffffffffff", 2 ** 64 - 1), (b"5;name=value", 5), (b"5 ;ext", 5), (b"5\t;ext", 5),
+    (b"", None), (b";ext", None), (b"zz", None), (b"0x5", None), (b"-5", None), (b"+5", None),
+    (b"1 1", None), (b"5\xa0", None), (b"00000000000000005", None)], ids=short_id)
+def test_chunk_size(line, expected):
+    """One rule for a chunk's size line, read by the reactor's scan and the worker's reader."""
+    assert chunk_size(line) == expected
+    scan = ChunkedScan(limit=2 ** 65)
+    assert scan.feed(bytearray(line + b"\r\n")) is (expected is None)   # malformed: done at once
+
+
 @pytest.mark.parametrize("data, expected", [
     (b"0\r\n\r\n", b""),
     (b"5\r\nhello\r\n0\r\n\r\n", b"hello"),
@@ -618,6 +630,19 @@ def test_render_head_refuses_a_bad_field(field):
         render_head(200, [field], 0, True, "HTTP/1.1")
     with pytest.raises(ValueError):          # and again: a bad field is never remembered as good
         render_head(200, [field], 0, True, "HTTP/1.1")
+
+
+def test_values_that_compare_equal_are_rendered_each_as_itself():
+    """1 == True == 1.0, so a checked line remembered by (name, value) must not be one of
+    theirs: "X-N: True" is not what ("X-N", 1) says."""
+    for value, text in [(True, "True"), (1, "1"), (1.0, "1.0"), (True, "True")]:
+        head = render_head(200, [("X-N", value)], 0, True, "HTTP/1.1").decode("latin-1")
+        assert "\r\nX-N: %s\r\n" % text in head
+
+
+def test_an_unhashable_value_is_rendered_not_a_crash_at_the_write():
+    head = render_head(200, [("X-A", "1"), ("X-L", ["a"])], 0, True, "HTTP/1.1")
+    assert b"\r\nX-A: 1\r\nX-L: ['a']\r\n" in head
 
 
 def test_date_header_is_an_rfc_9110_date_of_now():

@@ -2,6 +2,7 @@
 import ast
 import http.client
 import os
+import re
 import sys
 
 import pytest
@@ -257,6 +258,18 @@ def test_a_bad_response_is_a_500_naming_the_handler(start_server, handler, probl
     assert problem in log and "connection error" not in log
 
 
+def list_value(request):
+    return Response(b"x", 200, [("X-List", ["a"])])
+
+
+def test_a_header_value_of_any_type_is_answered_not_dropped_at_the_write(start_server):
+    """A value is rendered with str(), as an int is; an unhashable one (a list) once made the
+    write raise, and the client got no response at all."""
+    server = start_server(routes=[("GET", "/t/list", list_value)])
+    status, headers, body = request(server, "GET", "/t/list")
+    assert (status, headers["x-list"], body) == (200, "['a']", b"x")
+
+
 def test_the_error_log_escapes_what_a_client_sent(start_server):
     server = start_server(routes=[("GET", "/t/crash/{rest...}", crash)])
     forged = "/t/crash/x%0A2026-01-01T00:00:00%20onebox:%20forged%0D%1B[31m"
@@ -385,6 +398,30 @@ def test_the_dependency_tests_catch_what_they_guard(tmp_path):
     assert forbidden_in_runtime(str(runtime)) == ["server", "pytest"]
 
 
+def runtime_modules():
+    return [os.path.basename(path) for path in python_files("onebox")
+            if not path.endswith("__init__.py")]
+
+
+def test_each_runtime_module_says_what_it_imports():
+    for name in runtime_modules():
+        with open(os.path.join(ROOT, "onebox", name), encoding="utf-8") as source:
+            docstring = ast.get_docstring(ast.parse(source.read())) or ""
+        assert "mports" in docstring, "onebox/%s: its docstring must say what it imports" % name
+
+
+def test_the_readme_and_server_py_map_every_runtime_module():
+    """The README's directory table and server.py's "Where things are" name each module of
+    onebox/, and name no module that is not there."""
+    table = readme().split("## What is in the directory", 1)[1].split("\n\n", 2)[1]
+    in_table = set(re.findall(r"^\| `onebox/(\w+\.py)` \|", table, re.M))
+    with open(os.path.join(ROOT, "server.py"), encoding="utf-8") as source:
+        where = ast.get_docstring(ast.parse(source.read())).split("Where things are", 1)[1]
+    in_server_py = set(re.findall(r"^``onebox/(\w+\.py)``", where.split("\n\n", 1)[0], re.M))
+    assert in_table == set(runtime_modules())
+    assert in_server_py == set(runtime_modules())
+
+
 # --- what the README promises area authors --------------------------------------------------
 
 def readme():
@@ -394,7 +431,6 @@ def readme():
 
 def test_every_name_the_readme_documents_for_areas_exists():
     import importlib
-    import re
     table = readme().split("The whole contract", 1)[1].split("\n\n", 2)[1]
     rows = re.findall(r"^\| `(handlers\.\w+)` \| (.+) \|$", table, re.M)
     # _limits and _context are reached through _core
