@@ -56,8 +56,9 @@ with two kinds of thread:
   worker keeps its kept-alive connection and waits for the next request itself; the reactor
   calls it back the moment one does. One client may hold ``max_workers_per_client`` workers.
 
-A worker waits on a client only for a body too large to buffer that its handler streams, and
-for a streamed response whose generator outruns its reader: both under the minimum data rates.
+A worker waits on a client only for a body too large to buffer that its handler streams, under
+the minimum data rate. A streamed response's generator runs in workers a turn at a time; when
+its reader falls behind, the reactor sends what it produced, then a worker runs it on.
 
 The stdlib request handler is replaced too: it parses headers with ``email.parser`` (slow, and
 lenient where RFC 9112 asks for strictness), writes headers and body in separate sends (with

@@ -248,6 +248,11 @@ class Response:
     or ``file`` (an open binary file and ``file_range`` = (offset, length), sent with sendfile
     where it can be; the runtime closes it). The runtime adds Date, Server, Content-Length and
     Connection; handlers must not.
+
+    A ``stream`` runs in worker threads, perhaps a different one each turn: a slow reader
+    holds at most 256 KiB of its chunks and no thread, but a generator that waits (for data,
+    or a timer) holds its worker while it waits. If the client leaves mid-stream the generator
+    is closed by the thread that notices, perhaps the reactor: keep ``finally`` blocks short.
     """
 
     __slots__ = ("status", "headers", "body", "stream", "file", "file_range")

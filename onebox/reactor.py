@@ -469,6 +469,12 @@ class Reactor:
             self._finish_send(conn, ok=False)
             return
         conn.progress += sent_before - outbox.size()
+        if done and outbox.stream is not None:
+            # all a streamed body's generator produced is sent: a worker runs it on
+            self._end_wait(conn)
+            conn.sock.setblocking(True)   # the workers' mode (see onebox/transfer.py)
+            self._queue_work(conn)
+            return
         if done:
             self._finish_send(conn, ok=True)
             return

@@ -11,8 +11,9 @@ make a thread wait on it for long (issue 12), so:
 * a response is written by its worker for at most ``worker_write_s`` (``write_response``);
   what the client has not taken by then is an ``Outbox`` that the reactor finishes, without
   blocking, while the client keeps a minimum rate (MinResponseDataRate). A streamed response's
-  generator runs in the worker, which may wait for a slow reader, under the same pace, only
-  while more than ``STREAM_BUFFER_BYTES`` of produced chunks are unsent.
+  generator runs in a worker; once more than ``STREAM_BUFFER_BYTES`` of its chunks wait for
+  the client, the reactor sends them and then hands the connection to a worker for more
+  (``produce``).
 
 Connection sockets are blocking with SO_SNDTIMEO = ``worker_write_s``, reads pass
 MSG_DONTWAIT, and a socket handed to the reactor to finish a response is non-blocking until it
@@ -29,7 +30,7 @@ from handlers._core import HTTPError
 from onebox.codec import _NO_BODY_STATUSES, chunk_size, render_head
 from onebox.tls import FILE_CHUNK_BYTES
 
-STREAM_BUFFER_BYTES = 256 * 1024   # a stream's produced but unsent bytes before its worker waits
+STREAM_BUFFER_BYTES = 256 * 1024   # a stream's unsent chunks past which the reactor sends them
 _SMALL_BODY_BYTES = 256 * 1024     # a body up to this leaves in one send with its head
 _MSG_MORE = getattr(socket, "MSG_MORE", 0)   # Linux; elsewhere the head goes out alone
 MSG_DONTWAIT = socket.MSG_DONTWAIT   # a read that must not wait, on a blocking socket
@@ -326,14 +327,15 @@ class ChunkedBody(BodyReader):
 
 class Outbox:
     """The rest of a response that its worker could not send in its turn: ``data`` first (a
-    memoryview), then ``remaining`` bytes of ``file`` from ``offset``. ``body_sent`` counts the
-    body bytes that have left (for the access log); ``head_left``, the head bytes still in
-    ``data``; ``log``, the worker's fields of the access log line, written when it is done.
-    Finished by the reactor with ``send_more``; owned by one thread at a time, as its
-    connection is."""
+    memoryview), then ``remaining`` bytes of ``file`` from ``offset``, then, for a streamed
+    body, what its generator ``stream`` has still to produce (in a worker: see ``produce``).
+    ``body_sent`` counts the body bytes that have left (for the access log); ``head_left``,
+    the head bytes still in ``data``; ``log``, the worker's fields of the access log line,
+    written when it is done. Sent by the reactor with ``send_more``; owned by one thread at a
+    time, as its connection is."""
 
     __slots__ = ("data", "head_left", "file", "offset", "remaining", "body_sent", "log",
-                 "keep_alive", "tally")
+                 "keep_alive", "tally", "stream", "chunked", "cut")
 
     def __init__(self, data=b"", head_left=0, file=None, offset=0, remaining=0, body_sent=0):
         self.log = None   # the access log line's fields, written once the response is done
@@ -347,12 +349,18 @@ class Outbox:
         self.offset = offset
         self.remaining = remaining
         self.body_sent = body_sent
+        self.stream = None     # a streamed body's iterator, until it ends
+        self.chunked = False   # its pieces are framed as chunks (HTTP/1.1)
+        self.cut = False       # it broke off in a worker (client gone, generator raised)
 
     def send_more(self, sock):
-        """Send what the (non-blocking) socket takes now; True once all is sent. Raises
-        ClientGone if the connection broke. Over TLS the file is read into ``data`` a
-        FILE_CHUNK_BYTES piece at a time (sendfile cannot encrypt), and a piece the socket
-        did not take stays in ``data``: OpenSSL wants the same bytes again."""
+        """Send what the (non-blocking) socket takes now; True once ``data`` and the file are
+        sent (a stream may have more to produce). Raises ClientGone if the connection broke.
+        Over TLS the file is read into ``data`` a FILE_CHUNK_BYTES piece at a time (sendfile
+        cannot encrypt), and a piece the socket did not take stays in ``data``: OpenSSL wants
+        the same bytes again."""
+        if self.cut:
+            raise ClientGone("the response broke off")
         tls = getattr(sock, "tls", False)
         try:
             while self.data:
@@ -380,11 +388,15 @@ class Outbox:
             return False
         except OSError as error:
             raise ClientGone(str(error)) from None
-        self.close()
+        self._close_file()
         return True
 
     def _count_data(self, count):
         self.data = self.data[count:]
+        self.count_sent(count)
+
+    def count_sent(self, count):
+        """``count`` more bytes have left: head first, then body."""
         head = min(count, self.head_left)
         self.head_left -= head
         self.body_sent += count - head
@@ -393,22 +405,35 @@ class Outbox:
         return len(self.data) + self.remaining
 
     def close(self):
+        """Let go of the file and the generator. Closing a generator runs its ``finally``
+        blocks in this thread (the reactor's, if the client left mid-stream): the Response
+        docs ask handlers to keep them short."""
+        self._close_file()
+        stream, self.stream = self.stream, None
+        close = getattr(stream, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:
+                pass   # a handler's cleanup that fails must not end the reactor's turn
+
+    def _close_file(self):
         if self.file is not None:
             self.file.close()
             self.file = None
 
 
-def write_response(sock, response, keep_alive, version, head_only, turn_s, pace):
+def write_response(sock, response, keep_alive, version, head_only, turn_s):
     """Send ``response`` for at most ``turn_s`` (the worker's turn). Returns (body bytes sent,
-    None) when it has all left, or (body bytes sent, Outbox) for the reactor to finish. A
-    streamed body is produced here in full (see ``_write_stream``). Raises ClientGone."""
+    None) when it has all left, or (body bytes sent, Outbox) for the reactor to finish (a
+    stream's generator may go on in a later worker: see ``produce``). Raises ClientGone."""
     deadline = time.monotonic() + turn_s
     status = response.status
     no_body = head_only or status in _NO_BODY_STATUSES or status < 200
     if response.file is not None:
         return _write_file(sock, response, keep_alive, version, no_body, deadline)
     if response.stream is not None:
-        return _write_stream(sock, response, keep_alive, version, no_body, pace)
+        return _write_stream(sock, response, keep_alive, version, no_body, deadline)
     body = response.body
     head = render_head(status, response.headers, len(body), keep_alive, version)
     if no_body or not body:
@@ -503,44 +528,56 @@ def _send_file_some(sock, handle, offset, length, deadline):
     return sent
 
 
-def _write_stream(sock, response, keep_alive, version, no_body, pace):
-    """A streamed body: its generator runs here, in the worker (handler code never runs in the
-    reactor). Produced chunks go out as the client takes them; unsent ones wait in a buffer,
-    and past STREAM_BUFFER_BYTES the worker waits for the client under ``pace``. What is
-    unsent when the generator ends is the reactor's to finish."""
-    chunked = version == "HTTP/1.1"
+def _write_stream(sock, response, keep_alive, version, no_body, deadline):
+    """A streamed body's first turn: the head, then what the generator produces (see
+    ``produce``); (body bytes sent, None) if it has all left, else the Outbox of the rest."""
     head = render_head(response.status, response.headers, None, keep_alive, version)
-    started = last = time.monotonic()
-    pending = bytearray(head)
-    head_left = len(head)
-    body_sent = 0
-    pieces = iter(() if no_body else response.stream)
-    while True:
+    outbox = Outbox(head, len(head))
+    outbox.chunked = version == "HTTP/1.1" and not no_body
+    outbox.stream = iter(() if no_body else response.stream)
+    try:
+        produce(sock, outbox, deadline)
+    except BaseException:
+        outbox.close()
+        raise
+    if outbox.data or outbox.stream is not None:
+        return outbox.body_sent, outbox
+    return outbox.body_sent, None
+
+
+def produce(sock, outbox, deadline):
+    """Run a streamed body's generator on, in a worker (handler code never runs in the
+    reactor), sending what the client takes as it goes: until the generator ends, or more than
+    STREAM_BUFFER_BYTES of its chunks wait unsent at ``deadline`` (the worker's turn). Then
+    ``outbox.data`` holds the unsent rest and ``outbox.stream`` the generator, or None if it
+    ended: the reactor sends the rest, and gives the connection back to a worker for more
+    (Reactor._send_more). A slow reader holds a buffer, never a worker; a slow generator holds
+    its worker, the handler's choice. Raises StreamFailed, or ClientGone."""
+    pending = bytearray(outbox.data)
+    outbox.data = memoryview(b"")
+    stream = outbox.stream
+    while stream is not None:
         try:
-            piece = next(pieces, None)
+            piece = next(stream, None)
         except Exception as error:
+            outbox.stream = None
             raise StreamFailed(traceback.format_exc()) from error
         if piece is None:
-            break
-        if piece:
-            pending += b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece
-        while pending:
+            stream = outbox.stream = None
+            if outbox.chunked:
+                pending += b"0\r\n\r\n"
+        elif piece:
+            pending += b"%x\r\n%s\r\n" % (len(piece), piece) if outbox.chunked else piece
+        if stream is None or len(pending) > STREAM_BUFFER_BYTES:
+            sent = _send_some(sock, pending, deadline)   # the socket blocks, for the turn at most
+        else:
             sent = _send_some(sock, pending, 0.0, socket.MSG_DONTWAIT)
-            if sent:
-                last = time.monotonic()
-                head_sent = min(sent, head_left)
-                head_left -= head_sent
-                body_sent += sent - head_sent
-                del pending[:sent]
-            if len(pending) <= STREAM_BUFFER_BYTES:
-                break
-            wait_for(sock, select.POLLOUT, pace.deadline(started, body_sent, last))
-    if chunked and not no_body:
-        pending += b"0\r\n\r\n"
-    if not pending:
-        return body_sent, None
-    sent = _send_some(sock, pending, 0.0, socket.MSG_DONTWAIT)
-    return body_sent, _rest(bytes(pending), head_left, sent, body_sent + max(0, sent - head_left))
+        if sent:
+            outbox.count_sent(sent)
+            del pending[:sent]
+        if len(pending) > STREAM_BUFFER_BYTES:
+            break
+    outbox.data = memoryview(pending)   # never resized again: a new bytearray next turn
 
 
 def _send_all_now(sock, data):

@@ -6,8 +6,9 @@ routes it, runs the handler, judges any body left unread, writes the response fo
 ``worker_write_s`` and logs it; then it serves the next pipelined request, or waits for the next
 one on the connection while no other connection needs a worker, or hands the connection back
 with an ``Outcome``. A worker never waits on a slow client except for a body too large to buffer
-that its handler streams, and a streamed response whose produced chunks the client does not take:
-both under a minimum data rate (``onebox/transfer.py``).
+that its handler streams, under a minimum data rate (``onebox/transfer.py``). A streamed
+response's generator runs in workers, a turn at a time: between turns the reactor sends what it
+produced.
 
 A connection from the admin listener (``conn.admin``) skips the guard and goes to the admin
 site's routes only (``onebox/admin.py``). Each request is counted once, in the tally
@@ -34,8 +35,8 @@ from onebox.metrics import REFUSED, STATIC, UNROUTED
 from onebox.routing import METHODS, NotRouted
 from onebox.settings import host_allowed
 from onebox.static import STATIC_METHODS
-from onebox.transfer import (ChunkedBody, ChunkedScan, ClientGone, LengthBody, Pace,
-                             StreamFailed, body_is_buffered, write_response)
+from onebox.transfer import (ChunkedBody, ChunkedScan, ClientGone, LengthBody, StreamFailed,
+                             body_is_buffered, produce, write_response)
 
 HTTPS_REDIRECT = "https-redirect"   # the metrics' route label of [tls] redirect_http's 301s
 # Served from pages_dir over plain HTTP even when it redirects to HTTPS: ACME's http-01
@@ -91,7 +92,6 @@ class Workers:
         the reactor thread). Each value is replaced whole, never changed in place; a request
         under way may read some of the old values and some of the new."""
         self.buffer_limit = min(settings.buffer_body_bytes, settings.max_body_bytes)
-        self.send_pace = Pace.for_responses(settings)
         self.settings = settings
 
     def start(self):
@@ -163,6 +163,8 @@ class Workers:
 
     def _serve_connection(self, conn):
         """Serve the connection's requests; the Outcome to hand it back with."""
+        if conn.outbox is not None:   # a stream whose reader took all it produced: more
+            return self._produce_more(conn)
         if conn.pending is not None:   # its body has arrived: the request goes on
             exchange, conn.pending = conn.pending, None
             outcome = self._finish(conn, exchange)
@@ -187,6 +189,19 @@ class Workers:
             outcome = self._hold(conn)
             if outcome is not None:
                 return outcome
+
+    def _produce_more(self, conn):
+        """A turn of a streamed body's generator; the reactor sends what the client has not
+        taken, and the access line is logged once the stream ends (Reactor._finish_send)."""
+        outbox = conn.outbox
+        try:
+            produce(conn.sock, outbox, time.monotonic() + self.settings.worker_write_s)
+        except StreamFailed as error:
+            self.server.log_error("%s: streamed body failed" % outbox.log[1], str(error))
+            outbox.cut = True
+        except ClientGone:
+            outbox.cut = True
+        return Outcome.SEND
 
     def _hold(self, conn):
         """Wait here for the next request on a kept connection while no other connection
@@ -433,7 +448,7 @@ class Workers:
         head_only = request is not None and request.method == "HEAD"
         try:
             return write_response(conn.sock, exchange.response, exchange.keep_alive, version,
-                                  head_only, self.settings.worker_write_s, self.send_pace)
+                                  head_only, self.settings.worker_write_s)
         except StreamFailed as error:
             self.server.log_error("%s %s: streamed body failed" % (request.method, request.path),
                                   str(error))

@@ -14,6 +14,7 @@ bench/slow_clients.py.
 """
 import http.client
 import json
+import re
 import select
 import socket
 import threading
@@ -346,6 +347,140 @@ def test_sixteen_slow_readers_hold_no_worker_and_are_disconnected(start_server, 
     assert all(status == 200 and took < FAST_S for status, took in results), results
     # each was cut off: the server closed before sending the whole file
     assert all(closed and got < size for got, closed in outcomes), outcomes
+
+
+def streaming(pieces, piece_bytes=32 * 1024, fail=False, closed=None):
+    """A route whose response streams ``pieces`` pieces of ``piece_bytes`` as fast as the
+    worker asks; the generator raises after the last if ``fail``, and sets ``closed`` (an
+    Event) when it is closed or ends."""
+    from handlers._core import Response
+
+    def chunks():
+        try:
+            for number in range(pieces):
+                yield bytes([65 + number % 26]) * piece_bytes
+            if fail:
+                raise RuntimeError("the generator broke")
+        finally:
+            if closed is not None:
+                closed.set()
+
+    def handler(request):
+        response = Response(b"", 200, [("Content-Type", "application/octet-stream")])
+        response.stream = chunks()
+        return response
+    return handler
+
+
+def read_chunked(sock, timeout=10):
+    """(status, body, ended): a chunked response read off ``sock`` until its last chunk
+    (ended True) or the connection's end (False)."""
+    sock.settimeout(timeout)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    body, buffered = bytearray(), bytearray(rest)
+    while True:
+        line_end = buffered.find(b"\r\n")
+        size = int(buffered[:line_end], 16) if line_end >= 0 else None
+        if size is not None and len(buffered) >= line_end + 2 + size + 2:
+            body += buffered[line_end + 2:line_end + 2 + size]
+            del buffered[:line_end + 2 + size + 2]
+            if size == 0:
+                return int(head.split()[1]), bytes(body), True
+            continue
+        try:
+            more = sock.recv(1 << 20)
+        except ConnectionResetError:
+            more = b""
+        if not more:
+            return int(head.split()[1]), bytes(body), False
+        buffered += more
+
+
+def test_a_slow_reader_of_a_stream_holds_no_worker_and_gets_it_whole(start_server):
+    """One worker; a stream of 8 MiB to a reader that takes nothing for a while: the worker is
+    free for others meanwhile, and the reader then gets every byte and keeps its connection."""
+    server = start_server(routes=[("GET", "/t/stream", streaming(256))],
+                          config={"worker_threads": 1})
+    reader = connect(server, READER, rcvbuf=4096)
+    try:
+        reader.sendall(b"GET /t/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.3)           # produced past the buffer by now, the rest waits
+        results = normal_client_is_served(server, 4, every_s=0.1)
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        status, body, ended = read_chunked(reader)
+        reader.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+        again = read_response(reader)
+    finally:
+        reader.close()
+    assert all(status == 200 and took < FAST_S for status, took in results), results
+    expected = b"".join(bytes([65 + n % 26]) * 32768 for n in range(256))
+    assert (status, ended, len(body)) == (200, True, len(expected))
+    assert body == expected
+    assert again[0] == 200 and again[2] == b"hello, world\n"
+    logged = re.search(r'"GET /t/stream HTTP/1.1" 200 (\d+) ', server.access_text())
+    assert int(logged.group(1)) > len(expected)   # its wire bytes: data and chunk framing
+
+
+def test_sixteen_slow_readers_of_streams_hold_no_worker_and_are_disconnected(start_server):
+    server = start_server(routes=[("GET", "/t/stream", streaming(256))], config={
+        "worker_threads": 4, "min_response_rate_bytes_s": 100000, "response_rate_grace_s": 1})
+    assert timed_get(server)[0] == 200
+    threads_before = threading.active_count()
+    readers = []
+    try:
+        for _ in range(16):   # ask for an 8 MiB stream through a tiny window, read nothing
+            sock = connect(server, READER, rcvbuf=1024)
+            readers.append(sock)
+            sock.sendall(b"GET /t/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+        opened = time.monotonic()
+        results = normal_client_is_served(server, 8)
+        most_threads = threading.active_count()
+        time.sleep(max(0.0, opened + 5 - time.monotonic()))   # grace 1 s, then far too slow
+        outcomes = drain_until_closed(readers, 5)
+    finally:
+        for sock in readers:
+            sock.close()
+    assert all(status == 200 and took < FAST_S for status, took in results), results
+    assert most_threads <= threads_before
+    assert all(closed and got < 8 * 1024 * 1024 for got, closed in outcomes), outcomes
+    assert server.access_text().count("send=cut") == 16
+
+
+def test_a_stream_whose_reader_leaves_is_closed_and_logged_cut(start_server):
+    closed = threading.Event()
+    server = start_server(routes=[("GET", "/t/stream", streaming(256, closed=closed))])
+    reader = connect(server, READER, rcvbuf=4096)
+    reader.sendall(b"GET /t/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+    time.sleep(0.3)
+    reader.close()            # unread data: a reset
+    assert closed.wait(5), "the generator was never closed"
+    deadline = time.monotonic() + 5
+    while "send=cut" not in server.access_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert '"GET /t/stream HTTP/1.1" 200 ' in server.access_text()
+    assert "send=cut" in server.access_text()
+    assert timed_get(server)[0] == 200
+
+
+def test_a_stream_that_fails_in_a_later_turn_is_cut_and_the_error_logged(start_server):
+    server = start_server(routes=[("GET", "/t/stream", streaming(256, fail=True))])
+    reader = connect(server, READER, rcvbuf=4096)
+    try:
+        reader.sendall(b"GET /t/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.3)       # past what the socket holds: the worker handed it over
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        status, body, ended = read_chunked(reader)
+    finally:
+        reader.close()
+    assert (status, ended) == (200, False)     # no last chunk: the client can tell
+    expected = b"".join(bytes([65 + n % 26]) * 32768 for n in range(256))
+    assert len(body) >= 256 * 1024 and expected.startswith(body)
+    assert "GET /t/stream HTTP/1.1: streamed body failed" in server.error_text()   # later turn
+    assert "the generator broke" in server.error_text()
+    assert timed_get(server)[0] == 200
 
 
 # --- fairness ----------------------------------------------------------------------------------
