@@ -2,6 +2,7 @@
 
     python3 bench/bench_state.py [--seconds 3] [--dir DIR]
     python3 bench/bench_state.py --memory    # memory per stored byte; listing with a limit
+    python3 bench/bench_state.py --listing   # listing and put cost at 10k, 100k, 1M keys (~2 min)
     python3 bench/bench_state.py --notes     # a real server's notes filled with emoji
 
 Rows are the measurements (ROWS), columns are the systems measured (COLUMNS): each column is a
@@ -15,6 +16,7 @@ with their strongest ordinary durability (Store ``always``; sqlite3 WAL + synchr
 connection per thread). Each measurement runs a fixed time, so the whole run takes about a minute.
 """
 import argparse
+import bisect
 import gc
 import http.client
 import json
@@ -34,7 +36,7 @@ import tracemalloc
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from handlers._state import Store  # noqa: E402  (after the path set-up above)
+from handlers._state import Store, _loads, _SortedKeys  # noqa: E402  (after the path set-up)
 
 ROWS = [  # (row id, what is measured)
     ("writes-1", "durable writes/s, 1 writer thread"),
@@ -384,6 +386,130 @@ def listing_cost(base_dir, count=1000, chars=10000):
           % (count, "{:,}".format(chars), times[0] * 1000, times[1] * 1000))
 
 
+# --- listing and put cost against the number of keys (--listing) -------------------------------
+#
+# Issue 10: a listing should cost what it returns, not what is stored. Each size builds one store
+# (durability off: no fsync, so the figures are CPU), keys spread over four prefixes and put in
+# random order, then times the listing the store had before the sorted key index (kept here as
+# old_items: copy every pair under the lock, filter, sort, slice) against store.items, on the
+# same dict; then the put of a new key (the index inserts) against an overwrite (it does not),
+# and, for scale, one flat sorted list's insort, the index the blocks replace.
+
+LISTING_SIZES = (10000, 100000, 1000000)
+LISTING_PREFIXES = "mnop"     # keys are "<one of these>/<7 digits>"; listings ask for "n/"
+PUTS_TIMED = 5000             # new keys (and overwrites) timed per round
+PUT_ROUNDS = 3                # the best round counts: the machine may be shared
+FLAT_INSORTS = 1000           # inserts timed into the flat list (~0.3 ms each at 1M keys)
+
+
+def old_items(store, prefix, limit):
+    """Store.items as it was before the index: O(keys in the store) whatever the limit."""
+    with store._lock:
+        pairs = list(store._data.items())
+    matching = sorted((kv for kv in pairs if kv[0].startswith(prefix)), key=lambda kv: kv[0])
+    matching = matching if limit is None else matching[:limit]
+    return [(k, _loads(t)) for k, t in matching]
+
+
+def best_seconds(call, repeat, number):
+    """timeit's rule: the fastest of `repeat` runs of `number` calls, per call."""
+    best = None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        for _ in range(number):
+            call()
+        elapsed = (time.perf_counter() - start) / number
+        best = elapsed if best is None else min(best, elapsed)
+    return best
+
+
+def listing_row(base_dir, count):
+    rng = random.Random(count)
+    keys = ["%s/%07d" % (LISTING_PREFIXES[i % 4], i) for i in range(count)]
+    rng.shuffle(keys)
+    store = Store(tempfile.mkdtemp(prefix="listing-", dir=base_dir), durability="off",
+                  log=lambda m: None)
+    try:
+        with store.transaction() as tx:   # one record; applying it inserts key by key
+            for i, key in enumerate(keys):
+                tx.put(key, small_value(i))
+        cells = [count]
+        for limit in (1, 100):
+            assert old_items(store, "n/", limit) == store.items("n/", limit=limit)
+            slow_runs = 3 if count <= 100000 else 1
+            cells.append(best_seconds(lambda: old_items(store, "n/", limit), 3, slow_runs) * 1e3)
+            cells.append(best_seconds(lambda: store.items("n/", limit=limit), 5, 200) * 1e3)
+        cells += put_costs(store, rng, count)
+        cells += index_memory(store)
+    finally:
+        store.close()
+    return cells
+
+
+def put_costs(store, rng, count):
+    """Per-op microseconds: put of a new key and put over an existing key (the best of
+    PUT_ROUNDS rounds each; only the first inserts into the index), then an insert alone into an
+    index of the store's keys, and into one flat sorted list, the alternative."""
+    new_us, overwrite_us = [], []
+    for round_ in range(PUT_ROUNDS):
+        new = list(dict.fromkeys(  # each key new exactly once
+            "n/%07d.%d" % (rng.randrange(count), round_) for _ in range(PUTS_TIMED)))
+        old = ["n/%07d" % (4 * rng.randrange(count // 4) + 1) for _ in range(PUTS_TIMED)]
+        for batch, out in ((new, new_us), (old, overwrite_us)):
+            gc.collect()
+            start = time.perf_counter()
+            for key in batch:
+                store.put(key, 1)
+            out.append((time.perf_counter() - start) / len(batch) * 1e6)
+    index = _SortedKeys(store._data, store.INDEX_BLOCK_KEYS)
+    gc.collect()
+    start = time.perf_counter()
+    for key in new:
+        index.add(key + "x")
+    index_us = (time.perf_counter() - start) / len(new) * 1e6
+    flat = sorted(store._data)
+    gc.collect()
+    start = time.perf_counter()
+    for key in new[:FLAT_INSORTS]:
+        bisect.insort(flat, key + "x")
+    flat_us = (time.perf_counter() - start) / FLAT_INSORTS * 1e6
+    return [min(new_us), min(overwrite_us), index_us, flat_us]
+
+
+def index_memory(store):
+    """Bytes per key of the index: as grown by the inserts (its lists, exactly: the keys are the
+    dict's own objects), and as built by one sort at load (tracemalloc), with that sort's time."""
+    index = store._index
+    grown = (sys.getsizeof(index._blocks) + sys.getsizeof(index._firsts)
+             + sum(sys.getsizeof(block) for block in index._blocks))
+    keys = len(store._data)
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    start = time.perf_counter()
+    built = _SortedKeys(store._data, store.INDEX_BLOCK_KEYS)
+    build_s = time.perf_counter() - start
+    loaded = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    del built
+    return [grown / keys, loaded / keys, build_s * 1e3]
+
+
+def listing_cost_by_size(base_dir):
+    """Markdown table: one row per size in LISTING_SIZES."""
+    lines = ["| keys | items(\"n/\", limit=1) before, ms | after, ms | limit=100 before, ms "
+             "| after, ms | put new key, us | put overwrite, us | index insert alone, us "
+             "| flat-list insort, us | index bytes/key (grown by puts) | (built at load) "
+             "| build at load, ms |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for count in LISTING_SIZES:
+        sys.stderr.write("listing: %s keys...\n" % "{:,}".format(count))
+        cells = listing_row(base_dir, count)
+        lines.append("| {:,} | ".format(cells[0]) + " | ".join(
+            "%.3f" % c if c < 1 else "%.1f" % c for c in cells[1:]) + " |")
+    return "\n".join(lines)
+
+
 # --- column: the same writes through HTTP (server.py, notes area) -----------------------------
 
 def measure_http(row_id, ctx):
@@ -484,6 +610,8 @@ def main(argv=None):
                         help="only: memory per stored byte, UTF-8 bytes against str (~20 s)")
     parser.add_argument("--notes", action="store_true",
                         help="only: fill a real server's notes with emoji until refused")
+    parser.add_argument("--listing", action="store_true",
+                        help="only: listing and put cost at 10k, 100k and 1M keys (~2 min)")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     parser.add_argument("--memory-cell", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -495,7 +623,7 @@ def main(argv=None):
     mount, fstype = filesystem_of(base)
     if fstype == "tmpfs":
         sys.exit("refusing to benchmark on tmpfs (%s): fsync is free there; use --dir" % mount)
-    if args.memory or args.notes:
+    if args.memory or args.notes or args.listing:
         try:
             print("Python %s, %d CPUs\n" % (sys.version.split()[0], os.cpu_count()))
             if args.memory:
@@ -503,6 +631,8 @@ def main(argv=None):
                 listing_cost(base)
             if args.notes:
                 notes_until_refused(base)
+            if args.listing:
+                print(listing_cost_by_size(base))
         finally:
             shutil.rmtree(base, ignore_errors=True)
         return

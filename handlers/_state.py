@@ -27,8 +27,9 @@ Invariants
       skips covered records. So a crash at any instant -- mid-append, mid-compaction -- loses no
       acknowledged write and applies none twice. (Records are idempotent as well: ``incr`` is
       journalled as its result, so even a replayed covered record could not count twice.)
-    * Readers never wait on disk or on writers: ``get``/``items``/``keys`` take ``_lock`` for one
-      dict operation; no fsync, write or user code ever runs under it.
+    * Readers never wait on disk or on writers: ``get`` takes ``_lock`` for one dict operation,
+      ``items``/``keys`` for a few bisects of the sorted key index and one lookup per key they
+      return; no fsync, write or user code ever runs under it.
 
 Durability modes (``durability=``)
     ``always``  a write returns only after its record is written and fsync'd, and only then is it
@@ -67,7 +68,8 @@ Values in memory
     ``copy.deepcopy`` (measured on CPython 3.11), with less memory than live objects. Bytes, not
     ``str``: one emoji makes CPython store a whole ``str`` at 4 bytes per character, while UTF-8
     costs 1 byte per ASCII character and 4 per emoji. Measured (``bench/bench_state.py --memory``,
-    CPython 3.11): 1 byte of memory per stored byte plus ~110 bytes per key.
+    CPython 3.11): 1 byte of memory per stored byte plus ~120 bytes per key, of which ~9 are the
+    sorted key index (``_SortedKeys``) that lets a listing cost what it returns.
 
 Locks (acquire in this order; never the other way; each one's comment in __init__ says what it
 guards)
@@ -91,8 +93,9 @@ import sys
 import threading
 import time
 import zlib
+from bisect import bisect_left, bisect_right, insort
 from collections import deque
-from operator import itemgetter
+from itertools import islice
 
 from handlers import _context
 
@@ -352,6 +355,88 @@ def _fsync_dir(path):
         os.close(fd)
 
 
+# --- the sorted key index ---------------------------------------------------------------------
+
+class _SortedKeys(object):
+    """The store's keys in order, so that a listing costs O(log n + what it returns) rather than
+    a copy and a sort of every key (issue 10: ``items("n/", limit=1)`` took 27 ms at 100k keys).
+
+    A list of sorted blocks plus the first key of each, for bisect. Adding or removing a key costs
+    two bisects and one insert or delete in one block, a memmove of at most ``2 * block_keys``
+    pointers, where one flat sorted list would move up to every key (~0.2 ms per new key at a
+    million). A block that grows past ``2 * block_keys`` is split in two; an emptied one is
+    dropped. Blocks are never merged: every block holds at least one key, so there are never more
+    blocks than keys, and a listing visits at most two blocks more than the keys it returns.
+
+    It holds the very key objects of ``Store._data`` (no copies; ~9 bytes per key, see README).
+    Guarded by ``Store._lock``, like the dict it mirrors; the store changes it exactly where a
+    key enters or leaves ``_data`` (``_apply_locked``), and builds it once after loading.
+    """
+
+    def __init__(self, keys, block_keys):
+        ordered = sorted(keys)
+        self._block_keys = block_keys
+        self._blocks = [ordered[i:i + block_keys] for i in range(0, len(ordered), block_keys)]
+        self._firsts = [block[0] for block in self._blocks]
+
+    def add(self, key):
+        """Insert key, which must not be in the index."""
+        if not self._blocks:
+            self._blocks.append([key])
+            self._firsts.append(key)
+            return
+        i = max(bisect_right(self._firsts, key) - 1, 0)  # below every key: the first block
+        block = self._blocks[i]
+        insort(block, key)
+        self._firsts[i] = block[0]
+        if len(block) > 2 * self._block_keys:
+            half = len(block) // 2
+            self._blocks.insert(i + 1, block[half:])
+            self._firsts.insert(i + 1, block[half])
+            del block[half:]
+
+    def remove(self, key):
+        """Remove key, which must be in the index."""
+        i = bisect_right(self._firsts, key) - 1
+        block = self._blocks[i]
+        del block[bisect_left(block, key)]
+        if block:
+            self._firsts[i] = block[0]
+        else:
+            del self._blocks[i], self._firsts[i]
+
+    def starting_with(self, prefix, limit):
+        """The keys starting with prefix, in order: the first ``limit`` of them, or all if None.
+        In sorted order they are one run, from prefix up to _after_prefix(prefix): the walk
+        bisects to its start, then copies slices of blocks until the run or the limit ends."""
+        if not self._blocks:
+            return []
+        end = _after_prefix(prefix)
+        i = max(bisect_right(self._firsts, prefix) - 1, 0)
+        start = bisect_left(self._blocks[i], prefix)
+        out = []
+        for block in islice(self._blocks, i, None):
+            stop = len(block) if end is None or block[-1] < end else bisect_left(block, end)
+            if limit is not None:
+                stop = min(stop, start + limit - len(out))
+            out += block[start:stop]
+            if stop < len(block) or len(out) == limit:
+                break
+            start = 0
+        return out
+
+
+def _after_prefix(prefix):
+    """The string that ends the run of keys starting with prefix: those keys are exactly the ones
+    in [prefix, _after_prefix(prefix)). None if nothing sorts after them all (prefix is empty or
+    all U+10FFFF, the largest character). "ab" -> "ac"; "a" + U+10FFFF -> "b": a key from
+    "a" + U+10FFFF up to "b" starts with "a" and has U+10FFFF second, so it starts with prefix."""
+    head = prefix.rstrip("\U0010ffff")
+    if not head:
+        return None
+    return head[:-1] + chr(ord(head[-1]) + 1)
+
+
 # --- the store --------------------------------------------------------------------------------
 
 class _Ticket(object):
@@ -378,6 +463,10 @@ class Store(object):
     """
 
     SNAPSHOT_CHUNK_KEYS = 1000      # keys per snapshot frame: bounds memory while writing/loading
+    # Keys per block of the sorted key index (_SortedKeys): a new key moves at most twice this
+    # many pointers, and a listing bisects over (keys / this) block heads. At a million keys
+    # both stay a few microseconds (bench/bench_state.py --listing).
+    INDEX_BLOCK_KEYS = 1000
     COMPACT_RETRY_S = 30.0          # after a failed background compaction (disk full), wait this long
 
     def __init__(self, data_dir, durability="always", batch_interval_ms=50,
@@ -396,8 +485,8 @@ class Store(object):
         self._paths = {name: os.path.join(self.data_dir, name) for name in
                        ("lock", "snapshot", "snapshot.tmp", "journal", "journal.prev")}
 
-        # _lock guards what readers see: _data (key -> JSON as UTF-8 bytes), _bytes, _applied_seq,
-        # _writes.
+        # _lock guards what readers see: _data (key -> JSON as UTF-8 bytes), _index (its keys in
+        # order, for listings), _bytes, _applied_seq, _writes.
         self._lock = threading.Lock()
         # _jlock guards the write side: the journal fd and _jsize, _jbroken, _jfatal, _buffer,
         # _next_seq, _durable_seq/_durable_size, _unapplied, _overlay, _closed, _tx_owner. A transaction holds
@@ -413,6 +502,7 @@ class Store(object):
         self._bg_lock = threading.Lock()
 
         self._data, self._bytes, self._applied_seq, self._writes = {}, 0, 0, 0
+        self._index = None          # a _SortedKeys of _data's keys; None until _open has loaded
         self._jfd, self._jsize, self._jbroken, self._closed, self._tx_owner = None, 0, False, False, None
         self._next_seq, self._durable_seq, self._durable_size = 1, 0, 0
         self._jfatal = None         # why writes are refused until restart, if they are
@@ -473,12 +563,13 @@ class Store(object):
 
     def items(self, prefix="", limit=None):
         """[(key, value)] for keys starting with prefix, sorted by key; the first ``limit`` pairs
-        if it is given. Scans and sorts the keys (O(keys in the store), cheap); decodes only the
-        values it returns."""
+        if it is given. Costs O(log keys + pairs returned), whatever else is stored (a sorted key
+        index); decodes only the values it returns."""
         return [(k, _loads(t)) for k, t in self._matching(prefix, limit)]
 
     def keys(self, prefix="", limit=None):
-        """Sorted keys starting with prefix (the first ``limit`` of them). O(keys in the store)."""
+        """Sorted keys starting with prefix (the first ``limit`` of them), like items: O(log keys
+        + keys returned)."""
         return [k for k, _ in self._matching(prefix, limit)]
 
     def _matching(self, prefix, limit):
@@ -488,11 +579,10 @@ class Store(object):
             _check_int(limit, "limit")
             if limit < 0:
                 raise ValueError("'limit' must be at least 0")
-        with self._lock:
-            pairs = list(self._data.items())  # one C-speed copy; filter after releasing the lock
-        # Keys are unique, so sorting by key alone orders the pairs and never compares values.
-        matching = sorted((kv for kv in pairs if kv[0].startswith(prefix)), key=_first)
-        return matching if limit is None else matching[:limit]
+        with self._lock:  # bisects, slices and one lookup per key returned; decoding is after
+            keys = self._index.starting_with(prefix, limit)
+            texts = list(map(self._data.__getitem__, keys))
+        return list(zip(keys, texts))
 
     def stats(self):
         """Counters for /metrics and the status page. Approximate: no lock is held across them."""
@@ -642,15 +732,23 @@ class Store(object):
                       % (self._paths["journal"], size, exc))
 
     def _apply_locked(self, ops, seq):
-        """Apply one record to memory; _lock held."""
-        data = self._data
+        """Apply one record to memory; _lock held. The index changes only when a key enters or
+        leaves _data: an overwrite assigns in place, so the dict keeps the key object the index
+        shares. (While _open replays the journal there is no index yet: it is built after.)"""
+        data, index = self._data, self._index
         for key, text in ops:
-            old = data.pop(key, None)
+            old = data.get(key)
             if old is not None:
                 self._bytes -= len(key) + len(old)
             if text is not None:
                 data[key] = text
                 self._bytes += len(key) + len(text)
+                if old is None and index is not None:
+                    index.add(key)
+            elif old is not None:
+                del data[key]
+                if index is not None:
+                    index.remove(key)
         self._applied_seq = seq
         self._writes += 1
 
@@ -1044,6 +1142,10 @@ class Store(object):
             seen = self._replay_journal(self._paths[name], snap_seq, seen)
         last = max(snap_seq, seen)
         self._next_seq, self._durable_seq, self._applied_seq, self._writes = last + 1, last, last, 0
+        # One sort now, not an insert per loaded key: inserting a million keys one by one into
+        # the index would cost more than sorting them once.
+        with self._lock:
+            self._index = _SortedKeys(self._data, self.INDEX_BLOCK_KEYS)
         fd = _open_private(self._paths["journal"], os.O_WRONLY | os.O_APPEND)
         self._jfd = fd
         self._jsize = self._durable_size = os.fstat(fd).st_size
@@ -1098,6 +1200,7 @@ class Store(object):
         return seq or 0
 
     def _load_put(self, key, value):
+        """Set key while loading the snapshot; _open builds the index afterwards."""
         text = _json_bytes(value)
         old = self._data.get(key)
         if old is not None:
@@ -1279,9 +1382,6 @@ def _snapshot_frame_problem(obj, first):
             isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) for p in pairs)
         return None if ok else "bad key/value list"
     return None if _is_seq(obj.get("end")) else "unknown record"
-
-
-_first = itemgetter(0)
 
 
 def _is_seq(value):
