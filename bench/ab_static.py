@@ -13,10 +13,11 @@ For telling whether a change to the request path moved the server's CPU: each se
 (a copy of an older checkout, say) and nginx serve the same directory, pinned as
 bench_static.py pins them, and take turns in each round (the order rotating from round to
 round, so that none always follows the same neighbour). Per run it prints the server's CPU time
-per request (utime + stime, children included; per MiB too for the 10 MiB file), its context
-switches per request (every thread's voluntary and involuntary switches, from /proc) and its
-req/s; at the end, per server, the medians, the median and range of the per-round CPU ratio to
-nginx, and of the per-round req/s and CPU ratios to the first server given. A round's ratio
+per request (utime + stime, children included; per MiB too for the 10 MiB file) and its share
+in user space (utime: what valgrind counts, below), its context switches per request (every
+thread's voluntary and involuntary switches, from /proc) and its req/s; at the end, per
+server, the medians, the median and range of the per-round CPU ratio to nginx, and of the
+per-round req/s and CPU ratios to the first server given. A round's ratio
 swings by 20% or more on a shared VM, so compare medians, and run it more than once.
 
 ``--features-off`` adds, for each version that has them, a run of it with the request counting
@@ -27,9 +28,11 @@ from what its counting costs.
 ``--instructions`` also counts what a request costs in CPU instructions under valgrind
 (bench/_valgrind.py, shared with bench_metrics.py), which a noisy neighbour cannot move, for
 every version and target (all three unless ``--target`` names some), and prints them side by
-side with the ratio to the first version. The 10 MiB count is per MiB and of user space only:
-sendfile's copying happens in the kernel, which valgrind does not see, so the wall-clock rounds
-(10 MiB unless ``--target`` says otherwise; ``--rounds 0`` skips them) stay the measure there.
+side with the ratio to the first version. An instruction ratio r moves the CPU per request by
+about (r - 1) times the user share of the wall-clock rounds. The 10 MiB count is per MiB and of
+user space only: sendfile's copying happens in the kernel, which valgrind does not see, so the
+wall-clock rounds (10 MiB unless ``--target`` says otherwise; ``--rounds 0`` skips them) stay
+the measure there.
 ``--functions N`` lists, per target, the N functions (callgrind_annotate, self cost) whose
 instructions per request differ most from the first version's; ``--keep-dumps DIR`` keeps the
 callgrind dumps for callgrind_annotate by hand.
@@ -163,16 +166,19 @@ def one_run(name, process, url, target, args, round_number):
     context switches per request and req/s."""
     url += TARGETS[target]
     static.wrk(url, 1, args.connections)   # warm-up
-    cpu, switches = static.cpu_seconds(process.pid), context_switches(process.pid)
+    cpu, user = static.cpu_seconds(process.pid), static.cpu_seconds(process.pid, system=False)
+    switches = context_switches(process.pid)
     requests, elapsed, errors = static.wrk(url, args.seconds, args.connections)
-    row = {"cpu_us": (static.cpu_seconds(process.pid) - cpu) * 1e6 / requests,
+    cpu = static.cpu_seconds(process.pid) - cpu
+    row = {"cpu_us": cpu * 1e6 / requests,
+           "user": (static.cpu_seconds(process.pid, system=False) - user) / max(cpu, 1e-9),
            "switches": (context_switches(process.pid) - switches) / requests,
            "rps": requests / elapsed}
     per_mib = ("%7.3f ms CPU/MiB " % (row["cpu_us"] / 1000 / (SIZES[target] / static.MIB))
                if target == "10m" else "")
-    print("round %d %-5s %-7s %7.0f us CPU/request %s%5.1f switches/request %6.0f req/s %s"
-          % (round_number, target, name, row["cpu_us"], per_mib, row["switches"], row["rps"],
-             errors), flush=True)
+    print("round %d %-5s %-7s %7.0f us CPU/request (%3.0f%% user) %s%5.1f switches/request "
+          "%6.0f req/s %s" % (round_number, target, name, row["cpu_us"], 100 * row["user"],
+                              per_mib, row["switches"], row["rps"], errors), flush=True)
     return row
 
 
@@ -203,18 +209,18 @@ def wall_report(rows, names, targets, args):
         base = rows[(names[0], target)]
         for name in names:
             mine = rows[(name, target)]
-            cpu = statistics.median(row["cpu_us"] for row in mine)
-            line = "%-5s %-7s %7.0f us CPU/request, %4.1f switches/request, %6.0f req/s" % (
-                target, name, cpu, statistics.median(row["switches"] for row in mine),
-                statistics.median(row["rps"] for row in mine))
+            cpu, user, switches, rps = (statistics.median(row[key] for row in mine)
+                                        for key in ("cpu_us", "user", "switches", "rps"))
+            line = ("%-5s %-7s %7.0f us CPU/request (%2.0f%% user), %4.1f switches/request, "
+                    "%6.0f req/s" % (target, name, cpu, 100 * user, switches, rps))
             if target == "10m":
                 line += ", %.3f ms CPU/MiB" % (cpu / 1000 / (SIZES[target] / static.MIB))
             if name != "nginx":
                 line += "; CPU vs nginx %.2fx (%.2fx-%.2fx)" % ratios(
                     mine, rows[("nginx", target)], "cpu_us")
             if name not in (names[0], "nginx"):
-                line += "; vs %s: req/s %.3fx (%.2fx-%.2fx)" % ((names[0],) + ratios(
-                    mine, base, "rps"))
+                line += "; vs %s: req/s %.3fx (%.2fx-%.2fx)" % (
+                    (names[0],) + ratios(mine, base, "rps"))
                 line += ", CPU %.3fx (%.2fx-%.2fx)" % ratios(mine, base, "cpu_us")
             print(line)
 
