@@ -15,9 +15,10 @@ side). The target is on/off >= 0.95.
 On this shared 2-core machine a round's req/s moves by 10% and more with the neighbours' load,
 so ``--instructions`` also counts what a request costs in CPU instructions, which does not
 depend on the neighbours: each server runs under valgrind (callgrind), once for
-``INSTRUCTION_REQUESTS[0]`` requests and once for ``[1]``, on one keep-alive connection, and the
-difference over the difference in requests is the cost of one request (start-up and shut-down
-cancel out). It needs valgrind (Debian's package) and takes about a minute.
+200 requests and once for 1,200, on one keep-alive connection, and the difference over the
+difference in requests is the cost of one request (start-up and shut-down cancel out; the
+runner, shared with ab_static.py, is bench/_valgrind.py). It needs valgrind (Debian's package)
+and takes about a minute.
 
 Both servers run with the access log off unless ``--access-log on`` (the shipped default, here
 written to a file): a smaller denominator makes the counters' share larger, so off gives the
@@ -28,22 +29,18 @@ the per-client caps lifted (wrk is one client with many connections).
 Never imported by the runtime.
 """
 import argparse
-import glob
-import http.client
 import os
-import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
+import _valgrind  # noqa: E402
 from bench_guard import LOOPBACK_NOT_TRUSTED, OUT_OF_REACH, cpu_seconds  # noqa: E402
 from bench_http import ensure_wrk, start, stop, wrk  # noqa: E402
 
@@ -52,46 +49,11 @@ BASE = [sys.executable, "server.py", "--port", "0",
         "--admin-port", "0"] + OUT_OF_REACH + LOOPBACK_NOT_TRUSTED
 
 
-INSTRUCTION_REQUESTS = (200, 1200)
-
-
 def instructions_per_request(flags, work):
     """CPU instructions one hello costs a server started with ``flags`` (valgrind's count)."""
-    totals = []
-    for count in INSTRUCTION_REQUESTS:
-        run = tempfile.mkdtemp(dir=work)
-        with open(os.path.join(run, "out"), "w") as out:
-            process = subprocess.Popen(
-                ["valgrind", "--tool=callgrind", "--callgrind-out-file=%s/callgrind.%%p" % run]
-                + BASE + flags + ["--data-dir", os.path.join(run, "data")],
-                cwd=ROOT, stdout=out, stderr=subprocess.DEVNULL)
-        match = None
-        for _ in range(1200):
-            with open(os.path.join(run, "out")) as text:
-                match = re.search(r"listening on http://([\d.]+):(\d+)", text.read())
-            if match or process.poll() is not None:
-                break
-            time.sleep(0.1)
-        if not match:
-            process.kill()
-            raise SystemExit("server under valgrind did not start: %s" % " ".join(flags))
-        connection = http.client.HTTPConnection(match.group(1), int(match.group(2)), timeout=60)
-        for _ in range(count):
-            connection.request("GET", "/hello")
-            response = connection.getresponse()
-            response.read()
-            assert response.status == 200, response.status
-        connection.close()
-        process.send_signal(signal.SIGTERM)
-        process.wait(300)
-        total = 0
-        for name in glob.glob(os.path.join(run, "callgrind.*")):
-            with open(name) as dump:
-                for line in dump:
-                    if line.startswith(("summary:", "totals:")):
-                        total = max(total, int(line.split()[1]))
-        totals.append(total)
-    return (totals[1] - totals[0]) / float(INSTRUCTION_REQUESTS[1] - INSTRUCTION_REQUESTS[0])
+    def argv_for(run):
+        return BASE + flags + ["--data-dir", os.path.join(run, "data")]
+    return _valgrind.instructions_per_request(argv_for, "/hello", work, cwd=ROOT).per_request
 
 
 def measure(url, seconds, connections, pid):

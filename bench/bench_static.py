@@ -149,9 +149,12 @@ def stop(process):
         process.wait()
 
 
-def cpu_seconds(pid):
-    """utime + stime of ``pid`` and its descendants (nginx's worker is a child)."""
+def cpu_seconds(pid, system=True):
+    """utime + stime of ``pid`` and its descendants (nginx's worker is a child); utime alone
+    when not ``system``."""
     ticks = os.sysconf("SC_CLK_TCK")
+    used = (lambda fields: int(fields[11]) + int(fields[12])) if system else \
+        (lambda fields: int(fields[11]))
     children = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -165,12 +168,12 @@ def cpu_seconds(pid):
     try:
         with open("/proc/%d/stat" % pid) as handle:
             fields = handle.read().rpartition(")")[2].split()
-        total += int(fields[11]) + int(fields[12])
+        total += used(fields)
     except OSError:
         pass
     while todo:
         for child, fields in children.get(todo.pop(), ()):
-            total += int(fields[11]) + int(fields[12])
+            total += used(fields)
             todo.append(child)
     return total / ticks
 
