@@ -59,7 +59,7 @@ import time
 import traceback
 
 from onebox.codec import error_response, head_problem, render_head
-from onebox.handoff import PROBE, Connection, Outcome
+from onebox.handoff import ARMED, BODY, CLOSE, GONE, PROBE, SEND, Connection
 from onebox.tls import TLSSocket
 from onebox.transfer import ClientGone, Pace
 
@@ -604,20 +604,20 @@ class Reactor:
             self._left_workers(conn)
             # While stopping, too: a drain serves the connections that are open (see
             # OneboxServer._serve_out); its last step closes whatever still waits.
-            if outcome is Outcome.ARMED and reported_early:
+            if outcome is ARMED and reported_early:
                 self._queue_work(conn)   # its next request came before this booking
-            elif outcome is Outcome.ARMED:
+            elif outcome is ARMED:
                 # re-armed by its worker; its idle time began at its last response
                 conn.waiting = "idle"
                 self.parked["idle"][conn] = max(
                     conn.idle_since + self.settings.keepalive_timeout_s, time.monotonic())
-            elif outcome is Outcome.CLOSE:
+            elif outcome is CLOSE:
                 self._linger(conn)
-            elif outcome is Outcome.GONE:
+            elif outcome is GONE:
                 self._close(conn)
-            elif outcome is Outcome.BODY:
+            elif outcome is BODY:
                 self._start_wait(conn, "body")
-            elif outcome is Outcome.SEND:
+            elif outcome is SEND:
                 conn.sock.setblocking(False)   # finished here without a wait in the kernel
                 self._start_wait(conn, "send")
             elif conn.buf:

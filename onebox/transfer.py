@@ -446,6 +446,8 @@ def write_response(sock, response, keep_alive, version, head_only, turn_s):
         return sent, _rest(body, 0, sent, sent)
     data = head + body
     sent = _send_some(sock, data, deadline)
+    if sent == len(data):
+        return len(body), None   # nearly always: all of it in one send
     return max(0, sent - len(head)), _rest(data, len(head), sent)
 
 
