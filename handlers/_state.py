@@ -570,15 +570,12 @@ class Store(object):
     def keys(self, prefix="", limit=None):
         """Sorted keys starting with prefix (the first ``limit`` of them), like items: O(log keys
         + keys returned)."""
-        return [k for k, _ in self._matching(prefix, limit)]
+        _check_listing(prefix, limit)
+        with self._lock:
+            return self._index.starting_with(prefix, limit)
 
     def _matching(self, prefix, limit):
-        if not isinstance(prefix, str):
-            raise ValueError("'prefix' must be a string")
-        if limit is not None:
-            _check_int(limit, "limit")
-            if limit < 0:
-                raise ValueError("'limit' must be at least 0")
+        _check_listing(prefix, limit)
         with self._lock:  # bisects, slices and one lookup per key returned; decoding is after
             keys = self._index.starting_with(prefix, limit)
             texts = list(map(self._data.__getitem__, keys))
@@ -1382,6 +1379,15 @@ def _snapshot_frame_problem(obj, first):
             isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) for p in pairs)
         return None if ok else "bad key/value list"
     return None if _is_seq(obj.get("end")) else "unknown record"
+
+
+def _check_listing(prefix, limit):
+    if not isinstance(prefix, str):
+        raise ValueError("'prefix' must be a string")
+    if limit is not None:
+        _check_int(limit, "limit")
+        if limit < 0:
+            raise ValueError("'limit' must be at least 0")
 
 
 def _is_seq(value):
