@@ -23,10 +23,11 @@ import glob
 import http.client
 import os
 import re
-import signal
 import subprocess
 import tempfile
 import time
+
+from bench_http import stop
 
 REQUESTS = (200, 1200)
 
@@ -51,12 +52,7 @@ def instructions_per_request(argv_for, path, work, counts=REQUESTS, cwd=None):
         try:
             _drive(host, port, path, count)
         finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(300)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop(process, 300)   # Python exits slowly under valgrind too
         dump, total = _largest_dump(run)
         dumps.append(dump)
         totals.append(total)

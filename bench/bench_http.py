@@ -51,10 +51,11 @@ def start(command, workdir):
     raise SystemExit("server did not start: %s" % " ".join(command))
 
 
-def stop(process):
+def stop(process, wait_s=15):
+    """SIGTERM, then SIGKILL if it has not exited within ``wait_s``."""
     process.send_signal(signal.SIGTERM)
     try:
-        process.wait(15)
+        process.wait(wait_s)
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
