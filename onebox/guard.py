@@ -472,6 +472,26 @@ class Guard(object):
             self._tell(key, "", 0, "closed_at_accept")
         return key, close
 
+    def refuses_banned(self, peer_ip, key, hit=True):
+        """Whether ``key`` is banned now, for a request answered without ``check`` (a health
+        check: issue 19, a banned client's /healthz flood). A ``hit`` counts toward
+        ``ban_close_after_hits``, so its next connections are closed at accept. Any thread;
+        never touches the store (the reactor calls it)."""
+        policy = self.policy
+        if key is None or not self._bans or not policy.enabled or peer_ip in policy.allow_cidrs:
+            return False
+        now = self._wall()
+        with self._bans_lock:
+            ban = self._bans.get(key)
+            if ban is None or ban.until <= now:
+                return False
+            if not hit:
+                return True
+            ban.hits += 1
+        self._count("banned_hits")
+        self._tell(key, "", 403, "banned")
+        return True
+
     # -- per request (worker threads) ---------------------------------------------------------
     def check(self, request, key):
         """The verdict on ``request`` before routing, or None to serve it untouched. ``key`` is

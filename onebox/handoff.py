@@ -42,7 +42,7 @@ class Connection:
     """One client connection; see the module docstring for who writes its fields."""
 
     __slots__ = ("sock", "ip", "client", "buf", "waiting", "idle_since", "pending", "outbox",
-                 "wait_key", "deadline", "progress", "started_wait", "early_report", "admin", "tls")
+                 "wait_key", "deadline", "charged", "charge_key", "early_report", "admin", "tls")
 
     def __init__(self, sock, ip, admin=False, tls=False):
         self.sock = sock
@@ -64,8 +64,10 @@ class Connection:
         self.outbox = None    # the rest of a response a slow reader has not taken (Outbox)
         self.wait_key = None  # the client it waits for, as the guard counts (also proxied ones)
         self.deadline = 0.0   # when a body or send wait ends, unless progress moves it
-        self.progress = 0     # bytes moved in that wait
-        self.started_wait = 0.0
+        # bytes of the reactor's memory budget (max_buffered_bytes) this connection holds: its
+        # buffered body, or a TLS handshake's cost; and the client they are counted against
+        self.charged = 0
+        self.charge_key = None
 
     def recv_ready(self):
         """What the socket holds now: bytes; b"" if the client closed (or the connection

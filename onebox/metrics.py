@@ -229,6 +229,10 @@ def _connections(out, server):
                "share of the workers)",
                [({"state": name}, value) for name, value in states])
     out.one("onebox_connections_max", "gauge", "max_connections", server.settings.max_connections)
+    out.one("onebox_buffered_bytes", "gauge", "Request bodies buffered and TLS handshakes under "
+            "way, as charged against max_buffered_bytes", reactor.buffered)
+    out.one("onebox_buffered_bytes_max", "gauge", "max_buffered_bytes",
+            server.settings.max_buffered_bytes)
     out.one("onebox_admin_connections_open", "gauge", "Open connections on the admin listener",
             reactor.admin_open)
     counts = server.guard.stats()["counts"]

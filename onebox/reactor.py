@@ -25,15 +25,25 @@ each names): at most ``max_workers_per_client`` of a client's requests are in wo
 and at most ``max_waiting_per_client`` of its bodies and responses wait here at once; the rest
 wait in line behind them, so one client's slowness costs others nothing.
 
-At ``max_connections``, room is made before anyone is refused: (1) a connection already
-answered and lingering to close is closed, else (2) the longest-idle kept connection (one
-parked here, else one a worker holds), else (3) the oldest connection still without a whole
-request from the client that holds the most connections: one without a whole head, else one
-whose body waits in line unread (past ``max_waiting_per_client``; it has no deadline of its
-own, so a few addresses' slow bodies could otherwise fill the cap), unless the newcomer is that
-client (or one as large): then the newcomer gets 503. Busy connections, and bodies and
-responses on their way, are never shed for a newcomer: they are bounded by the paces instead.
+At ``max_connections``, room is made before anyone is refused, from the clients that hold the
+most (issue 19: 130 addresses x 32 uploads that each kept the minimum rate held the whole cap,
+and a normal client got 503 for a minute): (1) a connection already answered and lingering to
+close is closed; else (2) if the client holding the most connections holds more than the
+newcomer's client would with it, one of its connections is taken, whatever it waits for, the
+cheapest first (``_SHED_RANK``: kept idle, then a head not yet whole, then a body in line, a
+body or response on its way, a request ready for a worker; one in a worker's handler never),
+with a 503 for a request under way; else (3) the longest-idle kept connection (parked here,
+else one a worker holds); else the newcomer gets 503. So a client's allowance shrinks as the
+total grows: at the cap it is "fewer than the largest", and a client holding one connection is
+never refused while another holds more.
 
+Memory: request bodies buffered here (and the bytes that came with their heads), and TLS
+handshakes under way (``TLS_HANDSHAKE_BYTES`` each), are charged against ``max_buffered_bytes``
+until a worker is done with the request (``Connection.charged``). Past it, the waits of the
+clients charged the most are shed (a 503 and a close; a handshake is closed) until it is 7/8
+full, so memory stays within the budget plus one read whatever the number of clients. Worst
+case: ``max_connections`` clients each sending a body at exactly the minimum rate hold the
+budget; the largest holders are cut, and the rest go on.
 The admin listener's connections (``Connection.admin``, onebox/admin.py) are accepted and wait
 here like the site's, but skip the guard and the site's connection caps: ``admin_open`` counts
 them against ``[admin] max_connections``. Health checks on the public port (onebox/health.py)
@@ -72,6 +82,16 @@ LINGER_S = 2.0                 # after a close with unread input, read and drop 
 REFUSALS_LOGGED_PER_S = 20     # refusals at accept or before a worker, logged a second; the
                                # rest are counted and summed up in one error-log line
 _FIXED_KINDS = ("handshake", "new", "head", "idle", "linger")
+# What a TLS handshake under way costs, as charged against max_buffered_bytes: OpenSSL's
+# buffers and the handshake's state (measured: bench/slow_clients.py --scenario
+# tls-half-handshakes, and the README's "TLS" section).
+TLS_HANDSHAKE_BYTES = 64 * 1024
+# Which of a client's connections is taken first to make room at max_connections (lowest
+# first): what it costs the client to lose it. None: kept, held by a worker (see Workers._hold).
+_SHED_RANK = {"linger": 0, "idle": 1, None: 1, "handshake": 2, "new": 2, "head": 3, "line": 4,
+              "body": 5, "send": 6, "ready": 7}
+# The waits whose charged memory can be given back by shedding them (see _keep_to_budget).
+_CHARGED_WAITS = ("body", "line", "ready", "handshake")
 
 
 def _send_at_once(sock, response):
@@ -114,7 +134,11 @@ class Reactor:
         self.busy = set()        # in workers (queued, served or held)
         self.reported_early = 0  # connections reported between their re-arm and booking
         self.open = 0
-        self.per_client = {}     # client key -> open connections (None: trusted proxies)
+        # client key -> its open connections, oldest first (a dict used as an ordered set;
+        # None: trusted proxies)
+        self.per_client = {}
+        self.buffered = 0        # bytes charged against max_buffered_bytes (see _charge)
+        self.charged_by = {}     # client key -> [bytes charged, its charged connections]
         self.in_workers = {}     # client key -> its connections in workers
         self.ready_line = {}     # client key -> deque of connections waiting for a worker
         self.waits = {}          # client key -> its active body and send waits
@@ -130,6 +154,7 @@ class Reactor:
         self.body_pace = Pace.for_bodies(settings)
         self.send_pace = Pace.for_responses(settings)
         self.send_timeval = send_timeval
+        self.budget = settings.max_buffered_bytes
         self.settings = settings
 
     # -- one turn ---------------------------------------------------------------------------
@@ -237,18 +262,26 @@ class Reactor:
             elif self.open >= settings.max_connections and not self._make_room(conn.client):
                 self._refuse(conn, "server is at its connection limit", "connection_cap")
             elif (conn.client is not None
-                  and self.per_client.get(conn.client, 0) >= settings.max_connections_per_ip):
+                  and len(self.per_client.get(conn.client, ())) >= settings.max_connections_per_ip):
                 self._refuse(conn, "too many connections from your address", "client_cap")
             elif tls:
                 if not self._wrap(conn):
                     continue
-                self.open += 1
-                self.per_client[conn.client] = self.per_client.get(conn.client, 0) + 1
+                self._opened(conn)
                 self._park(conn, "handshake")   # the client speaks first: its ClientHello
+                self._charge(conn, TLS_HANDSHAKE_BYTES, conn.client)
+                if self.buffered > self.budget:
+                    self._keep_to_budget()
             else:
-                self.open += 1
-                self.per_client[conn.client] = self.per_client.get(conn.client, 0) + 1
+                self._opened(conn)
                 self._park(conn, "new")
+
+    def _opened(self, conn):
+        self.open += 1
+        conns = self.per_client.get(conn.client)
+        if conns is None:
+            conns = self.per_client[conn.client] = {}
+        conns[conn] = None
 
     def _wrap(self, conn):
         """Make ``conn`` a TLS connection whose handshake the reactor drives (see _handshake);
@@ -282,6 +315,7 @@ class Reactor:
             self.guard.count("closed_tls_handshake")
             self._close(conn)
             return
+        self._uncharge(conn)
         self._park(conn, "new")
         self.poller.arm(conn)
 
@@ -299,37 +333,64 @@ class Reactor:
         self._park(Connection(sock, ip, admin=True), "new")
 
     def _make_room(self, newcomer):
-        """At the global cap: close a connection that costs least to lose (the module
-        docstring gives the order); False if the newcomer should be refused instead."""
-        for kind in ("linger", "idle"):
-            parked = self.parked[kind]
-            if parked:
-                self._close(next(iter(parked)))
+        """At the global cap: close a connection that costs least to lose, from the client that
+        holds the most (the module docstring gives the order); False if the newcomer should be
+        refused instead."""
+        lingering = self.parked["linger"]
+        if lingering:
+            self._close(next(iter(lingering)))
+            return True
+        largest, most = None, 0
+        for key, conns in self.per_client.items():   # a trusted proxy (None) speaks for many
+            if key is not None and len(conns) > most:
+                largest, most = key, len(conns)
+        has = len(self.per_client.get(newcomer, ())) if newcomer is not None else 0
+        if largest is not None and has + 1 < most:
+            candidates = [conn for conn in self.per_client[largest]
+                          if conn.waiting is not None or conn in self.handoff.held]
+            # the cheapest to lose; of those, the oldest (min keeps the first of equals)
+            if candidates and self._evict(min(candidates,
+                                              key=lambda conn: _SHED_RANK[conn.waiting])):
                 return True
+        idle = self.parked["idle"]
+        if idle:
+            self._close(next(iter(idle)))
+            return True
         held = self.handoff.held
         for conn in sorted(list(held), key=lambda kept: kept.idle_since):
-            if held.pop(conn, False):   # atomic: the worker or the reactor gets it
-                try:
-                    conn.sock.shutdown(socket.SHUT_RDWR)   # its worker's poll wakes
-                except OSError:
-                    pass
-                return True
-        counts = [(count, key) for key, count in self.per_client.items() if key is not None]
-        if not counts:
-            return False
-        most, largest = max(counts)
-        if newcomer is not None and self.per_client.get(newcomer, 0) + 1 >= most:
-            return False   # the newcomer is (as large as) the largest: it is the one refused
-        for kind in ("handshake", "new", "head"):
-            for conn in self.parked[kind]:
-                if conn.client == largest:
-                    self._close(conn)
-                    return True
-        for conn, kind in self.wait_line.get(largest, ()):
-            if kind == "body" and conn.client == largest:   # unread: nothing is lost
-                self._close(conn)
+            if self._evict(conn):
                 return True
         return False
+
+    def _evict(self, conn):
+        """Close ``conn`` to make room (a request under way is told 503); False if it could not
+        be (a worker took its held connection back first)."""
+        kind = conn.waiting
+        if kind is None:   # kept and held by a worker
+            if not self.handoff.held.pop(conn, False):   # atomic: the worker or the reactor
+                return False
+            self.guard.count("closed_for_room")
+            try:
+                conn.sock.shutdown(socket.SHUT_RDWR)   # its worker's poll wakes and closes it
+            except OSError:
+                pass
+            return True
+        self.guard.count("closed_for_room")
+        if kind == "send":
+            self._finish_send(conn, ok=False)
+        elif kind in ("head", "line", "body", "ready"):
+            self._shed(conn, "server is at its connection limit", "room")
+        else:
+            self._close(conn)
+        return True
+
+    def _shed(self, conn, message, why):
+        """Answer a request under way 503 (in one send, never waited for) and close now: its
+        place or its memory is needed (a refusal, not the client's fault: no strike)."""
+        response = error_response(None, 503, message, [("Retry-After", "1")])
+        _send_at_once(conn.sock, response)
+        self._log_refusal(conn.ip, "", 503, len(response.body), "shed=" + why)
+        self._close(conn)
 
     def _refuse(self, conn, message, reason):
         response = error_response(None, 503, message, [("Retry-After", "1")])
@@ -400,9 +461,19 @@ class Reactor:
         """A health check, answered here (see onebox/health.py); False if it is not one."""
         started = time.monotonic()
         buf = conn.buf
-        answer = self.health.answer(bytes(buf[:buf.find(b"\r\n\r\n")]))
+        end = buf.find(b"\r\n\r\n")
+        if end > self.health.max_head_bytes:   # a monitor sends a few headers (issue 19)
+            self._reject(conn, 431, "a health check's head must be small")
+            return True
+        answer = self.health.answer(bytes(buf[:end]))
         if answer is None:
             return False
+        if self.guard.refuses_banned(conn.ip, conn.client):
+            response = error_response(None, 403, "forbidden")
+            _send_at_once(conn.sock, response)
+            self._log_refusal(conn.ip, answer[1], 403, len(response.body), "guard=banned")
+            self._linger(conn)
+            return True
         response, line, path, head_only, version = answer
         body = b"" if head_only else response.body
         try:
@@ -446,9 +517,12 @@ class Reactor:
             self._close(conn)
             return
         conn.buf += data
-        conn.progress += len(data)
-        conn.deadline = self.body_pace.deadline(conn.started_wait, conn.progress,
-                                                time.monotonic())
+        conn.deadline = self.body_pace.advance(conn.deadline, len(data), time.monotonic())
+        self._charge(conn, len(data), conn.wait_key)
+        if self.buffered > self.budget:
+            self._keep_to_budget()
+            if conn.waiting != "body":
+                return   # shed itself
         exchange = conn.pending
         if exchange.scan is None:
             done = len(conn.buf) >= exchange.head.content_length
@@ -468,7 +542,7 @@ class Reactor:
         except ClientGone:
             self._finish_send(conn, ok=False)
             return
-        conn.progress += sent_before - outbox.size()
+        sent = sent_before - outbox.size()
         if done and outbox.stream is not None:
             # all a streamed body's generator produced is sent: a worker runs it on
             self._end_wait(conn)
@@ -478,8 +552,7 @@ class Reactor:
         if done:
             self._finish_send(conn, ok=True)
             return
-        conn.deadline = self.send_pace.deadline(conn.started_wait, conn.progress,
-                                                time.monotonic())
+        conn.deadline = self.send_pace.advance(conn.deadline, sent, time.monotonic())
         self.poller.arm(conn, write=True)
 
     def _finish_send(self, conn, ok):
@@ -518,10 +591,10 @@ class Reactor:
         if key is not None:
             self.waits[key] = self.waits.get(key, 0) + 1
         conn.waiting = kind
-        conn.started_wait = time.monotonic()
-        conn.progress = 0
-        pace = self.body_pace if kind == "body" else self.send_pace
-        conn.deadline = pace.deadline(conn.started_wait, 0, conn.started_wait)
+        if kind == "body":   # bytes that came with the head count as progress (issue 19)
+            conn.deadline = self.body_pace.first(time.monotonic(), len(conn.buf))
+        else:
+            conn.deadline = self.send_pace.first(time.monotonic())
         self._sequence += 1
         heapq.heappush(self.timed, (conn.deadline, self._sequence, conn))
         if kind == "send":
@@ -579,6 +652,8 @@ class Reactor:
 
     def _left_workers(self, conn):
         self.busy.discard(conn)
+        if conn.charged:
+            self._uncharge(conn)   # its body was read by the request's worker
         key = conn.client
         if key not in self.in_workers:   # a trusted proxy (None) is never counted
             return
@@ -616,7 +691,10 @@ class Reactor:
             elif outcome is GONE:
                 self._close(conn)
             elif outcome is BODY:
+                self._charge(conn, len(conn.buf), conn.wait_key)
                 self._start_wait(conn, "body")
+                if self.buffered > self.budget:
+                    self._keep_to_budget()
             elif outcome is SEND:
                 conn.sock.setblocking(False)   # finished here without a wait in the kernel
                 self._start_wait(conn, "send")
@@ -726,6 +804,8 @@ class Reactor:
                     del self.ready_line[conn.client]
                     self.handoff.clients_in_line = bool(self.ready_line)
         conn.waiting = None
+        if conn.charged:
+            self._uncharge(conn)
         self.busy.discard(conn)
         self.poller.forget(conn.sock)
         conn.sock.close()
@@ -733,11 +813,65 @@ class Reactor:
             self.admin_open -= 1
             return
         self.open -= 1
-        count = self.per_client[conn.client] - 1
-        if count:
-            self.per_client[conn.client] = count
-        else:
+        conns = self.per_client[conn.client]
+        del conns[conn]
+        if not conns:
             del self.per_client[conn.client]
+
+    # -- the memory budget ------------------------------------------------------------------------
+    def _charge(self, conn, size, key):
+        """Count ``size`` bytes ``conn`` holds against max_buffered_bytes, and against ``key``'s
+        share (the client as the guard counts it; for a body, the one a trusted proxy names)."""
+        if not size:
+            return
+        if not conn.charged:
+            conn.charge_key = key
+            entry = self.charged_by.get(key)
+            if entry is None:
+                entry = self.charged_by[key] = [0, set()]
+            entry[1].add(conn)
+        else:
+            entry = self.charged_by[conn.charge_key]
+        entry[0] += size
+        conn.charged += size
+        self.buffered += size
+
+    def _uncharge(self, conn):
+        key = conn.charge_key
+        entry = self.charged_by[key]
+        entry[0] -= conn.charged
+        entry[1].discard(conn)
+        if not entry[1]:
+            del self.charged_by[key]
+        self.buffered -= conn.charged
+        conn.charged = 0
+        conn.charge_key = None
+
+    def _keep_to_budget(self):
+        """Past max_buffered_bytes: shed the largest waits of the clients charged the most,
+        one at a time from whoever holds the most at that moment, until 7/8 of the budget is
+        held (so that a flood sheds in batches, not at every read). A request in a worker
+        cannot be shed; the rest of the memory is what it takes to make progress."""
+        target = self.budget - self.budget // 8
+        heap = [(-entry[0], id(key), key) for key, entry in self.charged_by.items()]
+        heapq.heapify(heap)
+        while heap and self.buffered > target:
+            _, _, key = heapq.heappop(heap)
+            entry = self.charged_by.get(key)
+            if entry is None:
+                continue
+            sheddable = [conn for conn in entry[1] if conn.waiting in _CHARGED_WAITS]
+            if not sheddable:
+                continue
+            victim = max(sheddable, key=lambda conn: conn.charged)
+            self.guard.count("closed_memory_budget")
+            if victim.waiting == "handshake":
+                self._close(victim)
+            else:
+                self._shed(victim, "server is busy: too many uploads at once", "memory")
+            entry = self.charged_by.get(key)
+            if entry is not None:
+                heapq.heappush(heap, (-entry[0], id(key), key))
 
     # -- shutdown ------------------------------------------------------------------------------
     def close_waiting(self):

@@ -90,6 +90,9 @@ SETTINGS = {
                 "workers one client may hold at once; its other ready requests wait their turn"),
         Setting("max_waiting_per_client", "int", 32, 1,
                 "bodies and responses one client may have waiting at once; more wait in line"),
+        Setting("max_buffered_bytes", "int", 64 * 1024 * 1024, 65536,
+                "request bodies the reactor buffers and TLS handshakes under way, in all; past "
+                "it the clients holding the most are cut (503) until 7/8 is held"),
         Setting("shutdown_timeout_s", "float", 10.0, 0.0,
                 "how long busy requests may run on after SIGTERM",
                 maximum=LONGEST_WAIT_S),
@@ -289,6 +292,9 @@ SETTINGS = {
                 "200 while serving; 503 while starting, reloading or draining"),
         Setting("log_every_s", "float", 60.0, 0.0,
                 "a successful health check is access-logged at most this often; 0 logs each"),
+        Setting("max_head_bytes", "int", 1024, 256,
+                "a health check's request head must fit in this (a monitor sends a few "
+                "headers); a larger one gets 431"),
     ],
 }
 

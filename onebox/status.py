@@ -130,6 +130,8 @@ def _gauges(server):
         ("held", "kept connections a worker waits on", len(handoff.held), None),
         ("queued", "hand-off queue (ready, waiting for a worker)", handoff.work.qsize(), None),
         ("timed", "body and slow-reader waits in the reactor", len(reactor.timed), None),
+        ("buffered", "bytes of bodies and TLS handshakes held", reactor.buffered,
+         settings.max_buffered_bytes),
     ]
     rows += [("parked_" + kind, "parked: %s" % kind, count, None)
              for kind, count in sorted(parked.items())]

@@ -45,9 +45,16 @@ class StreamFailed(ClientGone):
 
 
 class Pace:
-    """A minimum average data rate after a grace period, and a longest wait for any progress:
-    the deadline for the next byte of a transfer that began at ``started`` and has moved
-    ``done`` bytes, the last of them at ``last``."""
+    """A minimum data rate, kept as a deadline for the next byte: a transfer starts with
+    ``grace`` seconds (and 1/rate seconds for each byte that came with its start), each byte
+    moved pushes the deadline back by 1/rate seconds, and the deadline is never more than
+    ``patience`` seconds ahead of the last progress.
+
+    A leaky bucket of time, not an average over the whole transfer: with the average
+    (``start + grace + bytes / rate``, or ``last byte + patience``), a body sent fast to 64
+    bytes short of its end banked over an hour of credit, then stayed legal at one byte every
+    10 s (issue 19). Here credit is capped at ``patience``, so after a burst a client must keep
+    the rate again within that long."""
 
     __slots__ = ("rate", "grace", "patience")
 
@@ -66,8 +73,14 @@ class Pace:
         return cls(settings.min_response_rate_bytes_s, settings.response_rate_grace_s,
                    settings.write_timeout_s)
 
-    def deadline(self, started, done, last):
-        return min(started + self.grace + done / self.rate, last + self.patience)
+    def first(self, now, done=0):
+        """The deadline of a transfer starting ``now`` with ``done`` bytes already moved (a
+        body's bytes that came in the same read as its head count: issue 19)."""
+        return min(now + self.grace + done / self.rate, now + self.patience)
+
+    def advance(self, deadline, moved, now):
+        """The deadline after ``moved`` more bytes at ``now``."""
+        return min(deadline + moved / self.rate, now + self.patience)
 
 
 def wait_for(sock, events, deadline):
@@ -162,7 +175,7 @@ class BodyReader:
         self.conn = conn
         self.limit = settings.max_body_bytes
         self.pace = Pace.for_bodies(settings)
-        self.started = self.last = time.monotonic()
+        self.deadline = self.pace.first(time.monotonic(), len(conn.buf))
         self.expect_continue = head.expect_continue
         self.continue_sent = False
         self.done = False
@@ -217,12 +230,11 @@ class BodyReader:
             try:
                 data = conn.sock.recv(65536, MSG_DONTWAIT)
             except BlockingIOError:
-                wait_for(conn.sock, select.POLLIN,
-                         self.pace.deadline(self.started, self.received, self.last))
+                wait_for(conn.sock, select.POLLIN, self.deadline)
                 continue
             if not data:
                 raise ClientGone("closed mid-body")
-            self.last = time.monotonic()
+            self.deadline = self.pace.advance(self.deadline, len(data), time.monotonic())
             conn.buf += data
             return
 

@@ -331,7 +331,7 @@ class Workers:
                 server.log_error("unparsable request from %s: %s" % (conn.ip,
                                                                      type(error).__name__))
                 raise HTTPError(400, "malformed request") from None
-            if conn.admin or self._is_health_check(exchange):
+            if conn.admin or self._is_health_check(conn, exchange):
                 # the operator's listener, or a monitor: never limited, banned or counted
                 exchange.keep_alive = exchange.head.keep_alive and not self.handoff.stopping
                 return
@@ -347,12 +347,17 @@ class Workers:
                                and not self.handoff.stopping
                                and not (verdict is not None and verdict.close))
 
-    def _is_health_check(self, exchange):
+    def _is_health_check(self, conn, exchange):
         """A health check that reached a worker (most are answered by the reactor: see
-        onebox/health.py) is answered here, before the guard."""
+        onebox/health.py) is answered here, before the guard's limits; a banned client's goes
+        to the guard (403, and the connection closes)."""
         request, checks = exchange.request, self.health_checks
         if request.path not in checks.paths or request.method not in ("GET", "HEAD"):
             return False
+        if len(exchange.raw_head) > checks.max_head_bytes:
+            raise HTTPError(431, "a health check's head must be small")
+        if self.server.guard.refuses_banned(conn.ip, conn.client, hit=False):
+            return False   # the guard's check answers it (and counts the hit)
         exchange.response = checks.response_for(request.path)
         exchange.route = request.path
         return True
