@@ -84,7 +84,7 @@ import sys
 import time
 
 from handlers._state import StateError, StateLockedError, Store
-from onebox.admin import AdminConfigError, load_token
+from onebox.admin import AdminConfigError, check_listener, load_token
 from onebox.engine import OneboxServer
 from onebox.logs import PRIORITIES, error_entry, journal_stream
 from onebox.restart import (SERVER_URL_FILE, VALID, Restarter, open_when_free, predecessor,
@@ -195,7 +195,10 @@ def _start(args, argv, old_pid, notifier):
     try:
         config = load_config(args.config, overrides)
         router = Router(load_routes())
-        load_token(config.admin)   # fail here, before the state is opened, if one is needed
+        admin_token = load_token()   # one that is set must be usable
+        if args.check or args.restart:
+            # [admin] host is all they can know: the service's sockets are not passed to them
+            check_listener(config.admin, admin_token)
         if config.tls.cert_file:   # missing, mismatched or expired: refused here (and --check)
             build_context(config.tls)
     except (ConfigError, RouteError, AdminConfigError, TLSConfigError) as error:
@@ -215,7 +218,12 @@ def _start(args, argv, old_pid, notifier):
                                + settings.shutdown_timeout_s + 30.0)
     try:
         listeners = {} if args.repair else listen_sockets()
-    except SystemdError as error:
+        if not args.repair:
+            # before the state is opened and before a predecessor is told VALID: the admin
+            # socket systemd or a restart passed is judged by its own address, else [admin]
+            # host (the engine judges the socket it binds again)
+            check_listener(config.admin, admin_token, listeners.get("admin"))
+    except (SystemdError, AdminConfigError) as error:
         return fail(error)
     if old_pid is not None:
         notifier.send(VALID + "=1")   # the predecessor now drains and releases the data dir
@@ -409,9 +417,9 @@ def _ban_control_running(config, unban):
               file=sys.stderr)
         return 1
     if unban is None:
-        status, reply = _admin_call(config, url, "GET", "bans")
+        status, reply = _admin_call(url, "GET", "bans")
     else:
-        status, reply = _admin_call(config, url, "POST", "bans/lift",
+        status, reply = _admin_call(url, "POST", "bans/lift",
                                     {"client": unban.strip()})
     if status is None:
         print("onebox: cannot reach the running server (pid %s) at %s: %s" % (pid, url, reply),
@@ -432,14 +440,14 @@ def _ban_control_running(config, unban):
     return 1
 
 
-def _admin_call(config, url, method, path, body=None):
+def _admin_call(url, method, path, body=None):
     """(status, decoded JSON or text) from the admin listener at ``url``, or (None, why)."""
     import http.client
     import json
     import urllib.parse
     parts = urllib.parse.urlsplit(url)
     headers = {"Accept": "application/json"}
-    token = _admin_token(config)
+    token = _admin_token()
     if token:
         headers["Authorization"] = "Bearer " + token
     data = None
@@ -461,11 +469,11 @@ def _admin_call(config, url, method, path, body=None):
         return response.status, raw.decode("utf-8", "replace").strip()
 
 
-def _admin_token(config):
+def _admin_token():
     """The admin token as the server reads it (environment or $CREDENTIALS_DIRECTORY); None
     without one (the server then says 401 if it needs one)."""
     try:
-        return load_token(config.admin)
+        return load_token()
     except AdminConfigError:
         return None
 

@@ -20,15 +20,21 @@ on the error log too.
 Who may ask
 -----------
 * Bound to loopback with no token configured: anyone on this machine. The Host header must
-  then name the loopback (localhost, 127.x, [::1]), else 421: a web page cannot read the
-  status through DNS rebinding (a name of its own that resolves to 127.0.0.1).
+  then name the loopback, else 421: exactly ``localhost``, or a loopback IP literal
+  (``127.0.0.1``, any 127/8 address, ``[::1]``), with or without a port. A web page cannot
+  read the status through DNS rebinding (a name of its own that resolves to 127.0.0.1), nor
+  through a name that merely starts like one (``127.example.org``).
 * With a token (``ONEBOX_ADMIN_TOKEN`` in the environment, or the file
   ``$CREDENTIALS_DIRECTORY/admin_token``: systemd's LoadCredential=), every request needs it,
   compared in constant time (``hmac.compare_digest``): ``Authorization: Bearer <token>``
   (scripts, Prometheus' ``authorization`` config), or the session cookie that ``POST /login``
   sets from a form (a browser: HttpOnly, SameSite=Strict, derived from the token, so changing
   the token ends every session). Without it: 401, with a login form for a browser.
-* Bound to anything but loopback without a token, the server refuses to start.
+* Bound to anything but loopback without a token, the server refuses to start. "Bound" is
+  the socket's own address (``getsockname()``, ``check_listener``), not the ``[admin] host``
+  text: a socket that systemd passes (``FileDescriptorName=admin`` in onebox.socket) or a
+  restart hands over listens where it was bound, whatever the setting says. Loopback is
+  judged by ``ipaddress`` (127/8, ``::1``, either IPv4-mapped), never by a text prefix.
 * Actions (any method but GET, HEAD and OPTIONS) must come from the admin listener's own
   origin: a ``Sec-Fetch-Site`` other than same-origin, or an ``Origin`` other than
   ``http://<Host>`` (or https://, behind a TLS proxy), gets 403 (no cross-site request forgery through a browser). A client
@@ -54,8 +60,10 @@ import hashlib
 import hmac
 import html
 import importlib
+import ipaddress
 import os
 import re
+import socket
 
 from handlers._core import HTTPError, Response, html_response, redirect
 from onebox.metrics import render
@@ -68,7 +76,9 @@ MIN_TOKEN_CHARS = 16
 COOKIE = "onebox_admin"
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
-_LOOPBACK_HOST_RE = re.compile(r"(localhost|127(\.\d{1,3}){3}|\[::1\])(:\d{1,5})?", re.I)
+# A Host field (RFC 9110 7.2: uri-host [ ":" port ]): an IP-literal in brackets, or a name
+# or IPv4 address without colons; the port, if any, 1 to 5 digits.
+_HOST_FIELD_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[^:\[\]%]+)(?::\d{1,5})?")
 
 
 class AdminConfigError(Exception):
@@ -76,12 +86,38 @@ class AdminConfigError(Exception):
 
 
 def is_loopback(host):
-    return host in ("localhost", "::1") or host.startswith("127.")
+    """Whether ``host`` (an address as getsockname() or a setting gives it, brackets allowed)
+    is reachable from this machine only: a loopback IP (127/8, ::1, either IPv4-mapped, as a
+    dual-stack socket reports ::ffff:127.0.0.1), or exactly the name ``localhost``. Never a
+    text prefix: ``127.example.org`` is a name anyone can register."""
+    if host.lower() == "localhost":
+        return True
+    if host[:1] == "[" and host[-1:] == "]":
+        host = host[1:-1]
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)   # before 3.13 is_loopback ignores it
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
-def load_token(admin_settings, environ=None):
-    """The admin token, or None; AdminConfigError if one is needed and missing, or unusable.
-    Read once, at start-up."""
+def is_loopback_host_field(value):
+    """Whether a Host header names this machine's loopback: ``localhost`` or a loopback IP
+    literal (``127.0.0.2``, ``[::1]``), each with an optional port. A name is never resolved:
+    DNS rebinding is a name that resolves to 127.0.0.1."""
+    match = _HOST_FIELD_RE.fullmatch(value)
+    if match is None:
+        return False
+    name = match.group(1)
+    if name.startswith("[") and "." in name and ":" not in name:
+        return False   # brackets hold IPv6 only (RFC 3986 3.2.2): not [127.0.0.1]
+    return is_loopback(name)
+
+
+def load_token(environ=None):
+    """The admin token, or None; AdminConfigError if one is set and unusable. Read once, at
+    start-up. Whether one is needed is the admin socket's address's to say (check_listener)."""
     environ = os.environ if environ is None else environ
     token, where = environ.get(TOKEN_ENV), TOKEN_ENV
     directory = environ.get("CREDENTIALS_DIRECTORY")
@@ -99,13 +135,53 @@ def load_token(admin_settings, environ=None):
         raise AdminConfigError("the admin token in %s must be at least %d printable characters "
                                "(e.g. python3 -c 'import secrets; print(secrets.token_urlsafe())')"
                                % (where, MIN_TOKEN_CHARS))
-    if (token is None and admin_settings.port is not None
-            and not is_loopback(admin_settings.host)):
+    return token
+
+
+def check_listener(admin_settings, token, sock=None):
+    """AdminConfigError if the admin listener would answer beyond this machine without a token.
+
+    ``sock``: the admin socket, bound or passed (systemd's, or a restart's); its own address
+    decides, since that is what clients reach, whatever ``[admin] host`` says. Without one
+    (``--check``, or before binding) ``[admin] host`` decides, as binding it would resolve it;
+    a name that does not resolve is left to the bind, which fails and says so."""
+    if token is not None:
+        return
+    fix = ("set %s (or the systemd credential %s)" % (TOKEN_ENV, TOKEN_CREDENTIAL))
+    if sock is not None:
+        address = sock.getsockname()
+        if not is_loopback(address[0]):
+            raise AdminConfigError(
+                "the admin socket listens on %s port %d, beyond this machine, and no admin token "
+                "is set: %s, or bind the admin socket to 127.0.0.1 ([admin] host, or "
+                "ListenStream=127.0.0.1:%d with FileDescriptorName=admin in the .socket unit)"
+                % (address[0], address[1], fix, address[1]))
+        return
+    if admin_settings.port is None:
+        return
+    address = _setting_address(admin_settings.host)
+    if address is not None and not is_loopback(address):
         raise AdminConfigError(
             "[admin] host = %s serves the admin listener beyond this machine, and no admin token "
-            "is set: set %s (or the systemd credential %s), or set [admin] host = 127.0.0.1, or "
-            "[admin] port = off" % (admin_settings.host, TOKEN_ENV, TOKEN_CREDENTIAL))
-    return token
+            "is set: %s, or set [admin] host = 127.0.0.1, or [admin] port = off"
+            % (admin_settings.host, fix))
+
+
+def _setting_address(host):
+    """The address that binding ``[admin] host`` would listen on (as the engine binds it:
+    IPv6 if it holds a colon), or None when a name does not resolve."""
+    if is_loopback(host):
+        return host
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.getaddrinfo(host, None, family, socket.SOCK_STREAM)[0][4][0]
+    except (OSError, IndexError, UnicodeError):
+        return None
 
 
 def session_value(token):
@@ -129,8 +205,7 @@ class AdminSite(object):
         """1. Host (no token: a loopback name), 2. the token, 3. same origin for actions,
         4. route, 5. call the handler; actions are logged."""
         method = request.method
-        if self.token is None and not _LOOPBACK_HOST_RE.fullmatch(
-                request.headers.get("host", "")):
+        if self.token is None and not is_loopback_host_field(request.headers.get("host", "")):
             raise HTTPError(421, "the admin listener answers to localhost and 127.0.0.1 only")
         login = request.path == "/login"
         if self.token is not None and not login and not self._authorized(request):

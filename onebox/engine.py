@@ -26,7 +26,7 @@ from handlers._cache import ResponseCache
 from handlers._limits import LimiterRegistry
 from handlers._state import StateError
 from onebox.activity import Activity
-from onebox.admin import AdminConfigError, AdminSite, load_token
+from onebox.admin import AdminConfigError, AdminSite, check_listener, load_token
 from onebox.guard import Guard
 from onebox.health import HealthChecks
 from onebox.handoff import Handoff
@@ -86,9 +86,10 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         # writes it; the parts are built by _count_requests, _open_listeners and _compose.
         settings = config.server
         self.started_at = time.time()
-        # before anything is bound: a missing admin token stops start-up (AdminConfigError),
-        # as does a certificate or key that cannot be served (TLSConfigError, onebox/tls.py)
-        admin_token = load_token(config.admin)
+        # before anything is bound: an unusable admin token stops start-up (AdminConfigError),
+        # as does a certificate or key that cannot be served (TLSConfigError, onebox/tls.py);
+        # a missing one is judged once the admin socket's address is known (_open_listeners)
+        admin_token = load_token()
         self.tls_context = self.tls_expires = self.tls_socket = None
         if config.tls.cert_file:
             self.tls_context, self.tls_expires = build_context(config.tls)
@@ -110,7 +111,7 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         if settings.access_log:
             self.access_log = AccessLog(self.access_stream, settings.log_flush_interval_s,
                                         settings.log_buffer_bytes, self.log_error)
-        self._open_listeners(config)
+        self._open_listeners(config, admin_token)
         self._compose(config)
         # What the server is doing, for readiness (/readyz, systemd): "starting" until the
         # reactor's first turn, then "serving"; "reloading" while the reactor applies a reload;
@@ -150,9 +151,10 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         if status.recorder:
             self.guard.on_decision = self.activity.decision
 
-    def _open_listeners(self, config):
+    def _open_listeners(self, config, admin_token):
         """The public listener, the admin listener and the HTTPS one (each handed over, or
-        bound); a port that cannot be had closes what is open and stops start-up."""
+        bound); a port that cannot be had, or an admin socket beyond loopback without a token,
+        closes what is open and stops start-up."""
         settings = config.server
         self._listen(settings, self.listeners.get("http"))
         self.admin_socket = None
@@ -164,6 +166,14 @@ class OneboxServer(http.server.ThreadingHTTPServer):
                 "cannot listen on %s port %s for the admin listener: %s; set [admin] port "
                 "(--admin-port 0 picks a free one, off turns it off)"
                 % (config.admin.host, config.admin.port, error.strerror or error)) from None
+        if self.admin_socket is not None:
+            # its real address decides (onebox/admin.py), not [admin] host: a socket systemd
+            # or a restart passed listens where it was bound; nothing has been accepted yet
+            try:
+                check_listener(config.admin, admin_token, self.admin_socket)
+            except AdminConfigError:
+                self.server_close()
+                raise
         try:
             self.tls_socket = self._listen_tls(config, self.listeners.get("https"))
         except OSError as error:

@@ -8,6 +8,11 @@
     GET  /bans          the bans in force, as JSON (what ``server.py --bans`` prints)
     POST /bans/lift     {"client": "192.0.2.7"}: lift that ban (``Guard.lift_ban``); 404 if
                         it is not banned. The admin listener checks the token and the origin.
+                        JSON only (``Content-Type: application/json``, else 415): a form
+                        or text/plain is what another site's page can POST without asking,
+                        while a JSON POST from another origin needs a CORS preflight
+                        (Fetch standard, "CORS-safelisted request-header"), which the
+                        admin listener never grants.
 
 Everything here reads what other threads write: counters and table sizes are read without
 their owners' locks where a single ``len()`` or attribute read is atomic in CPython, so the
@@ -78,18 +83,16 @@ def routes(server):
 
 
 def _lift_target(request):
-    """The "client" of a lift request: JSON {"client": ...} or a form field client=..."""
+    """The "client" of a lift request: JSON {"client": ...}, never a form (see the module
+    docstring: a cross-site form could send one)."""
+    kind = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise HTTPError(415, "'Content-Type' must be application/json: send {\"client\": ...}")
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > MAX_LIFT_BODY_BYTES:
         raise HTTPError(413, "request body too large")
-    kind = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
-    if kind == "application/json":
-        body = request.json()
-        client = body.get("client") if isinstance(body, dict) else None
-    elif kind == "application/x-www-form-urlencoded":
-        client = request.form().get("client")
-    else:
-        raise HTTPError(415, "send JSON {\"client\": ...} (Content-Type: application/json)")
+    body = request.json()
+    client = body.get("client") if isinstance(body, dict) else None
     if not isinstance(client, str) or not client.strip() or len(client) > 100:
         raise HTTPError(400, "'client' must be an address or a banned key as listed")
     return client.strip()

@@ -3,6 +3,7 @@
 import http.client
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -11,7 +12,8 @@ import time
 
 import pytest
 
-from conftest import ROOT, raw_exchange, read_until_close, request, status_of
+from conftest import ROOT, onebox, raw_exchange, read_until_close, request, status_of
+from onebox.admin import AdminConfigError, is_loopback
 
 SERVER = os.path.join(ROOT, "server.py")
 TOKEN = "s3cret-admin-token-for-tests"
@@ -98,10 +100,15 @@ def test_off_loopback_without_a_token_refuses_to_start(tmp_path):
     assert process.returncode == 1
     assert "[admin] host = 0.0.0.0" in err and "ONEBOX_ADMIN_TOKEN" in err, err
     assert "Traceback" not in err and "listening on" not in out
-    check = subprocess.run([sys.executable, SERVER, "--check", "--admin-host", "0.0.0.0"],
+    for host in ("0.0.0.0", "::"):   # --check judges [admin] host: it is not given sockets
+        check = subprocess.run([sys.executable, SERVER, "--check", "--admin-host", host],
+                               capture_output=True, text=True, timeout=30,
+                               env=environment_without_token())
+        assert check.returncode == 1 and "ONEBOX_ADMIN_TOKEN" in check.stderr, check.stderr
+    check = subprocess.run([sys.executable, SERVER, "--check", "--admin-host", "127.0.0.2"],
                            capture_output=True, text=True, timeout=30,
                            env=environment_without_token())
-    assert check.returncode == 1 and "ONEBOX_ADMIN_TOKEN" in check.stderr
+    assert check.returncode == 0, check.stderr
 
 
 def test_a_short_token_is_refused_at_start(tmp_path):
@@ -129,6 +136,37 @@ def test_off_loopback_with_a_credential_file_starts_and_wants_the_token(tmp_path
         assert authorized.stdout == "200"
     finally:
         stop(process)
+
+
+def test_a_restart_judges_the_admin_socket_it_hands_over(tmp_path):
+    """The successor (onebox/restart.py) gets the predecessor's admin socket on 0.0.0.0; its
+    token is gone (the credential file removed), so it refuses before the hand-over, with the
+    reason, and the old server serves on."""
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "admin_token").write_text(TOKEN)
+    process = start_process(tmp_path, "--admin-host", "0.0.0.0",
+                            env=environment_without_token(CREDENTIALS_DIRECTORY=str(credentials)))
+    try:
+        process.stdout.readline()
+        port = re.fullmatch(r"admin on http://0\.0\.0\.0:(\d+)/",
+                            process.stdout.readline().strip()).group(1)
+        (credentials / "admin_token").unlink()
+        process.send_signal(signal.SIGUSR2)
+        failed = tmp_path / "data" / "restart.failed"   # why the last restart failed
+        deadline = time.monotonic() + 30
+        while not failed.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        why = failed.read_text()
+        assert "exited with status 1" in why, why
+        assert "listens on 0.0.0.0 port %s" % port in why and "ONEBOX_ADMIN_TOKEN" in why, why
+        connection = http.client.HTTPConnection("127.0.0.1", int(port), timeout=10)
+        connection.request("GET", "/metrics", headers={"Authorization": "Bearer " + TOKEN})
+        assert connection.getresponse().status == 200   # the old server, token and all
+        connection.close()
+    finally:
+        out, err = stop(process)
+    assert process.returncode == 0 and "Traceback" not in err, err
 
 
 @pytest.fixture
@@ -190,9 +228,82 @@ def test_actions_need_the_admin_origin(server):
 
 def test_without_a_token_only_loopback_host_names_are_answered(server):
     """DNS rebinding: a page on evil.example whose name resolves to 127.0.0.1 sends Host:
-    evil.example; it must not read the status."""
-    assert admin_request(server, "GET", "/metrics", headers={"Host": "evil.example"})[0] == 421
-    assert admin_request(server, "GET", "/metrics", headers={"Host": "localhost:1"})[0] == 200
+    evil.example; it must not read the status. Nor may a name that only starts like a
+    loopback address (127.example.org is anyone's to register)."""
+    answered = ["localhost", "localhost:1", "LOCALHOST:8001", "127.0.0.1", "127.0.0.1:8001",
+                "127.200.3.4:1", "[::1]", "[::1]:8001", "[::ffff:127.0.0.1]:8001"]
+    refused = ["evil.example", "127.example.org", "127.example.org:8001", "127.0.0.1.nip.io",
+               "localhost.evil.example", "127.999.0.1", "127.1", "[127.0.0.1]", "localhost:",
+               "0.0.0.0", "[::]:8001", "10.0.0.1"]
+    malformed = ["::1", "localhost:8001:1"]   # not a Host field at all: the parser's 400
+    statuses = {host: admin_request(server, "GET", "/metrics", headers={"Host": host})[0]
+                for host in answered + refused + malformed}
+    expected = dict({host: 200 for host in answered}, **{host: 421 for host in refused})
+    assert statuses == dict(expected, **{host: 400 for host in malformed}), statuses
+
+
+@pytest.mark.parametrize("host, loopback", [
+    ("127.0.0.1", True), ("127.255.0.9", True), ("::1", True), ("[::1]", True),
+    ("::ffff:127.0.0.1", True), ("localhost", True),             # a dual-stack socket's v4 form
+    ("0.0.0.0", False), ("::", False), ("::ffff:10.0.0.1", False), ("192.0.2.7", False),
+    ("127.example.org", False), ("127.0.0.1.nip.io", False), ("localhost.example", False),
+    ("127.1", False), ("", False)])
+def test_loopback_is_parsed_never_a_prefix(host, loopback):
+    assert is_loopback(host) is loopback
+
+
+def handed_over(tmp_path, admin_socket, **config):
+    """A server built on a handed-over admin socket (systemd's or a restart's), not bound."""
+    settings = dict({"port": 0, "data_dir": str(tmp_path / "data"), "access_log": False},
+                    **config)
+    loaded = onebox.load_config(None, settings)
+    return onebox.OneboxServer(loaded, onebox.Router(onebox.load_routes()),
+                               store=onebox.open_store(loaded),
+                               listeners={"admin": admin_socket})
+
+
+def test_a_handed_over_admin_socket_beyond_loopback_needs_a_token(tmp_path, monkeypatch):
+    """The socket's own address decides, not [admin] host (127.0.0.1 by default here)."""
+    monkeypatch.delenv("ONEBOX_ADMIN_TOKEN", raising=False)
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    handed = socket.create_server(("0.0.0.0", 0))
+    port = handed.getsockname()[1]
+    with pytest.raises(AdminConfigError) as refused:
+        handed_over(tmp_path, handed)
+    message = str(refused.value)
+    for words in ("0.0.0.0 port %d" % port, "ONEBOX_ADMIN_TOKEN", "admin_token",
+                  "127.0.0.1"):
+        assert words in message, message
+    assert handed.fileno() == -1   # closed with the rest: nothing listens on 0.0.0.0 now
+    monkeypatch.setenv("ONEBOX_ADMIN_TOKEN", TOKEN)
+    handed = socket.create_server(("0.0.0.0", 0))
+    built = handed_over(tmp_path, handed)
+    thread = threading.Thread(target=built.serve_forever)
+    thread.start()
+    try:
+        assert admin_request(built, "GET", "/metrics")[0] == 401
+        assert admin_request(built, "GET", "/metrics",
+                             headers={"Authorization": "Bearer " + TOKEN})[0] == 200
+    finally:
+        built.shutdown()
+        thread.join(30)
+        built.server_close()
+
+
+def test_a_handed_over_loopback_admin_socket_needs_none_whatever_admin_host_says(
+        tmp_path, monkeypatch):
+    monkeypatch.delenv("ONEBOX_ADMIN_TOKEN", raising=False)
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    built = handed_over(tmp_path, socket.create_server(("127.0.0.1", 0)),
+                        **{"admin.host": "0.0.0.0"})
+    thread = threading.Thread(target=built.serve_forever)
+    thread.start()
+    try:
+        assert admin_request(built, "GET", "/metrics")[0] == 200
+    finally:
+        built.shutdown()
+        thread.join(30)
+        built.server_close()
 
 
 def test_the_guard_never_limits_or_counts_admin_requests(start_server):
@@ -295,7 +406,6 @@ def test_admin_connections_have_their_own_cap(start_server):
 
 def test_a_handed_over_admin_socket_is_served_instead_of_binding(tmp_path):
     """Socket activation names the admin listener "admin" (LISTEN_FDNAMES): it is used as is."""
-    from conftest import onebox
     handed = socket.create_server(("127.0.0.1", 0))
     config = onebox.load_config(None, {"port": 0, "data_dir": str(tmp_path / "data"),
                                        "admin.port": "off",   # off: only the handed socket

@@ -172,6 +172,13 @@ def test_status_page_in_chromium(start_server, tmp_path):
                if not url.startswith(origin + "/") and not url.startswith("data:")]
     assert outside == [], outside
     assert any(url.endswith("/status.json") for url in urls)
-    assert any(url.endswith("/bans/lift") for url in urls)
+    # the Lift is JSON (all that /bans/lift takes: a cross-site form cannot send it)
+    lifts = [params["request"] for method, params in browser.events
+             if method == "Network.requestWillBeSent"
+             and params["request"]["url"].endswith("/bans/lift")]
+    assert lifts and all(lift["method"] == "POST" for lift in lifts)
+    assert {value for lift in lifts for name, value in lift["headers"].items()
+            if name.lower() == "content-type"} == {"application/json"}
+    assert json.loads(lifts[-1]["postData"]) == {"client": FLOODER}
     assert problems(browser.events) == [], json.dumps(problems(browser.events))[:2000]
     assert urllib.parse.urlsplit(origin).hostname == "127.0.0.1"

@@ -90,8 +90,8 @@ os.execv(command[0], command)
 def activated(tmp_path, sockets, names=None, flags=(), env=None):
     """``python3 server.py --data-dir ... FLAGS`` started as systemd starts a socket-activated
     service: ``sockets`` on descriptors 3, 4, ..., LISTEN_PID its own pid, LISTEN_FDS and
-    LISTEN_FDNAMES (':'-joined ``names``, unset if None). Returns the process; stderr goes to
-    tmp_path/stderr.txt."""
+    LISTEN_FDNAMES (':'-joined ``names``, unset if None); ``env`` added to the environment (a
+    None value unsets it). Returns the process; stderr goes to tmp_path/stderr.txt."""
     passed = []
     for index, sock in enumerate(sockets):
         passed.append(100 + index)   # out of the way of 3, 4, ... while they are set
@@ -100,10 +100,12 @@ def activated(tmp_path, sockets, names=None, flags=(), env=None):
                 ":".join(names) if names is not None else "-"] + [str(fd) for fd in passed]
                + [sys.executable, SERVER, "--data-dir", str(tmp_path / "data")]
                + (["--admin-port", "0"] if "--admin-port" not in flags else []) + list(flags))
+    environment = {key: value for key, value in dict(os.environ, **(env or {})).items()
+                   if value is not None}   # None in ``env``: unset
     errors = open(tmp_path / "stderr.txt", "a")
     try:
         return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, pass_fds=passed,
-                                env=dict(os.environ, **(env or {})), text=True)
+                                env=environment, text=True)
     finally:
         errors.close()
         for fd in passed:
@@ -379,6 +381,76 @@ def test_a_passed_socket_on_every_address_warns_about_allowed_hosts(tmp_path):
         stop(process)
         held.close()
     assert "listening on 0.0.0.0 with any Host allowed" in (tmp_path / "stderr.txt").read_text()
+
+
+NO_TOKEN = {"ONEBOX_ADMIN_TOKEN": None, "CREDENTIALS_DIRECTORY": None}
+TOKEN = "a-token-of-twenty-chars"
+
+
+def anywhere():
+    """A listening socket on every IPv4 address, as ListenStream=0.0.0.0:PORT makes one."""
+    sock = socket.socket()
+    sock.bind(("0.0.0.0", 0))
+    sock.listen(8)
+    return sock
+
+
+def test_a_passed_admin_socket_beyond_loopback_without_a_token_stops_start_up(tmp_path):
+    """onebox.socket with a second ListenStream=0.0.0.0:8001, FileDescriptorName=admin: the
+    socket's address decides, not [admin] host (127.0.0.1 by default, never bound here)."""
+    public, admin = listener(), anywhere()
+    port = admin.getsockname()[1]
+    process = activated(tmp_path, [public, admin], names=["http", "admin"], env=NO_TOKEN)
+    try:
+        out, _ = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:   # it served: the assertions below say so
+            process.kill()
+            out, _ = process.communicate()
+        public.close()
+        admin.close()
+    errors = (tmp_path / "stderr.txt").read_text()
+    assert process.returncode == 1, (out, errors)
+    assert "listening on" not in out and "Traceback" not in errors
+    assert "listens on 0.0.0.0 port %d" % port in errors, errors
+    for fix in ("ONEBOX_ADMIN_TOKEN", "admin_token", "ListenStream=127.0.0.1:"):
+        assert fix in errors, errors
+    assert not (tmp_path / "data" / "lock").exists()   # refused before the state was opened
+
+
+def test_a_passed_admin_socket_beyond_loopback_with_a_token_serves_it(tmp_path):
+    public, admin = listener(), anywhere()
+    port = admin.getsockname()[1]
+    process = activated(tmp_path, [public, admin], names=["http", "admin"],
+                        env={"ONEBOX_ADMIN_TOKEN": TOKEN, "CREDENTIALS_DIRECTORY": None})
+    try:
+        listening_port(process)
+        assert process.stdout.readline().strip() == "admin on http://0.0.0.0:%d/" % port
+        assert get(port, "/metrics")[0] == 401
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        connection.request("GET", "/metrics", headers={"Authorization": "Bearer " + TOKEN})
+        response = connection.getresponse()
+        assert response.status == 200 and b"onebox_build_info" in response.read()
+        connection.close()
+        assert stop(process) == 0
+    finally:
+        stop(process)
+        public.close()
+        admin.close()
+
+
+def test_a_passed_loopback_admin_socket_needs_no_token(tmp_path):
+    public, admin = listener(), listener()
+    process = activated(tmp_path, [public, admin], names=["http", "admin"],
+                        flags=["--admin-host", "0.0.0.0"], env=NO_TOKEN)
+    try:
+        listening_port(process)
+        assert get(admin.getsockname()[1], "/metrics")[0] == 200
+        assert stop(process) == 0
+    finally:
+        stop(process)
+        public.close()
+        admin.close()
 
 
 def udp_socket():
