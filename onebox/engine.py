@@ -26,7 +26,7 @@ from handlers._cache import ResponseCache
 from handlers._limits import LimiterRegistry
 from handlers._state import StateError
 from onebox.activity import Activity
-from onebox.admin import AdminConfigError, AdminSite, check_listener, load_token
+from onebox.admin import AdminConfigError, AdminSite, check_listener, is_loopback, load_token
 from onebox.guard import Guard
 from onebox.health import HealthChecks
 from onebox.handoff import Handoff
@@ -50,10 +50,6 @@ def _url_of(scheme, address):
     """The URL served at a listening socket's address: http://[::1]:8000/."""
     host, port = address[:2]
     return "%s://%s:%d/" % (scheme, "[%s]" % host if ":" in host else host, port)
-
-
-def _is_loopback(host):
-    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 class OneboxServer(http.server.ThreadingHTTPServer):
@@ -184,7 +180,7 @@ class OneboxServer(http.server.ThreadingHTTPServer):
                                        error.strerror or error)) from None
         self.use_tls_settings(config.tls)
         host = self.server_address[0]   # a socket systemd passed may not be settings.host
-        if config.allowed_hosts is None and not _is_loopback(host):
+        if config.allowed_hosts is None and not is_loopback(host):
             self.log_error("listening on %s with any Host allowed: set allowed_hosts in [server] "
                            "(e.g. allowed_hosts = example.org) so that DNS rebinding cannot "
                            "reach this server from a browser" % host, level="warning")
