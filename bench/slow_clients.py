@@ -5,6 +5,7 @@
                                   [--scenario NAME ...] [--seconds 30] [--scale 1]
                                   [--costly-path /hello/echo] [--costly-bytes 1000000]
                                   [--costly-shape lists|note]
+                                  [--nginx-connections 768] [--nginx-only]
 
 Black-box, over loopback only. For each scenario and each server (every ``--server`` given,
 default this checkout's server.py, plus Debian's nginx with ``--nginx``) it starts a fresh
@@ -83,6 +84,8 @@ block that answers 200, so nginx reads each body in full before passing it on (p
 buffering, its default) as it would for an application. For body-flood and
 rate-keeping-uploads it also has ``limit_conn`` 32 per address (onebox's
 max_waiting_per_client), for tls-half-handshakes an ssl listener with the same certificate.
+Debian's 768 worker_connections (per worker; 1,536 on two cores) are fewer than these scenarios'
+connections: ``--nginx-connections 8192`` shows nginx configured for them.
 costly-json and healthz-flood have no nginx equivalent (no JSON route, no health checks or bans).
 
 Writes the tables to bench/results/slow_clients.md. Installs nginx-light and slowhttptest with
@@ -126,7 +129,7 @@ worker_processes auto;
 daemon off;
 pid {work}/nginx.pid;
 error_log {work}/nginx-error.log warn;
-events {{ worker_connections 768; }}
+events {{ worker_connections {worker_connections}; }}
 http {{
     access_log off;
     sendfile on;
@@ -778,7 +781,7 @@ def onebox_argv(server_py, site, data_dir, scenario, tls_files):
     return argv
 
 
-def start_server(label, target, site, work, scenario, tls_files):
+def start_server(label, target, site, work, scenario, tls_files, nginx_connections):
     run_dir = tempfile.mkdtemp(prefix="run-", dir=work)
     schemes = ("http", "https") if scenario.tls else ("http",)
     if target == "nginx":
@@ -793,6 +796,7 @@ def start_server(label, target, site, work, scenario, tls_files):
         with open(conf, "w") as handle:
             handle.write(NGINX_CONF.format(
                 work=run_dir, site=site, port=ports["http"], echo_port=free_port(),
+                worker_connections=nginx_connections,
                 http_extra=NGINX_LIMIT_CONN_CONF if scenario.limit_conn else "",
                 server_extra=server_extra))
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -851,7 +855,8 @@ AFTER_S = 3.0        # after the attackers close, before the RSS "after" is read
 def run_one(name, label, target, site, work, options, tls_files):
     """Start a fresh server, attack it, measure the normal client; return the table cells."""
     scenario = SCENARIOS[name].scaled(options.scale)
-    server = start_server(label, target, site, work, scenario, tls_files)
+    server = start_server(label, target, site, work, scenario, tls_files,
+                          options.nginx_connections)
     attack = sampler = None
     note = ""
     try:
@@ -996,6 +1001,10 @@ def main():
                         help="run only this scenario (repeatable; default: all)")
     parser.add_argument("--seconds", type=int, default=30,
                         help="how long the normal client asks, once a second (default 30)")
+    parser.add_argument("--nginx-only", action="store_true",
+                        help="run nginx alone (no onebox), e.g. with --nginx-connections")
+    parser.add_argument("--nginx-connections", type=int, default=768,
+                        help="nginx's worker_connections (default 768, Debian's)")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="run each scenario from this share of its addresses (at least "
                              "one; each keeps its connections): 0.1 for a small trial")
@@ -1011,10 +1020,14 @@ def main():
         parser.error("--seconds must be at least 1")
     if not 0 < args.scale <= 1:
         parser.error("--scale must be more than 0 and at most 1")
+    if args.nginx_connections < 16:
+        parser.error("--nginx-connections must be at least 16")
     if args.costly_bytes < 2:
         parser.error("--costly-bytes must be at least 2")
     names = args.scenario or list(SCENARIOS)
     paths = [os.path.abspath(path) for path in args.server] or [os.path.join(ROOT, "server.py")]
+    if args.nginx_only:
+        paths, args.nginx = [], True
     targets = [("onebox-%d" % number if len(paths) > 1 else "onebox", path)
                for number, path in enumerate(paths)]
     if args.nginx:
@@ -1023,7 +1036,8 @@ def main():
     nofile = raise_nofile()
     signal.signal(signal.SIGTERM, on_sigterm)
     legend = ["- %s = %s" % (label, describe(path) if path != "nginx" else
-                              "Debian's nginx (worker_processes auto, 768 worker_connections)")
+                              "Debian's nginx (worker_processes auto, %d worker_connections)"
+                              % args.nginx_connections)
               for label, path in targets]
     print("\n".join(legend))
     print("RLIMIT_NOFILE %d; scale %g; normal client from %s asks for /%s once a second for %d s"
