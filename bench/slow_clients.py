@@ -4,7 +4,7 @@
     python3 bench/slow_clients.py [--server PATH/server.py ...] [--nginx]
                                   [--scenario NAME ...] [--seconds 30] [--scale 1]
                                   [--costly-path /hello/echo] [--costly-bytes 1000000]
-                                  [--costly-shape lists|note]
+                                  [--costly-shape lists|note] [--healthz-bytes 58368]
                                   [--nginx-connections 768] [--nginx-only]
 
 Black-box, over loopback only. For each scenario and each server (every ``--server`` given,
@@ -58,8 +58,8 @@ and issue 19's, from a security audit:
                      ``--limits-client-burst 2 --limits-ban-after-rejections 3``; each sends
                      GETs of /hello until its first 403, fewer than ban_close_after_hits, so
                      its connections are still accepted), then x 4 connections each sending
-                     /healthz with 57 KiB of headers, reading the answer and reconnecting at
-                     once; reports the flood's answers a second
+                     /healthz with 57 KiB of head (``--healthz-bytes``), reading the answer
+                     and reconnecting at once; reports the flood's answers a second
     tls-half-handshakes
                      127.0.2.1-25 x 128 connections to the HTTPS listener, each sending the
                      first half of a real ClientHello (made by the ssl module) and then
@@ -217,7 +217,6 @@ BODY_INTERVAL_S, BODY_LENGTH = 5.0, 100000
 READ_INTERVAL_S, READ_BYTES, READER_RCVBUF = 10.0, 1024, 4096
 FLOOD_LENGTH, FLOOD_HELD_BACK, FLOOD_INTERVAL_S = MIB, 64, 10.0
 TRICKLE_LENGTH, TRICKLE_BYTES, TRICKLE_INTERVAL_S = MIB, 300, 1.0
-HEALTHZ_HEAD_BYTES = 57 * 1024     # under max_head_bytes (64 KiB) and max_header_count (100)
 SEND_CHUNK = 256 * 1024
 FILLER = memoryview(b"x" * MIB)    # every flood body is a view of this one buffer
 
@@ -227,12 +226,16 @@ def post_head(path, length, content_type="application/json"):
             "\r\n" % (path, content_type, length)).encode("ascii")
 
 
-def healthz_head():
-    """GET /healthz with HEALTHZ_HEAD_BYTES of head in 90 header lines."""
+def healthz_head(size):
+    """GET /healthz with about ``size`` bytes of head: up to 90 X-Pad header lines (under
+    max_header_count) share what the request line and Host leave."""
     first = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-    line = (HEALTHZ_HEAD_BYTES - len(first) - 2) // 90
-    pads = b"".join(b"X-Pad-%02d: %s\r\n" % (n, b"a" * (line - 12)) for n in range(90))
-    return first + pads + b"\r\n"
+    room = size - len(first) - 2
+    lines = max(0, min(90, room // 16))
+    if not lines:
+        return first + b"\r\n"
+    pad = room // lines - len(b"X-Pad-00: \r\n")
+    return first + b"".join(b"X-Pad-%02d: %s\r\n" % (n, b"a" * pad) for n in range(lines)) + b"\r\n"
 
 
 def costly_body(shape, size):
@@ -813,8 +816,7 @@ def ban_first(sources, port):
     banned = 0
     for source, _ in sources:
         for _ in range(50):
-            status = fetch_status(source, port, "/hello")
-            if status == "403":
+            if fetch_status(source, port, "/hello") == "403":
                 banned += 1
                 break
     return banned
@@ -840,7 +842,7 @@ def payload_for(scenario, options):
         body = costly_body(options.costly_shape, options.costly_bytes)
         return post_head(options.costly_path, len(body)) + body
     if scenario.kind == "healthz":
-        return healthz_head()
+        return healthz_head(options.healthz_bytes)
     if scenario.kind == "tls":
         return half_client_hello()
     return b""
@@ -864,6 +866,7 @@ def run_one(name, label, target, site, work, options, tls_files):
         sampler = Sampler(server.process.pid, start)
         sampler.start()
         seconds = options.seconds
+        port = server.ports["https" if scenario.tls else "http"]
         if scenario.kind == "slowhttptest":
             path = {"-B": "hello/echo", "-X": BIG_FILE, "-H": SMALL_PAGE}[scenario.spec]
             attack = SlowHTTPTest(scenario.spec, "http://127.0.0.1:%d/%s" % (server.port, path),
@@ -873,21 +876,19 @@ def run_one(name, label, target, site, work, options, tls_files):
             if scenario.kind == "healthz" and target != "nginx":
                 note = "%d/%d banned first; " % (ban_first(scenario.spec, server.port),
                                                  len(scenario.spec))
-            port = server.ports["https" if scenario.tls else "http"]
             attack = Attack(scenario.kind, scenario.spec, port,
                             time.monotonic() + seconds + SETUP_S + NORMAL_TIMEOUT_S + 5,
                             payload_for(scenario, options))
             attack.start()
         time.sleep(SETUP_S)
-        results = normal_client(server.ports["https" if scenario.tls else "http"], seconds,
-                                tls=scenario.tls)
+        results = normal_client(port, seconds, tls=scenario.tls)
         held, fds_end = attack.held(), session_usage(server.process.pid)[2]
         attack.stop()
         time.sleep(AFTER_S)     # the server sees the closes and frees what it held
         after = session_usage(server.process.pid)
     finally:
         if attack is not None:
-            attack.stop()
+            attack.stop()   # again if it was stopped above: stopping twice is harmless
         if sampler is not None:
             sampler.stop()
         server.stop()
@@ -937,7 +938,9 @@ def title(name, options):
     scenario = SCENARIOS[name].scaled(options.scale)
     text = "### %s" % name
     if scenario.kind != "slowhttptest":
-        text += " (%d addresses, %d connections)" % (len(scenario.spec), scenario.connections())
+        count = len(scenario.spec)
+        text += " (%d address%s, %d connections)" % (count, "" if count == 1 else "es",
+                                                     scenario.connections())
     if scenario.kind == "costly":
         text += ": %s %s JSON of %d bytes to %s" % (
             options.costly_shape, "array" if options.costly_shape == "lists" else "object",
@@ -1001,6 +1004,9 @@ def main():
                         help="run only this scenario (repeatable; default: all)")
     parser.add_argument("--seconds", type=int, default=30,
                         help="how long the normal client asks, once a second (default 30)")
+    parser.add_argument("--healthz-bytes", type=int, default=57 * 1024,
+                        help="head size of healthz-flood's requests (default 58368: 57 KiB, "
+                             "under max_head_bytes)")
     parser.add_argument("--nginx-only", action="store_true",
                         help="run nginx alone (no onebox), e.g. with --nginx-connections")
     parser.add_argument("--nginx-connections", type=int, default=768,
