@@ -1,24 +1,31 @@
 #!/usr/bin/env python3
-"""Slow clients against onebox (and nginx): what a normal client sees while they hold on.
+"""Slow and abusive clients against onebox (and nginx): what a normal client sees meanwhile.
 
     python3 bench/slow_clients.py [--server PATH/server.py ...] [--nginx]
-                                  [--scenario NAME ...] [--seconds 30]
+                                  [--scenario NAME ...] [--seconds 30] [--scale 1]
+                                  [--costly-path /hello/echo] [--costly-bytes 1000000]
+                                  [--costly-shape lists|note] [--healthz-bytes 58368]
+                                  [--nginx-connections 768] [--nginx-only]
 
 Black-box, over loopback only. For each scenario and each server (every ``--server`` given,
 default this checkout's server.py, plus Debian's nginx with ``--nginx``) it starts a fresh
 server on a free port serving the same small site (a small page and a 10 MiB file), starts the
 attackers, then a normal client from 127.0.0.200 asks for the small page once a second for
 ``--seconds`` (a fresh connection each time; answered means a 200 within 2 s of starting to
-connect). Per run: answered / asked, the server's threads (/proc/PID/status Threads, summed
-over its processes) at the start and the most seen during, its RSS (VmRSS) before and the most
-during, its open file descriptors (its own side of the connections) at the start, the most and
-at the end, and what became of the attackers (how many held a connection at the end, how many
-closes the server made; our attackers reopen a closed slot, as a real one would). A slow reader
-sees the server's close only once it has read what the kernel still buffers for it, which at
-1 KiB per 10 s is never: for readers, trust the server's descriptors.
+connect). One table per scenario, one row per server: answered / asked, the answered probes'
+latency (median, p99 by nearest rank, max), what the others got (``status 503 x59``,
+``timeout``), the server's threads (/proc/PID/status Threads, summed over its processes) at the
+start and the most seen, its RSS (VmRSS) before, at the peak and ``AFTER_S`` after the
+attackers closed (memory a process frees need not go back to the OS: that column says how much
+did), its open file descriptors (its own side of the connections), and what became of the
+attackers (how many held a connection at the end, the closes the server made and the status
+lines it sent, the answers a second where attackers read answers, and the peak RSS growth per
+attacker connection held at once). Our attackers reopen a closed slot, as a real one would. A
+slow reader sees the server's close only once it has read what the kernel still buffers for it,
+which at 1 KiB per 10 s is never: for readers, trust the server's descriptors.
 
-Scenarios (the attackers are one thread here with non-blocking raw sockets, or Debian's
-slowhttptest in a child process):
+Scenarios (our attackers are one thread here with non-blocking raw sockets and epoll, each
+from its own loopback addresses; or Debian's slowhttptest in a child process):
 
     slow-bodies-1    16 POSTs to /hello/echo, Content-Length: 100000, one body byte every 5 s,
                      from 127.0.0.2
@@ -33,23 +40,62 @@ slowhttptest in a child process):
                      every second) at the 10 MiB file
     slowhttptest-H   slowhttptest -H (slowloris headers; defaults) at the small page
 
+and issue 19's, from a security audit:
+
+    body-flood       127.0.1.1-130 x 32 connections, each a POST to /hello/echo with
+                     Content-Length: 1048576 sending all but 64 bytes of the body at once, then
+                     a byte every 10 s: what buffering bodies costs (watch RSS peak and after)
+    rate-keeping-uploads
+                     127.0.1.1-130 x 32 POSTs to /hello/echo, Content-Length: 1048576, no body
+                     up front, then 300 bytes a second (above onebox's 240 B/s minimum rate):
+                     4,160 connections nobody may cut off (the audit: 503 for 59 of 59 tries)
+    costly-json      127.0.0.60-63 x 4 kept connections, each POSTing ``--costly-bytes`` of
+                     JSON (``lists``: [[],[],...], the costliest shape per byte we found to
+                     parse and encode again; ``note``: {"text": escaped emoji}, what
+                     /api/notes stores) to ``--costly-path`` back to back, each answer read
+                     whole; reports the statuses they got (200 / 400 / 413 / 429)
+    healthz-flood    127.0.0.70-77, first run into a ban (onebox runs with
+                     ``--limits-client-burst 2 --limits-ban-after-rejections 3``; each sends
+                     GETs of /hello until its first 403, fewer than ban_close_after_hits, so
+                     its connections are still accepted), then x 4 connections each sending
+                     /healthz with 57 KiB of head (``--healthz-bytes``), reading the answer
+                     and reconnecting at once; reports the flood's answers a second
+    tls-half-handshakes
+                     127.0.2.1-25 x 128 connections to the HTTPS listener, each sending the
+                     first half of a real ClientHello (made by the ssl module) and then
+                     nothing; the normal client asks over HTTPS; reports RSS and the growth
+                     per held connection (the per-handshake bytes). The certificate is a
+                     throwaway ECDSA P-256 one made with the openssl CLI (bench_tls.py's)
+
+``--scale 0.1`` runs each scenario from a tenth of its addresses (at least one; each address
+keeps its connections, so per-address caps meet the same load): for trials on a shared box.
+
 slowhttptest binds no source address, so it comes from 127.0.0.1, which onebox trusts as a
 local proxy by default (never capped per client): for those runs onebox starts with
 ``--limits-trusted-proxies "" --limits-allow-cidrs ""`` so that 127.0.0.1 is an ordinary client.
 slowhttptest's own run length (-l) defaults to 240 s; it is given ``-l`` = the run's length.
+Every onebox runs with ``--admin-port 0`` (never the fixed 8001).
 
 nginx is Debian's package with Debian's default limits (worker_processes auto, 768
 worker_connections, its default timeouts: client_header_timeout and client_body_timeout 60 s
-between reads, send_timeout 60 s); POST /hello/echo is proxied to a second nginx server block
-that answers 200, so nginx reads (buffers) each body in full as it would for an application.
+between reads, send_timeout 60 s; client_body_buffer_size 16k on 64-bit, larger bodies go to a
+temporary file; client_max_body_size 1m); POST /hello/echo is proxied to a second nginx server
+block that answers 200, so nginx reads each body in full before passing it on (proxy request
+buffering, its default) as it would for an application. For body-flood and
+rate-keeping-uploads it also has ``limit_conn`` 32 per address (onebox's
+max_waiting_per_client), for tls-half-handshakes an ssl listener with the same certificate.
+Debian's 768 worker_connections (per worker; 1,536 on two cores) are fewer than these scenarios'
+connections: ``--nginx-connections 8192`` shows nginx configured for them.
+costly-json and healthz-flood have no nginx equivalent (no JSON route, no health checks or bans).
 
-Prints one markdown row per (scenario, server), and writes bench/results/slow_clients.md.
-Installs nginx-light and slowhttptest with apt-get when missing (root). Raises RLIMIT_NOFILE for
-itself and the servers it starts. Linux only (/proc, POLLRDHUP). Every socket and process it
-opens is closed at the end, whatever happens. Never imported by the runtime.
+Writes the tables to bench/results/slow_clients.md. Installs nginx-light and slowhttptest with
+apt-get when missing (root). Raises RLIMIT_NOFILE for itself and the servers it starts (4,160
+attacker sockets here, as many in the server). Linux only (/proc, epoll). Every socket and
+process it opens is closed at the end, whatever happens. Never imported by the runtime.
 """
 import argparse
 import datetime
+import math
 import os
 import re
 import resource
@@ -57,6 +103,8 @@ import select
 import shutil
 import signal
 import socket
+import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -81,7 +129,7 @@ worker_processes auto;
 daemon off;
 pid {work}/nginx.pid;
 error_log {work}/nginx-error.log warn;
-events {{ worker_connections 768; }}
+events {{ worker_connections {worker_connections}; }}
 http {{
     access_log off;
     sendfile on;
@@ -92,9 +140,9 @@ http {{
     fastcgi_temp_path {work}/tmp;
     uwsgi_temp_path {work}/tmp;
     scgi_temp_path {work}/tmp;
-    server {{
+{http_extra}    server {{
         listen 127.0.0.1:{port};
-        root {site};
+{server_extra}        root {site};
         location = /hello/echo {{ proxy_pass http://127.0.0.1:{echo_port}/; }}
     }}
     server {{
@@ -103,70 +151,182 @@ http {{
     }}
 }}
 """
+NGINX_LIMIT_CONN = 32       # per address, as onebox's max_waiting_per_client
+NGINX_LIMIT_CONN_CONF = ("    limit_conn_zone $binary_remote_addr zone=per_address:10m;\n"
+                         "    limit_conn per_address %d;\n" % NGINX_LIMIT_CONN)
+NGINX_TLS_CONF = ("        listen 127.0.0.1:{tls_port} ssl;\n"
+                  "        ssl_certificate {cert};\n        ssl_certificate_key {key};\n")
 
 
 # --- scenarios ---------------------------------------------------------------------------------
 
-def addresses(first, count):
-    return ["127.0.0.%d" % (first + i) for i in range(count)]
+def addresses(first, count, net="127.0.0"):
+    return ["%s.%d" % (net, first + i) for i in range(count)]
 
 
-# name -> (kind, [(source address, connections)]) for our attackers, or ("slowhttptest", flag)
+class Scenario(object):
+    """One attack: ``kind`` (an Attack kind, or "slowhttptest" with ``spec`` its flag) and
+    ``spec``, the [(source address, connections)] of our attackers. ``onebox_flags``: what
+    onebox runs with for it; ``nginx``: False where nginx has no equivalent (no JSON route, no
+    guard); ``limit_conn``: nginx gets ``limit_conn`` NGINX_LIMIT_CONN per address;
+    ``tls``: the attack and the normal client go to the HTTPS listener."""
+
+    def __init__(self, kind, spec, onebox_flags=(), nginx=True, limit_conn=False, tls=False):
+        self.kind, self.spec, self.onebox_flags = kind, spec, list(onebox_flags)
+        self.nginx, self.limit_conn, self.tls = nginx, limit_conn, tls
+
+    def scaled(self, scale):
+        """This scenario with round(addresses x scale) of its addresses (at least one), each
+        with its connections: a per-address cap meets the same load at any scale."""
+        if self.kind == "slowhttptest":
+            return self
+        keep = max(1, int(round(len(self.spec) * scale)))
+        return Scenario(self.kind, self.spec[:keep], self.onebox_flags, self.nginx,
+                        self.limit_conn, self.tls)
+
+    def connections(self):
+        return sum(count for _, count in self.spec) if self.kind != "slowhttptest" else 0
+
+
+UNTRUST_LOOPBACK = ["--limits-trusted-proxies", "", "--limits-allow-cidrs", ""]
+# healthz-flood: bans come quickly (after 3 429s: a burst of 2 then 20/s refills); a normal
+# client asking once a second never meets either
+QUICK_BANS = ["--limits-client-burst", "2", "--limits-ban-after-rejections", "3"]
+
 SCENARIOS = {
-    "slow-bodies-1": ("body", [("127.0.0.2", 16)]),
-    "slow-readers-1": ("reader", [("127.0.0.3", 16)]),
-    "slow-bodies-8": ("body", [(a, 16) for a in addresses(10, 8)]),
-    "slow-readers-4": ("reader", [(a, 16) for a in addresses(20, 4)]),
-    "silent-18x256": ("silent", [(a, 256) for a in addresses(30, 18)]),
-    "slowhttptest-B": ("slowhttptest", "-B"),
-    "slowhttptest-X": ("slowhttptest", "-X"),
-    "slowhttptest-H": ("slowhttptest", "-H"),
+    "slow-bodies-1": Scenario("body", [("127.0.0.2", 16)]),
+    "slow-readers-1": Scenario("reader", [("127.0.0.3", 16)]),
+    "slow-bodies-8": Scenario("body", [(a, 16) for a in addresses(10, 8)]),
+    "slow-readers-4": Scenario("reader", [(a, 16) for a in addresses(20, 4)]),
+    "silent-18x256": Scenario("silent", [(a, 256) for a in addresses(30, 18)]),
+    "slowhttptest-B": Scenario("slowhttptest", "-B", UNTRUST_LOOPBACK),
+    "slowhttptest-X": Scenario("slowhttptest", "-X", UNTRUST_LOOPBACK),
+    "slowhttptest-H": Scenario("slowhttptest", "-H", UNTRUST_LOOPBACK),
+    # issue 19's audit
+    "body-flood": Scenario("flood", [(a, 32) for a in addresses(1, 130, "127.0.1")],
+                           limit_conn=True),
+    "rate-keeping-uploads": Scenario("trickle", [(a, 32) for a in addresses(1, 130, "127.0.1")],
+                                     limit_conn=True),
+    "costly-json": Scenario("costly", [(a, 4) for a in addresses(60, 4)], nginx=False),
+    "healthz-flood": Scenario("healthz", [(a, 4) for a in addresses(70, 8)], QUICK_BANS,
+                              nginx=False),
+    "tls-half-handshakes": Scenario("tls", [(a, 128) for a in addresses(1, 25, "127.0.2")],
+                                    tls=True),
 }
 BODY_INTERVAL_S, BODY_LENGTH = 5.0, 100000
 READ_INTERVAL_S, READ_BYTES, READER_RCVBUF = 10.0, 1024, 4096
+FLOOD_LENGTH, FLOOD_HELD_BACK, FLOOD_INTERVAL_S = MIB, 64, 10.0
+TRICKLE_LENGTH, TRICKLE_BYTES, TRICKLE_INTERVAL_S = MIB, 300, 1.0
+SEND_CHUNK = 256 * 1024
+FILLER = memoryview(b"x" * MIB)    # every flood body is a view of this one buffer
+
+
+def post_head(path, length, content_type="application/json"):
+    return ("POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+            "\r\n" % (path, content_type, length)).encode("ascii")
+
+
+def healthz_head(size):
+    """GET /healthz with about ``size`` bytes of head: up to 90 X-Pad header lines (under
+    max_header_count) share what the request line and Host leave."""
+    first = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    room = size - len(first) - 2
+    lines = max(0, min(90, room // 16))
+    if not lines:
+        return first + b"\r\n"
+    pad = room // lines - len(b"X-Pad-00: \r\n")
+    return first + b"".join(b"X-Pad-%02d: %s\r\n" % (n, b"a" * pad) for n in range(lines)) + b"\r\n"
+
+
+def costly_body(shape, size):
+    """``size`` bytes of JSON: "lists" is [[],[],...], the costliest shape per byte to parse
+    and encode again that we found (an empty list is an object per 3 bytes); "note" is
+    {"text": "..."} of escaped emoji (12 bytes of JSON each), what POST /api/notes stores."""
+    if shape == "note":
+        count = max(1, (size - len('{"text":""}')) // 12)
+        return ('{"text":"%s"}' % ("\\ud83d\\ude00" * count)).encode("ascii")
+    return ("[" + ",".join(["[]"] * max(1, (size - 1) // 3)) + "]").encode("ascii")
+
+
+def half_client_hello():
+    """The first half of a real TLS ClientHello (from the ssl module, no socket involved)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    hello = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    try:
+        hello.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    data = outgoing.read()
+    return data[:len(data) // 2]
 
 
 class Slot:
-    """One attacker connection; reopened after the server closes it."""
-    __slots__ = ("source", "sock", "state", "next_at", "closed_at")
+    """One attacker connection; reopened after the server closes it. ``out``: views still to
+    send; ``head``/``need``: the answer being read (its head so far, the body bytes to come)."""
+    __slots__ = ("source", "sock", "state", "next_at", "closed_at", "out", "head", "need")
 
     def __init__(self, source):
         self.source, self.sock, self.state = source, None, "idle"
         self.next_at, self.closed_at = 0.0, -REOPEN_AFTER_S
+        self.out, self.head, self.need = [], bytearray(), None
 
 
 class Attack(threading.Thread):
-    """Our raw-socket attackers, all on this one thread: non-blocking connects, then a byte of
-    body every BODY_INTERVAL_S ("body"), 1 KiB read every READ_INTERVAL_S ("reader"), or
-    nothing ("silent"). Runs until ``stop()`` or ``deadline``; closes every socket on exit."""
+    """Our raw-socket attackers, all on this one thread (epoll, non-blocking sockets). Kinds:
 
-    def __init__(self, kind, sources, port, deadline):
+        body     POST head, then a body byte every BODY_INTERVAL_S
+        flood    POST head and all but FLOOD_HELD_BACK bytes of a 1 MiB body at once, then a
+                 byte every FLOOD_INTERVAL_S
+        trickle  POST head (Content-Length 1 MiB), then TRICKLE_BYTES every second
+        reader   GET the 10 MiB file, then read 1 KiB every READ_INTERVAL_S
+        silent   nothing
+        costly   POST ``payload`` (head and body) on a kept connection, read the whole answer,
+                 again at once
+        healthz  ``payload`` (a 57 KiB /healthz head), read the answer, reconnect at once
+        tls      ``payload`` (half a ClientHello) to the HTTPS port, then nothing
+
+    Runs until ``stop()`` or ``deadline``; closes every socket on exit. ``statuses`` counts the
+    status lines the server sent (answers, or what it said before closing)."""
+
+    ANSWERED = ("costly", "healthz")   # kinds that read whole answers and go on
+
+    def __init__(self, kind, sources, port, deadline, payload=b""):
         super().__init__(name="attack-" + kind, daemon=True)
         self.kind, self.port, self.deadline = kind, port, deadline
+        self.payload = memoryview(payload)
         self.slots = [Slot(source) for source, count in sources for _ in range(count)]
+        self.reopen_after_s = 0.0 if kind in self.ANSWERED else REOPEN_AFTER_S
         self.stopping = threading.Event()
-        self.poller = select.poll()
+        self.epoll = select.epoll()
         self.by_fd = {}
-        self.opened = self.closed_by_server = self.refused = 0
-        self.statuses = {}       # first status line the server sent before closing -> count
+        self.opened = self.closed_by_server = self.refused = self.answers = 0
+        self.open_now = self.most_open = 0
+        self.started_at = self.ended_at = None
+        self.statuses = {}       # status line the server sent -> count
 
     # -- what the attack thread does ------------------------------------------------------------
     def run(self):
+        self.started_at = next_tick = time.monotonic()
         try:
             while not self.stopping.is_set() and time.monotonic() < self.deadline:
                 now = time.monotonic()
-                self.open_some(now)
-                self.poll_events()
-                self.act(now)
-                self.stopping.wait(TICK_S)
+                if now >= next_tick:
+                    self.open_some(now)
+                    self.act(now)
+                    next_tick = now + TICK_S
+                self.handle_events(max(0.0, next_tick - time.monotonic()))
         finally:
+            self.ended_at = time.monotonic()
             for slot in self.slots:
                 self.drop(slot)
+            self.epoll.close()
 
     def open_some(self, now):
         opened = 0
         for slot in self.slots:
-            if slot.state == "idle" and now - slot.closed_at >= REOPEN_AFTER_S:
+            if slot.state == "idle" and now - slot.closed_at >= self.reopen_after_s:
                 self.connect(slot)
                 opened += 1
                 if opened >= MAX_OPENS_PER_TICK:
@@ -187,18 +347,25 @@ class Attack(threading.Thread):
             return
         slot.sock, slot.state = sock, "connecting"
         self.by_fd[sock.fileno()] = slot
-        self.poller.register(sock, select.POLLOUT | select.POLLIN | select.POLLRDHUP)
+        self.epoll.register(sock, select.EPOLLOUT | select.EPOLLIN | select.EPOLLRDHUP)
 
-    def poll_events(self):
-        for fd, events in self.poller.poll(0):
+    def handle_events(self, timeout):
+        for fd, events in self.epoll.poll(timeout):
             slot = self.by_fd.get(fd)
             if slot is None:
                 continue
             if slot.state == "connecting":
                 self.connected(slot)
-            elif events & (select.POLLHUP | select.POLLERR | select.POLLRDHUP):
+                continue
+            if events & select.EPOLLOUT and slot.out:
+                self.send_out(slot)
+            if slot.sock is None:
+                continue
+            if self.kind in self.ANSWERED and events & (select.EPOLLIN | select.EPOLLRDHUP):
+                self.read_answers(slot)
+            elif events & (select.EPOLLHUP | select.EPOLLERR | select.EPOLLRDHUP):
                 self.server_closed(slot, self.peek_status(slot))
-            elif events & select.POLLIN and self.kind != "reader":
+            elif events & select.EPOLLIN and self.kind != "reader":
                 self.server_closed(slot, self.peek_status(slot))   # an answer (408, 503) or EOF
 
     def connected(self, slot):
@@ -207,34 +374,110 @@ class Attack(threading.Thread):
             self.drop(slot)
             return
         self.opened += 1
+        self.open_now += 1
+        self.most_open = max(self.most_open, self.open_now)
         slot.state, slot.next_at = "open", time.monotonic()
-        self.poller.modify(slot.sock, select.POLLIN | select.POLLRDHUP)
+        slot.out = self.first_bytes()
+        self.send_out(slot)
+
+    def first_bytes(self):
+        """What a connection sends as soon as it is open: views, sent as the socket takes them."""
+        if self.kind == "body":
+            return [memoryview(post_head("/hello/echo", BODY_LENGTH))]
+        if self.kind == "flood":
+            return [memoryview(post_head("/hello/echo", FLOOD_LENGTH)),
+                    FILLER[:FLOOD_LENGTH - FLOOD_HELD_BACK]]
+        if self.kind == "trickle":
+            return [memoryview(post_head("/hello/echo", TRICKLE_LENGTH))]
+        if self.kind == "reader":
+            return [memoryview(("GET /%s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                                % BIG_FILE).encode("ascii"))]
+        if self.kind in ("costly", "healthz", "tls"):
+            return [self.payload]
+        return []
+
+    def send_out(self, slot):
+        """Send what the socket takes of ``slot.out``; wait for EPOLLOUT while some is left."""
         try:
-            if self.kind == "body":
-                slot.sock.send(("POST /hello/echo HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                                "Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
-                                % BODY_LENGTH).encode("ascii"))
-            elif self.kind == "reader":
-                slot.sock.send(("GET /%s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-                                % BIG_FILE).encode("ascii"))
+            while slot.out:
+                sent = slot.sock.send(slot.out[0][:SEND_CHUNK])
+                slot.out[0] = slot.out[0][sent:]
+                if not len(slot.out[0]):
+                    slot.out.pop(0)
+        except (BlockingIOError, InterruptedError):
+            pass
         except OSError:
             self.server_closed(slot, None)
+            return
+        mask = select.EPOLLIN | select.EPOLLRDHUP | (select.EPOLLOUT if slot.out else 0)
+        self.epoll.modify(slot.sock, mask)
 
     def act(self, now):
-        interval = BODY_INTERVAL_S if self.kind == "body" else READ_INTERVAL_S
+        """The timed part of each kind: a body byte, a trickle, a slow read."""
+        every = {"body": BODY_INTERVAL_S, "flood": FLOOD_INTERVAL_S,
+                 "trickle": TRICKLE_INTERVAL_S, "reader": READ_INTERVAL_S}.get(self.kind)
+        if every is None:
+            return
         for slot in self.slots:
-            if slot.state != "open" or self.kind == "silent" or now < slot.next_at:
+            if slot.state != "open" or now < slot.next_at or slot.out:
                 continue
-            slot.next_at = now + interval
-            try:
-                if self.kind == "body":
-                    slot.sock.send(b" ")
-                elif not slot.sock.recv(READ_BYTES):
+            slot.next_at = now + every
+            if self.kind == "reader":
+                try:
+                    if not slot.sock.recv(READ_BYTES):
+                        self.server_closed(slot, None)
+                except (BlockingIOError, InterruptedError):
+                    pass
+                except OSError:
                     self.server_closed(slot, None)
-            except (BlockingIOError, InterruptedError):
-                pass
-            except OSError:
-                self.server_closed(slot, None)
+            else:
+                slot.out = [FILLER[:TRICKLE_BYTES if self.kind == "trickle" else 1]]
+                self.send_out(slot)
+
+    def read_answers(self, slot):
+        """Read what the server sent; count each whole answer (by its Content-Length) and send
+        the next request (costly), or close and reconnect (healthz) once it is in."""
+        try:
+            data = slot.sock.recv(SEND_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        view = memoryview(data)
+        while True:
+            if slot.need is None:   # reading a head
+                slot.head += view
+                end = slot.head.find(b"\r\n\r\n")
+                if end < 0:
+                    break
+                head, view = bytes(slot.head[:end]), memoryview(bytes(slot.head[end + 4:]))
+                slot.head = bytearray()
+                self.count_status(head.split(b"\r\n", 1)[0].decode("latin-1")[:40])
+                match = re.search(rb"(?im)^content-length:[ \t]*(\d+)", head)
+                slot.need = int(match.group(1)) if match else 0
+            take = min(slot.need, len(view))
+            slot.need, view = slot.need - take, view[take:]
+            if slot.need:
+                break
+            slot.need = None
+            self.answered(slot)
+            if slot.sock is None or not len(view):
+                break
+        if not data and slot.sock is not None:
+            self.server_closed(slot, None)
+
+    def answered(self, slot):
+        self.answers += 1
+        if self.kind == "costly":
+            slot.out = [self.payload]
+            self.send_out(slot)
+        else:   # healthz: the server closes after the answer; so do we, and go again at once
+            self.drop(slot)
+            if not self.stopping.is_set():
+                self.connect(slot)
+
+    def count_status(self, status):
+        self.statuses[status] = self.statuses.get(status, 0) + 1
 
     def peek_status(self, slot):
         try:
@@ -246,23 +489,28 @@ class Attack(threading.Thread):
     def server_closed(self, slot, status):
         self.closed_by_server += 1
         if status:
-            self.statuses[status] = self.statuses.get(status, 0) + 1
+            self.count_status(status)
         self.drop(slot)
+        if self.kind == "healthz" and not self.stopping.is_set():
+            self.connect(slot)   # as fast as it can: closed at accept, it comes right back
 
     def drop(self, slot):
         if slot.sock is not None:
             self.by_fd.pop(slot.sock.fileno(), None)
             try:
-                self.poller.unregister(slot.sock)
-            except (KeyError, ValueError):
+                self.epoll.unregister(slot.sock)
+            except (KeyError, ValueError, OSError):
                 pass
             slot.sock.close()
+            if slot.state == "open":
+                self.open_now -= 1
         slot.sock, slot.state, slot.closed_at = None, "idle", time.monotonic()
+        slot.out, slot.head, slot.need = [], bytearray(), None
 
     # -- for the main thread ----------------------------------------------------------------------
     def stop(self):
         self.stopping.set()
-        self.join(30)
+        self.join(60)
 
     def held(self):
         return sum(1 for slot in self.slots if slot.state == "open")
@@ -271,6 +519,9 @@ class Attack(threading.Thread):
         text = "%d/%d held, %d closes by server" % (held, len(self.slots), self.closed_by_server)
         if self.refused:
             text += ", %d connects failed" % self.refused
+        if self.kind in self.ANSWERED and self.started_at is not None:
+            seconds = max(0.001, (self.ended_at or time.monotonic()) - self.started_at)
+            text += ", %d answers (%.1f/s)" % (self.answers, self.answers / seconds)
         if self.statuses:
             seen = sorted(self.statuses.items())
             text += " (" + ", ".join("%s x%d" % item for item in seen) + ")"
@@ -317,9 +568,10 @@ class SlowHTTPTest:
 
 # --- the normal client -------------------------------------------------------------------------
 
-def probe(port, results):
-    """One GET of the small page from NORMAL_SOURCE on a fresh connection: True if a whole 200
-    arrives within NORMAL_TIMEOUT_S of starting to connect."""
+def probe(port, results, tls=False):
+    """One GET of the small page from NORMAL_SOURCE on a fresh connection (over TLS with
+    ``tls``): ("ok", seconds) if a whole 200 arrives within NORMAL_TIMEOUT_S of starting to
+    connect, else (what happened, seconds)."""
     started = time.monotonic()
     deadline = started + NORMAL_TIMEOUT_S
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -328,6 +580,8 @@ def probe(port, results):
         sock.bind((NORMAL_SOURCE, 0))
         sock.settimeout(NORMAL_TIMEOUT_S)
         sock.connect(("127.0.0.1", port))
+        if tls:
+            sock = UNVERIFIED.wrap_socket(sock, server_hostname="localhost")
         sock.sendall(("GET /%s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
                       % SMALL_PAGE).encode("ascii"))
         data = b""
@@ -340,16 +594,27 @@ def probe(port, results):
             if not chunk:
                 break
             data += chunk
+            if complete_response(data):
+                break
         status = data.split(b" ", 2)[1].decode("latin-1") if data.startswith(b"HTTP/") else "-"
         complete = complete_response(data)
         outcome = "ok" if status == "200" and complete else ("status " + status)
     except socket.timeout:
         outcome = "timeout"
-    except OSError as error:
+    except OSError as error:   # ssl.SSLError included
         outcome = type(error).__name__
     finally:
         sock.close()
     results.append((outcome, time.monotonic() - started))
+
+
+def unverified_context():
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE   # our throwaway cert
+    return context
+
+
+UNVERIFIED = unverified_context()
 
 
 def complete_response(data):
@@ -358,7 +623,7 @@ def complete_response(data):
     return bool(match) and len(body) >= int(match.group(1))
 
 
-def normal_client(port, seconds):
+def normal_client(port, seconds, tls=False):
     """Ask once a second (each probe on its own thread, so a hung one does not delay the next);
     returns the list of (outcome, elapsed)."""
     results, threads = [], []
@@ -367,12 +632,23 @@ def normal_client(port, seconds):
         delay = start + number - time.monotonic()
         if delay > 0:
             time.sleep(delay)
-        thread = threading.Thread(target=probe, args=(port, results), daemon=True)
+        thread = threading.Thread(target=probe, args=(port, results, tls), daemon=True)
         thread.start()
         threads.append(thread)
     for thread in threads:
         thread.join(NORMAL_TIMEOUT_S + 5)
     return results
+
+
+def latency(results):
+    """'median / p99 / max' in ms of the answered probes (p99 by nearest rank: with 30 probes,
+    the slowest)."""
+    times = sorted(elapsed for outcome, elapsed in results if outcome == "ok")
+    if not times:
+        return "-"
+    p99 = times[min(len(times) - 1, int(math.ceil(0.99 * len(times))) - 1)]
+    return "%.0f / %.0f / %.0f ms" % (statistics.median(times) * 1000, p99 * 1000,
+                                      times[-1] * 1000)
 
 
 # --- servers -----------------------------------------------------------------------------------
@@ -398,24 +674,27 @@ def free_port():
 
 
 class Server:
-    """One server process (its own session, so its processes can be found and stopped)."""
+    """One server process (its own session, so its processes can be found and stopped).
+    ``ports``: scheme ("http", "https") -> port; None: read from onebox's "listening on" lines,
+    one per scheme in ``schemes``."""
 
-    def __init__(self, name, argv, work, port=None):
+    def __init__(self, name, argv, work, ports=None, schemes=("http",)):
         self.name = name
         self.out_path = os.path.join(work, "%s.out" % name)
         self.out = open(self.out_path, "w")
         self.process = subprocess.Popen(argv, stdout=self.out, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, start_new_session=True)
-        self.port = port if port is not None else self.read_port()
+        self.ports = ports if ports is not None else self.read_ports(schemes)
+        self.port = self.ports["http"]
         self.wait_until_answering()
 
-    def read_port(self):
+    def read_ports(self, schemes):
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and self.process.poll() is None:
             with open(self.out_path, errors="replace") as handle:
-                match = re.search(r"listening on http://[^:/]+:(\d+)/", handle.readline())
-            if match:
-                return int(match.group(1))
+                found = dict(re.findall(r"listening on (https?)://[^/]+:(\d+)/", handle.read()))
+            if all(scheme in found for scheme in schemes):
+                return {scheme: int(port) for scheme, port in found.items()}
             time.sleep(0.05)
         raise RuntimeError("%s did not print its address; see %s" % (self.name, self.out_path))
 
@@ -496,89 +775,177 @@ class Sampler(threading.Thread):
         self.join(10)
 
 
-def onebox_argv(server_py, site, data_dir, untrust_loopback):
-    argv = [sys.executable, server_py, "--port", "0", "--data-dir", data_dir,
-            "--pages-dir", site]
-    if untrust_loopback:   # slowhttptest comes from 127.0.0.1: make it an ordinary client
-        argv += ["--limits-trusted-proxies", "", "--limits-allow-cidrs", ""]
+def onebox_argv(server_py, site, data_dir, scenario, tls_files):
+    argv = [sys.executable, server_py, "--port", "0", "--admin-port", "0", "--data-dir",
+            data_dir, "--pages-dir", site] + scenario.onebox_flags
+    if scenario.tls:
+        argv += ["--tls-port", "0", "--tls-cert-file", tls_files[0],
+                 "--tls-key-file", tls_files[1]]
     return argv
 
 
-def start_server(label, target, site, work, scenario):
+def start_server(label, target, site, work, scenario, tls_files, nginx_connections):
     run_dir = tempfile.mkdtemp(prefix="run-", dir=work)
+    schemes = ("http", "https") if scenario.tls else ("http",)
     if target == "nginx":
-        port, echo_port = free_port(), free_port()
+        ports = {"http": free_port(), "https": free_port()}
         os.mkdir(os.path.join(run_dir, "tmp"))
         os.chmod(run_dir, 0o755)
+        server_extra = ""
+        if scenario.tls:
+            server_extra = NGINX_TLS_CONF.format(tls_port=ports["https"], cert=tls_files[0],
+                                                 key=tls_files[1])
         conf = os.path.join(run_dir, "nginx.conf")
         with open(conf, "w") as handle:
-            handle.write(NGINX_CONF.format(work=run_dir, site=site, port=port,
-                                           echo_port=echo_port))
+            handle.write(NGINX_CONF.format(
+                work=run_dir, site=site, port=ports["http"], echo_port=free_port(),
+                worker_connections=nginx_connections,
+                http_extra=NGINX_LIMIT_CONN_CONF if scenario.limit_conn else "",
+                server_extra=server_extra))
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
         return Server(label, [nginx, "-c", conf, "-e", os.path.join(run_dir, "nginx-error.log")],
-                      run_dir, port)
-    untrust = SCENARIOS[scenario][0] == "slowhttptest"
-    return Server(label, onebox_argv(target, site, os.path.join(run_dir, "data"), untrust),
-                  run_dir)
+                      run_dir, ports)
+    argv = onebox_argv(target, site, os.path.join(run_dir, "data"), scenario, tls_files)
+    return Server(label, argv, run_dir, schemes=schemes)
+
+
+def ban_first(sources, port):
+    """Run each source address into a ban (429s until a 403, QUICK_BANS' limits); returns how
+    many got one. Stops at the first 403: the ban has been told once, fewer times than
+    ban_close_after_hits, so the address's connections are still accepted."""
+    banned = 0
+    for source, _ in sources:
+        for _ in range(50):
+            if fetch_status(source, port, "/hello") == "403":
+                banned += 1
+                break
+    return banned
+
+
+def fetch_status(source, port, path):
+    """The status code of one GET from ``source`` on a fresh connection, or "-"."""
+    try:
+        with socket.socket() as sock:
+            sock.bind((source, 0))
+            sock.settimeout(NORMAL_TIMEOUT_S)
+            sock.connect(("127.0.0.1", port))
+            sock.sendall(("GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+                          % path).encode("ascii"))
+            data = sock.recv(256)
+    except OSError:
+        return "-"
+    return data.split(b" ", 2)[1].decode("latin-1") if data.startswith(b"HTTP/") else "-"
+
+
+def payload_for(scenario, options):
+    if scenario.kind == "costly":
+        body = costly_body(options.costly_shape, options.costly_bytes)
+        return post_head(options.costly_path, len(body)) + body
+    if scenario.kind == "healthz":
+        return healthz_head(options.healthz_bytes)
+    if scenario.kind == "tls":
+        return half_client_hello()
+    return b""
 
 
 # --- one run -----------------------------------------------------------------------------------
 
-def run_one(scenario, label, target, site, work, seconds):
+SETUP_S = 3.0        # attackers connect and start their work before the normal client asks
+AFTER_S = 3.0        # after the attackers close, before the RSS "after" is read
+
+
+def run_one(name, label, target, site, work, options, tls_files):
     """Start a fresh server, attack it, measure the normal client; return the table cells."""
-    server = start_server(label, target, site, work, scenario)
+    scenario = SCENARIOS[name].scaled(options.scale)
+    server = start_server(label, target, site, work, scenario, tls_files,
+                          options.nginx_connections)
     attack = sampler = None
+    note = ""
     try:
         start = session_usage(server.process.pid)
         sampler = Sampler(server.process.pid, start)
         sampler.start()
-        kind, spec = SCENARIOS[scenario]
-        setup_s = 3.0
-        if kind == "slowhttptest":
-            path = {"-B": "hello/echo", "-X": BIG_FILE, "-H": SMALL_PAGE}[spec]
-            attack = SlowHTTPTest(spec, "http://127.0.0.1:%d/%s" % (server.port, path),
-                                  seconds + setup_s + NORMAL_TIMEOUT_S,
+        seconds = options.seconds
+        port = server.ports["https" if scenario.tls else "http"]
+        if scenario.kind == "slowhttptest":
+            path = {"-B": "hello/echo", "-X": BIG_FILE, "-H": SMALL_PAGE}[scenario.spec]
+            attack = SlowHTTPTest(scenario.spec, "http://127.0.0.1:%d/%s" % (server.port, path),
+                                  seconds + SETUP_S + NORMAL_TIMEOUT_S,
                                   os.path.dirname(server.out_path))
         else:
-            attack = Attack(kind, spec, server.port,
-                            time.monotonic() + seconds + setup_s + NORMAL_TIMEOUT_S + 5)
+            if scenario.kind == "healthz" and target != "nginx":
+                note = "%d/%d banned first; " % (ban_first(scenario.spec, server.port),
+                                                 len(scenario.spec))
+            attack = Attack(scenario.kind, scenario.spec, port,
+                            time.monotonic() + seconds + SETUP_S + NORMAL_TIMEOUT_S + 5,
+                            payload_for(scenario, options))
             attack.start()
-        time.sleep(setup_s)     # let every attacker connect and start its slow work
-        results = normal_client(server.port, seconds)
+        time.sleep(SETUP_S)
+        results = normal_client(port, seconds, tls=scenario.tls)
         held, fds_end = attack.held(), session_usage(server.process.pid)[2]
+        attack.stop()
+        time.sleep(AFTER_S)     # the server sees the closes and frees what it held
+        after = session_usage(server.process.pid)
     finally:
         if attack is not None:
-            attack.stop()
+            attack.stop()   # again if it was stopped above: stopping twice is harmless
         if sampler is not None:
             sampler.stop()
         server.stop()
+    return cells(results, start, sampler.most, after, fds_end, note + attack.summary(held),
+                 per_connection(attack, start, sampler.most))
+
+
+def per_connection(attack, start, most):
+    """The peak RSS growth per attacker connection held at once (at most), or ""."""
+    held = getattr(attack, "most_open", 0)
+    if not held:
+        return ""
+    return "; RSS growth / most held at once (%d): %.1f KiB" % (
+        held, (most[1] - start[1]) / held / 1024.0)
+
+
+def cells(results, start, most, after, fds_end, attackers, extra):
     answered = sum(1 for outcome, _ in results if outcome == "ok")
     failures = {}
     for outcome, _ in results:
         if outcome != "ok":
             failures[outcome] = failures.get(outcome, 0) + 1
-    slowest = max((elapsed for outcome, elapsed in results if outcome == "ok"), default=None)
     return {
-        "answered": "%d/%d (%.0f%%)" % (answered, len(results),
-                                        100.0 * answered / max(1, len(results))),
-        "slowest": "%.2f s" % slowest if slowest is not None else "-",
+        "answered": "%d/%d" % (answered, len(results)),
+        "latency": latency(results),
         "failures": ", ".join("%s x%d" % item for item in sorted(failures.items())) or "-",
-        "threads": "%d -> %d" % (start[0], sampler.most[0]),
-        "rss": "%.0f -> %.0f" % (start[1] / MIB, sampler.most[1] / MIB),
-        "fds": "%d -> %d, %d at the end" % (start[2], sampler.most[2], fds_end),
-        "attackers": attack.summary(held),
+        "threads": "%d -> %d" % (start[0], most[0]),
+        "rss": "%.0f -> %.0f -> %.0f" % (start[1] / MIB, most[1] / MIB, after[1] / MIB),
+        "fds": "%d -> %d, %d at the end, %d after" % (start[2], most[2], fds_end, after[2]),
+        "attackers": attackers + extra,
     }
 
 
-HEADER = ("| scenario | server | normal client: 200 within 2 s | slowest 200 | other outcomes "
-          "| threads start -> max | RSS MiB before -> max | server fds start -> max "
-          "| attackers at the end |\n|---|---|---|---|---|---|---|---|---|")
+COLUMNS = ("server", "normal client: 200 within 2 s", "latency median / p99 / max",
+           "other outcomes", "threads start -> max", "RSS MiB before -> peak -> after",
+           "server fds start -> max", "attackers at the end")
+HEADER = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS)
 
 
-def row(scenario, label, cells):
-    return "| %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
-        scenario, label, cells["answered"], cells["slowest"], cells["failures"],
-        cells["threads"], cells["rss"], cells["fds"], cells["attackers"])
+def row(label, cells):
+    return "| %s | %s | %s | %s | %s | %s | %s | %s |" % (
+        label, cells["answered"], cells["latency"], cells["failures"], cells["threads"],
+        cells["rss"], cells["fds"], cells["attackers"])
+
+
+def title(name, options):
+    scenario = SCENARIOS[name].scaled(options.scale)
+    text = "### %s" % name
+    if scenario.kind != "slowhttptest":
+        count = len(scenario.spec)
+        text += " (%d address%s, %d connections)" % (count, "" if count == 1 else "es",
+                                                     scenario.connections())
+    if scenario.kind == "costly":
+        text += ": %s %s JSON of %d bytes to %s" % (
+            options.costly_shape, "array" if options.costly_shape == "lists" else "object",
+            options.costly_bytes, options.costly_path)
+    return text
 
 
 # --- setup and the whole run -------------------------------------------------------------------
@@ -637,42 +1004,81 @@ def main():
                         help="run only this scenario (repeatable; default: all)")
     parser.add_argument("--seconds", type=int, default=30,
                         help="how long the normal client asks, once a second (default 30)")
+    parser.add_argument("--healthz-bytes", type=int, default=57 * 1024,
+                        help="head size of healthz-flood's requests (default 58368: 57 KiB, "
+                             "under max_head_bytes)")
+    parser.add_argument("--nginx-only", action="store_true",
+                        help="run nginx alone (no onebox), e.g. with --nginx-connections")
+    parser.add_argument("--nginx-connections", type=int, default=768,
+                        help="nginx's worker_connections (default 768, Debian's)")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="run each scenario from this share of its addresses (at least "
+                             "one; each keeps its connections): 0.1 for a small trial")
+    parser.add_argument("--costly-path", default="/hello/echo",
+                        help="where costly-json posts (default /hello/echo)")
+    parser.add_argument("--costly-bytes", type=int, default=1000000,
+                        help="size of costly-json's body (default 1000000)")
+    parser.add_argument("--costly-shape", choices=("lists", "note"), default="lists",
+                        help="costly-json's body: [[],[],...] or {\"text\": escaped emoji}")
     parser.add_argument("--output", default=RESULTS, help="markdown file written at the end")
     args = parser.parse_args()
     if args.seconds < 1:
         parser.error("--seconds must be at least 1")
-    scenarios = args.scenario or list(SCENARIOS)
+    if not 0 < args.scale <= 1:
+        parser.error("--scale must be more than 0 and at most 1")
+    if args.nginx_connections < 16:
+        parser.error("--nginx-connections must be at least 16")
+    if args.costly_bytes < 2:
+        parser.error("--costly-bytes must be at least 2")
+    names = args.scenario or list(SCENARIOS)
     paths = [os.path.abspath(path) for path in args.server] or [os.path.join(ROOT, "server.py")]
+    if args.nginx_only:
+        paths, args.nginx = [], True
     targets = [("onebox-%d" % number if len(paths) > 1 else "onebox", path)
                for number, path in enumerate(paths)]
     if args.nginx:
         targets.append(("nginx", "nginx"))
-    ensure_tools(args.nginx, any(SCENARIOS[s][0] == "slowhttptest" for s in scenarios))
+    ensure_tools(args.nginx, any(SCENARIOS[name].kind == "slowhttptest" for name in names))
     nofile = raise_nofile()
     signal.signal(signal.SIGTERM, on_sigterm)
     legend = ["- %s = %s" % (label, describe(path) if path != "nginx" else
-                              "Debian's nginx (worker_processes auto, 768 worker_connections)")
+                              "Debian's nginx (worker_processes auto, %d worker_connections)"
+                              % args.nginx_connections)
               for label, path in targets]
     print("\n".join(legend))
-    print("RLIMIT_NOFILE %d; normal client from %s asks for /%s once a second for %d s"
-          % (nofile, NORMAL_SOURCE, SMALL_PAGE, args.seconds))
-    print(HEADER, flush=True)
-    rows = []
+    print("RLIMIT_NOFILE %d; scale %g; normal client from %s asks for /%s once a second for %d s"
+          % (nofile, args.scale, NORMAL_SOURCE, SMALL_PAGE, args.seconds), flush=True)
+    tables = []
     work = tempfile.mkdtemp(prefix="onebox-slow-")
     try:
         site = make_site(work)
-        for scenario in scenarios:
+        tls_files = None
+        if any(SCENARIOS[name].tls for name in names):
+            from bench_tls import make_certificate   # the openssl CLI, as bench_tls.py runs it
+            tls_files = make_certificate(work)
+        for name in names:
+            lines = [title(name, args), "", HEADER]
+            print("\n" + "\n".join(lines), flush=True)
             for label, target in targets:
-                line = row(scenario, label, run_one(scenario, label, target, site, work,
-                                                    args.seconds))
-                rows.append(line)
-                print(line, flush=True)
+                if target == "nginx" and not SCENARIOS[name].nginx:
+                    continue
+                lines.append(row(label, run_one(name, label, target, site, work, args,
+                                                tls_files)))
+                print(lines[-1], flush=True)
+            if args.nginx and not SCENARIOS[name].nginx:
+                lines.append("\nnginx: no equivalent (%s)." % NO_NGINX[SCENARIOS[name].kind])
+                print(lines[-1], flush=True)
+            tables.append("\n".join(lines))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    write_results(args, legend, rows)
+    write_results(args, legend, tables)
 
 
-def write_results(args, legend, rows):
+NO_NGINX = {"costly": "it has no JSON route to parse; its proxy would pass the cost on",
+            "healthz": "it has no health checks or bans of its own"}
+
+
+def write_results(args, legend, tables):
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as handle:
         when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
@@ -681,12 +1087,11 @@ def write_results(args, legend, rows):
                      % (command, when, os.cpu_count()))
         handle.write("\n".join(legend) + "\n\n")
         handle.write("A normal client from %s asks for a small page once a second for %d s "
-                     "(fresh connection, 2 s timeout). For the slowhttptest rows onebox runs "
-                     "with `--limits-trusted-proxies \"\" --limits-allow-cidrs \"\"`, so that "
-                     "127.0.0.1 (where slowhttptest comes from) is an ordinary, capped client. "
-                     "Threads and RSS are summed over the server's processes.\n\n"
-                     % (NORMAL_SOURCE, args.seconds))
-        handle.write(HEADER + "\n" + "\n".join(rows) + "\n")
+                     "(fresh connection, 2 s timeout; over HTTPS in tls-half-handshakes). "
+                     "Scale %g. Scenarios and what onebox runs with for each: see the "
+                     "docstring of bench/slow_clients.py. Threads and RSS are summed over the "
+                     "server's processes.\n\n" % (NORMAL_SOURCE, args.seconds, args.scale))
+        handle.write("\n\n".join(tables) + "\n")
     print("wrote %s" % args.output)
 
 
