@@ -37,9 +37,9 @@ else one a worker holds); else the newcomer gets 503. So a client's allowance sh
 total grows: at the cap it is "fewer than the largest", and a client holding one connection is
 never refused while another holds more.
 
-Memory: request bodies buffered here (and the bytes that came with their heads), and TLS
-handshakes under way (``TLS_HANDSHAKE_BYTES`` each), are charged against ``max_buffered_bytes``
-until a worker is done with the request (``Connection.charged``). Past it, the waits of the
+Memory: whatever the reactor reads into a connection's buffer (request heads, and the bodies
+it buffers), and TLS handshakes under way (``TLS_HANDSHAKE_BYTES`` each), are charged against
+``max_buffered_bytes`` until a worker is done with the request (``Connection.charged``). Past it, the waits of the
 clients charged the most are shed (a 503 and a close; a handshake is closed) until it is 7/8
 full, so memory stays within the budget plus one read whatever the number of clients. Worst
 case: ``max_connections`` clients each sending a body at exactly the minimum rate hold the
@@ -91,7 +91,7 @@ TLS_HANDSHAKE_BYTES = 64 * 1024
 _SHED_RANK = {"linger": 0, "idle": 1, None: 1, "handshake": 2, "new": 2, "head": 3, "line": 4,
               "body": 5, "send": 6, "ready": 7}
 # The waits whose charged memory can be given back by shedding them (see _keep_to_budget).
-_CHARGED_WAITS = ("body", "line", "ready", "handshake")
+_CHARGED_WAITS = ("head", "body", "line", "ready", "handshake")
 
 
 def _send_at_once(sock, response):
@@ -436,6 +436,14 @@ class Reactor:
         if conn.waiting != "head":
             self._park(conn, "head")  # the head deadline starts with the head's first byte
         conn.buf += data
+        # (a read may hold a body's first 64 KiB too: with 4,096 connections, 256 MiB); the
+        # operator's admin connections are never charged, so never shed
+        if not conn.admin:
+            self._charge(conn, len(data), conn.client)
+        if self.buffered > self.budget:
+            self._keep_to_budget()
+            if conn.waiting != "head":
+                return   # shed itself
         self._check_head(conn)
 
     def _check_head(self, conn):
@@ -462,18 +470,19 @@ class Reactor:
         started = time.monotonic()
         buf = conn.buf
         end = buf.find(b"\r\n\r\n")
+        if self.guard.refuses_banned(conn.ip, conn.client):   # first: each one is a hit
+            response = error_response(None, 403, "forbidden")
+            _send_at_once(conn.sock, response)
+            line = bytes(buf[:min(buf.find(b"\r\n"), 200)]).decode("latin-1")
+            self._log_refusal(conn.ip, line, 403, len(response.body), "guard=banned")
+            self._linger(conn)
+            return True
         if end > self.health.max_head_bytes:   # a monitor sends a few headers (issue 19)
             self._reject(conn, 431, "a health check's head must be small")
             return True
         answer = self.health.answer(bytes(buf[:end]))
         if answer is None:
             return False
-        if self.guard.refuses_banned(conn.ip, conn.client):
-            response = error_response(None, 403, "forbidden")
-            _send_at_once(conn.sock, response)
-            self._log_refusal(conn.ip, answer[1], 403, len(response.body), "guard=banned")
-            self._linger(conn)
-            return True
         response, line, path, head_only, version = answer
         body = b"" if head_only else response.body
         try:
@@ -782,6 +791,8 @@ class Reactor:
             self._close(conn)
             return
         conn.buf = bytearray()
+        if conn.charged:
+            self._uncharge(conn)
         conn.sock.setblocking(True)   # a send wait's socket was non-blocking; reads pass DONTWAIT
         self._park(conn, "linger")
 
@@ -804,6 +815,11 @@ class Reactor:
                     del self.ready_line[conn.client]
                     self.handoff.clients_in_line = bool(self.ready_line)
         conn.waiting = None
+        # its buffer goes now: the heap of timed waits keeps a closed connection until its old
+        # deadline comes up, and with it a body of up to buffer_body_bytes (a flood of shed
+        # bodies once held ~0.5 GB that max_buffered_bytes no longer counted)
+        conn.buf = bytearray()
+        conn.pending = None
         if conn.charged:
             self._uncharge(conn)
         self.busy.discard(conn)

@@ -188,8 +188,9 @@ def test_a_banned_clients_health_checks_are_refused_then_closed_at_accept(start_
         raw_exchange(server, b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
                      source="127.0.2.9")
     assert [key for key, *_ in server.guard.bans()] == ["127.0.2.9"]
+    padded = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: %s\r\n\r\n" % (b"p" * 5000)
     assert status_of(raw_exchange(server, check, source="127.0.2.9")) == 403
-    assert status_of(raw_exchange(server, check, source="127.0.2.9")) == 403
+    assert status_of(raw_exchange(server, padded, source="127.0.2.9")) == 403   # a hit too
     assert raw_exchange(server, check, source="127.0.2.9") == b""   # closed at accept
     assert server.guard.stats()["counts"]["closed_at_accept"] >= 1
     assert status_of(raw_exchange(server, check, source="127.0.2.10")) == 200
