@@ -56,7 +56,7 @@ _CONNECTION_KEYS = (
     "buffer_body_bytes min_body_rate_bytes_s body_rate_grace_s write_timeout_s "
     "min_response_rate_bytes_s response_rate_grace_s worker_write_s stall_timeout_s "
     "max_workers_per_client max_waiting_per_client shutdown_timeout_s max_request_line_bytes "
-    "max_head_bytes max_header_count max_body_bytes max_drain_bytes drain_idle_s "
+    "max_head_bytes max_header_count max_body_bytes max_json_bytes max_drain_bytes drain_idle_s "
     "restart_wait_s").split()
 HOW = {
     "server": dict(
