@@ -55,8 +55,9 @@ _CONNECTION_KEYS = (
     "max_connections max_connections_per_ip header_timeout_s keepalive_timeout_s body_timeout_s "
     "buffer_body_bytes min_body_rate_bytes_s body_rate_grace_s write_timeout_s "
     "min_response_rate_bytes_s response_rate_grace_s worker_write_s stall_timeout_s "
-    "max_workers_per_client max_waiting_per_client max_buffered_bytes shutdown_timeout_s max_request_line_bytes "
-    "max_head_bytes max_header_count max_body_bytes max_drain_bytes drain_idle_s "
+    "max_workers_per_client max_waiting_per_client max_buffered_bytes shutdown_timeout_s "
+    "max_request_line_bytes max_head_bytes max_header_count max_body_bytes max_json_bytes "
+    "max_drain_bytes drain_idle_s "
     "restart_wait_s").split()
 HOW = {
     "server": dict(

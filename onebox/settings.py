@@ -108,6 +108,9 @@ SETTINGS = {
         Setting("max_head_bytes", "int", 65536, 256, "larger request heads get 431"),
         Setting("max_header_count", "int", 100, 1, "more header lines get 431"),
         Setting("max_body_bytes", "int", 1048576, 0, "larger request bodies get 413"),
+        Setting("max_json_bytes", "int", 65536, 0,
+                "request.json() answers 413 past this (a handler may ask for up to "
+                "max_body_bytes): 64 KiB parse in at most ~4 ms, 1 MiB in up to ~80"),
         Setting("max_drain_bytes", "int", 65536, 0,
                 "unread body left by a handler is read and dropped up to this; past it close"),
         Setting("access_log", "bool", True, None, "one combined-format line per request on stdout"),

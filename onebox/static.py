@@ -283,8 +283,8 @@ _ENTITY_TAG_RE = re.compile(r'[ \t]*(W/)?("[\x21\x23-\x7e\x80-\xff]*")[ \t]*(?:,
 
 
 def etag_matches(field, etag, strong):
-    """Whether an If-Match / If-None-Match / If-Range list holds ``etag`` (section 8.8.3.2:
-    strong comparison for If-Match and If-Range, weak for If-None-Match). "*" matches any
+    """Whether an If-Match / If-None-Match list holds ``etag`` (section 8.8.3.2: strong
+    comparison for If-Match, weak for If-None-Match; If-Range holds no list). "*" matches any
     current representation. A malformed list matches nothing."""
     field = field.strip(" \t")
     if field == "*":
@@ -773,14 +773,16 @@ class StaticPages:
         return None
 
     def _if_range_holds(self, field, entry):
-        """Section 13.1.5: an entity tag must match strongly; a date must equal Last-Modified
-        exactly, and Last-Modified must be a strong validator (section 8.8.2.2: at least a
-        second older than now)."""
+        """Section 13.1.5: If-Range holds exactly one validator. An entity tag must match
+        strongly (so a weak one never does); a date must equal Last-Modified exactly, and
+        Last-Modified must be a strong validator (section 8.8.2.2: at least a second older than
+        now). Anything else (a list of tags, two If-Range lines, "*") means "send it all": the
+        whole 200 is always a correct answer, a wrong 206 splices two versions."""
         if field is None:
             return True
         field = field.strip(" \t")
         if field.startswith('"') or field.startswith("W/"):
-            return etag_matches(field, entry.identity.etag, strong=True)
+            return field == entry.identity.etag   # a strong tag of ours, alone in the field
         date = parse_http_date(field)
         return date is not None and date == entry.mtime_s and time.time() > entry.strong_after
 

@@ -495,7 +495,7 @@ class Workers:
             raise HTTPError(421, "this server does not serve that host")
         path, segments = decode_path(raw_path)
         return Request(head.method, path, segments, query, Headers(head.fields), conn.ip,
-                       head.version, reader)
+                       head.version, reader, self.settings.max_json_bytes)
 
     def _dispatch(self, request, exchange):
         """Handler routes first, then static pages; 404 and 405 (with Allow) otherwise.

@@ -16,6 +16,22 @@ def call(server, method, path, data=None):
     return status, headers, (json.loads(raw) if raw else None)
 
 
+def list_all(server, limit=None):
+    """Every note, page by page as a client follows "next"; and the pages' sizes."""
+    notes, sizes, after = [], [], None
+    while True:
+        query = "&".join(part for part in ("limit=%d" % limit if limit else "",
+                                           "after=" + after if after else "") if part)
+        status, _, page = call(server, "GET", "/api/notes" + ("?" + query if query else ""))
+        assert status == 200 and page["count"] == len(page["notes"])
+        notes += page["notes"]
+        sizes.append(page["count"])
+        after = page["next"]
+        if after is None:
+            return notes, sizes
+        assert after == notes[-1]["id"]
+
+
 def test_create_read_update_delete(server):
     status, headers, note = call(server, "POST", "/api/notes", {"text": "first"})
     assert status == 201 and note["text"] == "first"
@@ -27,7 +43,7 @@ def test_create_read_update_delete(server):
     assert call(server, "DELETE", "/api/notes/" + note["id"])[0] == 204
     assert call(server, "GET", "/api/notes/" + note["id"])[0] == 404
     assert call(server, "DELETE", "/api/notes/" + note["id"])[0] == 404
-    assert call(server, "GET", "/api/notes")[2] == {"notes": [], "count": 0}
+    assert call(server, "GET", "/api/notes")[2] == {"notes": [], "count": 0, "next": None}
 
 
 def test_list_is_in_creation_order_and_limited(server):
@@ -101,6 +117,61 @@ def test_only_ascii_digits_are_numbers(server, number):
         assert call(server, method, "/api/notes/" + number, body)[0] == 404
 
 
+def test_a_listing_is_at_most_max_list_notes_and_pages_on(start_server, monkeypatch):
+    monkeypatch.setattr(notes, "MAX_LIST", 4)
+    server = start_server()
+    ids = [call(server, "POST", "/api/notes", {"text": "n%d" % n})[2]["id"] for n in range(10)]
+    assert call(server, "DELETE", "/api/notes/" + ids.pop(5))[0] == 204
+    listed, sizes = list_all(server)
+    assert ([note["id"] for note in listed], sizes) == (ids, [4, 4, 1])
+    first = call(server, "GET", "/api/notes?limit=1000")[2]   # more than the most: the most
+    assert (first["count"], first["next"]) == (4, ids[3])
+    assert [n["id"] for n in list_all(server, limit=3)[0]] == ids
+    assert call(server, "GET", "/api/notes?after=5")[2]["notes"][0]["id"] == "7"   # 6 is gone
+    assert call(server, "GET", "/api/notes?after=" + ids[-1])[2] == {"notes": [], "count": 0,
+                                                                     "next": None}
+
+
+def test_max_list_bounds_the_answer(start_server):
+    server = start_server(config={"state.durability": "off"})
+    # the docstring's arithmetic: the worst text there is takes 6 bytes of JSON ("\u0001") per
+    # character, and a note's other fields (a 12-digit id, two times) up to 120
+    worst_note = 6 * notes.MAX_TEXT_CHARS + 120
+    assert notes.MAX_LIST * worst_note + 60 < 6.1e6
+    body = json.dumps({"text": "\x01" * notes.MAX_TEXT_CHARS}).encode()
+    for _ in range(notes.MAX_LIST + 1):
+        assert request(server, "POST", "/api/notes", body, JSON)[0] == 201
+    status, _, raw = request(server, "GET", "/api/notes?limit=1000", headers=JSON)
+    assert status == 200 and json.loads(raw)["count"] == notes.MAX_LIST
+    assert len(raw) <= notes.MAX_LIST * worst_note + 60
+
+
+@pytest.mark.parametrize("query", ["after=x", "after=01", "after=-1", "after=", "limit=05",
+                                   "after=" + "9" * 13])
+def test_bad_listing_arguments_get_400(server, query):
+    assert call(server, "GET", "/api/notes?" + query)[0] == 400
+
+
+@pytest.mark.parametrize("spelling", ["01", "00000000001", "000000000001", "0001", "+1", " 1"])
+def test_a_note_has_one_id(server, spelling):
+    note = call(server, "POST", "/api/notes", {"text": "one"})[2]
+    assert note["id"] == "1" and call(server, "GET", "/api/notes/1")[2] == note
+    for method, body in (("GET", None), ("PUT", {"text": "x"}), ("DELETE", None)):
+        assert call(server, method, "/api/notes/" + spelling.replace(" ", "%20"), body)[0] == 404
+    assert call(server, "GET", "/api/notes/1")[2] == note
+
+
+def test_a_note_body_may_be_max_body_bytes_and_not_one_more(server):
+    # the longest a valid note can be written: every emoji as an escaped surrogate pair
+    escaped = json.dumps({"text": EMOJI * notes.MAX_TEXT_CHARS}).encode()
+    assert len(escaped) <= notes.MAX_BODY_BYTES
+    assert request(server, "POST", "/api/notes", escaped, JSON)[0] == 201
+    body = b'{"text": "a"}'
+    body = body[:-1] + b" " * (notes.MAX_BODY_BYTES - len(body)) + b"}"
+    assert request(server, "POST", "/api/notes", body, JSON)[0] == 201
+    assert request(server, "POST", "/api/notes", body[:-1] + b" }", JSON)[0] == 413
+
+
 def test_unknown_ids_are_404(server):
     for path in ("/api/notes/999", "/api/notes/abc", "/api/notes/" + "9" * 30):
         assert call(server, "GET", path)[0] == 404
@@ -120,7 +191,7 @@ def test_concurrent_creates_get_distinct_ids(server):
     for thread in threads:
         thread.join()
     assert len(set(created)) == 160
-    assert call(server, "GET", "/api/notes")[2]["count"] == 160
+    assert sorted(note["id"] for note in list_all(server)[0]) == sorted(created)
 
 
 def test_notes_survive_a_restart(start_server, tmp_path):

@@ -270,6 +270,25 @@ def test_if_range(start_server, site):
         assert (status, body) == (200, DIGITS), stale
 
 
+def test_if_range_holds_one_validator_or_none(start_server, site):
+    """RFC 9110 section 13.1.5: If-Range carries one entity-tag or one date. A list (even one
+    naming the current tag), a weak tag, "*", or two If-Range lines: the whole file, 200."""
+    server = serve(start_server, site)
+    _, headers, _ = get(server, "/digits.txt")
+    etag, last_modified = headers["etag"], headers["last-modified"]
+    for field in ('%s, "other"' % etag, '"other", %s' % etag, "%s, %s" % (etag, etag),
+                  "W/" + etag, "*", "%s, %s" % (last_modified, last_modified),
+                  etag + " junk", etag[:-1]):
+        status, _, body = get(server, "/digits.txt", {"Range": "bytes=0-4", "If-Range": field})
+        assert (status, body) == (200, DIGITS), field
+    raw = raw_exchange(server, b"GET /digits.txt HTTP/1.1\r\nHost: x\r\nRange: bytes=0-4\r\n"
+                               b"If-Range: %s\r\nIf-Range: %s\r\nConnection: close\r\n\r\n"
+                               % (etag.encode(), etag.encode()))
+    assert status_of(raw) == 200 and raw.endswith(DIGITS)
+    padded = get(server, "/digits.txt", {"Range": "bytes=0-4", "If-Range": " %s\t" % etag})
+    assert padded[:3:2] == (206, DIGITS[:5])   # optional whitespace around a field value is no list
+
+
 def test_if_range_date_of_a_file_modified_this_second_is_weak(start_server, site):
     # stamped in the future, as a file copied from a skewed clock is: weak for as long as its
     # mtime is not a second past (a file written now would be strong if this test stalled 1 s)
