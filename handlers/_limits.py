@@ -122,6 +122,9 @@ class InProcessLimiter(Limiter):
         # _lock guards _full_at and the counters below it.
         self._lock = threading.Lock()
         self._full_at = collections.OrderedDict()  # key -> when its bucket is full; LRU first
+        # The same table, for a hot path to test ``key in limiter.tracked`` without a call or the
+        # lock (one dict read, atomic under the GIL); an absent key has a full bucket.
+        self.tracked = self._full_at
         self._limited = 0
         self._evictions = 0
         self._expired = 0
