@@ -40,6 +40,9 @@ The in-process implementation (``InProcessLimiter``)
     Past ``max_keys`` the least recently used key is evicted (it starts again with a full
     bucket: the cap can make a limiter more lenient, never stricter). One lock guards the table;
     a call holds it for a few dict operations.
+    For the runtime's guard, beyond the contract: ``take`` (``hit`` without the ``Hit``), and
+    ``charge``/``debt`` for a cost known only once it is paid (a handler's CPU time): the
+    bucket is charged after the fact and may go into debt, which refuses until refilled.
 """
 import collections
 import math
@@ -119,6 +122,9 @@ class InProcessLimiter(Limiter):
         # _lock guards _full_at and the counters below it.
         self._lock = threading.Lock()
         self._full_at = collections.OrderedDict()  # key -> when its bucket is full; LRU first
+        # The same table, for a hot path to test ``key in limiter.tracked`` without a call or the
+        # lock (one dict read, atomic under the GIL); an absent key has a full bucket.
+        self.tracked = self._full_at
         self._limited = 0
         self._evictions = 0
         self._expired = 0
@@ -155,6 +161,39 @@ class InProcessLimiter(Limiter):
             else:
                 self._trim_locked(now)         # a new key: the table grew
         return None
+
+    # -- buckets charged after the fact (the guard's CPU budget) --------------------------
+    # A cost known only once it is paid (a handler's CPU time) cannot be asked for up front:
+    # ``charge`` takes it whatever the bucket holds, so the bucket may go into debt (its full
+    # time further ahead than a whole burst), and ``debt`` refuses the next request until the
+    # refill has paid the debt back.
+
+    def charge(self, key, cost, rate_per_s):
+        """Take ``cost`` tokens from ``key``'s bucket whether or not it holds them."""
+        table = self._full_at
+        with self._lock:
+            now = self._clock()
+            full_at = table.get(key, 0.0)
+            table[key] = max(full_at, now) + cost / rate_per_s
+            if full_at:
+                table.move_to_end(key)
+            else:
+                self._trim_locked(now)         # a new key: the table grew
+
+    def debt(self, key, rate_per_s, burst):
+        """None while ``key``'s bucket holds tokens, else the seconds until it holds some
+        again (counted as limited). Takes nothing and adds no key."""
+        table = self._full_at
+        with self._lock:
+            full_at = table.get(key)
+            if full_at is None:
+                return None
+            wait = full_at - self._clock() - burst / rate_per_s
+            if wait < 0:
+                return None
+            self._limited += 1
+            table.move_to_end(key)
+        return wait
 
     def peek(self, key, policy=None):
         policy = policy or self.policy

@@ -24,10 +24,30 @@ A request meets, in order (``Guard.check``, in a worker, before routing):
 4. **Deny rules** (``deny_cidrs``, ``deny_user_agents``, ``deny_paths``): 403.
 5. **Exemptions** (``allow_paths``, by default /.well-known/, /robots.txt, /favicon.ico, and
    ``allow_user_agents``) skip the rate limits.
-6. **Rate limits**: a token bucket per client site-wide (``client_rate_per_s``/``client_burst``),
-   then one per client per route (``route_rate_per_s``/``route_burst``, or the
-   ``[limits "/path"]`` section that matches). A refusal is a 429 with Retry-After computed from
-   the bucket that fired, and RateLimit-Policy / RateLimit fields.
+6. **Rate limits**: the client's CPU budget (below: refused while in debt), then a token bucket
+   per client site-wide (``client_rate_per_s``/``client_burst``), then one per client per route
+   (``route_rate_per_s``/``route_burst``, or the ``[limits "/path"]`` section that matches). A
+   refusal is a 429 with Retry-After computed from the bucket that fired, and RateLimit-Policy /
+   RateLimit fields.
+
+Requests are not all alike: parsing and re-encoding a 1 MB JSON body holds the GIL for ~0.25 s,
+so four addresses at 20 requests/s each (under the request limits) held a core and pushed other
+clients' median latency to 391 ms (issue 19). So each client also has a budget of handler CPU
+time, a token bucket of CPU seconds (``client_cpu_per_s``/``client_cpu_burst_s``): the worker
+measures the handler's run and charges it afterwards (``charge``), which may put the bucket
+into debt; while it is in debt, ``check`` refuses the client's requests (429, rule
+``client_cpu``), until the refill has paid the debt back. A client can overdraw by what its
+requests in flight cost (at most ``max_workers_per_client`` of them), never more.
+What is charged is the thread's CPU time (``time.thread_time``), not the wall-clock time the
+handler took. Wall time includes waiting for the GIL, and the GIL is busiest exactly when
+someone is abusing it: a handler longer than the switch interval (5 ms) gives the GIL up every
+5 ms and waits for it behind the others (a C call such as ``json.loads`` keeps it for its whole
+run). Measured while four clients posted 200 KB JSON arrays, a handler that burns 20 ms of CPU
+took 114 ms of wall time (median; 202 ms at p90): wall time would charge the innocent 5-10
+times over for the abuser's cost. Thread time counts what the request made the machine do (C
+code that released the GIL included), and no time spent waiting (for the GIL, a lock, the
+disk: a worker blocked on a slow client is ``max_workers_per_client``'s business). Runs under
+``CPU_CHARGE_MIN_S`` are not charged at all: see there.
 
 Each 403 from a rule and each 429 is a strike; more than ``ban_after_rejections`` strikes within
 ``ban_window_s`` earn a ban of ``ban_s``, doubled for each repeat offence up to ``ban_max_s``.
@@ -49,11 +69,11 @@ loopback addresses (127.0.0.2 and up) are ordinary clients.
 
 Threads and locks: ``admit`` and ``saw_bad_request(..., in_reactor=True)`` run in the reactor
 thread (whose bans are written to the store by the next worker's ``check``: the reactor never
-waits on the disk), the rest in workers. Each table has one
-lock (the two limiters' own, ``_suspects_lock``, ``_bans_lock``), held for a few dict operations;
-the state store is written only by workers and never under a lock. Idle entries cost nothing to
-expire: each use looks at the least recently used entry or two and drops them if stale; nothing
-sweeps a whole table on the request path.
+waits on the disk), the rest in workers. Each table has one lock (the three limiters' own,
+``_suspects_lock``, ``_bans_lock``), held for a few dict operations; the state store is
+written only by workers and never under a lock. Idle entries cost nothing to expire: each use
+looks at the least recently used entry or two and drops them if stale; nothing sweeps a whole
+table on the request path.
 
 Imports the standard library and the contract's rate limiters (``handlers._limits``); never the
 engine, another runtime module or ``server``: the runtime passes in what it needs.
@@ -70,12 +90,18 @@ from handlers._limits import Hit, InProcessLimiter, Policy, check_policy, rate_l
 
 __all__ = ["GuardPolicy", "Guard", "Verdict", "RULES", "BAN_PREFIX"]
 
-RULES = ("deny_cidrs", "deny_user_agents", "deny_paths", "client_rate", "route_rate",
-         "scanner", "ban")
+RULES = ("deny_cidrs", "deny_user_agents", "deny_paths", "client_cpu", "client_rate",
+         "route_rate", "scanner", "ban")
 BAN_PREFIX = "guard/bans/"       # state store keys of the persisted bans
 # Trusted proxy addresses remembered as already warned about for sending no forwarded header;
 # past it no more such warnings are written (a proxy range can hold many addresses).
 MAX_WARNED_PROXIES = 256
+# Handler runs shorter than this (thread CPU seconds) are not charged to the client's CPU budget.
+# Charging one is a call, a lock and a table entry per client; skipping it leaves each client at
+# most client_rate_per_s * CPU_CHARGE_MIN_S uncharged (20 ms/s by default, under a tenth of the
+# default budget), and whoever sends many cheap requests meets the request buckets instead. A
+# hello's handler takes ~30 us; what the budget is for takes milliseconds to seconds.
+CPU_CHARGE_MIN_S = 0.001
 _V4_MAPPED = b"\x00" * 10 + b"\xff\xff"
 
 
@@ -259,6 +285,10 @@ class GuardPolicy(object):
         self.has_allow_cidrs = bool(self.allow_cidrs)
         self.has_deny_rules = bool(self.deny_cidrs or self.deny_agents or self.deny_paths)
         try:
+            # in milliseconds of CPU, the unit the RateLimit fields count it in (q=1000;w=4:
+            # a second of CPU, refilled from empty in 4 s), since they show whole numbers
+            self.cpu_policy = check_policy(Policy("cpu", limits.client_cpu_per_s * 1000.0,
+                                                  limits.client_cpu_burst_s * 1000.0))
             self.client_policy = check_policy(Policy("site", limits.client_rate_per_s,
                                                      limits.client_burst))
             self.route_policy = check_policy(Policy("route", limits.route_rate_per_s,
@@ -359,9 +389,11 @@ class Guard(object):
     """One server's abuse guard.
 
     For the runtime: ``admit(peer_ip)`` (reactor thread, at accept), ``check(request, key)``
-    (worker, before routing), ``saw_404(request, key)`` (worker, after a 404), ``stats()``,
-    ``bans()``; for the operator (status page, ``--bans``/``--unban``): ``list_bans()``,
-    ``lift_ban(address)``. ``key_of(ip)`` is the client grouping. Nothing is meant for overriding.
+    (worker, before routing), ``charge(request, key, seconds)`` (worker, after a handler that
+    took ``CPU_CHARGE_MIN_S`` or more), ``saw_404(request, key)`` (worker, after a 404),
+    ``stats()``, ``bans()``; for the operator (status page, ``--bans``/``--unban``):
+    ``list_bans()``, ``lift_ban(address)``. ``key_of(ip)`` is the client grouping. Nothing is
+    meant for overriding.
     ``store`` is the state store bans persist in (None: they live in memory only); ``log``
     takes one line for the error log; ``clock`` (monotonic) and ``wall`` (epoch) are seams.
     """
@@ -373,6 +405,10 @@ class Guard(object):
         self._clock = clock
         self._wall = wall
         self.clients = InProcessLimiter(policy.client_policy, policy.max_tracked_clients, clock)
+        # CPU budgets (milliseconds), charged after the fact; only clients that ran handlers
+        # for CPU_CHARGE_MIN_S or more are in it, and only until their bucket refills.
+        self.cpu = InProcessLimiter(policy.cpu_policy, policy.max_tracked_clients, clock)
+        self._cpu_tracked = self.cpu.tracked   # a client absent from it is not in debt
         self.routes = InProcessLimiter(policy.route_policy, policy.max_tracked_routes, clock)
         # _suspects_lock guards _suspects and every _Suspect in it.
         self._suspects_lock = threading.Lock()
@@ -407,6 +443,7 @@ class Guard(object):
         to their new caps as keys are added; the other tables trim as entries are added."""
         self.clients.policy, self.clients.max_keys = policy.client_policy, \
             policy.max_tracked_clients
+        self.cpu.policy, self.cpu.max_keys = policy.cpu_policy, policy.max_tracked_clients
         self.routes.policy, self.routes.max_keys = policy.route_policy, policy.max_tracked_routes
         self.policy = policy
 
@@ -537,6 +574,21 @@ class Guard(object):
         if self.on_decision is not None:
             self.on_decision(key, path, status, rule, ban, dry_run)
 
+    def charge(self, request, key, seconds):
+        """Charge ``seconds`` of handler CPU to the client of ``request`` (worker, after the
+        handler ran; ``key`` as given to ``check``). A trusted proxy's own request, an
+        allowlisted client and an exempt request are never charged, as they are never limited."""
+        policy = self.policy
+        if not policy.enabled:
+            return
+        if key is None:                              # behind a trusted proxy
+            if request.client_ip in policy.trusted_proxies:
+                return                               # the proxy's own request (see check)
+            key = self.key_of(request.client_ip)
+        if request.client_ip in policy.allow_cidrs or self._exempt(request):
+            return
+        self.cpu.charge(key, seconds * 1000.0, policy.cpu_policy.rate_per_s)
+
     def saw_404(self, request, key):
         """Count a 404 toward scanner detection; returns an access-log note if it earned a ban."""
         policy = self.policy
@@ -627,15 +679,24 @@ class Guard(object):
                     and policy.allow_agents.search(request.headers.get("user-agent", ""))))
 
     def _limited(self, request, key):
-        """The site-wide bucket, then the route's; a 429 verdict (maybe dry-run) or None."""
+        """The CPU budget, the site-wide bucket, then the route's; a 429 verdict (maybe dry-run)
+        or None. A refused request takes no token from the buckets after the one that fired."""
         policy = self.policy
         flagged = None
+        if key in self._cpu_tracked:     # charged lately (rarely): is it in debt?
+            cpu = policy.cpu_policy
+            wait = self.cpu.debt(key, cpu.rate_per_s, cpu.burst)
+            if wait is not None:
+                flagged = self._too_many(cpu, wait, "client_cpu", "client_cpu" in policy.dry, 0)
+                if not flagged.dry_run:
+                    return flagged
         site = policy.client_policy
         wait = self.clients.take(key, site.rate_per_s, site.burst)
         if wait is not None:
-            flagged = self._too_many(site, wait, "client_rate", "client_rate" in policy.dry)
-            if not flagged.dry_run:
-                return flagged                       # a refused request takes no route token
+            verdict = self._too_many(site, wait, "client_rate", "client_rate" in policy.dry)
+            if not verdict.dry_run:
+                return verdict
+            flagged = flagged or verdict
         if policy.routes:
             route_key, route, route_dry = policy.route_for(request.path)
         else:
@@ -647,9 +708,9 @@ class Guard(object):
                 return verdict
         return flagged
 
-    def _too_many(self, bucket, wait, rule, dry):
+    def _too_many(self, bucket, wait, rule, dry, cost=1):
         self._count("dry_run" if dry else "limited")
-        hit = Hit(False, max(0.0, 1 - wait * bucket.rate_per_s), wait, bucket)
+        hit = Hit(False, max(0.0, cost - wait * bucket.rate_per_s), wait, bucket)
         headers = rate_limit_headers(hit) + [("Cache-Control", "no-store")]
         wait = headers[0][1]
         return Verdict(429, "too many requests; retry after %s s" % wait, headers, rule, dry)
@@ -830,8 +891,8 @@ class Guard(object):
 
     def lift_ban(self, address, by="operator"):
         """Lift the ban on ``address`` (see ``ban_key``): it is forgotten (a later ban is a
-        first offence again), its site-wide bucket and strikes start afresh, and its record
-        leaves the state store (before this returns, so a restart does not bring it back).
+        first offence again), its site-wide bucket, CPU budget and strikes start afresh, and its
+        record leaves the state store (before this returns, so a restart does not bring it back).
         Returns the key lifted, or None if it was not banned. Any thread but the reactor (the
         store write waits for the disk)."""
         key = self.ban_key(address)
@@ -846,6 +907,7 @@ class Guard(object):
         with self._suspects_lock:
             self._suspects.pop(key, None)
         self.clients.forget(key)
+        self.cpu.forget(key)   # a debt left would refuse it again at once, and strike
         self._count("lifted")
         self._log("guard: ban of %s lifted by %s" % (key, by), level="info")
         self._tell(key, "", 0, "lifted")
@@ -863,8 +925,8 @@ class Guard(object):
         with self._counts_lock:
             counts = dict(self._counts)
         return {"enabled": self.policy.enabled, "clients": self.clients.stats(),
-                "routes": self.routes.stats(), "suspects": suspects, "bans": bans,
-                "counts": counts}
+                "cpu": self.cpu.stats(), "routes": self.routes.stats(), "suspects": suspects,
+                "bans": bans, "counts": counts}
 
 
 def _forwarded_items(values, header):

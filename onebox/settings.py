@@ -190,6 +190,15 @@ SETTINGS = {
                 "sustained requests/s per client across the site; a person browsing averages <1"),
         Setting("client_burst", "int", 100, 1,
                 "requests a client may make at once: a page and its assets, a few tabs"),
+        # A budget of handler CPU time per client, on top of the request counts: one request
+        # can cost 10,000 hellos (a 1 MB JSON body: ~0.25 s holding the GIL; issue 19). The
+        # GIL makes the whole process one core for handlers, so a few clients' budgets must
+        # add up to well under one: at 0.25, four clients each posting 200 KB of JSON at
+        # 20/s were never refused, and held another client's median latency at ~50 ms.
+        Setting("client_cpu_per_s", "float", 0.1, 0.001,
+                "handler CPU seconds per second a client may use sustained; over it, 429"),
+        Setting("client_cpu_burst_s", "float", 0.5, 0.001,
+                "handler CPU seconds a client may use at once before client_cpu_per_s applies"),
         Setting("route_rate_per_s", "float", 5.0, 0.001,
                 "sustained requests/s per client to one path (or [limits \"...\"] route)"),
         Setting("route_burst", "int", 30, 1,
@@ -221,7 +230,7 @@ SETTINGS = {
                 "the window scanner_404_paths counts in"),
         Setting("dry_run", "str", "", None,
                 "rules that only log what they would do: all, or among deny_cidrs "
-                "deny_user_agents deny_paths client_rate route_rate scanner ban"),
+                "deny_user_agents deny_paths client_cpu client_rate route_rate scanner ban"),
         Setting("max_tracked_clients", "int", 50000, 1,
                 "site-wide buckets kept (~180 bytes each); past it the least recent is dropped"),
         Setting("max_tracked_routes", "int", 50000, 1,

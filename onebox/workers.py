@@ -18,18 +18,20 @@ by the reactor, for a response it finishes).
 The pool's size is an invariant: nothing a request or a hand-back raises ends a worker.
 Threads: ``worker_threads`` of them, each bound to its server's context (state, cache, limiters;
 ``handlers/_context.py``). Imports the contract and the runtime's codec, transfer, routing,
-hand-off, settings (``host_allowed``), static (``STATIC_METHODS``) and metrics (its route
-labels) modules; never the reactor, the engine or ``server``.
+hand-off, settings (``host_allowed``), static (``STATIC_METHODS``), guard (``CPU_CHARGE_MIN_S``)
+and metrics (its route labels) modules; never the reactor, the engine or ``server``.
 """
 import select
 import threading
 import time
 import traceback
+from time import perf_counter, thread_time
 
 from handlers import _context
 from handlers._core import HTTPError, Headers, Request, Response, to_response
 from onebox.codec import (check_response, decode_path, error_response, parse_head,
                           split_target)
+from onebox.guard import CPU_CHARGE_MIN_S
 from onebox.handoff import ARMED, BODY, CLOSE, GONE, KEEP, PROBE, SEND
 from onebox.metrics import REFUSED, STATIC, UNROUTED
 from onebox.routing import METHODS, NotRouted
@@ -395,7 +397,7 @@ class Workers:
                 exchange.response = self.server.https_redirect(exchange.request)
                 exchange.route = HTTPS_REDIRECT
             else:
-                exchange.response = self._dispatch(exchange.request, exchange)
+                exchange.response = self._dispatch(conn, exchange.request, exchange)
         except HTTPError as error:
             exchange.unrouted = isinstance(error, NotRouted)
             exchange.response = self._error_for(exchange.request, error, conn.admin)
@@ -497,9 +499,11 @@ class Workers:
         return Request(head.method, path, segments, query, Headers(head.fields), conn.ip,
                        head.version, reader, self.settings.max_json_bytes)
 
-    def _dispatch(self, request, exchange):
+    def _dispatch(self, conn, request, exchange):
         """Handler routes first, then static pages; 404 and 405 (with Allow) otherwise.
-        ``exchange.route`` gets the metrics' route label."""
+        ``exchange.route`` gets the metrics' route label. A handler's run is charged to its
+        client's CPU budget (onebox/guard.py says why this thread's CPU time, not wall time);
+        static pages run no handler and cost nothing to measure."""
         method = request.method
         exchange.route = UNROUTED
         if request.path == "*":
@@ -508,7 +512,17 @@ class Workers:
         if route is not None:
             request.params = params
             exchange.route = route.pattern
-            return self._call(route.handler, request)
+            cpu_started, started = thread_time(), perf_counter()
+            try:
+                return self._call(route.handler, request)
+            finally:   # an error raised after costly work is charged too
+                # A thread's CPU time never exceeds the wall time, so a run shorter than
+                # CPU_CHARGE_MIN_S (nearly all) needs no second thread_time(): a system call
+                # (~0.5 us), where perf_counter() is read in user space (~0.05 us).
+                if perf_counter() - started >= CPU_CHARGE_MIN_S:
+                    used = thread_time() - cpu_started
+                    if used >= CPU_CHARGE_MIN_S:
+                        self.server.guard.charge(request, conn.client, used)
         if allowed is not None:
             if method == "OPTIONS":
                 return Response(b"", 204, [("Allow", allowed)])
