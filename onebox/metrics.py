@@ -270,7 +270,8 @@ def _guard(out, server):
                 if not name.startswith(("refused_", "closed_"))])
     out.one("onebox_guard_bans_active", "gauge", "Bans in force", stats["bans"]["active"])
     out.one("onebox_guard_enabled", "gauge", "1 if [limits] enabled", 1 if stats["enabled"] else 0)
-    tables = [("guard_clients", stats["clients"]), ("guard_routes", stats["routes"]),
+    tables = [("guard_clients", stats["clients"]), ("guard_cpu", stats["cpu"]),
+              ("guard_routes", stats["routes"]),
               ("guard_suspects", stats["suspects"]), ("guard_bans", stats["bans"])]
     cache = server.context.responses.stats()
     tables.append(("response_cache", {"keys": cache["entries"], "max_keys": cache["max_entries"],

@@ -146,6 +146,7 @@ def _tables(server, memory):
     guard = server.guard.stats()
     rows = [
         ("guard: client buckets", guard["clients"]["keys"], guard["clients"]["max_keys"], ""),
+        ("guard: handler CPU buckets", guard["cpu"]["keys"], guard["cpu"]["max_keys"], ""),
         ("guard: route buckets", guard["routes"]["keys"], guard["routes"]["max_keys"], ""),
         ("guard: suspects", guard["suspects"]["keys"], guard["suspects"]["max_keys"], ""),
         ("guard: bans (and offenders remembered)", guard["bans"]["keys"],
