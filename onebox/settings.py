@@ -249,7 +249,7 @@ SETTINGS = {
     "status": [   # what the status page shows; see onebox/activity.py
         Setting("recorder", "bool", True, None,
                 "keep the last hour of traffic, top clients and paths, and guard decisions in "
-                "memory for the status page (~300 KB); off: the page shows tables and bans only"),
+                "memory for the status page (at most 400 KB); off: the page shows tables and bans only"),
         Setting("top_entries", "int", 50, 1,
                 "clients and paths tracked per minute for the top tables (space-saving sketch)"),
         Setting("recent_decisions", "int", 200, 1,
@@ -314,9 +314,12 @@ SETTINGS = {
 # /api/notes/{id}, a prefix ending in /, a * glob, or an exact path; the longest match wins).
 # Their bucket is shared by every path that matches. Unset keys take the [limits] route values.
 ROUTE_LIMIT_SETTINGS = [
-    Setting("rate_per_s", "float", None, 0.001, "sustained requests/s per client to these paths"),
-    Setting("burst", "int", None, 1, "requests to these paths at once"),
-    Setting("dry_run", "bool", None, None, "only log what this limit would do"),
+    Setting("rate_per_s", "float", None, 0.001,
+            "sustained requests/s per client to these paths; unset: [limits] route_rate_per_s"),
+    Setting("burst", "int", None, 1,
+            "requests to these paths at once; unset: [limits] route_burst"),
+    Setting("dry_run", "bool", None, None,
+            "only log what this limit would do; unset: whether [limits] dry_run names route_rate"),
 ]
 _ROUTE_LIMITS_RE = re.compile(r'limits\s+"(/[^"]*)"')
 
@@ -500,3 +503,130 @@ def check_static_settings(values):
         compile_policy(types.SimpleNamespace(**values))
     except ValueError as error:
         raise ConfigError(str(error)) from None
+
+
+# --- docs/settings.md, generated from the tables above ----------------------------------------
+# The reference page is made from SETTINGS so that docs and code cannot drift (gunicorn's
+# settings page does the same); tests/test_docs.py fails when the checked-in page differs.
+
+REGENERATE = "python3 -m onebox.settings --markdown > docs/settings.md"
+
+_SECTION_ABOUT = {   # a line under each section's heading; links are relative to docs/
+    "server": "The listeners, the connections and the requests: timeouts, minimum data rates, "
+              "the caps on connections, workers and buffered bytes, the access log "
+              "([how a connection is served](design.md#how-a-connection-is-served)).",
+    "state": "The shared state store in `data_dir` "
+             "([what each durability mode promises](operations.md#the-state-store)).",
+    "static": "How `pages_dir` is served (`onebox/static.py`). `cache_control` and "
+              "`extra_headers` take one entry a line (indent continuation lines in setup.cfg), "
+              "e.g. `cache_control = /downloads/ no-store`.",
+    "limits": "The abuse guard (`onebox/guard.py`; [the operator's view]"
+              "(operations.md#the-abuse-guard)). Lists are separated by spaces or commas.",
+    "cache": "The response cache of `@cached` handlers ([response cache]"
+             "(areas.md#response-cache)).",
+    "status": "What the status page keeps in memory (`onebox/activity.py`; [status page]"
+              "(operations.md#status-page-and-bans)).",
+    "admin": "The admin listener: `/metrics`, the status page and admin actions, on a socket "
+             "of its own ([health and metrics](operations.md#health-and-metrics)).",
+    "tls": "HTTPS (`onebox/tls.py`), off while `cert_file` is empty ([HTTPS](operations.md#https)).",
+    "health": "`/healthz` and `/readyz` on the public port, answered by the reactor itself "
+              "([health and metrics](operations.md#health-and-metrics)).",
+}
+_KINDS = {"int": "whole number", "float": "number", "bool": "on/off", "str": "text",
+          "path": "path", "int_or_off": "whole number or off"}
+_BINARY_UNITS = (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10))
+
+
+def _cell(text):
+    """Text that stays inside one cell of a Markdown table."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _number(value):
+    """10.0 as 10, 0.001 as 0.001, 1048576 as 1048576 (never 1.04858e+06)."""
+    return "%d" % value if value == int(value) else repr(value)
+
+
+def _shown(setting):
+    """The default as setup.cfg would spell it; a size in bytes also in KiB, MiB or GiB."""
+    value = setting.default
+    if value is None:
+        return "(unset)"
+    if value == "":
+        return "(empty)"
+    if setting.kind == "bool":
+        return "`%s`" % ("on" if value else "off")
+    if isinstance(value, str):
+        return "`%s`" % _cell(value)
+    if setting.name.endswith("_bytes"):
+        for unit, size in _BINARY_UNITS:
+            if value >= size and not value % size:
+                return "`%d` (%d %s)" % (value, value // size, unit)
+    return "`%s`" % _number(value)
+
+
+def _rule(setting):
+    """The values a setting takes: its type or its choices, its minimum and maximum."""
+    rule = _KINDS[setting.kind]
+    if setting.choices:
+        rule = "one of " + ", ".join("`%s`" % choice for choice in setting.choices)
+    if setting.minimum is not None and setting.maximum is not None:
+        rule += ", %s to %s" % (_number(setting.minimum), _number(setting.maximum))
+    elif setting.minimum is not None:
+        rule += ", at least %s" % _number(setting.minimum)
+    return rule
+
+
+def _table(settings, flag_prefix):
+    """A table of ``settings``; each key with its flag unless ``flag_prefix`` is None."""
+    lines = ["| key | default | values | why |", "|---|---|---|---|"]
+    for setting in settings:
+        key = "`%s`" % setting.name
+        if flag_prefix is not None:
+            key += "<br>`--%s`" % (flag_prefix + setting.name).replace("_", "-")
+        lines.append("| %s | %s | %s | %s |" % (key, _shown(setting), _rule(setting),
+                                                _cell(setting.why)))
+    return lines
+
+
+def settings_markdown():
+    """docs/settings.md: every section of SETTINGS and the [limits "/path"] keys, as tables."""
+    lines = [
+        "# Settings",
+        "",
+        "<!-- Generated from SETTINGS in onebox/settings.py: do not edit this file. -->",
+        "",
+        "This page is generated from the `SETTINGS` table in `onebox/settings.py`: do not edit "
+        "it, update the table instead, then run `%s` (`tests/test_docs.py` fails until the "
+        "page and the table agree)." % REGENERATE,
+        "",
+        "Settings come from `setup.cfg` (the one beside `server.py`, or `--config PATH`), then "
+        "from flags: a `[server]` key is a flag of its own (`--max-body-bytes 4096`), the other "
+        "sections' keys carry the section's name (`--state-durability batch`). An unknown key "
+        "or a bad value stops start-up with a message naming the file, the section and the key; "
+        "`python3 server.py --check` checks them without serving. Relative paths are relative "
+        "to the directory of `setup.cfg`. Which settings a reload (SIGHUP) applies and which "
+        "wait for a restart: [reloading the configuration]"
+        "(operations.md#reloading-the-configuration); more on some of them: "
+        "[notes on settings](operations.md#notes-on-settings).",
+    ]
+    for section, settings in SETTINGS.items():
+        lines += ["", "## `[%s]`" % section, ""]
+        if section in _SECTION_ABOUT:
+            lines += [_SECTION_ABOUT[section], ""]
+        # the flags as server.py spells them: --max-body-bytes, --state-durability
+        lines += _table(settings, "" if section == "server" else section + "_")
+    lines += [
+        "", '## `[limits "/path"]`', "",
+        "Per-route limits, a section each: the name is a route pattern (`/api/notes/{id}`), a "
+        "prefix ending in `/`, a `*` glob or an exact path; the longest match wins, and its "
+        "bucket is shared by every path it matches. They have no flags.", ""]
+    lines += _table(ROUTE_LIMIT_SETTINGS, None)
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+    if sys.argv[1:] != ["--markdown"]:
+        sys.exit("usage: " + REGENERATE)
+    sys.stdout.write(settings_markdown())
