@@ -2,7 +2,9 @@
 
 Owns ``SETTINGS`` (each setting with its unit in its name, its default and the reason for it),
 ``load_config`` (defaults, then a setup.cfg, then overrides) and the checks that stop start-up
-with a message naming the file, the section and the key. Pure: no sockets, no threads.
+with a message naming the file, the section and the key. Pure: no sockets, no threads. The
+reference page docs/settings.md is generated from the tables here: ``settings_markdown``, run as
+``python3 -m onebox.settings --markdown > docs/settings.md``.
 
 Imports only the standard library and the policy compilers of ``onebox.static`` and
 ``onebox.guard`` (so that a bad rule fails here, at start-up); never the engine or ``server``.
@@ -249,7 +251,8 @@ SETTINGS = {
     "status": [   # what the status page shows; see onebox/activity.py
         Setting("recorder", "bool", True, None,
                 "keep the last hour of traffic, top clients and paths, and guard decisions in "
-                "memory for the status page (at most 400 KB); off: the page shows tables and bans only"),
+                "memory for the status page (at most 400 KB); off: the page shows tables and "
+                "bans only"),
         Setting("top_entries", "int", 50, 1,
                 "clients and paths tracked per minute for the top tables (space-saving sketch)"),
         Setting("recent_decisions", "int", 200, 1,
@@ -528,7 +531,8 @@ _SECTION_ABOUT = {   # a line under each section's heading; links are relative t
               "(operations.md#status-page-and-bans)).",
     "admin": "The admin listener: `/metrics`, the status page and admin actions, on a socket "
              "of its own ([health and metrics](operations.md#health-and-metrics)).",
-    "tls": "HTTPS (`onebox/tls.py`), off while `cert_file` is empty ([HTTPS](operations.md#https)).",
+    "tls": "HTTPS (`onebox/tls.py`), off while `cert_file` is empty "
+           "([HTTPS](operations.md#https)).",
     "health": "`/healthz` and `/readyz` on the public port, answered by the reactor itself "
               "([health and metrics](operations.md#health-and-metrics)).",
 }

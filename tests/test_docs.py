@@ -138,3 +138,15 @@ def test_the_readme_is_short_and_leads_to_every_document():
     assert len(readme.splitlines()) <= README_MAX_LINES
     for path in documents()[1:]:
         assert "](%s)" % os.path.relpath(path, ROOT) in readme, path
+
+
+def test_the_readmes_worked_example_is_the_code_as_it_is():
+    """Each line of the README's excerpt of handlers/hello.py is a line of that file (a
+    comment added for the reader aside), so the example cannot drift from the area."""
+    readme = read(os.path.join(ROOT, "README.md"))
+    excerpt = readme.split("## Adding a handler area", 1)[1].split("```python\n", 1)[1]
+    source = read(os.path.join(ROOT, "handlers", "hello.py")).splitlines()
+    lines = [re.sub(r"\s+# .*$", "", line) for line in excerpt.split("```")[0].splitlines()]
+    assert lines[0].startswith('"""Hello: ') and source[0].startswith(lines[0][:-3])
+    for line in lines[1:]:
+        assert line in source, "README's hello.py excerpt: %r is not in handlers/hello.py" % line

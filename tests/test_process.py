@@ -99,12 +99,10 @@ def test_port_in_use_is_a_clear_error(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_readme_documents_every_setting_and_the_two_commands():
+def test_readme_gives_the_two_commands():
+    # every setting is documented in docs/settings.md, generated from SETTINGS (tests/test_docs.py)
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as readme:
         text = readme.read()
-    for section, settings in onebox.SETTINGS.items():
-        for setting in settings:
-            assert "| `%s` |" % setting.name in text, "README lacks [%s] %s" % (section, setting.name)
     commands = re.search(r"## The two commands\n\n```sh\n(.*?)```", text, re.S).group(1)
     assert [line.split("#")[0].strip() for line in commands.splitlines()] == [
         "python3 server.py", "tests/run"]
