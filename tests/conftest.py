@@ -209,6 +209,7 @@ class ServerProcess:
     def __init__(self, command, out_path, err_path, data_dir, stdout_pipe=False, **popen):
         self.out_path, self.err_path, self.data_dir = out_path, err_path, data_dir
         self.piped_lines = None   # stdout_pipe: the lines read before the pipe was left alone
+        self.pipe_tail = b""      # and the start of a line not yet whole
         with open(str(err_path), "ab") as errors:
             if stdout_pipe:
                 self.process = subprocess.Popen(command, stdout=subprocess.PIPE,
@@ -267,8 +268,7 @@ class ServerProcess:
             chunk = os.read(pipe.fileno(), 65536)
             if not chunk:
                 break
-            self._pipe_tail = getattr(self, "_pipe_tail", b"") + chunk
-            *whole, self._pipe_tail = self._pipe_tail.split(b"\n")
+            *whole, self.pipe_tail = (self.pipe_tail + chunk).split(b"\n")
             self.piped_lines += [line.decode("utf-8", "replace") for line in whole]
         return list(self.piped_lines)
 
