@@ -34,24 +34,6 @@ def admin_request(server, method, path, body=None, headers=None, source=None, ti
         connection.close()
 
 
-def start_process(tmp_path, *args, env=None):
-    """server.py in a subprocess; returns (process, [start-up lines])."""
-    process = subprocess.Popen(
-        [sys.executable, SERVER, "--port", "0", "--data-dir", str(tmp_path / "data")]
-        + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    return process
-
-
-def stop(process):
-    if process.poll() is None:
-        process.terminate()
-    try:
-        return process.communicate(timeout=15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        return process.communicate()
-
-
 def environment_without_token(**extra):
     env = {k: v for k, v in os.environ.items()
            if k not in ("ONEBOX_ADMIN_TOKEN", "CREDENTIALS_DIRECTORY")}
@@ -59,45 +41,45 @@ def environment_without_token(**extra):
     return env
 
 
+def without_token(**extra):
+    """server_process's ``env``: no admin token in the environment (None unsets), ``extra``."""
+    return dict({"ONEBOX_ADMIN_TOKEN": None, "CREDENTIALS_DIRECTORY": None}, **extra)
+
+
 # --- the listener --------------------------------------------------------------------------
 
-def test_the_process_prints_the_admin_line_and_metrics_are_only_there(tmp_path):
-    process = start_process(tmp_path, env=environment_without_token())
-    try:
-        first, second = process.stdout.readline().strip(), process.stdout.readline().strip()
-        public = re.fullmatch(r"listening on (http://127\.0\.0\.1:\d+/)", first)
-        admin = re.fullmatch(r"admin on (http://127\.0\.0\.1:(\d+)/)", second)
-        assert public and admin, (first, second)
-        fetch = ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}"]
-        for path in ("metrics", "login", "status.json"):
-            result = subprocess.run(fetch + [public.group(1) + path], capture_output=True,
-                                    text=True, timeout=10)
-            assert result.stdout == "404", path
-        result = subprocess.run(["curl", "-sS", admin.group(1) + "metrics"], capture_output=True,
+def test_the_process_prints_the_admin_line_and_metrics_are_only_there(server_process):
+    process = server_process(env=without_token())
+    process.wait_for(r"^admin on ")
+    first, second = process.out_lines()[:2]
+    public = re.fullmatch(r"listening on (http://127\.0\.0\.1:\d+/)", first)
+    admin = re.fullmatch(r"admin on (http://127\.0\.0\.1:(\d+)/)", second)
+    assert public and admin, (first, second)
+    fetch = ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}"]
+    for path in ("metrics", "login", "status.json"):
+        result = subprocess.run(fetch + [public.group(1) + path], capture_output=True,
                                 text=True, timeout=10)
-        assert "# TYPE onebox_http_requests_total counter" in result.stdout
-        assert 'onebox_http_requests_total{method="GET",code="4xx",route="unrouted"} 3' \
-            in result.stdout   # the three public 404s; the admin request is not the site's
-    finally:
-        stop(process)
+        assert result.stdout == "404", path
+    result = subprocess.run(["curl", "-sS", admin.group(1) + "metrics"], capture_output=True,
+                            text=True, timeout=10)
+    assert "# TYPE onebox_http_requests_total counter" in result.stdout
+    assert 'onebox_http_requests_total{method="GET",code="4xx",route="unrouted"} 3' \
+        in result.stdout   # the three public 404s; the admin request is not the site's
 
 
-def test_admin_port_off_means_no_admin_listener(tmp_path):
-    process = start_process(tmp_path, "--admin-port", "off", env=environment_without_token())
-    try:
-        assert process.stdout.readline().startswith("listening on ")
-        process.terminate()
-        out, err = process.communicate(timeout=15)
-    finally:
-        stop(process)
-    assert "admin on" not in out and process.returncode == 0, (out, err)
+def test_admin_port_off_means_no_admin_listener(server_process):
+    process = server_process("--admin-port", "off", env=without_token())
+    assert process.out_lines()[0].startswith("listening on ")
+    code = process.stop(15)
+    out, err = process.out_text(), process.err_text()
+    assert "admin on" not in out and code == 0, (out, err)
 
 
-def test_off_loopback_without_a_token_refuses_to_start(tmp_path):
-    process = start_process(tmp_path, "--admin-host", "0.0.0.0",
-                            env=environment_without_token())
-    out, err = process.communicate(timeout=30)
-    assert process.returncode == 1
+def test_off_loopback_without_a_token_refuses_to_start(server_process):
+    process = server_process("--admin-host", "0.0.0.0", env=without_token(), wait=False)
+    code = process.wait(30)
+    out, err = process.out_text(), process.err_text()
+    assert code == 1
     assert "[admin] host = 0.0.0.0" in err and "ONEBOX_ADMIN_TOKEN" in err, err
     assert "Traceback" not in err and "listening on" not in out
     for host in ("0.0.0.0", "::"):   # --check judges [admin] host: it is not given sockets
@@ -117,40 +99,36 @@ def test_a_short_token_is_refused_at_start(tmp_path):
     assert check.returncode == 1 and "at least 16" in check.stderr
 
 
-def test_off_loopback_with_a_credential_file_starts_and_wants_the_token(tmp_path):
+def test_off_loopback_with_a_credential_file_starts_and_wants_the_token(tmp_path,
+                                                                        server_process):
     credentials = tmp_path / "credentials"
     credentials.mkdir()
     (credentials / "admin_token").write_text(TOKEN + "\n")
-    process = start_process(tmp_path, "--admin-host", "0.0.0.0",
-                            env=environment_without_token(CREDENTIALS_DIRECTORY=str(credentials)))
-    try:
-        process.stdout.readline()
-        line = process.stdout.readline().strip()
-        admin = re.fullmatch(r"admin on http://0\.0\.0\.0:(\d+)/", line)
-        assert admin
-        url = "http://127.0.0.1:%s/metrics" % admin.group(1)
-        code = ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", url]
-        assert subprocess.run(code, capture_output=True, text=True, timeout=10).stdout == "401"
-        authorized = subprocess.run(code + ["-H", "Authorization: Bearer " + TOKEN],
-                                    capture_output=True, text=True, timeout=10)
-        assert authorized.stdout == "200"
-    finally:
-        stop(process)
+    process = server_process("--admin-host", "0.0.0.0",
+                             env=without_token(CREDENTIALS_DIRECTORY=str(credentials)))
+    line = "admin on " + process.admin_url
+    admin = re.fullmatch(r"admin on http://0\.0\.0\.0:(\d+)/", line)
+    assert admin
+    url = "http://127.0.0.1:%s/metrics" % admin.group(1)
+    code = ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", url]
+    assert subprocess.run(code, capture_output=True, text=True, timeout=10).stdout == "401"
+    authorized = subprocess.run(code + ["-H", "Authorization: Bearer " + TOKEN],
+                                capture_output=True, text=True, timeout=10)
+    assert authorized.stdout == "200"
 
 
-def test_a_restart_judges_the_admin_socket_it_hands_over(tmp_path):
+def test_a_restart_judges_the_admin_socket_it_hands_over(tmp_path, server_process):
     """The successor (onebox/restart.py) gets the predecessor's admin socket on 0.0.0.0; its
     token is gone (the credential file removed), so it refuses before the hand-over, with the
     reason, and the old server serves on."""
     credentials = tmp_path / "credentials"
     credentials.mkdir()
     (credentials / "admin_token").write_text(TOKEN)
-    process = start_process(tmp_path, "--admin-host", "0.0.0.0",
-                            env=environment_without_token(CREDENTIALS_DIRECTORY=str(credentials)))
+    process = server_process("--admin-host", "0.0.0.0",
+                             env=without_token(CREDENTIALS_DIRECTORY=str(credentials)))
     try:
-        process.stdout.readline()
         port = re.fullmatch(r"admin on http://0\.0\.0\.0:(\d+)/",
-                            process.stdout.readline().strip()).group(1)
+                            "admin on " + process.admin_url).group(1)
         (credentials / "admin_token").unlink()
         process.send_signal(signal.SIGUSR2)
         failed = tmp_path / "data" / "restart.failed"   # why the last restart failed
@@ -165,8 +143,9 @@ def test_a_restart_judges_the_admin_socket_it_hands_over(tmp_path):
         assert connection.getresponse().status == 200   # the old server, token and all
         connection.close()
     finally:
-        out, err = stop(process)
-    assert process.returncode == 0 and "Traceback" not in err, err
+        code = process.stop(15)
+    err = process.err_text()
+    assert code == 0 and "Traceback" not in err, err
 
 
 @pytest.fixture
@@ -441,15 +420,15 @@ def test_a_health_check_on_a_kept_connection_is_answered_too(start_server):
     assert server.access_text().count("GET /healthz") == 1
 
 
-def test_an_admin_port_in_use_is_a_clear_error(tmp_path):
+def test_an_admin_port_in_use_is_a_clear_error(server_process):
     holder = socket.create_server(("127.0.0.1", 0))
     port = holder.getsockname()[1]
     try:
-        process = start_process(tmp_path, "--admin-port", str(port),
-                                env=environment_without_token())
-        out, err = process.communicate(timeout=30)
+        process = server_process("--admin-port", str(port), env=without_token(), wait=False)
+        code = process.wait(30)
     finally:
         holder.close()
-    assert process.returncode == 1 and "Traceback" not in err
+    err = process.err_text()
+    assert code == 1 and "Traceback" not in err
     assert "cannot listen on 127.0.0.1 port %d for the admin listener" % port in err, err
     assert "--admin-port 0" in err

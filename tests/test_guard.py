@@ -611,6 +611,7 @@ print(json.dumps(results))
 """
 
 
+@pytest.mark.slow
 def test_flood_of_abusers_leaves_a_normal_client_fully_served(start_server):
     """50 clients at full speed and one at 5 requests/s for 10 s, with the shipped limits: the
     normal client gets only 2xx because the abusers are cut off early (429, ban, then closed at

@@ -55,29 +55,21 @@ def test_flags_override_setup_cfg(tmp_path):
     assert result.returncode == 1 and "max_body_bytes" in result.stderr
 
 
-def test_server_process_serves_logs_and_stops_on_sigterm(tmp_path):
-    process = subprocess.Popen(
-        [sys.executable, SERVER, "--port", "0", "--data-dir", str(tmp_path / "data")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        line = process.stdout.readline()
-        match = re.match(r"listening on (http://127\.0\.0\.1:(\d+)/)$", line.strip())
-        assert match, line
-        assert process.stdout.readline().startswith("admin on http://127.0.0.1:")
-        url = match.group(1)
-        curl = subprocess.run(["curl", "-sS", "-A", 'evil"\\ agent\xe9', url + "hello"],
-                              capture_output=True, timeout=10)
-        assert curl.stdout == b"hello, world\n"
-        time.sleep(1.3)  # the access log is flushed at least once a second
-        process.send_signal(signal.SIGTERM)
-        out, err = process.communicate(timeout=15)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
-    assert process.returncode == 0, err
-    log = out.splitlines()
-    assert len(log) == 1, out
+def test_server_process_serves_logs_and_stops_on_sigterm(server_process):
+    process = server_process()
+    process.wait_for(r"^admin on ")
+    line, admin = process.out_lines()[:2]
+    match = re.match(r"listening on (http://127\.0\.0\.1:(\d+)/)$", line.strip())
+    assert match, line
+    assert admin.startswith("admin on http://127.0.0.1:")
+    url = match.group(1)
+    curl = subprocess.run(["curl", "-sS", "-A", 'evil"\\ agent\xe9', url + "hello"],
+                          capture_output=True, timeout=10)
+    assert curl.stdout == b"hello, world\n"
+    time.sleep(1.3)  # the access log is flushed at least once a second
+    assert process.stop(15) == 0, process.err_text()
+    log = process.out_lines()[2:]
+    assert len(log) == 1, process.out_text()
     assert re.match(r'127\.0\.0\.1 - - \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d [+-]\d{4}\] '
                     r'"GET /hello HTTP/1\.1" 200 13 "-" "evil\\x22\\x5C agent\\xC3\\xA9" \d+\.\d{3}ms$',
                     log[0]), log[0]
@@ -110,74 +102,32 @@ def test_readme_gives_the_two_commands():
         assert 'PYTHON="$python" tests/run\n' in ci.read()  # exactly the README's test command
 
 
-def start_process(tmp_path, *flags, stdout=subprocess.PIPE):
-    """`python3 server.py --port 0 FLAGS` with stderr in a file; returns (process, base URL)."""
-    errors = open(tmp_path / "stderr.txt", "w+")
-    process = subprocess.Popen(
-        [sys.executable, SERVER, "--port", "0", "--data-dir", str(tmp_path / "data")] + list(flags),
-        stdout=stdout, stderr=errors)
-    errors.close()
-    line = process.stdout.readline().decode()
-    match = re.match(r"listening on http://127\.0\.0\.1:(\d+)/$", line.strip())
-    assert match, line
-    return process, int(match.group(1))
-
-
-def stop_process(process, timeout):
-    """SIGTERM; the exit status, or None if it did not exit within ``timeout`` (then killed)."""
-    process.send_signal(signal.SIGTERM)
-    try:
-        return process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        return None
-    finally:
-        end_process(process)
-
-
-def end_process(process):
-    if process.poll() is None:
-        process.kill()
-        process.wait()
-    process.stdout.close()
-
-
-def test_a_stalled_stdout_neither_stops_serving_nor_exit(tmp_path):
+def test_a_stalled_stdout_neither_stops_serving_nor_exit(server_process):
     # stdout is a pipe that nobody reads after the first line: it fills at 64 KiB (~500 lines)
-    process, port = start_process(tmp_path, "--log-buffer-bytes", "16384",
-                                  "--shutdown-timeout-s", "2")
-    try:
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-        for number in range(1500):
-            connection.request("GET", "/hello")
-            response = connection.getresponse()
-            assert (response.status, response.read()) == (200, b"hello, world\n"), number
-        connection.close()
-        started = time.monotonic()
-        status = stop_process(process, timeout=10)
-    finally:
-        end_process(process)
+    process = server_process("--log-buffer-bytes", "16384", "--shutdown-timeout-s", "2",
+                             stdout_pipe=True)
+    connection = http.client.HTTPConnection("127.0.0.1", process.port, timeout=5)
+    for number in range(1500):
+        connection.request("GET", "/hello")
+        response = connection.getresponse()
+        assert (response.status, response.read()) == (200, b"hello, world\n"), number
+    connection.close()
+    started = time.monotonic()
+    status = process.stop(timeout=10)
     assert status == 0
     assert time.monotonic() - started < 2 + 1 + 2   # shutdown_timeout_s, the log's wait, slack
-    errors = (tmp_path / "stderr.txt").read_text()
+    errors = process.err_text()
     assert re.search(r"access log: \d+ lines dropped so far", errors), errors
     assert errors.count("lines dropped so far") == 1          # at most one notice a minute
     assert "Traceback" not in errors
 
 
-def test_sighup_reloads_and_keeps_serving(tmp_path):
-    process, port = start_process(tmp_path)
-    try:
-        process.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 5
-        while "reloaded" not in (tmp_path / "stderr.txt").read_text():
-            assert time.monotonic() < deadline, "no reload line on stderr"
-            time.sleep(0.05)
-        assert subprocess.run(["curl", "-sS", "http://127.0.0.1:%d/hello" % port],
-                              capture_output=True, timeout=10).stdout == b"hello, world\n"
-        process.send_signal(signal.SIGTERM)
-        out = process.communicate(timeout=15)[0].decode()
-        assert process.returncode == 0
-    finally:
-        end_process(process)
-    assert "reloaded: no setting changed" in (tmp_path / "stderr.txt").read_text()
-    assert '"GET /hello HTTP/1.1" 200' in out   # the drain flushed the access log
+def test_sighup_reloads_and_keeps_serving(server_process):
+    process = server_process()
+    process.send_signal(signal.SIGHUP)
+    process.wait_for("reloaded", "err", timeout=5)
+    assert subprocess.run(["curl", "-sS", "http://127.0.0.1:%d/hello" % process.port],
+                          capture_output=True, timeout=10).stdout == b"hello, world\n"
+    assert process.stop(15) == 0
+    assert "reloaded: no setting changed" in process.err_text()
+    assert '"GET /hello HTTP/1.1" 200' in process.out_text()   # the drain flushed the log

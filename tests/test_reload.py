@@ -13,20 +13,14 @@ import re
 import shutil
 import signal
 import socket
-import subprocess
-import sys
-import threading
 import time
 
-from conftest import ROOT, raw_exchange, request, status_of
+from conftest import ROOT, Client, Load, raw_exchange, request, status_of
 
 from handlers._cache import ResponseCache
 from handlers._core import Response
 from onebox.reload import HOW, RESTART
 from onebox.settings import SETTINGS
-
-SERVER = os.path.join(ROOT, "server.py")
-
 
 # --- helpers ----------------------------------------------------------------------------------
 
@@ -55,59 +49,17 @@ def config_copy(tmp_path, values=None):
     return path
 
 
-class Process:
-    """`python3 server.py --config CONFIG FLAGS`, its stdout and stderr read by threads."""
+def started(server_process, config, *flags, port="0"):
+    """`python3 server.py --config CONFIG FLAGS`, with ``reload()``: SIGHUP, then the error-log
+    line that reports the reload."""
+    server = server_process(*flags, config=config, port=port)
 
-    def __init__(self, tmp_path, config, *flags):
-        self.process = subprocess.Popen(
-            [sys.executable, SERVER, "--config", str(config),
-             "--data-dir", str(tmp_path / "data")] + list(flags),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.out, self.err = [], []
-        self.readers = [threading.Thread(target=self._read, args=(stream, lines), daemon=True)
-                        for stream, lines in ((self.process.stdout, self.out),
-                                              (self.process.stderr, self.err))]
-        for reader in self.readers:
-            reader.start()
-        line = self.wait_for(self.out, r"listening on http://127\.0\.0\.1:(\d+)/$")
-        self.port = int(re.search(r":(\d+)/$", line).group(1))
-
-    @staticmethod
-    def _read(stream, lines):
-        for line in stream:
-            lines.append(line.rstrip("\n"))
-
-    def wait_for(self, lines, pattern, after=0, timeout=10):
-        """The first line (from index ``after``) that matches ``pattern``."""
-        deadline = time.monotonic() + timeout
-        while True:
-            for line in lines[after:]:
-                if re.search(pattern, line):
-                    return line
-            if time.monotonic() > deadline or self.process.poll() is not None:
-                raise AssertionError("no line matching %r; stderr:\n%s"
-                                     % (pattern, "\n".join(self.err)))
-            time.sleep(0.02)
-
-    def reload(self, pattern=r"reload"):
-        """SIGHUP, then the error-log line that reports the reload."""
-        mark = len(self.err)
-        os.kill(self.process.pid, signal.SIGHUP)
-        return self.wait_for(self.err, pattern, after=mark)
-
-    def stop(self):
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        for reader in self.readers:
-            reader.join(5)
-        self.process.stdout.close()
-        self.process.stderr.close()
-        return self.process.returncode
+    def reload(pattern=r"reload"):
+        mark = len(server.err_lines())
+        server.send_signal(signal.SIGHUP)
+        return server.wait_for(pattern, "err", after=mark, timeout=10)
+    server.reload = reload
+    return server
 
 
 def get(port, path, source="127.0.0.2", headers=None, timeout=10):
@@ -121,77 +73,15 @@ def get(port, path, source="127.0.0.2", headers=None, timeout=10):
         connection.close()
 
 
-class Load:
-    """Clients sending GETs continuously, bounded in count and time: GET /hello from
-    127.0.0.3 (an ordinary client, which the guard limits) on a keep-alive connection and on a
-    connection per request, and GET / (a static page) from 127.0.0.1 (a trusted proxy's own
-    requests, never limited) on a keep-alive connection. Any exception (refused, reset,
-    timeout) or 5xx is a failure; statuses are counted per client."""
-
-    CLIENTS = (("127.0.0.3", True, "/hello"), ("127.0.0.3", False, "/hello"),
-               ("127.0.0.1", True, "/"))
-
-    def __init__(self, port, max_requests=4000, max_s=20.0, pause_s=0.002):
-        self.port, self.max_requests, self.pause_s = port, max_requests, pause_s
-        self.deadline = time.monotonic() + max_s
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
-        self.sent = self.failed = 0
-        self.longest = 0.0
-        self.statuses = {}
-        self.failures = []
-        self.threads = [threading.Thread(target=self._run, args=client)
-                        for client in self.CLIENTS]
-
-    def __enter__(self):
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(30)
-
-    def _more(self):
-        with self.lock:
-            return (not self.stop.is_set() and self.sent < self.max_requests
-                    and time.monotonic() < self.deadline)
-
-    def _run(self, source, keep_alive, path):
-        connection = None
-        while self._more():
-            if connection is None:
-                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10,
-                                                        source_address=(source, 0))
-            started = time.monotonic()
-            status, error = None, None
-            try:
-                connection.request("GET", path)
-                response = connection.getresponse()
-                response.read()
-                status = response.status
-            except (OSError, http.client.HTTPException) as problem:
-                error = "%s: %s" % (type(problem).__name__, problem)
-            waited = time.monotonic() - started
-            with self.lock:
-                self.sent += 1
-                self.longest = max(self.longest, waited)
-                counts = self.statuses.setdefault(source, {})
-                counts[status] = counts.get(status, 0) + 1
-                if error or status >= 500:
-                    self.failed += 1
-                    self.failures.append(error or status)
-            if error or not keep_alive or response.will_close:
-                connection.close()
-                connection = None
-            time.sleep(self.pause_s)
-        if connection is not None:
-            connection.close()
-
-    def figures(self):
-        return ("requests sent %d, failed %d, longest wait %.3f s, statuses %s"
-                % (self.sent, self.failed, self.longest, self.statuses))
+def load(port):
+    """GET /hello from 127.0.0.3 (an ordinary client, which the guard limits) on a keep-alive
+    connection and on a connection per request, and GET / (a static page) from 127.0.0.1 (a
+    trusted proxy's own requests, never limited) on a keep-alive connection, continuously:
+    any exception (refused, reset, timeout) or 5xx is a failure."""
+    return Load(port, [Client("kept", "/hello", "127.0.0.3", keep_alive=True, pause_s=0.002),
+                       Client("fresh", "/hello", "127.0.0.3", keep_alive=False, pause_s=0.002),
+                       Client("proxy", "/", "127.0.0.1", keep_alive=True, pause_s=0.002)],
+                max_requests=4000, max_s=20.0)
 
 
 def burst_statuses(port, count, path="/hello", source="127.0.0.2"):
@@ -200,13 +90,14 @@ def burst_statuses(port, count, path="/hello", source="127.0.0.2"):
 
 # --- the real process, a real SIGHUP ----------------------------------------------------------
 
-def test_a_reload_under_load_fails_no_request_and_applies_the_new_limit(tmp_path):
+def test_a_reload_under_load_fails_no_request_and_applies_the_new_limit(tmp_path,
+                                                                       server_process):
     config = config_copy(tmp_path, {"limits.route_burst": 1000, "limits.route_rate_per_s": 1000})
     (tmp_path / "pages" / "index.html").write_text("<p>home</p>")
-    server = Process(tmp_path, config, "--port", "0", "--access-log", "off")
+    server = started(server_process, config, "--access-log", "off")
     try:
         assert burst_statuses(server.port, 6) == [200] * 6          # far below the limit
-        with Load(server.port) as load:
+        with load(server.port) as load_run:
             time.sleep(0.5)
             write_config(config, {"limits.route_burst": 3, "limits.route_rate_per_s": 0.5,
                                   "static.extra_headers": "X-Reloaded: 1"})
@@ -215,13 +106,13 @@ def test_a_reload_under_load_fails_no_request_and_applies_the_new_limit(tmp_path
             # a second reload, with nothing changed, under the same load
             assert "no setting changed" in server.reload()
             time.sleep(0.3)
-        print("\nreload under load: " + load.figures())
+        print("\nreload under load: " + load_run.figures())
         assert "reloaded: static.extra_headers, limits.route_rate_per_s 1000->0.5, " \
                "limits.route_burst 1000->3" in line, line
-        assert load.failed == 0, (load.figures(), load.failures[:5])
-        assert load.sent >= 100, load.figures()    # the load did run through the reloads
-        assert load.statuses["127.0.0.3"].get(429), load.figures()   # the new limit met it
-        assert list(load.statuses["127.0.0.1"]) == [200], load.figures()   # never limited
+        assert load_run.failed == 0, (load_run.figures(), load_run.failures[:5])
+        assert load_run.sent >= 100, load_run.figures()    # the load did run through the reloads
+        assert load_run.statuses["127.0.0.3"].get(429), load_run.figures()   # the new limit met it
+        assert list(load_run.statuses["127.0.0.1"]) == [200], load_run.figures()   # never limited
         assert get(server.port, "/", "127.0.0.1")[1]["x-reloaded"] == "1"
         # a client with a full bucket now has 3 requests, then 429 (it had 1000 before)
         statuses = burst_statuses(server.port, 5, path="/hello/x")
@@ -231,12 +122,12 @@ def test_a_reload_under_load_fails_no_request_and_applies_the_new_limit(tmp_path
         assert burst_statuses(server.port, 5, path="/hello/y") == [200] * 5
     finally:
         assert server.stop() == 0
-    assert not [line for line in server.err if "Traceback" in line], server.err
+    assert "Traceback" not in server.err_text(), server.err_text()
 
 
-def test_an_invalid_file_keeps_the_old_settings_and_names_the_key(tmp_path):
+def test_an_invalid_file_keeps_the_old_settings_and_names_the_key(tmp_path, server_process):
     config = config_copy(tmp_path, {"limits.route_burst": 4, "limits.route_rate_per_s": 0.5})
-    server = Process(tmp_path, config, "--port", "0")
+    server = started(server_process, config)
     try:
         write_config(config, {"limits.route_burst": "many", "static.html_max_age_s": 7})
         line = server.reload()
@@ -256,27 +147,26 @@ def test_an_invalid_file_keeps_the_old_settings_and_names_the_key(tmp_path):
         assert server.stop() == 0
 
 
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def test_what_needs_a_restart_is_named_and_keeps_its_value(tmp_path):
-    port = free_port()
-    config = config_copy(tmp_path, {"server.port": port, "server.worker_threads": 4})
-    server = Process(tmp_path, config)           # port from the file, not a flag
+def test_what_needs_a_restart_is_named_and_keeps_its_value(tmp_path, server_process):
+    # port 0 from the file, not a flag, for every listener: each takes a free port (named, the
+    # admin and https ports stay 0 when [server] port changes, rather than follow it)
+    config = config_copy(tmp_path, {"server.port": 0, "admin.port": 0, "tls.port": 0,
+                                    "server.worker_threads": 4})
+    server = started(server_process, config, port=None)
+    # a port that stays unused: bound, never listening (a connection to it is refused)
+    unused = socket.socket()
+    unused.bind(("127.0.0.1", 0))
     try:
-        assert server.port == port
-        other = free_port()
+        port, other = server.port, unused.getsockname()[1]
+        assert port != 8000 and server.admin_port not in (0, 8001)
         write_config(config, {"server.port": other, "server.worker_threads": 2,
                               "server.data_dir": str(tmp_path / "elsewhere"),
                               "state.durability": "batch", "server.max_body_bytes": 10})
         line = server.reload()
         # (data_dir changed in the file, but the --data-dir flag wins, as it did at start)
         assert line.endswith("reloaded: server.max_body_bytes 1048576->10; needs a restart: "
-                              "server.port %d->%d, server.worker_threads 4->2, "
-                              "state.durability off->batch" % (port, other)), line
+                              "server.port 0->%d, server.worker_threads 4->2, "
+                              "state.durability off->batch" % other), line
         assert get(port, "/hello")[0] == 200                         # still on the old port
         with socket.socket() as probe:
             assert probe.connect_ex(("127.0.0.1", other)) != 0       # and not on the new one
@@ -289,16 +179,17 @@ def test_what_needs_a_restart_is_named_and_keeps_its_value(tmp_path):
         # a second reload still says what waits for a restart
         assert "needs a restart: server.port" in server.reload()
     finally:
+        unused.close()
         assert server.stop() == 0
 
 
-def test_pages_are_scanned_again(tmp_path):
+def test_pages_are_scanned_again(tmp_path, server_process):
     # path_recheck_s trusts how a URL maps to a file for an hour: only the reload's fresh static
     # pages (empty caches) can see that /about is now a file of its own, not about.html
     config = config_copy(tmp_path, {"static.clean_urls": "on", "static.path_recheck_s": 3600})
     pages = tmp_path / "pages"
     (pages / "about.html").write_text("clean url")
-    server = Process(tmp_path, config, "--port", "0")
+    server = started(server_process, config)
     try:
         assert get(server.port, "/about")[2] == b"clean url"
         assert get(server.port, "/new.txt")[0] == 404
@@ -312,9 +203,9 @@ def test_pages_are_scanned_again(tmp_path):
         assert server.stop() == 0
 
 
-def test_keep_alive_connections_open_across_a_reload_keep_working(tmp_path):
+def test_keep_alive_connections_open_across_a_reload_keep_working(tmp_path, server_process):
     config = config_copy(tmp_path)
-    server = Process(tmp_path, config, "--port", "0")
+    server = started(server_process, config)
     try:
         connections = [http.client.HTTPConnection("127.0.0.1", server.port, timeout=10,
                                                   source_address=("127.0.0.%d" % (4 + n), 0))

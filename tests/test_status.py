@@ -4,7 +4,6 @@ import gc
 import http.client
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -368,34 +367,22 @@ def run_cli(data_dir, *args, env=None):
     return result.returncode, result.stdout + result.stderr
 
 
-def start_process(data_dir, env=None):
-    process = subprocess.Popen(
-        [sys.executable, SERVER, "--port", "0", "--data-dir", str(data_dir),
-         "--state-durability", "off", "--limits-client-rate-per-s", "1",
-         "--limits-client-burst", "3", "--limits-ban-after-rejections", "4",
-         "--limits-ban-window-s", "30"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    line = process.stdout.readline()
-    assert line.startswith("listening on http://"), line + process.stderr.read()
-    admin_line = process.stdout.readline()
-    assert admin_line.startswith("admin on http://127.0.0.1:"), admin_line
-    return process, int(line.strip().rstrip("/").rsplit(":", 1)[1])
+def start_process(server_process, data_dir, env=None):
+    process = server_process(
+        "--state-durability", "off", "--limits-client-rate-per-s", "1",
+        "--limits-client-burst", "3", "--limits-ban-after-rejections", "4",
+        "--limits-ban-window-s", "30", data_dir=data_dir, env=env)
+    assert process.admin_url.startswith("http://127.0.0.1:"), process.admin_url
+    return process, process.port
 
 
 def stop_process(process):
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.communicate()
-        raise
-    assert process.returncode == 0
+    assert process.stop(20) == 0, process.err_text()
 
 
-def test_bans_and_unban_on_a_running_and_a_stopped_server(tmp_path):
+def test_bans_and_unban_on_a_running_and_a_stopped_server(tmp_path, server_process):
     data_dir = tmp_path / "data"
-    process, port = start_process(data_dir)
+    process, port = start_process(server_process, data_dir)
     try:
         flood_until_banned(port, "127.0.0.2")
         code, out = run_cli(data_dir, "--bans")
@@ -418,7 +405,7 @@ def test_bans_and_unban_on_a_running_and_a_stopped_server(tmp_path):
     assert code == 0 and "server is stopped" in out, out
     code, out = run_cli(data_dir, "--bans")
     assert "127.0.0.2" not in out and "127.0.0.3" in out, out
-    process, port = start_process(data_dir)
+    process, port = start_process(server_process, data_dir)
     try:
         assert from_client(port, "/hello", "127.0.0.2") == 200          # the lift persisted
         assert from_client(port, "/hello", "127.0.0.3") in (403, None)  # the other did not
@@ -426,12 +413,12 @@ def test_bans_and_unban_on_a_running_and_a_stopped_server(tmp_path):
         stop_process(process)
 
 
-def test_bans_cli_sends_the_admin_token(tmp_path):
+def test_bans_cli_sends_the_admin_token(tmp_path, server_process):
     """With an admin token configured, the running server's admin listener wants it; the CLI
     reads it where the server does (ONEBOX_ADMIN_TOKEN) and sends it."""
     data_dir = tmp_path / "data"
     env = dict(os.environ, ONEBOX_ADMIN_TOKEN="a-token-of-twenty-chars")
-    process, port = start_process(data_dir, env)
+    process, port = start_process(server_process, data_dir, env)
     try:
         flood_until_banned(port, "127.0.0.2")
         without = dict(os.environ)

@@ -7,20 +7,20 @@ Screenshots at 1280x800 and 390x844 go to tests/artifacts/ (not in git) for a pe
 import http.client
 import json
 import os
-import threading
 import time
 import urllib.parse
 
 import pytest
 
 from cdp import Browser, chromium_path
+from conftest import Client, Load
 
 ARTIFACTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "artifacts")
 FLOODER = "127.0.0.3"
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     chromium_path() is None,
-    reason="chromium is not installed (.ci/run installs the Debian package 'chromium')")
+    reason="chromium is not installed (.ci/run installs the Debian package 'chromium')")]
 
 
 def get(port, path, source=None):
@@ -37,40 +37,15 @@ def get(port, path, source=None):
         connection.close()
 
 
-class Load(object):
-    """Ordinary traffic from 127.0.0.1 (allowlisted) and a flood from FLOODER, each in its own
-    thread until ``stop_flood()`` / ``stop()``."""
-
-    def __init__(self, port):
-        self.port = port
-        self.stopping = threading.Event()
-        self.flood_stopping = threading.Event()
-        self.flood_statuses = []
-        self.threads = [threading.Thread(target=self._traffic),
-                        threading.Thread(target=self._flood)]
-        for thread in self.threads:
-            thread.start()
-
-    def _traffic(self):
-        number = 0
-        while not self.stopping.is_set():
-            number += 1
-            get(self.port, "/hello" if number % 4 else "/no-such-page-%d" % (number % 3))
-            time.sleep(0.01)
-
-    def _flood(self):
-        while not (self.stopping.is_set() or self.flood_stopping.is_set()):
-            self.flood_statuses.append(get(self.port, "/hello", FLOODER))
-            time.sleep(0.005)
-
-    def stop_flood(self):
-        self.flood_stopping.set()
-        self.threads[1].join(10)
-
-    def stop(self):
-        self.stopping.set()
-        for thread in self.threads:
-            thread.join(10)
+def load(port):
+    """Ordinary traffic from 127.0.0.1 (allowlisted: /hello and now and then a missing page)
+    and a flood from FLOODER, each on a connection per request until stopped (the flood by
+    ``stop("flood")``)."""
+    return Load(port, [
+        Client("traffic", lambda number: "/hello" if number % 4
+               else "/no-such-page-%d" % (number % 3), keep_alive=False, pause_s=0.01),
+        Client("flood", "/hello", FLOODER, keep_alive=False, pause_s=0.005)],
+        max_requests=None, max_s=None, timeout_s=5)
 
 
 def problems(events):
@@ -108,7 +83,7 @@ def test_status_page_in_chromium(start_server, tmp_path):
         "state.durability": "off"})
     origin = server.admin_url.rstrip("/")
     os.makedirs(ARTIFACTS, exist_ok=True)
-    load = Load(server.port)
+    traffic = load(server.port).start()
     browser = None
     try:
         browser = Browser(str(tmp_path / "chromium-profile"))
@@ -121,7 +96,7 @@ def test_status_page_in_chromium(start_server, tmp_path):
         # the flooding client shows up banned, and among the top clients
         browser.wait_for("(%s).indexOf('%s') >= 0" % (TABLE_TEXT % "t-bans", FLOODER), 30)
         browser.wait_for("(%s).indexOf('%s') >= 0" % (TABLE_TEXT % "t-clients", FLOODER), 15)
-        assert 429 in load.flood_statuses
+        assert traffic.statuses[FLOODER].get(429), traffic.figures()
         # let the charts gather a few seconds of data, then they are drawn with it
         time.sleep(4)
         assert browser.wait_for(CHART_POINTS % "chart-rate", 15) >= 360
@@ -150,7 +125,7 @@ def test_status_page_in_chromium(start_server, tmp_path):
                      deviceScaleFactor=1, mobile=False)
 
         # Lift: the ban goes, from the page and the server, and the client is served again
-        load.stop_flood()
+        traffic.stop("flood")
         assert get(server.port, "/hello", FLOODER) in (403, None)
         browser.click('#t-bans button[data-client="%s"]' % FLOODER)
         browser.wait_for("(%s).indexOf('%s') < 0" % (TABLE_TEXT % "t-bans", FLOODER), 15)
@@ -159,7 +134,7 @@ def test_status_page_in_chromium(start_server, tmp_path):
         browser.wait_for("(%s).indexOf('ban lifted') >= 0" % (TABLE_TEXT % "t-decisions"), 15)
         assert "POST /bans/lift" in server.error_text()
     finally:
-        load.stop()
+        traffic.stop()
         if browser is not None:
             browser.close()
 

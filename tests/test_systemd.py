@@ -22,7 +22,7 @@ import types
 
 import pytest
 
-from conftest import ROOT, onebox
+from conftest import ROOT, free_port, onebox
 from onebox import logs as onebox_logs
 from onebox.systemd import Notifier
 
@@ -87,50 +87,25 @@ os.execv(command[0], command)
 """
 
 
-def activated(tmp_path, sockets, names=None, flags=(), env=None):
-    """``python3 server.py --data-dir ... FLAGS`` started as systemd starts a socket-activated
-    service: ``sockets`` on descriptors 3, 4, ..., LISTEN_PID its own pid, LISTEN_FDS and
-    LISTEN_FDNAMES (':'-joined ``names``, unset if None); ``env`` added to the environment (a
-    None value unsets it). Returns the process; stderr goes to tmp_path/stderr.txt."""
+def activated(server_process, sockets, names=None, flags=(), env=None, wait=True):
+    """``python3 server.py --data-dir ... FLAGS`` (through the server_process fixture) started
+    as systemd starts a socket-activated service: ``sockets`` on descriptors 3, 4, ...,
+    LISTEN_PID its own pid, LISTEN_FDS and LISTEN_FDNAMES (':'-joined ``names``, unset if None);
+    ``env`` added to the environment (a None value unsets it). With ``wait``, returns once it
+    is listening."""
     passed = []
-    for index, sock in enumerate(sockets):
-        passed.append(100 + index)   # out of the way of 3, 4, ... while they are set
-        os.dup2(sock.fileno(), passed[-1])
-    command = ([sys.executable, "-c", LAUNCH, str(len(sockets)),
-                ":".join(names) if names is not None else "-"] + [str(fd) for fd in passed]
-               + [sys.executable, SERVER, "--data-dir", str(tmp_path / "data")]
-               + (["--admin-port", "0"] if "--admin-port" not in flags else []) + list(flags))
-    environment = {key: value for key, value in dict(os.environ, **(env or {})).items()
-                   if value is not None}   # None in ``env``: unset
-    errors = open(tmp_path / "stderr.txt", "a")
     try:
-        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, pass_fds=passed,
-                                env=environment, text=True)
+        for index, sock in enumerate(sockets):
+            passed.append(100 + index)   # out of the way of 3, 4, ... while they are set
+            os.dup2(sock.fileno(), passed[-1])
+        launch = ([sys.executable, "-c", LAUNCH, str(len(sockets)),
+                   ":".join(names) if names is not None else "-"] + [str(fd) for fd in passed])
+        flags = (["--admin-port", "0"] if "--admin-port" not in flags else []) + list(flags)
+        return server_process(*flags, port=None, prefix=launch, env=env, pass_fds=passed,
+                              wait=wait)
     finally:
-        errors.close()
         for fd in passed:
             os.close(fd)
-
-
-def listening_port(process):
-    line = process.stdout.readline()
-    match = re.match(r"listening on http://127\.0\.0\.1:(\d+)/$", line.strip())
-    assert match, line
-    return int(match.group(1))
-
-
-def stop(process, timeout=15):
-    """SIGTERM and the exit status (killed, and None, if it does not exit in time)."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-    try:
-        return process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-        return None
-    finally:
-        process.stdout.close()
 
 
 def get(port, path, timeout=5, method="GET"):
@@ -153,15 +128,11 @@ def listener(family=socket.AF_INET, kind=socket.SOCK_STREAM, listen=True):
 
 # --- sd_notify ----------------------------------------------------------------------------------
 
-def test_systemd_hears_ready_then_watchdog_pings_then_stopping(tmp_path):
+def test_systemd_hears_ready_then_watchdog_pings_then_stopping(server_process):
     reader, address = notify_socket()
-    process = subprocess.Popen(
-        [sys.executable, SERVER, "--port", "0", "--admin-port", "0",
-         "--data-dir", str(tmp_path / "data")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=dict(os.environ, NOTIFY_SOCKET=address, WATCHDOG_USEC="400000"))
     try:
-        port = listening_port(process)
+        process = server_process(env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "400000"})
+        port = process.port
         ready, before = wait_for(reader, "READY")
         assert [message for message in before if "WATCHDOG" in message] == []   # none before
         assert ready["READY"] == "1"
@@ -176,9 +147,6 @@ def test_systemd_hears_ready_then_watchdog_pings_then_stopping(tmp_path):
         assert stopping["STATUS"].startswith("draining")
         assert process.wait(15) == 0
     finally:
-        if process.poll() is None:
-            process.kill()
-        process.communicate()
         reader.close()
 
 
@@ -253,20 +221,16 @@ def reload_messages(reader, seconds=10):
     raise AssertionError("no RELOADING=1 then READY=1 within %ss; heard %r" % (seconds, heard))
 
 
-def test_a_reload_is_told_as_reloading_then_ready_with_its_summary(tmp_path):
+def test_a_reload_is_told_as_reloading_then_ready_with_its_summary(tmp_path, server_process):
     """SIGHUP with a changed limit: RELOADING=1 with MONOTONIC_USEC= (CLOCK_MONOTONIC, as
     systemd reads it), then READY=1 with the reload's summary as STATUS=: what changed, and
     what needs a restart."""
     config = tmp_path / "onebox.cfg"
     config.write_text("[limits]\nclient_burst = 100\n")
     reader, address = notify_socket()
-    process = subprocess.Popen(
-        [sys.executable, SERVER, "--config", str(config), "--port", "0", "--admin-port", "0",
-         "--data-dir", str(tmp_path / "data")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=dict(os.environ, NOTIFY_SOCKET=address))
     try:
-        port = listening_port(process)
+        process = server_process(config=config, env={"NOTIFY_SOCKET": address})
+        port = process.port
         wait_for(reader, "READY")
         config.write_text("[limits]\nclient_burst = 7\n[server]\nworker_threads = 3\n")
         before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
@@ -285,15 +249,13 @@ def test_a_reload_is_told_as_reloading_then_ready_with_its_summary(tmp_path):
         assert ready["STATUS"].startswith("reload failed:") and "client_burst" in ready["STATUS"]
         assert get(port, "/hello")[0] == 200
     finally:
-        stop(process)
-        process.stderr.close()
         reader.close()
 
 
 # --- the journal ------------------------------------------------------------------------------
 
-def journal_run(tmp_path, journal):
-    """A server whose stderr is a pipe, with JOURNAL_STREAM naming that pipe (as systemd sets
+def journal_run(server_process, tmp_path, journal):
+    """A server whose stderr is a file, with JOURNAL_STREAM naming that file (as systemd sets
     it for a service whose stderr is the journal's stream) if ``journal``, else naming another
     file (a redirected stderr keeps the variable). Warns (every address, any Host; a data dir
     with a public mode), reloads twice (fine, then with a bad file), stops; its stderr lines."""
@@ -302,30 +264,24 @@ def journal_run(tmp_path, journal):
     data.chmod(0o755)
     config = tmp_path / ("onebox-%s.cfg" % journal)
     config.write_text("[server]\n")
-    read_end, write_end = os.pipe()
-    status = os.fstat(write_end if journal else 0)
-    process = subprocess.Popen(
-        [sys.executable, SERVER, "--config", str(config), "--host", "0.0.0.0", "--port", "0",
-         "--data-dir", str(data), "--admin-port", "off"],
-        stdout=subprocess.PIPE, stderr=write_end, text=True,
-        env=dict(os.environ, JOURNAL_STREAM="%d:%d" % (status.st_dev, status.st_ino)))
-    os.close(write_end)
-    try:
-        process.stdout.readline()
-        process.send_signal(signal.SIGHUP)
-        time.sleep(0.5)
-        config.write_text("[server]\nmax_connections = none\n")
-        process.send_signal(signal.SIGHUP)
-        time.sleep(0.5)
-        assert stop(process) == 0
-        with os.fdopen(read_end, encoding="utf-8") as errors:
-            return errors.read().splitlines()
-    finally:
-        stop(process)
+    errors = tmp_path / ("stderr-%s.txt" % journal)
+    errors.touch()
+    status = os.stat(str(errors)) if journal else os.fstat(0)
+    process = server_process("--host", "0.0.0.0", "--admin-port", "off", config=config,
+                             data_dir=data, err_path=errors,
+                             env={"JOURNAL_STREAM": "%d:%d" % (status.st_dev, status.st_ino)})
+    process.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    config.write_text("[server]\nmax_connections = none\n")
+    process.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    assert process.stop() == 0
+    return process.err_lines()
 
 
-def test_error_lines_carry_syslog_priorities_when_stderr_is_the_journal(tmp_path):
-    lines = journal_run(tmp_path, journal=True)
+def test_error_lines_carry_syslog_priorities_when_stderr_is_the_journal(tmp_path,
+                                                                        server_process):
+    lines = journal_run(server_process, tmp_path, journal=True)
     def level_of(words):
         found = [line for line in lines if words in line]
         assert len(found) == 1, (words, lines)
@@ -335,7 +291,8 @@ def test_error_lines_carry_syslog_priorities_when_stderr_is_the_journal(tmp_path
     assert level_of("reloaded: no setting changed") == "<6>"   # info
     assert level_of("reload failed") == "<3>"                # error
     assert all(re.match(r"<[346]>", line) for line in lines), lines   # each line, each record
-    quiet = journal_run(tmp_path, journal=False)   # stderr is not the journal's stream
+    # stderr is not the journal's stream
+    quiet = journal_run(server_process, tmp_path, journal=False)
     assert any("reload failed" in line for line in quiet), quiet
     assert not [line for line in quiet if line.startswith("<")], quiet
 
@@ -351,36 +308,34 @@ def test_each_line_of_a_traceback_carries_the_priority():
 
 # --- socket activation ------------------------------------------------------------------------
 
-def test_a_passed_socket_is_served_instead_of_binding(tmp_path):
+def test_a_passed_socket_is_served_instead_of_binding(server_process):
     held = listener()
     port = held.getsockname()[1]
-    # --port names the very port systemd holds: binding it would fail (EADDRINUSE)
-    process = activated(tmp_path, [held], names=["http"], flags=["--port", str(port)])
     try:
-        assert listening_port(process) == port
+        # --port names the very port systemd holds: binding it would fail (EADDRINUSE)
+        process = activated(server_process, [held], names=["http"], flags=["--port", str(port)])
+        assert process.port == port
         assert get(port, "/hello")[:2] == (200, b"hello, world\n")
         assert get(port, "/healthz")[:2] == (200, b"ok\n")
-        assert stop(process) == 0
+        assert process.stop() == 0
     finally:
-        stop(process)
         held.close()
-    assert "Traceback" not in (tmp_path / "stderr.txt").read_text()
+    assert "Traceback" not in process.err_text()
 
 
-def test_a_passed_socket_on_every_address_warns_about_allowed_hosts(tmp_path):
+def test_a_passed_socket_on_every_address_warns_about_allowed_hosts(server_process):
     """The warning goes by the socket's address, not the host setting it replaces."""
     held = socket.socket()
     held.bind(("0.0.0.0", 0))
     held.listen(8)
-    process = activated(tmp_path, [held], names=["http"])
     try:
-        line = process.stdout.readline()
+        process = activated(server_process, [held], names=["http"])
+        line = process.out_lines()[0]
         assert line.strip() == "listening on http://0.0.0.0:%d/" % held.getsockname()[1], line
-        assert stop(process) == 0
+        assert process.stop() == 0
     finally:
-        stop(process)
         held.close()
-    assert "listening on 0.0.0.0 with any Host allowed" in (tmp_path / "stderr.txt").read_text()
+    assert "listening on 0.0.0.0 with any Host allowed" in process.err_text()
 
 
 NO_TOKEN = {"ONEBOX_ADMIN_TOKEN": None, "CREDENTIALS_DIRECTORY": None}
@@ -395,22 +350,21 @@ def anywhere():
     return sock
 
 
-def test_a_passed_admin_socket_beyond_loopback_without_a_token_stops_start_up(tmp_path):
+def test_a_passed_admin_socket_beyond_loopback_without_a_token_stops_start_up(tmp_path,
+                                                                              server_process):
     """onebox.socket with a second ListenStream=0.0.0.0:8001, FileDescriptorName=admin: the
     socket's address decides, not [admin] host (127.0.0.1 by default, never bound here)."""
     public, admin = listener(), anywhere()
     port = admin.getsockname()[1]
-    process = activated(tmp_path, [public, admin], names=["http", "admin"], env=NO_TOKEN)
     try:
-        out, _ = process.communicate(timeout=30)
+        process = activated(server_process, [public, admin], names=["http", "admin"],
+                            env=NO_TOKEN, wait=False)
+        code = process.wait(30)
     finally:
-        if process.poll() is None:   # it served: the assertions below say so
-            process.kill()
-            out, _ = process.communicate()
         public.close()
         admin.close()
-    errors = (tmp_path / "stderr.txt").read_text()
-    assert process.returncode == 1, (out, errors)
+    out, errors = process.out_text(), process.err_text()
+    assert code == 1, (out, errors)
     assert "listening on" not in out and "Traceback" not in errors
     assert "listens on 0.0.0.0 port %d" % port in errors, errors
     for fix in ("ONEBOX_ADMIN_TOKEN", "admin_token", "ListenStream=127.0.0.1:"):
@@ -418,37 +372,33 @@ def test_a_passed_admin_socket_beyond_loopback_without_a_token_stops_start_up(tm
     assert not (tmp_path / "data" / "lock").exists()   # refused before the state was opened
 
 
-def test_a_passed_admin_socket_beyond_loopback_with_a_token_serves_it(tmp_path):
+def test_a_passed_admin_socket_beyond_loopback_with_a_token_serves_it(server_process):
     public, admin = listener(), anywhere()
     port = admin.getsockname()[1]
-    process = activated(tmp_path, [public, admin], names=["http", "admin"],
-                        env={"ONEBOX_ADMIN_TOKEN": TOKEN, "CREDENTIALS_DIRECTORY": None})
     try:
-        listening_port(process)
-        assert process.stdout.readline().strip() == "admin on http://0.0.0.0:%d/" % port
+        process = activated(server_process, [public, admin], names=["http", "admin"],
+                            env={"ONEBOX_ADMIN_TOKEN": TOKEN, "CREDENTIALS_DIRECTORY": None})
+        assert process.admin_url == "http://0.0.0.0:%d/" % port
         assert get(port, "/metrics")[0] == 401
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
         connection.request("GET", "/metrics", headers={"Authorization": "Bearer " + TOKEN})
         response = connection.getresponse()
         assert response.status == 200 and b"onebox_build_info" in response.read()
         connection.close()
-        assert stop(process) == 0
+        assert process.stop() == 0
     finally:
-        stop(process)
         public.close()
         admin.close()
 
 
-def test_a_passed_loopback_admin_socket_needs_no_token(tmp_path):
+def test_a_passed_loopback_admin_socket_needs_no_token(server_process):
     public, admin = listener(), listener()
-    process = activated(tmp_path, [public, admin], names=["http", "admin"],
-                        flags=["--admin-host", "0.0.0.0"], env=NO_TOKEN)
     try:
-        listening_port(process)
+        process = activated(server_process, [public, admin], names=["http", "admin"],
+                            flags=["--admin-host", "0.0.0.0"], env=NO_TOKEN)
         assert get(admin.getsockname()[1], "/metrics")[0] == 200
-        assert stop(process) == 0
+        assert process.stop() == 0
     finally:
-        stop(process)
         public.close()
         admin.close()
 
@@ -466,67 +416,57 @@ def udp_socket():
     (lambda: [listener(), listener()], ["http", "metrics"], ["'metrics'",
                                                             "FileDescriptorName="]),
 ])
-def test_a_passed_socket_that_cannot_be_served_stops_start_up(tmp_path, make, names, words):
+def test_a_passed_socket_that_cannot_be_served_stops_start_up(server_process, make, names,
+                                                              words):
     sockets = make()
-    process = activated(tmp_path, sockets, names=names)
     try:
-        out, _ = process.communicate(timeout=30)
+        process = activated(server_process, sockets, names=names, wait=False)
+        code = process.wait(30)
     finally:
-        if process.poll() is None:   # it served: the assertion below says so
-            process.kill()
-            out, _ = process.communicate()
         for sock in sockets:
             sock.close()
-    errors = (tmp_path / "stderr.txt").read_text()
-    assert process.returncode == 1, (out, errors)
+    out, errors = process.out_text(), process.err_text()
+    assert code == 1, (out, errors)
     assert "LISTEN_FDNAMES" in errors and "onebox.socket" in errors
     for word in words:
         assert word in errors
     assert "Traceback" not in errors and "listening on" not in out
 
 
-def test_sockets_passed_to_another_process_are_left_alone(tmp_path):
+def test_sockets_passed_to_another_process_are_left_alone(server_process):
     """LISTEN_PID names the process systemd meant them for; a child it started (or one that
     inherited the environment) must not take descriptor 3 for its own."""
-    process = subprocess.Popen(
-        [sys.executable, SERVER, "--port", "0", "--admin-port", "0",
-         "--data-dir", str(tmp_path / "data")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=dict(os.environ, LISTEN_PID=str(os.getpid()), LISTEN_FDS="1"))
-    try:
-        port = listening_port(process)
-        assert get(port, "/hello")[0] == 200
-    finally:
-        stop(process)
-        process.stderr.close()
+    process = server_process(env={"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "1"})
+    assert get(process.port, "/hello")[0] == 200
 
 
 @pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
                     reason="systemd-socket-activate comes with Debian's systemd package "
                            "(.ci/run installs it)")
-def test_systemds_own_socket_activation_tool(tmp_path):
-    probe = listener()
-    port = probe.getsockname()[1]
-    probe.close()   # systemd-socket-activate binds it again (a small race with other tests)
-    process = subprocess.Popen(
-        ["systemd-socket-activate", "-l", "127.0.0.1:%d" % port, "--fdname=http",
-         sys.executable, SERVER, "--admin-port", "0", "--data-dir", str(tmp_path / "data")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+def test_systemds_own_socket_activation_tool(server_process):
+    # it takes no port 0: a port free a moment ago, and another if someone took it meanwhile
+    for attempt in range(5):
+        port = free_port()
+        process = server_process("--admin-port", "0", port=None, wait=False, prefix=[
+            "systemd-socket-activate", "-l", "127.0.0.1:%d" % port, "--fdname=http"])
         deadline = time.monotonic() + 10
         while True:   # it listens first, and starts the server on the first connection
             try:
                 status, body, _ = get(port, "/hello", timeout=10)
                 break
             except ConnectionRefusedError:
+                if process.poll() is not None:
+                    break   # it could not bind the port
                 assert time.monotonic() < deadline, "systemd-socket-activate never listened"
                 time.sleep(0.05)
-        assert (status, body) == (200, b"hello, world\n")
-        assert listening_port(process) == port
-        assert stop(process) == 0
-    finally:
-        stop(process)
-        process.stderr.close()
+        if process.poll() is None:
+            break
+        assert "in use" in process.err_text(), process.err_text()
+    else:
+        raise AssertionError("systemd-socket-activate found no free port in 5 tries")
+    assert (status, body) == (200, b"hello, world\n")
+    assert process.port == port
+    assert process.stop() == 0
 
 
 # --- the shipped unit files -----------------------------------------------------------------
@@ -589,31 +529,24 @@ def test_the_service_unit_is_exposed_at_most_1_5():
     assert float(match.group(1)) <= 1.5 and match.group(2) == "OK", match.group(0)
 
 
-def test_data_files_are_private_whatever_the_umask(tmp_path):
+def test_data_files_are_private_whatever_the_umask(tmp_path, server_process):
     """Under umask 000 every file the server writes in data_dir is 0600 and every directory
     0700: the journal, the snapshot, the lock, admin.url and server.url, a backup (SIGUSR1)
     and its folder, and a --backup copied out of the running server."""
     data = tmp_path / "data"
-    command = " ".join([sys.executable, SERVER, "--port", "0", "--admin-port", "0",
-                        "--data-dir", str(data)])
-    process = subprocess.Popen(["sh", "-c", "umask 000; exec " + command],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        port = listening_port(process)
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        connection.request("POST", "/api/notes", '{"text": "private"}',
-                           {"Content-Type": "application/json"})
-        assert connection.getresponse().status == 201
-        connection.close()
-        copy = tmp_path / "copy.snapshot"
-        backup = subprocess.run(["sh", "-c", "umask 000; exec %s --data-dir %s --backup %s"
-                                 % (sys.executable + " " + SERVER, data, copy)],
-                                capture_output=True, text=True, timeout=60)
-        assert backup.returncode == 0, backup.stderr
-        assert stop(process) == 0
-    finally:
-        stop(process)
-        process.stderr.close()
+    process = server_process(prefix=["sh", "-c", 'umask 000; exec "$0" "$@"'], data_dir=data)
+    port = process.port
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    connection.request("POST", "/api/notes", '{"text": "private"}',
+                       {"Content-Type": "application/json"})
+    assert connection.getresponse().status == 201
+    connection.close()
+    copy = tmp_path / "copy.snapshot"
+    backup = subprocess.run(["sh", "-c", "umask 000; exec %s --data-dir %s --backup %s"
+                             % (sys.executable + " " + SERVER, data, copy)],
+                            capture_output=True, text=True, timeout=60)
+    assert backup.returncode == 0, backup.stderr
+    assert process.stop() == 0
     modes = {str(path.relative_to(tmp_path)): oct(path.stat().st_mode & 0o777)
              for path in [data] + sorted(data.rglob("*")) + [copy]}
     for name in ("lock", "journal", "snapshot", "admin.url", "server.url"):

@@ -531,45 +531,31 @@ def test_start_up_refuses_an_unservable_pair_naming_the_file(tmp_path, pki, case
 # --- reload -------------------------------------------------------------------------------------
 
 class Process:
-    """python3 server.py with TLS on port 0: its ports, its error log (stderr) as it grows."""
+    """python3 server.py with TLS on port 0 (through the server_process fixture): its ports,
+    its error log (stderr) as it grows."""
 
-    def __init__(self, tmp_path, cert, key, pages=None):
+    def __init__(self, server_process, tmp_path, cert, key, pages=None):
         self.cert, self.key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
         install(cert, key, self.cert, self.key)
-        command = [sys.executable, SERVER, "--port", "0", "--data-dir", str(tmp_path / "data"),
-                   "--tls-cert-file", self.cert, "--tls-key-file", self.key,
-                   "--worker-write-s", "0.05"]
+        flags = ["--tls-cert-file", self.cert, "--tls-key-file", self.key,
+                 "--worker-write-s", "0.05"]
         if pages is not None:
-            command += ["--pages-dir", str(pages)]
-        self.errors = tmp_path / "errors.log"
-        with open(self.errors, "w") as errors:
-            self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors,
-                                            text=True)
-        lines = [self.process.stdout.readline().strip() for _ in range(2)]
+            flags += ["--pages-dir", str(pages)]
+        self.process = server_process(*flags)
+        self.process.wait_for(r"^listening on https://")
+        lines = self.process.out_lines()[:2]
         self.port = int(re.match(r"listening on http://127\.0\.0\.1:(\d+)/$", lines[0]).group(1))
         self.tls_port = int(re.match(r"listening on https://127\.0\.0\.1:(\d+)/$",
                                      lines[1]).group(1))
 
     def error_text(self):
-        return self.errors.read_text()
+        return self.process.err_text()
 
     def wait_for_log(self, text, timeout=10):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if text in self.error_text():
-                return
-            time.sleep(0.05)
-        raise AssertionError("%r not logged; error log:\n%s" % (text, self.error_text()))
+        self.process.wait_for(re.escape(text), "err", timeout=timeout)
 
     def stop(self):
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.communicate(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.communicate()
-        self.process.stdout.close()
+        self.returncode = self.process.stop(15)
 
 
 def install(cert, key, cert_path, key_path):
@@ -582,9 +568,10 @@ def install(cert, key, cert_path, key_path):
         os.replace(target + ".tmp", target)
 
 
-def test_sighup_loads_a_new_certificate_for_new_connections(tmp_path, pki, big_pages):
+def test_sighup_loads_a_new_certificate_for_new_connections(tmp_path, server_process, pki,
+                                                            big_pages):
     pages, data = big_pages
-    server = Process(tmp_path, *pki["a"], pages=pages)
+    server = Process(server_process, tmp_path, *pki["a"], pages=pages)
     try:
         # an old connection, in the middle of a 10 MiB download the reactor finishes
         old = raw_tls(server.tls_port, pki, rcvbuf=4096)
@@ -611,11 +598,11 @@ def test_sighup_loads_a_new_certificate_for_new_connections(tmp_path, pki, big_p
         assert server.process.poll() is None
     finally:
         server.stop()
-    assert server.process.returncode == 0, server.error_text()
+    assert server.returncode == 0, server.error_text()
 
 
-def test_reload_warns_of_a_certificate_near_expiry(tmp_path, pki):
-    server = Process(tmp_path, *pki["a"])
+def test_reload_warns_of_a_certificate_near_expiry(tmp_path, server_process, pki):
+    server = Process(server_process, tmp_path, *pki["a"])
     try:
         assert "expires on" not in server.error_text()
         install(*pki["soon"], server.cert, server.key)
@@ -642,6 +629,7 @@ def test_smoke_script_over_https_with_a_custom_ca(start_server, pki):
 
 # --- testssl.sh ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.skipif(not shutil.which("testssl"),
                     reason="testssl.sh is not installed (.ci/run installs the Debian package)")
 def test_testssl_finds_nothing_at_medium_or_above(start_server, pki, tmp_path):
@@ -669,11 +657,10 @@ def test_testssl_finds_nothing_at_medium_or_above(start_server, pki, tmp_path):
 
 # --- socket activation ----------------------------------------------------------------------------
 
-def test_socket_activation_passes_an_https_socket(tmp_path, pki):
+def test_socket_activation_passes_an_https_socket(server_process, pki):
     """systemd's LISTEN_FDNAMES=http:https: both passed sockets are served, the second with
     TLS (onebox.socket's FileDescriptorName=https)."""
     from test_systemd import activated
-    from test_systemd import stop as stop_activated
     held = []
     for _ in range(2):
         sock = socket.socket()
@@ -681,20 +668,21 @@ def test_socket_activation_passes_an_https_socket(tmp_path, pki):
         sock.listen(8)
         held.append(sock)
     cert, key = pki["a"]
-    process = activated(tmp_path, held, names=["http", "https"],
-                        flags=["--tls-cert-file", cert, "--tls-key-file", key,
-                               "--admin-port", "off"])
+    code = None
     try:
-        lines = [process.stdout.readline().strip() for _ in range(2)]
+        process = activated(server_process, held, names=["http", "https"],
+                            flags=["--tls-cert-file", cert, "--tls-key-file", key,
+                                   "--admin-port", "off"])
+        process.wait_for(r"^listening on https://")
+        lines = process.out_lines()[:2]
         assert lines == ["listening on http://127.0.0.1:%d/" % held[0].getsockname()[1],
                          "listening on https://127.0.0.1:%d/" % held[1].getsockname()[1]], \
-            (lines, (tmp_path / "stderr.txt").read_text())
+            (lines, process.err_text())
         with raw_tls(held[1].getsockname()[1], pki) as tls:
             tls.sendall(b"GET /hello HTTP/1.1\r\nHost: localhost\r\n\r\n")
             assert read_response(tls, b"")[2] == b"hello, world\n"
+        code = process.stop()
     finally:
-        code = stop_activated(process)
-        process.stdout.close()
         for sock in held:
             sock.close()
     assert code == 0
