@@ -19,7 +19,7 @@ import time
 from conftest import raw_exchange, read_until_close, status_of
 from handlers._core import Response
 
-HEAD = (b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n")
+HEAD = b"POST /upload HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
 
 
 def upload(request):
