@@ -273,6 +273,9 @@ class GuardPolicy(object):
             raise ValueError("[limits] ban_max_s must not be less than ban_s")
         self.forwarded_header = limits.forwarded_header
         self.trusted_proxies = CidrSet(limits.trusted_proxies, "trusted_proxies")
+        # the shipped default (loopback), which nobody chose: its proxy-less requests are most
+        # likely a newcomer's own curl, not a proxy that forgot the header (see _looks_proxied)
+        self.default_proxies = sorted(_items(limits.trusted_proxies)) == ["127.0.0.1", "::1"]
         self.allow_cidrs = CidrSet(limits.allow_cidrs, "allow_cidrs")
         self.deny_cidrs = CidrSet(limits.deny_cidrs, "deny_cidrs")
         self.allow_agents = _agents_regex(limits.allow_user_agents, "allow_user_agents")
@@ -451,15 +454,11 @@ class Guard(object):
     def key_of(self, ip):
         return client_key(ip, self.policy.ipv4_prefix_bits, self.policy.ipv6_prefix_bits)
 
-    def forwarded_client(self, peer_ip, headers):
-        """The client a trusted proxy forwarded: the rightmost address in its header that is not
-        a trusted proxy. An item that is not an address ('unknown') stops the walk at the last
-        trusted hop; a header that is missing leaves the peer itself."""
-        return self._forwarded(peer_ip, headers)[0]
-
     def _forwarded(self, peer_ip, headers):
-        """(client, own): ``forwarded_client``, and whether that client is itself a trusted
-        proxy (the header named nobody else: the request is the proxy's own)."""
+        """(client, own): the client a trusted proxy forwarded (the rightmost address in its
+        header that is not a trusted proxy; an item that is not an address, 'unknown', stops
+        the walk at the last trusted hop; no header leaves the peer itself), and whether that
+        client is itself a trusted proxy (the header named nobody else: the proxy's own)."""
         policy = self.policy
         client = peer_ip
         for item in reversed(_forwarded_items(headers.get_all(policy.forwarded_header),
@@ -471,6 +470,13 @@ class Guard(object):
             if address not in policy.trusted_proxies:
                 return client, False
         return client, True
+
+    def _looks_proxied(self, headers):
+        """Whether a trusted proxy's request without the forwarded header is worth a warning:
+        always when the operator named the proxies; with the shipped default (loopback) only
+        when the request says it came through a proxy (Via, Forwarded, X-Real-IP,
+        X-Forwarded-*), so that a newcomer's first ``curl localhost`` is not told off."""
+        return not self.policy.default_proxies or headers.any_of(_PROXY_SIGNS)
 
     def _warn_unforwarded_once(self, proxy):
         """One error-log line per proxy address (per process) that sends no forwarded header:
@@ -540,7 +546,8 @@ class Guard(object):
             proxy = request.client_ip
             request.client_ip, own = self._forwarded(proxy, request.headers)
             if own:                       # the proxy's own request: never limited or banned
-                if not request.headers.get(self.policy.forwarded_header):
+                if (not request.headers.get(self.policy.forwarded_header)
+                        and self._looks_proxied(request.headers)):
                     self._warn_unforwarded_once(proxy)
                 return None
             verdict = self._check(request, self.key_of(request.client_ip))
@@ -927,6 +934,11 @@ class Guard(object):
         return {"enabled": self.policy.enabled, "clients": self.clients.stats(),
                 "cpu": self.cpu.stats(), "routes": self.routes.stats(), "suspects": suspects,
                 "bans": bans, "counts": counts}
+
+
+# Fields that say a request came through a proxy (see Guard._looks_proxied).
+_PROXY_SIGNS = frozenset(("via", "forwarded", "x-real-ip", "x-forwarded-for", "x-forwarded-proto",
+                "x-forwarded-host"))
 
 
 def _forwarded_items(values, header):

@@ -102,7 +102,7 @@ _RESERVED_HEADERS = frozenset([
 ])
 
 
-class Policy:
+class StaticPolicy:
     """The parsed [static] settings: Cache-Control rules and the extra headers."""
 
     def __init__(self, settings):
@@ -134,7 +134,7 @@ class Policy:
 
 def compile_policy(settings):
     """Parse the [static] settings; ValueError names the key and the fix."""
-    return Policy(settings)
+    return StaticPolicy(settings)
 
 
 def _setting_lines(text):

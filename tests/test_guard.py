@@ -659,3 +659,14 @@ def _abuser_totals(results):
         for status, number in counts.items():
             totals[status] = totals.get(status, 0) + number
     return totals
+
+
+def test_a_newcomers_local_requests_draw_no_proxy_warning(start_server):
+    """Loopback is a trusted proxy by default: a newcomer's `curl localhost` is not a proxy
+    that forgot X-Forwarded-For. With the default proxies only a request that says it came
+    through a proxy (Via, X-Real-IP, ...) without the header is reported."""
+    server = start_server(config={"limits.trusted_proxies": "127.0.0.1 ::1"})
+    assert get(server, "/hello", "127.0.0.1")[0] == 200
+    assert "is a trusted proxy but sent no" not in server.error_text()
+    assert get(server, "/hello", "127.0.0.1", {"X-Real-IP": "198.51.100.7"})[0] == 200
+    assert server.error_text().count("guard: 127.0.0.1 is a trusted proxy but sent no") == 1
