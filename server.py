@@ -15,6 +15,9 @@ Where things are
 ``onebox/transfer.py``  bodies in and responses out, under a minimum data rate
 ``onebox/static.py``    pages/: validators, ranges, compression, caches, containment
 ``onebox/guard.py``     the abuse guard: client identity, rate limits, bans, scanners, rules
+``onebox/store/``       the shared store behind ``state``: journal, snapshots, recovery, index
+``onebox/cache.py``     the response cache behind ``@cached``: single flight, invalidation, caps
+``onebox/limits.py``    the rate limiters' token buckets, and each server's named limiters
 ``onebox/logs.py``      the access log, which never makes a request wait
 ``onebox/poller.py``    which waiting sockets are ready (epoll, or a selector)
 ``onebox/handoff.py``   what the reactor and the workers pass each other, and who writes what
@@ -83,7 +86,6 @@ import signal
 import sys
 import time
 
-from handlers._state import StateError, StateLockedError, Store
 from onebox.admin import AdminConfigError, check_listener, load_token
 from onebox.engine import OneboxServer
 from onebox.logs import PRIORITIES, error_entry, journal_stream
@@ -92,6 +94,7 @@ from onebox.restart import (SERVER_URL_FILE, VALID, Restarter, open_when_free, p
 from onebox.guard import BAN_PREFIX, client_key, lift_stored_ban, stored_bans
 from onebox.routing import RouteError, Router, load_routes
 from onebox.settings import DEFAULT_CONFIG_FILE, SETTINGS, ConfigError, load_config  # noqa: F401
+from onebox.store import StateError, StateLockedError, Store
 from onebox.systemd import Notifier, SystemdError, listen_sockets
 from onebox.tls import TLSConfigError, build_context
 

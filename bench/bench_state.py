@@ -1,4 +1,4 @@
-"""Benchmark of handlers/_state.py against sqlite3, printed as a markdown table.
+"""Benchmark of the store (onebox/store/) against sqlite3, printed as a markdown table.
 
     python3 bench/bench_state.py [--seconds 3] [--dir DIR]
     python3 bench/bench_state.py --memory    # memory per stored byte; listing with a limit
@@ -36,7 +36,9 @@ import tracemalloc
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from handlers._state import Store, _loads, _SortedKeys  # noqa: E402  (after the path set-up)
+from onebox.store import Store  # noqa: E402  (after the path set-up)
+from onebox.store.index import SortedKeys  # noqa: E402
+from onebox.store.values import loads  # noqa: E402
 
 ROWS = [  # (row id, what is measured)
     ("writes-1", "durable writes/s, 1 writer thread"),
@@ -408,7 +410,7 @@ def old_items(store, prefix, limit):
         pairs = list(store._data.items())
     matching = sorted((kv for kv in pairs if kv[0].startswith(prefix)), key=lambda kv: kv[0])
     matching = matching if limit is None else matching[:limit]
-    return [(k, _loads(t)) for k, t in matching]
+    return [(k, loads(t)) for k, t in matching]
 
 
 def best_seconds(call, repeat, number):
@@ -461,7 +463,7 @@ def put_costs(store, rng, count):
             for key in batch:
                 store.put(key, 1)
             out.append((time.perf_counter() - start) / len(batch) * 1e6)
-    index = _SortedKeys(store._data, store.INDEX_BLOCK_KEYS)
+    index = SortedKeys(store._data, store.INDEX_BLOCK_KEYS)
     gc.collect()
     start = time.perf_counter()
     for key in new:
@@ -487,7 +489,7 @@ def index_memory(store):
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
     start = time.perf_counter()
-    built = _SortedKeys(store._data, store.INDEX_BLOCK_KEYS)
+    built = SortedKeys(store._data, store.INDEX_BLOCK_KEYS)
     build_s = time.perf_counter() - start
     loaded = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()

@@ -21,6 +21,10 @@ What is bound where
 
 A thread serves one server: binding a thread that is bound to another context (another store)
 raises RuntimeError instead of silently moving it. Binding the same one again does nothing.
+
+This is how the contract reaches its implementations without importing them: the runtime builds
+each server's ``ServerContext`` from ``onebox/`` objects and binds it here at start-up. Imports
+the standard library only.
 """
 import functools
 import threading
@@ -31,9 +35,11 @@ __all__ = ["ServerContext", "bind", "unbind", "current", "require", "carry_conte
 
 class ServerContext(object):
     """What one server owns and its handlers reach through the contract: ``store`` (a
-    ``handlers._state.Store``), ``responses`` (a ``handlers._cache.ResponseCache``) and
-    ``limiters`` (a ``handlers._limits.LimiterRegistry``); any may be None (not available on
-    threads bound to this context). ``owner`` names it in error messages."""
+    ``handlers._state.StateStore``), ``responses`` (for ``@cached``: ``serve(key, ttl_s,
+    compute)``, ``invalidate(prefix)``) and ``limiters`` (for ``limiter()``: ``get(name, policy,
+    max_keys)``); any may be None (not available on threads bound to this context). The runtime
+    fills them with its implementations (``onebox.store.Store``, ``onebox.cache.ResponseCache``,
+    ``onebox.limits.LimiterRegistry``). ``owner`` names it in error messages."""
 
     __slots__ = ("store", "responses", "limiters", "owner")
 

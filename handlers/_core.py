@@ -54,6 +54,15 @@ Area modules import only ``handlers._*`` modules, never ``server`` (a test enfor
 ``python3 server.py`` the runtime is ``__main__``, and importing ``server`` would load a second copy
 with its own state and locks.
 
+The contract is an interface; its implementations live in the runtime, which binds them at
+start-up. ``handlers/_*.py`` import the standard library and each other, never ``onebox`` (nor
+``server``), at import time or later: the store (``onebox/store/``), the response cache
+(``onebox/cache.py``) and the limiters' buckets (``onebox/limits.py``) are built by the server
+and bound to its worker threads in a ``ServerContext`` (``handlers/_context.py``), which
+``state``, ``@cached`` and ``limiter()`` look up when they are used. So dependencies point one
+way: ``server.py`` -> ``onebox`` -> the contract <- areas (tests/test_routing.py and
+tests/test_isolation.py enforce it).
+
 Request objects are built by the runtime, one per request, and used by one thread; Responses are
 plain values. Neither holds a lock.
 """

@@ -22,14 +22,14 @@ import urllib.parse
 
 from handlers import _context
 from handlers._core import Response
-from handlers._cache import ResponseCache
-from handlers._limits import LimiterRegistry
 from handlers._state import StateError
 from onebox.activity import Activity
 from onebox.admin import AdminConfigError, AdminSite, check_listener, is_loopback, load_token
+from onebox.cache import ResponseCache
 from onebox.guard import Guard
 from onebox.health import HealthChecks
 from onebox.handoff import Handoff
+from onebox.limits import LimiterRegistry
 from onebox.logs import AccessLog, error_entry, journal_stream
 from onebox.metrics import Metrics
 from onebox.poller import Poller

@@ -75,8 +75,9 @@ written only by workers and never under a lock. Idle entries cost nothing to exp
 looks at the least recently used entry or two and drops them if stale; nothing sweeps a whole
 table on the request path.
 
-Imports the standard library and the contract's rate limiters (``handlers._limits``); never the
-engine, another runtime module or ``server``: the runtime passes in what it needs.
+Imports the standard library, the contract's rate limit types (``handlers._limits``) and their
+in-process buckets (``onebox.limits``); never the engine, another runtime module or ``server``:
+the runtime passes in what it needs.
 """
 import array
 import collections
@@ -86,7 +87,8 @@ import socket
 import threading
 import time
 
-from handlers._limits import Hit, InProcessLimiter, Policy, check_policy, rate_limit_headers
+from handlers._limits import Hit, Policy, check_policy, rate_limit_headers
+from onebox.limits import InProcessLimiter
 
 __all__ = ["GuardPolicy", "Guard", "Verdict", "RULES", "BAN_PREFIX"]
 

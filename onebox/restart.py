@@ -24,7 +24,7 @@ The protocol, in order:
    ``OneboxServer._drain``). Connections made meanwhile wait in the socket's backlog, which the
    successor holds too. The predecessor then closes the state store, which releases the data
    directory's lock, and exits 0.
-4. **Take over.** The successor waits for the lock (``handlers/_state.py`` raises
+4. **Take over.** The successor waits for the lock (``onebox/store/`` raises
    StateLockedError while it is held) for up to ``restart_wait_s``, saying once in its log that
    it waits; then it loads the store, and serves the backlog.
 
@@ -40,7 +40,7 @@ socket stays open in systemd, so nobody is refused), and systemd keeps tracking 
 and the hand-shake are in the standard library only; one daemon thread ("onebox-restart")
 runs each restart, so the reactor never waits on the successor.
 
-Imports the standard library and the store's ``StateLockedError`` (``handlers._state``); never
+Imports the standard library and the store's ``StateLockedError`` (``onebox.store``); never
 the engine (the server is passed in) or ``server``.
 """
 import fcntl
@@ -244,7 +244,7 @@ def open_when_free(open_store, config, old_pid, log):
     """The successor's store: ``open_store(config)``, retried while the predecessor holds the
     data dir's lock (it releases it once drained), for up to restart_wait_s. Raises the last
     StateLockedError past that."""
-    from handlers._state import StateLockedError
+    from onebox.store import StateLockedError
     deadline = time.monotonic() + config.server.restart_wait_s
     said = False
     while True:

@@ -5,8 +5,9 @@ import time
 import pytest
 
 from conftest import request
-from handlers._cache import ResponseCache, cached, invalidate
+from handlers._cache import cached, invalidate
 from handlers._core import Response, json_response
+from onebox.cache import ResponseCache
 
 
 class Counted:

@@ -15,8 +15,9 @@ import pytest
 
 from test_metrics import scrape, value
 from handlers._core import Headers, Request, json_response
-from handlers._limits import InProcessLimiter, Policy
+from handlers._limits import Policy
 from onebox.guard import Guard
+from onebox.limits import InProcessLimiter
 from onebox.settings import ConfigError, load_config
 
 

@@ -4,17 +4,29 @@ named limiters, and a thread reaches only the server it is bound to (handlers/_c
 Issue 11, item 4: the process-wide ``state`` proxy was bound to whichever server was built last,
 so a note POSTed to server A was stored in server B's data directory, and once B stopped the same
 POST to A answered 500.
+
+The rule that makes this possible (issue 20; handlers/_core.py's docstring says it too): the
+contract, ``handlers/_*.py``, is an interface. It imports the standard library and itself, never
+``onebox``; the implementations (the store, the response cache, the limiters' buckets) live in the
+runtime, which builds one set per server and binds it to that server's worker threads at start-up.
+tests/test_routing.py checks every import statement; the last tests here check what loads.
 """
 import json
 import os
+import subprocess
+import sys
 import threading
 
 import pytest
 
-from conftest import request
+from conftest import ROOT, request
 from handlers._cache import cached, invalidate
 from handlers._core import carry_context, limiter, rate_limit, state, text_response
-from handlers._state import Store
+from handlers._state import StateStore
+from onebox.cache import ResponseCache
+from onebox.limits import LimiterRegistry
+from onebox.store import Store
+from test_routing import forbidden_in_handlers
 
 JSON = {"Content-Type": "application/json"}
 
@@ -184,3 +196,37 @@ def test_binding_a_bound_thread_to_a_second_store_raises(tmp_path, start_server)
     finally:
         first_store.close()
         second_store.close()
+
+
+# --- the contract is an interface; the runtime binds its implementations ------------------------
+
+def test_importing_the_contract_and_the_areas_loads_no_runtime_module():
+    code = ("import sys\n"
+            "import handlers._core, handlers._state, handlers._cache, handlers._limits\n"
+            "import handlers._context, handlers._forms, handlers.hello, handlers.notes\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('onebox', 'server')))\n")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == "[]\n"
+
+
+def test_a_contract_module_that_imports_the_runtime_is_refused(tmp_path):
+    contract = tmp_path / "handlers" / "_state.py"
+    contract.parent.mkdir()
+    contract.write_text("import threading\nfrom handlers import _context\n"
+                        "def open_store():\n    from onebox.store import Store\n")
+    assert forbidden_in_handlers(str(contract)) == ["onebox.store", "onebox.store.Store"]
+
+
+def test_each_server_binds_the_runtimes_implementations_of_the_contract(start_server):
+    def implementation(request):
+        store = state.get.__self__          # the bound method's object: what state forwards to
+        return "%s.%s" % (type(store).__module__, type(store).__name__)
+
+    server = start_server(routes=[("GET", "/t/implementation", implementation)])
+    assert isinstance(server.context.store, StateStore) and server.context.store is server.store
+    assert type(server.store) is Store
+    assert isinstance(server.context.responses, ResponseCache)
+    assert isinstance(server.context.limiters, LimiterRegistry)
+    assert request(server, "GET", "/t/implementation")[2] == b"onebox.store.store.Store"

@@ -8,7 +8,8 @@ import pytest
 from conftest import ROOT, onebox, request
 from handlers import _context, _limits
 from handlers._core import HTTPError, limiter, rate_limit
-from handlers._limits import InProcessLimiter, Policy
+from handlers._limits import Policy
+from onebox.limits import InProcessLimiter, LimiterRegistry, all_stats
 
 
 class FakeClock:
@@ -115,12 +116,12 @@ def test_named_limiters_survive_a_second_import_and_report_stats():
     first = limiter("test-accounts", rate_per_s=1, burst=2)
     second = limiter("test-accounts", rate_per_s=1, burst=3)
     assert first is second and second.policy.burst == 3
-    context = _context.ServerContext(limiters=_limits.LimiterRegistry())
+    context = _context.ServerContext(limiters=LimiterRegistry())
     _context.bind(context)   # what a server's worker threads do
     try:
         first.hit("alice")
-        assert _limits.all_stats()["test-accounts"]["keys"] == 1
-        assert _limits.all_stats()["test-accounts"]["max_keys"] == _limits.DEFAULT_MAX_KEYS
+        assert all_stats()["test-accounts"]["keys"] == 1
+        assert all_stats()["test-accounts"]["max_keys"] == _limits.DEFAULT_MAX_KEYS
     finally:
         _context.unbind(context)
 

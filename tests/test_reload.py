@@ -17,8 +17,8 @@ import time
 
 from conftest import ROOT, Client, Load, raw_exchange, request, status_of
 
-from handlers._cache import ResponseCache
 from handlers._core import Response
+from onebox.cache import ResponseCache
 from onebox.reload import HOW, RESTART
 from onebox.settings import SETTINGS
 

@@ -317,7 +317,9 @@ def imported_modules(path):
                 yield node.args[0].value
 
 
-# The contract: what an area may import. Everything else in handlers/ is an area.
+# The contract: what an area may import. Everything else in handlers/ is an area. The contract is an
+# interface and obeys the same rule as the areas (the standard library and itself, never onebox):
+# its implementations live in onebox/ and the runtime binds them at start-up (handlers/_context.py).
 CONTRACT = {"handlers._core", "handlers._state", "handlers._limits", "handlers._cache",
             "handlers._forms", "handlers._context"}
 

@@ -1,4 +1,4 @@
-"""Tests of the store's sorted key index (handlers/_state.py, ``_SortedKeys``): listings stay what
+"""Tests of the store's sorted key index (onebox/store/index.py, ``SortedKeys``): listings stay what
 they were -- sorted, filtered by prefix, cut at the limit -- through every way the key set changes,
 and cost what they return rather than what is stored (issue 10).
 
@@ -17,12 +17,12 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from handlers import _state  # noqa: E402  (after the path set-up above)
-from handlers._state import Store  # noqa: E402
+from onebox.store import Store  # noqa: E402  (after the path set-up above)
+from onebox.store.index import SortedKeys  # noqa: E402
 
 # Pieces of keys: joined 1 to 4 at a time they give keys that are prefixes of one another
 # ("a", "ab", "a/b"), non-ASCII ones, and U+10FFFF, the largest character, where the end of a
-# prefix's run of keys has to be found differently (_after_prefix).
+# prefix's run of keys has to be found differently (after_prefix).
 PIECES = ["a", "ab", "a/", "b", "/", "z", "\u00e9", "\U0001F600", "\U0010ffff"]
 PAST_EVERY_KEY = "\U0010ffff" * 5   # longer than any key made of 4 pieces
 
@@ -152,7 +152,7 @@ def test_a_record_deleting_an_absent_key_leaves_the_index_alone(tmp_path, small_
 CHILD = """
 import json, os, random, sys
 sys.path.insert(0, %r)
-from handlers._state import Store
+from onebox.store import Store
 s = Store(sys.argv[1], durability="off", log=lambda m: None)
 rng, model = random.Random(5), {}
 for phase in ("snapshot", "journal"):
@@ -180,7 +180,7 @@ def test_open_builds_the_index_with_one_sort_after_snapshot_and_journal(tmp_path
     assert r.returncode == 0, r.stderr
     model = json.loads(r.stdout)
     calls = {"build": 0, "add": 0}
-    real_init, real_add = _state._SortedKeys.__init__, _state._SortedKeys.add
+    real_init, real_add = SortedKeys.__init__, SortedKeys.add
 
     def counting_init(self, keys, block_keys):
         calls["build"] += 1
@@ -189,8 +189,8 @@ def test_open_builds_the_index_with_one_sort_after_snapshot_and_journal(tmp_path
     def counting_add(self, key):
         calls["add"] += 1
         real_add(self, key)
-    monkeypatch.setattr(_state._SortedKeys, "__init__", counting_init)
-    monkeypatch.setattr(_state._SortedKeys, "add", counting_add)
+    monkeypatch.setattr(SortedKeys, "__init__", counting_init)
+    monkeypatch.setattr(SortedKeys, "add", counting_add)
     with open_store(d, durability="off") as s:
         assert calls == {"build": 1, "add": 0}   # the replayed puts did not insert one by one
         check_listings(s, model, random.Random(1))

@@ -1,4 +1,4 @@
-"""Tests of handlers/_state.py used directly: real files in tmp_path, real crashes in subprocesses.
+"""Tests of the store (onebox/store/) used directly: real files in tmp_path, real crashes in subprocesses.
 
 Crash tests run a child Python (sys.executable) that writes through the store and prints every
 acknowledged write; the parent kills it (SIGKILL, or the ``_crash_at`` seam's ``os._exit``),
@@ -21,9 +21,10 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from handlers._state import (  # noqa: E402  (after the path set-up above)
+from handlers._state import state  # noqa: E402  (after the path set-up above)
+from onebox.store import (  # noqa: E402
     COMPACTION_STEPS, CRASH_EXIT_CODE, MAX_KEY_CHARS, StateCorruptError, StateError,
-    StateKeyError, StateLockedError, StateWriteError, Store, state,
+    StateKeyError, StateLockedError, StateWriteError, Store,
 )
 from conftest import request  # noqa: E402
 
@@ -32,7 +33,7 @@ HEADER = struct.Struct(">2sII")  # the documented frame header: magic, length, c
 CHILD_PREAMBLE = """
 import os, sys, threading, time, json, signal, resource
 sys.path.insert(0, %r)
-from handlers._state import Store, StateWriteError, StateLockedError, StateError
+from onebox.store import Store, StateWriteError, StateLockedError, StateError
 out_lock = threading.Lock()
 def say(*parts):
     with out_lock:
