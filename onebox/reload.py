@@ -19,7 +19,7 @@ summary for the error log (and systemd's STATUS=). What happens, in order:
    under way may finish on old values (a wait already timed keeps its deadline); what starts
    after the reload uses the new ones. No connection is closed.
 
-Handler code and routes are not configuration: changing them needs a restart (the README says
+Handler code and routes are not configuration: changing them needs a restart (docs/operations.md says
 so). Imports the runtime modules it swaps; never ``server``.
 """
 import types

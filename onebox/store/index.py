@@ -21,7 +21,7 @@ class SortedKeys(object):
     dropped. Blocks are never merged: every block holds at least one key, so there are never more
     blocks than keys, and a listing visits at most two blocks more than the keys it returns.
 
-    It holds the very key objects of ``Store._data`` (no copies; ~9 bytes per key, see README).
+    It holds the very key objects of ``Store._data`` (no copies; ~9 bytes per key, see docs/design.md).
     Guarded by ``Store._lock``, like the dict it mirrors; the store changes it exactly where a
     key enters or leaves ``_data`` (``_apply_locked``), and builds it once after loading.
     """
