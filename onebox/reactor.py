@@ -277,9 +277,11 @@ class Reactor:
             self._sum_up_refusals(now)
         over, soonest = self.timers.expire(now)
         while over:   # (ending one may start another: a body in line gets its turn)
+            ended = 0
             for conn, wait in over:
                 if conn.waiting is not wait:
                     continue   # ended by the ending of one before it
+                ended += 1
                 if wait is Wait.HEAD:
                     self._reject(conn, 408, "request head not received in time")
                 elif wait is Wait.BODY:
@@ -291,6 +293,8 @@ class Reactor:
                     self._finish_send(conn, ok=False)
                 else:
                     self._close(conn)
+            if not ended:
+                break
             over, soonest = self.timers.expire(now)
         return soonest
 
