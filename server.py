@@ -22,6 +22,8 @@ Where things are
 ``onebox/poller.py``    which waiting sockets are ready (epoll, or a selector)
 ``onebox/handoff.py``   what the reactor and the workers pass each other, and who writes what
 ``onebox/reactor.py``   the thread that accepts, and owns every connection that waits
+``onebox/timers.py``    the reactor's deadlines: fixed-timeout tables, a lazy heap for moving ones
+``onebox/fairness.py``  per-client shares in the reactor: workers, waits, room, the memory budget
 ``onebox/workers.py``   the pool that serves requests that are ready
 ``onebox/engine.py``    the server object that composes them: start, drain, stop, health
 ``onebox/reload.py``    SIGHUP: setup.cfg read again and applied while serving

@@ -28,7 +28,7 @@ from onebox.admin import AdminConfigError, AdminSite, check_listener, is_loopbac
 from onebox.cache import ResponseCache
 from onebox.guard import Guard
 from onebox.health import HealthChecks
-from onebox.handoff import Handoff
+from onebox.handoff import Handoff, Wait
 from onebox.limits import LimiterRegistry
 from onebox.logs import AccessLog, error_entry, journal_stream
 from onebox.metrics import Metrics
@@ -436,11 +436,7 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         while reactor.open + reactor.admin_open and time.monotonic() < deadline:
             if handoff.held and not handoff.workers_wanted:
                 handoff.want_workers(True)   # workers holding kept connections hand them back
-            for kind in ("idle", "new"):
-                parked = reactor.parked[kind]
-                for conn, until in parked.items():   # order kept: an earlier deadline stays first
-                    if until > idle_until:
-                        parked[conn] = idle_until
+            reactor.timers.cap((Wait.IDLE, Wait.NEW), idle_until)
             reactor.step()
 
     def _stop_workers(self):

@@ -38,6 +38,68 @@ ARMED, KEEP, BODY, SEND, CLOSE, GONE = (Outcome.ARMED, Outcome.KEEP, Outcome.BOD
                                         Outcome.CLOSE, Outcome.GONE)
 
 
+class Wait:
+    """What a connection waits for in the reactor: ``Connection.waiting`` is one of these, or
+    None while a worker has it (or while it is being placed or closed). Only the reactor writes
+    it, and only along ``WAIT_MOVES`` (Reactor._move checks each move, and counts the waits).
+
+      Wait        what for                                   until
+      HANDSHAKE   a TLS handshake to finish (HTTPS listener) header_timeout_s after accept
+      NEW         the first byte of a request                header_timeout_s after accept (or
+                                                             after a TLS handshake)
+      HEAD        the rest of a request head                 header_timeout_s after its first byte
+      IDLE        the next request on a kept connection      keepalive_timeout_s after the response
+      LINGER      nothing: input is read and dropped         LINGER_S, after a refusal (RFC 9112
+                                                             section 9.6)
+      BODY        a request's body, buffered in the reactor  the body pace (min_body_rate_bytes_s)
+      SEND        a slow reader to take a response's rest    the response pace
+      LINE        its turn for a body or send wait           the client's earlier waits to end
+      READY       a worker its client may take               the client's other requests to finish
+
+    The first five are ``fixed``: one timeout each (onebox/timers.py keeps each one's table in
+    deadline order). Sentinels rather than an ``enum.Enum``: on Python 3.11 an Enum's
+    ``Wait.HEAD`` goes through EnumType.__getattr__, and hashing a member (each look-up in
+    WAIT_MOVES) runs Enum.__hash__ in Python: ~60 and ~90 ns a time (timeit); here both are C."""
+
+    __slots__ = ("name", "fixed")
+
+    def __init__(self, name, fixed):
+        self.name = name     # as metrics and the status page label it
+        self.fixed = fixed
+
+    def __repr__(self):
+        return "Wait.%s" % self.name.upper()
+
+
+Wait.HANDSHAKE, Wait.NEW, Wait.HEAD, Wait.IDLE, Wait.LINGER = (
+    Wait(name, True) for name in ("handshake", "new", "head", "idle", "linger"))
+Wait.BODY, Wait.SEND, Wait.LINE, Wait.READY = (
+    Wait(name, False) for name in ("body", "send", "line", "ready"))
+WAITS = (Wait.HANDSHAKE, Wait.NEW, Wait.HEAD, Wait.IDLE, Wait.LINGER, Wait.BODY, Wait.SEND,
+         Wait.LINE, Wait.READY)
+FIXED_WAITS = frozenset(wait for wait in WAITS if wait.fixed)
+
+# Every legal move of Connection.waiting, from (key) to (any of the set); anything else is a
+# reactor bug (as in h11's _state.py). None: a worker has the connection, or it was just
+# accepted, or it is being closed (every wait may end in a close: -> None).
+WAIT_MOVES = {
+    # accepted (HANDSHAKE on the HTTPS listener, else NEW); back from a worker: kept (IDLE, or
+    # HEAD with the next head begun), answered (LINGER), a body to read (BODY), a slow reader
+    # (SEND), either in line behind its client's (LINE); a request for a worker (READY)
+    None: frozenset(WAITS),
+    Wait.HANDSHAKE: frozenset({Wait.NEW, None}),
+    Wait.NEW: frozenset({Wait.HEAD, None}),            # its first byte; or closed, timed out
+    Wait.HEAD: frozenset({Wait.LINGER, None}),         # refused (LINGER); whole: to a worker
+    Wait.IDLE: frozenset({None}),                      # its next request goes to a worker
+    Wait.LINGER: frozenset({None}),
+    Wait.BODY: frozenset({None}),                      # whole: to a worker; too slow: refused
+    Wait.SEND: frozenset({None}),                      # sent; or a stream's worker goes on
+    # its turn (LINE -> LINE, READY -> READY: back of the line, a reload lowered the cap)
+    Wait.LINE: frozenset({Wait.BODY, Wait.SEND, Wait.LINE, None}),
+    Wait.READY: frozenset({Wait.READY, None}),
+}
+
+
 class Connection:
     """One client connection; see the module docstring for who writes its fields."""
 
@@ -58,7 +120,7 @@ class Connection:
         self.ip = ip
         self.client = None    # the guard's client key (set at accept); None for a trusted proxy
         self.buf = bytearray()
-        self.waiting = None   # what it waits for in the reactor (see Reactor); None in a worker
+        self.waiting = None   # what it waits for in the reactor (a Wait); None in a worker
         self.idle_since = 0.0     # when its last response was sent: idle deadlines count from it
         self.pending = None   # a request waiting for its body (workers' _Exchange)
         self.outbox = None    # the rest of a response a slow reader has not taken (Outbox)

@@ -207,21 +207,16 @@ def _requests(out, server):
 
 
 def _connections(out, server):
-    reactor, handoff = server.reactor, server.handoff
-    parked = reactor.parked
-    # the heap of body and send waits may hold stale entries (see Reactor._expire): count each
-    # connection once, by what it waits for now
-    timed = {conn for _, _, conn in list(reactor.timed)}
-    waits = [conn.waiting for conn in timed]
-    states = [("handshake", len(parked["handshake"])),   # TLS handshakes under way
-              ("reading", len(parked["new"]) + len(parked["head"])),
-              ("idle", len(parked["idle"])), ("held", len(handoff.held)),
-              ("lingering", len(parked["linger"])), ("in_workers", len(reactor.busy)),
-              ("body", waits.count("body")), ("send", waits.count("send")),
-              ("in_line", sum(len(line) for line in list(reactor.wait_line.values()))),
-              ("ready", sum(len(line) for line in list(reactor.ready_line.values())))]
+    stats, handoff = server.reactor.stats(), server.handoff   # (a snapshot: any thread)
+    waits = stats["waits"]
+    states = [("handshake", waits["handshake"]),   # TLS handshakes under way
+              ("reading", waits["new"] + waits["head"]),
+              ("idle", waits["idle"]), ("held", len(handoff.held)),
+              ("lingering", waits["linger"]), ("in_workers", stats["in_workers"]),
+              ("body", waits["body"]), ("send", waits["send"]),
+              ("in_line", waits["line"]), ("ready", waits["ready"])]
     out.one("onebox_connections_open", "gauge", "Open connections on the public port",
-            reactor.open)
+            stats["open"])
     out.family("onebox_connections", "gauge",
                "Public connections by what they wait for (handshake: TLS; idle: kept, parked in "
                "the reactor; held: kept, a worker waits on it; body: its request body; send: a "
@@ -230,11 +225,11 @@ def _connections(out, server):
                [({"state": name}, value) for name, value in states])
     out.one("onebox_connections_max", "gauge", "max_connections", server.settings.max_connections)
     out.one("onebox_buffered_bytes", "gauge", "Request bodies buffered and TLS handshakes under "
-            "way, as charged against max_buffered_bytes", reactor.buffered)
+            "way, as charged against max_buffered_bytes", stats["buffered"])
     out.one("onebox_buffered_bytes_max", "gauge", "max_buffered_bytes",
             server.settings.max_buffered_bytes)
     out.one("onebox_admin_connections_open", "gauge", "Open connections on the admin listener",
-            reactor.admin_open)
+            stats["admin_open"])
     counts = server.guard.stats()["counts"]
     out.family("onebox_connections_refused_total", "counter",
                "Connections refused or cut by the runtime, by cause",

@@ -1,67 +1,32 @@
 """The reactor: the one thread that accepts connections and owns every one that waits.
 
-A connection waits here, never in a worker, for whatever a client can be slow at (issue 12):
+A connection waits here, never in a worker, for whatever a client can be slow at (issue 12): a
+TLS handshake, a request head, a body, a slow reader, the next request on a kept connection,
+its client's turn. ``Wait`` in onebox/handoff.py lists the waits with their timeouts, and the
+table of the moves between them; ``_move`` is the one place a connection's wait changes, and it
+checks each move against that table. The deadlines are onebox/timers.py's, and the per-client
+rules (workers, waits, room at ``max_connections``, the ``max_buffered_bytes`` memory budget)
+onebox/fairness.py's: they decide, this module does the I/O (accept, reads, sends, hand-off to
+the workers, closing).
 
-  waiting   what for                                    until
-  "handshake" a TLS handshake to finish (HTTPS listener) header_timeout_s after accept
-  "new"     the first byte of a request                 header_timeout_s after accept (or
-                                                        after a TLS handshake)
-  "head"    the rest of a request head                  header_timeout_s after its first byte
-  "idle"    the next request on a kept connection       keepalive_timeout_s after the response
-  "linger"  nothing: input is read and dropped          LINGER_S, after a refusal (RFC 9112 9.6)
-  "body"    a request's body, buffered here             the body pace (min_body_rate_bytes_s)
-  "send"    a slow reader to take a response's rest     the response pace
-  "line"    its turn for a body or send wait            the client's earlier waits to end
-  "ready"   a worker its client may take                the client's other requests to finish
-
-The first five have one timeout each, so their tables (insertion-ordered dicts) are in deadline
-order and expiring costs nothing per waiting connection. Body and send deadlines move with
-progress; they live in a heap checked lazily (an entry whose connection has moved its
-deadline is pushed again when it comes up).
-
-Fairness, per client as the guard counts clients (an IPv4 address, an IPv6 /64; a trusted
-proxy's connections are not counted at accept, but its requests' waits are, by the client
-each names): at most ``max_workers_per_client`` of a client's requests are in workers at once,
-and at most ``max_waiting_per_client`` of its bodies and responses wait here at once; the rest
-wait in line behind them, so one client's slowness costs others nothing.
-
-At ``max_connections``, room is made before anyone is refused, from the clients that hold the
-most (issue 19: 130 addresses x 32 uploads that each kept the minimum rate held the whole cap,
-and a normal client got 503 for a minute): (1) a connection already answered and lingering to
-close is closed; else (2) if the client holding the most connections holds more than the
-newcomer's client would with it, one of its connections is taken, whatever it waits for, the
-cheapest first (``_SHED_RANK``: kept idle, then a head not yet whole, then a body in line, a
-body or response on its way, a request ready for a worker; one in a worker's handler never),
-with a 503 for a request under way; else (3) the longest-idle kept connection (parked here,
-else one a worker holds); else the newcomer gets 503. So a client's allowance shrinks as the
-total grows: at the cap it is "fewer than the largest", and a client holding one connection is
-never refused while another holds more.
-
-Memory: whatever the reactor reads into a connection's buffer (request heads, and the bodies
-it buffers), and TLS handshakes under way (``TLS_HANDSHAKE_BYTES`` each), are charged against
-``max_buffered_bytes`` until a worker is done with the request (``Connection.charged``). Past it, the waits of the
-clients charged the most are shed (a 503 and a close; a handshake is closed) until it is 7/8
-full, so memory stays within the budget plus one read whatever the number of clients. Worst
-case: ``max_connections`` clients each sending a body at exactly the minimum rate hold the
-budget; the largest holders are cut, and the rest go on.
 The admin listener's connections (``Connection.admin``, onebox/admin.py) are accepted and wait
 here like the site's, but skip the guard and the site's connection caps: ``admin_open`` counts
 them against ``[admin] max_connections``. Health checks on the public port (onebox/health.py)
 are answered here as soon as their head is in, so that a wedged worker pool is reported.
 
 The HTTPS listener's connections (``Connection.tls``) are wrapped at accept, after the same
-guard and caps as the plain listener's, and wait in "handshake" while the reactor drives the
-handshake without blocking (ssl's SSLWantRead/WriteError arm the socket for reading or writing),
-so half a ClientHello holds no worker; a handshake that fails (plain HTTP to the HTTPS port) is
-closed at once. After it the connection is served as any other: its socket is an
+guard and caps as the plain listener's, and wait in ``Wait.HANDSHAKE`` while the reactor drives
+the handshake without blocking (ssl's SSLWantRead/WriteError arm the socket for reading or
+writing), so half a ClientHello holds no worker; a handshake that fails (plain HTTP to the
+HTTPS port) is closed at once. While under way, a handshake is charged ``TLS_HANDSHAKE_BYTES``
+against the memory budget. After it the connection is served as any other: its socket is an
 ``onebox.tls.TLSSocket``, which behaves as a plain one does for the code here and in the workers.
 
-Every field here is the reactor thread's alone, and nothing in this module takes a lock.
-Imports the standard library, the codec, transfer, tls and hand-off modules; never the engine or
+Every field here is the reactor thread's alone, and nothing in this module takes a lock;
+``stats()`` is the one method for other threads (metrics, the status page). Imports the standard
+library, the codec, transfer, tls, hand-off, timers and fairness modules; never the engine or
 ``server``.
 """
-import collections
-import heapq
 import socket
 import ssl
 import struct
@@ -69,7 +34,10 @@ import time
 import traceback
 
 from onebox.codec import error_response, head_problem, render_head
-from onebox.handoff import ARMED, BODY, CLOSE, GONE, PROBE, SEND, Connection
+from onebox.fairness import Fairness, MemoryBudget
+from onebox.handoff import (ARMED, BODY, CLOSE, FIXED_WAITS, GONE, PROBE, SEND, WAIT_MOVES, WAITS,
+                            Connection, Wait)
+from onebox.timers import Timers
 from onebox.tls import TLSSocket
 from onebox.transfer import ClientGone, Pace
 
@@ -81,17 +49,14 @@ PROBE_INTERVAL_S = 1.0         # how often the reactor checks that a worker can 
 LINGER_S = 2.0                 # after a close with unread input, read and drop it this long
 REFUSALS_LOGGED_PER_S = 20     # refusals at accept or before a worker, logged a second; the
                                # rest are counted and summed up in one error-log line
-_FIXED_KINDS = ("handshake", "new", "head", "idle", "linger")
 # What a TLS handshake under way costs, as charged against max_buffered_bytes: OpenSSL's
 # buffers and the handshake's state (measured: bench/slow_clients.py --scenario
 # tls-half-handshakes, and the README's "TLS" section).
 TLS_HANDSHAKE_BYTES = 64 * 1024
-# Which of a client's connections is taken first to make room at max_connections (lowest
-# first): what it costs the client to lose it. None: kept, held by a worker (see Workers._hold).
-_SHED_RANK = {"linger": 0, "idle": 1, None: 1, "handshake": 2, "new": 2, "head": 3, "line": 4,
-              "body": 5, "send": 6, "ready": 7}
-# The waits whose charged memory can be given back by shedding them (see _keep_to_budget).
-_CHARGED_WAITS = ("head", "body", "line", "ready", "handshake")
+
+
+class IllegalMove(RuntimeError):
+    """A move of Connection.waiting that WAIT_MOVES does not have: a bug in the reactor."""
 
 
 def _send_at_once(sock, response):
@@ -106,7 +71,8 @@ def _send_at_once(sock, response):
 
 class Reactor:
     """For the server: ``step()`` (one turn: expire, poll, act); at shutdown ``drain(deadline)``
-    and ``after_workers()``. Built by the server with what it needs."""
+    and ``after_workers()``; ``stats()`` from any thread. Built by the server with what it
+    needs."""
 
     def __init__(self, listener, settings, handoff, poller, guard, access_log, log_error,
                  admin_listener=None, admin_max_connections=64):
@@ -127,22 +93,14 @@ class Reactor:
         self.guard = guard
         self.access_log = access_log
         self.log_error = log_error
+        self.timers = Timers()
+        self.fair = Fairness(settings.max_workers_per_client, settings.max_waiting_per_client)
+        self.memory = MemoryBudget(settings.max_buffered_bytes)
         self.use_settings(settings)
-        self.parked = {kind: collections.OrderedDict() for kind in _FIXED_KINDS}
-        self.timed = []          # heap of (deadline, sequence, conn): body and send waits
-        self._sequence = 0
+        self.counts = dict.fromkeys(WAITS + (None,), 0)   # connections by wait (see _move)
         self.busy = set()        # in workers (queued, served or held)
         self.reported_early = 0  # connections reported between their re-arm and booking
         self.open = 0
-        # client key -> its open connections, oldest first (a dict used as an ordered set;
-        # None: trusted proxies)
-        self.per_client = {}
-        self.buffered = 0        # bytes charged against max_buffered_bytes (see _charge)
-        self.charged_by = {}     # client key -> [bytes charged, its charged connections]
-        self.in_workers = {}     # client key -> its connections in workers
-        self.ready_line = {}     # client key -> deque of connections waiting for a worker
-        self.waits = {}          # client key -> its active body and send waits
-        self.wait_line = {}      # client key -> deque of connections waiting to start one
         self._refusals = [0, 0, 0]   # [second, logged in it, not logged]
 
     def use_settings(self, settings):
@@ -154,15 +112,33 @@ class Reactor:
         self.body_pace = Pace.for_bodies(settings)
         self.send_pace = Pace.for_responses(settings)
         self.send_timeval = send_timeval
-        self.budget = settings.max_buffered_bytes
+        self.fair.max_workers_per_client = settings.max_workers_per_client
+        self.fair.max_waiting_per_client = settings.max_waiting_per_client
+        self.memory.limit_bytes = settings.max_buffered_bytes
         self.settings = settings
+
+    @property
+    def buffered(self):
+        """Bytes charged against max_buffered_bytes now."""
+        return self.memory.held
+
+    def stats(self):
+        """A snapshot for any thread: {"waits": {wait name: connections}, "parked": the same
+        for the fixed waits only, "open", "admin_open", "in_workers", "buffered", "timed" (heap
+        entries, stale ones too)}. Only a dict copy and len(), each atomic under the GIL:
+        nothing iterates a table the reactor may be changing."""
+        counts = self.counts.copy()
+        return {"waits": {wait.name: counts[wait] for wait in WAITS},
+                "parked": {wait.name: counts[wait] for wait in WAITS if wait.fixed},
+                "open": self.open, "admin_open": self.admin_open, "in_workers": len(self.busy),
+                "buffered": self.memory.held, "timed": len(self.timers.timed)}
 
     # -- one turn ---------------------------------------------------------------------------
     def step(self):
         handoff = self.handoff
         # (while stopping, held connections must come back to be closed: the flag stays up)
         if handoff.workers_wanted and handoff.work.qsize() < len(handoff.idle) \
-                and not self.ready_line and not handoff.stopping:
+                and not self.fair.ready_line and not handoff.stopping:
             handoff.want_workers(False)
         now = handoff.turned_at = time.monotonic()
         if handoff.probe_taken_at >= handoff.probe_sent_at \
@@ -210,29 +186,117 @@ class Reactor:
             handoff.want_workers(True)
 
     def _on_ready(self, conn):
-        kind = conn.waiting
-        if kind is None:
+        wait = conn.waiting
+        if wait is None:
             # re-armed by its worker, not booked yet: the booking will act on it
             conn.early_report = True
             self.reported_early += 1
             return
-        if kind in ("line", "ready"):
+        if wait is Wait.LINE or wait is Wait.READY:
             return   # not armed: a stale report
-        if kind == "idle":
+        if wait is Wait.IDLE:
             # the next request on a kept connection: a worker reads it (see Workers), so the
             # reactor makes no recv and the head is checked once, not twice
             self._unpark(conn)
             self._queue_work(conn)
-        elif kind == "send":
+        elif wait is Wait.SEND:
             self._send_more(conn)
-        elif kind == "body":
+        elif wait is Wait.BODY:
             self._read_body(conn)
-        elif kind == "handshake":
+        elif wait is Wait.HANDSHAKE:
             self._handshake(conn)
         else:
             self._read_head(conn)
-            if conn.waiting in _FIXED_KINDS:
+            if conn.waiting in FIXED_WAITS:
                 self.poller.arm(conn)  # still waiting: report it again (one-shot)
+
+    # -- waits: the one place they change -------------------------------------------------------
+    def _move(self, conn, wait):
+        """``conn`` waits for ``wait`` now (None: for nothing here), along WAIT_MOVES only."""
+        was = conn.waiting
+        if wait not in WAIT_MOVES[was]:
+            raise IllegalMove("a connection waiting for %r cannot move to %r" % (was, wait))
+        counts = self.counts
+        counts[was] -= 1
+        counts[wait] += 1
+        conn.waiting = wait
+
+    def _park(self, conn, wait, deadline=None):
+        """Wait for input with one of the fixed timeouts (a kept connection a worker held comes
+        with its own, earlier ``deadline``: see onebox/timers.py)."""
+        was = conn.waiting   # None, or a fixed wait (WAIT_MOVES)
+        self._move(conn, wait)
+        now = time.monotonic()
+        if wait is Wait.IDLE:
+            timeout = self.settings.keepalive_timeout_s
+        elif wait is Wait.LINGER:
+            timeout = LINGER_S
+        else:
+            timeout = self.settings.header_timeout_s
+        self.timers.park(conn, wait, now + timeout if deadline is None else max(deadline, now),
+                         was)
+        if was is None:
+            self.poller.arm(conn)
+
+    def _unpark(self, conn):
+        self.timers.unpark(conn, conn.waiting)
+        self._move(conn, None)
+        self.poller.disarm(conn)
+
+    def _start_wait(self, conn, wait):
+        """A body or send wait, if the client has a free place; else in line behind its own."""
+        if not self.fair.may_wait(conn, wait):
+            self._move(conn, Wait.LINE)
+            return
+        self._move(conn, wait)
+        if wait is Wait.BODY:   # bytes that came with the head count as progress (issue 19)
+            conn.deadline = self.body_pace.first(time.monotonic(), len(conn.buf))
+        else:
+            conn.deadline = self.send_pace.first(time.monotonic())
+        self.timers.push(conn, wait)
+        if wait is Wait.SEND:
+            self._send_more(conn)
+        else:
+            self.poller.arm(conn)
+
+    def _end_wait(self, conn):
+        """The body or send wait of ``conn`` (or its place in line) is over: its client's next
+        in line may start."""
+        wait = conn.waiting
+        self._move(conn, None)
+        if wait is Wait.LINE:
+            self.fair.leave_wait_line(conn)
+            return
+        following = self.fair.wait_over(conn)
+        if following is not None:
+            self._start_wait(*following)
+
+    def _expire(self, now):
+        """End the waits that are over; return when the next one is (within a second)."""
+        if self._refusals[2]:
+            self._sum_up_refusals(now)
+        over, soonest = self.timers.expire(now)
+        while over:   # (ending one may start another: a body in line gets its turn)
+            ended = 0
+            for conn, wait in over:
+                if conn.waiting is not wait:
+                    continue   # ended by the ending of one before it
+                ended += 1
+                if wait is Wait.HEAD:
+                    self._reject(conn, 408, "request head not received in time")
+                elif wait is Wait.BODY:
+                    self.guard.count("refused_slow_body")
+                    self._end_wait(conn)
+                    self._reject(conn, 408, "request body not received in time")
+                elif wait is Wait.SEND:
+                    self.guard.count("closed_slow_reader")
+                    self._finish_send(conn, ok=False)
+                else:
+                    self._close(conn)
+            if not ended:
+                break
+            over, soonest = self.timers.expire(now)
+        return soonest
 
     # -- accepting --------------------------------------------------------------------------
     def _accept(self, admin=False, tls=False):
@@ -262,26 +326,23 @@ class Reactor:
             elif self.open >= settings.max_connections and not self._make_room(conn.client):
                 self._refuse(conn, "server is at its connection limit", "connection_cap")
             elif (conn.client is not None
-                  and len(self.per_client.get(conn.client, ())) >= settings.max_connections_per_ip):
+                  and self.fair.holds(conn.client) >= settings.max_connections_per_ip):
                 self._refuse(conn, "too many connections from your address", "client_cap")
             elif tls:
                 if not self._wrap(conn):
                     continue
                 self._opened(conn)
-                self._park(conn, "handshake")   # the client speaks first: its ClientHello
-                self._charge(conn, TLS_HANDSHAKE_BYTES, conn.client)
-                if self.buffered > self.budget:
+                self._park(conn, Wait.HANDSHAKE)   # the client speaks first: its ClientHello
+                self.memory.charge(conn, TLS_HANDSHAKE_BYTES, conn.client)
+                if self.memory.held > self.memory.limit_bytes:
                     self._keep_to_budget()
             else:
                 self._opened(conn)
-                self._park(conn, "new")
+                self._park(conn, Wait.NEW)
 
     def _opened(self, conn):
         self.open += 1
-        conns = self.per_client.get(conn.client)
-        if conns is None:
-            conns = self.per_client[conn.client] = {}
-        conns[conn] = None
+        self.fair.opened(conn)
 
     def _wrap(self, conn):
         """Make ``conn`` a TLS connection whose handshake the reactor drives (see _handshake);
@@ -315,8 +376,8 @@ class Reactor:
             self.guard.count("closed_tls_handshake")
             self._close(conn)
             return
-        self._uncharge(conn)
-        self._park(conn, "new")
+        self.memory.uncharge(conn)
+        self._park(conn, Wait.NEW)
         self.poller.arm(conn)
 
     def _accept_admin(self, sock, ip):
@@ -330,43 +391,24 @@ class Reactor:
                            "open" % (ip, self.admin_max_connections), level="warning")
             return
         self.admin_open += 1
-        self._park(Connection(sock, ip, admin=True), "new")
+        self._park(Connection(sock, ip, admin=True), Wait.NEW)
 
+    # -- making room, and keeping to the memory budget (onebox/fairness.py decides) ----------
     def _make_room(self, newcomer):
         """At the global cap: close a connection that costs least to lose, from the client that
-        holds the most (the module docstring gives the order); False if the newcomer should be
-        refused instead."""
-        lingering = self.parked["linger"]
-        if lingering:
-            self._close(next(iter(lingering)))
-            return True
-        largest, most = None, 0
-        for key, conns in self.per_client.items():   # a trusted proxy (None) speaks for many
-            if key is not None and len(conns) > most:
-                largest, most = key, len(conns)
-        has = len(self.per_client.get(newcomer, ())) if newcomer is not None else 0
-        if largest is not None and has + 1 < most:
-            candidates = [conn for conn in self.per_client[largest]
-                          if conn.waiting is not None or conn in self.handoff.held]
-            # the cheapest to lose; of those, the oldest (min keeps the first of equals)
-            if candidates and self._evict(min(candidates,
-                                              key=lambda conn: _SHED_RANK[conn.waiting])):
-                return True
-        idle = self.parked["idle"]
-        if idle:
-            self._close(next(iter(idle)))
-            return True
-        held = self.handoff.held
-        for conn in sorted(list(held), key=lambda kept: kept.idle_since):
-            if self._evict(conn):
+        holds the most; False if the newcomer should be refused instead."""
+        timers = self.timers
+        for conn, counted in self.fair.room(newcomer, timers.first(Wait.LINGER),
+                                            timers.first(Wait.IDLE), self.handoff.held):
+            if self._evict(conn, counted):
                 return True
         return False
 
-    def _evict(self, conn):
+    def _evict(self, conn, counted):
         """Close ``conn`` to make room (a request under way is told 503); False if it could not
         be (a worker took its held connection back first)."""
-        kind = conn.waiting
-        if kind is None:   # kept and held by a worker
+        wait = conn.waiting
+        if wait is None:   # kept and held by a worker
             if not self.handoff.held.pop(conn, False):   # atomic: the worker or the reactor
                 return False
             self.guard.count("closed_for_room")
@@ -375,14 +417,25 @@ class Reactor:
             except OSError:
                 pass
             return True
-        self.guard.count("closed_for_room")
-        if kind == "send":
+        if counted:
+            self.guard.count("closed_for_room")
+        if wait is Wait.SEND:
             self._finish_send(conn, ok=False)
-        elif kind in ("head", "line", "body", "ready"):
+        elif wait in (Wait.HEAD, Wait.LINE, Wait.BODY, Wait.READY):
             self._shed(conn, "server is at its connection limit", "room")
         else:
             self._close(conn)
         return True
+
+    def _keep_to_budget(self):
+        """Past max_buffered_bytes: shed the waits MemoryBudget.victims() names (a 503 and a
+        close; a TLS handshake is closed)."""
+        for victim in self.memory.victims():
+            self.guard.count("closed_memory_budget")
+            if victim.waiting is Wait.HANDSHAKE:
+                self._close(victim)
+            else:
+                self._shed(victim, "server is busy: too many uploads at once", "memory")
 
     def _shed(self, conn, message, why):
         """Answer a request under way 503 (in one send, never waited for) and close now: its
@@ -431,18 +484,19 @@ class Reactor:
         if not data:
             self._close(conn)
             return
-        if conn.waiting == "linger":
+        if conn.waiting is Wait.LINGER:
             return
-        if conn.waiting != "head":
-            self._park(conn, "head")  # the head deadline starts with the head's first byte
+        if conn.waiting is not Wait.HEAD:
+            self._park(conn, Wait.HEAD)  # the head deadline starts with the head's first byte
         conn.buf += data
         # (a read may hold a body's first 64 KiB too: with 4,096 connections, 256 MiB); the
         # operator's admin connections are never charged, so never shed
+        memory = self.memory
         if not conn.admin:
-            self._charge(conn, len(data), conn.client)
-        if self.buffered > self.budget:
+            memory.charge(conn, len(data), conn.client)
+        if memory.held > memory.limit_bytes:
             self._keep_to_budget()
-            if conn.waiting != "head":
+            if conn.waiting is not Wait.HEAD:
                 return   # shed itself
         self._check_head(conn)
 
@@ -527,10 +581,11 @@ class Reactor:
             return
         conn.buf += data
         conn.deadline = self.body_pace.advance(conn.deadline, len(data), time.monotonic())
-        self._charge(conn, len(data), conn.wait_key)
-        if self.buffered > self.budget:
+        memory = self.memory
+        memory.charge(conn, len(data), conn.wait_key)
+        if memory.held > memory.limit_bytes:
             self._keep_to_budget()
-            if conn.waiting != "body":
+            if conn.waiting is not Wait.BODY:
                 return   # shed itself
         exchange = conn.pending
         if exchange.scan is None:
@@ -586,75 +641,23 @@ class Reactor:
             return
         conn.sock.setblocking(True)   # back to the workers' mode (see onebox/transfer.py)
         conn.idle_since = time.monotonic()
-        self._park(conn, "head" if conn.buf else "idle")
+        self._park(conn, Wait.HEAD if conn.buf else Wait.IDLE)
         if conn.buf:
             self._check_head(conn)
-
-    def _start_wait(self, conn, kind):
-        """A body or send wait, if the client has a free place; else in line behind its own."""
-        key = conn.wait_key
-        if key is not None and self.waits.get(key, 0) >= self.settings.max_waiting_per_client:
-            conn.waiting = "line"
-            self.wait_line.setdefault(key, collections.deque()).append((conn, kind))
-            return
-        if key is not None:
-            self.waits[key] = self.waits.get(key, 0) + 1
-        conn.waiting = kind
-        if kind == "body":   # bytes that came with the head count as progress (issue 19)
-            conn.deadline = self.body_pace.first(time.monotonic(), len(conn.buf))
-        else:
-            conn.deadline = self.send_pace.first(time.monotonic())
-        self._sequence += 1
-        heapq.heappush(self.timed, (conn.deadline, self._sequence, conn))
-        if kind == "send":
-            self._send_more(conn)
-        else:
-            self.poller.arm(conn)
-
-    def _end_wait(self, conn):
-        """The body or send wait of ``conn`` is over: its client's next in line may start."""
-        kind, conn.waiting = conn.waiting, None
-        key = conn.wait_key
-        if kind == "line":
-            queued = self.wait_line.get(key)
-            if queued:
-                for index, (waiting, _) in enumerate(queued):
-                    if waiting is conn:
-                        del queued[index]
-                        break
-                if not queued:
-                    del self.wait_line[key]
-            return
-        if key is None:
-            return
-        count = self.waits.get(key, 1) - 1
-        if count:
-            self.waits[key] = count
-        else:
-            self.waits.pop(key, None)
-        queued = self.wait_line.get(key)
-        if queued:
-            following, kind = queued.popleft()
-            if not queued:
-                del self.wait_line[key]
-            self._start_wait(following, kind)
 
     # -- to and from the workers --------------------------------------------------------------
     def _queue_work(self, conn):
         """Give a connection with a whole request (or body) to a worker, unless its client has
         max_workers_per_client in workers already: then it waits its turn."""
-        key = conn.client
-        if key is not None and self.in_workers.get(key, 0) >= self.settings.max_workers_per_client:
-            conn.waiting = "ready"
-            self.ready_line.setdefault(key, collections.deque()).append(conn)
-            self.handoff.clients_in_line = True
-            self.handoff.want_workers(True)   # its held connections, if any, come back
-            return
-        if key is not None:
-            self.in_workers[key] = self.in_workers.get(key, 0) + 1
-        conn.waiting = None
-        self.busy.add(conn)
         handoff = self.handoff
+        if not self.fair.may_work(conn):
+            self._move(conn, Wait.READY)
+            handoff.clients_in_line = True
+            handoff.want_workers(True)   # its held connections, if any, come back
+            return
+        if conn.waiting is not None:   # its turn in its client's ready line
+            self._move(conn, None)
+        self.busy.add(conn)
         handoff.work.put(conn)
         if not handoff.workers_wanted and handoff.work.qsize() > len(handoff.idle):
             handoff.want_workers(True)
@@ -662,21 +665,10 @@ class Reactor:
     def _left_workers(self, conn):
         self.busy.discard(conn)
         if conn.charged:
-            self._uncharge(conn)   # its body was read by the request's worker
-        key = conn.client
-        if key not in self.in_workers:   # a trusted proxy (None) is never counted
-            return
-        count = self.in_workers[key] - 1
-        if count:
-            self.in_workers[key] = count
-        else:
-            del self.in_workers[key]
-        queued = self.ready_line.get(key)
-        if queued:
-            following = queued.popleft()
-            if not queued:
-                del self.ready_line[key]
-                self.handoff.clients_in_line = bool(self.ready_line)
+            self.memory.uncharge(conn)   # its body was read by the request's worker
+        following = self.fair.left_worker(conn)
+        if following is not None:
+            self.handoff.clients_in_line = bool(self.fair.ready_line)
             self._queue_work(following)
 
     def _book_returned(self):
@@ -692,95 +684,28 @@ class Reactor:
                 self._queue_work(conn)   # its next request came before this booking
             elif outcome is ARMED:
                 # re-armed by its worker; its idle time began at its last response
-                conn.waiting = "idle"
-                self.parked["idle"][conn] = max(
-                    conn.idle_since + self.settings.keepalive_timeout_s, time.monotonic())
+                self._move(conn, Wait.IDLE)
+                self.timers.park(conn, Wait.IDLE, max(
+                    conn.idle_since + self.settings.keepalive_timeout_s, time.monotonic()))
             elif outcome is CLOSE:
                 self._linger(conn)
             elif outcome is GONE:
                 self._close(conn)
             elif outcome is BODY:
-                self._charge(conn, len(conn.buf), conn.wait_key)
-                self._start_wait(conn, "body")
-                if self.buffered > self.budget:
+                self.memory.charge(conn, len(conn.buf), conn.wait_key)
+                self._start_wait(conn, Wait.BODY)
+                if self.memory.held > self.memory.limit_bytes:
                     self._keep_to_budget()
             elif outcome is SEND:
                 conn.sock.setblocking(False)   # finished here without a wait in the kernel
-                self._start_wait(conn, "send")
+                self._start_wait(conn, Wait.SEND)
             elif conn.buf:
-                self._park(conn, "head")
+                self._park(conn, Wait.HEAD)
                 self._check_head(conn)
             else:   # kept: its idle time began at its last response, not now (see ARMED)
-                self._park(conn, "idle", conn.idle_since + self.settings.keepalive_timeout_s)
+                self._park(conn, Wait.IDLE, conn.idle_since + self.settings.keepalive_timeout_s)
 
-    # -- parking, expiring, closing -------------------------------------------------------------
-    def _timeout_for(self, kind):
-        settings = self.settings
-        if kind == "idle":
-            return settings.keepalive_timeout_s
-        if kind == "linger":
-            return LINGER_S
-        return settings.header_timeout_s
-
-    def _park(self, conn, kind, deadline=None):
-        """Wait for input with one of the fixed timeouts (deadline order = insertion order; a
-        kept connection a worker held comes with an earlier ``deadline``, which keeps the order
-        only roughly: it may outstay its idle time by as long as it was held)."""
-        first = conn.waiting not in _FIXED_KINDS
-        if not first:
-            del self.parked[conn.waiting][conn]
-        conn.waiting = kind
-        now = time.monotonic()
-        self.parked[kind][conn] = now + self._timeout_for(kind) if deadline is None \
-            else max(deadline, now)
-        if first:
-            self.poller.arm(conn)
-
-    def _unpark(self, conn):
-        del self.parked[conn.waiting][conn]
-        conn.waiting = None
-        self.poller.disarm(conn)
-
-    def _expire(self, now):
-        """End the waits that are over; return when the next one is (within a second)."""
-        soonest = now + 1.0
-        if self._refusals[2]:
-            self._sum_up_refusals(now)
-        for kind, parked in self.parked.items():
-            while parked:
-                conn, deadline = next(iter(parked.items()))
-                if deadline > now:
-                    soonest = min(soonest, deadline)
-                    break
-                if kind == "head":
-                    self._reject(conn, 408, "request head not received in time")
-                else:
-                    self._close(conn)
-        timed = self.timed
-        while timed:
-            deadline, _, conn = timed[0]
-            if conn.waiting not in ("body", "send"):
-                heapq.heappop(timed)                 # ended: a stale entry
-            elif conn.deadline > deadline:           # progress moved it: look again later
-                self._sequence += 1
-                heapq.heapreplace(timed, (conn.deadline, self._sequence, conn))
-            elif deadline > now:
-                soonest = min(soonest, deadline)
-                break
-            else:
-                heapq.heappop(timed)
-                self._too_slow(conn)
-        return soonest
-
-    def _too_slow(self, conn):
-        if conn.waiting == "body":
-            self.guard.count("refused_slow_body")
-            self._end_wait(conn)
-            self._reject(conn, 408, "request body not received in time")
-        else:
-            self.guard.count("closed_slow_reader")
-            self._finish_send(conn, ok=False)
-
+    # -- lingering, closing -------------------------------------------------------------------
     def _linger(self, conn):
         """Close for writing, then read and drop input for a while before closing: closing a
         socket with unread input sends RST, which can destroy the response before the client
@@ -792,36 +717,32 @@ class Reactor:
             return
         conn.buf = bytearray()
         if conn.charged:
-            self._uncharge(conn)
+            self.memory.uncharge(conn)
         conn.sock.setblocking(True)   # a send wait's socket was non-blocking; reads pass DONTWAIT
-        self._park(conn, "linger")
+        self._park(conn, Wait.LINGER)
 
     def _close(self, conn):
         if conn.sock.fileno() < 0:
             return   # closed already (a connection handed back twice after a failure)
-        kind = conn.waiting
+        wait = conn.waiting
         if conn.outbox is not None:
             conn.outbox.close()
             conn.outbox = None
-        if kind in _FIXED_KINDS:
+        if wait in FIXED_WAITS:
             self._unpark(conn)
-        elif kind in ("body", "send", "line"):
+        elif wait is Wait.READY:
+            self.fair.leave_ready_line(conn)
+            self.handoff.clients_in_line = bool(self.fair.ready_line)
+            self._move(conn, None)
+        elif wait is not None:   # body, send, line
             self._end_wait(conn)
-        elif kind == "ready":
-            queued = self.ready_line.get(conn.client)
-            if queued and conn in queued:
-                queued.remove(conn)
-                if not queued:
-                    del self.ready_line[conn.client]
-                    self.handoff.clients_in_line = bool(self.ready_line)
-        conn.waiting = None
         # its buffer goes now: the heap of timed waits keeps a closed connection until its old
         # deadline comes up, and with it a body of up to buffer_body_bytes (a flood of shed
         # bodies once held ~0.5 GB that max_buffered_bytes no longer counted)
         conn.buf = bytearray()
         conn.pending = None
         if conn.charged:
-            self._uncharge(conn)
+            self.memory.uncharge(conn)
         self.busy.discard(conn)
         self.poller.forget(conn.sock)
         conn.sock.close()
@@ -829,79 +750,22 @@ class Reactor:
             self.admin_open -= 1
             return
         self.open -= 1
-        conns = self.per_client[conn.client]
-        del conns[conn]
-        if not conns:
-            del self.per_client[conn.client]
-
-    # -- the memory budget ------------------------------------------------------------------------
-    def _charge(self, conn, size, key):
-        """Count ``size`` bytes ``conn`` holds against max_buffered_bytes, and against ``key``'s
-        share (the client as the guard counts it; for a body, the one a trusted proxy names)."""
-        if not size:
-            return
-        if not conn.charged:
-            conn.charge_key = key
-            entry = self.charged_by.get(key)
-            if entry is None:
-                entry = self.charged_by[key] = [0, set()]
-            entry[1].add(conn)
-        else:
-            entry = self.charged_by[conn.charge_key]
-        entry[0] += size
-        conn.charged += size
-        self.buffered += size
-
-    def _uncharge(self, conn):
-        key = conn.charge_key
-        entry = self.charged_by[key]
-        entry[0] -= conn.charged
-        entry[1].discard(conn)
-        if not entry[1]:
-            del self.charged_by[key]
-        self.buffered -= conn.charged
-        conn.charged = 0
-        conn.charge_key = None
-
-    def _keep_to_budget(self):
-        """Past max_buffered_bytes: shed the largest waits of the clients charged the most,
-        one at a time from whoever holds the most at that moment, until 7/8 of the budget is
-        held (so that a flood sheds in batches, not at every read). A request in a worker
-        cannot be shed; the rest of the memory is what it takes to make progress."""
-        target = self.budget - self.budget // 8
-        heap = [(-entry[0], id(key), key) for key, entry in self.charged_by.items()]
-        heapq.heapify(heap)
-        while heap and self.buffered > target:
-            _, _, key = heapq.heappop(heap)
-            entry = self.charged_by.get(key)
-            if entry is None:
-                continue
-            sheddable = [conn for conn in entry[1] if conn.waiting in _CHARGED_WAITS]
-            if not sheddable:
-                continue
-            victim = max(sheddable, key=lambda conn: conn.charged)
-            self.guard.count("closed_memory_budget")
-            if victim.waiting == "handshake":
-                self._close(victim)
-            else:
-                self._shed(victim, "server is busy: too many uploads at once", "memory")
-            entry = self.charged_by.get(key)
-            if entry is not None:
-                heapq.heappush(heap, (-entry[0], id(key), key))
+        self.fair.closed(conn)
 
     # -- shutdown ------------------------------------------------------------------------------
     def close_waiting(self):
-        """Close every connection that waits here, answered or not (shutdown)."""
-        for parked in self.parked.values():
-            for conn in list(parked):
+        """Close every connection that waits here, answered or not (shutdown): parked ones,
+        then those in line (so that none gets a turn), then body and send waits."""
+        for table in self.timers.parked.values():
+            for conn in list(table):
                 self._close(conn)
-        for queued in list(self.ready_line.values()) + list(self.wait_line.values()):
+        fair = self.fair
+        for queued in list(fair.ready_line.values()) + list(fair.wait_line.values()):
             for item in list(queued):
                 self._close(item if isinstance(item, Connection) else item[0])
-        for _, _, conn in list(self.timed):
-            if conn.waiting in ("body", "send"):
-                self._close(conn)
-        self.timed = []
+        for conn in self.timers.timed_connections():
+            self._close(conn)
+        self.timers.clear()
 
     def drain(self, deadline):
         """Shutdown: busy connections have until ``deadline`` to finish; then their sockets are
@@ -933,3 +797,4 @@ class Reactor:
             conn.sock.close()
         except OSError:
             pass
+

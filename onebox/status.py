@@ -122,18 +122,19 @@ def status_document(server):
 
 
 def _gauges(server):
-    settings, reactor, handoff = server.settings, server.reactor, server.handoff
+    settings, handoff = server.settings, server.handoff
+    stats = server.reactor.stats()   # a snapshot: any thread
     threads = settings.worker_threads
     idle = len(handoff.idle)
-    parked = {kind: len(table) for kind, table in list(reactor.parked.items())}
+    parked = stats["parked"]
     rows = [
-        ("open", "open connections", reactor.open, settings.max_connections),
-        ("in_workers", "connections in workers", len(reactor.busy), None),
+        ("open", "open connections", stats["open"], settings.max_connections),
+        ("in_workers", "connections in workers", stats["in_workers"], None),
         ("busy_workers", "busy workers", max(0, threads - idle), threads),
         ("held", "kept connections a worker waits on", len(handoff.held), None),
         ("queued", "hand-off queue (ready, waiting for a worker)", handoff.work.qsize(), None),
-        ("timed", "body and slow-reader waits in the reactor", len(reactor.timed), None),
-        ("buffered", "bytes of bodies and TLS handshakes held", reactor.buffered,
+        ("timed", "body and slow-reader waits in the reactor", stats["timed"], None),
+        ("buffered", "bytes of bodies and TLS handshakes held", stats["buffered"],
          settings.max_buffered_bytes),
     ]
     rows += [("parked_" + kind, "parked: %s" % kind, count, None)
