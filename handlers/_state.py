@@ -55,9 +55,8 @@ class StateProxy(object):
 
     __slots__ = ()
 
-    # __getattribute__, not __getattr__: __getattr__ runs only after the normal lookup has
-    # failed, which costs an AttributeError per use. Resolving ``state.get`` takes ~350 ns this
-    # way against ~850 ns for the old __getattr__ proxy (timeit, CPython 3.11; store.get: ~60).
+    # __getattribute__: __getattr__ would run only after a failed lookup, an AttributeError
+    # per use (~850 ns per state.get against ~350: docs/design.md, "The contract and ...")
     def __getattribute__(self, name):
         if name in _PROXY_OWN or name[:2] == "__":
             return object.__getattribute__(self, name)
