@@ -89,9 +89,10 @@ def not_bound(what):
         where = "this thread is bound to %s, which has none" % context.owner
     return RuntimeError(
         "%s is not bound: %s. A server's state, response cache, limiters and body parsers are "
-        "reached from the worker threads that run its handlers; a thread a handler starts must carry them: "
-        "threading.Thread(target=carry_context(work)) (from handlers._core). A script or test "
-        "binds its own: state.bind(store), or handlers._context.bind(ServerContext(...))."
+        "reached from the worker threads that run its handlers; a thread a handler starts must "
+        "carry them: threading.Thread(target=carry_context(work)) (from handlers._core). A "
+        "script or test binds its own: state.bind(store), or "
+        "handlers._context.bind(ServerContext(...))."
         % (what, where))
 
 

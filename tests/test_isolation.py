@@ -5,7 +5,7 @@ Issue 11, item 4: the process-wide ``state`` proxy was bound to whichever server
 so a note POSTed to server A was stored in server B's data directory, and once B stopped the same
 POST to A answered 500.
 
-The rule that makes this possible (issue 20; handlers/_core.py's docstring says it too): the
+The rule that makes this possible (issue 20; docs/design.md, "The contract and the runtime"): the
 contract, ``handlers/_*.py``, is an interface. It imports the standard library and itself, never
 ``onebox``; the implementations (the store, the response cache, the limiters' buckets) live in the
 runtime, which builds one set per server and binds it to that server's worker threads at start-up.
