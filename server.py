@@ -18,6 +18,8 @@ Where things are
 ``onebox/store/``       the shared store behind ``state``: journal, snapshots, recovery, index
 ``onebox/cache.py``     the response cache behind ``@cached``: single flight, invalidation, caps
 ``onebox/limits.py``    the rate limiters' token buckets, and each server's named limiters
+``onebox/forms.py``     form bodies behind request.form(): urlencoded and multipart
+``onebox/jsonbody.py``  JSON bodies behind request.json(): the cap, and what parsers disagree on
 ``onebox/logs.py``      the access log, which never makes a request wait
 ``onebox/poller.py``    which waiting sockets are ready (epoll, or a selector)
 ``onebox/handoff.py``   what the reactor and the workers pass each other, and who writes what

@@ -1,37 +1,8 @@
-"""The response cache, as handler areas see it: ``@cached`` and ``invalidate``. The contract
-only: the cache itself is the runtime's (``onebox/cache.py``), one per server, bound to its
-worker threads at start-up.
-
-For handler areas::
-
-    from handlers._cache import cached, invalidate
-
-    @cached(ttl_s=30)                          # vary=("Accept-Language",) adds headers to the key
-    def list_notes(request):
-        ...
-
-    def create_note(request):
-        ...
-        invalidate("/api/notes")               # drops every cached key that starts with it
-
-What is cached, and what never is
-    The key is the request path and query string (as sent), plus the value of each ``vary``
-    header. Only GET and HEAD requests without an Authorization header are looked up; other
-    requests call the handler as usual. Only 200 responses with a bytes body are kept, and never
-    one that sets a cookie or says ``Cache-Control: private`` or ``no-store``: those are per
-    user. A handler whose answer depends on a cookie must name it in ``vary`` or mark the
-    response private. Entries expire ``ttl_s`` after they were computed. N concurrent misses of
-    one key cost one computation; ``invalidate(prefix)`` drops the matching entries, and a
-    computation under way when it is called is not stored. ``[cache]`` in setup.cfg caps the
-    cache's entries and bytes.
-
-One cache per server
-    ``cached``, ``invalidate`` and ``responses`` reach the cache of the server running the
-    handler (handlers/_context.py), so one server's cached GET never answers another server's
-    request, and an invalidation empties only its own. On a thread bound to no server they raise
-    RuntimeError ("the response cache is not bound: ..."), naming the fix.
-
-Imports the standard library and ``handlers._context``; never ``onebox`` (see handlers/_core.py).
+"""The response cache as areas see it: ``@cached(ttl_s, vary=())`` and ``invalidate(prefix)``.
+The cache itself is the runtime's (``onebox/cache.py``), one per server, bound to its worker
+threads (``handlers/_context.py``). What is cached and what never is: docs/areas.md, "Response
+cache". On a thread bound to no server these raise RuntimeError ("the response cache is not
+bound: ...").
 """
 import functools
 
@@ -41,8 +12,7 @@ __all__ = ["cached", "invalidate", "responses"]
 
 
 class _ResponsesProxy(object):
-    """``responses``: the response cache (``onebox.cache.ResponseCache``) of the server whose
-    worker thread is running (see handlers/_context.py); RuntimeError on a thread bound to none."""
+    """``responses``: the calling worker thread's server's ``onebox.cache.ResponseCache``."""
 
     __slots__ = ()
 
@@ -51,7 +21,6 @@ class _ResponsesProxy(object):
 
 
 def _here():
-    """The calling thread's server's ResponseCache."""
     return _context.require("responses", "the response cache")
 
 
@@ -59,8 +28,8 @@ responses = _ResponsesProxy()
 
 
 def cached(ttl_s, vary=(), cache=None):
-    """Decorate a GET handler so that its responses are cached for ``ttl_s`` seconds (see the
-    module docstring); ``vary`` names request headers whose values are part of the key."""
+    """Cache a GET handler's responses for ``ttl_s`` seconds, keyed by path and query string
+    plus the values of the ``vary`` request headers."""
     if not ttl_s > 0:
         raise ValueError("'ttl_s' must be positive")
     vary = tuple(name.lower() for name in vary)

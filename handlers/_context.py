@@ -1,30 +1,11 @@
-"""Which server the current thread works for: the binding behind ``state``, ``@cached`` and
-``limiter()``.
+"""Which server the calling thread works for: how the contract's names reach the runtime.
 
-Areas import process-wide names (``from handlers._core import state``), but what those names
-reach belongs to one server: its store (its data directory), its response cache and its named
-limiters. Two servers in one process (tests build several) must not share any of them: a note
-POSTed to one would land in the other's data directory. So each server owns a ``ServerContext``
-and each of its worker threads binds it (``bind``) before serving anything; the contract's names
-look it up here, in a thread-local, when they are used (one attribute read).
-
-What is bound where
-    * A server's worker threads: bound to that server for their whole life.
-    * The reactor thread, the log and backup threads: bound to nothing. None of them runs a
-      handler; the guard and the backup use the store they were handed directly.
-    * A thread that a handler starts itself: bound to nothing, so using ``state`` there raises a
-      RuntimeError saying so (never a silent write to some other server's store). Hand it the
-      handler's binding: ``threading.Thread(target=carry_context(work))``.
-    * A script or test outside any server: ``state.bind(store)`` binds the calling thread to that
-      store alone (``@cached`` and limiters stay unbound there); ``state.unbind(store)`` undoes
-      it.
-
-A thread serves one server: binding a thread that is bound to another context (another store)
-raises RuntimeError instead of silently moving it. Binding the same one again does nothing.
-
-This is how the contract reaches its implementations without importing them: the runtime builds
-each server's ``ServerContext`` from ``onebox/`` objects and binds it here at start-up. Imports
-the standard library only.
+``state``, ``@cached``, ``limiter()``, ``request.json()`` and ``request.form()`` belong to one
+server, but areas import them before any server exists. So each server builds a
+``ServerContext`` of its own implementations, each of its worker threads binds it (``bind``),
+and the contract looks it up here, in a thread-local, at each use. A thread serves one server:
+binding one already bound to another context raises RuntimeError. Who is bound to what, and
+why: docs/design.md, "The contract and the runtime". Imports the standard library only.
 """
 import functools
 import threading
@@ -34,19 +15,21 @@ __all__ = ["ServerContext", "bind", "unbind", "current", "require", "carry_conte
 
 
 class ServerContext(object):
-    """What one server owns and its handlers reach through the contract: ``store`` (a
-    ``handlers._state.StateStore``), ``responses`` (for ``@cached``: ``serve(key, ttl_s,
-    compute)``, ``invalidate(prefix)``) and ``limiters`` (for ``limiter()``: ``get(name, policy,
-    max_keys)``); any may be None (not available on threads bound to this context). The runtime
-    fills them with its implementations (``onebox.store.Store``, ``onebox.cache.ResponseCache``,
-    ``onebox.limits.LimiterRegistry``). ``owner`` names it in error messages."""
+    """One server's implementations of the contract, filled by the runtime; any may be None
+    (then unusable on threads bound to it): ``store`` (a ``handlers._state.StateStore``),
+    ``responses`` (``serve(key, ttl_s, compute)``, ``invalidate(prefix)``), ``limiters``
+    (``get(name, policy, max_keys)``), ``read_json(request, max_bytes)`` and
+    ``read_form(request)``. ``owner`` names it in error messages."""
 
-    __slots__ = ("store", "responses", "limiters", "owner")
+    __slots__ = ("store", "responses", "limiters", "owner", "read_json", "read_form")
 
-    def __init__(self, store=None, responses=None, limiters=None, owner=""):
+    def __init__(self, store=None, responses=None, limiters=None, owner="", read_json=None,
+                 read_form=None):
         self.store = store
         self.responses = responses
         self.limiters = limiters
+        self.read_json = read_json
+        self.read_form = read_form
         if not owner:
             owner = "a server" if store is None else "the store in %s" % store.data_dir
         self.owner = owner
@@ -89,8 +72,8 @@ def current():
 
 
 def require(part, what):
-    """The calling thread's context's ``part`` ("store", "responses" or "limiters"), or the
-    RuntimeError of ``not_bound(what)`` if it has none."""
+    """The calling thread's context's ``part`` (a slot name), or the RuntimeError of
+    ``not_bound(what)`` if it has none."""
     found = getattr(_bound.context, part, None)   # None too when the thread is unbound
     if found is None:
         raise not_bound(what)
@@ -105,10 +88,11 @@ def not_bound(what):
     else:
         where = "this thread is bound to %s, which has none" % context.owner
     return RuntimeError(
-        "%s is not bound: %s. A server's state, response cache and limiters are reached from "
-        "the worker threads that run its handlers; a thread a handler starts must carry them: "
-        "threading.Thread(target=carry_context(work)) (from handlers._core). A script or test "
-        "binds its own: state.bind(store), or handlers._context.bind(ServerContext(...))."
+        "%s is not bound: %s. A server's state, response cache, limiters and body parsers are "
+        "reached from the worker threads that run its handlers; a thread a handler starts must "
+        "carry them: threading.Thread(target=carry_context(work)) (from handlers._core). A "
+        "script or test binds its own: state.bind(store), or "
+        "handlers._context.bind(ServerContext(...))."
         % (what, where))
 
 

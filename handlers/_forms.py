@@ -1,10 +1,8 @@
-"""Parsers for what browsers send: query strings, urlencoded and multipart forms, cookies.
-
-Written in-house because ``cgi`` (the stdlib's multipart parser) was removed in Python 3.13
-(PEP 594). Every parser works on bytes already read under the server's body limit, so none of
-them can be made to read more; malformed input raises ``HTTPError(400)`` via ``FormError``.
+"""What ``request.form()`` returns (``Form``, ``UploadedFile``) and raises (``FormError``: a
+400), and the two small parsers ``Request`` runs itself: query strings and cookies (pure, so
+they work on any thread). Form bodies (urlencoded, multipart) are parsed by the runtime
+(``onebox/forms.py``), bound per server (``handlers/_context.py``).
 """
-import re
 import urllib.parse
 
 MAX_FORM_FIELDS = 1000  # a form with more fields than any human fills in is an attack
@@ -87,81 +85,3 @@ def parse_cookies(header_values):
                 value = value[1:-1]
             cookies.setdefault(name.strip(), value)
     return cookies
-
-
-def parse_options(header_value):
-    """'multipart/form-data; boundary="x"' -> ("multipart/form-data", {"boundary": "x"})."""
-    main, *params = header_value.split(";")
-    options = {}
-    for param in params:
-        name, sep, value = param.strip().partition("=")
-        if sep:
-            value = value.strip()
-            if len(value) >= 2 and value[0] == value[-1] == '"':
-                value = value[1:-1].replace('\\"', '"')
-            options[name.strip().lower()] = value
-    return main.strip().lower(), options
-
-
-def parse_form(content_type, body):
-    kind, options = parse_options(content_type or "")
-    if kind == "application/x-www-form-urlencoded":
-        try:
-            return Form(parse_urlencoded(body.decode("utf-8")))
-        except UnicodeDecodeError:
-            raise FormError("form must be UTF-8") from None
-    if kind == "multipart/form-data":
-        return parse_multipart(body, options.get("boundary", ""))
-    raise FormError("expected a form (application/x-www-form-urlencoded or multipart/form-data)")
-
-
-_BOUNDARY_RE = re.compile(r"^[0-9A-Za-z'()+_,\-./:=? ]{1,70}$")  # RFC 2046 section 5.1.1
-
-
-def parse_multipart(body, boundary):
-    """Parse multipart/form-data (RFC 7578) held in memory; text parts become fields."""
-    if not _BOUNDARY_RE.match(boundary) or boundary.endswith(" "):
-        raise FormError("multipart form needs a valid boundary parameter")
-    delimiter = b"--" + boundary.encode("ascii")
-    if not body.startswith(delimiter):
-        body_start = body.find(b"\r\n" + delimiter)
-        if body_start < 0:
-            raise FormError("multipart form has no parts")
-        body = body[body_start + 2:]
-    fields, files = [], {}
-    position = len(delimiter)
-    while True:
-        if body.startswith(b"--", position):
-            return Form(fields, files)  # the close-delimiter: done
-        if not body.startswith(b"\r\n", position):
-            raise FormError("multipart form is malformed")
-        end = body.find(b"\r\n" + delimiter, position)
-        if end < 0:
-            raise FormError("multipart form is truncated")
-        _parse_part(body[position + 2:end], fields, files)
-        if len(fields) + len(files) > MAX_FORM_FIELDS:
-            raise FormError("form has more than %d fields" % MAX_FORM_FIELDS)
-        position = end + 2 + len(delimiter)
-
-
-def _parse_part(part, fields, files):
-    head, sep, data = part.partition(b"\r\n\r\n")
-    if not sep:
-        raise FormError("multipart part has no header")
-    headers = {}
-    for line in head.decode("utf-8", "replace").split("\r\n"):
-        name, colon, value = line.partition(":")
-        if colon:
-            headers[name.strip().lower()] = value.strip()
-    disposition, options = parse_options(headers.get("content-disposition", ""))
-    if disposition != "form-data" or "name" not in options:
-        raise FormError("multipart part needs Content-Disposition: form-data with a name")
-    name = options["name"]
-    if "filename" in options:
-        content_type = headers.get("content-type", "application/octet-stream")
-        files[name] = UploadedFile(name, options["filename"], content_type, data)
-        return
-    try:
-        fields.append((name, data.decode("utf-8")))
-    except UnicodeDecodeError:
-        raise FormError("form fields must be UTF-8 text") from None

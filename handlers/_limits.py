@@ -1,39 +1,7 @@
-"""Rate limits, as handler areas see them: ``limiter()``, the ``Limiter`` contract, ``Policy``
-and ``Hit``, and the 429's header fields. The contract only: the buckets themselves are the
-runtime's (``onebox/limits.py``), one table per server, bound to its worker threads at start-up.
-
-The contract (``Limiter``) is four calls, so that another backend (a shared one, for several
-processes) could be written later without touching a handler:
-
-    hit(key, cost=1, policy=None)   take ``cost`` tokens from ``key``'s bucket if it holds them;
-                                    returns a ``Hit``: allowed, remaining tokens, retry_after_s
-    peek(key, policy=None)          the tokens ``key`` holds now (nothing is taken)
-    retry_after(key, cost=1, policy=None)
-                                    seconds until ``cost`` tokens are there (0.0: now)
-    stats()                         a dict for metrics: keys tracked, the cap, evictions, ...
-
-plus ``forget(key)`` (a full bucket again: e.g. after a successful login). A ``Policy`` is a
-name, a rate (tokens per second) and a burst (the bucket's size); a limiter has a default one,
-and a call may pass another (the guard's per-route overrides share one table).
-
-For handler areas (through ``handlers._core``)::
-
-    from handlers._core import limiter, rate_limit
-
-    LOGINS = limiter("login-per-account", rate_per_s=1 / 60, burst=5)  # 5 tries, then 1 a minute
-
-    def login(request):
-        rate_limit(LOGINS, request.json().get("account", ""))  # 429 + Retry-After when spent
-        ...
-
-``limiter(name, ...)`` returns the limiter of that name (the same object on every call, so a
-module that is imported again -- a reload -- keeps its counters). Its buckets belong to the server
-whose worker thread calls it: each server keeps its own, made on first use (the runtime's
-``LimiterRegistry``, through ``handlers._context``), so two servers in one process never share a
-bucket. Used from a thread bound to no server it raises RuntimeError ("limiter
-'login-per-account' is not bound").
-
-Imports the standard library and ``handlers._context``; never ``onebox`` (see handlers/_core.py).
+"""Rate limits as areas see them: ``limiter()``, ``Limiter``, ``Policy``, ``Hit`` and the 429's
+header fields (``rate_limit`` is in ``handlers._core``; docs/areas.md, "Rate limits of your
+own"). The buckets are the runtime's (``onebox/limits.py``), one table per server, bound to its
+worker threads (``handlers/_context.py``).
 """
 import collections
 import math
@@ -57,7 +25,8 @@ Hit.__doc__ = """The answer to ``hit``: whether it was allowed, the tokens left 
 
 
 def check_policy(policy):
-    """Raise ValueError unless ``policy`` is usable; returns it."""
+    """Raise ValueError unless ``policy`` is usable; returns it. Here, not in the runtime, so
+    that ``limiter()`` refuses a bad policy when an area is imported: at start-up."""
     if not isinstance(policy, Policy):
         raise ValueError("'policy' must be a Policy(name, rate_per_s, burst)")
     if not (isinstance(policy.rate_per_s, (int, float)) and policy.rate_per_s > 0
@@ -79,9 +48,12 @@ def check_max_keys(max_keys):
 
 
 class Limiter(object):
-    """The contract every limiter backend keeps (see the module docstring); the runtime's is
-    ``onebox.limits.InProcessLimiter``. Keys are any hashable value; a backend that is not
-    in-process would need them to be strings."""
+    """The contract every limiter backend keeps (the runtime's: ``onebox.limits``), so that
+    another one (shared by several processes) needs no change to a handler: ``hit(key, cost=1,
+    policy=None)`` takes ``cost`` tokens if ``key``'s bucket holds them and returns a ``Hit``;
+    ``peek(key, policy=None)`` the tokens it holds; ``retry_after(key, cost=1, policy=None)``
+    the seconds until ``cost`` are there; ``forget(key)`` refills it; ``stats()`` a dict for
+    metrics. A call's ``policy`` overrides the limiter's own. Keys are any hashable value."""
 
     def hit(self, key, cost=1, policy=None):
         raise NotImplementedError
@@ -115,14 +87,9 @@ def rate_limit_headers(hit):
     return headers
 
 
-# --- named limiters, for handler areas: one table per server ----------------------------------
-# ``limiter(name, ...)`` runs at import time, before any server exists, and one imported module
-# serves every server in the process; so it returns a ``NamedLimiter``: a name and a policy,
-# whose buckets live in the limiter table of the server whose worker thread calls it (its
-# ``ServerContext.limiters``: the runtime's ``onebox.limits.LimiterRegistry``, whose
-# ``get(name, policy, max_keys)`` makes the limiter of that name on first use). Two servers never
-# share a bucket.
-
+# ``limiter(name, ...)`` runs when an area is imported, before any server exists, and one module
+# serves every server in the process: so it returns a name and a policy, and each call goes to
+# the limiter of that name in the calling thread's server (``ServerContext.limiters``).
 _names_lock = threading.Lock()   # guards _names
 _names = {}                      # name -> NamedLimiter
 
@@ -160,8 +127,8 @@ class NamedLimiter(Limiter):
 
 
 def limiter(name, rate_per_s, burst, max_keys=DEFAULT_MAX_KEYS):
-    """The limiter called ``name`` (see above): later calls get the same one with this policy,
-    so counters survive a module being imported again. Its buckets are per server."""
+    """The limiter called ``name``: later calls get the same one with this policy, so counters
+    survive a module being imported again (a reload). Its buckets are per server."""
     policy = check_policy(Policy(name, rate_per_s, burst))
     check_max_keys(max_keys)   # now: the limiter itself is made later, by each server
     with _names_lock:

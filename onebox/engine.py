@@ -26,9 +26,11 @@ from handlers._state import StateError
 from onebox.activity import Activity
 from onebox.admin import AdminConfigError, AdminSite, check_listener, is_loopback, load_token
 from onebox.cache import ResponseCache
+from onebox.forms import read_form
 from onebox.guard import Guard
 from onebox.health import HealthChecks
 from onebox.handoff import Handoff, Wait
+from onebox.jsonbody import read_json
 from onebox.limits import LimiterRegistry
 from onebox.logs import AccessLog, error_entry, journal_stream
 from onebox.metrics import Metrics
@@ -97,11 +99,11 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         self.static = StaticPages(settings.pages_dir, config.static)
         self.guard = Guard(config.guard, store, self.log_error)   # bans persist in the store
         self._count_requests(config)
-        # What handlers reach through state, @cached and limiter(): this server's own, bound by
-        # each worker thread as it starts (handlers/_context.py); never the process's.
+        # What handlers reach through state, @cached, limiter(), request.json() and .form():
+        # this server's own, bound by each worker thread as it starts (handlers/_context.py).
         self.context = _context.ServerContext(
             store, ResponseCache(config.cache.max_entries, config.cache.max_bytes),
-            LimiterRegistry())
+            LimiterRegistry(), read_json=read_json, read_form=read_form)
         self.access_log = None
         self.access_stream = access_stream or sys.stdout   # kept for a reload turning it on
         if settings.access_log:

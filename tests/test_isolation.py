@@ -5,7 +5,7 @@ Issue 11, item 4: the process-wide ``state`` proxy was bound to whichever server
 so a note POSTed to server A was stored in server B's data directory, and once B stopped the same
 POST to A answered 500.
 
-The rule that makes this possible (issue 20; handlers/_core.py's docstring says it too): the
+The rule that makes this possible (issue 20; docs/design.md, "The contract and the runtime"): the
 contract, ``handlers/_*.py``, is an interface. It imports the standard library and itself, never
 ``onebox``; the implementations (the store, the response cache, the limiters' buckets) live in the
 runtime, which builds one set per server and binds it to that server's worker threads at start-up.
@@ -24,6 +24,8 @@ from handlers._cache import cached, invalidate
 from handlers._core import carry_context, limiter, rate_limit, state, text_response
 from handlers._state import StateStore
 from onebox.cache import ResponseCache
+from onebox.forms import read_form
+from onebox.jsonbody import read_json
 from onebox.limits import LimiterRegistry
 from onebox.store import Store
 from test_routing import forbidden_in_handlers
@@ -162,6 +164,41 @@ def test_state_on_a_thread_bound_to_no_server_raises_a_clear_error(start_server)
         state.get("who")
 
 
+def test_the_body_parsers_are_the_runtimes_bound_like_state(start_server):
+    """request.json() and request.form() run the runtime's parsers (onebox/jsonbody.py,
+    onebox/forms.py), found through the worker thread as state is: a thread the handler starts
+    must carry the binding; on the test's own thread they are bound to nothing."""
+    def parse_elsewhere(request):
+        outcome = {}
+
+        def read(name, parse):
+            try:
+                outcome[name] = parse()
+            except RuntimeError as error:
+                outcome[name] = str(error)
+
+        reader = request.json if "json" in request.path else lambda: request.form().fields
+        for name, target in (("uncarried", lambda: read("uncarried", reader)),
+                             ("carried", carry_context(lambda: read("carried", reader)))):
+            thread = threading.Thread(target=target)
+            thread.start()
+            thread.join(10)
+        return outcome
+
+    server = start_server(routes=[("POST", "/t/json", parse_elsewhere),
+                                  ("POST", "/t/form", parse_elsewhere)])
+    status, _, body = request(server, "POST", "/t/json", '{"a": 1}', JSON)
+    outcome = json.loads(body)
+    assert status == 200 and outcome["carried"] == {"a": 1}
+    assert outcome["uncarried"].startswith("request.json() is not bound: this thread (")
+    status, _, body = request(server, "POST", "/t/form", "a=1",
+                              {"Content-Type": "application/x-www-form-urlencoded"})
+    outcome = json.loads(body)
+    assert status == 200 and outcome["carried"] == [["a", "1"]]
+    assert outcome["uncarried"].startswith("request.form() is not bound: this thread (")
+    assert "carry_context(work)" in outcome["uncarried"]
+
+
 def test_binding_a_bound_thread_to_a_second_store_raises(tmp_path, start_server):
     first_store = Store(str(tmp_path / "first"), durability="off", log=lambda message: None)
     second_store = Store(str(tmp_path / "second"), durability="off", log=lambda message: None)
@@ -229,4 +266,5 @@ def test_each_server_binds_the_runtimes_implementations_of_the_contract(start_se
     assert type(server.store) is Store
     assert isinstance(server.context.responses, ResponseCache)
     assert isinstance(server.context.limiters, LimiterRegistry)
+    assert (server.context.read_json, server.context.read_form) == (read_json, read_form)
     assert request(server, "GET", "/t/implementation")[2] == b"onebox.store.store.Store"
