@@ -1,7 +1,7 @@
 """Which server the calling thread works for: how the contract's names reach the runtime.
 
-``state``, ``@cached``, ``limiter()``, ``request.json()`` and ``request.form()`` belong to one
-server, but areas import them before any server exists. So each server builds a
+``state``, ``@cached`` and ``limiter()`` belong to one server, but areas import them before any
+server exists. So each server builds a
 ``ServerContext`` of its own implementations, each of its worker threads binds it (``bind``),
 and the contract looks it up here, in a thread-local, at each use. A thread serves one server:
 binding one already bound to another context raises RuntimeError. Who is bound to what, and
@@ -11,31 +11,44 @@ import functools
 import threading
 
 __all__ = ["ServerContext", "bind", "unbind", "current", "require", "carry_context",
-           "not_bound"]
+           "not_bound", "parsers", "use_parsers"]
 
 
 class ServerContext(object):
     """One server's implementations of the contract, filled by the runtime; any may be None
     (then unusable on threads bound to it): ``store`` (a ``handlers._state.StateStore``),
     ``responses`` (``serve(key, ttl_s, compute)``, ``invalidate(prefix)``), ``limiters``
-    (``get(name, policy, max_keys)``), ``read_json(request, max_bytes)`` and
-    ``read_form(request)``. ``owner`` names it in error messages."""
+    (``get(name, policy, max_keys)``). ``owner`` names it in error messages."""
 
-    __slots__ = ("store", "responses", "limiters", "owner", "read_json", "read_form")
+    __slots__ = ("store", "responses", "limiters", "owner")
 
-    def __init__(self, store=None, responses=None, limiters=None, owner="", read_json=None,
-                 read_form=None):
+    def __init__(self, store=None, responses=None, limiters=None, owner=""):
         self.store = store
         self.responses = responses
         self.limiters = limiters
-        self.read_json = read_json
-        self.read_form = read_form
         if not owner:
             owner = "a server" if store is None else "the store in %s" % store.data_dir
         self.owner = owner
 
     def __repr__(self):
         return "<ServerContext of %s>" % self.owner
+
+
+class _Parsers(object):
+    """The request body parsers, ``read_json(request, max_bytes)`` and ``read_form(request)``
+    (onebox/jsonbody.py, onebox/forms.py). They hold no state of a server's (a request brings
+    its own limits), so one pair serves the process and any thread, bound or not (a thread a
+    handler starts may parse its request); the runtime sets them (``use_parsers``)."""
+
+    read_json = read_form = None
+
+
+parsers = _Parsers()
+
+
+def use_parsers(read_json, read_form):
+    """The runtime's body parsers, for every request of the process (set before serving)."""
+    parsers.read_json, parsers.read_form = read_json, read_form
 
 
 class _Bound(threading.local):
@@ -88,7 +101,7 @@ def not_bound(what):
     else:
         where = "this thread is bound to %s, which has none" % context.owner
     return RuntimeError(
-        "%s is not bound: %s. A server's state, response cache, limiters and body parsers are "
+        "%s is not bound: %s. A server's state, response cache and limiters are "
         "reached from the worker threads that run its handlers; a thread a handler starts must "
         "carry them: threading.Thread(target=carry_context(work)) (from handlers._core). A "
         "script or test binds its own: state.bind(store), or "

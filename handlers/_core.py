@@ -200,18 +200,18 @@ class Request:
         """The body parsed as JSON (RFC 8259), at most ``max_bytes`` long (default: the
         server's ``max_json_bytes``; 413 beyond it, before parsing). 415 unless Content-Type
         says JSON; 400 for bad JSON and for what parsers disagree on (docs/areas.md, "JSON")."""
-        context = _context._bound.context   # the server's parser: onebox/jsonbody.py
-        if context is None or context.read_json is None:
-            raise _context.not_bound("request.json()")
-        return context.read_json(self, max_bytes)
+        read_json = _context.parsers.read_json   # the runtime's: onebox/jsonbody.py
+        if read_json is None:
+            raise RuntimeError("request.json() needs the runtime's parser: no server was built")
+        return read_json(self, max_bytes)
 
     def form(self):
         """The submitted form as a ``_forms.Form`` (fields and uploaded files); 400 if it is
         not an urlencoded or multipart form."""
-        context = _context._bound.context   # the server's parser: onebox/forms.py
-        if context is None or context.read_form is None:
-            raise _context.not_bound("request.form()")
-        return context.read_form(self)
+        read_form = _context.parsers.read_form   # the runtime's: onebox/forms.py
+        if read_form is None:
+            raise RuntimeError("request.form() needs the runtime's parser: no server was built")
+        return read_form(self)
 
 
 # What body() keeps of a body found longer than its caller's max_bytes: 413 at every call.

@@ -103,7 +103,8 @@ class OneboxServer(http.server.ThreadingHTTPServer):
         # this server's own, bound by each worker thread as it starts (handlers/_context.py).
         self.context = _context.ServerContext(
             store, ResponseCache(config.cache.max_entries, config.cache.max_bytes),
-            LimiterRegistry(), read_json=read_json, read_form=read_form)
+            LimiterRegistry())
+        _context.use_parsers(read_json, read_form)   # stateless: the process's, any thread
         self.access_log = None
         self.access_stream = access_stream or sys.stdout   # kept for a reload turning it on
         if settings.access_log:
