@@ -263,7 +263,8 @@ def serve(config, router, store, notifier=None, listeners=None, restarter=None):
     try:
         if listeners is None:
             listeners = listen_sockets()
-        server = OneboxServer(config, router, store=store, listeners=listeners)
+        server = OneboxServer(config, router, store=store, listeners=listeners,
+                              notifier=notifier, restarter=restarter)
     except (AdminConfigError, SystemdError, TLSConfigError) as error:
         store.close()
         print("onebox: %s" % error, file=sys.stderr)
@@ -277,8 +278,6 @@ def serve(config, router, store, notifier=None, listeners=None, restarter=None):
         notifier.send("STATUS=onebox: %s" % message)
         return 1
     notifier.log_error = server.log_error
-    server.notifier = notifier   # a reload tells systemd: RELOADING=1, then READY=1
-    server.restarter = restarter
 
     def stop(*_):
         notifier.stopping()

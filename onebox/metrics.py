@@ -11,7 +11,8 @@ it asked.
 
 Requests the reactor refuses before any worker sees them (a connection over a cap, a head
 that is malformed or too slow) are not requests here: they are in
-``onebox_connections_refused_total`` and the guard's counters.
+``onebox_connections_refused_total``, by cause, every cause from zero (the causes are declared
+once, in ``onebox.books.Refusals.CAUSES``: nothing here lists them).
 
 Cardinality is bounded by what the server knows, never by what clients send: ``route`` is a
 route's pattern ("/api/notes/{id}"), or one of ``STATIC``, ``UNROUTED`` (no route and no page:
@@ -20,15 +21,15 @@ is one of ``onebox.routing.METHODS`` or "other"; the status is its class ("2xx")
 
 The scrape
 ----------
-``render(server)`` reads the tables above and the server's parts (the reactor's tables, the worker
-pool, the guard's ``stats()``, the response cache, the static caches, the state store, the
-process) and writes the text exposition format 0.0.4
+``render(sources)`` reads the tables above and the parts' ``stats()`` (``Sources``: the reactor,
+the worker pool, the guard, the refusal counters, the response cache and limiters, the static
+caches, the state store; the process) and writes the text exposition format 0.0.4
 (https://prometheus.io/docs/instrumenting/exposition_formats/). Each part's figures are read
 without stopping it; the worst a race costs is a gauge a moment stale. Its size is bounded by
 routes x methods x status classes (and the histogram's buckets per route).
 
 Stdlib only; imports no runtime module but routing's METHODS and the tally's buckets (the
-server is passed in).
+parts are passed in, as ``Sources``).
 """
 import os
 import platform
@@ -46,6 +47,48 @@ _BUCKET_OF = tuple(metrics_bucket(bucket) for bucket in range(len(DURATION_BOUND
 _CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 _KNOWN_METHODS = frozenset(METHODS)
 VERSION = "0.1"   # onebox's version, for onebox_build_info
+
+
+class Sources(object):
+    """What the admin listener's pages read (the metrics, the status page), each part by
+    name, given by the engine at start; never the engine itself. The site's values are read
+    from the current site, and the server's phase and health from its ``life``
+    (onebox/health.py). ``workers`` is given once the pool is built (the pool serves the
+    admin pages that read it: the one cycle, broken here)."""
+
+    __slots__ = ("metrics", "refusals", "guard", "reactor", "handoff", "workers", "context",
+                 "store", "activity", "current", "life", "url")
+
+    def __init__(self, **parts):
+        for name in self.__slots__:
+            setattr(self, name, parts.get(name))
+
+    @property
+    def settings(self):
+        return self.current.site.settings
+
+    @property
+    def config(self):
+        return self.current.site.config
+
+    @property
+    def static(self):
+        return self.current.site.static
+
+    @property
+    def phase(self):
+        return self.life.phase
+
+    @property
+    def started_at(self):
+        return self.life.started_at
+
+    @property
+    def tls_expires(self):
+        return self.life.tls_expires
+
+    def health(self):
+        return self.life.health()
 
 
 class Metrics(object):
@@ -158,10 +201,11 @@ class _Writer(object):
 
 
 def render(server):
-    """The whole scrape, as text."""
+    """The whole scrape, as text. ``server``: the parts to read (``Sources``)."""
     out = _Writer()
     _requests(out, server)
     _connections(out, server)
+    _refusals(out, server.refusals)
     _guard(out, server)
     _caches(out, server)
     _state(out, server)
@@ -235,14 +279,6 @@ def _connections(out, server):
             server.settings.max_buffered_bytes)
     out.one("onebox_admin_connections_open", "gauge", "Open connections on the admin listener",
             reactor.admin_open)
-    counts = server.guard.stats()["counts"]
-    out.family("onebox_connections_refused_total", "counter",
-               "Connections refused or cut by the runtime, by cause",
-               [({"cause": name}, counts.get(name, 0)) for name in sorted(
-                   set(counts) | {"refused_connection_cap", "refused_client_cap",
-                                  "refused_timeout", "refused_bad_request", "refused_slow_body",
-                                  "closed_slow_reader", "closed_at_accept"})
-                if name.startswith(("refused_", "closed_"))])
     idle = len(handoff.idle)
     threads = len(server.workers.threads)
     out.family("onebox_workers", "gauge", "Worker threads by state",
@@ -261,13 +297,18 @@ def _connections(out, server):
                 int(expires))
 
 
+def _refusals(out, refusals):
+    out.family("onebox_connections_refused_total", "counter",
+               "Connections refused or cut by the runtime, by cause",
+               [({"cause": name}, count) for name, count in sorted(refusals.stats().items())])
+
+
 def _guard(out, server):
     stats = server.guard.stats()
     counts = stats["counts"]
     out.family("onebox_guard_events_total", "counter",
                "The abuse guard's own counters (bans earned, banned hits, scanners, ...)",
-               [({"event": name}, value) for name, value in sorted(counts.items())
-                if not name.startswith(("refused_", "closed_"))])
+               [({"event": name}, value) for name, value in sorted(counts.items())])
     out.one("onebox_guard_bans_active", "gauge", "Bans in force", stats["bans"]["active"])
     out.one("onebox_guard_enabled", "gauge", "1 if [limits] enabled", 1 if stats["enabled"] else 0)
     tables = [("guard_clients", stats["clients"]), ("guard_cpu", stats["cpu"]),
