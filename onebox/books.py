@@ -14,8 +14,9 @@ served under (``onebox/site.py``); the worker fills it in as it learns (method, 
 label, status, bytes), and hands it with the response when the reactor is to finish sending
 (``Outbox.record``). Adding a log field or a metric is one place: the value goes into the
 record where it becomes known, and the access line (``AccessLog.line``) or the tally reads it
-from there; nothing else carries it. (The bytes received, ``Record.received``, were added so:
-the record's slot, the worker's one assignment, and the line's format.)
+from there; nothing else carries it. (The request body bytes received,
+``onebox_http_request_body_bytes_total``, were added so: ``Record.received``, set by the worker
+where the body's reader is, counted here, and written by the metrics' render.)
 
 Refusal counters (``Refusals``): the causes the runtime refuses or cuts a connection for are
 declared here, once, in ``Refusals.CAUSES``; each is counted from zero at start, so /metrics
@@ -125,6 +126,8 @@ class Books:
         elif self.tally is not None:
             self.tally.add(record.started, finished, record.status, record.method, route,
                            record.ip, record.path, record.sent)
+            if record.received and self.metrics is not None:   # requests with a body only
+                self.metrics.record_received(record.received)
         log = record.site.access_log
         if log and (route not in self.health_paths
                     or self.should_log_health(route, record.status)):

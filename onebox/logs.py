@@ -8,9 +8,8 @@ import re
 import threading
 import time
 
-# One line per request in the combined log format plus the duration and the request body bytes
-# received. Lines are buffered and written by a flusher thread at least every
-# log_flush_interval_s, so a request costs no syscall.
+# One line per request in the combined log format plus the duration. Lines are buffered and
+# written by a flusher thread at least every log_flush_interval_s, so a request costs no syscall.
 
 _LOG_ESCAPE_RE = re.compile(r'[\x00-\x1f\x7f-\xff"\\]')
 
@@ -63,14 +62,13 @@ def _escape_controls(text):
 
 def _line(record, stamp, seconds):
     """One access line: the combined log format (client, time, request line, status, body bytes
-    sent, referer, user agent), the duration, the request body bytes received (``in=``), then
-    ``record.note`` (the guard's decision, 'guard=429:client_rate'; ``health``; ``admin``...).
+    sent, referer, user agent), the duration, then ``record.note`` (the guard's decision, 'guard=429:client_rate'; ``health``; ``admin``...).
     A field added to the line is added here, from the record (onebox/books.py)."""
     note = record.note
-    return '%s - - [%s] "%s" %d %s "%s" "%s" %.3fms in=%d%s\n' % (
+    return '%s - - [%s] "%s" %d %s "%s" "%s" %.3fms%s\n' % (
         record.ip, stamp, _log_escape(record.line), record.status, record.sent or "-",
         _log_escape(record.referer), _log_escape(record.agent), seconds * 1000,
-        record.received, " " + note if note else "")
+        " " + note if note else "")
 
 
 class AccessLog:

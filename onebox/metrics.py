@@ -3,8 +3,8 @@
 The hot path
 ------------
 Each request is counted once, in the tally (``onebox/tally.py``), by the thread that finishes
-it (a worker where it logs the access line; the reactor for a response it finished for a slow
-reader, and for the health checks it answers): no lock, and a request like the one before it
+it (``Books.finish``, onebox/books.py: a worker, or the reactor for a response it finished for
+a slow reader, and for the health checks it answers): no lock, and a request like the one before it
 costs one dictionary lookup. The tally folds each thread's entries into ``Metrics``' tables
 under its lock; a scrape adds the entries not yet folded, so it is complete up to the moment
 it asked.
@@ -98,8 +98,9 @@ class Metrics(object):
     (``[admin] metrics = off``).
 
     ``requests`` and ``durations`` are written by ``fold`` only, under the tally's lock, and
-    copied under it (``totals``); ``decisions`` and ``admin`` are guarded by ``_counts_lock``
-    (refusals and admin requests: rarer, from any thread)."""
+    copied under it (``totals``); ``decisions``, ``admin`` and ``received`` are guarded by
+    ``_counts_lock`` (refusals, admin requests, requests with a body: rarer, from any
+    thread)."""
 
     def __init__(self, tally, enabled=True):
         self.enabled = enabled
@@ -109,6 +110,7 @@ class Metrics(object):
         self._counts_lock = threading.Lock()
         self.decisions = {}   # (rule, action) -> count
         self.admin = {}       # status class -> admin listener requests
+        self.received = 0     # request body bytes received (requests with a body only)
         if enabled:
             tally.subscribe(self.fold)
 
@@ -137,6 +139,15 @@ class Metrics(object):
         key = (verdict.rule, "dry_run" if verdict.dry_run else "refused")
         with self._counts_lock:
             self.decisions[key] = self.decisions.get(key, 0) + 1
+
+    def record_received(self, size):
+        """``size`` request body bytes received (onebox/books.py: a request with a body)."""
+        with self._counts_lock:
+            self.received += size
+
+    def received_bytes(self):
+        with self._counts_lock:
+            return self.received
 
     def record_admin(self, status):
         """A request on the admin listener: counted apart, never as the site's traffic."""
@@ -235,6 +246,9 @@ def _requests(out, server):
         samples.append(("_bucket", {"route": route, "le": "+Inf"}, running))
         samples.append(("_sum", {"route": route}, histogram[-1]))
         samples.append(("_count", {"route": route}, running))
+    out.one("onebox_http_request_body_bytes_total", "counter",
+            "Request body bytes received on the public port (read by a handler, or drained)",
+            metrics.received_bytes())
     out.family("onebox_http_request_duration_seconds", "histogram",
                "Time from a whole request head to the response's last byte handed to the kernel",
                samples)

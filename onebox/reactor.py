@@ -258,8 +258,8 @@ class Reactor:
             # the guard's client key (an IPv6 /64 is one client; None: a trusted proxy, uncapped)
             conn.client, banned = self.guard.admit(conn.ip)
             if banned:  # banned, and told so ban_close_after_hits times: close without reading
+                self.refusals.count("closed_at_accept")   # first: the client sees the close
                 sock.close()
-                self.refusals.count("closed_at_accept")
             elif self.open >= settings.max_connections and not self._make_room(conn.client):
                 self._refuse(conn, "server is at its connection limit", "connection_cap")
             elif (conn.client is not None
