@@ -62,15 +62,14 @@ class _Exchange(Record):
                  "raw_head", "scan")
 
     def __init__(self, started, site, ip, raw_head):
-        # Record's fields (set here, not by Record.__init__: one call fewer per request)
+        # Record's fields, set here rather than by Record.__init__ (one call fewer per
+        # request); status, sent, received, note and path are set at step 6 (Workers._finish),
+        # line, referer and agent by _describe, before the books read them
         self.started = started
         self.site = site
         self.ip = ip
         self.route = REFUSED   # the metrics' route label: the pattern, once routed
-        self.line = self.path = self.referer = self.agent = ""
         self.method = "other"
-        self.status = self.sent = self.received = 0
-        self.note = None
         # the worker's own
         self.head = self.request = self.reader = self.verdict = self.response = None
         self.unrouted = False
@@ -322,8 +321,8 @@ class Workers:
             exchange.path = "(unparsed)"
             if head is not None:
                 exchange.method = head.method
-        if exchange.reader is not None:
-            exchange.received = exchange.reader.received
+        reader = exchange.reader
+        exchange.received = reader.received if reader is not None else 0
         if outbox is not None or exchange.site.access_log:
             self._describe(exchange)
         if outbox is not None:
@@ -341,6 +340,7 @@ class Workers:
         head = exchange.head
         if head is None:
             exchange.line = exchange.raw_head.split(b"\r\n", 1)[0][:200].decode("latin-1")
+            exchange.referer = exchange.agent = ""
             return
         exchange.line = head.request_line
         fields = head.fields
