@@ -20,6 +20,8 @@ Where things are
 ``onebox/handoff.py``   what the reactor and the workers pass each other, and who writes what
 ``onebox/reactor.py``   the thread that accepts, and owns every connection that waits
 ``onebox/workers.py``   the pool that serves requests that are ready
+``onebox/site.py``      the Site one configuration serves by, swapped whole by a reload
+``onebox/books.py``     one Record per request, one finish: the tally and the access log
 ``onebox/engine.py``    the server object that composes them: start, drain, stop, health
 ``onebox/reload.py``    SIGHUP: setup.cfg read again and applied while serving
 ``onebox/admin.py``     the admin listener: /metrics, the status page, its token and origin check

@@ -32,6 +32,7 @@ import threading
 import time
 
 ADMIN = "admin"      # the route label of an admin listener request: counted apart, never tallied
+_APART = frozenset((None, ADMIN))   # route labels finish() counts apart: refusals, admin
 REFUSALS_LOGGED_PER_S = 20   # refusals at accept or before a worker, logged a second; the
                              # rest are counted and summed up in one error-log line
 
@@ -117,10 +118,10 @@ class Books:
         """The request is done (its last byte handed to the kernel at ``finished``, monotonic):
         count it and log it. Any thread that ends a response; once per record."""
         route = record.route
-        if route is None:
-            self._log_refusal(record)
-            return
-        if route is ADMIN:
+        if route in _APART:   # not the site's traffic: never tallied
+            if route is None:
+                self._log_refusal(record)
+                return
             if self.metrics is not None:
                 self.metrics.record_admin(record.status)
         elif self.tally is not None:

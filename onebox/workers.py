@@ -334,8 +334,7 @@ class Workers:
         self.books.finish(exchange, time.monotonic())
         return None if exchange.keep_alive else CLOSE
 
-    @staticmethod
-    def _describe(exchange):
+    def _describe(self, exchange):
         """The record's fields that only the access line (and an error message) read."""
         head = exchange.head
         if head is None:
@@ -497,8 +496,7 @@ class Workers:
         return 0, None
 
     # -- building and routing --------------------------------------------------------------------
-    @staticmethod
-    def _body_reader(conn, head, settings):
+    def _body_reader(self, conn, head, settings):
         """The body's reader, made before anything can fail, so that even an error response
         knows how to skip the body (or that it must close instead)."""
         if head.chunked:
@@ -507,8 +505,7 @@ class Workers:
             return LengthBody(conn, head, settings)
         return None
 
-    @staticmethod
-    def _build_request(conn, head, reader, site):
+    def _build_request(self, conn, head, reader, site):
         settings = site.settings
         if head.method not in METHODS:
             raise HTTPError(501, "method not implemented")
@@ -585,8 +582,7 @@ class Workers:
                            traceback.format_exc())
             raise HTTPError(500, "internal server error") from None
 
-    @staticmethod
-    def _error_for(site, request, error, admin=False):
+    def _error_for(self, site, request, error, admin=False):
         if (error.status == 404 and request is not None and request.method in ("GET", "HEAD")
                 and not admin):
             response = site.static.not_found(request)
