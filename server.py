@@ -27,6 +27,8 @@ Where things are
 ``onebox/timers.py``    the reactor's deadlines: fixed-timeout tables, a lazy heap for moving ones
 ``onebox/fairness.py``  per-client shares in the reactor: workers, waits, room, the memory budget
 ``onebox/workers.py``   the pool that serves requests that are ready
+``onebox/site.py``      the Site one configuration serves by, swapped whole by a reload
+``onebox/books.py``     one Record per request, one finish: the tally and the access log
 ``onebox/engine.py``    the server object that composes them: start, drain, stop, health
 ``onebox/reload.py``    SIGHUP: setup.cfg read again and applied while serving
 ``onebox/admin.py``     the admin listener: /metrics, the status page, its token and origin check
@@ -270,7 +272,8 @@ def serve(config, router, store, notifier=None, listeners=None, restarter=None):
     try:
         if listeners is None:
             listeners = listen_sockets()
-        server = OneboxServer(config, router, store=store, listeners=listeners)
+        server = OneboxServer(config, router, store=store, listeners=listeners,
+                              notifier=notifier, restarter=restarter)
     except (AdminConfigError, SystemdError, TLSConfigError) as error:
         store.close()
         print("onebox: %s" % error, file=sys.stderr)
@@ -284,8 +287,6 @@ def serve(config, router, store, notifier=None, listeners=None, restarter=None):
         notifier.send("STATUS=onebox: %s" % message)
         return 1
     notifier.log_error = server.log_error
-    server.notifier = notifier   # a reload tells systemd: RELOADING=1, then READY=1
-    server.restarter = restarter
 
     def stop(*_):
         notifier.stopping()

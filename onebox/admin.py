@@ -47,7 +47,8 @@ A module named in ``EXTENSIONS`` (``onebox.status``: the status page) defines
 module's own in one ``onebox.routing.Router`` (duplicates stop start-up, as for areas).
 Handlers take the ``handlers._core.Request`` and return what area handlers return (a
 Response, a dict for JSON, ``HTTPError`` for an expected failure); they run in a worker
-thread, so they may read ``server`` (guard, metrics, store, reactor gauges) but must not block.
+thread, so they may read ``server`` (``onebox.metrics.Sources``: the guard, the metrics, the
+store, each part's ``stats()``; never the engine) but must not block.
 Authentication and the same-origin check are done before the handler is called: a handler
 never checks them itself. This module's own rows: ``GET /metrics``, ``GET /login``,
 ``POST /login``, ``POST /logout``, and ``GET /`` (a list of links) unless an extension
@@ -192,13 +193,16 @@ def session_value(token):
 
 class AdminSite(object):
     """What the admin listener serves. For the workers: ``serve(request, call)`` (``call``
-    runs a handler with the workers' error handling) -> Response."""
+    runs a handler with the workers' error handling) -> Response. Built with ``sources``
+    (what its pages read: onebox.metrics.Sources), the ``token`` (or None) and
+    ``log_error`` (where actions are logged)."""
 
-    def __init__(self, server, token):
-        self.server = server
+    def __init__(self, sources, token, log_error):
+        self.sources = sources
+        self.log_error = log_error
         self.token = token
         self._session = session_value(token) if token else None
-        self.router = Router(admin_routes(server, self))
+        self.router = Router(admin_routes(sources, self))
 
     # -- one request, in a worker ------------------------------------------------------------
     def serve(self, request, call):
@@ -211,8 +215,8 @@ class AdminSite(object):
         if self.token is not None and not login and not self._authorized(request):
             return self._unauthorized(request)
         if method not in SAFE_METHODS and not self._same_origin(request):
-            self.server.log_error("admin: %s %s from %s refused: not from the admin origin"
-                                  % (method, request.path, request.client_ip), level="warning")
+            self.log_error("admin: %s %s from %s refused: not from the admin origin"
+                           % (method, request.path, request.client_ip), level="warning")
             raise HTTPError(403, "admin actions must come from the admin page itself")
         route, params, allowed = self.router.match(method, request.segments)
         if route is None:
@@ -223,8 +227,8 @@ class AdminSite(object):
             raise HTTPError(404, "not found")
         request.params = params
         if method not in SAFE_METHODS and not login:
-            self.server.log_error("admin: %s %s by %s" % (method, request.path,
-                                                          request.client_ip), level="info")
+            self.log_error("admin: %s %s by %s" % (method, request.path, request.client_ip),
+                           level="info")
         return call(route.handler, request)
 
     def _authorized(self, request):
@@ -265,10 +269,9 @@ class AdminSite(object):
             return redirect("/")
         token = request.form().get("token") or ""
         if not hmac.compare_digest(token.strip().encode("utf-8"), self.token.encode("utf-8")):
-            self.server.log_error("admin: failed login from %s" % request.client_ip,
-                                  level="warning")
+            self.log_error("admin: failed login from %s" % request.client_ip, level="warning")
             return html_response(_login_page("wrong token"), 401, [("Cache-Control", "no-store")])
-        self.server.log_error("admin: login by %s" % request.client_ip, level="info")
+        self.log_error("admin: login by %s" % request.client_ip, level="info")
         return redirect("/", headers=[("Set-Cookie", "%s=%s; Path=/; HttpOnly; SameSite=Strict"
                                        % (COOKIE, self._session))])
 
@@ -280,7 +283,7 @@ class AdminSite(object):
                                             "SameSite=Strict" % COOKIE)])
 
     def metrics(self, request):
-        return Response(render(self.server).encode("utf-8"), 200,
+        return Response(render(self.sources).encode("utf-8"), 200,
                         [("Cache-Control", "no-store")], METRICS_TYPE)
 
 

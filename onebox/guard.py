@@ -512,8 +512,7 @@ class Guard(object):
             ban = self._bans.get(key)
             close = (ban is not None and ban.until > now
                      and ban.hits >= policy.ban_close_after_hits)
-        if close:
-            self._count("closed_at_accept")
+        if close:   # counted by the reactor, which closes it (onebox/books.py's Refusals)
             self._tell(key, "", 0, "closed_at_accept")
         return key, close
 
@@ -861,12 +860,9 @@ class Guard(object):
                       level="info")
 
     # -- metrics ------------------------------------------------------------------------------
-    def count(self, name):
-        """Count an event the runtime decided itself (a refusal at accept, a slow client cut
-        off), beside the guard's own decisions in ``stats()["counts"]``."""
-        self._count(name)
-
     def _count(self, name):
+        """One of the guard's own events (``stats()["counts"]``). The runtime's refusals (at
+        accept, slow clients cut off) are counted apart: onebox/books.py's Refusals."""
         with self._counts_lock:
             self._counts[name] += 1
 
@@ -923,7 +919,7 @@ class Guard(object):
         return key
 
     def stats(self):
-        """Table sizes and caps (every table is capped), and the refusal counters."""
+        """Table sizes and caps (every table is capped), and the guard's event counters."""
         with self._suspects_lock:
             suspects = {"keys": len(self._suspects), "max_keys": self.policy.max_tracked_suspects,
                         "evictions": self._suspect_evictions}

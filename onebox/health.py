@@ -16,9 +16,9 @@ They are answered by the reactor thread itself, the moment their head is in, nev
   polling every few seconds would otherwise be most of the log); failures at most
   ``FAILURES_LOGGED_PER_S`` a second (each is counted in the metrics all the same).
 
-``live_path`` answers 200 "ok" while ``OneboxServer.health()`` is None (the reactor turns, and a
+``live_path`` answers 200 "ok" while ``Life.health()`` is None (the reactor turns, and a
 worker took the reactor's latest probe within ``stall_timeout_s``), else 503 with the reason.
-``ready_path`` answers 200 "ready" while ``server.phase`` is "serving", else 503 with the phase
+``ready_path`` answers 200 "ready" while ``Life.phase`` is "serving", else 503 with the phase
 (starting, reloading, draining): a load balancer stops sending new clients during a drain.
 Both close the connection after the answer (a kept connection's next request would go to a
 worker, which is what a wedged pool cannot take). One that reaches a worker all the same (the
@@ -26,7 +26,10 @@ next request on a connection a worker holds, or a pipelined one) is answered the
 way, before the guard, and the connection is kept. The Host header is not checked against
 ``allowed_hosts``: the answer holds nothing worth a DNS rebinding.
 
-Imports the codec and the contract only; the server is passed in.
+``Life`` is the server's life as these checks, the metrics, the status page and systemd see it:
+its phase, when it started, and ``health()``.
+
+Imports the codec and the contract only; the parts are passed in.
 """
 import time
 
@@ -37,11 +40,47 @@ FAILURES_LOGGED_PER_S = 10   # failing checks access-logged a second: a flood of
                              # server is unhealthy must not become a flood of log lines
 
 
-class HealthChecks(object):
-    """For the reactor: ``prefixes`` (request-line starts worth a look) and ``answer(head)``."""
+class Life(object):
+    """The server's life. ``phase``: "starting" until the reactor's first turn, then
+    "serving"; "reloading" while the reactor applies a reload; "draining" from the shutdown
+    on (written by the reactor thread, and by begin_shutdown from any thread). ``started_at``
+    (epoch seconds); ``tls_expires`` (the served certificate's expiry, epoch seconds, or None;
+    replaced by a reload). ``health()`` from any thread. Built with the hand-off (its turn and
+    probe times) and the current site (its stall_timeout_s)."""
 
-    def __init__(self, server, settings):
-        self.server = server
+    def __init__(self, handoff, current):
+        self.handoff = handoff
+        self.current = current
+        self.phase = "starting"
+        self.started_at = time.time()
+        self.tls_expires = None
+
+    def health(self):
+        """None while the server is healthy, else why not (one line): the reactor has turned,
+        and a worker has taken the reactor's latest probe, within stall_timeout_s. What the
+        systemd watchdog and /healthz go by. Any thread."""
+        handoff, bound = self.handoff, self.current.site.settings.stall_timeout_s
+        now = time.monotonic()
+        if handoff.stopping:
+            return "shutting down"
+        if not handoff.turned_at:
+            return "not serving yet"
+        if now - handoff.turned_at > bound:
+            return "the reactor has not turned for %.1f s" % (now - handoff.turned_at)
+        if handoff.probe_sent_at > handoff.probe_taken_at and now - handoff.probe_sent_at > bound:
+            return "no worker has taken a job for %.1f s" % (now - handoff.probe_sent_at)
+        return None
+
+
+class HealthChecks(object):
+    """For the reactor: ``prefixes`` (request-line starts worth a look) and ``answer(head)``;
+    for the workers ``response_for(path)``; for the books ``paths`` and ``should_log``. Built
+    with [health] ``settings``, the server's ``life`` and the ``current`` site (its head
+    limits)."""
+
+    def __init__(self, settings, life, current):
+        self.life = life
+        self.current = current
         self.live_path, self.ready_path = settings.live_path, settings.ready_path
         self.paths = frozenset((self.live_path, self.ready_path))
         self.log_every_s = settings.log_every_s
@@ -59,7 +98,7 @@ class HealthChecks(object):
         """(Response, request line, path, head-only) for a health check's head, else None (the
         request goes to a worker as usual, which also answers a malformed one)."""
         try:
-            head = parse_head(head_bytes, self.server.settings)
+            head = parse_head(head_bytes, self.current.site.settings)
             path, _ = split_target(head)
         except HTTPError:
             return None
@@ -71,9 +110,9 @@ class HealthChecks(object):
     def response_for(self, path):
         """The answer for one of ``paths`` (any thread)."""
         if path == self.live_path:
-            reason = self.server.health()
+            reason = self.life.health()
             return _plain(200, "ok") if reason is None else _plain(503, reason)
-        phase = self.server.phase
+        phase = self.life.phase
         return _plain(200, "ready") if phase == "serving" else _plain(503, phase)
 
     def should_log(self, path, status):

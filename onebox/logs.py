@@ -60,8 +60,19 @@ def _escape_controls(text):
     return _CONTROL_RE.sub(lambda match: "\\x%02X" % ord(match.group()), text)
 
 
+def _line(record, stamp, seconds):
+    """One access line: the combined log format (client, time, request line, status, body bytes
+    sent, referer, user agent), the duration, then ``record.note`` (the guard's decision, 'guard=429:client_rate'; ``health``; ``admin``...).
+    A field added to the line is added here, from the record (onebox/books.py)."""
+    note = record.note
+    return '%s - - [%s] "%s" %d %s "%s" "%s" %.3fms%s\n' % (
+        record.ip, stamp, _log_escape(record.line), record.status, record.sent or "-",
+        _log_escape(record.referer), _log_escape(record.agent), seconds * 1000,
+        " " + note if note else "")
+
+
 class AccessLog:
-    """Buffered access log. ``log`` may be called from any thread and never waits on the
+    """Buffered access log. ``write`` may be called from any thread and never waits on the
     stream: lines queue in memory and one flusher thread writes them at least every
     ``flush_interval_s`` (sooner once FLUSH_BYTES wait), so a request costs no system call.
 
@@ -119,16 +130,13 @@ class AccessLog:
         self._stopping = True
         self._wake.set()
 
-    def log(self, client_ip, request_line, status, size, referer, agent, seconds, note=None):
-        """``note``: the abuse guard's decision ('guard=429:client_rate'), appended after the
-        duration for a rejected or dry-run-flagged request."""
+    def write(self, record, seconds):
+        """The access line of ``record`` (onebox/books.py), ``seconds`` after it started; any
+        thread."""
         now = int(time.time())
         if self._time_cache[0] != now:
             self._time_cache = (now, time.strftime("%d/%b/%Y:%H:%M:%S %z", time.localtime(now)))
-        line = '%s - - [%s] "%s" %d %s "%s" "%s" %.3fms%s\n' % (
-            client_ip, self._time_cache[1], _log_escape(request_line), status, size or "-",
-            _log_escape(referer), _log_escape(agent), seconds * 1000,
-            " " + note if note else "")
+        line = _line(record, self._time_cache[1], seconds)
         with self.lock:
             if self.pending_bytes + len(line) > self.buffer_bytes:
                 self.dropped += 1
@@ -140,6 +148,10 @@ class AccessLog:
             full = self.pending_bytes >= self.FLUSH_BYTES
         if full:
             self._wake.set()
+        if self._linger and not self.thread.is_alive():
+            # retired by a reload, and its flusher gone: the line of a request that outlived
+            # its site (onebox/site.py) is written now, by its own thread (rare)
+            self.flush()
         if notice:
             self._notice(notice)
 

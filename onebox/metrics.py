@@ -3,15 +3,16 @@
 The hot path
 ------------
 Each request is counted once, in the tally (``onebox/tally.py``), by the thread that finishes
-it (a worker where it logs the access line; the reactor for a response it finished for a slow
-reader, and for the health checks it answers): no lock, and a request like the one before it
+it (``Books.finish``, onebox/books.py: a worker, or the reactor for a response it finished for
+a slow reader, and for the health checks it answers): no lock, and a request like the one before it
 costs one dictionary lookup. The tally folds each thread's entries into ``Metrics``' tables
 under its lock; a scrape adds the entries not yet folded, so it is complete up to the moment
 it asked.
 
 Requests the reactor refuses before any worker sees them (a connection over a cap, a head
 that is malformed or too slow) are not requests here: they are in
-``onebox_connections_refused_total`` and the guard's counters.
+``onebox_connections_refused_total``, by cause, every cause from zero (the causes are declared
+once, in ``onebox.books.Refusals.CAUSES``: nothing here lists them).
 
 Cardinality is bounded by what the server knows, never by what clients send: ``route`` is a
 route's pattern ("/api/notes/{id}"), or one of ``STATIC``, ``UNROUTED`` (no route and no page:
@@ -20,15 +21,15 @@ is one of ``onebox.routing.METHODS`` or "other"; the status is its class ("2xx")
 
 The scrape
 ----------
-``render(server)`` reads the tables above and the server's parts (the reactor's tables, the worker
-pool, the guard's ``stats()``, the response cache, the static caches, the state store, the
-process) and writes the text exposition format 0.0.4
+``render(sources)`` reads the tables above and the parts' ``stats()`` (``Sources``: the reactor,
+the worker pool, the guard, the refusal counters, the response cache and limiters, the static
+caches, the state store; the process) and writes the text exposition format 0.0.4
 (https://prometheus.io/docs/instrumenting/exposition_formats/). Each part's figures are read
 without stopping it; the worst a race costs is a gauge a moment stale. Its size is bounded by
 routes x methods x status classes (and the histogram's buckets per route).
 
 Stdlib only; imports no runtime module but routing's METHODS and the tally's buckets (the
-server is passed in).
+parts are passed in, as ``Sources``).
 """
 import os
 import platform
@@ -48,6 +49,48 @@ _KNOWN_METHODS = frozenset(METHODS)
 VERSION = "0.1"   # onebox's version, for onebox_build_info
 
 
+class Sources(object):
+    """What the admin listener's pages read (the metrics, the status page), each part by
+    name, given by the engine at start; never the engine itself. The site's values are read
+    from the current site, and the server's phase and health from its ``life``
+    (onebox/health.py). ``workers`` is given once the pool is built (the pool serves the
+    admin pages that read it: the one cycle, broken here)."""
+
+    __slots__ = ("metrics", "refusals", "guard", "reactor", "handoff", "workers", "context",
+                 "store", "activity", "current", "life", "url")
+
+    def __init__(self, **parts):
+        for name in self.__slots__:
+            setattr(self, name, parts.get(name))
+
+    @property
+    def settings(self):
+        return self.current.site.settings
+
+    @property
+    def config(self):
+        return self.current.site.config
+
+    @property
+    def static(self):
+        return self.current.site.static
+
+    @property
+    def phase(self):
+        return self.life.phase
+
+    @property
+    def started_at(self):
+        return self.life.started_at
+
+    @property
+    def tls_expires(self):
+        return self.life.tls_expires
+
+    def health(self):
+        return self.life.health()
+
+
 class Metrics(object):
     """For the runtime: ``record_decision(verdict)`` and ``record_admin(status)`` from any
     thread; requests come through the tally (``onebox/tally.py``), which calls ``fold`` with
@@ -55,8 +98,9 @@ class Metrics(object):
     (``[admin] metrics = off``).
 
     ``requests`` and ``durations`` are written by ``fold`` only, under the tally's lock, and
-    copied under it (``totals``); ``decisions`` and ``admin`` are guarded by ``_counts_lock``
-    (refusals and admin requests: rarer, from any thread)."""
+    copied under it (``totals``); ``decisions``, ``admin`` and ``received`` are guarded by
+    ``_counts_lock`` (refusals, admin requests, requests with a body: rarer, from any
+    thread)."""
 
     def __init__(self, tally, enabled=True):
         self.enabled = enabled
@@ -66,6 +110,7 @@ class Metrics(object):
         self._counts_lock = threading.Lock()
         self.decisions = {}   # (rule, action) -> count
         self.admin = {}       # status class -> admin listener requests
+        self.received = 0     # request body bytes received (requests with a body only)
         if enabled:
             tally.subscribe(self.fold)
 
@@ -94,6 +139,15 @@ class Metrics(object):
         key = (verdict.rule, "dry_run" if verdict.dry_run else "refused")
         with self._counts_lock:
             self.decisions[key] = self.decisions.get(key, 0) + 1
+
+    def record_received(self, size):
+        """``size`` request body bytes received (onebox/books.py: a request with a body)."""
+        with self._counts_lock:
+            self.received += size
+
+    def received_bytes(self):
+        with self._counts_lock:
+            return self.received
 
     def record_admin(self, status):
         """A request on the admin listener: counted apart, never as the site's traffic."""
@@ -158,10 +212,11 @@ class _Writer(object):
 
 
 def render(server):
-    """The whole scrape, as text."""
+    """The whole scrape, as text. ``server``: the parts to read (``Sources``)."""
     out = _Writer()
     _requests(out, server)
     _connections(out, server)
+    _refusals(out, server.refusals)
     _guard(out, server)
     _caches(out, server)
     _state(out, server)
@@ -191,6 +246,9 @@ def _requests(out, server):
         samples.append(("_bucket", {"route": route, "le": "+Inf"}, running))
         samples.append(("_sum", {"route": route}, histogram[-1]))
         samples.append(("_count", {"route": route}, running))
+    out.one("onebox_http_request_body_bytes_total", "counter",
+            "Request body bytes received on the public port (read by a handler, or drained)",
+            metrics.received_bytes())
     out.family("onebox_http_request_duration_seconds", "histogram",
                "Time from a whole request head to the response's last byte handed to the kernel",
                samples)
@@ -230,14 +288,6 @@ def _connections(out, server):
             server.settings.max_buffered_bytes)
     out.one("onebox_admin_connections_open", "gauge", "Open connections on the admin listener",
             stats["admin_open"])
-    counts = server.guard.stats()["counts"]
-    out.family("onebox_connections_refused_total", "counter",
-               "Connections refused or cut by the runtime, by cause",
-               [({"cause": name}, counts.get(name, 0)) for name in sorted(
-                   set(counts) | {"refused_connection_cap", "refused_client_cap",
-                                  "refused_timeout", "refused_bad_request", "refused_slow_body",
-                                  "closed_slow_reader", "closed_at_accept"})
-                if name.startswith(("refused_", "closed_"))])
     idle = len(handoff.idle)
     threads = len(server.workers.threads)
     out.family("onebox_workers", "gauge", "Worker threads by state",
@@ -256,13 +306,18 @@ def _connections(out, server):
                 int(expires))
 
 
+def _refusals(out, refusals):
+    out.family("onebox_connections_refused_total", "counter",
+               "Connections refused or cut by the runtime, by cause",
+               [({"cause": name}, count) for name, count in sorted(refusals.stats().items())])
+
+
 def _guard(out, server):
     stats = server.guard.stats()
     counts = stats["counts"]
     out.family("onebox_guard_events_total", "counter",
                "The abuse guard's own counters (bans earned, banned hits, scanners, ...)",
-               [({"event": name}, value) for name, value in sorted(counts.items())
-                if not name.startswith(("refused_", "closed_"))])
+               [({"event": name}, value) for name, value in sorted(counts.items())])
     out.one("onebox_guard_bans_active", "gauge", "Bans in force", stats["bans"]["active"])
     out.one("onebox_guard_enabled", "gauge", "1 if [limits] enabled", 1 if stats["enabled"] else 0)
     tables = [("guard_clients", stats["clients"]), ("guard_cpu", stats["cpu"]),

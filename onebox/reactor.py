@@ -47,8 +47,6 @@ from onebox.transfer import ClientGone, Pace
 EARLY_BOOKING_POLL_S = 0.001
 PROBE_INTERVAL_S = 1.0         # how often the reactor checks that a worker can take a job
 LINGER_S = 2.0                 # after a close with unread input, read and drop it this long
-REFUSALS_LOGGED_PER_S = 20     # refusals at accept or before a worker, logged a second; the
-                               # rest are counted and summed up in one error-log line
 # What a TLS handshake under way costs, as charged against max_buffered_bytes: OpenSSL's
 # buffers and the handshake's state (measured: bench/slow_clients.py --scenario
 # tls-half-handshakes, and the README's "TLS" section).
@@ -74,24 +72,27 @@ class Reactor:
     and ``after_workers()``; ``stats()`` from any thread. Built by the server with what it
     needs."""
 
-    def __init__(self, listener, settings, handoff, poller, guard, access_log, log_error,
-                 admin_listener=None, admin_max_connections=64):
+    def __init__(self, listener, settings, handoff, poller, guard, books, health, log_error,
+                 admin_listener=None, admin_max_connections=64, tls_listener=None,
+                 tls_context=None):
         self.listener = listener
         # The admin listener's connections (onebox/admin.py) skip the guard and the site's
         # connection caps, and are counted apart: admin_open of at most admin_max_connections.
         self.admin_listener = admin_listener
         self.admin_max_connections = admin_max_connections
         self.admin_open = 0
-        # The HTTPS listener and the SSLContext new connections are wrapped with (the engine
-        # sets them; a reload replaces the context: connections keep the one they began with).
-        self.tls_listener = None
-        self.tls_context = None
-        self.health = None    # HealthChecks (onebox/health.py): answered here, never by a worker
-        self.tally = None     # Tally (onebox/tally.py): responses finished here are counted
+        # The HTTPS listener and the SSLContext new connections are wrapped with (a reload
+        # replaces the context: connections keep the one they began with).
+        self.tls_listener = tls_listener
+        self.tls_context = tls_context
+        self.health = health  # HealthChecks (onebox/health.py): answered here, never by a worker
         self.handoff = handoff
         self.poller = poller
         self.guard = guard
-        self.access_log = access_log
+        # Books (onebox/books.py): what is finished here (slow readers, health checks,
+        # refusals) is counted and logged there; the runtime's refusal counters
+        self.books = books
+        self.refusals = books.refusals
         self.log_error = log_error
         self.timers = Timers()
         self.fair = Fairness(settings.max_workers_per_client, settings.max_waiting_per_client)
@@ -101,7 +102,6 @@ class Reactor:
         self.busy = set()        # in workers (queued, served or held)
         self.reported_early = 0  # connections reported between their re-arm and booking
         self.open = 0
-        self._refusals = [0, 0, 0]   # [second, logged in it, not logged]
 
     def use_settings(self, settings):
         """[server] settings for what starts from now on (at start, and on a reload, in this
@@ -273,8 +273,7 @@ class Reactor:
 
     def _expire(self, now):
         """End the waits that are over; return when the next one is (within a second)."""
-        if self._refusals[2]:
-            self._sum_up_refusals(now)
+        self.books.sum_up_refusals(now)   # the refusals not logged last second, if any
         over, soonest = self.timers.expire(now)
         while over:   # (ending one may start another: a body in line gets its turn)
             ended = 0
@@ -285,11 +284,11 @@ class Reactor:
                 if wait is Wait.HEAD:
                     self._reject(conn, 408, "request head not received in time")
                 elif wait is Wait.BODY:
-                    self.guard.count("refused_slow_body")
+                    self.refusals.count("refused_slow_body")
                     self._end_wait(conn)
                     self._reject(conn, 408, "request body not received in time")
                 elif wait is Wait.SEND:
-                    self.guard.count("closed_slow_reader")
+                    self.refusals.count("closed_slow_reader")
                     self._finish_send(conn, ok=False)
                 else:
                     self._close(conn)
@@ -322,6 +321,7 @@ class Reactor:
             # the guard's client key (an IPv6 /64 is one client; None: a trusted proxy, uncapped)
             conn.client, banned = self.guard.admit(conn.ip)
             if banned:  # banned, and told so ban_close_after_hits times: close without reading
+                self.refusals.count("closed_at_accept")   # first: the client sees the close
                 sock.close()
             elif self.open >= settings.max_connections and not self._make_room(conn.client):
                 self._refuse(conn, "server is at its connection limit", "connection_cap")
@@ -373,7 +373,7 @@ class Reactor:
             self.poller.arm(conn, write=True)
             return
         except (ssl.SSLError, OSError, ValueError):
-            self.guard.count("closed_tls_handshake")
+            self.refusals.count("closed_tls_handshake")
             self._close(conn)
             return
         self.memory.uncharge(conn)
@@ -411,14 +411,14 @@ class Reactor:
         if wait is None:   # kept and held by a worker
             if not self.handoff.held.pop(conn, False):   # atomic: the worker or the reactor
                 return False
-            self.guard.count("closed_for_room")
+            self.refusals.count("closed_for_room")
             try:
                 conn.sock.shutdown(socket.SHUT_RDWR)   # its worker's poll wakes and closes it
             except OSError:
                 pass
             return True
         if counted:
-            self.guard.count("closed_for_room")
+            self.refusals.count("closed_for_room")
         if wait is Wait.SEND:
             self._finish_send(conn, ok=False)
         elif wait in (Wait.HEAD, Wait.LINE, Wait.BODY, Wait.READY):
@@ -431,7 +431,7 @@ class Reactor:
         """Past max_buffered_bytes: shed the waits MemoryBudget.victims() names (a 503 and a
         close; a TLS handshake is closed)."""
         for victim in self.memory.victims():
-            self.guard.count("closed_memory_budget")
+            self.refusals.count("closed_memory_budget")
             if victim.waiting is Wait.HANDSHAKE:
                 self._close(victim)
             else:
@@ -450,31 +450,12 @@ class Reactor:
         if not conn.tls:   # a TLS client could not read a plain 503: it sees a close
             _send_at_once(conn.sock, response)
         conn.sock.close()
-        self.guard.count("refused_" + reason)
+        self.refusals.count("refused_" + reason)
         self._log_refusal(conn.ip, "", 503, len(response.body), "refused=" + reason)
 
     def _log_refusal(self, ip, request_line, status, size, note):
-        """Refusals reach the access log, at most REFUSALS_LOGGED_PER_S a second: a flood of
-        them must not become a flood of log lines."""
-        if not self.access_log:
-            return
-        self._sum_up_refusals(time.monotonic())
-        sample = self._refusals
-        if sample[1] >= REFUSALS_LOGGED_PER_S:
-            sample[2] += 1
-            return
-        sample[1] += 1
-        self.access_log.log(ip, request_line, status, size, "", "", 0.0, note)
-
-    def _sum_up_refusals(self, now):
-        """A new second: say how many refusals went unlogged in the last."""
-        sample = self._refusals
-        if sample[0] != int(now):
-            if sample[2]:
-                self.log_error("%d more refusals not logged in the last second (the access log "
-                               "takes %d a second)" % (sample[2], REFUSALS_LOGGED_PER_S),
-                               level="warning")
-            sample[:] = [int(now), 0, 0]
+        """Refusals reach the access log under their own rate rule (onebox/books.py)."""
+        self.books.refused(ip, request_line, status, size, note)
 
     # -- heads ------------------------------------------------------------------------------
     def _read_head(self, conn):
@@ -544,13 +525,10 @@ class Reactor:
                                        False, version) + body, socket.MSG_DONTWAIT)
         except OSError:
             pass
-        finished = time.monotonic()
-        if self.tally is not None:   # the health path is its own route label
-            self.tally.add(started, finished, response.status, line.partition(" ")[0], path,
-                           conn.ip, path, len(body))
-        if self.access_log and self.health.should_log(path, response.status):
-            self.access_log.log(conn.ip, line, response.status, len(body), "", "",
-                                finished - started, "health")
+        record = self.books.open(started, conn.ip, path)   # the path is its own route label
+        record.line, record.method, record.path = line, line.partition(" ")[0], path
+        record.status, record.sent, record.note = response.status, len(body), "health"
+        self.books.finish(record, time.monotonic())
         self._linger(conn)
         return True
 
@@ -562,9 +540,9 @@ class Reactor:
         if status != 408:   # bytes no parser could take are a strike; slowness is not
             note = self.guard.saw_bad_request(conn.ip, conn.client, status, in_reactor=True)
             # counted as well: a strike is not seen, and a trusted proxy's earn none
-            self.guard.count("refused_bad_request")
+            self.refusals.count("refused_bad_request")
         else:
-            self.guard.count("refused_timeout")
+            self.refusals.count("refused_timeout")
         line = bytes(conn.buf[:conn.buf.find(b"\r\n")] if b"\r\n" in conn.buf else b"")
         self._log_refusal(conn.ip, line[:200].decode("latin-1"), status, len(response.body),
                           note)
@@ -622,16 +600,11 @@ class Reactor:
     def _finish_send(self, conn, ok):
         outbox, conn.outbox = conn.outbox, None
         outbox.close()
-        finished = time.monotonic()
-        if self.tally is not None and outbox.tally is not None:
-            started, status, method, route, client, path = outbox.tally
-            self.tally.add(started, finished, status, method, route, client, path,
-                           outbox.body_sent)
-        if self.access_log and outbox.log is not None:
-            ip, line, status, referer, agent, started, note = outbox.log
-            self.access_log.log(ip, line, status, outbox.body_sent, referer, agent,
-                                finished - started, note if ok else
-                                ((note + " " if note else "") + "send=cut"))
+        record = outbox.record
+        record.sent = outbox.body_sent
+        if not ok:
+            record.note = (record.note + " " if record.note else "") + "send=cut"
+        self.books.finish(record, time.monotonic())
         self._end_wait(conn)
         if not ok:
             self._close(conn)

@@ -1,6 +1,6 @@
 """Live reload (SIGHUP): read the configuration again and apply what can change while serving.
 
-``reload_server(server)`` runs in the reactor thread, between two turns, and returns a one-line
+``Reloader.reload()`` runs in the reactor thread, between two turns, and returns a one-line
 summary for the error log (and systemd's STATUS=). What happens, in order:
 
 1. **Read.** The same file, with the same command-line overrides, as at start
@@ -10,24 +10,28 @@ summary for the error log (and systemd's STATUS=). What happens, in order:
 2. **Compare** every setting with the running one, and sort the changes by ``HOW`` below: most
    apply live; those marked ``RESTART`` keep their running value until the next start and are
    named in the summary as needing one.
-3. **Build** what replaces the running pieces (static pages, an access log), before touching
-   anything: a failure there also leaves the server as it was.
-4. **Swap**, each piece in one attribute assignment: settings, the guard's policy, the static
-   pages (always new: that drops their caches, so a file added or edited under pages_dir is seen
-   at once), the response cache's caps, the access log. Nothing is changed in place, so a worker
-   reading concurrently sees a whole old object or a whole new one. Connections and requests
-   under way may finish on old values (a wait already timed keeps its deadline); what starts
-   after the reload uses the new ones. No connection is closed.
+3. **Build** the new site (``onebox/site.py``: settings, static pages, allowed hosts, the
+   access log, HSTS and the redirect), and the certificate, before touching anything: a
+   failure there also leaves the server as it was.
+4. **Swap.** The reactor's [server] values first (the one step that can raise), then the
+   guard's policy and the response cache's caps, then the site, in ONE assignment
+   (``CurrentSite.site``). The static pages are always new (that drops their caches, so a
+   file added or edited under pages_dir is seen at once). A request reads the site once, as
+   its head is read, and keeps it to its end: it is served wholly by the old site or wholly by
+   the new one. Connections under way keep their timed waits' deadlines; what starts after
+   the reload uses the new values. No connection is closed.
 
-Handler code and routes are not configuration: changing them needs a restart (docs/operations.md says
-so). Imports the runtime modules it swaps; never ``server``.
+Handler code and routes are not configuration: changing them needs a restart
+(docs/operations.md says so). Imports the runtime modules it builds; never the engine or
+``server``.
 """
 import types
 
 from onebox.logs import AccessLog
 from onebox.settings import SETTINGS, ConfigError, load_config
+from onebox.site import build_site
 from onebox.static import StaticPages
-from onebox.tls import TLSConfigError, build_context
+from onebox.tls import TLSConfigError, build_context, expiry_warning
 
 RESTART = "restart"
 
@@ -78,51 +82,100 @@ HOW = {
 }
 
 
-def reload_server(server):
-    """Read the configuration again and apply it to ``server`` (see the module docstring);
-    the one-line summary. Reactor thread only."""
-    path, overrides = server.config.source
-    try:
-        new = load_config(path, overrides)
-    except ConfigError as error:
-        return "reload failed: %s; still serving the previous settings" % error
-    old = server.config
-    live, restart = compare(old, new)
-    config = _running_config(old, new)
-    static = StaticPages(config.server.pages_dir, config.static)
-    tls_context, tls_note = _load_certificate(server, config)
-    if tls_context is None and server.tls_socket is not None:
-        config.tls.cert_file, config.tls.key_file = old.tls.cert_file, old.tls.key_file
-    access_log = server.access_log
-    if config.server.access_log and access_log is None:
-        access_log = AccessLog(server.access_stream, config.server.log_flush_interval_s,
-                               config.server.log_buffer_bytes, server.log_error)
-    _swap(server, config, static, access_log)
-    if tls_context is not None:
-        server.use_tls_context(*tls_context)
-    server.use_tls_settings(config.tls)   # HSTS, the redirect; warns of a near expiry
-    summary = "reloaded: %s" % (", ".join(live) or "no setting changed")
-    if tls_note:
-        summary += "; " + tls_note
-    if restart:
-        summary += "; needs a restart: %s" % ", ".join(restart)
-    return summary
+class Reloader:
+    """For the engine: ``reload()`` (reactor thread only). Built with what a reload reads and
+    replaces: ``current`` (the site served now), the ``reactor`` (its [server] values and the
+    SSLContext of new connections), the ``guard`` (its policy), the response cache
+    (``responses``, its caps), ``life`` (the served certificate's expiry), the stream a newly
+    turned-on access log writes to, the HTTPS listener's address (None: no HTTPS) and
+    ``log_error``."""
+
+    def __init__(self, current, reactor, guard, responses, life, access_stream, tls_address,
+                 log_error):
+        self.current = current
+        self.reactor = reactor
+        self.guard = guard
+        self.responses = responses
+        self.life = life
+        self.access_stream = access_stream
+        self.tls_address = tls_address
+        self.log_error = log_error
+
+    def reload(self):
+        """Read the configuration again and apply it (see the module docstring); the one-line
+        summary."""
+        site = self.current.site
+        path, overrides = site.config.source
+        try:
+            new = load_config(path, overrides)
+        except ConfigError as error:
+            return "reload failed: %s; still serving the previous settings" % error
+        old = site.config
+        live, restart = compare(old, new)
+        config = _running_config(old, new)
+        static = StaticPages(config.server.pages_dir, config.static)
+        tls_context, tls_note = self._load_certificate(config)
+        if tls_context is None and self.tls_address is not None:
+            config.tls.cert_file, config.tls.key_file = old.tls.cert_file, old.tls.key_file
+        access_log = site.access_log
+        if config.server.access_log and access_log is None:
+            access_log = AccessLog(self.access_stream, config.server.log_flush_interval_s,
+                                   config.server.log_buffer_bytes, self.log_error)
+        new_site = build_site(config, site.router, static, access_log, self.tls_address)
+        self._swap(site, new_site)
+        if tls_context is not None:
+            self.reactor.tls_context, self.life.tls_expires = tls_context
+        warning = expiry_warning_of(config.tls, self.life.tls_expires)
+        if warning:
+            self.log_error(warning)
+        summary = "reloaded: %s" % (", ".join(live) or "no setting changed")
+        if tls_note:
+            summary += "; " + tls_note
+        if restart:
+            summary += "; needs a restart: %s" % ", ".join(restart)
+        return summary
+
+    def _load_certificate(self, config):
+        """((SSLContext, expiry), note) for the certificate and key now on disk, or (None, why
+        the running one is kept). Built before anything is swapped."""
+        if self.tls_address is None:
+            if config.tls.cert_file:
+                return None, "tls: HTTPS is off since the start; turning it on needs a restart"
+            return None, None
+        if not config.tls.cert_file:
+            return None, ("tls: cert_file is empty; HTTPS stays on with the previous "
+                          "certificate until a restart")
+        try:
+            return (build_context(config.tls),
+                    "tls: certificate loaded from %s" % config.tls.cert_file)
+        except TLSConfigError as error:
+            return None, "tls: kept the previous certificate: %s" % error
+
+    def _swap(self, old, new):
+        """Put ``new`` in place of ``old``. The one step that can raise (the reactor's, on a
+        value no socket option takes) is first, so that an error leaves the server as it was;
+        the site itself is one assignment, last."""
+        settings = new.settings
+        self.reactor.use_settings(settings)
+        self.guard.replace_policy(new.config.guard)
+        self.responses.resize(new.config.cache.max_entries, new.config.cache.max_bytes)
+        log = new.access_log
+        if log is not None:
+            if log is not old.access_log:
+                log.start()
+            log.configure(settings.log_flush_interval_s, settings.log_buffer_bytes)
+        self.current.site = new
+        if old.access_log is not None and log is None:
+            # after the swap: requests still under way on the old site hold the old log,
+            # which writes their lines an interval after it retires (AccessLog.retire)
+            old.access_log.retire()
 
 
-def _load_certificate(server, config):
-    """((SSLContext, expiry), note) for the certificate and key now on disk, or (None, why
-    the running one is kept). Built before anything is swapped."""
-    if server.tls_socket is None:
-        if config.tls.cert_file:
-            return None, "tls: HTTPS is off since the start; turning it on needs a restart"
-        return None, None
-    if not config.tls.cert_file:
-        return None, ("tls: cert_file is empty; HTTPS stays on with the previous certificate "
-                      "until a restart")
-    try:
-        return build_context(config.tls), "tls: certificate loaded from %s" % config.tls.cert_file
-    except TLSConfigError as error:
-        return None, "tls: kept the previous certificate: %s" % error
+def expiry_warning_of(tls, expires):
+    """The warning of a certificate near its expiry ([tls] expiry_warning_days), or None."""
+    if expires is None:
+        return None
+    return expiry_warning(tls.cert_file, expires, tls.expiry_warning_days)
 
 
 def compare(old, new):
@@ -176,24 +229,3 @@ def _running_config(old, new):
                     setattr(values, key, getattr(getattr(old, section), key))
             setattr(config, section, values)
     return config
-
-
-def _swap(server, config, static, access_log):
-    """Put the new pieces in place, each in one assignment (workers read them as they go).
-    The one step that can raise (the reactor's, on a value no socket option takes) is first,
-    so that an error leaves the server as it was."""
-    settings = config.server
-    server.reactor.use_settings(settings)
-    server.workers.use_settings(settings)
-    server.config, server.settings = config, settings
-    server.guard.replace_policy(config.guard)
-    server.static = static
-    server.context.responses.resize(config.cache.max_entries, config.cache.max_bytes)
-    if settings.access_log:
-        if access_log is not server.access_log:
-            access_log.start()
-        access_log.configure(settings.log_flush_interval_s, settings.log_buffer_bytes)
-    elif server.access_log is not None:
-        server.access_log.retire()
-        access_log = None
-    server.access_log = server.reactor.access_log = access_log

@@ -1,6 +1,7 @@
 """The status page, its JSON and the ban actions, served on the admin listener only.
 
-``routes(server)`` gives the rows the admin listener (``onebox/admin.py``) mounts:
+``routes(server)`` gives the rows the admin listener (``onebox/admin.py``) mounts; ``server`` is
+the parts they read (``onebox.metrics.Sources``), never the engine:
 
     GET  /              the page (``status_page.html`` beside this file: inline CSS and script,
                         no external file; it polls status.json every 3 s)
@@ -114,11 +115,18 @@ def status_document(server):
         "activity": snapshot,
         "bans": server.guard.list_bans(),
         "decisions": activity.decisions(),
-        "guard_counts": server.guard.stats()["counts"],
+        "guard_counts": _counts(server),
         "gauges": _gauges(server),
         "tables": _tables(server, memory),
         "memory": memory,
     }
+
+
+def _counts(server):
+    """The guard's event counters and the runtime's refusals that happened (onebox/books.py)."""
+    counts = server.guard.stats()["counts"]
+    counts.update((cause, count) for cause, count in server.refusals.stats().items() if count)
+    return counts
 
 
 def _gauges(server):

@@ -23,7 +23,9 @@ Its value is ``[requests, body bytes sent, seconds taken]``.
 Threads and locks
 -----------------
 A book (the dictionary) belongs to the thread that answers requests (a worker, or the reactor
-for a response it finished for a slow reader and for the health checks it answers): only that
+for a response it finished for a slow reader and for the health checks it answers), which adds
+to it from ``Books.finish`` (onebox/books.py, the one place a finished request is accounted
+for, from its ``Record``): only that
 thread writes to it, without a lock, and only that thread folds it, under ``_lock``, into the
 readers' tables, when it holds ``BOOK_KEYS`` keys. ``_lock`` guards ``_books`` and every
 reader's tables. A reader (``read``) copies its tables and every book's entries under the lock

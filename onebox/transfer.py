@@ -342,19 +342,16 @@ class Outbox:
     memoryview), then ``remaining`` bytes of ``file`` from ``offset``, then, for a streamed
     body, what its generator ``stream`` has still to produce (in a worker: see ``produce``).
     ``body_sent`` counts the body bytes that have left (for the access log); ``head_left``,
-    the head bytes still in ``data``; ``log``, the worker's fields of the access log line,
-    written when it is done. Sent by the reactor with ``send_more``; owned by one thread at a
+    the head bytes still in ``data``; ``record``, the request's Record (onebox/books.py),
+    finished when it is done. Sent by the reactor with ``send_more``; owned by one thread at a
     time, as its connection is."""
 
-    __slots__ = ("data", "head_left", "file", "offset", "remaining", "body_sent", "log",
-                 "keep_alive", "tally", "stream", "chunked", "cut")
+    __slots__ = ("data", "head_left", "file", "offset", "remaining", "body_sent", "record",
+                 "keep_alive", "stream", "chunked", "cut")
 
     def __init__(self, data=b"", head_left=0, file=None, offset=0, remaining=0, body_sent=0):
-        self.log = None   # the access log line's fields, written once the response is done
+        self.record = None   # the request's Record: finished (counted, logged) once done
         self.keep_alive = False   # whether the connection stays open after it
-        # Tally.add's arguments but the finish time and bytes sent, counted once done:
-        # (started, status, method, route, client, path); onebox/tally.py
-        self.tally = None
         self.data = memoryview(data)
         self.head_left = head_left
         self.file = file

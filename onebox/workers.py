@@ -11,15 +11,18 @@ response's generator runs in workers, a turn at a time: between turns the reacto
 produced.
 
 A connection from the admin listener (``conn.admin``) skips the guard and goes to the admin
-site's routes only (``onebox/admin.py``). Each request is counted once, in the tally
-(``onebox/tally.py``) for the metrics and the status page, where its access line is logged (or
-by the reactor, for a response it finishes).
+site's routes only (``onebox/admin.py``). Each request has one ``Record`` (onebox/books.py),
+made when its head is read with the site it is served under (``onebox/site.py``: read once,
+used to the end of the request, so a reload never gives it a mix of two), and finished once
+by ``Books.finish`` (the tally and the access line): here, or by the reactor for a response it
+finishes.
 
 The pool's size is an invariant: nothing a request or a hand-back raises ends a worker.
 Threads: ``worker_threads`` of them, each bound to its server's context (state, cache, limiters;
 ``handlers/_context.py``). Imports the contract and the runtime's codec, transfer, routing,
-hand-off, settings (``host_allowed``), static (``STATIC_METHODS``), guard (``CPU_CHARGE_MIN_S``)
-and metrics (its route labels) modules; never the reactor, the engine or ``server``.
+hand-off, settings (``host_allowed``), static (``STATIC_METHODS``), guard (``CPU_CHARGE_MIN_S``),
+books (``Record``) and metrics (its route labels) modules; never the reactor, the engine or
+``server``.
 """
 import select
 import threading
@@ -29,6 +32,7 @@ from time import perf_counter, thread_time
 
 from handlers import _context
 from handlers._core import HTTPError, Headers, Request, Response, to_response
+from onebox.books import ADMIN, Record
 from onebox.codec import (check_response, decode_path, error_response, parse_head,
                           split_target)
 from onebox.guard import CPU_CHARGE_MIN_S
@@ -47,21 +51,36 @@ ACME_CHALLENGE = "/.well-known/acme-challenge/"
 MAX_REQUESTS_PER_TURN = 32  # pipelined requests a worker serves before giving others a turn
 
 
-class _Exchange:
+class _Exchange(Record):
     """One request and its answer while a worker serves it (that worker alone touches it, or
-    the reactor while the request waits for its body)."""
+    the reactor while the request waits for its body, or sends the rest of its answer). It is
+    the request's Record (onebox/books.py), made when the head is read, with the site it is
+    served under: one object per request, whose record fields the books read at its finish.
+    (A Record apart cost an object and a copy per request: ~1% of a hello's instructions.)"""
 
     __slots__ = ("head", "request", "reader", "verdict", "response", "unrouted", "keep_alive",
-                 "started", "raw_head", "scan", "route")
+                 "raw_head", "scan")
 
-    def __init__(self, started, raw_head):
+    def __init__(self, started, site, ip, raw_head):
+        # Record's fields, set here rather than by Record.__init__ (one call fewer per
+        # request); status, sent, received, note and path are set at step 6 (Workers._finish),
+        # line, referer and agent by _describe, before the books read them
+        self.started = started
+        self.site = site
+        self.ip = ip
+        self.route = REFUSED   # the metrics' route label: the pattern, once routed
+        self.method = "other"
+        # the worker's own
         self.head = self.request = self.reader = self.verdict = self.response = None
         self.unrouted = False
-        self.route = REFUSED   # the metrics' route label: the pattern, once routed
         self.keep_alive = False
-        self.started = started
         self.raw_head = raw_head
         self.scan = None   # a ChunkedScan while the reactor buffers a chunked body
+
+    def let_go(self):
+        """What only serving needed, dropped once the reactor finishes sending the answer
+        (a slow reader may hold its connection for minutes; its head need not stay)."""
+        self.head = self.request = self.reader = self.response = self.raw_head = None
 
 
 def _name_of(handler):
@@ -72,32 +91,35 @@ def _name_of(handler):
 
 class Workers:
     """For the server: ``start()``, ``stop(join_s)`` (after the work queue got a None per
-    worker), ``stuck``. ``server`` gives the site: settings, config, guard, router, static
-    pages, logs, context; ``handoff`` the channel to the reactor; ``poller`` lets a worker
-    re-arm a kept connection itself."""
+    worker), ``stuck``, ``stats()``. Built with what they use: ``current`` (the site served
+    now: onebox/site.py), ``books`` (each request's record and finish), the ``guard``, the
+    ``health_checks``, ``admin`` (the admin listener's site, or None), ``context`` (state,
+    cache, limiters), ``handoff`` (the channel to the reactor), ``poller`` (lets a worker
+    re-arm a kept connection itself) and ``log_error``."""
 
-    def __init__(self, server, handoff, poller):
-        self.server = server
+    def __init__(self, current, books, guard, health_checks, admin, context, handoff, poller,
+                 log_error):
+        self.current = current
+        self.books = books
+        self.guard = guard
+        self.health_checks = health_checks
+        self.admin = admin
+        self.context = context
         self.handoff = handoff
         self.poller = poller
+        self.log_error = log_error
         self.threads = []
         self.stuck = 0
-        # where each request is counted for the metrics and the status page (onebox/tally.py)
-        self.tally = server.tally if server.tally.wanted else None
-        metrics = server.metrics
-        self.metrics = metrics if metrics.enabled else None
-        self.health_checks = server.health_checks
-        self.use_settings(server.settings)
 
-    def use_settings(self, settings):
-        """[server] settings for the requests that start from now on (a reload calls it from
-        the reactor thread). Each value is replaced whole, never changed in place; a request
-        under way may read some of the old values and some of the new."""
-        self.buffer_limit = min(settings.buffer_body_bytes, settings.max_body_bytes)
-        self.settings = settings
+    def stats(self):
+        """The pool now, for the metrics and the status page (any thread): ``threads``,
+        ``idle`` (waiting for a job), ``busy``, ``queued`` (jobs waiting for a worker)."""
+        threads, idle = len(self.threads), len(self.handoff.idle)
+        return {"threads": threads, "idle": idle, "busy": max(0, threads - idle),
+                "queued": self.handoff.work.qsize()}
 
     def start(self):
-        for number in range(self.settings.worker_threads):
+        for number in range(self.current.site.settings.worker_threads):
             thread = threading.Thread(target=self._run, name="onebox-worker-%d" % number)
             thread.start()
             self.threads.append(thread)
@@ -112,7 +134,7 @@ class Workers:
 
     # -- the loop --------------------------------------------------------------------------
     def _run(self):
-        _context.bind(self.server.context)   # state, @cached and limiter(): this server's own
+        _context.bind(self.context)   # state, @cached and limiter(): this server's own
         handoff = self.handoff
         while True:
             handoff.idle.append(None)
@@ -127,12 +149,12 @@ class Workers:
             try:
                 outcome = self._serve_connection(conn)
             except Exception:
-                self.server.log_error("connection error", traceback.format_exc())
+                self.log_error("connection error", traceback.format_exc())
             try:
                 self._hand_back(conn, outcome)
             except Exception:
                 # never lose a worker, and never leave the reactor without the connection
-                self.server.log_error("hand-back failed", traceback.format_exc())
+                self.log_error("hand-back failed", traceback.format_exc())
                 handoff.returned.append((conn, GONE))
                 handoff.wake()
 
@@ -157,7 +179,8 @@ class Workers:
             # wake the reactor if it would sleep past the idle deadline, or if connections
             # wait for workers (this one's client may have more in line: see Reactor)
             if (handoff.clients_in_line
-                    or conn.idle_since + self.settings.keepalive_timeout_s < handoff.wakes_at):
+                    or conn.idle_since + self.current.site.settings.keepalive_timeout_s
+                    < handoff.wakes_at):
                 handoff.wake()
         else:
             handoff.returned.append((conn, outcome))
@@ -196,10 +219,11 @@ class Workers:
         """A turn of a streamed body's generator; the reactor sends what the client has not
         taken, and the access line is logged once the stream ends (Reactor._finish_send)."""
         outbox = conn.outbox
+        record = outbox.record
         try:
-            produce(conn.sock, outbox, time.monotonic() + self.settings.worker_write_s)
+            produce(conn.sock, outbox, time.monotonic() + record.site.settings.worker_write_s)
         except StreamFailed as error:
-            self.server.log_error("%s: streamed body failed" % outbox.log[1], str(error))
+            self.log_error("%s: streamed body failed" % record.line, str(error))
             outbox.cut = True
         except ClientGone:
             outbox.cut = True
@@ -224,7 +248,7 @@ class Workers:
         poller.register(conn.sock, select.POLLIN)
         poller.register(handoff.release_recv, select.POLLIN)
         handoff.held[conn] = True
-        ready = poller.poll(self.settings.keepalive_timeout_s * 1000)
+        ready = poller.poll(self.current.site.settings.keepalive_timeout_s * 1000)
         if not handoff.held.pop(conn, False) or not ready:
             return GONE   # evicted by the reactor (its _make_room), or idle too long
         if handoff.workers_wanted or handoff.stopping:
@@ -238,9 +262,10 @@ class Workers:
             if buf[:1] in (b"\r", b"\n"):
                 del buf[:len(buf) - len(buf.lstrip(b"\r\n"))]
             end = buf.find(b"\r\n\r\n")
-            if end < 0 or end + 4 > self.settings.max_head_bytes:
+            site = self.current.site   # this request's, to its end
+            if end < 0 or end + 4 > site.settings.max_head_bytes:
                 return KEEP
-            outcome = self._serve_one(conn, end)
+            outcome = self._serve_one(conn, end, site)
             if outcome is not None:
                 return outcome
             if self.handoff.stopping:
@@ -252,16 +277,17 @@ class Workers:
         return KEEP
 
     # -- one request ---------------------------------------------------------------------------
-    def _serve_one(self, conn, end):
-        """The request whose head ends at ``end`` in the buffer: None if the connection goes
-        on, else the Outcome to hand it back with (BODY: the reactor buffers its body)."""
-        exchange = _Exchange(time.monotonic(), bytes(conn.buf[:end]))
+    def _serve_one(self, conn, end, site):
+        """The request whose head ends at ``end`` in the buffer, served under ``site``: None if
+        the connection goes on, else the Outcome to hand it back with (BODY: the reactor
+        buffers its body)."""
+        exchange = _Exchange(time.monotonic(), site, conn.ip, bytes(conn.buf[:end]))
         del conn.buf[:end + 4]
         # 1. Parse and check the head, build the request, ask the guard.
         self._prepare(conn, exchange)
         # 2. A body that is not all here yet, and fits the buffer, is the reactor's to wait for.
         if exchange.response is None and exchange.reader is not None:
-            buffered = body_is_buffered(conn.buf, exchange.head, self.buffer_limit)
+            buffered = body_is_buffered(conn.buf, exchange.head, site.buffer_limit)
             if buffered is not True:
                 return self._wait_for_body(conn, exchange, buffered)
         return self._finish(conn, exchange)
@@ -277,71 +303,74 @@ class Workers:
         self._settle_body(conn, exchange)
         # 5. The guard counts strikes and scanning before the client can see the answer.
         note = self._count_for_guard(conn, exchange)
-        # 6. Write it for a turn (the reactor finishes it for a slow reader); log it.
+        # 6. Write it for a turn (the reactor finishes it for a slow reader); account for it:
+        #    the exchange is the request's Record (onebox/books.py), filled in here.
         sent, outbox = self._write(conn, exchange)
-        finished = time.monotonic()
+        request, head = exchange.request, exchange.head
+        exchange.status = exchange.response.status
+        exchange.sent = sent
         if conn.admin:
-            note = "admin"
-            if self.metrics is not None:
-                self.metrics.record_admin(exchange.response.status)
-        elif self.tally is not None:
-            self._count(conn, exchange, sent, outbox, finished)
+            exchange.route, note = ADMIN, "admin"
+        elif exchange.verdict is not None:
+            self.books.record_decision(exchange.verdict)
+        exchange.note = note
+        if request is not None:
+            exchange.ip, exchange.method, exchange.path = (request.client_ip, request.method,
+                                                           request.path)
+        else:
+            exchange.path = "(unparsed)"
+            if head is not None:
+                exchange.method = head.method
+        reader = exchange.reader
+        exchange.received = reader.received if reader is not None else 0
+        if outbox is not None or exchange.site.access_log:
+            self._describe(exchange)
         if outbox is not None:
-            outbox.log = self._log_fields(conn, exchange, note)
+            exchange.let_go()
+            outbox.record = exchange
             outbox.keep_alive = exchange.keep_alive
             conn.outbox, conn.wait_key = outbox, self._wait_key(conn, exchange)
             return SEND
-        log = self.server.access_log
-        if log and (exchange.route not in self.health_checks.paths or self.health_checks
-                    .should_log(exchange.route, exchange.response.status)):
-            ip, line, status, referer, agent, started, note = self._log_fields(conn, exchange,
-                                                                               note)
-            log.log(ip, line, status, sent, referer, agent, finished - started, note)
+        self.books.finish(exchange, time.monotonic())
         return None if exchange.keep_alive else CLOSE
 
-    def _count(self, conn, exchange, sent, outbox, finished):
-        """Count the request in the tally, for the metrics and the status page
-        (onebox/tally.py); a response the reactor finishes is counted there, once done."""
-        if exchange.verdict is not None and self.metrics is not None:
-            self.metrics.record_decision(exchange.verdict)
-        request = exchange.request
-        if request is not None:
-            client, path, method = request.client_ip, request.path, request.method
-        else:
-            client, path = conn.ip, "(unparsed)"
-            method = exchange.head.method if exchange.head is not None else "other"
-        if outbox is None:
-            self.tally.add(exchange.started, finished, exchange.response.status, method,
-                           exchange.route, client, path, sent)
-        else:
-            outbox.tally = (exchange.started, exchange.response.status, method, exchange.route,
-                            client, path)
+    def _describe(self, exchange):
+        """The record's fields that only the access line (and an error message) read."""
+        head = exchange.head
+        if head is None:
+            exchange.line = exchange.raw_head.split(b"\r\n", 1)[0][:200].decode("latin-1")
+            exchange.referer = exchange.agent = ""
+            return
+        exchange.line = head.request_line
+        fields = head.fields
+        exchange.referer = (fields.get("referer") or ("",))[0]
+        exchange.agent = (fields.get("user-agent") or ("",))[0]
 
     def _prepare(self, conn, exchange):
         """Parse, build the request, ask the guard; a failure becomes the response. Whatever
         else the client's bytes make the parser raise is a 400 too, logged in one line: a
         traceback per request would let anyone fill the error log."""
-        server = self.server
+        site = exchange.site
         try:
             try:
-                exchange.head = head = parse_head(exchange.raw_head, self.settings)
-                exchange.reader = self._body_reader(conn, head)
-                exchange.request = self._build_request(conn, head, exchange.reader)
+                exchange.head = head = parse_head(exchange.raw_head, site.settings)
+                exchange.reader = self._body_reader(conn, head, site.settings)
+                exchange.request = self._build_request(conn, head, exchange.reader, site)
             except HTTPError:
                 raise
             except Exception as error:
-                server.log_error("unparsable request from %s: %s" % (conn.ip,
-                                                                     type(error).__name__))
+                self.log_error("unparsable request from %s: %s" % (conn.ip,
+                                                                   type(error).__name__))
                 raise HTTPError(400, "malformed request") from None
             if conn.admin or self._is_health_check(conn, exchange):
                 # the operator's listener, or a monitor: never limited, banned or counted
                 exchange.keep_alive = exchange.head.keep_alive and not self.handoff.stopping
                 return
-            exchange.verdict = verdict = server.guard.check(exchange.request, conn.client)
+            exchange.verdict = verdict = self.guard.check(exchange.request, conn.client)
             if verdict is not None and not verdict.dry_run:
                 raise HTTPError(verdict.status, verdict.message, verdict.headers)
         except HTTPError as error:
-            exchange.response = self._error_for(exchange.request, error, conn.admin)
+            exchange.response = self._error_for(site, exchange.request, error, conn.admin)
         request, verdict = exchange.request, exchange.verdict
         # a request that could not even be built leaves the framing in doubt: close (and a
         # banned client reconnects, to meet the ban at accept)
@@ -358,7 +387,7 @@ class Workers:
             return False
         if len(exchange.raw_head) > checks.max_head_bytes:
             raise HTTPError(431, "a health check's head must be small")
-        if self.server.guard.refuses_banned(conn.ip, conn.client, hit=False):
+        if self.guard.refuses_banned(conn.ip, conn.client, hit=False):
             return False   # the guard's check answers it (and counts the hit)
         exchange.response = checks.response_for(request.path)
         exchange.route = request.path
@@ -386,23 +415,24 @@ class Workers:
         request = exchange.request
         if request is None or request.client_ip == conn.ip:
             return None
-        return self.server.guard.key_of(request.client_ip)
+        return self.guard.key_of(request.client_ip)
 
     def _dispatch_into(self, conn, exchange):
+        site = exchange.site
         try:
             if conn.admin:
-                exchange.response = self.server.admin.serve(exchange.request, self._call)
-            elif (self.server.redirect_to_https and not conn.tls
+                exchange.response = self.admin.serve(exchange.request, self._call)
+            elif (site.redirect_to_https and not conn.tls
                   and not exchange.request.path.startswith(ACME_CHALLENGE)):
-                exchange.response = self.server.https_redirect(exchange.request)
+                exchange.response = site.https_redirect(exchange.request)
                 exchange.route = HTTPS_REDIRECT
             else:
                 exchange.response = self._dispatch(conn, exchange.request, exchange)
         except HTTPError as error:
             exchange.unrouted = isinstance(error, NotRouted)
-            exchange.response = self._error_for(exchange.request, error, conn.admin)
+            exchange.response = self._error_for(site, exchange.request, error, conn.admin)
         if conn.tls:
-            hsts = self.server.hsts_header
+            hsts = site.hsts_header
             headers = exchange.response.headers
             # RFC 6797 7.2: only over a secure transport. (A handler may return one Response
             # object again and again: the header is added once.)
@@ -420,7 +450,7 @@ class Workers:
         if reader.broken or (reader.expect_continue and not reader.continue_sent):
             exchange.keep_alive = False
         elif (exchange.request is None or not self._all_here(conn, exchange)
-              or not reader.drain(self.settings.max_drain_bytes)):
+              or not reader.drain(exchange.site.settings.max_drain_bytes)):
             exchange.keep_alive = False
             if reader.failure is not None and reader.failure.status in (400, 413):
                 exchange.response = error_response(exchange.request, reader.failure.status,
@@ -430,13 +460,14 @@ class Workers:
         reader = exchange.reader
         if isinstance(reader, LengthBody):
             return len(conn.buf) >= reader.remaining
-        return reader.received == 0 and ChunkedScan(self.settings.max_drain_bytes).feed(conn.buf)
+        return reader.received == 0 and ChunkedScan(
+            exchange.site.settings.max_drain_bytes).feed(conn.buf)
 
     def _count_for_guard(self, conn, exchange):
         """A request the parser refused is a strike; a 404 that no route or page answered
         counts toward scanner detection (a handler's "no such note" does not). Returns the
         access log's note."""
-        guard = self.server.guard
+        guard = self.guard
         verdict, request = exchange.verdict, exchange.request
         note = verdict.note if verdict is not None else None
         if conn.admin:
@@ -455,60 +486,51 @@ class Workers:
         head_only = request is not None and request.method == "HEAD"
         try:
             return write_response(conn.sock, exchange.response, exchange.keep_alive, version,
-                                  head_only, self.settings.worker_write_s)
+                                  head_only, exchange.site.settings.worker_write_s)
         except StreamFailed as error:
-            self.server.log_error("%s %s: streamed body failed" % (request.method, request.path),
-                                  str(error))
+            self.log_error("%s %s: streamed body failed" % (request.method, request.path),
+                           str(error))
         except ClientGone:
             pass
         exchange.keep_alive = False
         return 0, None
 
-    def _log_fields(self, conn, exchange, note):
-        head, request = exchange.head, exchange.request
-        if head is not None:
-            line, fields = head.request_line, head.fields
-        else:
-            line, fields = exchange.raw_head.split(b"\r\n", 1)[0][:200].decode("latin-1"), {}
-        return (request.client_ip if request else conn.ip, line, exchange.response.status,
-                (fields.get("referer") or ("",))[0], (fields.get("user-agent") or ("",))[0],
-                exchange.started, note)
-
     # -- building and routing --------------------------------------------------------------------
-    def _body_reader(self, conn, head):
+    def _body_reader(self, conn, head, settings):
         """The body's reader, made before anything can fail, so that even an error response
         knows how to skip the body (or that it must close instead)."""
         if head.chunked:
-            return ChunkedBody(conn, head, self.settings)
+            return ChunkedBody(conn, head, settings)
         if head.content_length:
-            return LengthBody(conn, head, self.settings)
+            return LengthBody(conn, head, settings)
         return None
 
-    def _build_request(self, conn, head, reader):
+    def _build_request(self, conn, head, reader, site):
+        settings = site.settings
         if head.method not in METHODS:
             raise HTTPError(501, "method not implemented")
-        if head.content_length > self.settings.max_body_bytes:
+        if head.content_length > settings.max_body_bytes:
             raise HTTPError(413, "request body too large")  # before reading a byte of it
         raw_path, query = split_target(head)
-        allowed = self.server.config.allowed_hosts
+        allowed = site.allowed_hosts
         if allowed is not None and not conn.admin and not host_allowed(allowed,
                                                     (head.fields.get("host") or ("",))[0]):
             # RFC 9110 section 15.5.20; a browser sent here by DNS rebinding names another host
             raise HTTPError(421, "this server does not serve that host")
         path, segments = decode_path(raw_path)
         return Request(head.method, path, segments, query, Headers(head.fields), conn.ip,
-                       head.version, reader, self.settings.max_json_bytes)
+                       head.version, reader, settings.max_json_bytes)
 
     def _dispatch(self, conn, request, exchange):
         """Handler routes first, then static pages; 404 and 405 (with Allow) otherwise.
         ``exchange.route`` gets the metrics' route label. A handler's run is charged to its
         client's CPU budget (onebox/guard.py says why this thread's CPU time, not wall time);
         static pages run no handler and cost nothing to measure."""
-        method = request.method
+        method, site = request.method, exchange.site
         exchange.route = UNROUTED
         if request.path == "*":
             return Response(b"", 204, [("Allow", ", ".join(METHODS))])
-        route, params, allowed = self.server.router.match(method, request.segments)
+        route, params, allowed = site.router.match(method, request.segments)
         if route is not None:
             request.params = params
             exchange.route = route.pattern
@@ -522,12 +544,12 @@ class Workers:
                 if perf_counter() - started >= CPU_CHARGE_MIN_S:
                     used = thread_time() - cpu_started
                     if used >= CPU_CHARGE_MIN_S:
-                        self.server.guard.charge(request, conn.client, used)
+                        self.guard.charge(request, conn.client, used)
         if allowed is not None:
             if method == "OPTIONS":
                 return Response(b"", 204, [("Allow", allowed)])
             raise HTTPError(405, "method not allowed", [("Allow", allowed)])
-        static = self.server.static
+        static = site.static
         if method in ("GET", "HEAD"):
             response = static.serve(request)
             if response is not None:
@@ -553,17 +575,17 @@ class Workers:
             status = getattr(type(error), "http_status", None)
             if status is not None:
                 # an infrastructure error that declares its status (e.g. storage full: 503)
-                self.server.log_error("%s %s: %s" % (request.method, request.path, error))
+                self.log_error("%s %s: %s" % (request.method, request.path, error))
                 raise HTTPError(status, getattr(type(error), "public_message", "")) from None
-            self.server.log_error("%s %s: handler %s raised" % (request.method, request.path,
-                                                              _name_of(handler)),
-                                  traceback.format_exc())
+            self.log_error("%s %s: handler %s raised" % (request.method, request.path,
+                                                       _name_of(handler)),
+                           traceback.format_exc())
             raise HTTPError(500, "internal server error") from None
 
-    def _error_for(self, request, error, admin=False):
+    def _error_for(self, site, request, error, admin=False):
         if (error.status == 404 and request is not None and request.method in ("GET", "HEAD")
                 and not admin):
-            response = self.server.static.not_found(request)
+            response = site.static.not_found(request)
             response.headers.extend(error.headers)
             return response
         return error_response(request, error.status, error.message, error.headers)

@@ -155,7 +155,7 @@ def test_refusals_reach_the_access_log_and_the_guard_counters(start_server):
     log = server.access_text()
     assert '127.0.0.3 - - [' in log and '"-" 503 ' in log and "refused=client_cap" in log
     assert '"\\x16\\x03\\x01 not http" 400 ' in log
-    assert server.guard.stats()["counts"]["refused_client_cap"] == 1
+    assert server.refusals.stats()["refused_client_cap"] == 1
 
 
 @pytest.mark.parametrize("source", ["127.0.0.3", "127.0.0.1"])   # a client; a trusted proxy
@@ -169,7 +169,7 @@ def test_heads_the_reactor_refuses_are_counted_by_the_guard(start_server, source
              b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 70000 + b"\r\n\r\n"]
     assert [status_of(raw_exchange(server, head, source=source)) for head in heads] == [
         400, 414, 431]
-    assert server.guard.stats()["counts"].get("refused_bad_request") == 3
+    assert server.refusals.stats().get("refused_bad_request") == 3
     assert server.access_text().count('" 4') >= 3
 
 def test_a_flood_of_refusals_is_sampled_in_the_access_log(start_server):
@@ -188,7 +188,7 @@ def test_a_flood_of_refusals_is_sampled_in_the_access_log(start_server):
     lines = server.access_text().count("refused=client_cap")
     unlogged = sum(int(n) for n in re.findall(r"(\d+) more refusals not logged",
                                               server.error_text()))
-    assert server.guard.stats()["counts"]["refused_client_cap"] == 60
+    assert server.refusals.stats()["refused_client_cap"] == 60
     assert lines + unlogged == 60 and unlogged > 0           # every one logged or summed up
     assert lines <= 20 * (int(elapsed) + 2)                  # at most 20 lines in any second
 

@@ -3,6 +3,8 @@ worker and wait caps with their lines, whom to close for room at max_connections
 memory budget sheds; and the table of the waits' moves (onebox/handoff.py) that the reactor
 checks. Each row is a list of events with what each one must answer; the end-to-end tests of the
 same rules, over sockets, are in test_engine.py, test_slow_clients.py and test_floods.py."""
+import types
+
 import pytest
 
 from onebox.fairness import SHED_RANK, Fairness, MemoryBudget
@@ -240,7 +242,8 @@ def test_a_connection_stays_charged_to_its_first_key():
 # -- the waits' moves (onebox/handoff.py WAIT_MOVES, checked by Reactor._move) ----------------
 def bare_reactor():
     """A reactor with no sockets: only its waits are used."""
-    return Reactor(None, SETTINGS, None, None, None, None, None)
+    books = types.SimpleNamespace(refusals=None)   # (nothing is finished or refused here)
+    return Reactor(None, SETTINGS, None, None, None, books, None, None)
 
 
 LEGAL = [(None, Wait.NEW), (Wait.NEW, Wait.HEAD), (Wait.HEAD, Wait.LINGER), (Wait.HEAD, None),

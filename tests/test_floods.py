@@ -72,7 +72,7 @@ def test_buffered_bodies_stay_within_the_budget_and_the_largest_holder_is_cut(st
             sock = connect(server, source)
             sock.sendall(HEAD % 60000 + b"x" * 59900)
             light.append(sock)
-        assert wait_until(lambda: server.guard.stats()["counts"]["closed_memory_budget"] >= 2)
+        assert wait_until(lambda: server.refusals.stats()["closed_memory_budget"] >= 2)
         time.sleep(0.2)
         assert server.reactor.buffered <= budget
         cut = [sock for sock in heavy if cut_off(sock)]
@@ -165,7 +165,7 @@ def test_at_the_cap_uploads_on_their_way_make_room_for_a_smaller_client(start_se
         cut = sum(cut_off(sock) for sock in big)
         assert 1 <= cut <= 3
         assert not any(cut_off(sock) for sock in small)
-        assert server.guard.stats()["counts"]["closed_for_room"] == cut
+        assert server.refusals.stats()["closed_for_room"] == cut
     finally:
         for sock in big + small:
             sock.close()
@@ -192,7 +192,7 @@ def test_a_banned_clients_health_checks_are_refused_then_closed_at_accept(start_
     assert status_of(raw_exchange(server, check, source="127.0.2.9")) == 403
     assert status_of(raw_exchange(server, padded, source="127.0.2.9")) == 403   # a hit too
     assert raw_exchange(server, check, source="127.0.2.9") == b""   # closed at accept
-    assert server.guard.stats()["counts"]["closed_at_accept"] >= 1
+    assert server.refusals.stats()["closed_at_accept"] >= 1
     assert status_of(raw_exchange(server, check, source="127.0.2.10")) == 200
     assert "guard=banned" in server.access_text()
 

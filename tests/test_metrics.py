@@ -227,3 +227,13 @@ def test_metrics_off_counts_no_requests_but_still_reports_gauges(start_server):
     assert not any(key[0] == "onebox_http_requests_total" for key in samples)
     assert value(samples, "onebox_workers", state="idle") >= 1
     assert value(samples, "onebox_state_keys") >= 0
+
+
+def test_request_body_bytes_received_are_counted(start_server):
+    """onebox_http_request_body_bytes_total: what the books' Record carries (onebox/books.py)."""
+    server = start_server()
+    assert value(scrape(server), "onebox_http_request_body_bytes_total") == 0
+    assert request(server, "POST", "/api/notes", body=b'{"text": "twelve bytes"}',
+                   headers={"Content-Type": "application/json"})[0] == 201
+    assert request(server, "GET", "/hello")[0] == 200   # no body: nothing added
+    assert value(scrape(server), "onebox_http_request_body_bytes_total") == 24

@@ -13,11 +13,12 @@ import re
 import shutil
 import signal
 import socket
+import threading
 import time
 
 from conftest import ROOT, Client, Load, raw_exchange, request, status_of
 
-from handlers._core import Response
+from handlers._core import HTTPError, Response
 from onebox.cache import ResponseCache
 from onebox.reload import HOW, RESTART
 from onebox.settings import SETTINGS
@@ -304,7 +305,7 @@ def test_the_access_log_can_be_turned_off_and_on(start_server, tmp_path):
     assert request(server, "GET", "/hello?first")[0] == 200
     write_config(config, {"server.access_log": "off"})
     assert "server.access_log on->off" in reload_in(server)
-    assert server.access_log is None and server.reactor.access_log is None
+    assert server.access_log is None and server.site.access_log is None
     assert request(server, "GET", "/hello?second")[0] == 200
     write_config(config, {"server.access_log": "on", "server.log_flush_interval_s": 0.1})
     assert "server.access_log off->on, server.log_flush_interval_s 0.05->0.1" \
@@ -313,6 +314,45 @@ def test_the_access_log_can_be_turned_off_and_on(start_server, tmp_path):
     log = server.access_text()
     assert "/hello?first" in log and "/hello?third" in log
     assert "/hello?second" not in log
+
+
+def test_a_request_under_way_is_served_by_the_site_it_started_on(start_server, tmp_path):
+    """A request whose head was read before a reload ends on the site it started with
+    (onebox/site.py): its 404 page comes from the old pages_dir, and its access line is
+    written although the reload turned the access log off; a request after the reload sees
+    the new site whole (the new 404 page, no line)."""
+    config = config_copy(tmp_path, {"server.log_flush_interval_s": 0.05})
+    (tmp_path / "pages" / "404.html").write_text("<p>old site</p>")
+    (tmp_path / "site2").mkdir()
+    (tmp_path / "site2" / "404.html").write_text("<p>new site</p>")
+    started, release, answers = threading.Event(), threading.Event(), []
+
+    def slow_missing(request):
+        started.set()
+        release.wait(10)
+        raise HTTPError(404, "not found")
+
+    server = start_server(config_file=str(config), routes=[("GET", "/t/slow", slow_missing)])
+    html = {"Accept": "text/html"}
+    client = threading.Thread(target=lambda: answers.append(
+        request(server, "GET", "/t/slow?before-the-reload", headers=html)))
+    client.start()
+    try:
+        assert started.wait(10)
+        write_config(config, {"server.pages_dir": "site2", "server.access_log": "off"})
+        assert reload_in(server).endswith(
+            "reloaded: server.pages_dir, server.access_log on->off")
+        assert request(server, "GET", "/t/none?after", headers=html)[2] == b"<p>new site</p>"
+    finally:
+        release.set()
+        client.join(10)
+    assert answers[0][0] == 404 and answers[0][2] == b"<p>old site</p>"
+    deadline = time.monotonic() + 5
+    while "before-the-reload" not in server.access_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    log = server.access_text()
+    assert '"GET /t/slow?before-the-reload HTTP/1.1" 404 ' in log, log
+    assert "/t/none?after" not in log
 
 
 def test_a_reload_without_a_file_changes_nothing(start_server, tmp_path):
@@ -335,7 +375,7 @@ def test_a_value_that_fails_while_applying_changes_nothing(start_server, tmp_pat
     line = reload_in(server)
     assert "reload failed" in line and "still serving the previous settings" in line, line
     assert server.settings is settings and server.reactor.settings is settings
-    assert server.workers.settings is settings and server.guard.policy is policy
+    assert server.site.settings is settings and server.guard.policy is policy
     assert server.phase == "serving"
     assert request(server, "GET", "/hello")[0] == 200
 
