@@ -42,35 +42,35 @@ Who may ask
 
 Adding admin pages (the contract for other modules)
 ---------------------------------------------------
-A module named in ``EXTENSIONS`` (``onebox.status``: the status page) defines
-``routes(server)`` returning ``[(method, pattern, handler), ...]``; the rows join this
-module's own in one ``onebox.routing.Router`` (duplicates stop start-up, as for areas).
+The status page (``onebox/status.py``) defines ``routes(server)`` returning ``[(method,
+pattern, handler), ...]``; the rows join this module's own in one ``onebox.routing.Router``
+(duplicates stop start-up, as for areas). Another admin page would be another such module,
+imported here beside it.
 Handlers take the ``handlers._core.Request`` and return what area handlers return (a
 Response, a dict for JSON, ``HTTPError`` for an expected failure); they run in a worker
 thread, so they may read ``server`` (``onebox.metrics.Sources``: the guard, the metrics, the
 store, each part's ``stats()``; never the engine) but must not block.
 Authentication and the same-origin check are done before the handler is called: a handler
 never checks them itself. This module's own rows: ``GET /metrics``, ``GET /login``,
-``POST /login``, ``POST /logout``, and ``GET /`` (a list of links) unless an extension
+``POST /login``, ``POST /logout``, and ``GET /`` (a list of links) unless the status page
 serves "/".
 
-Imports the contract, the routing and metrics modules, and (optionally) the extensions; never
+Imports the contract, the routing, metrics and status modules; never
 the engine, the workers or ``server``.
 """
 import hashlib
 import hmac
 import html
-import importlib
 import ipaddress
 import os
 import re
 import socket
 
 from handlers._core import HTTPError, Response, html_response, redirect
+from onebox import status
 from onebox.metrics import render
 from onebox.routing import Router
 
-EXTENSIONS = ("onebox.status",)   # modules whose routes(server) join the admin routes
 TOKEN_ENV = "ONEBOX_ADMIN_TOKEN"
 TOKEN_CREDENTIAL = "admin_token"  # the file's name in $CREDENTIALS_DIRECTORY
 MIN_TOKEN_CHARS = 16
@@ -288,18 +288,9 @@ class AdminSite(object):
 
 
 def admin_routes(server, site):
-    """Every admin row, (method, pattern, handler, origin): the extensions' (see the module
+    """Every admin row, (method, pattern, handler, origin): the status page's (see the module
     docstring), then this module's (``site``'s)."""
-    rows = []
-    for name in EXTENSIONS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as error:
-            if error.name != name:
-                raise
-            continue
-        rows.extend(tuple(row) + (name.replace(".", "/") + ".py",)
-                    for row in module.routes(server))
+    rows = [tuple(row) + ("onebox/status.py",) for row in status.routes(server)]
     own = [("GET", "/metrics", site.metrics), ("GET", "/login", site.login_page),
            ("POST", "/login", site.login), ("POST", "/logout", site.logout)]
     if not any(row[0] == "GET" and row[1] == "/" for row in rows):

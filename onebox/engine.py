@@ -152,7 +152,7 @@ class OneboxServer:
         (onebox/books.py) feed it and the access log."""
         current, log_error = self.current, self.log_error
         self.handoff = handoff = Handoff()
-        self._poller = poller = Poller()
+        self._poller = poller = Poller(config.server.poller)   # (a restart's choice)
         self.life = Life(handoff, current)
         self.tally = tally = Tally()
         self.metrics = metrics = Metrics(tally, config.admin.metrics)

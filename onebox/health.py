@@ -95,8 +95,9 @@ class HealthChecks(object):
         self._failures_logged = [0, 0]   # [second, failures logged in it]
 
     def answer(self, head_bytes):
-        """(Response, request line, path, head-only) for a health check's head, else None (the
-        request goes to a worker as usual, which also answers a malformed one)."""
+        """(Response, request line, path, head-only, HTTP version) for a health check's head,
+        else None (the request goes to a worker as usual, which also answers a malformed
+        one)."""
         try:
             head = parse_head(head_bytes, self.current.site.settings)
             path, _ = split_target(head)

@@ -18,8 +18,8 @@ The in-process limiter (``InProcessLimiter``)
 One table per server (``LimiterRegistry``)
     Each server owns one, in its ``ServerContext`` (``handlers/_context.py``); the contract's
     ``limiter(name, ...)`` objects find it through the calling worker thread and ask it for the
-    limiter of their name, made on first use with the backend (``set_backend``), so two servers
-    in one process never share a bucket.
+    limiter of their name, made on first use by the registry's ``make`` (the in-process buckets
+    by default), so two servers in one process never share a bucket.
 
 Imports the standard library and the contract (``handlers._limits``, ``handlers._context``).
 """
@@ -30,7 +30,7 @@ import time
 from handlers import _context
 from handlers._limits import DEFAULT_MAX_KEYS, Hit, Limiter, check_max_keys, check_policy
 
-__all__ = ["InProcessLimiter", "LimiterRegistry", "set_backend", "all_stats"]
+__all__ = ["InProcessLimiter", "LimiterRegistry", "all_stats"]
 
 _EXPIRE_PER_HIT = 2         # idle keys looked at (and dropped if full) per hit
 _EPSILON = 1e-9             # float slack, so that exactly ``burst`` hits in a row all pass
@@ -165,13 +165,13 @@ class InProcessLimiter(Limiter):
 
 # --- each server's named limiters -------------------------------------------------------------
 
-_backend = InProcessLimiter   # what a LimiterRegistry makes; replaced only by set_backend
-
-
 class LimiterRegistry(object):
-    """One server's named limiters: name -> the backend's Limiter, made on first use."""
+    """One server's named limiters: name -> a Limiter made on first use by ``make(policy,
+    max_keys)`` (the in-process buckets; another backend is another ``make``, given by the
+    runtime that builds the registry)."""
 
-    def __init__(self):
+    def __init__(self, make=InProcessLimiter):
+        self._make = make
         self._lock = threading.Lock()   # guards the making of limiters in _limiters
         self._limiters = {}             # name -> Limiter
 
@@ -182,7 +182,7 @@ class LimiterRegistry(object):
             with self._lock:
                 found = self._limiters.get(name)
                 if found is None:
-                    found = self._limiters[name] = _backend(policy, max_keys)
+                    found = self._limiters[name] = self._make(policy, max_keys)
         return found
 
     def stats(self):
@@ -190,13 +190,6 @@ class LimiterRegistry(object):
         with self._lock:
             limiters = list(self._limiters.items())
         return {name: item.stats() for name, item in limiters}
-
-
-def set_backend(factory):
-    """Make limiters that servers make from now on use ``factory(policy, max_keys)`` (another
-    backend); call it before the handler areas are imported."""
-    global _backend
-    _backend = factory   # one assignment: a registry making a limiter sees the old or the new
 
 
 def all_stats():

@@ -1,7 +1,6 @@
 """Readiness: which of the reactor's waiting sockets have input. Imports only the standard
 library; the engine (``onebox/engine.py``) is its one user. An owner is what a report hands
 back: a connection object, or a name ("listener", "wakeup") for a socket watched for good."""
-import os
 import select
 import selectors
 
@@ -14,11 +13,11 @@ class Poller:
     so handing it to a worker costs nothing and taking it back costs one epoll_ctl, which a
     worker may make itself (``rearm``). Elsewhere, a selectors.DefaultSelector with register /
     unregister, twice the system calls and more bookkeeping, used by the reactor thread only.
-    ONEBOX_POLLER=select in the environment forces the portable path (the tests use it).
+    ``[server] poller = select`` forces the portable path (the tests use it).
     """
 
-    def __init__(self):
-        use_epoll = hasattr(select, "epoll") and os.environ.get("ONEBOX_POLLER") != "select"
+    def __init__(self, kind="epoll"):
+        use_epoll = hasattr(select, "epoll") and kind != "select"
         self._epoll = select.epoll() if use_epoll else None
         self._selector = None if self._epoll else selectors.DefaultSelector()
         self.can_rearm = self._epoll is not None

@@ -66,7 +66,7 @@ _CONNECTION_KEYS = (
 HOW = {
     "server": dict(
         {key: "connections" for key in _CONNECTION_KEYS},
-        host=RESTART, port=RESTART, data_dir=RESTART, worker_threads=RESTART,
+        host=RESTART, port=RESTART, data_dir=RESTART, worker_threads=RESTART, poller=RESTART,
         allowed_hosts="hosts", pages_dir="static", access_log="access_log",
         log_flush_interval_s="access_log", log_buffer_bytes="access_log"),
     "state": {setting.name: RESTART for setting in SETTINGS["state"]},

@@ -92,6 +92,9 @@ SETTINGS = {
                 "workers one client may hold at once; its other ready requests wait their turn"),
         Setting("max_waiting_per_client", "int", 32, 1,
                 "bodies and responses one client may have waiting at once; more wait in line"),
+        Setting("poller", "str", "epoll", None,
+                "how the reactor waits: epoll (Linux; falls back to select elsewhere) or select "
+                "(the portable path, forced)", ("epoll", "select")),
         Setting("max_buffered_bytes", "int", 64 * 1024 * 1024, 65536,
                 "request bodies the reactor buffers and TLS handshakes under way, in all; past "
                 "it the clients holding the most are cut (503) until 7/8 is held"),

@@ -270,10 +270,9 @@ def test_shutdown_cuts_requests_that_outlive_the_timeout(start_server):
     connection.close()
 
 
-def test_the_portable_poller_serves_the_same(start_server, monkeypatch):
+def test_the_portable_poller_serves_the_same(start_server):
     """Off Linux there is no epoll: the selectors path must keep connections just as well."""
-    monkeypatch.setenv("ONEBOX_POLLER", "select")
-    server = start_server(config={"keepalive_timeout_s": 0.3})
+    server = start_server(config={"keepalive_timeout_s": 0.3, "poller": "select"})
     assert server._poller._epoll is None
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
     for _ in range(3):

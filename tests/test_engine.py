@@ -43,7 +43,7 @@ def test_a_request_that_comes_while_its_connection_is_handed_back_is_served(star
     killed that worker with EBADF and shrank the pool)."""
     server = start_server(config={"worker_threads": 2})
     if not server.workers.poller.can_rearm:
-        pytest.skip("only epoll lets a worker re-arm a connection (ONEBOX_POLLER=select)")
+        pytest.skip("only epoll lets a worker re-arm a connection ([server] poller = select)")
     kept = socket.create_connection(("127.0.0.1", server.port), timeout=5)
     staged = []
 
@@ -87,7 +87,7 @@ def test_a_request_seen_before_its_connection_is_booked_is_served_at_once(start_
     the booking instead of sleeping out its timer (it used to: up to a second a request)."""
     server = start_server(config={"worker_threads": 1})
     if not server.workers.poller.can_rearm:
-        pytest.skip("only epoll lets a worker re-arm a connection (ONEBOX_POLLER=select)")
+        pytest.skip("only epoll lets a worker re-arm a connection ([server] poller = select)")
     kept = socket.create_connection(("127.0.0.1", server.port), timeout=5)
     other = socket.create_connection(("127.0.0.1", server.port), timeout=5)
     staged = []
