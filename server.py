@@ -301,7 +301,7 @@ def serve(config, router, store, notifier=None, listeners=None, restarter=None):
         print("listening on %s" % server.tls_url, flush=True)
     if server.admin_url:
         print("admin on %s" % server.admin_url, flush=True)
-    write_admin_url(server)   # left in place at exit: the next owner of data_dir rewrites it
+    write_admin_url(server)   # removed at a clean exit, unless a successor took over
     notifier.watch(server)   # READY=1 once the reactor turns; then STATUS= and WATCHDOG=1
     try:
         server.serve_forever()
@@ -309,6 +309,8 @@ def serve(config, router, store, notifier=None, listeners=None, restarter=None):
         server.server_close()
         if restarter is not None:
             restarter.abandon()   # a successor that has not taken over yet is not wanted
+        if restarter is None or not restarter.handed_over:
+            remove_url_files(server.settings.data_dir)
     if server.stuck_workers:
         # a handler ignored shutdown; non-daemon threads would keep the process alive forever
         sys.stdout.flush()
@@ -512,6 +514,16 @@ def write_admin_url(server):
     except OSError as error:
         server.log_error("cannot write %s (--bans/--unban will not find this server): %s"
                          % (path, error), level="warning")
+
+
+def remove_url_files(data_dir):
+    """At exit: the files that said where this server was are stale now (a later --bans or
+    --restart would try a server that is gone)."""
+    for name in (SERVER_URL_FILE, ADMIN_URL_FILE):
+        try:
+            os.remove(os.path.join(data_dir, name))
+        except OSError:
+            pass
 
 
 def _write_private(path, line):

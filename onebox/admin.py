@@ -37,8 +37,9 @@ Who may ask
   judged by ``ipaddress`` (127/8, ``::1``, either IPv4-mapped), never by a text prefix.
 * Actions (any method but GET, HEAD and OPTIONS) must come from the admin listener's own
   origin: a ``Sec-Fetch-Site`` other than same-origin, or an ``Origin`` other than
-  ``http://<Host>`` (or https://, behind a TLS proxy), gets 403 (no cross-site request forgery through a browser). A client
-  that sends neither (curl, ``server.py --unban``) is not a browser and passes.
+  ``http://<Host>`` (or https://, behind a TLS proxy), gets 403 (no cross-site request
+  forgery through a browser). A client that sends neither (curl, ``server.py --unban``) is not
+  a browser and passes.
 
 Adding admin pages (the contract for other modules)
 ---------------------------------------------------

@@ -167,10 +167,10 @@ class OneboxServer:
         self.reactor = Reactor(self.socket, config.server, handoff, poller, self.guard,
                                self.books, self.health_checks, log_error, self.admin_socket,
                                config.admin.max_connections, self.tls_socket, tls_context)
-        self._sources = sources = Sources(metrics=metrics, refusals=self.books.refusals, guard=self.guard,
-                          reactor=self.reactor, handoff=handoff, context=self.context,
-                          store=self.store, activity=self.activity, current=current,
-                          life=self.life, url=self.url)
+        self._sources = sources = Sources(
+            metrics=metrics, refusals=self.books.refusals, guard=self.guard,
+            reactor=self.reactor, handoff=handoff, context=self.context, store=self.store,
+            activity=self.activity, current=current, life=self.life, url=self.url)
         self.admin = None
         if self.admin_socket is not None:
             self.admin = AdminSite(sources, admin_token, log_error)

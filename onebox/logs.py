@@ -62,8 +62,9 @@ def _escape_controls(text):
 
 def _line(record, stamp, seconds):
     """One access line: the combined log format (client, time, request line, status, body bytes
-    sent, referer, user agent), the duration, then ``record.note`` (the guard's decision, 'guard=429:client_rate'; ``health``; ``admin``...).
-    A field added to the line is added here, from the record (onebox/books.py)."""
+    sent, referer, user agent), the duration, then ``record.note`` (the guard's decision,
+    'guard=429:client_rate'; ``health``; ``admin``...). A field added to the line is added
+    here, from the record (onebox/books.py)."""
     note = record.note
     return '%s - - [%s] "%s" %d %s "%s" "%s" %.3fms%s\n' % (
         record.ip, stamp, _log_escape(record.line), record.status, record.sent or "-",

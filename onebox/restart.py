@@ -88,6 +88,9 @@ class Restarter:
         self.under_systemd = under_systemd
         self._thread = None
         self._child = None   # a successor not handed over to yet
+        # set once a successor took over (this process drains and hands it the data dir): the
+        # files in data_dir that say where the server is are the successor's to rewrite
+        self.handed_over = False
 
     def begin(self, server):
         log = server.log_error
@@ -135,6 +138,7 @@ class Restarter:
             reader.close()
         if verdict == "valid":
             self._child = None
+            self.handed_over = True
             log("restart: successor (pid %d) has a valid configuration and the listening "
                 "sockets; this process (pid %d) stops accepting, drains, and hands it the "
                 "data dir" % (child.pid, os.getpid()), level="info")

@@ -531,8 +531,9 @@ def test_the_service_unit_is_exposed_at_most_1_5():
 
 def test_data_files_are_private_whatever_the_umask(tmp_path, server_process):
     """Under umask 000 every file the server writes in data_dir is 0600 and every directory
-    0700: the journal, the snapshot, the lock, admin.url and server.url, a backup (SIGUSR1)
-    and its folder, and a --backup copied out of the running server."""
+    0700: the journal, the snapshot, the lock, admin.url and server.url (while it runs: a clean
+    exit removes them), a backup (SIGUSR1) and its folder, and a --backup copied out of the
+    running server."""
     data = tmp_path / "data"
     process = server_process(prefix=["sh", "-c", 'umask 000; exec "$0" "$@"'], data_dir=data)
     port = process.port
@@ -546,10 +547,14 @@ def test_data_files_are_private_whatever_the_umask(tmp_path, server_process):
                              % (sys.executable + " " + SERVER, data, copy)],
                             capture_output=True, text=True, timeout=60)
     assert backup.returncode == 0, backup.stderr
+    notes = {name: oct((data / name).stat().st_mode & 0o777)
+             for name in ("admin.url", "server.url")}
+    assert notes == {"admin.url": oct(0o600), "server.url": oct(0o600)}   # while it runs
     assert process.stop() == 0
+    assert not (data / "admin.url").exists() and not (data / "server.url").exists()  # stale
     modes = {str(path.relative_to(tmp_path)): oct(path.stat().st_mode & 0o777)
              for path in [data] + sorted(data.rglob("*")) + [copy]}
-    for name in ("lock", "journal", "snapshot", "admin.url", "server.url"):
+    for name in ("lock", "journal", "snapshot"):
         assert "data/" + name in modes, modes
     assert [name for name in modes if name.startswith("data/backups/")], modes
     wrong = {name: mode for name, mode in modes.items()
