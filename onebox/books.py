@@ -13,7 +13,7 @@ A ``Record`` is made when a request's head is read (``Books.open``), with the si
 served under (``onebox/site.py``); the worker fills it in as it learns (method, path, route
 label, status, bytes), and hands it with the response when the reactor is to finish sending
 (``Outbox.record``). Adding a log field or a metric is one place: the value goes into the
-record where it becomes known, and the access line (``AccessLog.line``) or the tally reads it
+record where it becomes known, and the access line (``AccessLog.write``) or the tally reads it
 from there; nothing else carries it. (The request body bytes received,
 ``onebox_http_request_body_bytes_total``, were added so: ``Record.received``, set by the worker
 where the body's reader is, counted here, and written by the metrics' render.)

@@ -60,18 +60,6 @@ def _escape_controls(text):
     return _CONTROL_RE.sub(lambda match: "\\x%02X" % ord(match.group()), text)
 
 
-def _line(record, stamp, seconds):
-    """One access line: the combined log format (client, time, request line, status, body bytes
-    sent, referer, user agent), the duration, then ``record.note`` (the guard's decision,
-    'guard=429:client_rate'; ``health``; ``admin``...). A field added to the line is added
-    here, from the record (onebox/books.py)."""
-    note = record.note
-    return '%s - - [%s] "%s" %d %s "%s" "%s" %.3fms%s\n' % (
-        record.ip, stamp, _log_escape(record.line), record.status, record.sent or "-",
-        _log_escape(record.referer), _log_escape(record.agent), seconds * 1000,
-        " " + note if note else "")
-
-
 class AccessLog:
     """Buffered access log. ``write`` may be called from any thread and never waits on the
     stream: lines queue in memory and one flusher thread writes them at least every
@@ -137,7 +125,15 @@ class AccessLog:
         now = int(time.time())
         if self._time_cache[0] != now:
             self._time_cache = (now, time.strftime("%d/%b/%Y:%H:%M:%S %z", time.localtime(now)))
-        line = _line(record, self._time_cache[1], seconds)
+        # The access line: the combined log format (client, time, request line, status, body
+        # bytes sent, referer, user agent), the duration, then ``record.note`` (the guard's
+        # decision, 'guard=429:client_rate'; ``health``; ``admin``...). A field added to the
+        # line is added here, from the record (onebox/books.py).
+        note = record.note
+        line = '%s - - [%s] "%s" %d %s "%s" "%s" %.3fms%s\n' % (
+            record.ip, self._time_cache[1], _log_escape(record.line), record.status,
+            record.sent or "-", _log_escape(record.referer), _log_escape(record.agent),
+            seconds * 1000, " " + note if note else "")
         with self.lock:
             if self.pending_bytes + len(line) > self.buffer_bytes:
                 self.dropped += 1
