@@ -24,6 +24,7 @@ Where things are
 ``onebox/poller.py``    which waiting sockets are ready (epoll, or a selector)
 ``onebox/handoff.py``   what the reactor and the workers pass each other, and who writes what
 ``onebox/reactor.py``   the thread that accepts, and owns every connection that waits
+``onebox/gate.py``      the reactor's door: accepting, room at the caps, TLS handshakes, refusals
 ``onebox/timers.py``    the reactor's deadlines: fixed-timeout tables, a lazy heap for moving ones
 ``onebox/fairness.py``  per-client shares in the reactor: workers, waits, room, the memory budget
 ``onebox/workers.py``   the pool that serves requests that are ready

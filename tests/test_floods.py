@@ -203,7 +203,7 @@ def test_tls_handshakes_under_way_are_charged_against_the_budget(start_server, t
                     "ec_paramgen_curve:P-256", "-nodes", "-keyout", "key.pem", "-out",
                     "cert.pem", "-days", "2", "-subj", "/CN=localhost"], cwd=str(tmp_path),
                    check=True, capture_output=True, timeout=60)
-    from onebox.reactor import TLS_HANDSHAKE_BYTES
+    from onebox.gate import TLS_HANDSHAKE_BYTES
     server = start_server(config={
         "tls.cert_file": str(tmp_path / "cert.pem"), "tls.key_file": str(tmp_path / "key.pem"),
         "tls.port": 0, "max_buffered_bytes": 4 * TLS_HANDSHAKE_BYTES,
