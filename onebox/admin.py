@@ -288,10 +288,10 @@ class AdminSite(object):
                         [("Cache-Control", "no-store")], METRICS_TYPE)
 
 
-def admin_routes(server, site):
+def admin_routes(sources, site):
     """Every admin row, (method, pattern, handler, origin): the status page's (see the module
     docstring), then this module's (``site``'s)."""
-    rows = [tuple(row) + ("onebox/status.py",) for row in status.routes(server)]
+    rows = [tuple(row) + ("onebox/status.py",) for row in status.routes(sources)]
     own = [("GET", "/metrics", site.metrics), ("GET", "/login", site.login_page),
            ("POST", "/login", site.login), ("POST", "/logout", site.logout)]
     if not any(row[0] == "GET" and row[1] == "/" for row in rows):

@@ -211,21 +211,21 @@ class _Writer(object):
         return "\n".join(self.lines) + "\n"
 
 
-def render(server):
-    """The whole scrape, as text. ``server``: the parts to read (``Sources``)."""
+def render(sources):
+    """The whole scrape, as text. ``sources``: the parts to read (``Sources``)."""
     out = _Writer()
-    _requests(out, server)
-    _connections(out, server)
-    _refusals(out, server.refusals)
-    _guard(out, server)
-    _caches(out, server)
-    _state(out, server)
-    _process(out, server)
+    _requests(out, sources)
+    _connections(out, sources)
+    _refusals(out, sources.refusals)
+    _guard(out, sources)
+    _caches(out, sources)
+    _state(out, sources)
+    _process(out, sources)
     return out.text()
 
 
-def _requests(out, server):
-    metrics = server.metrics
+def _requests(out, sources):
+    metrics = sources.metrics
     requests, durations, decisions, admin = metrics.totals()
     rows = sorted(requests.items())
     out.family("onebox_http_requests_total", "counter",
@@ -264,8 +264,8 @@ def _requests(out, server):
             1 if metrics.enabled else 0)
 
 
-def _connections(out, server):
-    stats, handoff = server.reactor.stats(), server.handoff   # (a snapshot: any thread)
+def _connections(out, sources):
+    stats, handoff = sources.reactor.stats(), sources.handoff   # (a snapshot: any thread)
     waits = stats["waits"]
     states = [("handshake", waits["handshake"]),   # TLS handshakes under way
               ("reading", waits["new"] + waits["head"]),
@@ -281,25 +281,25 @@ def _connections(out, server):
                "slow reader; in_line: behind its client's other waits; ready: for its client's "
                "share of the workers)",
                [({"state": name}, value) for name, value in states])
-    out.one("onebox_connections_max", "gauge", "max_connections", server.settings.max_connections)
+    out.one("onebox_connections_max", "gauge", "max_connections", sources.settings.max_connections)
     out.one("onebox_buffered_bytes", "gauge", "Request bodies buffered and TLS handshakes under "
             "way, as charged against max_buffered_bytes", stats["buffered"])
     out.one("onebox_buffered_bytes_max", "gauge", "max_buffered_bytes",
-            server.settings.max_buffered_bytes)
+            sources.settings.max_buffered_bytes)
     out.one("onebox_admin_connections_open", "gauge", "Open connections on the admin listener",
             stats["admin_open"])
     idle = len(handoff.idle)
-    threads = len(server.workers.threads)
+    threads = len(sources.workers.threads)
     out.family("onebox_workers", "gauge", "Worker threads by state",
                [({"state": "busy"}, max(0, threads - idle)), ({"state": "idle"}, idle)])
     out.one("onebox_workers_queued", "gauge", "Jobs waiting on the work queue for a worker",
             handoff.work.qsize())
     out.one("onebox_healthy", "gauge", "1 while OneboxServer.health() finds nothing wrong",
-            1 if server.health() is None else 0)
+            1 if sources.health() is None else 0)
     out.family("onebox_phase", "gauge", "1 for the server's current phase",
-               [({"phase": phase}, 1 if server.phase == phase else 0)
+               [({"phase": phase}, 1 if sources.phase == phase else 0)
                 for phase in ("starting", "serving", "reloading", "draining")])
-    expires = getattr(server, "tls_expires", None)
+    expires = getattr(sources, "tls_expires", None)
     if expires is not None:   # what an alert on certificate renewal watches (onebox/tls.py)
         out.one("onebox_tls_certificate_expiry_timestamp_seconds", "gauge",
                 "When the HTTPS certificate served to new connections expires (Unix time)",
@@ -312,8 +312,8 @@ def _refusals(out, refusals):
                [({"cause": name}, count) for name, count in sorted(refusals.stats().items())])
 
 
-def _guard(out, server):
-    stats = server.guard.stats()
+def _guard(out, sources):
+    stats = sources.guard.stats()
     counts = stats["counts"]
     out.family("onebox_guard_events_total", "counter",
                "The abuse guard's own counters (bans earned, banned hits, scanners, ...)",
@@ -323,10 +323,10 @@ def _guard(out, server):
     tables = [("guard_clients", stats["clients"]), ("guard_cpu", stats["cpu"]),
               ("guard_routes", stats["routes"]),
               ("guard_suspects", stats["suspects"]), ("guard_bans", stats["bans"])]
-    cache = server.context.responses.stats()
+    cache = sources.context.responses.stats()
     tables.append(("response_cache", {"keys": cache["entries"], "max_keys": cache["max_entries"],
                                       "evictions": cache["evictions"]}))
-    for name, limiter_stats in sorted(server.context.limiters.stats().items()):
+    for name, limiter_stats in sorted(sources.context.limiters.stats().items()):
         tables.append(("limiter:" + name, limiter_stats))
     out.family("onebox_table_entries", "gauge", "Entries in each capped in-memory table",
                [({"table": name}, table["keys"]) for name, table in tables])
@@ -337,14 +337,14 @@ def _guard(out, server):
                [({"table": name}, table.get("evictions", 0)) for name, table in tables])
 
 
-def _caches(out, server):
-    cache = server.context.responses.stats()
+def _caches(out, sources):
+    cache = sources.context.responses.stats()
     out.one("onebox_response_cache_hits_total", "counter", "@cached responses served from memory",
             cache["hits"])
     out.one("onebox_response_cache_misses_total", "counter",
             "@cached responses computed by their handler", cache["misses"])
     caches = [("response_cache", cache["bytes"], cache["max_bytes"])]
-    static = server.static
+    static = sources.static
     for name, budget in (("static_files", static.files), ("static_gzip", static.gzipped)):
         caches.append((name, budget.used, budget.budget))
     out.family("onebox_cache_bytes", "gauge", "Bytes held by each in-memory cache",
@@ -353,8 +353,8 @@ def _caches(out, server):
                [({"cache": name}, cap) for name, _, cap in caches])
 
 
-def _state(out, server):
-    store = server.store
+def _state(out, sources):
+    store = sources.store
     if store is None:
         return
     stats = store.stats()
@@ -373,7 +373,7 @@ def _state(out, server):
 
 
 
-def _process(out, server):
+def _process(out, sources):
     usage = resource.getrusage(resource.RUSAGE_SELF)
     out.one("process_cpu_seconds_total", "counter", "User and system CPU time spent",
             float(usage.ru_utime + usage.ru_stime))
@@ -386,7 +386,7 @@ def _process(out, server):
         out.one("process_open_fds", "gauge", "Open file descriptors", fds)
     out.one("process_threads", "gauge", "Threads in the process", threading.active_count())
     out.one("process_start_time_seconds", "gauge", "Start time of the process (Unix time)",
-            server.started_at)
+            sources.started_at)
     out.family("onebox_build_info", "gauge", "onebox and Python versions (always 1)",
                [({"version": VERSION, "python": platform.python_version(),
                   "implementation": sys.implementation.name}, 1)])

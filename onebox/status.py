@@ -1,6 +1,6 @@
 """The status page, its JSON and the ban actions, served on the admin listener only.
 
-``routes(server)`` gives the rows the admin listener (``onebox/admin.py``) mounts; ``server`` is
+``routes(sources)`` gives the rows the admin listener (``onebox/admin.py``) mounts; ``sources`` is
 the parts they read (``onebox.metrics.Sources``), never the engine:
 
     GET  /              the page (``status_page.html`` beside this file: inline CSS and script,
@@ -57,7 +57,7 @@ def _load_page():
 PAGE_HTML, PAGE_POLICY = _load_page()
 
 
-def routes(server):
+def routes(sources):
     """The (method, pattern, handler) rows of the status page, for the admin listener."""
     def page(request):
         return html_response(PAGE_HTML, headers=NO_STORE + [
@@ -65,16 +65,16 @@ def routes(server):
             ("X-Frame-Options", "DENY"), ("Referrer-Policy", "no-referrer")])
 
     def document(request):
-        return json_response(status_document(server), headers=NO_STORE)
+        return json_response(status_document(sources), headers=NO_STORE)
 
     def bans(request):
-        return json_response({"bans": server.guard.list_bans(), "now": time.time()},
+        return json_response({"bans": sources.guard.list_bans(), "now": time.time()},
                              headers=NO_STORE)
 
     def lift(request):
         client = _lift_target(request)
         who = "the admin listener (from %s)" % request.client_ip
-        key = server.guard.lift_ban(client, by=who)
+        key = sources.guard.lift_ban(client, by=who)
         if key is None:
             raise HTTPError(404, "that client is not banned")
         return json_response({"lifted": key}, headers=NO_STORE)
@@ -101,37 +101,37 @@ def _lift_target(request):
 
 # --- the document ---------------------------------------------------------------------------
 
-def status_document(server):
+def status_document(sources):
     """What the page shows, JSON-able: activity (onebox/activity.py), bans, recent decisions,
     gauges (connections, workers) and tables (each with its size and cap)."""
-    activity = server.activity
+    activity = sources.activity
     snapshot = activity.snapshot()
     memory = {"rss_bytes": _rss_bytes(), "activity_bytes": activity.memory_bytes(),
               "activity_budget_bytes": BUDGET_BYTES, "threads": threading.active_count()}
     return {
-        "server": server.url,
-        "uptime_s": time.time() - getattr(server, "started_at", activity.started),
-        "phase": getattr(server, "phase", ""),
+        "server": sources.url,
+        "uptime_s": time.time() - getattr(sources, "started_at", activity.started),
+        "phase": getattr(sources, "phase", ""),
         "activity": snapshot,
-        "bans": server.guard.list_bans(),
+        "bans": sources.guard.list_bans(),
         "decisions": activity.decisions(),
-        "guard_counts": _counts(server),
-        "gauges": _gauges(server),
-        "tables": _tables(server, memory),
+        "guard_counts": _counts(sources),
+        "gauges": _gauges(sources),
+        "tables": _tables(sources, memory),
         "memory": memory,
     }
 
 
-def _counts(server):
+def _counts(sources):
     """The guard's event counters and the runtime's refusals that happened (onebox/books.py)."""
-    counts = server.guard.stats()["counts"]
-    counts.update((cause, count) for cause, count in server.refusals.stats().items() if count)
+    counts = sources.guard.stats()["counts"]
+    counts.update((cause, count) for cause, count in sources.refusals.stats().items() if count)
     return counts
 
 
-def _gauges(server):
-    settings, handoff = server.settings, server.handoff
-    stats = server.reactor.stats()   # a snapshot: any thread
+def _gauges(sources):
+    settings, handoff = sources.settings, sources.handoff
+    stats = sources.reactor.stats()   # a snapshot: any thread
     threads = settings.worker_threads
     idle = len(handoff.idle)
     parked = stats["parked"]
@@ -151,8 +151,8 @@ def _gauges(server):
             for key, name, value, of in rows]
 
 
-def _tables(server, memory):
-    guard = server.guard.stats()
+def _tables(sources, memory):
+    guard = sources.guard.stats()
     rows = [
         ("guard: client buckets", guard["clients"]["keys"], guard["clients"]["max_keys"], ""),
         ("guard: handler CPU buckets", guard["cpu"]["keys"], guard["cpu"]["max_keys"], ""),
@@ -161,17 +161,17 @@ def _tables(server, memory):
         ("guard: bans (and offenders remembered)", guard["bans"]["keys"],
          guard["bans"]["max_keys"], ""),
     ]
-    responses = server.context.responses
+    responses = sources.context.responses
     if responses is not None:
         cache = responses.stats()
         rows += [("response cache: entries", cache["entries"], cache["max_entries"], ""),
                  ("response cache: bytes", cache["bytes"], cache["max_bytes"], "bytes")]
-    static = server.static
+    static = sources.static
     for name, table in (("static: file cache", getattr(static, "files", None)),
                         ("static: gzip cache", getattr(static, "gzipped", None))):
         if table is not None:
             rows.append((name, table.used, table.budget, "bytes"))
-    store = server.store
+    store = sources.store
     if store is not None:
         try:
             state = store.stats()
@@ -181,7 +181,7 @@ def _tables(server, memory):
             rows += [("state store: keys", state["keys"], None, ""),
                      ("state store: bytes in memory", state["bytes"], None, "bytes"),
                      ("state store: journal", state["journal_bytes"],
-                      server.config.state.compact_journal_bytes, "bytes")]
+                      sources.config.state.compact_journal_bytes, "bytes")]
     rows += [("status recorder", memory["activity_bytes"], BUDGET_BYTES, "bytes"),
              ("process: RSS", memory["rss_bytes"], None, "bytes"),
              ("process: threads", memory["threads"], None, "")]
