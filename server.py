@@ -303,7 +303,7 @@ def serve(config, router, store, notifier=None, listeners=None, restarter=None):
     if server.admin_url:
         print("admin on %s" % server.admin_url, flush=True)
     write_admin_url(server)   # removed at a clean exit, unless a successor took over
-    notifier.watch(server)   # READY=1 once the reactor turns; then STATUS= and WATCHDOG=1
+    notifier.watch(server.life, server.url)   # READY=1 once it serves; STATUS=, WATCHDOG=1
     try:
         server.serve_forever()
     finally:

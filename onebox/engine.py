@@ -46,6 +46,7 @@ from onebox.metrics import Metrics, Sources
 from onebox.poller import Poller
 from onebox.reactor import Reactor
 from onebox.reload import Reloader, expiry_warning_of
+from onebox.restart import Subject
 from onebox.site import CurrentSite, build_site
 from onebox.static import StaticPages
 from onebox.tally import Tally
@@ -343,7 +344,9 @@ class OneboxServer:
                 if self._restart_requested:
                     self._restart_requested = False
                     if self.restarter is not None:
-                        self.restarter.begin(self)
+                        self.restarter.begin(Subject(
+                            self.life, self.settings, self.listening_sockets(),
+                            self.begin_shutdown, self.log_error))
             self._drain()
         finally:
             if self._backup_thread is not None:

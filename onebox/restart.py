@@ -43,6 +43,7 @@ runs each restart, so the reactor never waits on the successor.
 Imports the standard library and the store's ``StateLockedError`` (``onebox.store``); never
 the engine (the server is passed in) or ``server``.
 """
+import collections
 import fcntl
 import http.client
 import os
@@ -78,6 +79,12 @@ os.execv(command[0], command)
 """
 
 
+# What a restart reads of the server and may do to it: its ``life`` (phase), the [server]
+# ``settings`` (restart_wait_s, data_dir), the listening ``sockets`` by name, ``begin_shutdown``
+# once the successor is valid, and ``log_error``. Never the server whole.
+Subject = collections.namedtuple("Subject", "life settings sockets begin_shutdown log_error")
+
+
 class Restarter:
     """The predecessor's side: ``begin(server)`` (reactor thread, on SIGUSR2) starts one restart
     at a time, in its own thread. ``command``: the server's command line (argv after the
@@ -92,48 +99,51 @@ class Restarter:
         # files in data_dir that say where the server is are the successor's to rewrite
         self.handed_over = False
 
-    def begin(self, server):
-        log = server.log_error
+    def begin(self, subject):
+        """SIGUSR2, in the reactor thread: start a successor on ``subject.sockets`` (a
+        ``Subject``: what a restart reads of the server, and ``begin_shutdown`` to stop it once
+        the successor is valid)."""
+        log = subject.log_error
         if self.under_systemd:
             log("restart refused: under systemd, run `systemctl restart onebox` (onebox.socket "
                 "keeps the socket open, so no connection is refused)", level="warning")
             return
-        self._result(server, None)
+        self._result(subject, None)
         if self._thread is not None and self._thread.is_alive():
             log("restart: one is under way already; SIGUSR2 ignored", level="warning")
             return
-        if server.phase == "draining":
+        if subject.life.phase == "draining":
             return
-        self._thread = threading.Thread(target=self._run, args=(server,), name="onebox-restart",
+        self._thread = threading.Thread(target=self._run, args=(subject,), name="onebox-restart",
                                         daemon=True)
         self._thread.start()
 
-    def _run(self, server):
-        log = server.log_error
+    def _run(self, subject):
+        log = subject.log_error
         try:
-            self._restart(server)
+            self._restart(subject)
         except Exception as error:   # a bug here must not stop the serving
             log("restart failed: %s: %s; still serving" % (type(error).__name__, error),
                 level="error")
 
-    def _restart(self, server):
-        log = server.log_error
+    def _restart(self, subject):
+        log = subject.log_error
         reader = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         address = "\0onebox-restart-%d-%s" % (os.getpid(), os.urandom(6).hex())
         try:
             reader.bind(address)
-            child = self._start(server, "@" + address[1:])
+            child = self._start(subject, "@" + address[1:])
         except OSError as error:
             reader.close()
             log("restart failed: cannot start the successor: %s; still serving" % error)
-            self._result(server, "cannot start the successor: %s" % error)
+            self._result(subject, "cannot start the successor: %s" % error)
             return
         self._child = child
         log("restart: successor started (pid %d); serving until its configuration is valid"
             % child.pid, level="info")
         try:
             verdict, status = self._await_valid(child, reader,
-                                                server.settings.restart_wait_s + 30.0)
+                                                subject.settings.restart_wait_s + 30.0)
         finally:
             reader.close()
         if verdict == "valid":
@@ -142,20 +152,20 @@ class Restarter:
             log("restart: successor (pid %d) has a valid configuration and the listening "
                 "sockets; this process (pid %d) stops accepting, drains, and hands it the "
                 "data dir" % (child.pid, os.getpid()), level="info")
-            server.begin_shutdown()
+            subject.begin_shutdown()
             return
         if verdict == "silent":
             child.kill()
             child.wait()
-            why = "said nothing within %gs (killed)" % (server.settings.restart_wait_s + 30)
+            why = "said nothing within %gs (killed)" % (subject.settings.restart_wait_s + 30)
         else:
             why = "exited with status %s" % _exit_status(child.returncode)
         why = "the successor (pid %d) %s%s" % (child.pid, why, ": " + status if status else "")
         log("restart failed: %s; still serving (its messages are on stderr above)" % why)
-        self._result(server, why)
+        self._result(subject, why)
 
     def abandon(self):
-        """The server stops (SIGTERM) before its successor took over: the successor must not
+        """The subject stops (SIGTERM) before its successor took over: the successor must not
         take the data dir and serve on against the operator's wish."""
         child, self._child = self._child, None
         if child is not None and child.poll() is None:
@@ -163,10 +173,10 @@ class Restarter:
             child.wait()
 
     @staticmethod
-    def _result(server, why):
+    def _result(subject, why):
         """RESTART_FAILED_FILE in data_dir says why the last restart failed, for --restart;
         removed when one begins."""
-        path = os.path.join(server.settings.data_dir, RESTART_FAILED_FILE)
+        path = os.path.join(subject.settings.data_dir, RESTART_FAILED_FILE)
         try:
             if why is None:
                 os.remove(path)
@@ -178,8 +188,8 @@ class Restarter:
         except OSError:
             pass
 
-    def _start(self, server, notify_address):
-        sockets = server.listening_sockets()
+    def _start(self, subject, notify_address):
+        sockets = subject.sockets
         names, fds = list(sockets), [sock.fileno() for sock in sockets.values()]
         environ = dict(os.environ)
         for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "WATCHDOG_USEC",

@@ -164,38 +164,39 @@ class Notifier:
         self._reload_summary = summary.replace("\n", " ")
         self.send("READY=1", "STATUS=" + self._reload_summary)
 
-    def watch(self, server):
-        """Start the thread that sends READY=1 once ``server`` serves, then STATUS= whenever
+    def watch(self, life, url):
+        """Start the thread that sends READY=1 once the server serves (``life``: its phase and
+        ``health()``, onebox/health.py; ``url``: where, for STATUS=), then STATUS= whenever
         what it reports changes, and WATCHDOG=1 while it is healthy. Nothing without systemd."""
         if not self.enabled:
             return None
-        self._thread = threading.Thread(target=self._watch, args=(server,),
+        self._thread = threading.Thread(target=self._watch, args=(life, url),
                                         name="onebox-systemd", daemon=True)
         self._thread.start()
         return self._thread
 
-    def _watch(self, server):
+    def _watch(self, life, url):
         try:
-            self._report(server)
+            self._report(life, url)
         finally:
             self._socket.close()
 
-    def _report(self, server):
-        while server.phase == "starting" and not self._closed.wait(WAIT_FOR_SERVING_S):
+    def _report(self, life, url):
+        while life.phase == "starting" and not self._closed.wait(WAIT_FOR_SERVING_S):
             pass
-        if server.phase != "serving":
+        if life.phase != "serving":
             return   # stopped before it served: STOPPING=1 said so
-        self.send("READY=1", "STATUS=serving on %s" % server.url)
+        self.send("READY=1", "STATUS=serving on %s" % url)
         shown, pinged = ("serving", None), None   # WatchdogSec= counts from READY=1
         ping_every = self.watchdog_s / 2 if self.watchdog_s else None
         tick = min(STATUS_EVERY_S, ping_every or STATUS_EVERY_S)
         while not self._closed.wait(tick):
-            phase = server.phase
+            phase = life.phase
             if phase == "reloading":
                 phase = "serving"   # reloading() and reloaded() tell systemd themselves
             # A drain has its own bounds (shutdown_timeout_s, TimeoutStopSec=): the watchdog
             # must not kill a server that is finishing its requests.
-            problem = None if phase == "draining" else server.health()
+            problem = None if phase == "draining" else life.health()
             if (problem is None) != (shown[1] is None) and phase != "draining":
                 self.log_error("healthy again" if problem is None else
                                "unhealthy: %s%s" % (problem, "; systemd's watchdog is no "
@@ -207,21 +208,21 @@ class Notifier:
                 fields.append("WATCHDOG=1")
                 pinged = now
             if (phase, problem) != shown:
-                fields.append("STATUS=" + _status(server, phase, problem, self._reload_summary))
+                fields.append("STATUS=" + _status(url, phase, problem, self._reload_summary))
                 shown = (phase, problem)
             if fields:
                 self.send(*fields)
 
 
-def _status(server, phase, problem, reload_summary=None):
+def _status(url, phase, problem, reload_summary=None):
     """One line for ``systemctl status``."""
     if phase == "draining":
         return DRAINING
     if problem is not None:
         return "unhealthy: %s" % problem.replace("\n", " ")
     if reload_summary:
-        return "%s on %s; last %s" % (phase, server.url, reload_summary)
-    return "%s on %s" % (phase, server.url)
+        return "%s on %s; last %s" % (phase, url, reload_summary)
+    return "%s on %s" % (phase, url)
 
 
 def monotonic_usec():

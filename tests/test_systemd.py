@@ -153,7 +153,7 @@ def test_systemd_hears_ready_then_watchdog_pings_then_stopping(server_process):
 def test_without_notify_socket_nothing_is_sent_and_nothing_changes(tmp_path):
     quiet = Notifier(environ={})
     assert not quiet.enabled and quiet.send("READY=1") is False
-    assert quiet.watch(types.SimpleNamespace(phase="serving")) is None
+    assert quiet.watch(types.SimpleNamespace(phase="serving"), "http://x/") is None
     # a watchdog meant for another process (WATCHDOG_PID) is not ours to ping
     reader, address = notify_socket()
     other = Notifier(environ={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "1000000",
@@ -182,7 +182,7 @@ def test_no_watchdog_ping_while_no_worker_can_take_a_job(start_server):
     reader, address = notify_socket()
     notifier = Notifier(environ={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "200000"},
                         log_error=server.log_error)
-    notifier.watch(server)
+    notifier.watch(server.life, server.url)
     client = socket.create_connection(("127.0.0.1", server.port), timeout=20)
     try:
         wait_for(reader, "READY")
