@@ -541,3 +541,16 @@ class Load:
                 self.failures.append("%s: %d %r" % (text, status, body[:80]))
             elif posting and status == 201:
                 self.notes[json.loads(body)["id"]] = text
+
+
+def cut_off(sock, wait_s=0.2):
+    """Whether the server closed ``sock``, or answered 503 first (a request under way shed to
+    make room or to keep to the memory budget); False if it is still open after ``wait_s``."""
+    sock.settimeout(wait_s)
+    try:
+        data = sock.recv(200)
+    except socket.timeout:
+        return False
+    except ConnectionResetError:
+        return True
+    return data == b"" or data.startswith(b"HTTP/1.1 503 ")

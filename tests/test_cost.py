@@ -6,6 +6,7 @@ allowlisted by default); the costly handler is a test route that burns a given n
 milliseconds of this thread's CPU, so that every charge is known in advance."""
 import http.client
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import time
 
 import pytest
 
+from conftest import ROOT
 from test_metrics import scrape, value
 from handlers._core import Headers, Request, json_response
 from handlers._limits import Policy
@@ -223,6 +225,8 @@ def test_dry_run_serves_a_client_in_debt_and_logs_it(start_server):
 
 CLIENT = r"""
 import collections, http.client, json, sys, threading, time
+sys.path.insert(0, sys.argv[6])
+from asker import keep_asking
 port, role, sources, seconds = int(sys.argv[1]), sys.argv[2], sys.argv[3].split(","), float(
     sys.argv[4])
 body = ("[" + ",".join(["1"] * int(sys.argv[5])) + "]").encode()
@@ -230,29 +234,8 @@ results = collections.defaultdict(collections.Counter)
 latencies = []
 
 def costly(source):
-    counts = results[source]
-    deadline = time.monotonic() + seconds
-    connection = None
-    while time.monotonic() < deadline:
-        try:
-            if connection is None:
-                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10,
-                                                        source_address=(source, 0))
-            connection.request("POST", "/t/json", body, {"Content-Type": "application/json"})
-            response = connection.getresponse()
-            response.read()
-            counts[response.status] += 1
-            if response.will_close:
-                connection.close()
-                connection = None
-        except (OSError, http.client.HTTPException):
-            counts["closed"] += 1
-            if connection is not None:
-                connection.close()
-            connection = None
-            time.sleep(0.01)
-    if connection is not None:
-        connection.close()
+    keep_asking(port, source, results[source], seconds, "POST", "/t/json", body,
+                {"Content-Type": "application/json"}, pause_s=0.01)
 
 def normal(source):
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10,
@@ -283,7 +266,8 @@ print(json.dumps({"results": results, "latencies": latencies}))
 
 def run_clients(port, role, sources, seconds, items=0):
     return subprocess.Popen([sys.executable, "-c", CLIENT, str(port), role, ",".join(sources),
-                             str(seconds), str(items)], stdout=subprocess.PIPE, text=True)
+                             str(seconds), str(items), os.path.join(ROOT, "tests")],
+                            stdout=subprocess.PIPE, text=True)
 
 
 def test_four_costly_clients_are_refused_before_a_normal_client_slows_down(start_server):

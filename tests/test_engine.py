@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import raw_exchange, read_until_close, request, status_of
+from conftest import cut_off, raw_exchange, read_until_close, request, status_of
 
 
 def still_open(sock):
@@ -17,18 +17,6 @@ def still_open(sock):
         return sock.recv(1) != b""
     except socket.timeout:
         return True
-
-
-def cut_off(sock):
-    """Closed by the server, or told 503 first (a request under way shed to make room)."""
-    sock.settimeout(0.1)
-    try:
-        data = sock.recv(100)
-    except socket.timeout:
-        return False
-    except ConnectionResetError:
-        return True
-    return data == b"" or data.startswith(b"HTTP/1.1 503 ")
 
 
 def workers_alive():

@@ -16,7 +16,7 @@ import socket
 import ssl
 import time
 
-from conftest import raw_exchange, read_until_close, status_of
+from conftest import cut_off, raw_exchange, read_until_close, status_of
 from handlers._core import Response
 
 HEAD = b"POST /upload HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
@@ -32,18 +32,6 @@ ROUTES = [("POST", "/upload", upload)]
 def connect(server, source, port=None):
     return socket.create_connection(("127.0.0.1", port or server.port), timeout=5,
                                     source_address=(source, 0))
-
-
-def cut_off(sock, wait_s=0.2):
-    """Closed by the server, or answered 503 (shed) before it closed."""
-    sock.settimeout(wait_s)
-    try:
-        data = sock.recv(200)
-    except socket.timeout:
-        return False
-    except ConnectionResetError:
-        return True
-    return data == b"" or data.startswith(b"HTTP/1.1 503 ")
 
 
 def wait_until(predicate, limit_s=5.0):
