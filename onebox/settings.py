@@ -96,8 +96,8 @@ SETTINGS = {
                 "how the reactor waits: epoll (Linux; falls back to select elsewhere) or select "
                 "(the portable path, forced)", ("epoll", "select")),
         Setting("max_buffered_bytes", "int", 64 * 1024 * 1024, 65536,
-                "request bodies the reactor buffers and TLS handshakes under way, in all; past "
-                "it the clients holding the most are cut (503) until 7/8 is held"),
+                "request heads and bodies the reactor buffers, and TLS handshakes under way, in "
+                "all; past it the clients holding the most are cut (503) until 7/8 is held"),
         Setting("shutdown_timeout_s", "float", 10.0, 0.0,
                 "how long busy requests may run on after SIGTERM",
                 maximum=LONGEST_WAIT_S),
