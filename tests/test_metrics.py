@@ -24,8 +24,26 @@ def scrape_text(server):
     return body.decode("utf-8")
 
 
-def scrape(server):
-    """{(name, sorted label pairs): value}"""
+def scrape(server, quiet_s=0.03, limit_s=2.0):
+    """{(name, sorted label pairs): value}, once the request counters stop moving: a worker
+    counts a request just after sending its response (as it logs it: conftest.settled_text),
+    so on a loaded machine the client can be ahead of the counters by a request or two."""
+    deadline = time.monotonic() + limit_s
+    samples = _scrape_once(server)
+    while time.monotonic() < deadline:
+        time.sleep(quiet_s)
+        latest = _scrape_once(server)
+        if _requests_of(latest) == _requests_of(samples):
+            return latest
+        samples = latest
+    return samples
+
+
+def _requests_of(samples):
+    return {key: value for key, value in samples.items() if key[0].startswith("onebox_http_")}
+
+
+def _scrape_once(server):
     samples = {}
     for line in scrape_text(server).splitlines():
         if not line or line.startswith("#"):
