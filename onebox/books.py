@@ -108,7 +108,10 @@ class Books:
         self.current = current
         self.log_error = log_error
         self.refusals = Refusals()
-        self._refusals_logged = [0, 0, 0]   # [second, logged in it, not logged]; the reactor's
+        # the refusals' log sample, the reactor's: [second, refusals logged in it], and how
+        # many went unlogged in it (read by the reactor at each turn: a plain attribute)
+        self._refusals_logged = [0, 0]
+        self.unlogged_refusals = 0
 
     def open(self, started, ip, route=None):
         """A record for a request (or refusal) that starts now, under the current site."""
@@ -154,18 +157,20 @@ class Books:
         self.sum_up_refusals(time.monotonic())
         sample = self._refusals_logged
         if sample[1] >= REFUSALS_LOGGED_PER_S:
-            sample[2] += 1
+            self.unlogged_refusals += 1
             return
         sample[1] += 1
         log.write(record, 0.0)
 
     def sum_up_refusals(self, now):
         """A new second: say how many refusals went unlogged in the last (the reactor calls
-        it at each turn, so the sum is written without waiting for the next refusal)."""
+        it at each turn while some did, so the sum is written without waiting for the next
+        refusal)."""
         sample = self._refusals_logged
         if sample[0] != int(now):
-            if sample[2]:
+            if self.unlogged_refusals:
                 self.log_error("%d more refusals not logged in the last second (the access log "
-                               "takes %d a second)" % (sample[2], REFUSALS_LOGGED_PER_S),
-                               level="warning")
-            sample[:] = [int(now), 0, 0]
+                               "takes %d a second)" % (self.unlogged_refusals,
+                                                       REFUSALS_LOGGED_PER_S), level="warning")
+            sample[:] = [int(now), 0]
+            self.unlogged_refusals = 0

@@ -252,7 +252,8 @@ class Reactor(Gate):
 
     def _expire(self, now):
         """End the waits that are over; return when the next one is (within a second)."""
-        self.books.sum_up_refusals(now)   # the refusals not logged last second, if any
+        if self.books.unlogged_refusals:   # some went unlogged: sum them up once a second
+            self.books.sum_up_refusals(now)
         over, soonest = self.timers.expire(now)
         while over:   # (ending one may start another: a body in line gets its turn)
             ended = 0

@@ -14,7 +14,10 @@ Two kinds of wait, two structures (see ``Wait`` in onebox/handoff.py for the wai
   it comes up, and one whose connection waits for something else by then is dropped.
 
 ``Timers`` knows deadlines, not what ending a wait does: ``expire(now)`` returns what ended,
-the reactor acts. Nothing here reads a clock, so it is tested without one (tests/test_timers.py).
+the reactor acts. It keeps a lower bound of every deadline it holds (``_next_at``: lowered by
+each park and push, raised only by a full look), so a reactor turn before it costs one
+comparison: deadlines only move later (``onebox.transfer.Pace.advance``), and a wait that ended
+early leaves the bound early, which costs one full look, never a missed deadline. Nothing here reads a clock, so it is tested without one (tests/test_timers.py).
 Owned by the reactor thread; ``sizes()`` is for any thread. Imports the standard library and
 onebox/handoff.py.
 """
@@ -22,6 +25,8 @@ import collections
 import heapq
 
 from onebox.handoff import WAITS
+
+_NONE_OVER = ()   # what expire() returns when nothing can be over
 
 
 class Timers:
@@ -33,6 +38,7 @@ class Timers:
         self.parked = {wait: collections.OrderedDict() for wait in WAITS if wait.fixed}
         self.timed = []          # heap of (deadline, sequence, conn, wait): body and send waits
         self._sequence = 0       # ties broken in push order; connections are never compared
+        self._next_at = float("-inf")   # no deadline here is earlier (see the module docstring)
 
     # -- fixed waits ----------------------------------------------------------------------
     def park(self, conn, wait, deadline, was=None):
@@ -41,6 +47,8 @@ class Timers:
         if was is not None:
             del self.parked[was][conn]
         self.parked[wait][conn] = deadline
+        if deadline < self._next_at:
+            self._next_at = deadline
 
     def unpark(self, conn, wait):
         del self.parked[wait][conn]
@@ -58,12 +66,15 @@ class Timers:
             for conn, deadline in table.items():   # values change, the size does not
                 if deadline > until:
                     table[conn] = until
+        self._next_at = min(self._next_at, until)
 
     # -- moving deadlines -----------------------------------------------------------------
     def push(self, conn, wait):
         """Time ``conn``'s ``wait`` (body or send) by ``conn.deadline``, which may move later."""
         self._sequence += 1
         heapq.heappush(self.timed, (conn.deadline, self._sequence, conn, wait))
+        if conn.deadline < self._next_at:
+            self._next_at = conn.deadline
 
     # -- both ---------------------------------------------------------------------------------
     def expire(self, now, horizon_s=1.0):
@@ -71,6 +82,8 @@ class Timers:
         first, each table oldest first; then moving ones, soonest first), and when the next one
         is over (at most ``horizon_s`` away). The reactor must end each one it is given: a
         fixed wait's entry stays in its table until it does."""
+        if now < self._next_at:   # nothing can be over yet: most turns
+            return _NONE_OVER, min(self._next_at, now + horizon_s)
         soonest = now + horizon_s
         over = []
         for wait, table in self.parked.items():
@@ -94,6 +107,9 @@ class Timers:
                 heapq.heappop(timed)
                 seen.add(conn)
                 over.append((conn, wait))
+        # every first entry not over is at or after soonest; what is over ends now, and
+        # what its ending starts is parked or pushed with a later deadline (or lowers this)
+        self._next_at = now if over else soonest
         return over, soonest
 
     def timed_connections(self):
@@ -105,6 +121,7 @@ class Timers:
         for table in self.parked.values():
             table.clear()
         self.timed = []
+        self._next_at = float("-inf")
 
     def sizes(self):
         """{wait name: connections in its table} for the fixed waits, and "timed": the heap's

@@ -46,7 +46,8 @@ def test_fixed_waits_expire_in_table_order(parks, now, over, soonest):
     expired, next_at = timers.expire(now)
     assert (names(expired, conns), next_at) == (over, soonest)
     # entries stay until the reactor ends their waits: asked again, the same answer
-    assert timers.expire(now) == (expired, next_at)
+    again, again_at = timers.expire(now)
+    assert (list(again), again_at) == (list(expired), next_at)
 
 
 def test_a_parked_connection_moves_between_fixed_tables():
@@ -57,7 +58,7 @@ def test_a_parked_connection_moves_between_fixed_tables():
                               "timed": 0}
     assert timers.first(Wait.HEAD) is conn and timers.first(Wait.NEW) is None
     timers.unpark(conn, Wait.HEAD)
-    assert timers.first(Wait.HEAD) is None and timers.expire(10.0)[0] == []
+    assert timers.first(Wait.HEAD) is None and list(timers.expire(10.0)[0]) == []
 
 
 def test_a_drain_caps_deadlines_and_keeps_the_order():
@@ -104,14 +105,14 @@ def test_moving_deadlines_expire_lazily(pushes, now, over, soonest):
     assert (names(expired, conns), next_at) == (over, soonest)
     # what is over is out of the heap; what moved is still in it, at its new deadline
     expired, _ = timers.expire(now)
-    assert expired == []
+    assert list(expired) == []
 
 
 def test_fixed_waits_are_over_before_moving_ones():
     timers, head, body = Timers(), conn_waiting(Wait.HEAD), conn_waiting(Wait.BODY, 1.0)
     timers.push(body, Wait.BODY)
     timers.park(head, Wait.HEAD, 2.0)
-    assert timers.expire(3.0)[0] == [(head, Wait.HEAD), (body, Wait.BODY)]
+    assert list(timers.expire(3.0)[0]) == [(head, Wait.HEAD), (body, Wait.BODY)]
 
 
 def test_sizes_timed_connections_and_clear():
@@ -128,3 +129,23 @@ def test_sizes_timed_connections_and_clear():
     timers.clear()
     assert timers.sizes() == dict.fromkeys(("handshake", "new", "head", "idle", "linger",
                                             "timed"), 0)
+
+
+def test_a_turn_before_the_soonest_deadline_looks_at_nothing():
+    """Most reactor turns come before any deadline: expire() answers from its lower bound of
+    every deadline held, without walking the tables; a park or push with an earlier deadline
+    lowers the bound, so nothing is missed."""
+    timers, idle = Timers(), conn_waiting(Wait.IDLE)
+    timers.park(idle, Wait.IDLE, 30.0)
+    assert list(timers.expire(1.0)[0]) == []          # a full look: the bound is now 2.0
+    timers.parked[Wait.IDLE][idle] = 1.5               # (a table changed behind its back)
+    assert list(timers.expire(1.6)[0]) == []          # before the bound: not looked at
+    head = conn_waiting(Wait.HEAD)
+    timers.park(head, Wait.HEAD, 1.7)                 # an earlier deadline lowers the bound
+    assert names(timers.expire(1.8)[0], {"idle": idle, "head": head}) == [
+        ("head", "head"), ("idle", "idle")]
+    body = conn_waiting(Wait.BODY, 1.9)
+    timers.expire(1.85)
+    timers.push(body, Wait.BODY)
+    assert names(timers.expire(1.95)[0], {"body": body, "idle": idle, "head": head}) == [
+        ("head", "head"), ("idle", "idle"), ("body", "body")]
