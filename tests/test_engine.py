@@ -48,21 +48,30 @@ def test_a_request_that_comes_while_its_connection_is_handed_back_is_served(star
         server.handoff.before_booking = between
         results = []
 
-        def fetch():
+        def fetch(start):
+            start.wait(10)
             results.append(request(server, "GET", "/hello")[0])
 
-        threads = [threading.Thread(target=fetch) for _ in range(8)]
-        for thread in threads:   # ...until these need the workers: it hands it back
-            thread.start()
-        for thread in threads:
-            thread.join(10)
+        # ...until these need the workers: it hands it back. Eight at once (a barrier: on a
+        # loaded machine threads started one by one were served one by one by the other
+        # worker, and the held connection was never wanted), again if need be.
+        for _ in range(5):
+            start = threading.Barrier(8)
+            threads = [threading.Thread(target=fetch, args=(start,)) for _ in range(8)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(10)
+            if staged:
+                break
         assert staged, "the race was not staged: the kept connection was not handed back"
         answer = b""
         while not answer.endswith(b'"hello, again"}'):
             data = kept.recv(4096)
             assert data, "the request sent during the hand-back was lost"
             answer += data
-        assert results == [200] * 8 and workers_alive() == 2
+        assert results == [200] * len(results) and len(results) % 8 == 0
+        assert workers_alive() == 2
     finally:
         kept.close()
     assert "hand-back failed" not in server.error_text()
