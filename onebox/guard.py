@@ -589,24 +589,30 @@ class Guard(object):
         policy = self.policy
         if not policy.enabled:
             return
+        key = self._limited_key(request, key)
+        if key is not None:
+            self.cpu.charge(key, seconds * 1000.0, policy.cpu_policy.rate_per_s)
+
+    def _limited_key(self, request, key):
+        """The client key a request is counted against after the fact (a 404, its CPU), or
+        None if it is never limited: a trusted proxy's own request (see ``check``), an
+        allowlisted client, an exempt request. ``key`` as given to ``check``."""
+        policy = self.policy
         if key is None:                              # behind a trusted proxy
             if request.client_ip in policy.trusted_proxies:
-                return                               # the proxy's own request (see check)
+                return None                          # the proxy's own request
             key = self.key_of(request.client_ip)
         if request.client_ip in policy.allow_cidrs or self._exempt(request):
-            return
-        self.cpu.charge(key, seconds * 1000.0, policy.cpu_policy.rate_per_s)
+            return None
+        return key
 
     def saw_404(self, request, key):
         """Count a 404 toward scanner detection; returns an access-log note if it earned a ban."""
         policy = self.policy
         if not policy.enabled or not policy.scanner_404_paths:
             return None
-        if key is None:                              # behind a trusted proxy
-            if request.client_ip in policy.trusted_proxies:
-                return None                          # the proxy's own request (see check)
-            key = self.key_of(request.client_ip)
-        if request.client_ip in policy.allow_cidrs or self._exempt(request):
+        key = self._limited_key(request, key)
+        if key is None:
             return None
         now = self._clock()
         path_hash = hash(request.path)

@@ -554,3 +554,13 @@ def cut_off(sock, wait_s=0.2):
     except ConnectionResetError:
         return True
     return data == b"" or data.startswith(b"HTTP/1.1 503 ")
+
+
+def wait_until(condition, timeout=2.0):
+    """Whether ``condition()`` came true within ``timeout`` seconds (polled every 10 ms)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True

@@ -5,7 +5,7 @@ import socket
 import threading
 import time
 
-from conftest import raw_exchange, read_until_close, request, status_of
+from conftest import raw_exchange, read_until_close, request, status_of, wait_until
 
 
 def open_idle(server, count, source="127.0.0.1", into=None):
@@ -92,15 +92,6 @@ def test_next_request_on_a_kept_connection_may_come_in_pieces(start_server):
     assert status_of(read_until_close(second)) == 400
     first.close()
     second.close()
-
-
-def wait_until(condition, timeout=2.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def test_a_worker_holds_a_kept_connection_until_another_needs_it(start_server):

@@ -16,7 +16,7 @@ import socket
 import ssl
 import time
 
-from conftest import cut_off, raw_exchange, read_until_close, status_of
+from conftest import cut_off, raw_exchange, read_until_close, status_of, wait_until
 from handlers._core import Response
 
 HEAD = b"POST /upload HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
@@ -32,15 +32,6 @@ ROUTES = [("POST", "/upload", upload)]
 def connect(server, source, port=None):
     return socket.create_connection(("127.0.0.1", port or server.port), timeout=5,
                                     source_address=(source, 0))
-
-
-def wait_until(predicate, limit_s=5.0):
-    give_up = time.monotonic() + limit_s
-    while not predicate():
-        if time.monotonic() > give_up:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def test_buffered_bodies_stay_within_the_budget_and_the_largest_holder_is_cut(start_server):
@@ -60,7 +51,7 @@ def test_buffered_bodies_stay_within_the_budget_and_the_largest_holder_is_cut(st
             sock = connect(server, source)
             sock.sendall(HEAD % 60000 + b"x" * 59900)
             light.append(sock)
-        assert wait_until(lambda: server.refusals.stats()["closed_memory_budget"] >= 2)
+        assert wait_until(lambda: server.refusals.stats()["closed_memory_budget"] >= 2, 5)
         time.sleep(0.2)
         assert server.reactor.buffered <= budget
         cut = [sock for sock in heavy if cut_off(sock)]
@@ -75,7 +66,7 @@ def test_buffered_bodies_stay_within_the_budget_and_the_largest_holder_is_cut(st
     finally:
         for sock in heavy + light:
             sock.close()
-    assert wait_until(lambda: server.reactor.buffered == 0), "charges were not given back"
+    assert wait_until(lambda: server.reactor.buffered == 0, 5), "charges were not given back"
     assert "shed=memory" in server.access_text()
 
 
@@ -203,8 +194,8 @@ def test_tls_handshakes_under_way_are_charged_against_the_budget(start_server, t
             sock = connect(server, "127.0.2.11", port)
             sock.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
             half.append(sock)
-        assert wait_until(lambda: server.reactor.buffered <= 4 * TLS_HANDSHAKE_BYTES)
-        assert wait_until(lambda: sum(cut_off(sock, 0.01) for sock in half) >= 6)
+        assert wait_until(lambda: server.reactor.buffered <= 4 * TLS_HANDSHAKE_BYTES, 5)
+        assert wait_until(lambda: sum(cut_off(sock, 0.01) for sock in half) >= 6, 5)
         context = ssl.create_default_context()
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
