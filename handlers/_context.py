@@ -1,11 +1,9 @@
 """Which server the calling thread works for: how the contract's names reach the runtime.
 
 ``state``, ``@cached`` and ``limiter()`` belong to one server, but areas import them before any
-server exists. So each server builds a
-``ServerContext`` of its own implementations, each of its worker threads binds it (``bind``),
-and the contract looks it up here, in a thread-local, at each use. A thread serves one server:
-binding one already bound to another context raises RuntimeError. Who is bound to what, and
-why: docs/design.md, "The contract and the runtime". Imports the standard library only.
+server exists: each server builds a ``ServerContext`` of its implementations, its worker threads
+``bind`` it, and the contract looks it up in a thread-local at each use. A thread serves one
+server (docs/design.md, "The contract and the runtime"). Imports the standard library only.
 """
 import functools
 import threading
@@ -15,10 +13,9 @@ __all__ = ["ServerContext", "bind", "unbind", "current", "require", "carry_conte
 
 
 class ServerContext(object):
-    """One server's implementations of the contract, filled by the runtime; any may be None
-    (then unusable on threads bound to it): ``store`` (a ``handlers._state.StateStore``),
-    ``responses`` (``serve(key, ttl_s, compute)``, ``invalidate(prefix)``), ``limiters``
-    (``get(name, policy, max_keys)``). ``owner`` names it in error messages."""
+    """One server's implementations, any of them None (unusable there): ``store`` (a
+    ``handlers._state.StateStore``), ``responses`` (``onebox.cache.ResponseCache``),
+    ``limiters`` (``onebox.limits.LimiterRegistry``); ``owner`` names it in errors."""
 
     __slots__ = ("store", "responses", "limiters", "owner")
 
@@ -35,28 +32,27 @@ class ServerContext(object):
 
 
 class _Parsers(object):
-    """The request body parsers, ``read_json(request, max_bytes)`` and ``read_form(request)``
-    (onebox/jsonbody.py, onebox/forms.py). They hold no state of a server's (a request brings
-    its own limits), so one pair serves the process and any thread, bound or not (a thread a
-    handler starts may parse its request); the runtime sets them (``use_parsers``)."""
+    """The request parsers, ``read_json(request, max_bytes)``, ``read_form(request)``,
+    ``read_query(text)`` and ``read_cookies(lines)`` (onebox/jsonbody.py, onebox/forms.py):
+    stateless (a request brings its limits), so they serve every thread, bound or not."""
 
-    read_json = read_form = None
+    read_json = read_form = read_query = read_cookies = None
 
 
 parsers = _Parsers()
 
 
-def use_parsers(read_json, read_form):
-    """The runtime's body parsers, for every request of the process (set before serving)."""
+def use_parsers(read_json, read_form, read_query, read_cookies):
+    """The runtime's request parsers, for every request of the process (set before serving)."""
     parsers.read_json, parsers.read_form = read_json, read_form
+    parsers.read_query, parsers.read_cookies = read_query, read_cookies
 
 
 class _Bound(threading.local):
     context = None   # the class attribute is every thread's default: unbound
 
 
-# The binding. Read directly (``_bound.context``) only by the contract's hot paths (StateProxy);
-# everything else goes through the functions below.
+# The binding; read directly only by the contract's hot path (StateProxy).
 _bound = _Bound()
 
 
@@ -85,8 +81,7 @@ def current():
 
 
 def require(part, what):
-    """The calling thread's context's ``part`` (a slot name), or the RuntimeError of
-    ``not_bound(what)`` if it has none."""
+    """The calling thread's context's ``part`` (a slot name), or ``not_bound(what)``."""
     found = getattr(_bound.context, part, None)   # None too when the thread is unbound
     if found is None:
         raise not_bound(what)
@@ -110,8 +105,7 @@ def not_bound(what):
 
 
 def carry_context(function):
-    """``function`` wrapped to run bound to the caller's context (for a thread it starts);
-    RuntimeError now if the caller is bound to nothing."""
+    """``function`` wrapped to run bound to the caller's context (for a thread it starts)."""
     context = _bound.context
     if context is None:
         raise not_bound("carry_context")

@@ -1,60 +1,39 @@
 """The handler contract: everything an area module needs, and nothing else.
 
-A handler is a plain function of one argument, the ``Request`` (below)::
+A handler is a function of one ``Request`` that returns a ``Response`` (or a shortcut: a dict or
+list is JSON, a str text/plain, bytes application/octet-stream, None a 204), and an area module
+(``handlers/notes.py``) ends with its routes as data::
 
-    def get_note(request):
-        note = NOTES.get(request.params["id"])
-        if note is None:
-            raise HTTPError(404, "no such note")    # an expected failure: that status, that text
-        return json_response(note)                  # a Response, or a shortcut value
+    ROUTES = [("GET", "/api/notes/{id}", get_note),      # GET also answers HEAD
+              ("GET", "/files/{rest...}", get_file)]     # {name...} takes the rest of the path
 
-and an area module (``handlers/notes.py``) ends with its routes as data::
+``raise HTTPError(status, message)`` is an expected failure (never put client input in the
+message); any other exception is a 500 with a bland body, the traceback in the error log.
 
-    ROUTES = [
-        ("GET", "/api/notes/{id}", get_note),       # GET also answers HEAD
-        ("GET", "/files/{rest...}", get_file),      # {name...} takes the rest of the path
-    ]
-
-Return values: a ``Response``; or a dict/list (sent as JSON), a str (text/plain), bytes
-(application/octet-stream), or None (204 No Content).
-
-Expected failures: ``raise HTTPError(status, message)`` anywhere in a handler becomes that status
-with the message as a short body (never put client input in it). Any other exception becomes a
-500 whose body says nothing about the cause; the traceback goes to the error log.
-Infrastructure errors declare their own status (``StateWriteError.http_status = 503``).
-
-Imports: area modules import only ``handlers._*`` modules and the standard library; never
-``onebox``, never ``server`` (run as ``python3 server.py`` the runtime is ``__main__``: importing
-``server`` loads a second copy), never another area. Tests enforce it. What they may import:
-this module's ``__all__``, ``handlers._state`` (``state``'s errors), ``handlers._forms``
-(``Form``, ``UploadedFile``, ``FormError``) and ``handlers._cache`` (``cached``,
-``invalidate``). Each name, with examples: docs/areas.md.
-
-``state``, ``@cached``, ``limiter()`` and the body parsers are the runtime's, bound to the
-worker thread that runs the handler (``handlers/_context.py``): a thread a handler starts must
-be started as ``threading.Thread(target=carry_context(work))`` to use them. Request objects are
-built by the runtime, one per request, and used by one thread; Responses are plain values.
+Areas import only ``handlers._*`` modules and the standard library (never ``onebox``, ``server``
+or another area; tests enforce it): this module's ``__all__``, ``handlers._state``,
+``handlers._forms`` and ``handlers._cache``. ``state``, ``@cached``, ``limiter()`` and the body
+parsers reach the server whose worker thread runs the handler (``handlers/_context.py``): a
+thread a handler starts must run ``carry_context(work)``. Every name, with examples:
+docs/areas.md.
 """
 import json
 
-from handlers import _context, _forms
+from handlers import _context
 from handlers._context import carry_context  # noqa: F401  (re-exported for areas)
-from handlers._limits import Limiter, Policy, limiter, rate_limit_headers  # noqa: F401
+from handlers._limits import Policy, limiter, rate_limit_headers  # noqa: F401
 from handlers._state import StateWriteError, state  # noqa: F401  (re-exported for areas)
 
 __all__ = [
     "HTTPError", "Request", "Headers", "Response", "state", "StateWriteError",
-    "json_response", "text_response", "html_response", "redirect", "to_response",
-    "Limiter", "Policy", "limiter", "rate_limit", "carry_context",
+    "json_response", "text_response", "html_response", "redirect", "Policy", "limiter",
+    "rate_limit", "carry_context",
 ]
 
 
 class HTTPError(Exception):
-    """An expected failure: ``status`` with a short, client-safe ``message``.
-
-    ``headers`` is a list of (name, value) pairs added to the error response (e.g. Allow,
-    Retry-After). Never put client input in the message: error bodies must not echo requests.
-    """
+    """An expected failure: ``status`` with a short, client-safe ``message`` (never client
+    input: error bodies must not echo requests) and ``headers``, (name, value) pairs to add."""
 
     def __init__(self, status, message="", headers=None):
         super().__init__(status, message)
@@ -64,11 +43,8 @@ class HTTPError(Exception):
 
 
 class Headers:
-    """Request header fields, case-insensitive, in arrival order.
-
-    ``get(name)`` gives the field value, several lines of the same field joined with ", " as
-    RFC 9110 section 5.3 allows; ``get_all(name)`` gives each line.
-    """
+    """Request header fields, case-insensitive, in arrival order: ``get(name)`` joins several
+    lines of a field with ", " (RFC 9110 section 5.3), ``get_all(name)`` gives each line."""
 
     __slots__ = ("_fields",)
 
@@ -94,8 +70,7 @@ class Headers:
         return name.lower() in self._fields
 
     def any_of(self, names):
-        """Whether any of ``names`` (a set of lower-case names) is present: one look for
-        several fields that are nearly always absent."""
+        """Whether any of ``names`` (a set of lower-case names) is present."""
         return not self._fields.keys().isdisjoint(names)
 
     def items(self):
@@ -106,14 +81,10 @@ class Headers:
 
 
 class Request:
-    """One HTTP request as a handler sees it (docs/areas.md, "The request").
-
-    Attributes: ``method``, ``path`` (percent-decoded, normalised), ``params`` (the route's
-    {wildcards}), ``query`` (name -> first value), ``query_items`` (every pair, in order),
-    ``headers`` (Headers), ``client_ip``, ``version``, ``cookies``. Body readers, capped by the
-    server's ``max_body_bytes`` (413): ``body()``, ``text()``, ``json()``, ``form()``,
-    ``read(n)`` to stream.
-    """
+    """One HTTP request as a handler sees it (docs/areas.md, "The request"): ``method``,
+    ``path`` (decoded, normalised), ``params`` (the route's {wildcards}), ``query``,
+    ``query_items``, ``headers``, ``client_ip``, ``version``, ``cookies``; the body (at most
+    ``max_body_bytes``, else 413) by ``body()``, ``text()``, ``json()``, ``form()``, ``read(n)``."""
 
     __slots__ = ("method", "path", "segments", "params", "query_string", "_query",
                  "headers", "client_ip", "version", "_cookies", "_reader", "_body",
@@ -136,14 +107,10 @@ class Request:
         self._body = None
         self.max_json_bytes = max_json_bytes
 
-    # -- query and cookies ------------------------------------------------------------------
     @property
     def query_items(self):
         if self._query is None:
-            try:
-                self._query = _forms.parse_urlencoded(self.query_string)
-            except _forms.FormError as error:
-                raise HTTPError(400, str(error)) from None
+            self._query = _context.parsers.read_query(self.query_string)   # onebox/forms.py
         return self._query
 
     @property
@@ -156,10 +123,9 @@ class Request:
     @property
     def cookies(self):
         if self._cookies is None:
-            self._cookies = _forms.parse_cookies(self.headers.get_all("cookie"))
+            self._cookies = _context.parsers.read_cookies(self.headers.get_all("cookie"))
         return self._cookies
 
-    # -- body --------------------------------------------------------------------------------
     def read(self, size=-1):
         """Read up to ``size`` bytes of the body (all that is left when -1); b"" at the end."""
         if self._reader is None:
@@ -167,8 +133,8 @@ class Request:
         return self._reader.read(size)
 
     def body(self, max_bytes=None):
-        """The whole body. With ``max_bytes``, 413 when it is longer, without reading more than
-        max_bytes + 1 of it (a declared Content-Length past it: without reading any)."""
+        """The whole body; with ``max_bytes``, 413 when it is longer (reading at most
+        max_bytes + 1 of it, none if its Content-Length says so)."""
         if self._body is None:
             self._body = self.read(-1) if max_bytes is None else self._read_at_most(max_bytes)
         if self._body is _OVERSIZE or (max_bytes is not None and len(self._body) > max_bytes):
@@ -176,8 +142,8 @@ class Request:
         return self._body
 
     def _read_at_most(self, max_bytes):
-        """The body if it is at most ``max_bytes``, else _OVERSIZE (the rest left unread: the
-        runtime drains it, or closes the connection)."""
+        """The body if it is at most ``max_bytes``, else _OVERSIZE (the runtime drains the
+        rest, or closes the connection)."""
         declared = self.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > max_bytes:
             return _OVERSIZE
@@ -197,17 +163,15 @@ class Request:
             raise HTTPError(400, "request body must be UTF-8 text") from None
 
     def json(self, max_bytes=None):
-        """The body parsed as JSON (RFC 8259), at most ``max_bytes`` long (default: the
-        server's ``max_json_bytes``; 413 beyond it, before parsing). 415 unless Content-Type
-        says JSON; 400 for bad JSON and for what parsers disagree on (docs/areas.md, "JSON")."""
+        """The body as JSON (RFC 8259), at most ``max_bytes`` (default ``max_json_bytes``;
+        413 beyond); 415 unless it says JSON; 400 if bad (docs/areas.md, "JSON")."""
         read_json = _context.parsers.read_json   # the runtime's: onebox/jsonbody.py
         if read_json is None:
             raise RuntimeError("request.json() needs the runtime's parser: no server was built")
         return read_json(self, max_bytes)
 
     def form(self):
-        """The submitted form as a ``_forms.Form`` (fields and uploaded files); 400 if it is
-        not an urlencoded or multipart form."""
+        """The submitted form (``_forms.Form``); 400 unless urlencoded or multipart."""
         read_form = _context.parsers.read_form   # the runtime's: onebox/forms.py
         if read_form is None:
             raise RuntimeError("request.form() needs the runtime's parser: no server was built")
@@ -219,12 +183,10 @@ _OVERSIZE = object()
 
 
 class Response:
-    """What a handler returns: ``status``, ``headers`` (list of (name, value)) and one body:
-    ``body`` (bytes), ``stream`` (an iterable of bytes, sent chunked, run in worker threads a
-    turn at a time: docs/areas.md, "Responses") or ``file`` (an open binary file and
-    ``file_range`` = (offset, length), sent with sendfile; the runtime closes it). The runtime
-    adds Date, Server, Content-Length and Connection; handlers must not.
-    """
+    """What a handler returns: ``status``, ``headers`` ((name, value) pairs) and one of
+    ``body`` (bytes), ``stream`` (an iterable of bytes, sent chunked) or ``file`` (an open
+    binary file, ``file_range`` = (offset, length); the runtime closes it). The runtime adds
+    Date, Server, Content-Length and Connection (docs/areas.md, "Responses")."""
 
     __slots__ = ("status", "headers", "body", "stream", "file", "file_range")
 
@@ -277,18 +239,3 @@ def rate_limit(limiter, key, cost=1):
         headers = rate_limit_headers(hit)
         raise HTTPError(429, "too many requests; retry after %s s" % headers[0][1], headers)
     return hit
-
-
-def to_response(result):
-    """A handler's return value as a Response: the shortcuts in this module's docstring."""
-    if isinstance(result, Response):
-        return result
-    if result is None:
-        return Response(b"", 204)
-    if isinstance(result, (dict, list)):
-        return json_response(result)
-    if isinstance(result, str):
-        return Response(result.encode("utf-8"), 200, None, "text/plain; charset=utf-8")
-    if isinstance(result, (bytes, bytearray)):
-        return Response(bytes(result), 200, None, "application/octet-stream")
-    raise TypeError("handler returned %s; expected a Response" % type(result).__name__)

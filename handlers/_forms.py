@@ -1,11 +1,6 @@
 """What ``request.form()`` returns (``Form``, ``UploadedFile``) and raises (``FormError``: a
-400), and the two small parsers ``Request`` runs itself: query strings and cookies (pure, so
-they work on any thread). Form bodies (urlencoded, multipart) are parsed by the runtime
-(``onebox/forms.py``), bound per server (``handlers/_context.py``).
+400). The parsers of forms, query strings and cookies are the runtime's (``onebox/forms.py``).
 """
-import urllib.parse
-
-MAX_FORM_FIELDS = 1000  # a form with more fields than any human fills in is an attack
 
 
 class FormError(ValueError):
@@ -52,36 +47,3 @@ class Form:
 
     def __contains__(self, name):
         return self.get(name) is not None or name in self.files
-
-
-def parse_urlencoded(text):
-    """'a=1&b=x+y' -> [("a", "1"), ("b", "x y")]; blank values kept, bad UTF-8 replaced."""
-    if isinstance(text, bytes):
-        text = text.decode("latin-1")
-    if not text:
-        return []
-    pairs = []
-    for part in text.split("&"):
-        if not part:
-            continue
-        name, _, value = part.partition("=")
-        pairs.append((urllib.parse.unquote_plus(name, errors="replace"),
-                      urllib.parse.unquote_plus(value, errors="replace")))
-        if len(pairs) > MAX_FORM_FIELDS:
-            raise FormError("form has more than %d fields" % MAX_FORM_FIELDS)
-    return pairs
-
-
-def parse_cookies(header_values):
-    """Cookie header lines -> {name: value}; the first occurrence of a name wins (RFC 6265 5.4)."""
-    cookies = {}
-    for line in header_values:
-        for part in line.split(";"):
-            name, sep, value = part.strip().partition("=")
-            if not sep or not name:
-                continue
-            value = value.strip()
-            if len(value) >= 2 and value[0] == value[-1] == '"':
-                value = value[1:-1]
-            cookies.setdefault(name.strip(), value)
-    return cookies

@@ -1,7 +1,7 @@
-"""Rate limits as areas see them: ``limiter()``, ``Limiter``, ``Policy``, ``Hit`` and the 429's
-header fields (``rate_limit`` is in ``handlers._core``; docs/areas.md, "Rate limits of your
-own"). The buckets are the runtime's (``onebox/limits.py``), one table per server, bound to its
-worker threads (``handlers/_context.py``).
+"""Rate limits as areas see them: ``limiter()``, ``Policy``, ``Hit`` and the 429's header
+fields (``rate_limit`` is in ``handlers._core``; docs/areas.md, "Rate limits of your own"). The
+buckets are the runtime's (``onebox/limits.py``: ``Limiter`` is what a backend keeps), one table
+per server, bound to its worker threads (``handlers/_context.py``).
 """
 import collections
 import math
@@ -9,8 +9,8 @@ import threading
 
 from handlers import _context
 
-__all__ = ["Policy", "Hit", "Limiter", "NamedLimiter", "limiter", "rate_limit_headers",
-           "check_policy", "check_max_keys", "DEFAULT_MAX_KEYS"]
+__all__ = ["Policy", "Hit", "NamedLimiter", "limiter", "rate_limit_headers", "check_policy",
+           "check_max_keys", "DEFAULT_MAX_KEYS"]
 
 DEFAULT_MAX_KEYS = 10000    # a handler's limiter: keys tracked before the least recent is evicted
 _EPSILON = 1e-9             # float slack: a wait of exactly n seconds is not rounded up to n + 1
@@ -25,8 +25,7 @@ Hit.__doc__ = """The answer to ``hit``: whether it was allowed, the tokens left 
 
 
 def check_policy(policy):
-    """Raise ValueError unless ``policy`` is usable; returns it. Here, not in the runtime, so
-    that ``limiter()`` refuses a bad policy when an area is imported: at start-up."""
+    """``policy``, or ValueError: here so that ``limiter()`` refuses it at import (start-up)."""
     if not isinstance(policy, Policy):
         raise ValueError("'policy' must be a Policy(name, rate_per_s, burst)")
     if not (isinstance(policy.rate_per_s, (int, float)) and policy.rate_per_s > 0
@@ -41,34 +40,10 @@ def check_policy(policy):
 
 
 def check_max_keys(max_keys):
-    """Raise ValueError unless ``max_keys`` is a whole number >= 1; returns it."""
+    """``max_keys``, or ValueError unless it is a whole number >= 1."""
     if not isinstance(max_keys, int) or max_keys < 1:
         raise ValueError("'max_keys' must be a whole number >= 1")
     return max_keys
-
-
-class Limiter(object):
-    """The contract every limiter backend keeps (the runtime's: ``onebox.limits``), so that
-    another one (shared by several processes) needs no change to a handler: ``hit(key, cost=1,
-    policy=None)`` takes ``cost`` tokens if ``key``'s bucket holds them and returns a ``Hit``;
-    ``peek(key, policy=None)`` the tokens it holds; ``retry_after(key, cost=1, policy=None)``
-    the seconds until ``cost`` are there; ``forget(key)`` refills it; ``stats()`` a dict for
-    metrics. A call's ``policy`` overrides the limiter's own. Keys are any hashable value."""
-
-    def hit(self, key, cost=1, policy=None):
-        raise NotImplementedError
-
-    def peek(self, key, policy=None):
-        raise NotImplementedError
-
-    def retry_after(self, key, cost=1, policy=None):
-        raise NotImplementedError
-
-    def forget(self, key):
-        raise NotImplementedError
-
-    def stats(self):
-        raise NotImplementedError
 
 
 def rate_limit_headers(hit):
@@ -94,7 +69,7 @@ _names_lock = threading.Lock()   # guards _names
 _names = {}                      # name -> NamedLimiter
 
 
-class NamedLimiter(Limiter):
+class NamedLimiter(object):
     """What ``limiter(name, ...)`` returns: each call goes to the limiter of that name in the
     calling thread's server, with this ``policy`` (a call's own ``policy`` wins)."""
 

@@ -11,8 +11,7 @@ from handlers import _context
 __all__ = ["state", "StateProxy", "StateStore", "StateError", "StateWriteError", "StateKeyError",
            "MAX_KEY_CHARS"]
 
-MAX_KEY_CHARS = 1024            # keys are paths like "notes/123"; a longer one is refused with
-                                # StateKeyError: a 400 when it came from a request
+MAX_KEY_CHARS = 1024            # keys are paths like "notes/123"
 
 
 class StateError(Exception):
@@ -20,17 +19,16 @@ class StateError(Exception):
 
 
 class StateWriteError(StateError):
-    """A write could not be made durable (disk full, I/O error). Memory is unchanged; reads keep
-    working; later writes succeed once the disk does. The server answers 503."""
+    """A write could not be made durable (disk full, I/O error): nothing changed; reads work;
+    writes succeed again once the disk does. The server answers 503."""
 
     http_status = 503  # the runtime's mapping for infrastructure errors (see handlers/_core.py)
     public_message = "storage is unavailable; try again later"
 
 
 class StateKeyError(StateError, ValueError):
-    """A str key the store cannot hold: empty, longer than ``MAX_KEY_CHARS``, or holding NUL.
-    Keys are often built from request input, so the server answers 400, not 500; the message
-    never echoes the key. (A key that is not a str is a plain ValueError: a 500.)"""
+    """A str key the store cannot hold (empty, too long, NUL): keys are often built from
+    request input, so a 400 that never echoes it (a key that is no str is a 500)."""
 
     http_status = 400
     public_message = "a name in the request is too long or invalid"

@@ -23,14 +23,14 @@ One cache per server
 One lock (``ResponseCache._lock``) guards the table, the in-flight computations and the counters;
 handlers run outside it.
 
-Imports the standard library and the contract's ``Response`` and ``to_response``
-(``handlers._core``).
+Imports the standard library, the contract's ``Response`` and ``onebox.routing.to_response``.
 """
 import collections
 import threading
 import time
 
-from handlers._core import Response, to_response
+from handlers._core import Response
+from onebox.routing import to_response
 
 __all__ = ["ResponseCache"]
 

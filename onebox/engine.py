@@ -35,7 +35,7 @@ from onebox.activity import Activity
 from onebox.admin import AdminConfigError, AdminSite, check_listener, is_loopback, load_token
 from onebox.books import Books
 from onebox.cache import ResponseCache
-from onebox.forms import read_form
+from onebox.forms import parse_cookies, read_form, read_query
 from onebox.guard import Guard
 from onebox.health import HealthChecks, Life
 from onebox.handoff import Handoff, Wait
@@ -117,7 +117,8 @@ class OneboxServer:
         self.context = _context.ServerContext(
             store, ResponseCache(config.cache.max_entries, config.cache.max_bytes),
             LimiterRegistry())
-        _context.use_parsers(read_json, read_form)   # stateless: the process's, any thread
+        # stateless: the process's, any thread
+        _context.use_parsers(read_json, read_form, read_query, parse_cookies)
         self.access_stream = access_stream or sys.stdout   # kept for a reload turning it on
         self._open_listeners(config, admin_token, dict(listeners or {}), tls_context)
         tls_address = self.tls_socket.getsockname()[:2] if self.tls_socket else None

@@ -65,6 +65,11 @@ class Fairness:
         self.waits = {}          # wait key -> its active body and send waits
         self.wait_line = {}      # wait key -> deque of (connection, Wait) waiting to start one
 
+    def use_settings(self, settings):
+        """The caps of [server] ``settings`` from now on (at start and on a reload)."""
+        self.max_workers_per_client = settings.max_workers_per_client
+        self.max_waiting_per_client = settings.max_waiting_per_client
+
     # -- connections --------------------------------------------------------------------------
     def opened(self, conn):
         conns = self.connections.get(conn.client)
@@ -108,6 +113,11 @@ class Fairness:
         else:
             del self.in_workers[key]
         return self._next_in(self.ready_line, key)
+
+    def lined_connections(self):
+        """The connections in either line (ready, then wait), each once."""
+        lined = [conn for queued in self.ready_line.values() for conn in queued]
+        return lined + [conn for queued in self.wait_line.values() for conn, _ in queued]
 
     def leave_ready_line(self, conn):
         queued = self.ready_line.get(conn.client)

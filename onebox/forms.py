@@ -6,16 +6,22 @@ Written in-house because ``cgi`` (the stdlib's multipart parser) was removed in 
 (PEP 594). Every parser works on bytes already read under the server's body limit, so none of
 them can be made to read more; malformed input raises ``FormError``, which ``read_form``
 answers with a 400 naming the rule. The types a form is made of (``Form``, ``UploadedFile``),
-``FormError`` and the query string and cookie parsers are the contract's (``handlers/_forms.py``).
+and ``FormError`` are the contract's (``handlers/_forms.py``); the query string and cookie
+parsers here serve ``request.query_items`` and ``request.cookies``.
 
 Imports the standard library and the contract (``handlers._core``, ``handlers._forms``).
 """
 import re
 
-from handlers._core import HTTPError
-from handlers._forms import MAX_FORM_FIELDS, Form, FormError, UploadedFile, parse_urlencoded
+import urllib.parse
 
-__all__ = ["read_form", "parse_form", "parse_multipart", "parse_options"]
+from handlers._core import HTTPError
+from handlers._forms import Form, FormError, UploadedFile
+
+__all__ = ["read_form", "read_query", "parse_cookies", "parse_urlencoded", "parse_form",
+           "parse_multipart", "parse_options"]
+
+MAX_FORM_FIELDS = 1000  # a form with more fields than any human fills in is an attack
 
 
 def read_form(request):
@@ -25,6 +31,47 @@ def read_form(request):
         return parse_form(content_type, request.body())
     except FormError as error:
         raise HTTPError(400, str(error)) from None
+
+
+def read_query(query_string):
+    """``request.query_items``: (name, value) pairs, or HTTPError(400) saying what is wrong."""
+    try:
+        return parse_urlencoded(query_string)
+    except FormError as error:
+        raise HTTPError(400, str(error)) from None
+
+
+def parse_urlencoded(text):
+    """'a=1&b=x+y' -> [("a", "1"), ("b", "x y")]; blank values kept, bad UTF-8 replaced."""
+    if isinstance(text, bytes):
+        text = text.decode("latin-1")
+    if not text:
+        return []
+    pairs = []
+    for part in text.split("&"):
+        if not part:
+            continue
+        name, _, value = part.partition("=")
+        pairs.append((urllib.parse.unquote_plus(name, errors="replace"),
+                      urllib.parse.unquote_plus(value, errors="replace")))
+        if len(pairs) > MAX_FORM_FIELDS:
+            raise FormError("form has more than %d fields" % MAX_FORM_FIELDS)
+    return pairs
+
+
+def parse_cookies(header_values):
+    """Cookie header lines -> {name: value}; the first occurrence of a name wins (RFC 6265 5.4)."""
+    cookies = {}
+    for line in header_values:
+        for part in line.split(";"):
+            name, sep, value = part.strip().partition("=")
+            if not sep or not name:
+                continue
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+            cookies.setdefault(name.strip(), value)
+    return cookies
 
 
 def parse_options(header_value):

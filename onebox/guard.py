@@ -276,8 +276,10 @@ class GuardPolicy(object):
         self.forwarded_header = limits.forwarded_header
         self.trusted_proxies = CidrSet(limits.trusted_proxies, "trusted_proxies")
         # the shipped default (loopback), which nobody chose: its proxy-less requests are most
-        # likely a newcomer's own curl, not a proxy that forgot the header (see _looks_proxied)
+        # likely a newcomer's own curl, not a proxy that forgot the header (see Guard.check)
         self.default_proxies = sorted(_items(limits.trusted_proxies)) == ["127.0.0.1", "::1"]
+        # the fields of a request that came through a proxy (see Guard.check)
+        self.proxy_signs = _PROXY_SIGNS | {self.forwarded_header}
         self.allow_cidrs = CidrSet(limits.allow_cidrs, "allow_cidrs")
         self.deny_cidrs = CidrSet(limits.deny_cidrs, "deny_cidrs")
         self.allow_agents = _agents_regex(limits.allow_user_agents, "allow_user_agents")
@@ -473,13 +475,6 @@ class Guard(object):
                 return client, False
         return client, True
 
-    def _looks_proxied(self, headers):
-        """Whether a trusted proxy's request without the forwarded header is worth a warning:
-        always when the operator named the proxies; with the shipped default (loopback) only
-        when the request says it came through a proxy (Via, Forwarded, X-Real-IP,
-        X-Forwarded-*), so that a newcomer's first ``curl localhost`` is not told off."""
-        return not self.policy.default_proxies or headers.any_of(_PROXY_SIGNS)
-
     def _warn_unforwarded_once(self, proxy):
         """One error-log line per proxy address (per process) that sends no forwarded header:
         its requests pass unchecked, which is right for its health checks and wrong if it
@@ -544,12 +539,17 @@ class Guard(object):
         if self._unsaved_bans:
             self._save_deferred_bans()
         if key is None:
-            proxy = request.client_ip
-            request.client_ip, own = self._forwarded(proxy, request.headers)
-            if own:                       # the proxy's own request: never limited or banned
-                if (not request.headers.get(self.policy.forwarded_header)
-                        and self._looks_proxied(request.headers)):
+            proxy, headers = request.client_ip, request.headers
+            if not headers.any_of(self.policy.proxy_signs):
+                # no forwarded header, nothing that says proxied (a monitor's probe, a local
+                # curl): the proxy's own request, told off only where the proxies were named
+                if not self.policy.default_proxies:
                     self._warn_unforwarded_once(proxy)
+                return None
+            request.client_ip, own = self._forwarded(proxy, headers)
+            if own:                       # the proxy's own request: never limited or banned
+                if not headers.get(self.policy.forwarded_header):
+                    self._warn_unforwarded_once(proxy)   # it says proxied, names nobody
                 return None
             verdict = self._check(request, self.key_of(request.client_ip))
             if verdict is not None:
@@ -940,7 +940,7 @@ class Guard(object):
                 "bans": bans, "counts": counts}
 
 
-# Fields that say a request came through a proxy (see Guard._looks_proxied).
+# Fields that say a request came through a proxy (see Guard.check).
 _PROXY_SIGNS = frozenset(("via", "forwarded", "x-real-ip", "x-forwarded-for", "x-forwarded-proto",
                 "x-forwarded-host"))
 

@@ -214,6 +214,20 @@ class Handoff:
         except OSError:
             pass   # full: readable already; or empty
 
+    def probe(self, now, interval_s):
+        """Reactor only: prove, every ``interval_s``, that a worker can take a job: at once if
+        one waits idle with nothing queued, else by a PROBE on ``work`` (taken like any job, so
+        held connections are let go). Health checks read the answer (onebox/health.py)."""
+        if self.probe_taken_at < self.probe_sent_at or now - self.probe_sent_at < interval_s:
+            return   # one is out, or the last was answered moments ago
+        self.probe_sent_at = now
+        if self.idle and not self.work.qsize():
+            self.probe_taken_at = now
+            return
+        self.work.put(PROBE)
+        if not self.workers_wanted:
+            self.want_workers(True)
+
     def close(self):
         """Once; a second call does nothing (a closed descriptor's number may be reused)."""
         if self.release_recv < 0:

@@ -28,12 +28,37 @@ import threading
 import time
 
 from handlers import _context
-from handlers._limits import DEFAULT_MAX_KEYS, Hit, Limiter, check_max_keys, check_policy
+from handlers._limits import DEFAULT_MAX_KEYS, Hit, check_max_keys, check_policy
 
-__all__ = ["InProcessLimiter", "LimiterRegistry", "all_stats"]
+__all__ = ["Limiter", "InProcessLimiter", "LimiterRegistry", "all_stats"]
 
 _EXPIRE_PER_HIT = 2         # idle keys looked at (and dropped if full) per hit
 _EPSILON = 1e-9             # float slack, so that exactly ``burst`` hits in a row all pass
+
+
+class Limiter(object):
+    """What every limiter backend keeps (``InProcessLimiter`` below; ``NamedLimiter`` in the
+    contract forwards these calls), so that
+    another one (shared by several processes) needs no change to a handler: ``hit(key, cost=1,
+    policy=None)`` takes ``cost`` tokens if ``key``'s bucket holds them and returns a ``Hit``;
+    ``peek(key, policy=None)`` the tokens it holds; ``retry_after(key, cost=1, policy=None)``
+    the seconds until ``cost`` are there; ``forget(key)`` refills it; ``stats()`` a dict for
+    metrics. A call's ``policy`` overrides the limiter's own. Keys are any hashable value."""
+
+    def hit(self, key, cost=1, policy=None):
+        raise NotImplementedError
+
+    def peek(self, key, policy=None):
+        raise NotImplementedError
+
+    def retry_after(self, key, cost=1, policy=None):
+        raise NotImplementedError
+
+    def forget(self, key):
+        raise NotImplementedError
+
+    def stats(self):
+        raise NotImplementedError
 
 
 class InProcessLimiter(Limiter):

@@ -22,17 +22,15 @@ library, the codec, transfer, hand-off, timers, fairness and gate modules; never
 ``server``.
 """
 import socket
-import struct
 import time
 import traceback
 
 from onebox.codec import head_problem
 from onebox.fairness import Fairness, MemoryBudget
 from onebox.gate import Gate
-from onebox.handoff import (ARMED, BODY, CLOSE, FIXED_WAITS, GONE, PROBE, SEND, WAIT_MOVES, WAITS,
-                            Connection, Wait)
+from onebox.handoff import ARMED, BODY, CLOSE, FIXED_WAITS, GONE, SEND, WAIT_MOVES, WAITS, Wait
 from onebox.timers import Timers
-from onebox.transfer import ClientGone, Pace
+from onebox.transfer import ClientGone, Pace, timeval
 
 # A report can reach the reactor between a worker's re-arm and its booking (Workers._hand_back);
 # the worker does not wake the reactor for the booking, so the reactor polls this briefly until
@@ -48,29 +46,23 @@ class IllegalMove(RuntimeError):
 
 class Reactor(Gate):
     """For the server: ``step()`` (one turn: expire, poll, act); at shutdown ``drain(deadline)``
-    and ``after_workers()``; ``stats()`` from any thread. Built by the server with what it
-    needs."""
+    and ``after_workers()``; ``stats()`` from any thread."""
 
     def __init__(self, listener, settings, handoff, poller, guard, books, health, log_error,
                  admin_listener=None, admin_max_connections=64, tls_listener=None,
                  tls_context=None):
         self.listener = listener
-        # The admin listener's connections (onebox/admin.py) skip the guard and the site's
-        # connection caps, and are counted apart: admin_open of at most admin_max_connections.
+        # the admin listener's connections skip the guard and the site's caps (onebox/admin.py)
         self.admin_listener = admin_listener
         self.admin_max_connections = admin_max_connections
         self.admin_open = 0
-        # The HTTPS listener and the SSLContext new connections are wrapped with (a reload
-        # replaces the context: connections keep the one they began with).
         self.tls_listener = tls_listener
-        self.tls_context = tls_context
+        self.tls_context = tls_context   # a reload replaces it; connections keep theirs
         self.health = health  # HealthChecks (onebox/health.py): answered here, never by a worker
         self.handoff = handoff
         self.poller = poller
         self.guard = guard
-        # Books (onebox/books.py): what is finished here (slow readers, health checks,
-        # refusals) is counted and logged there; the runtime's refusal counters
-        self.books = books
+        self.books = books    # what ends here (slow readers, health checks, refusals) is booked
         self.refusals = books.refusals
         self.log_error = log_error
         self.timers = Timers()
@@ -85,27 +77,18 @@ class Reactor(Gate):
     def use_settings(self, settings):
         """[server] settings for what starts from now on (at start, and on a reload, in this
         thread); waits already timed keep their deadlines. Raises before changing anything."""
-        seconds = int(settings.worker_write_s)
-        send_timeval = struct.pack(   # a struct timeval, for SO_SNDTIMEO at each accept
-            "ll", seconds, int((settings.worker_write_s - seconds) * 1e6))
+        send_timeval = timeval(settings.worker_write_s)   # for SO_SNDTIMEO at each accept
         self.body_pace = Pace.for_bodies(settings)
         self.send_pace = Pace.for_responses(settings)
         self.send_timeval = send_timeval
-        self.fair.max_workers_per_client = settings.max_workers_per_client
-        self.fair.max_waiting_per_client = settings.max_waiting_per_client
+        self.fair.use_settings(settings)
         self.memory.limit_bytes = settings.max_buffered_bytes
         self.settings = settings
 
-    @property
-    def buffered(self):
-        """Bytes charged against max_buffered_bytes now."""
-        return self.memory.held
-
     def stats(self):
-        """A snapshot for any thread: {"waits": {wait name: connections}, "parked": the same
-        for the fixed waits only, "open", "admin_open", "in_workers", "buffered", "timed" (heap
-        entries, stale ones too)}. Only a dict copy and len(), each atomic under the GIL:
-        nothing iterates a table the reactor may be changing."""
+        """For any thread: {"waits": {wait name: connections}, "parked" (the fixed waits'),
+        "open", "admin_open", "in_workers", "buffered", "timed" (heap entries)}: a dict copy and
+        len()s, atomic under the GIL; nothing iterates a table the reactor may be changing."""
         counts = self.counts.copy()
         return {"waits": {wait.name: counts[wait] for wait in WAITS},
                 "parked": {wait.name: counts[wait] for wait in WAITS if wait.fixed},
@@ -120,9 +103,7 @@ class Reactor(Gate):
                 and not self.fair.ready_line and not handoff.stopping:
             handoff.want_workers(False)
         now = handoff.turned_at = time.monotonic()
-        if handoff.probe_taken_at >= handoff.probe_sent_at \
-                and now - handoff.probe_sent_at >= PROBE_INTERVAL_S:
-            self._probe_workers(now)
+        handoff.probe(now, PROBE_INTERVAL_S)
         handoff.wakes_at = wakes_at = self._expire(now)   # workers read it: see Workers
         # handed back before wakes_at was set: their deadlines are not counted, so no sleep;
         # a connection reported early is booked within moments (its worker does not wake us)
@@ -152,30 +133,15 @@ class Reactor(Gate):
                     self.log_error("reactor error", traceback.format_exc())
                     self._close(owner)
 
-    def _probe_workers(self, now):
-        """Prove that a worker can take a job: at once if one waits idle with nothing queued,
-        else by a PROBE on the queue (held connections are let go, as for any job)."""
-        handoff = self.handoff
-        handoff.probe_sent_at = now
-        if handoff.idle and not handoff.work.qsize():
-            handoff.probe_taken_at = now
-            return
-        handoff.work.put(PROBE)
-        if not handoff.workers_wanted:
-            handoff.want_workers(True)
-
     def _on_ready(self, conn):
         wait = conn.waiting
-        if wait is None:
-            # re-armed by its worker, not booked yet: the booking will act on it
+        if wait is None:   # re-armed by its worker, not booked yet: the booking acts on it
             conn.early_report = True
             self.reported_early += 1
             return
         if wait is Wait.LINE or wait is Wait.READY:
             return   # not armed: a stale report
-        if wait is Wait.IDLE:
-            # the next request on a kept connection: a worker reads it (see Workers), so the
-            # reactor makes no recv and the head is checked once, not twice
+        if wait is Wait.IDLE:   # a kept connection's next request: a worker reads it, once
             self._unpark(conn)
             self._queue_work(conn)
         elif wait is Wait.SEND:
@@ -201,8 +167,7 @@ class Reactor(Gate):
         conn.waiting = wait
 
     def _park(self, conn, wait, deadline=None):
-        """Wait for input with one of the fixed timeouts (a kept connection a worker held comes
-        with its own, earlier ``deadline``: see onebox/timers.py)."""
+        """Wait for input with a fixed timeout (or a held connection's earlier ``deadline``)."""
         was = conn.waiting   # None, or a fixed wait (WAIT_MOVES)
         self._move(conn, wait)
         now = time.monotonic()
@@ -239,8 +204,7 @@ class Reactor(Gate):
             self.poller.arm(conn)
 
     def _end_wait(self, conn):
-        """The body or send wait of ``conn`` (or its place in line) is over: its client's next
-        in line may start."""
+        """``conn``'s body or send wait (or place in line) is over: its client's next may start."""
         wait = conn.waiting
         self._move(conn, None)
         if wait is Wait.LINE:
@@ -290,8 +254,7 @@ class Reactor(Gate):
         if conn.waiting is not Wait.HEAD:
             self._park(conn, Wait.HEAD)  # the head deadline starts with the head's first byte
         conn.buf += data
-        # (a read may hold a body's first 64 KiB too: with 4,096 connections, 256 MiB); the
-        # operator's admin connections are never charged, so never shed
+        # (a read may hold a body's first 64 KiB too); admin connections are never shed
         memory = self.memory
         if not conn.admin:
             memory.charge(conn, len(data), conn.client)
@@ -481,9 +444,7 @@ class Reactor(Gate):
             self._move(conn, None)
         elif wait is not None:   # body, send, line
             self._end_wait(conn)
-        # its buffer goes now: the heap of timed waits keeps a closed connection until its old
-        # deadline comes up, and with it a body of up to buffer_body_bytes (a flood of shed
-        # bodies once held ~0.5 GB that max_buffered_bytes no longer counted)
+        # its buffer goes now, not when the timers' heap lets it go (issue 19: ~0.5 GB held)
         conn.buf = bytearray()
         conn.pending = None
         if conn.charged:
@@ -501,14 +462,8 @@ class Reactor(Gate):
     def close_waiting(self):
         """Close every connection that waits here, answered or not (shutdown): parked ones,
         then those in line (so that none gets a turn), then body and send waits."""
-        for table in self.timers.parked.values():
-            for conn in list(table):
-                self._close(conn)
-        fair = self.fair
-        for queued in list(fair.ready_line.values()) + list(fair.wait_line.values()):
-            for item in list(queued):
-                self._close(item if isinstance(item, Connection) else item[0])
-        for conn in self.timers.timed_connections():
+        for conn in self.timers.parked_connections() + self.fair.lined_connections() \
+                + self.timers.timed_connections():
             self._close(conn)
         self.timers.clear()
 
@@ -530,16 +485,12 @@ class Reactor(Gate):
 
     def after_workers(self):
         """Once the workers have stopped: close what they handed back (or never took)."""
-        returned = self.handoff.returned
-        while returned:
-            conn, _ = returned.popleft()
+        for conn, _ in self.handoff.returned:
             if conn in self.busy:
                 self.busy.discard(conn)
-                self._close_quietly(conn)
-
-    def _close_quietly(self, conn):
-        try:
-            conn.sock.close()
-        except OSError:
-            pass
+                try:
+                    conn.sock.close()
+                except OSError:
+                    pass
+        self.handoff.returned.clear()
 

@@ -9,7 +9,7 @@ import collections
 import importlib
 import os
 
-from handlers._core import HTTPError
+from handlers._core import HTTPError, Response, json_response
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -156,3 +156,18 @@ def _allowed_methods(routes):
         methods.add("HEAD")
     methods.add("OPTIONS")
     return ", ".join(m for m in METHODS if m in methods)
+
+
+def to_response(result):
+    """A handler's return value as a Response (the shortcuts of handlers/_core.py)."""
+    if isinstance(result, Response):
+        return result
+    if result is None:
+        return Response(b"", 204)
+    if isinstance(result, (dict, list)):
+        return json_response(result)
+    if isinstance(result, str):
+        return Response(result.encode("utf-8"), 200, None, "text/plain; charset=utf-8")
+    if isinstance(result, (bytes, bytearray)):
+        return Response(bytes(result), 200, None, "application/octet-stream")
+    raise TypeError("handler returned %s; expected a Response" % type(result).__name__)

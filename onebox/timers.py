@@ -112,6 +112,10 @@ class Timers:
         self._next_at = now if over else soonest
         return over, soonest
 
+    def parked_connections(self):
+        """The connections in the fixed waits."""
+        return [conn for table in self.parked.values() for conn in table]
+
     def timed_connections(self):
         """The connections in body and send waits (stale heap entries left out), each once."""
         return list({conn: None for _, _, conn, wait in self.timed if conn.waiting is wait})

@@ -23,6 +23,7 @@ Imports the standard library, the handler contract, the codec and onebox.tls (a 
 import os
 import select
 import socket
+import struct
 import time
 import traceback
 
@@ -81,6 +82,12 @@ class Pace:
     def advance(self, deadline, moved, now):
         """The deadline after ``moved`` more bytes at ``now``."""
         return min(deadline + moved / self.rate, now + self.patience)
+
+
+def timeval(seconds):
+    """``seconds`` as a struct timeval (SO_SNDTIMEO, SO_RCVTIMEO)."""
+    whole = int(seconds)
+    return struct.pack("ll", whole, int((seconds - whole) * 1e6))
 
 
 def wait_for(sock, events, deadline):

@@ -31,14 +31,14 @@ import traceback
 from time import perf_counter, thread_time
 
 from handlers import _context
-from handlers._core import HTTPError, Headers, Request, Response, to_response
+from handlers._core import HTTPError, Headers, Request, Response
 from onebox.books import ADMIN, Record
 from onebox.codec import (check_response, decode_path, error_response, parse_head,
                           split_target)
 from onebox.guard import CPU_CHARGE_MIN_S
 from onebox.handoff import ARMED, BODY, CLOSE, GONE, KEEP, PROBE, SEND
 from onebox.metrics import REFUSED, STATIC, UNROUTED
-from onebox.routing import METHODS, NotRouted
+from onebox.routing import METHODS, NotRouted, to_response
 from onebox.settings import host_allowed
 from onebox.static import STATIC_METHODS
 from onebox.transfer import (ChunkedBody, ChunkedScan, ClientGone, LengthBody, StreamFailed,

@@ -53,7 +53,7 @@ def test_buffered_bodies_stay_within_the_budget_and_the_largest_holder_is_cut(st
             light.append(sock)
         assert wait_until(lambda: server.refusals.stats()["closed_memory_budget"] >= 2, 5)
         time.sleep(0.2)
-        assert server.reactor.buffered <= budget
+        assert server.reactor.memory.held <= budget
         cut = [sock for sock in heavy if cut_off(sock)]
         assert cut, "the client holding the most kept all its bodies"
         assert not any(cut_off(sock) for sock in light), "a client with one body was cut"
@@ -66,7 +66,7 @@ def test_buffered_bodies_stay_within_the_budget_and_the_largest_holder_is_cut(st
     finally:
         for sock in heavy + light:
             sock.close()
-    assert wait_until(lambda: server.reactor.buffered == 0, 5), "charges were not given back"
+    assert wait_until(lambda: server.reactor.memory.held == 0, 5), "charges were not given back"
     assert "shed=memory" in server.access_text()
 
 
@@ -194,7 +194,7 @@ def test_tls_handshakes_under_way_are_charged_against_the_budget(start_server, t
             sock = connect(server, "127.0.2.11", port)
             sock.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
             half.append(sock)
-        assert wait_until(lambda: server.reactor.buffered <= 4 * TLS_HANDSHAKE_BYTES, 5)
+        assert wait_until(lambda: server.reactor.memory.held <= 4 * TLS_HANDSHAKE_BYTES, 5)
         assert wait_until(lambda: sum(cut_off(sock, 0.01) for sock in half) >= 6, 5)
         context = ssl.create_default_context()
         context.check_hostname = False
