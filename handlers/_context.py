@@ -18,14 +18,16 @@ class ServerContext(object):
     """One server's implementations of the contract, filled by the runtime; any may be None
     (then unusable on threads bound to it): ``store`` (a ``handlers._state.StateStore``),
     ``responses`` (``serve(key, ttl_s, compute)``, ``invalidate(prefix)``), ``limiters``
-    (``get(name, policy, max_keys)``). ``owner`` names it in error messages."""
+    (``get(name, policy, max_keys)``), ``templates`` (``render(name, variables)``: the
+    compiled handlers/templates/, onebox/templates.py). ``owner`` names it in error messages."""
 
-    __slots__ = ("store", "responses", "limiters", "owner")
+    __slots__ = ("store", "responses", "limiters", "templates", "owner")
 
-    def __init__(self, store=None, responses=None, limiters=None, owner=""):
+    def __init__(self, store=None, responses=None, limiters=None, owner="", templates=None):
         self.store = store
         self.responses = responses
         self.limiters = limiters
+        self.templates = templates
         if not owner:
             owner = "a server" if store is None else "the store in %s" % store.data_dir
         self.owner = owner
