@@ -77,9 +77,24 @@ def load_templates(directory, shown=None):
                 text = source.read()
         except (OSError, UnicodeDecodeError) as error:
             raise TemplateError("%s: cannot read it: %s" % (label, error)) from None
-        parsed[name] = _Parser(text, label).parse()
+        parsed[name] = _too_deep_is_an_error(label, _Parser(text, label).parse)
     _link(parsed)
     return Templates(shown, parsed)
+
+
+# CPython compiles at most 20 nested loops (its static block limit) and 100 levels of
+# indentation, and parsing nests Python calls: past any of them, the template is refused with
+# its name, never a traceback at start-up.
+MAX_NESTED_LOOPS = 16
+
+
+def _too_deep_is_an_error(label, work, *args):
+    try:
+        return work(*args)
+    except (RecursionError, SyntaxError):
+        raise TemplateError("%s: nested too deeply to compile (at most %d loops inside each "
+                            "other, and expressions of a sane depth)"
+                            % (label, MAX_NESTED_LOOPS)) from None
 
 
 def _template_names(directory):
@@ -106,9 +121,10 @@ class Templates:
         self._linemaps = {}    # a compiled function's file name -> its line map
         for name in self.names:
             compiler = _Compiler(parsed, ident)
-            source, linemap = compiler.compile(name)
+            source, linemap = _too_deep_is_an_error(parsed[name].shown, compiler.compile, name)
             filename = "<template %s>" % parsed[name].shown
-            exec(compile(source, filename, "exec"), namespace)
+            exec(_too_deep_is_an_error(parsed[name].shown, compile, source, filename, "exec"),
+                 namespace)
             self._linemaps[filename] = linemap
             for variable in compiler.names:
                 namespace.setdefault("m_" + variable, _Missing(variable))
@@ -1022,6 +1038,9 @@ class _Compiler:
     def _for(self, node, state, blocks):
         self._flush()
         depth = len(self.loops) + 1
+        if depth > MAX_NESTED_LOOPS:
+            raise _Located(node, _HtmlError("more than %d loops inside each other"
+                                            % MAX_NESTED_LOOPS))
         frame = {"depth": depth, "targets": node.targets, "uses_loop": False}
         header_at = len(self.lines)     # the header is known once the body is: loop.* used?
         self.loops.append(frame)

@@ -320,6 +320,18 @@ def test_each_load_error_names_the_file_and_the_line(tmp_path, files, expected):
     assert message.startswith(expected), message
 
 
+def test_nesting_too_deep_to_compile_is_a_load_error(tmp_path):
+    loops = "".join("{%% for x%d in xs %%}" % n for n in range(17)) + "{% endfor %}" * 17
+    assert load_error(tmp_path, t=loops) == \
+        "tpl/t.html line 1: more than 16 loops inside each other"
+    assert load_error(tmp_path, t="{{ %sa%s }}" % ("(" * 5000, ")" * 5000)).startswith(
+        "tpl/t.html: nested too deeply to compile")
+    ifs = "{% if a %}" * 50 + "ok" + "{% endif %}" * 50
+    assert one(tmp_path, ifs, a=True) == "ok"
+    ifs = "{% if a %}" * 300 + "{% endif %}" * 300     # Python's own limit: 100 indents
+    assert load_error(tmp_path, t=ifs).startswith("tpl/t.html: nested too deeply to compile")
+
+
 def test_an_unreadable_template_names_its_file(tmp_path):
     (tmp_path / "bad.html").write_bytes(b"\xff\xfe not utf-8")
     with pytest.raises(TemplateError, match=r"^tpl/bad.html: cannot read it"):
