@@ -20,6 +20,7 @@ Where things are
 ``onebox/limits.py``    the rate limiters' token buckets, and each server's named limiters
 ``onebox/forms.py``     form bodies behind request.form(): urlencoded and multipart
 ``onebox/jsonbody.py``  JSON bodies behind request.json(): the cap, and what parsers disagree on
+``onebox/templates.py`` handlers/templates/ compiled to Python: escaping by context, checked at load
 ``onebox/logs.py``      the access log, which never makes a request wait
 ``onebox/poller.py``    which waiting sockets are ready (epoll, or a selector)
 ``onebox/handoff.py``   what the reactor and the workers pass each other, and who writes what
@@ -103,6 +104,7 @@ from onebox.routing import RouteError, Router, load_routes
 from onebox.settings import DEFAULT_CONFIG_FILE, SETTINGS, ConfigError, load_config  # noqa: F401
 from onebox.store import StateError, StateLockedError, Store
 from onebox.systemd import Notifier, SystemdError, listen_sockets
+from onebox.templates import TemplateError, load_area_templates
 from onebox.tls import TLSConfigError, build_context
 
 
@@ -155,7 +157,8 @@ def parse_args(argv):
     parser.add_argument("--config", default=DEFAULT_CONFIG_FILE,
                         help="settings file (default: setup.cfg beside server.py)")
     parser.add_argument("--check", action="store_true",
-                        help="validate the configuration and the routes, then exit 0 or 1")
+                        help="validate the configuration, the routes and the templates, then "
+                             "exit 0 or 1")
     parser.add_argument("--repair", action="store_true",
                         help="keep the good prefix of a damaged journal, move the damaged file "
                              "aside, then exit")
@@ -211,12 +214,14 @@ def _start(args, argv, old_pid, notifier):
             check_listener(config.admin, admin_token)
         if config.tls.cert_file:   # missing, mismatched or expired: refused here (and --check)
             build_context(config.tls)
-    except (ConfigError, RouteError, AdminConfigError, TLSConfigError) as error:
+        if args.check or args.restart:   # (a start compiles them in the engine)
+            load_area_templates()
+    except (ConfigError, RouteError, AdminConfigError, TLSConfigError, TemplateError) as error:
         if args.restart:   # checked first, as `systemctl reload` runs --check first
             return fail("%s; not restarted: the running server serves on unchanged" % error)
         return fail(error)
     if args.check:
-        print("onebox: configuration and routes are valid (%s)" % args.config)
+        print("onebox: configuration, routes and templates are valid (%s)" % args.config)
         return 0
     if args.backup:
         return backup_state(config, args.backup)
@@ -275,7 +280,7 @@ def serve(config, router, store, notifier=None, listeners=None, restarter=None):
             listeners = listen_sockets()
         server = OneboxServer(config, router, store=store, listeners=listeners,
                               notifier=notifier, restarter=restarter)
-    except (AdminConfigError, SystemdError, TLSConfigError) as error:
+    except (AdminConfigError, SystemdError, TLSConfigError, TemplateError) as error:
         store.close()
         print("onebox: %s" % error, file=sys.stderr)
         notifier.send("STATUS=onebox: %s" % error)

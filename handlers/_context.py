@@ -15,14 +15,20 @@ __all__ = ["ServerContext", "bind", "unbind", "current", "require", "carry_conte
 class ServerContext(object):
     """One server's implementations, any of them None (unusable there): ``store`` (a
     ``handlers._state.StateStore``), ``responses`` (``onebox.cache.ResponseCache``),
-    ``limiters`` (``onebox.limits.LimiterRegistry``); ``owner`` names it in errors."""
+    ``limiters`` (``onebox.limits.LimiterRegistry``), ``templates``
+    (``onebox.templates.Templates``), ``sessions`` (``onebox.sessions.SessionStore``),
+    ``logins`` (``onebox.sessions.Logins``); ``owner`` names it in errors."""
 
-    __slots__ = ("store", "responses", "limiters", "owner")
+    __slots__ = ("store", "responses", "limiters", "templates", "sessions", "logins", "owner")
 
-    def __init__(self, store=None, responses=None, limiters=None, owner=""):
+    def __init__(self, store=None, responses=None, limiters=None, owner="", templates=None,
+                 sessions=None, logins=None):
         self.store = store
         self.responses = responses
         self.limiters = limiters
+        self.templates = templates
+        self.sessions = sessions
+        self.logins = logins
         if not owner:
             owner = "a server" if store is None else "the store in %s" % store.data_dir
         self.owner = owner

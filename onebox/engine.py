@@ -50,6 +50,7 @@ from onebox.restart import Subject
 from onebox.site import CurrentSite, build_site
 from onebox.static import StaticPages
 from onebox.tally import Tally
+from onebox.templates import load_area_templates
 from onebox.tls import TLSConfigError, build_context
 from onebox.workers import Workers
 
@@ -105,6 +106,9 @@ class OneboxServer:
         # as does a certificate or key that cannot be served (TLSConfigError, onebox/tls.py);
         # a missing one is judged once the admin socket's address is known (_open_listeners)
         admin_token = load_token()
+        # the areas' templates (handlers/templates/), compiled: a broken one stops start-up
+        # here with its file and line (TemplateError), as a bad ROUTES table does
+        templates = load_area_templates()
         tls_context = tls_expires = None
         if config.tls.cert_file:
             tls_context, tls_expires = build_context(config.tls)
@@ -116,7 +120,7 @@ class OneboxServer:
         # each worker thread as it starts (handlers/_context.py); never the process's.
         self.context = _context.ServerContext(
             store, ResponseCache(config.cache.max_entries, config.cache.max_bytes),
-            LimiterRegistry())
+            LimiterRegistry(), templates=templates)
         # stateless: the process's, any thread
         _context.use_parsers(read_json, read_form, read_query, parse_cookies)
         self.access_stream = access_stream or sys.stdout   # kept for a reload turning it on
