@@ -20,6 +20,7 @@ Where things are
 ``onebox/limits.py``    the rate limiters' token buckets, and each server's named limiters
 ``onebox/forms.py``     form bodies behind request.form(): urlencoded and multipart
 ``onebox/jsonbody.py``  JSON bodies behind request.json(): the cap, and what parsers disagree on
+``onebox/sessions.py``  request.session in the store (hashed ids), CSRF rule, login throttle
 ``onebox/templates.py`` handlers/templates/ compiled to Python: escaping by context, checked at load
 ``onebox/logs.py``      the access log, which never makes a request wait
 ``onebox/poller.py``    which waiting sockets are ready (epoll, or a selector)

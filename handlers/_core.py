@@ -83,16 +83,17 @@ class Headers:
 class Request:
     """One HTTP request as a handler sees it (docs/areas.md, "The request"): ``method``,
     ``path`` (decoded, normalised), ``params`` (the route's {wildcards}), ``query``,
-    ``query_items``, ``headers``, ``client_ip``, ``version``, ``cookies``; the body (at most
+    ``query_items``, ``headers``, ``client_ip``, ``version``, ``cookies``, ``secure``
+    (HTTPS), ``session``; the body (at most
     ``max_body_bytes``, else 413) by ``body()``, ``text()``, ``json()``, ``form()``, ``read(n)``."""
 
     __slots__ = ("method", "path", "segments", "params", "query_string", "_query",
                  "headers", "client_ip", "version", "_cookies", "_reader", "_body",
-                 "max_json_bytes")
+                 "max_json_bytes", "secure", "_session")
 
     # max_json_bytes: the [server] setting of that name (its default here), passed by the runtime
     def __init__(self, method, path, segments, query_string, headers, client_ip,
-                 version="HTTP/1.1", reader=None, max_json_bytes=65536):
+                 version="HTTP/1.1", reader=None, max_json_bytes=65536, secure=False):
         self.method = method
         self.path = path
         self.segments = segments          # decoded path segments; a segment may hold "/" (%2F)
@@ -106,6 +107,8 @@ class Request:
         self._reader = reader             # the runtime's body reader, or None for no body
         self._body = None
         self.max_json_bytes = max_json_bytes
+        self.secure = secure              # came over HTTPS (or a trusted proxy says so)
+        self._session = None
 
     @property
     def query_items(self):
@@ -125,6 +128,14 @@ class Request:
         if self._cookies is None:
             self._cookies = _context.parsers.read_cookies(self.headers.get_all("cookie"))
         return self._cookies
+
+    @property
+    def session(self):
+        """This client's session (``handlers._sessions.Session``); 403 for a cross-site
+        unsafe request (docs/areas.md, "Sessions and logins")."""
+        if self._session is None:
+            self._session = _context.require("sessions", "request.session").load(self)
+        return self._session
 
     def read(self, size=-1):
         """Read up to ``size`` bytes of the body (all that is left when -1); b"" at the end."""

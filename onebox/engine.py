@@ -47,6 +47,7 @@ from onebox.poller import Poller
 from onebox.reactor import Reactor
 from onebox.reload import Reloader, expiry_warning_of
 from onebox.restart import Subject
+from onebox.sessions import Logins, SessionStore
 from onebox.site import CurrentSite, build_site
 from onebox.static import StaticPages
 from onebox.tally import Tally
@@ -120,7 +121,9 @@ class OneboxServer:
         # each worker thread as it starts (handlers/_context.py); never the process's.
         self.context = _context.ServerContext(
             store, ResponseCache(config.cache.max_entries, config.cache.max_bytes),
-            LimiterRegistry(), templates=templates)
+            LimiterRegistry(), templates=templates,
+            sessions=SessionStore(store, config.sessions),
+            logins=Logins(None, config.sessions, self.log_error))
         # stateless: the process's, any thread
         _context.use_parsers(read_json, read_form, read_query, parse_cookies)
         self.access_stream = access_stream or sys.stdout   # kept for a reload turning it on

@@ -77,6 +77,8 @@ HOW = {
     "admin": {setting.name: RESTART for setting in SETTINGS["admin"]},
     "health": {setting.name: RESTART for setting in SETTINGS["health"]},
     "status": {setting.name: RESTART for setting in SETTINGS["status"]},
+    # the session store and the login throttle are built once, at start
+    "sessions": {setting.name: RESTART for setting in SETTINGS["sessions"]},
     "tls": dict({setting.name: "tls" for setting in SETTINGS["tls"]}, host=RESTART,
                 port=RESTART),
 }

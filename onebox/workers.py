@@ -32,6 +32,7 @@ from time import perf_counter, thread_time
 
 from handlers import _context
 from handlers._core import HTTPError, Headers, Request, Response
+from handlers._sessions import SAFE_METHODS
 from onebox.books import ADMIN, Record
 from onebox.codec import (check_response, decode_path, error_response, parse_head,
                           split_target)
@@ -105,6 +106,7 @@ class Workers:
         self.health_checks = health_checks
         self.admin = admin
         self.context = context
+        self.sessions = context.sessions   # request.session's store (onebox/sessions.py), or None
         self.handoff = handoff
         self.poller = poller
         self.log_error = log_error
@@ -518,8 +520,11 @@ class Workers:
             # RFC 9110 section 15.5.20; a browser sent here by DNS rebinding names another host
             raise HTTPError(421, "this server does not serve that host")
         path, segments = decode_path(raw_path)
+        # HTTPS: this connection's TLS, or a trusted proxy's word (X-Forwarded-Proto, de facto)
+        secure = conn.tls or (conn.client is None and (head.fields.get("x-forwarded-proto")
+                                                       or ("",))[0].lower() == "https")
         return Request(head.method, path, segments, query, Headers(head.fields), conn.ip,
-                       head.version, reader, settings.max_json_bytes)
+                       head.version, reader, settings.max_json_bytes, secure)
 
     def _dispatch(self, conn, request, exchange):
         """Handler routes first, then static pages; 404 and 405 (with Allow) otherwise.
@@ -569,8 +574,13 @@ class Workers:
         """Run a handler. Its result is checked here, where the handler can be named: a bad
         status, header or body is a 500 with the handler's name in the error log."""
         try:
+            if request.method not in SAFE_METHODS and self.sessions is not None \
+                    and self.sessions.cookie_name(request) in request.cookies:
+                request.session   # the CSRF rule, before the handler can change anything
             response = to_response(handler(request))
             check_response(response)
+            if request._session is not None:   # the handler used its session
+                response = self.sessions.commit(request, response)
             return response
         except HTTPError:
             raise
