@@ -38,6 +38,9 @@ def render(name, /, **variables):
     return _context.require("templates", "templates").render(name, variables)
 
 
-def page(name, /, status=200, headers=None, **variables):
-    """``render(name, **variables)`` as a text/html Response."""
-    return html_response(render(name, **variables), status, headers)
+def page(name, /, status=200, headers=None, nonce=None, **variables):
+    """``render(name, **variables)`` as a text/html Response, with the page headers of
+    ``handlers._core.html_response`` (``nonce``: the CSP nonce of its scripts, also a variable)."""
+    if nonce is not None:
+        variables["nonce"] = nonce
+    return html_response(render(name, **variables), status, headers, nonce)

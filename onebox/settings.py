@@ -260,8 +260,9 @@ SETTINGS = {
                 "a session this old is over however much it is used"),
         Setting("max_sessions", "int", 100000, 1,
                 "sessions kept at once; past it the oldest is evicted"),
-        Setting("max_bytes", "int", 64 * 1024 * 1024, 4096,
-                "bytes of stored sessions at once; past it the oldest are evicted"),
+        Setting("max_bytes", "int", 96 * 1024 * 1024, 4096,
+                "memory for sessions (each counts its JSON plus 600 bytes held); past it the "
+                "oldest are evicted"),
         Setting("max_session_bytes", "int", 4096, 256,
                 "one session's stored size; a handler that puts more gets a 500"),
         Setting("login_failures_per_account", "int", 10, 1,

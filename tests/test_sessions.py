@@ -8,7 +8,7 @@ import types
 import urllib.parse
 
 from conftest import request
-from handlers._core import json_response, text_response
+from handlers._core import html_response, json_response, text_response
 from handlers._sessions import local_path, log_in, login_required, set_cookie
 from onebox.sessions import PREFIX, SessionStore
 from onebox.store import Store
@@ -53,7 +53,16 @@ def _plain(request):
     return set_cookie(text_response("plain"), request, "theme", "dark")
 
 
-ROUTES = [("POST", "/s/remember", _remember), ("GET", "/s/show", _show),
+def _page(request):
+    return html_response("<p>hi</p>", nonce=request.query.get("nonce"))
+
+
+def _framed(request):
+    return html_response("<p>hi</p>", headers=[("Content-Security-Policy", "frame-ancestors *")])
+
+
+ROUTES = [("GET", "/s/page", _page), ("GET", "/s/framed", _framed),
+          ("POST", "/s/remember", _remember), ("GET", "/s/show", _show),
           ("POST", "/s/login", _login), ("POST", "/s/force-login", _force_login),
           ("POST", "/s/logout", _logout), ("GET", "/s/edit", _edit), ("POST", "/s/edit", _edit),
           ("GET", "/s/plain", _plain)]
@@ -201,6 +210,20 @@ def test_failed_logins_are_throttled_per_account_from_any_address(start_server):
     log = server.error_text()
     assert log.count("account 'ann' throttled") == 1
     assert "10.0.0.1" in log and "10.0.0.10" in log
+
+
+def test_html_pages_get_a_strict_policy_that_an_area_can_change(start_server):
+    server = _serve(start_server)
+    _, headers, _ = request(server, "GET", "/s/page")
+    policy = headers["content-security-policy"]
+    assert "script-src 'self';" in policy and "frame-ancestors 'none'" in policy
+    assert "object-src 'none'" in policy and headers["referrer-policy"] == "same-origin"
+    _, headers, _ = request(server, "GET", "/s/page?nonce=abc123")
+    assert "script-src 'self' 'nonce-abc123';" in headers["content-security-policy"]
+    _, headers, _ = request(server, "GET", "/s/framed")
+    assert headers["content-security-policy"] == "frame-ancestors *"
+    _, headers, _ = request(server, "GET", "/s/show")
+    assert "content-security-policy" not in headers   # JSON: not a page
 
 
 # -- the store's timeouts and budgets, with a fake clock -----------------------------------------
