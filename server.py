@@ -35,6 +35,7 @@ Where things are
 ``onebox/engine.py``    the server object that composes them: start, drain, stop, health
 ``onebox/reload.py``    SIGHUP: setup.cfg read again and applied while serving
 ``onebox/admin.py``     the admin listener: /metrics, the status page, its token and origin check
+``onebox/accounts.py``  users and their scrypt-hashed passwords, in the store (--add-user, ...)
 ``onebox/tally.py``     each answered request counted once, per thread, for metrics and status
 ``onebox/metrics.py``   the counters the tally feeds; /metrics in the Prometheus text format
 ``onebox/activity.py``  what the status page shows, in memory under a fixed budget
@@ -90,11 +91,14 @@ thread tells systemd that the server is ready, how it is doing, and (while
 a server that stops pinging is killed and restarted. Outside systemd neither happens.
 """
 import argparse
+import getpass
 import os
 import signal
 import sys
 import time
+import urllib.parse
 
+from onebox.accounts import AccountError, Accounts, check_name, check_password
 from onebox.admin import AdminConfigError, check_listener, load_token
 from onebox.engine import OneboxServer
 from onebox.logs import PRIORITIES, error_entry, journal_stream
@@ -176,6 +180,16 @@ def parse_args(argv):
     parser.add_argument("--unban", metavar="ADDR",
                         help="lift the ban on ADDR (an address, or a key as --bans lists it), "
                              "then exit; through the running server if there is one")
+    users = parser.add_mutually_exclusive_group()
+    users.add_argument("--users", action="store_true",
+                       help="list the accounts (name, created, password changed), then exit; "
+                            "through the running server if there is one")
+    users.add_argument("--add-user", metavar="NAME",
+                       help="make an account; its password is asked twice on a terminal, or "
+                            "read as one line from standard input")
+    users.add_argument("--passwd", metavar="NAME",
+                       help="set an account's password (asked as for --add-user)")
+    users.add_argument("--del-user", metavar="NAME", help="remove an account, then exit")
     for section, settings in SETTINGS.items():
         for setting in settings:
             flag = setting.name if section == "server" else section + "_" + setting.name
@@ -228,6 +242,9 @@ def _start(args, argv, old_pid, notifier):
         return backup_state(config, args.backup)
     if args.bans or args.unban:
         return ban_control(config, args.unban)
+    command, name = account_command(args)
+    if command is not None:
+        return account_control(config, command, name)
     if args.restart:
         settings = config.server
         return restart_running(settings.data_dir, settings.restart_wait_s
@@ -421,18 +438,25 @@ def ban_control(config, unban=None):
         store.close()
 
 
-def _ban_control_running(config, unban):
-    data_dir = config.server.data_dir
+def _running_server(data_dir):
+    """(pid, admin URL) of the server that holds ``data_dir``, or None, having said why."""
     try:
         with open(os.path.join(data_dir, "lock")) as lock:
             pid = lock.read().strip()
         with open(os.path.join(data_dir, ADMIN_URL_FILE)) as note:
-            url = note.read().strip()
+            return pid, note.read().strip()
     except OSError:
         print("onebox: the data dir %s is in use by a running server that has no admin "
               "listener ([admin] port = off?); stop it, or run it with one" % data_dir,
               file=sys.stderr)
+        return None
+
+
+def _ban_control_running(config, unban):
+    running = _running_server(config.server.data_dir)
+    if running is None:
         return 1
+    pid, url = running
     if unban is None:
         status, reply = _admin_call(url, "GET", "bans")
     else:
@@ -504,6 +528,159 @@ def _print_bans(bans):
         until = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ban["until"]))
         print("%-40s %-20s %9.0fs %8d  %s" % (ban["client"], until, ban["remaining_s"],
                                               ban["offences"], ban["reason"]))
+
+
+# --- accounts: --users / --add-user / --passwd / --del-user -----------------------------------
+
+_ACCOUNT_DONE = {"add": "added user %s", "passwd": "changed the password of %s",
+                 "del": "deleted user %s"}
+
+
+def account_command(args):
+    """The account command asked for: ("users", None), ("add" | "passwd" | "del", NAME), or
+    (None, None)."""
+    for command, name in (("add", args.add_user), ("passwd", args.passwd),
+                          ("del", args.del_user)):
+        if name is not None:   # "" too: it is a bad name, not no command
+            return command, name
+    return ("users", None) if args.users else (None, None)
+
+
+def account_control(config, command, name):
+    """--users, --add-user, --passwd, --del-user. As for the bans: a stopped server's data dir
+    is opened directly, a running one is asked through its admin listener. Exit status 0, or 1
+    with one line saying why (a known failure: a bad name or password, a taken or unknown
+    name, the passwords differ)."""
+    data_dir = config.server.data_dir
+    if name is not None:
+        try:
+            name = check_name(name)
+        except ValueError as error:
+            return _fail(error)
+    if not os.path.isdir(data_dir) and command != "add":   # do not make one just to say so
+        if command == "users":
+            print("no users (no data directory at %s)" % data_dir)
+            return 0
+        return _fail("no such user: %s" % name)
+    password = None
+    if command in ("add", "passwd"):
+        # before the store is opened: a stopped server's data dir is not held during a prompt
+        password = _read_password(name, config.accounts)
+        if password is None:
+            return 1
+    try:
+        store = open_store(config)
+    except StateLockedError:
+        return _account_control_running(data_dir, command, name, password)
+    except (StateError, OSError) as error:
+        return _fail("cannot open the state in %s: %s" % (data_dir, error))
+    try:
+        accounts = Accounts(store, config.accounts)
+        if command == "users":
+            _print_users([accounts.info(each) for each in accounts.names()])
+            return 0
+        if command == "add":
+            name = accounts.add(name, password)
+        elif command == "passwd":
+            name = accounts.set_password(name, password)
+        else:
+            name = accounts.delete(name)
+        print("onebox: " + _ACCOUNT_DONE[command] % name)
+        return 0
+    except (ValueError, AccountError) as error:
+        return _fail(error)
+    except StateError as error:
+        return _fail("cannot change the state in %s: %s" % (data_dir, error))
+    finally:
+        store.close()
+
+
+def _account_control_running(data_dir, command, name, password):
+    running = _running_server(data_dir)
+    if running is None:
+        return 1
+    pid, url = running
+    path = "accounts/" + urllib.parse.quote(name or "", safe="")
+    if command == "users":
+        status, reply = _admin_call(url, "GET", "accounts")
+    elif command == "add":
+        status, reply = _admin_call(url, "POST", "accounts", {"name": name, "password": password})
+    elif command == "passwd":
+        status, reply = _admin_call(url, "PUT", path + "/password", {"password": password})
+    else:
+        status, reply = _admin_call(url, "DELETE", path)
+    if status is None:
+        return _fail("cannot reach the running server (pid %s) at %s: %s" % (pid, url, reply))
+    if status in (200, 201) and command == "users":
+        _print_users(reply["accounts"])
+        return 0
+    if status in (200, 201):
+        print("onebox: %s (through the running server, pid %s)"
+              % (_ACCOUNT_DONE[command] % name, pid))
+        return 0
+    if status == 404 and command in ("passwd", "del"):
+        return _fail("no such user: %s" % name)
+    if status == 409 and command == "add":
+        return _fail("user %s exists" % name)
+    if status == 400 and isinstance(reply, dict):
+        return _fail(reply.get("error", reply))
+    return _fail("the running server (pid %s) answered %s: %s" % (pid, status, reply))
+
+
+def _read_password(name, settings):
+    """The new password: asked twice on a terminal (getpass: not echoed), else one line of
+    standard input (a script's pipe: ``echo "$PW" | server.py --add-user x``);
+    checked against the rules before anything is asked of the store. None, having said why."""
+    try:
+        if sys.stdin is not None and sys.stdin.isatty():
+            password = getpass.getpass("password for %s: " % name)
+            if getpass.getpass("the same again: ") != password:
+                _fail("the passwords differ")
+                return None
+        else:
+            # one line, and no more of it than a valid one and its CR LF (a huge stdin is not
+            # read whole: past the cap, the rules' "at most" says so)
+            line = sys.stdin.readline(settings.max_password_chars + 2) if sys.stdin else ""
+            password = line[:-1] if line.endswith("\n") else line
+            password = password[:-1] if password.endswith("\r") else password
+            if not password:
+                _fail("no password: give one as a line on standard input")
+                return None
+        check_password(password, settings)
+    except UnicodeDecodeError:   # stdin's encoding is the locale's (UTF-8, as a rule)
+        _fail("'password' must be text in the terminal's encoding")
+        return None
+    except ValueError as error:
+        _fail(error)
+        return None
+    except (EOFError, KeyboardInterrupt):
+        print(file=sys.stderr)
+        _fail("cancelled: no password given")
+        return None
+    return password
+
+
+def _print_users(rows):
+    if not rows:
+        print("no users")
+        return
+    width = max(len(row["name"]) for row in rows + [{"name": "name"}])
+    print("%-*s  %-20s  %s" % (width, "name", "created (UTC)", "password changed (UTC)"))
+    for row in rows:
+        print("%-*s  %-20s  %s" % (width, row["name"], _utc(row["created"]),
+                                   _utc(row["changed"])))
+
+
+def _utc(when):
+    if not isinstance(when, (int, float)):
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(when))
+
+
+def _fail(message):
+    """One line on stderr, and the exit status of a known failure."""
+    print("onebox: %s" % message, file=sys.stderr)
+    return 1
 
 
 def write_admin_url(server):

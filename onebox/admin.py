@@ -53,12 +53,27 @@ thread, so they may read ``server`` (``onebox.metrics.Sources``: the guard, the 
 store, each part's ``stats()``; never the engine) but must not block.
 Authentication and the same-origin check are done before the handler is called: a handler
 never checks them itself. This module's own rows: ``GET /metrics``, ``GET /login``,
-``POST /login``, ``POST /logout``, and ``GET /`` (a list of links) unless the status page
-serves "/".
+``POST /login``, ``POST /logout``, ``GET /`` (a list of links) unless the status page
+serves "/", and the accounts' rows below.
 
-Imports the contract, the routing, metrics and status modules; never
+Accounts (``server.py --users``, ``--add-user``, ``--passwd``, ``--del-user`` on a running
+server; onebox/accounts.py)
+---------------------------------------------------------------------------------------------
+    GET    /accounts                  {"accounts": [{"name", "created", "changed"}, ...]}
+    POST   /accounts                  {"name": ..., "password": ...}: 201 {"added": name};
+                                      409 if taken, 400 for a bad name or password
+    PUT    /accounts/{name}/password  {"password": ...}: 200 {"changed": name}; 404 if none
+    DELETE /accounts/{name}           200 {"deleted": name}; 404 if none
+Bodies are JSON only (415 otherwise), for the reason ``POST /bans/lift`` gives
+(onebox/status.py): another site's page can send a form or text/plain without asking. A
+password is never logged, echoed or stored; adding or changing one costs a scrypt hash (~0.3 s,
+in the worker), and 503 with Retry-After when ``[accounts] max_parallel_hashes`` are busy past
+``hash_wait_s``. Error bodies name the rule, never the input.
+
+Imports the contract, the routing, metrics, status and accounts modules; never
 the engine, the workers or ``server``.
 """
+import contextlib
 import hashlib
 import hmac
 import html
@@ -67,8 +82,9 @@ import os
 import re
 import socket
 
-from handlers._core import HTTPError, Response, html_response, redirect
+from handlers._core import HTTPError, Response, html_response, json_response, redirect
 from onebox import status
+from onebox.accounts import AccountExists, AccountsBusy, NoSuchAccount
 from onebox.metrics import render
 from onebox.routing import Router
 
@@ -77,6 +93,7 @@ TOKEN_CREDENTIAL = "admin_token"  # the file's name in $CREDENTIALS_DIRECTORY
 MIN_TOKEN_CHARS = 16
 COOKIE = "onebox_admin"
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+NO_STORE = [("Cache-Control", "no-store")]
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 # A Host field (RFC 9110 7.2: uri-host [ ":" port ]): an IP-literal in brackets, or a name
 # or IPv4 address without colons; the port, if any, 1 to 5 digits.
@@ -296,7 +313,74 @@ def admin_routes(sources, site):
            ("POST", "/login", site.login), ("POST", "/logout", site.logout)]
     if not any(row[0] == "GET" and row[1] == "/" for row in rows):
         own.append(("GET", "/", _index))
+    if sources.accounts is not None:
+        own += account_routes(sources.accounts)
     return rows + [row + ("onebox/admin.py",) for row in own]
+
+
+# --- accounts: what server.py --users / --add-user / --passwd / --del-user ask a running server
+
+def account_routes(accounts):
+    """The (method, pattern, handler) rows of the accounts (see the module docstring)."""
+    def list_accounts(request):
+        rows = []
+        for name in accounts.names():
+            try:
+                info = accounts.info(name)
+            except NoSuchAccount:   # deleted since names() was read
+                continue
+            rows.append({"name": name, "created": info["created"], "changed": info["changed"]})
+        return json_response({"accounts": rows}, headers=NO_STORE)
+
+    def add_account(request):
+        body = _account_body(request, ("name", "password"))
+        with _account_errors():
+            name = accounts.add(body["name"], body["password"])
+        return json_response({"added": name}, 201, NO_STORE)
+
+    def change_password(request):
+        body = _account_body(request, ("password",))
+        with _account_errors():
+            name = accounts.set_password(request.params["name"], body["password"])
+        return json_response({"changed": name}, headers=NO_STORE)
+
+    def delete_account(request):
+        with _account_errors():
+            name = accounts.delete(request.params["name"])
+        return json_response({"deleted": name}, headers=NO_STORE)
+
+    return [("GET", "/accounts", list_accounts), ("POST", "/accounts", add_account),
+            ("PUT", "/accounts/{name}/password", change_password),
+            ("DELETE", "/accounts/{name}", delete_account)]
+
+
+def _account_body(request, fields):
+    """The JSON object of an accounts request (request.json: 415 unless it is JSON, 413 past
+    max_json_bytes), with each of ``fields`` a string, else 400."""
+    body = request.json()
+    if not isinstance(body, dict):
+        raise HTTPError(400, "the body must be a JSON object")
+    for field in fields:
+        if not isinstance(body.get(field), str):
+            raise HTTPError(400, "'%s' must be a string" % field)
+    return body
+
+
+@contextlib.contextmanager
+def _account_errors():
+    """What Accounts raises, as the HTTP answer: 400, 404, 409, 503. ValueError's messages
+    name the rule and are passed on; the others name the account, so they are not."""
+    try:
+        yield
+    except ValueError as error:
+        raise HTTPError(400, str(error)) from None
+    except NoSuchAccount:
+        raise HTTPError(404, "no such user") from None
+    except AccountExists:
+        raise HTTPError(409, "that user exists") from None
+    except AccountsBusy:
+        raise HTTPError(503, "too many password hashes at once; try again shortly",
+                        [("Retry-After", "5")]) from None
 
 
 def _index(request):

@@ -31,6 +31,7 @@ import traceback
 
 from handlers import _context
 from handlers._state import StateError
+from onebox.accounts import Accounts
 from onebox.activity import Activity
 from onebox.admin import AdminConfigError, AdminSite, check_listener, is_loopback, load_token
 from onebox.books import Books
@@ -123,7 +124,7 @@ class OneboxServer:
             store, ResponseCache(config.cache.max_entries, config.cache.max_bytes),
             LimiterRegistry(), templates=templates,
             sessions=SessionStore(store, config.sessions),
-            logins=Logins(None, config.sessions, self.log_error))
+            logins=Logins(None, config.sessions, self.log_error))   # accounts: _compose
         # stateless: the process's, any thread
         _context.use_parsers(read_json, read_form, read_query, parse_cookies)
         self.access_stream = access_stream or sys.stdout   # kept for a reload turning it on
@@ -176,10 +177,16 @@ class OneboxServer:
         self.reactor = Reactor(self.socket, config.server, handoff, poller, self.guard,
                                self.books, self.health_checks, log_error, self.admin_socket,
                                config.admin.max_connections, self.tls_socket, tls_context)
+        # users and passwords (onebox/accounts.py): one per server, so that its
+        # max_parallel_hashes bounds the server's hashing (the admin's /accounts, a login page)
+        self.accounts = None if self.store is None else Accounts(
+            self.store, lambda: current.site.config.accounts)
+        self.context.logins.accounts = self.accounts   # log_in's (onebox/sessions.py)
         self._sources = sources = Sources(
             metrics=metrics, refusals=self.books.refusals, guard=self.guard,
             reactor=self.reactor, handoff=handoff, context=self.context, store=self.store,
-            activity=self.activity, current=current, life=self.life, url=self.url)
+            accounts=self.accounts, activity=self.activity, current=current, life=self.life,
+            url=self.url)
         self.admin = None
         if self.admin_socket is not None:
             self.admin = AdminSite(sources, admin_token, log_error)

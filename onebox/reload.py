@@ -49,6 +49,7 @@ RESTART = "restart"
 #                and the summary says why. HSTS, the redirect and the expiry warning: per
 #                request from then on. [tls] host and port are RESTART (the listener is bound
 #                once), as is turning HTTPS on or off.
+#   accounts     read at each password hash (onebox/accounts.py): the next one uses them
 #   RESTART      kept as it is until the next start:
 #                host, port: the listening socket is bound once (and may be inherited);
 #                data_dir, [state]: the state store is open and locked there, with these rules;
@@ -79,6 +80,8 @@ HOW = {
     "status": {setting.name: RESTART for setting in SETTINGS["status"]},
     # the session store and the login throttle are built once, at start
     "sessions": {setting.name: RESTART for setting in SETTINGS["sessions"]},
+    # the accounts read their section at each hash (Accounts takes a function of the site)
+    "accounts": {setting.name: "accounts" for setting in SETTINGS["accounts"]},
     "tls": dict({setting.name: "tls" for setting in SETTINGS["tls"]}, host=RESTART,
                 port=RESTART),
 }

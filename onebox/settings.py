@@ -6,8 +6,9 @@ with a message naming the file, the section and the key. Pure: no sockets, no th
 reference page docs/settings.md is generated from the tables here: ``settings_markdown``, run as
 ``python3 -m onebox.settings --markdown > docs/settings.md``.
 
-Imports only the standard library and the policy compilers of ``onebox.static`` and
-``onebox.guard`` (so that a bad rule fails here, at start-up); never the engine or ``server``.
+Imports only the standard library, the policy compilers of ``onebox.static`` and
+``onebox.guard`` (so that a bad rule fails here, at start-up) and ``onebox.accounts``' check of
+``scrypt_n``; never the engine or ``server``.
 """
 import collections
 import configparser
@@ -17,6 +18,7 @@ import os
 import re
 import types
 
+from onebox.accounts import check_scrypt_n
 from onebox.guard import GuardPolicy
 from onebox.static import compile_policy
 
@@ -322,6 +324,26 @@ SETTINGS = {
                 "warn in the error log, at start and at each reload, when the certificate "
                 "expires within this many days; 0: never"),
     ],
+    # Users and passwords (onebox/accounts.py), for a login page and server.py --add-user.
+    # Read at each hash: a reload applies to the next one, and a record keeps what made it.
+    "accounts": [
+        Setting("scrypt_n", "int", 131072, 16384,
+                "scrypt cost (a power of two): each hash takes 128 * scrypt_n * 8 bytes and "
+                "~0.3 s at 131072 (OWASP's minimum); older hashes are redone at their next login",
+                maximum=1048576),
+        Setting("min_password_chars", "int", 8, 8,
+                "shorter passwords are refused (NIST SP 800-63B: at least 8); applies to new "
+                "ones, never to logging in"),
+        Setting("max_password_chars", "int", 1024, 64,
+                "longer passwords are refused, so one attempt costs little to read and hash "
+                "(NIST SP 800-63B: allow at least 64)", maximum=65536),
+        Setting("max_parallel_hashes", "int", 2, 1,
+                "scrypt hashes run at once (each holds a core and 128 MiB at the default "
+                "scrypt_n); more wait their turn"),
+        Setting("hash_wait_s", "float", 5.0, 0.0,
+                "how long a password check waits for its turn before it is refused (a login "
+                "page answers 503)", maximum=60.0),
+    ],
     # Health checks on the public port, answered by the reactor thread itself: cheap, never
     # rate-limited, and a wedged worker pool is reported instead of hanging the check.
     "health": [
@@ -423,6 +445,7 @@ def load_config(path=None, overrides=None):
     if server["max_request_line_bytes"] > server["max_head_bytes"]:
         raise ConfigError("max_request_line_bytes must not exceed max_head_bytes")
     check_static_settings(values["static"])
+    check_accounts_settings(values["accounts"], path or "settings")
     allowed_hosts = parse_allowed_hosts(server["allowed_hosts"], path or "settings")
     route_limits = [(_ROUTE_LIMITS_RE.fullmatch(name).group(1),
                      types.SimpleNamespace(**values.pop(name)))
@@ -532,6 +555,17 @@ def check_static_settings(values):
         raise ConfigError(str(error)) from None
 
 
+def check_accounts_settings(values, where):
+    """scrypt_n a power of two, and the password's least length below its greatest."""
+    try:
+        check_scrypt_n(values["scrypt_n"])
+    except ValueError as error:
+        raise ConfigError("%s [accounts] %s" % (where, error)) from None
+    if values["min_password_chars"] > values["max_password_chars"]:
+        raise ConfigError("%s [accounts] min_password_chars must not exceed max_password_chars"
+                          % where)
+
+
 # --- docs/settings.md, generated from the tables above ----------------------------------------
 # The reference page is made from SETTINGS so that docs and code cannot drift (gunicorn's
 # settings page does the same); tests/test_docs.py fails when the checked-in page differs.
@@ -557,6 +591,8 @@ _SECTION_ABOUT = {   # a line under each section's heading; links are relative t
              "of its own ([health and metrics](operations.md#health-and-metrics)).",
     "tls": "HTTPS (`onebox/tls.py`), off while `cert_file` is empty "
            "([HTTPS](operations.md#https)).",
+    "accounts": "Users and their passwords, hashed with scrypt (`onebox/accounts.py`; "
+                "[accounts](operations.md#accounts)).",
     "health": "`/healthz` and `/readyz` on the public port, answered by the reactor itself "
               "([health and metrics](operations.md#health-and-metrics)).",
 }

@@ -145,7 +145,7 @@ def test_every_maximum_is_a_boundary(section, setting):
     config = load_config(None, {key: str(setting.maximum)})
     assert getattr(getattr(config, section), setting.name) == setting.maximum
     with pytest.raises(ConfigError, match="above the maximum"):
-        load_config(None, {key: "1e30"})
+        load_config(None, {key: "1e30" if setting.kind == "float" else "1" + "0" * 30})
 
 
 def test_every_server_wait_has_a_maximum():
