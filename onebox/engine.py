@@ -49,7 +49,7 @@ from onebox.reactor import Reactor
 from onebox.reload import Reloader, expiry_warning_of
 from onebox.restart import Subject
 from onebox.sessions import Logins, SessionStore
-from onebox.site import CurrentSite, build_site
+from onebox.site import CurrentSite, SiteTemplates, build_site
 from onebox.static import StaticPages
 from onebox.tally import Tally
 from onebox.templates import load_area_templates
@@ -122,7 +122,7 @@ class OneboxServer:
         # each worker thread as it starts (handlers/_context.py); never the process's.
         self.context = _context.ServerContext(
             store, ResponseCache(config.cache.max_entries, config.cache.max_bytes),
-            LimiterRegistry(), templates=templates,
+            LimiterRegistry(),
             sessions=SessionStore(store, config.sessions),
             logins=Logins(None, config.sessions, self.log_error))   # accounts: _compose
         # stateless: the process's, any thread
@@ -136,7 +136,8 @@ class OneboxServer:
                                    settings.log_buffer_bytes, self.log_error)
         self.current = CurrentSite(build_site(
             config, router, StaticPages(settings.pages_dir, config.static), access_log,
-            tls_address))
+            tls_address, templates))
+        self.context.templates = SiteTemplates(self.current)   # render(): the current site's
         try:
             self._compose(config, admin_token, tls_context, tls_address)
         except Exception:

@@ -31,6 +31,7 @@ from onebox.logs import AccessLog
 from onebox.settings import SETTINGS, ConfigError, load_config
 from onebox.site import build_site
 from onebox.static import StaticPages
+from onebox.templates import TemplateError, load_area_templates
 from onebox.tls import TLSConfigError, build_context, expiry_warning
 
 RESTART = "restart"
@@ -126,7 +127,9 @@ class Reloader:
         if config.server.access_log and access_log is None:
             access_log = AccessLog(self.access_stream, config.server.log_flush_interval_s,
                                    config.server.log_buffer_bytes, self.log_error)
-        new_site = build_site(config, site.router, static, access_log, self.tls_address)
+        templates, templates_note = self._load_templates(site)
+        new_site = build_site(config, site.router, static, access_log, self.tls_address,
+                              templates)
         self._swap(site, new_site)
         if tls_context is not None:
             self.reactor.tls_context, self.life.tls_expires = tls_context
@@ -136,9 +139,19 @@ class Reloader:
         summary = "reloaded: %s" % (", ".join(live) or "no setting changed")
         if tls_note:
             summary += "; " + tls_note
+        if templates_note:
+            summary += "; " + templates_note
         if restart:
             summary += "; needs a restart: %s" % ", ".join(restart)
         return summary
+
+    def _load_templates(self, site):
+        """(templates, note): handlers/templates/ compiled anew, or the running ones and why
+        they are kept (a broken template must not take the site down: it stops a start)."""
+        try:
+            return load_area_templates(), None
+        except TemplateError as error:
+            return site.templates, "templates: kept the previous ones: %s" % error
 
     def _load_certificate(self, config):
         """((SSLContext, expiry), note) for the certificate and key now on disk, or (None, why

@@ -12,7 +12,8 @@ connections and the guard's learnt state, which outlive any one site.)
 
 What a site holds: ``config`` (every section, as loaded), ``settings`` (its [server]),
 ``router``, ``static`` (the StaticPages of pages_dir: new per site, so their caches start
-afresh), ``allowed_hosts``, ``access_log`` (an AccessLog, or None: off), ``buffer_limit`` (the
+afresh), ``templates`` (compiled anew by a reload), ``allowed_hosts``, ``access_log`` (an
+AccessLog, or None: off), ``buffer_limit`` (the
 body bytes the reactor buffers before a handler runs), ``hsts_header`` and
 ``redirect_to_https`` ([tls]), and ``https_redirect(request)``.
 
@@ -23,7 +24,7 @@ import urllib.parse
 
 from handlers._core import Response
 
-__all__ = ["Site", "CurrentSite", "build_site"]
+__all__ = ["Site", "CurrentSite", "SiteTemplates", "build_site"]
 
 # A Host field's name that may go into a redirect's Location (RFC 3986 3.2.2's reg-name,
 # without percent-encoding, or an IP literal); anything else is replaced by the listener's.
@@ -34,7 +35,7 @@ class Site:
     """One configuration's site (see the module docstring). Immutable: build another."""
 
     __slots__ = ("config", "settings", "router", "static", "allowed_hosts", "access_log",
-                 "buffer_limit", "hsts_header", "redirect_to_https", "_tls_address",
+                 "buffer_limit", "hsts_header", "redirect_to_https", "templates", "_tls_address",
                  "_redirect_port")
 
     def __init__(self, **fields):
@@ -70,9 +71,10 @@ class CurrentSite:
         self.site = site
 
 
-def build_site(config, router, static, access_log, tls_address=None):
+def build_site(config, router, static, access_log, tls_address=None, templates=None):
     """The Site of ``config``: ``static`` its StaticPages, ``access_log`` its AccessLog (or
-    None), ``tls_address`` the HTTPS listener's (host, port), None without one."""
+    None), ``tls_address`` the HTTPS listener's (host, port), None without one, ``templates``
+    the areas' compiled templates (onebox/templates.py), None without any."""
     settings, tls = config.server, config.tls
     hsts = None
     if tls_address is not None and tls.hsts_max_age_s:
@@ -83,4 +85,20 @@ def build_site(config, router, static, access_log, tls_address=None):
                 access_log=access_log if settings.access_log else None,
                 buffer_limit=min(settings.buffer_body_bytes, settings.max_body_bytes),
                 hsts_header=hsts, redirect_to_https=tls_address is not None and tls.redirect_http,
-                _tls_address=tls_address, _redirect_port=tls.redirect_port)
+                templates=templates, _tls_address=tls_address, _redirect_port=tls.redirect_port)
+
+
+class SiteTemplates:
+    """What the contract's ``render`` reaches (``ServerContext.templates``): the current site's
+    templates, so that a reload that compiles them anew swaps them with the site."""
+
+    __slots__ = ("current",)
+
+    def __init__(self, current):
+        self.current = current
+
+    def render(self, name, variables):
+        templates = self.current.site.templates
+        if templates is None:
+            raise RuntimeError("render(%r): there is no handlers/templates/ folder" % (name,))
+        return templates.render(name, variables)

@@ -11,6 +11,7 @@ stops start-up with its file and line.
 import http.client
 import os
 import shutil
+import signal
 import urllib.parse
 
 import pytest
@@ -493,3 +494,26 @@ def test_a_broken_template_stops_start_up_naming_its_file_and_line(tmp_path, ser
     check = server_process("--check", script=str(app / "server.py"), wait=False)
     assert check.wait() == 1
     assert expected in check.err_lines(), check.err_text()
+
+
+def test_sighup_compiles_the_templates_again_and_keeps_the_old_ones_if_broken(
+        tmp_path, server_process):
+    app = copy_of_the_application(tmp_path)
+    (app / "handlers" / "greet.py").write_text(AREA)
+    template = app / "handlers" / "templates" / "greet.html"
+    template.write_text(GREETING)
+    process = server_process(script=str(app / "server.py"))
+
+    def reload():
+        mark = len(process.err_lines())
+        process.send_signal(signal.SIGHUP)
+        return process.wait_for(r"reload", "err", after=mark, timeout=10)
+
+    template.write_text("{% for x in xs %}\n")
+    line = reload()
+    assert "templates: kept the previous ones: handlers/templates/greet.html line 1: " \
+        "unclosed {% for %}" in line, line
+    assert "<h1>Hello, ann!</h1>" in get(process.port, "/greet/ann")[2]   # still served
+    template.write_text(GREETING.replace("Hello, {{ name }}!", "Welcome, {{ name }}."))
+    assert "templates" not in reload()
+    assert "<h1>Welcome, ann.</h1>" in get(process.port, "/greet/ann")[2]
