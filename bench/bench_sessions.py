@@ -1,5 +1,6 @@
 """What sessions cost: memory per session at 100,000 of them, and the time of a session's
-load and of a durable write, side by side with a bare store's get and put in the same run.
+load and of a durable write, side by side with a bare store's put in the same run; and what
+a login's password check costs (scrypt with the shipped [accounts] settings).
 
     python3 bench/bench_sessions.py [--sessions 100000] [--dir DIR]
 
@@ -118,6 +119,33 @@ def durable_write(base, rounds=200):
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def password_checks(base, rounds=5):
+    """Median seconds of ``Accounts.verify`` (log_in's check) with the shipped [accounts]
+    settings: right password, wrong password, unknown name."""
+    from onebox.accounts import Accounts
+    from onebox.settings import load_config
+    folder = tempfile.mkdtemp(dir=base)
+    store = Store(folder, durability="off")
+    try:
+        config = load_config(None, {})
+        accounts = Accounts(store, config.accounts)
+        accounts.add("ann", "correct horse battery")
+        times = {}
+        for label, name, password in (("right password", "ann", "correct horse battery"),
+                                      ("wrong password", "ann", "wrong horse battery"),
+                                      ("unknown name", "bob", "correct horse battery")):
+            runs = []
+            for _ in range(rounds):
+                started = time.perf_counter()
+                accounts.verify(name, password)
+                runs.append(time.perf_counter() - started)
+            times[label] = sorted(runs)[rounds // 2]
+        return config.accounts, times
+    finally:
+        store.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sessions", type=int, default=100000)
@@ -150,6 +178,12 @@ def main():
     print("| load a session from its cookie | %.1f us |" % found["load_us"])
     print("| login write, durable (always) | %.2f ms |" % session_ms)
     print("| bare store put, durable (always), same run | %.2f ms |" % put_ms)
+    settings, checks = password_checks(args.dir)
+    print("\n| log_in's password check: scrypt n=%d, r=8, p=1, 16-byte salt (median of 5) | "
+          "time |" % settings.scrypt_n)
+    print("|---|---:|")
+    for label, seconds in checks.items():
+        print("| %s | %.0f ms |" % (label, seconds * 1e3))
 
 
 if __name__ == "__main__":
