@@ -32,7 +32,6 @@ from time import perf_counter, thread_time
 
 from handlers import _context
 from handlers._core import HTTPError, Headers, Request, Response
-from handlers._sessions import SAFE_METHODS
 from onebox.books import ADMIN, Record
 from onebox.codec import (check_response, decode_path, error_response, parse_head,
                           split_target)
@@ -574,9 +573,6 @@ class Workers:
         """Run a handler. Its result is checked here, where the handler can be named: a bad
         status, header or body is a 500 with the handler's name in the error log."""
         try:
-            if request.method not in SAFE_METHODS and self.sessions is not None \
-                    and self.sessions.cookie_name(request) in request.cookies:
-                request.session   # the CSRF rule, before the handler can change anything
             response = to_response(handler(request))
             check_response(response)
             if request._session is not None:   # the handler used its session
