@@ -32,6 +32,7 @@ from handlers._core import HTTPError
 from handlers._limits import Hit, Policy, rate_limit_headers
 from handlers._sessions import (SAFE_METHODS, Session, SessionError, cookie_header, cookie_name,
                                 forget_cookie_header)
+from onebox.accounts import AccountsBusy, check_name
 from onebox.limits import InProcessLimiter
 
 PREFIX = "sessions/"
@@ -283,7 +284,7 @@ class Logins:
         self._told_at = {}                          # account -> when it was last logged
 
     def log_in(self, request, name, password):
-        account = name.casefold()[:128] if isinstance(name, str) else ""
+        account = name.lower()[:128] if isinstance(name, str) else ""   # as accounts keep it
         client = request.client_ip
         for limiter, key in ((self.per_account, account), (self.per_client, client)):
             wait = limiter.retry_after(key, 1)
@@ -291,8 +292,13 @@ class Logins:
                 headers = rate_limit_headers(Hit(False, 0, wait, limiter.policy))
                 raise HTTPError(429, "too many failed logins; retry after %s s"
                                 % headers[0][1], headers)
-        if self.accounts is not None and self.accounts.verify(name, password):
-            request.session.login(name)
+        try:
+            verified = self.accounts is not None and self.accounts.verify(name, password)
+        except AccountsBusy:   # max_parallel_hashes ran for all of hash_wait_s
+            raise HTTPError(503, "too many logins at once; try again shortly",
+                            [("Retry-After", "5")]) from None
+        if verified:
+            request.session.login(check_name(name))   # the name as kept (lower case)
             return True
         self.per_client.hit(client)
         if not self.per_account.hit(account).allowed or \

@@ -4,6 +4,7 @@ session store's timeouts and budgets with a fake clock on a real store."""
 import hashlib
 import http.client
 import os
+import time
 import types
 import urllib.parse
 
@@ -302,3 +303,22 @@ def test_the_oldest_sessions_are_evicted_past_the_budget_and_the_index_survives_
         assert again.load(_Request(ids[4])).get("n") == 4
     finally:
         store.close()
+
+
+def test_the_owner_logs_in_again_once_the_window_has_passed(start_server):
+    server = _serve(start_server, **{"sessions.login_failures_per_account": 5,
+                                     "sessions.login_window_s": 5.0, "accounts.scrypt_n": 16384})
+    server.accounts.add("ann", "correct horse")
+    for number in range(5):
+        status, _, _ = request(server, "POST", "/s/login?name=ann&password=wrong",
+                               headers=dict(SAME, **{"X-Forwarded-For": "10.0.1.%d" % number}))
+        assert status == 401
+    status, headers, _ = request(server, "POST", "/s/login?name=ann&password=correct+horse",
+                                 headers=SAME)
+    assert status == 429 and int(headers["retry-after"]) >= 1   # even the right password waits
+    time.sleep(float(headers["retry-after"]))
+    status, headers, _ = request(server, "POST", "/s/login?name=ANN&password=correct+horse",
+                                 headers=SAME)
+    assert status == 200 and headers["set-cookie"].startswith("onebox_session=")
+    _, _, body = request(server, "GET", "/s/show", headers={"Cookie": _cookie(headers)})
+    assert b'"user":"ann"' in body   # the name as the accounts keep it
