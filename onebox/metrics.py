@@ -344,6 +344,14 @@ def _caches(out, sources):
     out.one("onebox_response_cache_misses_total", "counter",
             "@cached responses computed by their handler", cache["misses"])
     caches = [("response_cache", cache["bytes"], cache["max_bytes"])]
+    sessions = sources.context.sessions
+    if sessions is not None:
+        held = sessions.stats()
+        out.one("onebox_sessions", "gauge", "Sessions kept (request.session)", held["sessions"])
+        out.one("onebox_sessions_evicted_total", "counter",
+                "Sessions evicted to keep to [sessions] max_sessions and max_bytes",
+                held["evicted"])
+        caches.append(("sessions", held["bytes"], sessions.settings.max_bytes))
     static = sources.static
     for name, budget in (("static_files", static.files), ("static_gzip", static.gzipped)):
         caches.append((name, budget.used, budget.budget))

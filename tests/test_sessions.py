@@ -322,3 +322,15 @@ def test_the_owner_logs_in_again_once_the_window_has_passed(start_server):
     assert status == 200 and headers["set-cookie"].startswith("onebox_session=")
     _, _, body = request(server, "GET", "/s/show", headers={"Cookie": _cookie(headers)})
     assert b'"user":"ann"' in body   # the name as the accounts keep it
+
+
+def test_metrics_count_the_sessions_and_their_bytes(start_server):
+    from test_metrics import scrape, value
+    server = _serve(start_server, **{"sessions.max_sessions": 2})
+    for number in range(3):
+        request(server, "POST", "/s/remember?v=%d" % number, headers=SAME)
+    samples = scrape(server)
+    assert value(samples, "onebox_sessions") == 2
+    assert value(samples, "onebox_sessions_evicted_total") == 1
+    assert 2 * 600 < value(samples, "onebox_cache_bytes", cache="sessions") < 2 * 1000
+    assert value(samples, "onebox_cache_capacity_bytes", cache="sessions") == 96 * 1024 * 1024
