@@ -130,6 +130,8 @@ class AccessLog:
         # decision, 'guard=429:client_rate'; ``health``; ``admin``...). A field added to the
         # line is added here, from the record (onebox/books.py).
         note = record.note
+        if record.received:   # request body bytes, for the requests that sent one (uploads)
+            note = "in=%d %s" % (record.received, note) if note else "in=%d" % record.received
         line = '%s - - [%s] "%s" %d %s "%s" "%s" %.3fms%s\n' % (
             record.ip, self._time_cache[1], _log_escape(record.line), record.status,
             record.sent or "-", _log_escape(record.referer), _log_escape(record.agent),

@@ -384,3 +384,16 @@ def test_bad_json_gets_400(server):
     status, _, body = request(server, "POST", "/hello/echo", b"{nope",
                               {"Content-Type": "application/json"})
     assert (status, body) == (400, b"request body is not valid JSON\n")
+
+
+def test_the_access_line_says_how_many_body_bytes_came(start_server):
+    server = start_server()
+    body = b'{"text": "eleven ch"}'
+    status, _, _ = request(server, "POST", "/api/notes", body=body,
+                           headers={"Content-Type": "application/json"})
+    assert status == 201
+    request(server, "GET", "/hello")
+    lines = server.access_text().splitlines()
+    posted = [line for line in lines if '"POST /api/notes HTTP/1.1" 201' in line]
+    assert len(posted) == 1 and posted[0].endswith("ms in=%d" % len(body)), lines
+    assert [line for line in lines if "/hello" in line][0].endswith("ms")   # no body: no field
