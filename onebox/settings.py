@@ -29,6 +29,9 @@ DEFAULT_CONFIG_FILE = os.path.join(ROOT, "setup.cfg")
 # sections override the defaults, command-line flags override setup.cfg. Unknown keys and bad
 # values stop start-up with a message naming the file, the section and the key.
 
+_COOKIE_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")   # RFC 9110 5.6.2 token
+
+
 class ConfigError(Exception):
     """Bad configuration; the message names where and how to fix it."""
 
@@ -461,6 +464,10 @@ def load_config(path=None, overrides=None):
         config.guard = GuardPolicy(config.limits, route_limits)
     except ValueError as error:
         raise ConfigError("%s: %s" % (path or "settings", error)) from None
+    if not _COOKIE_NAME_RE.fullmatch(config.sessions.cookie_name):
+        raise ConfigError("%s [sessions] cookie_name: %r is not a cookie name (1-64 letters, "
+                          "digits and !#$%%&'*+.^_`|~-: RFC 6265 4.1.1)"
+                          % (path or "settings", config.sessions.cookie_name))
     return config
 
 

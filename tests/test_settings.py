@@ -72,6 +72,7 @@ def test_values_of_each_kind(tmp_path, section, key, raw, expected):
     ("state", "durability", "sometimes", "'sometimes' is not one of always, batch, off"),
     ("state", "durability", "ALWAYS", "is not one of always, batch, off"),   # choices: exact
     ("limits", "forwarded_header", "x-real-ip", "is not one of x-forwarded-for, forwarded"),
+    ("sessions", "cookie_name", "my session", "'my session' is not a cookie name"),
     # per-route sections
     ("limits /api", "burst", "5", 'write a per-route section as [limits "/path"]'),
     ('limits "api"', "burst", "5", 'write a per-route section as [limits "/path"]'),
