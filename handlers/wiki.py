@@ -258,6 +258,8 @@ def _show(request, template, status=200, headers=None, **variables):
             token = session.csrf_token
     except HTTPError:           # a cross-site POST, refused: the page shows nobody logged in
         pass
+    if token:                   # the page holds a user's name and token: no shared cache
+        headers = list(headers or ()) + [("Cache-Control", "private, no-store")]
     here = request.path + ("?" + request.query_string if request.query_string else "")
     login_url = "/login?next=" + urllib.parse.quote(here if request.method == "GET"
                                                     and request.path != "/login" else "/wiki/")
@@ -365,10 +367,10 @@ def edit_page(request):
     if moved:
         return moved
     summary = state.get(PAGE_PREFIX + name)
-    text, rev = "", 0
-    if summary:
-        text, rev = state.get(_rev_key(name, summary["rev"]), {}).get("text", ""), summary["rev"]
-    return _edit_form(request, name, text, rev)
+    if summary is None:
+        return _edit_form(request, name, "", 0)     # a new page: its base is revision 0
+    revision = state.get(_rev_key(name, summary["rev"]))
+    return _edit_form(request, name, revision["text"], summary["rev"])
 
 
 def _edit_form(request, name, text, base_rev, status=200, message="", theirs=None):

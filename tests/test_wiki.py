@@ -2,7 +2,10 @@
 its markup, names, budgets, conflicts, logins and the CSRF rule; and, through the real
 ``python3 server.py``, that a page and an account outlive a restart and a SIGKILL.
 scrypt_n is 16384 here, through the setting, so a login takes ~30 ms."""
+import glob
 import html
+import os
+import re
 import subprocess
 import sys
 import time
@@ -11,7 +14,7 @@ import urllib.parse
 import pytest
 
 import handlers.wiki as wiki
-from conftest import SERVER, request
+from conftest import ROOT, SERVER, request
 
 FAST = {"accounts.scrypt_n": 16384, "state.durability": "off"}
 PASSWORD = "correct horse battery"
@@ -83,8 +86,10 @@ def test_list_show_edit_and_history(start_server):
     assert save(server, bob, "Main_page", "second words", 1)[0] == 303
     assert save(server, alice, "Other", "another page", 0)[0] == 303
 
-    status, _, body = get(server, "/wiki/Main_page")              # anonymous: may read
+    status, headers, body = get(server, "/wiki/Main_page")        # anonymous: may read
     assert status == 200 and "<p>second words</p>" in body
+    assert "cache-control" not in headers
+    assert get(server, "/wiki/Main_page", bob)[1]["cache-control"] == "private, no-store"
     assert "Revision 2 by bob" in body and "/wiki/Main_page/edit" not in body
     listed = get(server, "/wiki/")[2]
     assert listed.index(">Other</a>") < listed.index(">Main page</a>")   # newest first
@@ -415,6 +420,29 @@ def test_without_origin_or_fetch_metadata_the_form_token_decides(start_server):
 def test_the_home_page_links_to_the_wiki(start_server):
     server = serve(start_server)
     assert 'href="/wiki/"' in get(server, "/")[2]
+
+
+def test_the_guide_shows_the_wikis_own_code():
+    """docs/areas.md, "A page with a form and a login": each line of its code blocks is a line
+    of handlers/wiki.py or of a wiki template (or the layout), so the guide cannot drift."""
+    def lines_of(*paths):
+        found = set()
+        for path in paths:
+            with open(path, encoding="utf-8") as source:
+                found.update(line.strip() for line in source)
+        return found
+    with open(os.path.join(ROOT, "docs", "areas.md"), encoding="utf-8") as guide:
+        section = guide.read().split("\n## A page with a form and a login\n")[1].split("\n## ")[0]
+    sources = {"python": lines_of(os.path.join(ROOT, "handlers", "wiki.py")),
+               "html": lines_of(*glob.glob(os.path.join(ROOT, "handlers", "templates", "wiki",
+                                                        "*.html")))}
+    shown = 0
+    for language, block in re.findall(r"```(python|html)\n(.*?)```", section, re.S):
+        for line in block.splitlines():
+            if line.strip() and not line.strip().startswith("..."):
+                assert line.strip() in sources[language], line
+                shown += 1
+    assert shown > 60
 
 
 # --- a real process: restarts and SIGKILL ----------------------------------------------------
