@@ -177,6 +177,7 @@ def test_the_renderer_escapes_and_keeps_to_its_rules():
     "[[" * 20000, "`" * 40000, "[[a" * 13000, "[[" + "a" * 39000 + "]]", "]]" * 20000,
     "= " * 20000, "=" * 40000, "* " * 20000, "* \n" * 13000, "```\n" * 10000,
     "[[`" * 13000, "a\n" * 20000, ("[[" + "_" * 300 + "]]") * 130,
+    "[[" * 19999 + "]]", "[[a]]" * 8000, ("[[" + "a" * 399 + "]]") * 99,
 ])
 def test_a_40_kb_pathological_text_renders_in_well_under_a_second(text):
     started = time.perf_counter()
