@@ -89,11 +89,11 @@ class Request:
 
     __slots__ = ("method", "path", "segments", "params", "query_string", "_query",
                  "headers", "client_ip", "version", "_cookies", "_reader", "_body",
-                 "max_json_bytes", "secure", "_session")
+                 "max_json_bytes", "_https", "_session")
 
     # max_json_bytes: the [server] setting of that name (its default here), passed by the runtime
     def __init__(self, method, path, segments, query_string, headers, client_ip,
-                 version="HTTP/1.1", reader=None, max_json_bytes=65536, secure=False):
+                 version="HTTP/1.1", reader=None, max_json_bytes=65536, https=False):
         self.method = method
         self.path = path
         self.segments = segments          # decoded path segments; a segment may hold "/" (%2F)
@@ -107,7 +107,7 @@ class Request:
         self._reader = reader             # the runtime's body reader, or None for no body
         self._body = None
         self.max_json_bytes = max_json_bytes
-        self.secure = secure              # came over HTTPS (or a trusted proxy says so)
+        self._https = https               # True, False, or None: ask X-Forwarded-Proto
         self._session = None
 
     @property
@@ -128,6 +128,15 @@ class Request:
         if self._cookies is None:
             self._cookies = _context.parsers.read_cookies(self.headers.get_all("cookie"))
         return self._cookies
+
+    @property
+    def secure(self):
+        """Whether it came over HTTPS: this connection's TLS, or the word of the trusted proxy
+        it came through (X-Forwarded-Proto, de facto standard)."""
+        if self._https is None:
+            first = self.headers.get("x-forwarded-proto", "").partition(",")[0]
+            self._https = first.strip().lower() == "https"   # the first proxy's word
+        return self._https
 
     @property
     def session(self):

@@ -77,6 +77,8 @@ class Gate:
             conn = Connection(sock, address[0], tls=tls)   # sock is wrapped once admitted
             # the guard's client key (an IPv6 /64 is one client; None: a trusted proxy, uncapped)
             conn.client, banned = self.guard.admit(conn.ip)
+            if conn.client is None and not tls:
+                conn.https = None   # a trusted proxy's: its X-Forwarded-Proto tells
             if banned:  # banned, and told so ban_close_after_hits times: close without reading
                 self.refusals.count("closed_at_accept")   # first: the client sees the close
                 sock.close()

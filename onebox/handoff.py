@@ -104,7 +104,8 @@ class Connection:
     """One client connection; see the module docstring for who writes its fields."""
 
     __slots__ = ("sock", "ip", "client", "buf", "waiting", "idle_since", "pending", "outbox",
-                 "wait_key", "deadline", "charged", "charge_key", "early_report", "admin", "tls")
+                 "wait_key", "deadline", "charged", "charge_key", "early_report", "admin", "tls",
+                 "https")
 
     def __init__(self, sock, ip, admin=False, tls=False):
         self.sock = sock
@@ -113,6 +114,9 @@ class Connection:
         # plain socket does for recv_ready() and the transfer functions (files are sent in
         # chunks instead of with sendfile); chosen once here, never per call on the plain path
         self.tls = tls
+        # whether its requests came over HTTPS: True (TLS), False, or None: from a trusted
+        # proxy, whose X-Forwarded-Proto says so per request (set at accept; Request.secure)
+        self.https = tls
         # The one field the reactor writes while a worker owns the connection (the worker never
         # touches it): a report that came after the worker re-armed the connection and before
         # its hand-back was booked (see Workers._hand_back, Reactor._book_returned).

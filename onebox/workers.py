@@ -63,13 +63,12 @@ class _Exchange(Record):
 
     def __init__(self, started, site, ip, raw_head):
         # Record's fields, set here rather than by Record.__init__ (one call fewer per
-        # request); status, sent, received, note and path are set at step 6 (Workers._finish),
+        # request); status, sent, received, note, method and path are set at step 6 (_finish),
         # line, referer and agent by _describe, before the books read them
         self.started = started
         self.site = site
         self.ip = ip
         self.route = REFUSED   # the metrics' route label: the pattern, once routed
-        self.method = "other"
         # the worker's own
         self.head = self.request = self.reader = self.verdict = self.response = None
         self.unrouted = False
@@ -301,9 +300,14 @@ class Workers:
         if self.handoff.stopping:
             exchange.keep_alive = False   # say Connection: close while shutting down
         # 4. A body the handler left unread is judged before the answer goes out.
-        self._settle_body(conn, exchange)
-        # 5. The guard counts strikes and scanning before the client can see the answer.
-        note = self._count_for_guard(conn, exchange)
+        if exchange.reader is not None:
+            self._settle_body(conn, exchange)
+        # 5. The guard counts strikes and scanning before the client can see the answer (a
+        #    routed request the guard let through untouched, nearly all, has nothing to count)
+        if exchange.verdict is None and not exchange.unrouted and exchange.request is not None:
+            note = None
+        else:
+            note = self._count_for_guard(conn, exchange)
         # 6. Write it for a turn (the reactor finishes it for a slow reader); account for it:
         #    the exchange is the request's Record (onebox/books.py), filled in here.
         sent, outbox = self._write(conn, exchange)
@@ -320,8 +324,7 @@ class Workers:
                                                            request.path)
         else:
             exchange.path = "(unparsed)"
-            if head is not None:
-                exchange.method = head.method
+            exchange.method = head.method if head is not None else "other"
         reader = exchange.reader
         exchange.received = reader.received if reader is not None else 0
         if outbox is not None or exchange.site.access_log:
@@ -441,12 +444,13 @@ class Workers:
                 headers.append(hsts)
 
     def _settle_body(self, conn, exchange):
-        """Drain what the handler left unread, if it is all here, judging its framing: a
-        malformed or oversized body turns the answer into its 400 or 413. A body not all here
-        (a refused request's upload), past max_drain_bytes, or with the client waiting for 100
-        Continue, or a request refused before it was built: the connection closes instead."""
+        """Drain what the handler left unread of the request's body, if it is all here, judging
+        its framing: a malformed or oversized body turns the answer into its 400 or 413. A body
+        not all here (a refused request's upload), past max_drain_bytes, or with the client
+        waiting for 100 Continue, or a request refused before it was built: the connection
+        closes instead."""
         reader = exchange.reader
-        if reader is None or reader.done:
+        if reader.done:
             return
         if reader.broken or (reader.expect_continue and not reader.continue_sent):
             exchange.keep_alive = False
@@ -519,11 +523,8 @@ class Workers:
             # RFC 9110 section 15.5.20; a browser sent here by DNS rebinding names another host
             raise HTTPError(421, "this server does not serve that host")
         path, segments = decode_path(raw_path)
-        # HTTPS: this connection's TLS, or a trusted proxy's word (X-Forwarded-Proto, de facto)
-        secure = conn.tls or (conn.client is None and (head.fields.get("x-forwarded-proto")
-                                                       or ("",))[0].lower() == "https")
         return Request(head.method, path, segments, query, Headers(head.fields), conn.ip,
-                       head.version, reader, settings.max_json_bytes, secure)
+                       head.version, reader, settings.max_json_bytes, conn.https)
 
     def _dispatch(self, conn, request, exchange):
         """Handler routes first, then static pages; 404 and 405 (with Allow) otherwise.

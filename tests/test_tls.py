@@ -686,3 +686,29 @@ def test_socket_activation_passes_an_https_socket(server_process, pki):
         for sock in held:
             sock.close()
     assert code == 0
+
+
+def test_a_session_cookie_over_tls_is_secure_and_host_prefixed(start_server, pki):
+    def remember(request):
+        request.session["seen"] = True
+        return {"secure": request.secure}
+
+    server = start_tls(start_server, pki, routes=[("POST", "/t/remember", remember)])
+    connection = https(server, pki)
+    connection.request("POST", "/t/remember", headers={"Sec-Fetch-Site": "same-origin"})
+    response = connection.getresponse()
+    assert response.read() == b'{"secure":true}'
+    cookie = [part.strip() for part in response.getheader("set-cookie").split(";")]
+    assert cookie[0].startswith("__Host-onebox_session=") and "Secure" in cookie
+    assert {"HttpOnly", "SameSite=Lax", "Path=/"} <= set(cookie)
+    connection.close()
+    # the plain listener of the same server: no Secure, no prefix (X-Forwarded-Proto from a
+    # client that is not a trusted proxy is not believed)
+    plain = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10,
+                                       source_address=("127.0.0.2", 0))
+    plain.request("POST", "/t/remember", headers={"Sec-Fetch-Site": "same-origin",
+                                                  "X-Forwarded-Proto": "https"})
+    response = plain.getresponse()
+    assert response.read() == b'{"secure":false}'
+    assert response.getheader("set-cookie").startswith("onebox_session=")
+    plain.close()
