@@ -574,7 +574,9 @@ class Workers:
         """Run a handler. Its result is checked here, where the handler can be named: a bad
         status, header or body is a 500 with the handler's name in the error log."""
         try:
-            response = to_response(handler(request))
+            response = handler(request)
+            if type(response) is not Response:   # a shortcut value (or a subclass): converted
+                response = to_response(response)
             check_response(response)
             if request._session is not None:   # the handler used its session
                 response = self.sessions.commit(request, response)
