@@ -56,7 +56,7 @@ def test_the_process_prints_the_admin_line_and_metrics_are_only_there(server_pro
     admin = re.fullmatch(r"admin on (http://127\.0\.0\.1:(\d+)/)", second)
     assert public and admin, (first, second)
     fetch = ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}"]
-    for path in ("metrics", "login", "status.json"):
+    for path in ("metrics", "accounts", "status.json"):
         result = subprocess.run(fetch + [public.group(1) + path], capture_output=True,
                                 text=True, timeout=10)
         assert result.stdout == "404", path
