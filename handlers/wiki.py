@@ -321,8 +321,29 @@ def show_page(request):
         return _show(request, "wiki/missing.html", 404, name=name, url=url_of(name))
     return _show(request, "wiki/page.html", name=name, url=url_of(name), rev=summary["rev"],
                  author=revision["author"], when=_when(revision["time"]), old=False,
-                 current=summary["rev"],
-                 body=render_markup(revision["text"], _page_exists), text=revision["text"])
+                 current=summary["rev"], body=_rendered(name, summary["rev"], revision["text"]),
+                 text=revision["text"])
+
+
+# A page's HTML, kept by (store, name, revision, pages made so far): a revision's text never
+# changes, and whether its links' pages exist changes only when a page is made (none is ever
+# deleted). Rendering is ~80% of a view (cProfile); a view of a kept page costs a store read
+# instead (bench/bench_wiki.py: ~2.6x the views a second). The store is in the key because this
+# module serves every server of the process. Brute force, as one process allows: at most
+# MAX_RENDERED pages, all dropped when full.
+MAX_RENDERED = 512
+_rendered_pages = {}   # (data dir, name, rev, pages made) -> Markup; dict operations are atomic
+
+
+def _rendered(name, rev, text):
+    key = (state.data_dir, name, rev, state.get(COUNT_KEY, 0))
+    html = _rendered_pages.get(key)
+    if html is None:
+        html = render_markup(text, _page_exists)
+        if len(_rendered_pages) >= MAX_RENDERED:
+            _rendered_pages.clear()
+        _rendered_pages[key] = html
+    return html
 
 
 @html_errors

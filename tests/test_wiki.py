@@ -158,6 +158,16 @@ def test_each_construct_of_the_markup(start_server):
         '[[bad/name]] [[.hidden]] [[ unclosed `tick</p>'])
 
 
+def test_a_kept_rendering_follows_the_pages_its_links_name(start_server):
+    server = serve(start_server)
+    alice = log_in(server)
+    assert save(server, alice, "Links", "see [[Later]]", 0)[0] == 303
+    assert 'class="missing" href="/wiki/Later"' in get(server, "/wiki/Links")[2]
+    assert 'class="missing" href="/wiki/Later"' in get(server, "/wiki/Links")[2]   # kept
+    assert save(server, alice, "Later", "here now", 0)[0] == 303
+    assert '<a href="/wiki/Later">Later</a>' in get(server, "/wiki/Links")[2]
+
+
 def test_the_renderer_escapes_and_keeps_to_its_rules():
     def render(text):
         return wiki.render_markup(text, lambda name: name == "Yes")
