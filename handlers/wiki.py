@@ -378,7 +378,7 @@ def show_revision(request):
     return _show(request, "wiki/page.html", name=name, url=url_of(name), rev=number,
                  author=revision["author"], when=_when(revision["time"]),
                  old=number != summary["rev"], current=summary["rev"],
-                 body=render_markup(revision["text"], _page_exists), text=revision["text"])
+                 body=_rendered(name, number, revision["text"]), text=revision["text"])
 
 
 @html_errors
