@@ -139,7 +139,16 @@ class Browser(object):
         """Poll ``expression`` until it is truthy; its value, or CDPError after ``timeout``."""
         deadline = time.monotonic() + timeout
         while True:
-            value = self.evaluate(expression)
+            try:
+                value = self.evaluate(expression)
+            except CDPError as error:
+                # asked while the page navigates (a click's new page is coming): the old
+                # page's context is gone, so this is "not yet", not a failure (run 7 of 10
+                # under two busy loops)
+                if "navigated or closed" not in str(error) and \
+                        "context was destroyed" not in str(error).lower():
+                    raise
+                value = None
             if value:
                 return value
             if time.monotonic() > deadline:
