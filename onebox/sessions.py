@@ -183,9 +183,8 @@ class SessionStore:
         return evict
 
     def _sweep_locked(self, now):
-        """Expired sessions, at most once per sixteenth of the idle timeout: those past the
-        absolute timeout from the front of the index, then (a pass over the in-memory index)
-        those idle too long."""
+        """The sessions past either timeout, taken out of the index (one pass over it, in
+        memory, at most once per sixteenth of the idle timeout); the caller deletes them."""
         settings = self.settings
         if now - self._swept_at < settings.idle_timeout_s / 16.0:
             return []
