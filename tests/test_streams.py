@@ -326,3 +326,17 @@ def test_a_client_that_closes_frees_its_place(start_server, streams):
     stream.close()
     assert wait_until(lambda: server.reactor.streams.count == 0)
     assert server.reactor.stats()["waits"]["events"] == 0
+
+
+def test_the_portable_poller_holds_streams_as_well(start_server, streams):
+    server = start(start_server, poller="select", **{"events.max_unsent_bytes": 16384})
+    reader, sleeper = streams(server), streams(server, rcvbuf=4096)
+    assert reader.status() == sleeper.status() == 200
+    for _ in range(400):
+        event_id = send(server, "t", "z" * 60000)
+        assert reader.next_event()["id"] == str(event_id)
+        if server.reactor.streams.cut["slow"]:
+            break
+    assert server.reactor.streams.cut["slow"] == 1
+    reader.close()
+    assert wait_until(lambda: server.reactor.streams.count == 0)
