@@ -35,8 +35,9 @@ Note ids have one spelling: "00000000001" is not note 1 but no note (404).
 Events are published after the transaction, so two writes racing to one note may publish in the
 other order than they committed: a page keeps the note with the later "updated" time, and
 forgets a note once it is deleted (ids are never reused), as pages/assets/notes.js does. A note
-whose event would pass [events] max_event_bytes (a note of 10,000 characters each written as a
-6- or 12-byte JSON escape can) is announced as {"id": ID} alone: the page then GETs it.
+whose event would pass [events] max_event_bytes is announced as {"id": ID} alone (the page then
+GETs it): never at the default, 65,536 (the largest note's event is ~60 KB: 10,000 control
+characters, each a 6-byte JSON escape), but an operator may set it lower.
 """
 import bisect
 import time

@@ -148,9 +148,12 @@ function arrived(kind, note) {
 const RETRY_FIRST_MS = 2000, RETRY_MOST_MS = 60000;
 let retryMs = RETRY_FIRST_MS;
 let listed = false;
+let source = null;                     // the stream followed now
+let retrying = null;                   // the timer of the next try after a refusal
 
 function follow() {
-  const source = new EventSource("/api/notes/events");
+  retrying = null;
+  source = new EventSource("/api/notes/events");
   let sawId = false;
   source.onopen = () => {
     retryMs = RETRY_FIRST_MS;
@@ -175,10 +178,22 @@ function follow() {
       reload();
     }
     if (source.readyState === EventSource.CLOSED) {
-      setTimeout(follow, retryMs);
+      retrying = setTimeout(follow, retryMs);
       retryMs = Math.min(2 * retryMs, RETRY_MOST_MS);
     }
   };
 }
+
+// A page left for another may be kept, frozen, to come back to (the back-forward cache), with
+// its stream still open: one of the few a client may hold. Closed when left; followed again,
+// the list read again, when shown again.
+addEventListener("pagehide", () => {
+  clearTimeout(retrying);
+  source.close();
+  delete list.dataset.following;
+});
+addEventListener("pageshow", (event) => {
+  if (event.persisted) follow();
+});
 
 follow();

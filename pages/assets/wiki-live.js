@@ -39,9 +39,12 @@
   const RETRY_FIRST_MS = 2000, RETRY_MOST_MS = 60000;
   let retryMs = RETRY_FIRST_MS;
   let opened = false;
+  let source = null;                     // the stream followed now
+  let retrying = null;                   // the timer of the next try after a refusal
 
   function follow() {
-    const source = new EventSource(notice.dataset.events);
+    retrying = null;
+    source = new EventSource(notice.dataset.events);
     let sawId = false;
     source.onopen = () => {
       retryMs = RETRY_FIRST_MS;
@@ -61,11 +64,24 @@
       delete notice.dataset.following;
       opened = true;                     // what follows a failure may have missed an edit
       if (source.readyState === EventSource.CLOSED) {
-        setTimeout(follow, retryMs);
+        retrying = setTimeout(follow, retryMs);
         retryMs = Math.min(2 * retryMs, RETRY_MOST_MS);
       }
     };
   }
+
+  // A page left for another may be kept, frozen, to come back to (the back-forward cache),
+  // with its stream still open: one of the few a client may hold. Closed when left; followed
+  // again (and the revision checked) when shown again.
+  addEventListener("pagehide", () => {
+    clearTimeout(retrying);
+    source.close();
+    delete notice.dataset.following;
+    opened = true;
+  });
+  addEventListener("pageshow", (event) => {
+    if (event.persisted) follow();
+  });
 
   follow();
 })();
