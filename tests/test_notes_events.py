@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+import handlers.notes as notes
 from conftest import request
 
 JSON = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -77,6 +78,7 @@ class EventReader:
             return b"data:" not in self.pending
         finally:
             self.sock.settimeout(self.timeout)
+        assert chunk, "the stream closed"
         self.pending += chunk
         return b"data:" not in self.pending
 
@@ -153,7 +155,6 @@ def test_a_failed_request_publishes_nothing(served):
 
 
 def test_a_full_store_publishes_nothing(start_server, monkeypatch):
-    import handlers.notes as notes
     monkeypatch.setattr(notes, "MAX_NOTES", 1)
     server = start_server(config={"state.durability": "off"})
     reader = EventReader(server, "/api/notes/events")

@@ -1,8 +1,9 @@
 """The wiki in a real browser: headless Chromium (tests/cdp.py, as test_status_browser.py drives
 it) logs in through the form, writes a page whose text is hostile HTML, and shows that no
 script of it ran and that it reads as written; edits it, reads its history, logs out, and is
-sent to the login form when it opens the edit page again. Screenshots go to tests/artifacts/
-(not in git)."""
+sent to the login form when it opens the edit page again; and, in two tabs, a page open in one
+says so when the other saves a new revision of it (pages/assets/wiki-live.js). Screenshots go
+to tests/artifacts/ (not in git)."""
 import json
 import os
 
