@@ -121,12 +121,16 @@ class StreamWaits:
             return
         record.note = "events"
         self.books.finish(record, time.monotonic())
-        greeting = sub.head + b"retry: %d\n\n" % self._retry_ms()
+        retry = b"retry: %d\n" % self._retry_ms()
         if self.handoff.stopping:   # reconnect, to the successor
-            self._send_now(conn, greeting)
+            self._send_now(conn, sub.head + retry + b"\n")
             self._linger(conn)
             return
         missed, after = self._missed(sub.stream)
+        # "id:" with no data sets the browser's last event id and dispatches nothing (WHATWG
+        # HTML 9.2.6, "dispatch the event", steps 1-2): a stream that drops before its first
+        # event reconnects with its position, and is answered exactly (not with a reset)
+        greeting = sub.head + retry + b"id: %d\n\n" % after
         sub.conn, sub.key, sub.after = conn, conn.wait_key, max(after, streams.through)
         self._move(conn, Wait.EVENTS)
         conn.outbox = sub
@@ -153,14 +157,17 @@ class StreamWaits:
         return None
 
     def _missed(self, stream):
-        """What a new stream is sent first, and the id it is at: nothing and the position when
-        its handler ran; for a Last-Event-ID, the events after it (or ``reset``)."""
+        """What a new stream is sent first, and the id it starts at: the events after its
+        Last-Event-ID, or, without one, after the last one published when its handler ran (a
+        fan-out may have gone by since); ``reset`` when they are gone, or the id is not one
+        of this process's."""
         hub, through = self.hub, self.streams.through
         if stream.last_event_id is None:
-            return b"", max(stream.position, hub.first_id)
-        after = hub.parse_id(stream.last_event_id)
+            after = max(stream.position, hub.first_id)
+        else:
+            after = hub.parse_id(stream.last_event_id)
         missed = None if after is None else hub.since(stream.topics, after, through)
-        if missed is None:   # gone, or an id not of this process: the page reloads its state
+        if missed is None:   # the page reloads its state
             return hub.reset_frame(through), through
         return missed, after
 

@@ -142,7 +142,7 @@ def test_a_stream_gets_its_head_retry_and_each_event_published(start_server, str
     assert "cache-control: no-cache" in head and "x-accel-buffering: no" in head
     assert "connection: close" in head
     assert "content-length" not in head and "transfer-encoding" not in head
-    assert stream.next_block() == b"retry: 2000"
+    assert stream.next_block().startswith(b"retry: 2000\nid: ")
     first = send(server, "t", {"text": "two\nlines"}, "created")
     second = send(server, "t", "one\r\nmore")
     send(server, "other", "not for this stream")
@@ -340,3 +340,16 @@ def test_the_portable_poller_holds_streams_as_well(start_server, streams):
     assert server.reactor.streams.cut["slow"] == 1
     reader.close()
     assert wait_until(lambda: server.reactor.streams.count == 0)
+
+
+def test_the_greeting_gives_the_position_so_a_quiet_stream_resumes_exactly(start_server,
+                                                                          streams):
+    server = start(start_server)
+    before = send(server, "t", "before")
+    stream = streams(server)
+    greeting = stream.next_block()
+    assert greeting == b"retry: 2000\nid: %d" % before   # sets lastEventId, dispatches nothing
+    stream.close()   # dropped before any event
+    missed = send(server, "t", "while away")
+    again = streams(server, headers="Last-Event-ID: %d\r\n" % before)
+    assert again.next_event() == {"id": str(missed), "data": "while away"}
