@@ -644,6 +644,32 @@ def summary_row(count, idle, subs, held):
         normal(idle), normal(subs), normal(subs, 2), cpu(idle), cpu(subs))
 
 
+def bar(count, idle, subs, held):
+    """Issue 22's bar, each part met or not, with the figure it rests on."""
+    rounds = [r for pair in subs["rounds"] for r in pair]
+    worst = max((nearest_rank(r["kernel"], 0.99) for r in rounds if r["kernel"]), default=None)
+    during = sorted(x for _, busy in subs["rounds"] for x in busy["probe"][2])
+    window = sorted(x for _, busy in subs["rounds"] for x in busy["probe"][0])
+    grown = subs["most_threads"] - subs["before"][0]
+    difference = held["sub"] - held["idle"]
+    checks = [
+        (grown <= 0, "threads do not grow: %d before, %d at most" % (subs["before"][0],
+                                                                      subs["most_threads"])),
+        (difference <= 5000, "RSS per subscriber over an idle kept-alive connection's: %.0f "
+                             "bytes (at most ~5 KB)" % difference),
+        (worst is not None and worst < 1.0 and all(r["got"] == count for r in rounds),
+         "one event reaches all %d, p99 under 1 s: worst round's p99 %s, fewest reached %d"
+         % (count, "%.0f ms" % (worst * 1000) if worst is not None else "-",
+            min((r["got"] for r in rounds), default=0))),
+        (bool(window) and nearest_rank(window, 0.99) < 100 and bool(during)
+         and nearest_rank(during, 0.99) < 100,
+         "a normal client within 100 ms p99 during the fan-out: %.1f ms over 1 s before to 1 s "
+         "after, %.1f ms over the requests under way during it (%d)"
+         % (nearest_rank(window, 0.99), nearest_rank(during, 0.99), len(during))),
+    ]
+    return ["- N = %d: %s: %s" % (count, "met" if ok else "NOT met", text) for ok, text in checks]
+
+
 SUMMARY_HEAD = [
     "| N | threads idle: before -> most | threads subs: before -> most | RSS KiB per idle conn "
     "| RSS KiB per subscriber | difference KiB | fan-out p99 ms (worst round, kernel) "
@@ -704,7 +730,7 @@ def main():
         print("note: this server has no [events] flags (no runtime yet?)", flush=True)
     out = ["# bench_events.py, %s" % datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
            "", "`%s`" % " ".join([os.path.basename(sys.executable)] + sys.argv)]
-    summary = []
+    summary, bars = [], []
     work = tempfile.mkdtemp(prefix="bench-events-")
     try:
         for count in counts:
@@ -717,7 +743,9 @@ def main():
             print("\n".join(lines), flush=True)
             out += lines
             summary.append(summary_row(count, idle, subs, held))
-        table = ["", "## Summary", ""] + SUMMARY_HEAD + summary
+            bars += bar(count, idle, subs, held)
+        table = (["", "## Summary", ""] + SUMMARY_HEAD + summary
+                 + ["", "Issue 22's bar:", ""] + bars)
         print("\n".join(table))
         out += table
         os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
