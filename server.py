@@ -22,6 +22,7 @@ Where things are
 ``onebox/jsonbody.py``  JSON bodies behind request.json(): the cap, and what parsers disagree on
 ``onebox/sessions.py``  request.session in the store (hashed ids), CSRF rule, login throttle
 ``onebox/templates.py`` handlers/templates/ compiled to Python: escaping by context, checked at load
+``onebox/events.py``    publish(): event ids, the frame, each topic's replay ring, the hand-over
 ``onebox/logs.py``      the access log, which never makes a request wait
 ``onebox/poller.py``    which waiting sockets are ready (epoll, or a selector)
 ``onebox/handoff.py``   what the reactor and the workers pass each other, and who writes what
@@ -29,6 +30,7 @@ Where things are
 ``onebox/gate.py``      the reactor's door: accepting, room at the caps, TLS handshakes, refusals
 ``onebox/timers.py``    the reactor's deadlines: fixed-timeout tables, a lazy heap for moving ones
 ``onebox/fairness.py``  per-client shares in the reactor: workers, waits, room, the memory budget
+``onebox/streams.py``   event streams held by the reactor: admission, fan-out, heartbeat, cut-offs
 ``onebox/workers.py``   the pool that serves requests that are ready
 ``onebox/site.py``      the Site one configuration serves by, swapped whole by a reload
 ``onebox/books.py``     one Record per request, one finish: the tally and the access log

@@ -17,18 +17,21 @@ class ServerContext(object):
     ``handlers._state.StateStore``), ``responses`` (``onebox.cache.ResponseCache``),
     ``limiters`` (``onebox.limits.LimiterRegistry``), ``templates``
     (``onebox.templates.Templates``), ``sessions`` (``onebox.sessions.SessionStore``),
-    ``logins`` (``onebox.sessions.Logins``); ``owner`` names it in errors."""
+    ``logins`` (``onebox.sessions.Logins``), ``events`` (``onebox.events.EventHub``);
+    ``owner`` names it in errors."""
 
-    __slots__ = ("store", "responses", "limiters", "templates", "sessions", "logins", "owner")
+    __slots__ = ("store", "responses", "limiters", "templates", "sessions", "logins", "events",
+                 "owner")
 
     def __init__(self, store=None, responses=None, limiters=None, owner="", templates=None,
-                 sessions=None, logins=None):
+                 sessions=None, logins=None, events=None):
         self.store = store
         self.responses = responses
         self.limiters = limiters
         self.templates = templates
         self.sessions = sessions
         self.logins = logins
+        self.events = events
         if not owner:
             owner = "a server" if store is None else "the store in %s" % store.data_dir
         self.owner = owner

@@ -53,14 +53,17 @@ def publish(topic, data, event=None):
 
 
 class EventStream:
-    """What ``event_stream`` puts in its Response's ``stream``: the topics, and the id the
-    client saw last (its ``Last-Event-ID``: a str, or None). The runtime holds the connection."""
+    """What ``event_stream`` puts in its Response's ``stream``: the topics, the id the client
+    saw last (its ``Last-Event-ID``: a str, or None) and ``position``, the id of the last event
+    published when the handler answered (a new subscriber gets what comes after it). The
+    runtime holds the connection."""
 
-    __slots__ = ("topics", "last_event_id")
+    __slots__ = ("topics", "last_event_id", "position")
 
-    def __init__(self, topics, last_event_id=None):
+    def __init__(self, topics, last_event_id=None, position=0):
         self.topics = topics
         self.last_event_id = last_event_id
+        self.position = position
 
 
 def event_stream(request, *topics, headers=None):
@@ -73,5 +76,6 @@ def event_stream(request, *topics, headers=None):
     response = Response(b"", 200, [("Content-Type", "text/event-stream; charset=utf-8"),
                                    ("Cache-Control", "no-cache"),
                                    ("X-Accel-Buffering", "no")] + list(headers or ()))
-    response.stream = EventStream(unique, request.headers.get("last-event-id"))
+    hub = _context.require("events", "event_stream")
+    response.stream = EventStream(unique, request.headers.get("last-event-id"), hub.last_id)
     return response

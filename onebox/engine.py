@@ -36,6 +36,7 @@ from onebox.activity import Activity
 from onebox.admin import AdminConfigError, AdminSite, check_listener, is_loopback, load_token
 from onebox.books import Books
 from onebox.cache import ResponseCache
+from onebox.events import EventHub
 from onebox.forms import parse_cookies, read_form, read_query
 from onebox.guard import Guard
 from onebox.health import HealthChecks, Life
@@ -124,7 +125,8 @@ class OneboxServer:
             store, ResponseCache(config.cache.max_entries, config.cache.max_bytes),
             LimiterRegistry(),
             sessions=SessionStore(store, config.sessions),
-            logins=Logins(None, config.sessions, self.log_error))   # accounts: _compose
+            logins=Logins(None, config.sessions, self.log_error),   # accounts: _compose
+            events=EventHub(config.events))   # its wake-up, the reactor's: _compose
         # stateless: the process's, any thread
         _context.use_parsers(read_json, read_form, read_query, parse_cookies)
         self.access_stream = access_stream or sys.stdout   # kept for a reload turning it on
@@ -163,6 +165,7 @@ class OneboxServer:
         (onebox/books.py) feed it and the access log."""
         current, log_error = self.current, self.log_error
         self.handoff = handoff = Handoff()
+        self.context.events.wake = handoff.wake   # a publish wakes the reactor to fan out
         self._poller = poller = Poller(config.server.poller)   # (a restart's choice)
         self.life = Life(handoff, current)
         self.tally = tally = Tally()
@@ -177,7 +180,8 @@ class OneboxServer:
                            self.health_checks, current, log_error)
         self.reactor = Reactor(self.socket, config.server, handoff, poller, self.guard,
                                self.books, self.health_checks, log_error, self.admin_socket,
-                               config.admin.max_connections, self.tls_socket, tls_context)
+                               config.admin.max_connections, self.tls_socket, tls_context,
+                               self.context.events, config.events)
         # users and passwords (onebox/accounts.py): one per server, so that its
         # max_parallel_hashes bounds the server's hashing (the admin's /accounts, a login page)
         self.accounts = None if self.store is None else Accounts(
@@ -422,6 +426,7 @@ class OneboxServer:
         self._poller.forget(self.socket)
         self.socket.close()   # this process's descriptor; a copy elsewhere keeps listening
         self._close_other_listeners()
+        self.reactor.end_streams()   # browsers reconnect to the successor, and resume
         deadline = time.monotonic() + self.settings.shutdown_timeout_s
         self._serve_out(deadline)
         self.reactor.drain(deadline)

@@ -41,11 +41,14 @@ from onebox.handoff import Wait
 # Which of a client's connections is taken first to make room at max_connections (lowest
 # first): what it costs the client to lose it. None: kept, held by a worker (Workers._hold).
 # A connection in a worker's handler (None, not held) is never a candidate.
-SHED_RANK = {Wait.LINGER: 0, Wait.IDLE: 1, None: 1, Wait.HANDSHAKE: 2, Wait.NEW: 2,
-             Wait.HEAD: 3, Wait.LINE: 4, Wait.BODY: 5, Wait.SEND: 6, Wait.READY: 7}
+# An event stream costs its browser a reconnect (and it resumes where it was): as cheap as idle.
+SHED_RANK = {Wait.LINGER: 0, Wait.IDLE: 1, None: 1, Wait.EVENTS: 1, Wait.HANDSHAKE: 2,
+             Wait.NEW: 2, Wait.HEAD: 3, Wait.LINE: 4, Wait.BODY: 5, Wait.SEND: 6, Wait.READY: 7}
 # The waits whose charged memory can be given back by shedding them (a request in a worker
 # cannot be shed: the rest of the memory is what it takes to make progress).
-CHARGED_WAITS = frozenset({Wait.HEAD, Wait.BODY, Wait.LINE, Wait.READY, Wait.HANDSHAKE})
+# (An event stream is charged the events its client has not taken: onebox/streams.py.)
+CHARGED_WAITS = frozenset({Wait.HEAD, Wait.BODY, Wait.LINE, Wait.READY, Wait.HANDSHAKE,
+                           Wait.EVENTS})
 
 
 class Fairness:

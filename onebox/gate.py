@@ -180,6 +180,8 @@ class Gate:
             self.refusals.count("closed_for_room")
         if wait is Wait.SEND:
             self._finish_send(conn, ok=False)
+        elif wait is Wait.EVENTS:
+            self._cut_stream(conn, "room")
         elif wait in (Wait.HEAD, Wait.LINE, Wait.BODY, Wait.READY):
             self._shed(conn, "server is at its connection limit", "room")
         else:
@@ -191,7 +193,9 @@ class Gate:
         close; a TLS handshake is closed)."""
         for victim in self.memory.victims():
             self.refusals.count("closed_memory_budget")
-            if victim.waiting is Wait.HANDSHAKE:
+            if victim.waiting is Wait.EVENTS:   # mid-stream: no 503 to send, just the cut
+                self._cut_stream(victim, "memory")
+            elif victim.waiting is Wait.HANDSHAKE:
                 self._close(victim)
             else:
                 self._shed(victim, "server is busy: too many uploads at once", "memory")

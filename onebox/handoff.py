@@ -27,6 +27,7 @@ class Outcome(enum.Enum):
     KEEP = "keep"     # kept: park it (idle, or an unfinished head is in its buffer)
     BODY = "body"     # a request waits for its body (conn.pending): read it, then queue it again
     SEND = "send"     # a response waits for a slow reader (conn.outbox): finish sending it
+    EVENTS = "events" # an event stream (conn.outbox: a Subscriber): the reactor holds it
     CLOSE = "close"   # answered and done: close gracefully (linger)
     GONE = "gone"     # the client left or stayed idle too long: close now
 
@@ -34,8 +35,9 @@ class Outcome(enum.Enum):
 # The members as plain names, for the workers' and reactor's per-request paths: on Python 3.11
 # each ``Outcome.KEEP`` goes through EnumType.__getattr__, ~1,200 instructions of a hello's
 # ~133,000 (bench/ab_static.py --instructions --functions).
-ARMED, KEEP, BODY, SEND, CLOSE, GONE = (Outcome.ARMED, Outcome.KEEP, Outcome.BODY, Outcome.SEND,
-                                        Outcome.CLOSE, Outcome.GONE)
+ARMED, KEEP, BODY, SEND, EVENTS, CLOSE, GONE = (
+    Outcome.ARMED, Outcome.KEEP, Outcome.BODY, Outcome.SEND, Outcome.EVENTS, Outcome.CLOSE,
+    Outcome.GONE)
 
 
 class Wait:
@@ -55,6 +57,8 @@ class Wait:
       SEND        a slow reader to take a response's rest    the response pace
       LINE        its turn for a body or send wait           the client's earlier waits to end
       READY       a worker its client may take               the client's other requests to finish
+      EVENTS      events to send (an event stream)           its client's close, a cut-off
+                                                             (onebox/streams.py), or shutdown
 
     The first five are ``fixed``: one timeout each (onebox/timers.py keeps each one's table in
     deadline order). Sentinels rather than an ``enum.Enum``: on Python 3.11 an Enum's
@@ -73,10 +77,10 @@ class Wait:
 
 Wait.HANDSHAKE, Wait.NEW, Wait.HEAD, Wait.IDLE, Wait.LINGER = (
     Wait(name, True) for name in ("handshake", "new", "head", "idle", "linger"))
-Wait.BODY, Wait.SEND, Wait.LINE, Wait.READY = (
-    Wait(name, False) for name in ("body", "send", "line", "ready"))
+Wait.BODY, Wait.SEND, Wait.LINE, Wait.READY, Wait.EVENTS = (
+    Wait(name, False) for name in ("body", "send", "line", "ready", "events"))
 WAITS = (Wait.HANDSHAKE, Wait.NEW, Wait.HEAD, Wait.IDLE, Wait.LINGER, Wait.BODY, Wait.SEND,
-         Wait.LINE, Wait.READY)
+         Wait.LINE, Wait.READY, Wait.EVENTS)
 FIXED_WAITS = frozenset(wait for wait in WAITS if wait.fixed)
 
 # Every legal move of Connection.waiting, from (key) to (any of the set); anything else is a
@@ -85,7 +89,8 @@ FIXED_WAITS = frozenset(wait for wait in WAITS if wait.fixed)
 WAIT_MOVES = {
     # accepted (HANDSHAKE on the HTTPS listener, else NEW); back from a worker: kept (IDLE, or
     # HEAD with the next head begun), answered (LINGER), a body to read (BODY), a slow reader
-    # (SEND), either in line behind its client's (LINE); a request for a worker (READY)
+    # (SEND), either in line behind its client's (LINE); a request for a worker (READY); an
+    # event stream (EVENTS)
     None: frozenset(WAITS),
     Wait.HANDSHAKE: frozenset({Wait.NEW, None}),
     Wait.NEW: frozenset({Wait.HEAD, None}),            # its first byte; or closed, timed out
@@ -97,6 +102,7 @@ WAIT_MOVES = {
     # its turn (LINE -> LINE, READY -> READY: back of the line, a reload lowered the cap)
     Wait.LINE: frozenset({Wait.BODY, Wait.SEND, Wait.LINE, None}),
     Wait.READY: frozenset({Wait.READY, None}),
+    Wait.EVENTS: frozenset({None}),                    # closed, cut off, or ended at shutdown
 }
 
 
@@ -127,7 +133,8 @@ class Connection:
         self.waiting = None   # what it waits for in the reactor (a Wait); None in a worker
         self.idle_since = 0.0     # when its last response was sent: idle deadlines count from it
         self.pending = None   # a request waiting for its body (workers' _Exchange)
-        self.outbox = None    # the rest of a response a slow reader has not taken (Outbox)
+        self.outbox = None    # the rest of a response a slow reader has not taken (Outbox), or
+                          # an event stream's Subscriber (onebox/streams.py)
         self.wait_key = None  # the client it waits for, as the guard counts (also proxied ones)
         self.deadline = 0.0   # when a body or send wait ends, unless progress moves it
         # bytes of the reactor's memory budget (max_buffered_bytes) this connection holds: its

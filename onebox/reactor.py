@@ -28,7 +28,9 @@ import traceback
 from onebox.codec import head_problem
 from onebox.fairness import Fairness, MemoryBudget
 from onebox.gate import Gate
-from onebox.handoff import ARMED, BODY, CLOSE, FIXED_WAITS, GONE, SEND, WAIT_MOVES, WAITS, Wait
+from onebox.handoff import (ARMED, BODY, CLOSE, EVENTS, FIXED_WAITS, GONE, SEND, WAIT_MOVES,
+                            WAITS, Wait)
+from onebox.streams import StreamWaits, Subscribers
 from onebox.timers import Timers
 from onebox.transfer import ClientGone, Pace, timeval
 
@@ -44,13 +46,13 @@ class IllegalMove(RuntimeError):
     """A move of Connection.waiting that WAIT_MOVES does not have: a bug in the reactor."""
 
 
-class Reactor(Gate):
+class Reactor(Gate, StreamWaits):
     """For the server: ``step()`` (one turn: expire, poll, act); at shutdown ``drain(deadline)``
     and ``after_workers()``; ``stats()`` from any thread."""
 
     def __init__(self, listener, settings, handoff, poller, guard, books, health, log_error,
                  admin_listener=None, admin_max_connections=64, tls_listener=None,
-                 tls_context=None):
+                 tls_context=None, hub=None, events_settings=None):
         self.listener = listener
         # the admin listener's connections skip the guard and the site's caps (onebox/admin.py)
         self.admin_listener = admin_listener
@@ -69,6 +71,12 @@ class Reactor(Gate):
         self.fair = Fairness(settings.max_workers_per_client, settings.max_waiting_per_client)
         self.memory = MemoryBudget(settings.max_buffered_bytes)
         self.use_settings(settings)
+        # event streams (onebox/streams.py): the hub publishes, the reactor holds subscribers
+        self.hub = hub
+        self.events_settings = events_settings
+        self.streams = Subscribers()
+        if hub is not None:
+            self.streams.through = hub.last_id
         self.counts = dict.fromkeys(WAITS + (None,), 0)   # connections by wait (see _move)
         self.busy = set()        # in workers (queued, served or held)
         self.reported_early = 0  # connections reported between their re-arm and booking
@@ -84,6 +92,11 @@ class Reactor(Gate):
         self.fair.use_settings(settings)
         self.memory.limit_bytes = settings.max_buffered_bytes
         self.settings = settings
+
+    def use_events_settings(self, events_settings):
+        """[events] settings from now on (a reload); streams already held keep their place."""
+        self.events_settings = events_settings
+        self.hub.use_settings(events_settings)
 
     def stats(self):
         """For any thread: {"waits": {wait name: connections}, "parked" (the fixed waits'),
@@ -104,7 +117,11 @@ class Reactor(Gate):
             handoff.want_workers(False)
         now = handoff.turned_at = time.monotonic()
         handoff.probe(now, PROBE_INTERVAL_S)
-        handoff.wakes_at = wakes_at = self._expire(now)   # workers read it: see Workers
+        wakes_at = self._expire(now)
+        streams = self.streams
+        if streams.count or streams.deliveries:   # heartbeats, and a fan-out's next slice
+            wakes_at = min(wakes_at, self._stream_turn(now))
+        handoff.wakes_at = wakes_at   # workers read it: see Workers
         # handed back before wakes_at was set: their deadlines are not counted, so no sleep;
         # a connection reported early is booked within moments (its worker does not wake us)
         if handoff.returned or (handoff.stopping and not self.open + self.admin_open):
@@ -126,6 +143,10 @@ class Reactor(Gate):
             elif owner == "wakeup":
                 handoff.take_wakeups()
                 self._book_returned()
+                if self.hub is not None and self.hub.pending:   # published: fan them out
+                    self._take_events()
+                    if streams.deliveries:
+                        self._deliver_some()
             else:
                 try:
                     self._on_ready(owner)
@@ -146,6 +167,8 @@ class Reactor(Gate):
             self._queue_work(conn)
         elif wait is Wait.SEND:
             self._send_more(conn)
+        elif wait is Wait.EVENTS:
+            self._stream_ready(conn)
         elif wait is Wait.BODY:
             self._read_body(conn)
         elif wait is Wait.HANDSHAKE:
@@ -407,6 +430,8 @@ class Reactor(Gate):
             elif outcome is SEND:
                 conn.sock.setblocking(False)   # finished here without a wait in the kernel
                 self._start_wait(conn, Wait.SEND)
+            elif outcome is EVENTS:
+                self._start_stream(conn)
             elif conn.buf:
                 self._park(conn, Wait.HEAD)
                 self._check_head(conn)
@@ -433,6 +458,9 @@ class Reactor(Gate):
         if conn.sock.fileno() < 0:
             return   # closed already (a connection handed back twice after a failure)
         wait = conn.waiting
+        if wait is Wait.EVENTS:
+            self._forget_stream(conn)
+            wait = None
         if conn.outbox is not None:
             conn.outbox.close()
             conn.outbox = None

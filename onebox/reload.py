@@ -51,6 +51,8 @@ RESTART = "restart"
 #                request from then on. [tls] host and port are RESTART (the listener is bound
 #                once), as is turning HTTPS on or off.
 #   accounts     read at each password hash (onebox/accounts.py): the next one uses them
+#   events       the event hub's and the reactor's [events] values, for what comes next:
+#                streams admitted, events published and kept, heartbeats, cut-offs
 #   RESTART      kept as it is until the next start:
 #                host, port: the listening socket is bound once (and may be inherited);
 #                data_dir, [state]: the state store is open and locked there, with these rules;
@@ -83,6 +85,7 @@ HOW = {
     "sessions": {setting.name: RESTART for setting in SETTINGS["sessions"]},
     # the accounts read their section at each hash (Accounts takes a function of the site)
     "accounts": {setting.name: "accounts" for setting in SETTINGS["accounts"]},
+    "events": {setting.name: "events" for setting in SETTINGS["events"]},
     "tls": dict({setting.name: "tls" for setting in SETTINGS["tls"]}, host=RESTART,
                 port=RESTART),
 }
@@ -175,6 +178,7 @@ class Reloader:
         the site itself is one assignment, last."""
         settings = new.settings
         self.reactor.use_settings(settings)
+        self.reactor.use_events_settings(new.config.events)
         self.guard.replace_policy(new.config.guard)
         self.responses.resize(new.config.cache.max_entries, new.config.cache.max_bytes)
         log = new.access_log

@@ -277,6 +277,35 @@ SETTINGS = {
         Setting("login_window_s", "float", 300.0, 1.0,
                 "how long failed logins count: the throttle's buckets refill over it"),
     ],
+    # Live events (handlers/_events.py): publish() from handlers, server-sent event streams
+    # held by the reactor (onebox/events.py, onebox/streams.py). Read at each use: a reload
+    # applies to what comes next.
+    "events": [
+        Setting("max_subscribers", "int", 10000, 1,
+                "event streams open at once; past it a new one gets 503 (each is a connection: "
+                "keep [server] max_connections above it)"),
+        Setting("max_subscribers_per_client", "int", 16, 1,
+                "event streams from one client (the guard's: behind a trusted proxy, each "
+                "visitor); past it 429. A tab holds one or two: 16 fits a person's tabs"),
+        Setting("heartbeat_s", "float", 15.0, 0.05,
+                "a comment line to a stream sent nothing for this long, so that proxies "
+                "(nginx: proxy_read_timeout, 60 s) keep it open", maximum=LONGEST_WAIT_S),
+        Setting("retry_ms", "int", 2000, 0,
+                "how long a browser waits before it reconnects a dropped stream (sent as "
+                "retry:); at shutdown each stream is told a spread of 1-3 times this",
+                maximum=3600000),
+        Setting("ring_events", "int", 256, 0,
+                "events kept per topic for clients that reconnect (Last-Event-ID); an older "
+                "id gets event: reset. 0: none kept"),
+        Setting("ring_bytes", "int", 16 * 1024 * 1024, 0,
+                "memory for every topic's kept events together; past it the oldest go first"),
+        Setting("max_event_bytes", "int", 65536, 64,
+                "one event's size (its data and lines); publish() of a larger one raises "
+                "EventTooLarge"),
+        Setting("max_unsent_bytes", "int", 262144, 1024,
+                "events a stream's client has not taken; past it the stream is cut off (and "
+                "all streams' unsent events count against [server] max_buffered_bytes)"),
+    ],
     "status": [   # what the status page shows; see onebox/activity.py
         Setting("recorder", "bool", True, None,
                 "keep the last hour of traffic, top clients and paths, and guard decisions in "

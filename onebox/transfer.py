@@ -28,7 +28,9 @@ import time
 import traceback
 
 from handlers._core import HTTPError
+from handlers._events import EventStream
 from onebox.codec import _NO_BODY_STATUSES, chunk_size, render_head
+from onebox.streams import Subscriber
 from onebox.tls import FILE_CHUNK_BYTES
 
 STREAM_BUFFER_BYTES = 256 * 1024   # a stream's unsent chunks past which the reactor sends them
@@ -548,7 +550,14 @@ def _send_file_some(sock, handle, offset, length, deadline):
 
 def _write_stream(sock, response, keep_alive, version, no_body, deadline):
     """A streamed body's first turn: the head, then what the generator produces (see
-    ``produce``); (body bytes sent, None) if it has all left, else the Outbox of the rest."""
+    ``produce``); (body bytes sent, None) if it has all left, else the Outbox of the rest.
+    An event stream's head is not sent here: it goes to the reactor in a Subscriber, which
+    sends it if the stream is admitted (onebox/streams.py)."""
+    if type(response.stream) is EventStream and not no_body:
+        # its body ends when the connection does (RFC 9112 section 6.3, rule 8): no chunked
+        # framing to write per event; "HTTP/1.0" only tells render_head not to chunk it
+        return 0, Subscriber(render_head(response.status, response.headers, None, False,
+                                         "HTTP/1.0"), response.stream)
     head = render_head(response.status, response.headers, None, keep_alive, version)
     outbox = Outbox(head, len(head))
     outbox.chunked = version == "HTTP/1.1" and not no_body

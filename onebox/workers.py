@@ -36,11 +36,12 @@ from onebox.books import ADMIN, Record
 from onebox.codec import (check_response, decode_path, error_response, parse_head,
                           split_target)
 from onebox.guard import CPU_CHARGE_MIN_S
-from onebox.handoff import ARMED, BODY, CLOSE, GONE, KEEP, PROBE, SEND
+from onebox.handoff import ARMED, BODY, CLOSE, EVENTS, GONE, KEEP, PROBE, SEND
 from onebox.metrics import REFUSED, STATIC, UNROUTED
 from onebox.routing import METHODS, NotRouted, to_response
 from onebox.settings import host_allowed
 from onebox.static import STATIC_METHODS
+from onebox.streams import Subscriber
 from onebox.transfer import (ChunkedBody, ChunkedScan, ClientGone, LengthBody, StreamFailed,
                              body_is_buffered, produce, write_response)
 
@@ -334,7 +335,8 @@ class Workers:
             outbox.record = exchange
             outbox.keep_alive = exchange.keep_alive
             conn.outbox, conn.wait_key = outbox, self._wait_key(conn, exchange)
-            return SEND
+            # an event stream's record is finished by the reactor, which admits it or not
+            return SEND if type(outbox) is not Subscriber else EVENTS
         self.books.finish(exchange, time.monotonic())
         return None if exchange.keep_alive else CLOSE
 

@@ -321,7 +321,8 @@ def imported_modules(path):
 # interface and obeys the same rule as the areas (the standard library and itself, never onebox):
 # its implementations live in onebox/ and the runtime binds them at start-up (handlers/_context.py).
 CONTRACT = {"handlers._core", "handlers._state", "handlers._limits", "handlers._cache",
-            "handlers._forms", "handlers._context", "handlers._pages", "handlers._sessions"}
+            "handlers._forms", "handlers._context", "handlers._pages", "handlers._sessions",
+            "handlers._events"}
 
 
 def is_stdlib(name):

@@ -1,0 +1,347 @@
+"""Event streams in the reactor: subscribers held as one more kind of wait, with no thread each.
+
+A handler's ``event_stream(...)`` (handlers/_events.py) is answered by its worker with a
+``Subscriber`` (the response head, the topics, the request's record) and the connection is
+handed to the reactor (``Outcome`` EVENTS), which from then on alone owns it, waiting as
+``Wait.EVENTS``:
+
+* **Admission** (``_start_stream``): past ``[events] max_subscribers`` a 503, past
+  ``max_subscribers_per_client`` (the guard's client: behind a trusted proxy, the visitor it
+  names) a 429, each with Retry-After; while the server drains, the head and a ``retry:`` and
+  a close, so that the browser reconnects to the successor. Else the head, ``retry:``, and,
+  for a client that sent ``Last-Event-ID``, what it missed (or ``reset``: onebox/events.py).
+  The request's record is finished here (access line, metrics): a stream's line is written
+  when it starts, not when it ends hours later.
+* **Fan-out** (``_take_events``, ``_deliver_some``): the events published since the last
+  turn are taken whole and joined per topic, so a subscriber gets one send per turn however
+  many events came, and subscribers of the same topic share one bytes object. Deliveries are
+  made ``FANOUT_SLICE`` at a time, one slice per reactor turn, so that 100,000 subscribers do
+  not stop the reactor from accepting and handing out requests meanwhile.
+* **Slow readers.** Each send is non-blocking; what the socket does not take waits in the
+  subscriber's ``out`` (charged to ``[server] max_buffered_bytes``, so the memory budget sheds
+  the largest holders first), and the socket is watched for room. A subscriber whose unsent
+  bytes pass ``max_unsent_bytes`` when more is queued behind them (so one delivery, a
+  reconnect's catch-up say, always fits however large), or that takes nothing for
+  ``[server] write_timeout_s``, is cut off and counted (its events, dropped).
+* **Heartbeat** (``_beat``): every ``heartbeat_s``, a comment line to each subscriber that was
+  sent nothing since the last beat, so that proxies (nginx's proxy_read_timeout: 60 s) and
+  NAT tables keep the connection, and a peer that vanished is found by its failed sends.
+* **The end**: the client closes (a read of nothing), sends anything (a subscriber has
+  nothing to say), or the server drains (``end_streams``: a last ``retry:`` with a spread, so
+  that 10,000 browsers do not reconnect in the same millisecond, then a graceful close).
+
+``StreamWaits`` is a base class of ``Reactor`` (as ``Gate`` is), with its state in
+``Subscribers``; reactor thread only, like the rest of it. Imports the standard library,
+the codec, hand-off and events modules.
+"""
+import random
+import socket
+import time
+
+from onebox.codec import error_response, render_head
+from onebox.handoff import Wait
+
+FANOUT_SLICE = 2000          # deliveries per reactor turn (~5 ms of sends on this box)
+HEARTBEAT = b":\n"           # a comment line (WHATWG HTML 9.2.6): the parser ignores it
+REFUSED_RETRY_S = 10         # a refused subscriber's Retry-After (page code retries; see docs)
+_MSG_DONTWAIT = socket.MSG_DONTWAIT
+
+
+class Subscriber:
+    """One event stream's connection. Made by its worker (``head``, ``stream``: the handler's
+    EventStream; the worker sets ``record``, the request's, and ``keep_alive``); then the
+    reactor's alone: ``conn``, ``key`` (its client), ``after`` (the newest id it was given),
+    ``out`` (bytes the socket has not taken, or None), ``queued`` (events in ``out``),
+    ``stalled_at`` (when ``out`` last made no progress), ``spoke`` (sent anything since the
+    last heartbeat). It sits in its connection's ``outbox`` while the reactor holds it."""
+
+    __slots__ = ("head", "stream", "record", "keep_alive", "conn", "key", "after", "out",
+                 "queued", "stalled_at", "spoke")
+
+    def __init__(self, head, stream):
+        self.head = head
+        self.stream = stream
+        self.record = None
+        self.keep_alive = False
+        self.conn = None
+        self.key = None
+        self.after = 0
+        self.out = None
+        self.queued = 0
+        self.stalled_at = 0.0
+        self.spoke = False
+
+    def close(self):
+        """What Outbox.close does for a response; a subscriber holds no file or generator."""
+
+
+class Subscribers:
+    """The reactor's table of subscribers and what it counts. ``stats()`` for any thread."""
+
+    def __init__(self):
+        self.by_topic = {}      # topic -> {Subscriber: None}, in subscription order
+        self.by_key = {}        # client key -> its subscribers
+        self.count = 0
+        self.deliveries = []    # [(subscriber, payload, events)] not made yet
+        self.delivered = 0      # how many of ``deliveries`` are made
+        self.through = 0        # the newest event id taken from the hub (set at start)
+        self.next_beat = 0.0
+        self.sent = 0           # events written to (or queued for) a subscriber
+        self.dropped = 0        # events queued for a subscriber that was then cut off
+        self.cut = {"slow": 0, "stalled": 0, "memory": 0, "room": 0}
+        self.refused = {"client_cap": 0, "server_cap": 0}
+        self.started = 0
+
+    def stats(self):
+        return {"subscribers": self.count, "sent": self.sent, "dropped": self.dropped,
+                "cut": dict(self.cut), "refused": dict(self.refused), "started": self.started}
+
+
+class StreamWaits:
+    """The reactor's event streams (module docstring); uses the reactor's ``hub``,
+    ``streams`` (Subscribers), ``events_settings``, ``memory``, ``poller``, ``books``,
+    ``handoff``, ``settings``, and its ``_move``, ``_close`` and ``_linger``."""
+
+    # -- admission ------------------------------------------------------------------------------
+    def _start_stream(self, conn):
+        """A subscriber's connection, back from its worker: admit it, or refuse it."""
+        sub, conn.outbox = conn.outbox, None
+        record, settings, streams = sub.record, self.events_settings, self.streams
+        key = conn.wait_key
+        refusal = None
+        if streams.count >= settings.max_subscribers:
+            streams.refused["server_cap"] += 1
+            refusal = (503, "too many event streams on this server")
+        elif key is not None and len(streams.by_key.get(key, ())) >= \
+                settings.max_subscribers_per_client:
+            streams.refused["client_cap"] += 1
+            refusal = (429, "too many event streams from your address")
+        if refusal is not None:
+            response = error_response(None, refusal[0], refusal[1],
+                                      [("Retry-After", "%d" % REFUSED_RETRY_S)])
+            data = render_head(response.status, response.headers, len(response.body), False,
+                               "HTTP/1.1") + response.body
+            record.status, record.sent = response.status, len(response.body)
+            record.note = "events=refused"
+        else:
+            data = sub.head + b"retry: %d\n\n" % self._retry_ms()
+            record.note = "events"
+        self.books.finish(record, time.monotonic())
+        if refusal is not None or self.handoff.stopping:
+            self._send_now(conn, data)
+            self._linger(conn)
+            return
+        hub = self.hub
+        after = hub.parse_id(sub.stream.last_event_id)
+        if sub.stream.last_event_id is None:
+            after = max(sub.stream.position, hub.first_id)   # new: what comes from now on
+            missed = b""
+        elif after is None:
+            missed = None
+        else:
+            missed = hub.since(sub.stream.topics, after, streams.through)
+        if missed is None:   # gone, or an id not of this process: the page reloads its state
+            missed, after = hub.reset_frame(streams.through), streams.through
+        sub.conn, sub.key, sub.after = conn, key, max(after, streams.through)
+        self._move(conn, Wait.EVENTS)
+        conn.outbox = sub
+        for topic in sub.stream.topics:
+            streams.by_topic.setdefault(topic, {})[sub] = None
+        streams.by_key.setdefault(key, set()).add(sub)
+        if not streams.count:
+            streams.next_beat = time.monotonic() + settings.heartbeat_s
+        streams.count += 1
+        streams.started += 1
+        self.poller.arm(conn)   # its input: the client's close
+        self._deliver(sub, data + missed, 0)
+
+    def _retry_ms(self, spread=False):
+        retry = self.events_settings.retry_ms
+        return retry + random.randrange(retry * 2 + 1) if spread else retry
+
+    @staticmethod
+    def _send_now(conn, data):
+        try:
+            conn.sock.send(data, _MSG_DONTWAIT)
+        except OSError:
+            pass   # a refusal or a farewell is never waited for
+
+    # -- the end of a stream ---------------------------------------------------------------------
+    def _forget_stream(self, conn):
+        """Take ``conn``'s subscriber out of the tables (the connection is closing)."""
+        sub, conn.outbox = conn.outbox, None
+        streams = self.streams
+        for topic in sub.stream.topics:
+            subs = streams.by_topic.get(topic)
+            if subs is not None:
+                subs.pop(sub, None)
+                if not subs:
+                    del streams.by_topic[topic]
+        held = streams.by_key.get(sub.key)
+        if held is not None:
+            held.discard(sub)
+            if not held:
+                del streams.by_key[sub.key]
+        streams.count -= 1
+        sub.conn = None   # deliveries still listed for it are skipped
+        self._move(conn, None)
+
+    def _cut_stream(self, conn, why):
+        """Cut off a subscriber that does not keep up (``why``: a key of Subscribers.cut)."""
+        streams = self.streams
+        streams.cut[why] += 1
+        streams.dropped += conn.outbox.queued
+        self._close(conn)
+
+    def end_streams(self):
+        """Shutdown: each stream gets a last ``retry:`` (spread, so that browsers do not all
+        reconnect at once) and a graceful close; browsers resume on the successor."""
+        for sub in [sub for held in self.streams.by_key.values() for sub in held]:
+            conn = sub.conn
+            if sub.out is None:
+                self._send_now(conn, b"retry: %d\n\n" % self._retry_ms(spread=True))
+            if conn.charged:
+                self.memory.uncharge(conn)
+            self._forget_stream(conn)
+            self._linger(conn)
+        self.streams.deliveries, self.streams.delivered = [], 0
+
+    # -- fan-out ---------------------------------------------------------------------------------
+    def _take_events(self):
+        """The hub's new events, as a delivery per subscriber of their topics."""
+        taken = self.hub.take()
+        if not taken:
+            return
+        streams = self.streams
+        first = taken[0][1]
+        streams.through = taken[-1][1]
+        if not streams.count:
+            return
+        by_topic = {}
+        for topic, event_id, frame in taken:
+            if topic in streams.by_topic:
+                by_topic.setdefault(topic, []).append((event_id, frame))
+        several = {}   # subscribers of more than one topic here: merged by id, once each
+        deliveries = streams.deliveries
+        for topic, events in by_topic.items():
+            payload = b"".join(frame for _, frame in events)
+            last = events[-1][0]
+            for sub in streams.by_topic[topic]:
+                if len(sub.stream.topics) > 1:
+                    several.setdefault(sub, []).extend(events)
+                elif sub.after < first:
+                    deliveries.append((sub, payload, len(events)))
+                    sub.after = last
+                else:   # given some of these at its start (a reconnect's catch-up)
+                    mine = [frame for event_id, frame in events if event_id > sub.after]
+                    if mine:
+                        deliveries.append((sub, b"".join(mine), len(mine)))
+                        sub.after = last
+        for sub, events in several.items():
+            mine = sorted(event for event in events if event[0] > sub.after)
+            if mine:
+                deliveries.append((sub, b"".join(frame for _, frame in mine), len(mine)))
+                sub.after = mine[-1][0]
+
+    def _deliver_some(self):
+        """Make up to FANOUT_SLICE of the listed deliveries; True if some are left."""
+        streams = self.streams
+        deliveries, start = streams.deliveries, streams.delivered
+        end = min(len(deliveries), start + FANOUT_SLICE)
+        for index in range(start, end):
+            sub, payload, events = deliveries[index]
+            if sub.conn is not None:
+                self._deliver(sub, payload, events)
+        if end < len(deliveries):
+            streams.delivered = end
+            return True
+        streams.deliveries, streams.delivered = [], 0
+        return False
+
+    def _deliver(self, sub, payload, events):
+        """Send ``payload`` (``events`` events) to ``sub`` now, or queue it behind what waits."""
+        conn = sub.conn
+        if events:   # (a heartbeat is not speaking: the next beat must come all the same)
+            self.streams.sent += events
+            sub.spoke = True
+        if sub.out is not None:
+            sub.out += payload
+            sub.queued += events
+            self.memory.charge(conn, len(payload), sub.key)
+            if len(sub.out) > self.events_settings.max_unsent_bytes:
+                self._cut_stream(conn, "slow")
+            elif self.memory.held > self.memory.limit_bytes:
+                self._keep_to_budget()
+            return
+        try:
+            sent = conn.sock.send(payload, _MSG_DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._close(conn)
+            return
+        if sent == len(payload):
+            return   # nearly always: the socket took it (it stays armed for reading)
+        sub.out = bytearray(memoryview(payload)[sent:])
+        sub.queued = events
+        sub.stalled_at = time.monotonic()
+        self.memory.charge(conn, len(sub.out), sub.key)
+        self.poller.arm(conn, write=True)
+        if self.memory.held > self.memory.limit_bytes:
+            self._keep_to_budget()
+
+    def _stream_ready(self, conn):
+        """A subscriber's socket has room (its ``out`` waits), or input: the client closed,
+        or sent what a subscriber never should."""
+        sub = conn.outbox
+        if sub.out is None:
+            data = conn.recv_ready()
+            if data is None:
+                self.poller.arm(conn)
+            else:
+                self._close(conn)   # closed (b""), or talking: either way the stream ends
+            return
+        try:
+            sent = conn.sock.send(sub.out, _MSG_DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._close(conn)
+            return
+        if sent:
+            sub.stalled_at = time.monotonic()
+            del sub.out[:sent]
+            self.memory.uncharge(conn)
+            if not sub.out:
+                sub.out, sub.queued = None, 0
+                self.poller.arm(conn)
+                return
+            self.memory.charge(conn, len(sub.out), sub.key)
+        self.poller.arm(conn, write=True)
+
+    # -- the reactor's turn ----------------------------------------------------------------------
+    def _stream_turn(self, now):
+        """Heartbeats and stalls when due, a slice of deliveries; when to turn again."""
+        streams = self.streams
+        if now >= streams.next_beat and streams.count:
+            self._beat(now)
+        if streams.deliveries and self._deliver_some():
+            return now   # more to deliver: turn again at once
+        return streams.next_beat if streams.count else now + 3600.0
+
+    def _beat(self, now):
+        """A heartbeat to each subscriber sent nothing since the last; cut the stalled."""
+        streams, settings = self.streams, self.events_settings
+        streams.next_beat = now + settings.heartbeat_s
+        stall_s = self.settings.write_timeout_s
+        deliveries = streams.deliveries
+        stalled = []
+        for sub in [sub for held in streams.by_key.values() for sub in held]:
+            if sub.out is not None:
+                if now - sub.stalled_at > stall_s:
+                    stalled.append(sub.conn)
+            elif not sub.spoke:
+                deliveries.append((sub, HEARTBEAT, 0))
+            sub.spoke = False
+        for conn in stalled:
+            self._cut_stream(conn, "stalled")
