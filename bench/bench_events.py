@@ -143,6 +143,13 @@ class Server:
                 pass
         self.out.close()
 
+    def complaints(self):
+        """The server's output lines that are not access lines: tracebacks, warnings, cuts."""
+        with open(self.out_path, errors="replace") as handle:
+            return [line.rstrip("\n") for line in handle
+                    if not re.match(r"\S+ \S+ \S+ \[", line) and "listening on" not in line
+                    and "admin on" not in line]
+
 
 def server_supports(server_py, flag):
     """Whether ``server.py --help`` lists ``flag`` (the [events] flags come with the runtime)."""
@@ -538,6 +545,10 @@ def measure(kind, args, count, work, flags):
         if loop is not None:
             loop.close_all()
         server.stop()
+        complaints = server.complaints()
+        if complaints:
+            print("%s-%d server said (%d lines):\n  %s" % (kind, count, len(complaints),
+                                                          "\n  ".join(complaints[:20])))
 
 
 def server_flags(args, count):
