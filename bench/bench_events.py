@@ -5,6 +5,7 @@ event reaches them all, and what a normal client sees meanwhile.
     python3 bench/bench_events.py [--subscribers 1000 --subscribers 10000] [--rounds 5]
                                   [--per-address 16] [--server PATH/server.py]
                                   [--path /api/notes/events] [--wait-s 10]
+                                  [--server-flag ARG ...]
 
 Black-box, over loopback only. For each N two fresh servers run with the same flags, one after
 the other, so that neither inherits memory the other freed (a Python process seldom gives freed
@@ -39,7 +40,8 @@ POST at all. The threads and RSS are sampled every 0.25 s throughout: the most s
 The client side is this one thread: non-blocking sockets and epoll, at most CONNECT_WINDOW
 connections being set up at once (the server's listen backlog is 1024). RLIMIT_NOFILE is raised
 for this process and the servers it starts (which inherit it) to N + NOFILE_SPARE; past the
-hard limit that needs root (CAP_SYS_RESOURCE). On a shared 2-core box the server, this loop and
+hard limit that needs CAP_SYS_RESOURCE (a container's root may lack it: 100,000 then needs the
+hard limit raised outside, e.g. ``prlimit`` or the container's nofile). On a shared 2-core box the server, this loop and
 the normal client share two cores: the figures include that contention.
 
 Prints the tables and writes them to bench/results/events.md. Linux only (/proc, epoll,
@@ -731,8 +733,9 @@ def main():
     counts = args.subscribers or [1000, 10000]
     nofile = raise_nofile(max(counts) + NOFILE_SPARE)
     if nofile < max(counts) + NOFILE_SPARE:
-        print("RLIMIT_NOFILE is %d: %d connections need %d (run as root or raise the hard "
-              "limit)" % (nofile, max(counts), max(counts) + NOFILE_SPARE), file=sys.stderr)
+        print("RLIMIT_NOFILE is %d: %d connections need %d (raise the hard limit: "
+              "CAP_SYS_RESOURCE)" % (nofile, max(counts), max(counts) + NOFILE_SPARE),
+              file=sys.stderr)
         return 2
     args.events_flags = server_supports(args.server, "--events-max-subscribers")
     print("RLIMIT_NOFILE %d (this process and the servers); %s; %d per address; %d rounds"
