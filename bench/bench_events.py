@@ -41,8 +41,9 @@ The client side is this one thread: non-blocking sockets and epoll, at most CONN
 connections being set up at once (the server's listen backlog is 1024). RLIMIT_NOFILE is raised
 for this process and the servers it starts (which inherit it) to N + NOFILE_SPARE; past the
 hard limit that needs CAP_SYS_RESOURCE (a container's root may lack it: 100,000 then needs the
-hard limit raised outside, e.g. ``prlimit`` or the container's nofile). On a shared 2-core box the server, this loop and
-the normal client share two cores: the figures include that contention.
+hard limit raised outside, e.g. ``prlimit`` or the container's nofile). On a shared 2-core
+box the server, this loop and the normal client share two cores: the figures include that
+contention.
 
 Prints the tables and writes them to bench/results/events.md. Linux only (/proc, epoll,
 SO_TIMESTAMPNS). Every socket and process it opens is closed at the end, whatever happens.
