@@ -8,6 +8,10 @@
     GET    /api/notes/{id}       one note
     PUT    /api/notes/{id}       {"text": "..."} -> the updated note
     DELETE /api/notes/{id}       204
+    GET    /api/notes/events     server-sent events of topic "notes" (handlers/_events.py):
+                                 "created" and "updated" (data: the note, as above),
+                                 "deleted" (data: {"id": ID}); each sent once the write is
+                                 durable, never for a request that failed
 
 State keys: "notes/next_id" (a counter), "notes/count" (how many notes), "notes/bytes" (the
 UTF-8 bytes of all their texts) and "notes/item/<id, zero-padded>" (the note), so that listing by
@@ -27,11 +31,19 @@ notes of 10,000 control characters: 6.0 MB in 17 ms; of 10,000 emoji: 4.0 MB in 
 the cap (1,000 notes a listing), ?limit=1000 over 16 MiB of notes took 0.15 s (issue 19).
 
 Note ids have one spelling: "00000000001" is not note 1 but no note (404).
+
+Events are published after the transaction, so two writes racing to one note may publish in the
+other order than they committed: a page keeps the note with the later "updated" time, and
+forgets a note once it is deleted (ids are never reused), as pages/assets/notes.js does. A note
+whose event would pass [events] max_event_bytes is announced as {"id": ID} alone (the page then
+GETs it): never at the default, 65,536 (the largest note's event is ~60 KB: 10,000 control
+characters, each a 6-byte JSON escape), but an operator may set it lower.
 """
 import bisect
 import time
 
 from handlers._core import HTTPError, json_response, state
+from handlers._events import EventTooLarge, event_stream, publish
 
 MAX_TEXT_CHARS = 10000          # a note, not a document: the rule users see
 MAX_NOTE_BYTES = 40000          # UTF-8 bytes of one note's text: 10,000 emoji fit. What bounds
@@ -47,6 +59,7 @@ MAX_ID_DIGITS = 12              # ids are zero-padded to this many digits in the
                                 # number in a request (id, limit, after) may be longer
 ITEM_PREFIX = "notes/item/"
 COUNT_KEY, BYTES_KEY, NEXT_ID_KEY = "notes/count", "notes/bytes", "notes/next_id"
+TOPIC = "notes"                 # the events of every note, to every open notes page
 
 
 def _whole_number(text, max_digits):
@@ -135,6 +148,7 @@ def create_note(request):
         tx.incr(COUNT_KEY)
         note = {"id": note_id, "text": text, "created": now, "updated": now}
         tx.put(_key(note_id), note)
+    _announce("created", note)
     return json_response(note, 201, [("Location", "/api/notes/" + note_id)])
 
 
@@ -155,6 +169,7 @@ def update_note(request):
         _set_total(tx, _total_without(tx, note) + size)
         note = dict(note, text=text, updated=time.time())
         tx.put(key, note)
+    _announce("updated", note)
     return json_response(note)
 
 
@@ -167,7 +182,21 @@ def delete_note(request):
         tx.put(BYTES_KEY, _total_without(tx, note))
         tx.delete(key)
         tx.incr(COUNT_KEY, -1)
+    publish(TOPIC, {"id": request.params["id"]}, event="deleted")
     return None
+
+
+def note_events(request):
+    return event_stream(request, TOPIC)
+
+
+def _announce(event, note):
+    """Publish a note just written (the transaction is over: it is durable). Too large for an
+    event, it goes as its id alone: the write stands, so the request must not fail now."""
+    try:
+        publish(TOPIC, note, event=event)
+    except EventTooLarge:
+        publish(TOPIC, {"id": note["id"]}, event=event)
 
 
 def _total_without(tx, note):
@@ -181,6 +210,7 @@ def _total_without(tx, note):
 ROUTES = [
     ("GET", "/api/notes", list_notes),
     ("POST", "/api/notes", create_note),
+    ("GET", "/api/notes/events", note_events),      # a literal segment: {id} never shadows it
     ("GET", "/api/notes/{id}", get_note),
     ("PUT", "/api/notes/{id}", update_note),
     ("DELETE", "/api/notes/{id}", delete_note),

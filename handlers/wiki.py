@@ -11,6 +11,9 @@ logins and sessions (docs/areas.md, "A page with a form and a login").
                                      nothing is lost) if base_rev is not the current revision
     GET  /wiki/{page}/history        its revisions kept: number, author, time
     GET  /wiki/{page}/history/{n}    one of them
+    GET  /wiki/{page}/events         server-sent events (handlers/_events.py) of topic
+                                     "wiki/<name>": "edited" {"page", "rev", "by"} once a
+                                     revision is saved; the page view's script shows a notice
     GET  /login, POST /login         the form (``next`` carried through); 303 to next, 401 with
                                      the form again, or a 429 page once failures are throttled
     POST /logout                     303 to /wiki/ (a button on every wiki page when logged in)
@@ -50,6 +53,7 @@ import time
 import urllib.parse
 
 from handlers._core import HTTPError, redirect, state
+from handlers._events import event_stream, publish
 from handlers._pages import Markup, page
 from handlers._sessions import local_path, log_in, login_required
 
@@ -66,6 +70,7 @@ MAX_LIST = 200                  # pages a listing shows at once
 MAX_REV_DIGITS = 8              # revision numbers in keys, zero-padded
 
 PAGE_PREFIX, LOG_PREFIX, REV_PREFIX = "wiki/page/", "wiki/log/", "wiki/rev/"
+TOPIC_PREFIX = "wiki/"          # a page's events: "wiki/<name>", its name as page_name gives it
 COUNT_KEY, BYTES_KEY = "wiki/count", "wiki/bytes"
 NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 -.")
 NAME_RULE = ("page names are 1 to %d letters, digits, spaces, '-', '_' (a space) and '.', "
@@ -435,6 +440,8 @@ def save_page(request):
                           % (current, theirs["author"]),
                           theirs={"text": theirs["text"], "author": theirs["author"],
                                   "when": _when(theirs["time"]), "rev": current})
+    # durable now: tell the page's readers (its event is ~100 bytes, never too large)
+    publish(TOPIC_PREFIX + name, {"page": name, "rev": current + 1, "by": user}, event="edited")
     return redirect(url_of(name))
 
 
@@ -470,6 +477,12 @@ def _save_locked(tx, name, summary, text, size, user, now):
     tx.put(BYTES_KEY, total)
     if summary is None:
         tx.incr(COUNT_KEY)
+
+
+def page_events(request):
+    """The page's events, for its readers (pages/assets/wiki-live.js). Any spelling of the name
+    follows the one page, and a page not written yet may be followed: no redirect, no 404."""
+    return event_stream(request, TOPIC_PREFIX + _name_from(request))
 
 
 # --- logging in and out -----------------------------------------------------------------------
@@ -515,6 +528,7 @@ ROUTES = [
     ("GET", "/wiki/{page}/edit", edit_page),
     ("GET", "/wiki/{page}/history", show_history),
     ("GET", "/wiki/{page}/history/{n}", show_revision),
+    ("GET", "/wiki/{page}/events", page_events),
     ("GET", "/login", login_form),
     ("POST", "/login", login),
     ("POST", "/logout", logout),

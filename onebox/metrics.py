@@ -216,6 +216,7 @@ def render(sources):
     out = _Writer()
     _requests(out, sources)
     _connections(out, sources)
+    _events(out, sources)
     _refusals(out, sources.refusals)
     _guard(out, sources)
     _caches(out, sources)
@@ -272,14 +273,15 @@ def _connections(out, sources):
               ("idle", waits["idle"]), ("held", len(handoff.held)),
               ("lingering", waits["linger"]), ("in_workers", stats["in_workers"]),
               ("body", waits["body"]), ("send", waits["send"]),
-              ("in_line", waits["line"]), ("ready", waits["ready"])]
+              ("in_line", waits["line"]), ("ready", waits["ready"]),
+              ("events", waits["events"])]
     out.one("onebox_connections_open", "gauge", "Open connections on the public port",
             stats["open"])
     out.family("onebox_connections", "gauge",
                "Public connections by what they wait for (handshake: TLS; idle: kept, parked in "
                "the reactor; held: kept, a worker waits on it; body: its request body; send: a "
                "slow reader; in_line: behind its client's other waits; ready: for its client's "
-               "share of the workers)",
+               "share of the workers; events: an event stream)",
                [({"state": name}, value) for name, value in states])
     out.one("onebox_connections_max", "gauge", "max_connections", sources.settings.max_connections)
     out.one("onebox_buffered_bytes", "gauge", "Request bodies buffered and TLS handshakes under "
@@ -304,6 +306,31 @@ def _connections(out, sources):
         out.one("onebox_tls_certificate_expiry_timestamp_seconds", "gauge",
                 "When the HTTPS certificate served to new connections expires (Unix time)",
                 int(expires))
+
+
+def _events(out, sources):
+    """Event streams (onebox/streams.py) and the hub's rings (onebox/events.py)."""
+    streams = sources.reactor.streams.stats()
+    hub = sources.context.events.stats()
+    out.one("onebox_event_subscribers", "gauge", "Event streams open", streams["subscribers"])
+    out.one("onebox_event_subscribers_started_total", "counter", "Event streams admitted",
+            streams["started"])
+    out.one("onebox_events_published_total", "counter", "Events published (publish())",
+            hub["published"])
+    out.one("onebox_events_sent_total", "counter",
+            "Events written to a subscriber (one per subscriber an event reached)",
+            streams["sent"])
+    out.one("onebox_events_dropped_total", "counter",
+            "Events a subscriber had not taken when it was cut off", streams["dropped"])
+    out.family("onebox_event_subscribers_cut_total", "counter",
+               "Event streams cut off (slow: past [events] max_unsent_bytes; stalled: nothing "
+               "taken for write_timeout_s; memory: max_buffered_bytes; room: max_connections)",
+               [({"reason": name}, count) for name, count in sorted(streams["cut"].items())])
+    out.family("onebox_event_subscribers_refused_total", "counter",
+               "Event streams refused (client_cap: 429; server_cap: 503)",
+               [({"reason": name}, count) for name, count in sorted(streams["refused"].items())])
+    out.one("onebox_event_ring_events", "gauge", "Events kept for reconnecting clients",
+            hub["ring_events"])
 
 
 def _refusals(out, refusals):
@@ -352,6 +379,8 @@ def _caches(out, sources):
                 "Sessions evicted to keep to [sessions] max_sessions and max_bytes",
                 held["evicted"])
         caches.append(("sessions", held["bytes"], sessions.settings.max_bytes))
+    rings = sources.context.events
+    caches.append(("event_rings", rings.stats()["ring_bytes"], rings.settings.ring_bytes))
     static = sources.static
     for name, budget in (("static_files", static.files), ("static_gzip", static.gzipped)):
         caches.append((name, budget.used, budget.budget))

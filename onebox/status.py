@@ -147,6 +147,20 @@ def _gauges(sources):
     ]
     rows += [("parked_" + kind, "parked: %s" % kind, count, None)
              for kind, count in sorted(parked.items())]
+    streams = sources.reactor.streams.stats()
+    hub = sources.context.events.stats()
+    rows += [
+        ("event_subscribers", "event streams open", streams["subscribers"],
+         sources.config.events.max_subscribers),
+        ("events_published", "events published", hub["published"], None),
+        ("events_sent", "events sent (one per subscriber reached)", streams["sent"], None),
+        ("events_dropped", "events dropped (their subscriber was cut off)", streams["dropped"],
+         None),
+        ("event_subscribers_cut", "event streams cut off (slow, stalled, memory, room)",
+         sum(streams["cut"].values()), None),
+        ("event_subscribers_refused", "event streams refused (429, 503)",
+         sum(streams["refused"].values()), None),
+    ]
     return [{"key": key, "name": name, "value": value, "of": of}
             for key, name, value, of in rows]
 
@@ -166,6 +180,9 @@ def _tables(sources, memory):
         cache = responses.stats()
         rows += [("response cache: entries", cache["entries"], cache["max_entries"], ""),
                  ("response cache: bytes", cache["bytes"], cache["max_bytes"], "bytes")]
+    hub = sources.context.events
+    rows.append(("events: replay rings", hub.stats()["ring_bytes"], hub.settings.ring_bytes,
+                 "bytes"))
     static = sources.static
     for name, table in (("static: file cache", getattr(static, "files", None)),
                         ("static: gzip cache", getattr(static, "gzipped", None))):

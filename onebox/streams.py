@@ -106,54 +106,63 @@ class StreamWaits:
     def _start_stream(self, conn):
         """A subscriber's connection, back from its worker: admit it, or refuse it."""
         sub, conn.outbox = conn.outbox, None
-        record, settings, streams = sub.record, self.events_settings, self.streams
-        key = conn.wait_key
-        refusal = None
-        if streams.count >= settings.max_subscribers:
-            streams.refused["server_cap"] += 1
-            refusal = (503, "too many event streams on this server")
-        elif key is not None and len(streams.by_key.get(key, ())) >= \
-                settings.max_subscribers_per_client:
-            streams.refused["client_cap"] += 1
-            refusal = (429, "too many event streams from your address")
+        record, streams = sub.record, self.streams
+        refusal = self._refusal(conn.wait_key)
         if refusal is not None:
             response = error_response(None, refusal[0], refusal[1],
                                       [("Retry-After", "%d" % REFUSED_RETRY_S)])
-            data = render_head(response.status, response.headers, len(response.body), False,
-                               "HTTP/1.1") + response.body
-            record.status, record.sent = response.status, len(response.body)
-            record.note = "events=refused"
-        else:
-            data = sub.head + b"retry: %d\n\n" % self._retry_ms()
-            record.note = "events"
-        self.books.finish(record, time.monotonic())
-        if refusal is not None or self.handoff.stopping:
-            self._send_now(conn, data)
+            record.status, record.sent, record.note = (response.status, len(response.body),
+                                                       "events=refused")
+            self.books.finish(record, time.monotonic())
+            self._send_now(conn, render_head(response.status, response.headers,
+                                             len(response.body), False, "HTTP/1.1")
+                           + response.body)
             self._linger(conn)
             return
-        hub = self.hub
-        after = hub.parse_id(sub.stream.last_event_id)
-        if sub.stream.last_event_id is None:
-            after = max(sub.stream.position, hub.first_id)   # new: what comes from now on
-            missed = b""
-        elif after is None:
-            missed = None
-        else:
-            missed = hub.since(sub.stream.topics, after, streams.through)
-        if missed is None:   # gone, or an id not of this process: the page reloads its state
-            missed, after = hub.reset_frame(streams.through), streams.through
-        sub.conn, sub.key, sub.after = conn, key, max(after, streams.through)
+        record.note = "events"
+        self.books.finish(record, time.monotonic())
+        greeting = sub.head + b"retry: %d\n\n" % self._retry_ms()
+        if self.handoff.stopping:   # reconnect, to the successor
+            self._send_now(conn, greeting)
+            self._linger(conn)
+            return
+        missed, after = self._missed(sub.stream)
+        sub.conn, sub.key, sub.after = conn, conn.wait_key, max(after, streams.through)
         self._move(conn, Wait.EVENTS)
         conn.outbox = sub
         for topic in sub.stream.topics:
             streams.by_topic.setdefault(topic, {})[sub] = None
-        streams.by_key.setdefault(key, set()).add(sub)
+        streams.by_key.setdefault(sub.key, set()).add(sub)
         if not streams.count:
-            streams.next_beat = time.monotonic() + settings.heartbeat_s
+            streams.next_beat = time.monotonic() + self.events_settings.heartbeat_s
         streams.count += 1
         streams.started += 1
         self.poller.arm(conn)   # its input: the client's close
-        self._deliver(sub, data + missed, 0)
+        self._deliver(sub, greeting + missed, 0)
+
+    def _refusal(self, key):
+        """(status, message) if a stream of client ``key`` is over a cap, else None."""
+        settings, streams = self.events_settings, self.streams
+        if streams.count >= settings.max_subscribers:
+            streams.refused["server_cap"] += 1
+            return 503, "too many event streams on this server"
+        if key is not None and len(streams.by_key.get(key, ())) >= \
+                settings.max_subscribers_per_client:
+            streams.refused["client_cap"] += 1
+            return 429, "too many event streams from your address"
+        return None
+
+    def _missed(self, stream):
+        """What a new stream is sent first, and the id it is at: nothing and the position when
+        its handler ran; for a Last-Event-ID, the events after it (or ``reset``)."""
+        hub, through = self.hub, self.streams.through
+        if stream.last_event_id is None:
+            return b"", max(stream.position, hub.first_id)
+        after = hub.parse_id(stream.last_event_id)
+        missed = None if after is None else hub.since(stream.topics, after, through)
+        if missed is None:   # gone, or an id not of this process: the page reloads its state
+            return hub.reset_frame(through), through
+        return missed, after
 
     def _retry_ms(self, spread=False):
         retry = self.events_settings.retry_ms

@@ -4,6 +4,7 @@ Chromium reads commands on its fd 3 and writes replies and events on its fd 4, e
 message ended by a NUL byte (no websocket). ``Browser`` starts a headless Chromium with a
 throw-away profile, opens one page (``Target.attachToTarget`` with ``flatten``: the page's
 commands carry its ``sessionId``), and keeps every event it reports, for the test to inspect.
+``new_tab()`` opens another page in the same browser (tests/test_notes_browser.py: two tabs).
 Used by tests/test_status_browser.py; not part of the server.
 """
 import base64
@@ -178,6 +179,13 @@ class Browser(object):
             self.send("Input.dispatchMouseEvent", type=kind, x=box[0], y=box[1],
                       button="left", clickCount=1)
 
+    def new_tab(self):
+        """Another page of this browser (its cookies too): a ``Tab``, which drives it as this
+        object drives the first one. Events of every page go to this object's ``events``."""
+        target = self._call(None, "Target.createTarget", url="about:blank")["targetId"]
+        return Tab(self, self._call(None, "Target.attachToTarget", targetId=target,
+                                    flatten=True)["sessionId"])
+
     def close(self):
         try:
             self._call(None, "Browser.close")
@@ -195,3 +203,18 @@ class Browser(object):
                 os.close(fd)
             except OSError:
                 pass
+
+
+class Tab(Browser):
+    """A page opened by ``Browser.new_tab``: ``send``, ``evaluate``, ``wait_for``, ``click``
+    and ``screenshot`` as on a Browser, over the browser's one pipe; closed with the browser."""
+
+    def __init__(self, browser, session):     # (no Browser.__init__: no second Chromium)
+        self.browser, self.session, self.timeout = browser, session, browser.timeout
+        self.events = browser.events
+
+    def _call(self, session, method, **params):
+        return self.browser._call(session, method, **params)
+
+    def close(self):
+        self.browser._call(None, "Target.detachFromTarget", sessionId=self.session)

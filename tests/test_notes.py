@@ -205,4 +205,7 @@ def test_notes_survive_a_restart(start_server, tmp_path):
 
 def test_notes_page_is_served(server):
     status, _, body = request(server, "GET", "/notes.html")
-    assert status == 200 and b'fetch(path' in body
+    assert status == 200 and b'<script src="/assets/notes.js"></script>' in body
+    status, headers, body = request(server, "GET", "/assets/notes.js")
+    assert status == 200 and b"fetch(path" in body and b"EventSource" in body
+    assert headers["content-type"].startswith("text/javascript")

@@ -288,3 +288,45 @@ def test_under_systemd_sigusr2_refuses_and_says_to_use_systemctl(tmp_path, serve
         reader.close()
     assert "restart refused: under systemd, run `systemctl restart onebox`" in errors, errors
     assert lock_pid(tmp_path / "data") == process.pid
+
+
+def test_a_restart_ends_streams_and_browsers_resume_on_the_successor(server_process):
+    """Issue 22: each open stream gets a last retry: and a clean close; reconnecting with its
+    Last-Event-ID, the successor answers reset (the old process's ids are not its own), then
+    the successor's events."""
+    from test_streams import Stream
+    server = Served(server_process)
+    try:
+        stream = Stream(server, "/api/notes/events")
+        assert stream.status() == 200 and stream.next_block() == b"retry: 2000"
+        status, body = post_note(server.port, "before the restart")
+        assert status == 201
+        seen = stream.next_event()
+        assert seen["event"] == "created" and json.loads(seen["data"])["text"] == \
+            "before the restart"
+        status, output = server.restart()
+        assert status == 0, output
+        farewell = stream.next_block(timeout=20)
+        assert farewell.startswith(b"retry: ") and 2000 <= int(farewell[7:]) <= 6000
+        with pytest.raises(EOFError):
+            stream.next_block(timeout=20)
+        again = Stream(server, "/api/notes/events", "Last-Event-ID: %s\r\n" % seen["id"])
+        reset = again.next_event()
+        assert reset["event"] == "reset" and int(reset["id"]) > int(seen["id"])
+        assert post_note(server.port, "after the restart")[0] == 201
+        created = again.next_event()
+        assert created["event"] == "created" and int(created["id"]) > int(reset["id"])
+        again.close()
+    finally:
+        server.close()
+
+
+def post_note(port, text):
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("POST", "/api/notes", json.dumps({"text": text}),
+                           {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()

@@ -4,6 +4,7 @@ its markup, names, budgets, conflicts, logins and the CSRF rule; and, through th
 scrypt_n is 16384 here, through the setting, so a login takes ~30 ms."""
 import glob
 import html
+import json
 import os
 import re
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 
 import handlers.wiki as wiki
 from conftest import ROOT, SERVER, request
+from test_notes_events import EventReader
 
 FAST = {"accounts.scrypt_n": 16384, "state.durability": "off"}
 PASSWORD = "correct horse battery"
@@ -313,6 +315,57 @@ def test_507_when_the_wiki_is_full_and_nothing_is_written(start_server, monkeypa
     assert get(server, "/wiki/Three")[0] == 404 and "<p>bbbbbbbbbb</p>" in get(
         server, "/wiki/Two")[2]
     assert save(server, alice, "Two", "b" * 10, 1)[0] == 303      # at the limit: fits
+
+
+# --- live: a page's readers hear of its edits ------------------------------------------------
+
+def next_edit(reader):
+    got = reader.next_event()
+    assert got["event"] == "edited", got
+    return int(got["id"]), json.loads(got["data"])
+
+
+def test_a_save_tells_the_pages_readers_and_nothing_else_does(start_server):
+    server = serve(start_server)
+    alice, bob = log_in(server), log_in(server, "bob")
+    page = EventReader(server, "/wiki/Live_page/events")     # a page not written yet
+    spelt = EventReader(server, "/wiki/Live%20page/events")  # any spelling: the one page
+    other = EventReader(server, "/wiki/Other/events")
+    try:
+        assert (page.status, page.headers["content-type"]) == (200, "text/event-stream; "
+                                                                    "charset=utf-8")
+        assert save(server, alice, "Live_page", "first", 0)[0] == 303
+        assert save(server, alice, "Live_page", "stale", 0)[0] == 409       # no event
+        assert save(server, bob, "Live_page", "", 1)[0] == 400              # no event
+        assert post(server, "/wiki/Live_page", {"text": "forged", "base_rev": "1"}, bob,
+                    {"Sec-Fetch-Site": "cross-site"})[0] == 403          # no event
+        assert save(server, bob, "Live_page", "second", 1)[0] == 303
+        for reader in (page, spelt):
+            first_id, first = next_edit(reader)
+            second_id, second = next_edit(reader)
+            assert first == {"page": "Live page", "rev": 1, "by": "alice"}
+            assert second == {"page": "Live page", "rev": 2, "by": "bob"}
+            assert first_id < second_id and reader.quiet()
+        assert other.quiet()
+    finally:
+        for reader in (page, spelt, other):
+            reader.close()
+    assert request(server, "GET", "/wiki/.bad/events")[0] == 400
+
+
+def test_the_current_revision_follows_its_events_and_an_old_one_does_not(start_server):
+    server = serve(start_server)
+    alice = log_in(server)
+    for rev in (0, 1):
+        assert save(server, alice, "Watched", "text %d" % rev, rev)[0] == 303
+    status, headers, body = get(server, "/wiki/Watched")
+    assert ('data-events="/wiki/Watched/events" data-rev="2"' in body
+            and '<script src="/assets/wiki-live.js" defer></script>' in body)
+    assert "'nonce-" not in headers["content-security-policy"]      # a file from 'self'
+    old = get(server, "/wiki/Watched/history/1")[2]
+    assert "An old revision" in old and "wiki-live.js" not in old and "data-events" not in old
+    status, headers, script = request(server, "GET", "/assets/wiki-live.js")
+    assert status == 200 and b"EventSource" in script
 
 
 # --- conflicts ---------------------------------------------------------------------------------

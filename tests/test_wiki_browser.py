@@ -1,8 +1,9 @@
 """The wiki in a real browser: headless Chromium (tests/cdp.py, as test_status_browser.py drives
 it) logs in through the form, writes a page whose text is hostile HTML, and shows that no
 script of it ran and that it reads as written; edits it, reads its history, logs out, and is
-sent to the login form when it opens the edit page again. Screenshots go to tests/artifacts/
-(not in git)."""
+sent to the login form when it opens the edit page again; and, in two tabs, a page open in one
+says so when the other saves a new revision of it (pages/assets/wiki-live.js). Screenshots go
+to tests/artifacts/ (not in git)."""
 import json
 import os
 
@@ -105,3 +106,57 @@ def test_log_in_write_a_hostile_page_edit_it_and_log_out(start_server, tmp_path)
                if method == "Log.entryAdded" and "Content Security Policy"
                in params["entry"].get("text", "")]
     assert refused == [], refused     # nothing was even tried: escaping alone kept it text
+
+
+def test_a_page_open_in_one_tab_says_so_when_another_tab_edits_it(start_server, tmp_path):
+    server = start_server(config={"accounts.scrypt_n": 16384, "state.durability": "off"})
+    server.accounts.add("alice", PASSWORD)
+    base = "http://127.0.0.1:%d" % server.port
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    browser = Browser(str(tmp_path / "chromium-profile"))
+    try:
+        reader, editor = browser, browser.new_tab()
+        for tab in (reader, editor):
+            for domain in ("Page", "Runtime", "Log"):
+                tab.send(domain + ".enable")
+        # The editor logs in and writes revision 1
+        editor.send("Page.navigate", url=base + "/wiki/Live/edit")
+        editor.wait_for(at("/login?next=%2Fwiki%2FLive%2Fedit"))
+        fill(editor, "#name", "alice")
+        fill(editor, "#password", PASSWORD)
+        editor.click("main form button")
+        editor.wait_for(at("/wiki/Live/edit"))
+        fill(editor, "textarea", "first words")
+        editor.click("main form button")
+        editor.wait_for(at("/wiki/Live"))
+
+        # The reader opens it and follows its events; the notice is there, hidden
+        reader.send("Page.navigate", url=base + "/wiki/Live")
+        reader.wait_for(at("/wiki/Live") + " && document.getElementById('edited')"
+                        "?.dataset.following === 'yes'")
+        assert reader.evaluate("document.getElementById('edited').hidden") is True
+
+        # The editor saves revision 2: the reader's page says so, and is not reloaded
+        editor.click('a[href="/wiki/Live/edit"]')
+        editor.wait_for(at("/wiki/Live/edit"))
+        fill(editor, "textarea", "second words")
+        editor.click("main form button")
+        editor.wait_for(at("/wiki/Live"))
+        reader.wait_for("!document.getElementById('edited').hidden", timeout=2)
+        assert text_of(reader, "#edited") == "This page was edited (revision 2). Reload"
+        assert text_of(reader, "article") == "first words"
+        reader.screenshot(os.path.join(ARTIFACTS, "wiki-edited.png"), 1280, 800)
+        assert editor.evaluate("document.getElementById('edited').hidden") is True
+
+        # Its link reloads the page: revision 2, the notice hidden again
+        reader.click("#edited a")
+        reader.wait_for("document.querySelector('article')?.innerText == 'second words'")
+        assert reader.evaluate("document.getElementById('edited').hidden") is True
+        assert "Revision 2 by alice" in text_of(reader)
+    finally:
+        browser.close()
+    failed = [params for method, params in browser.events
+              if method == "Runtime.exceptionThrown" or (
+                  method == "Log.entryAdded" and params["entry"].get("level") == "error"
+                  and not params["entry"].get("url", "").endswith("/favicon.ico"))]
+    assert failed == [], failed
