@@ -26,6 +26,7 @@ import pytest
 
 from conftest import ROOT, free_port, wait_until
 from handlers._events import event_stream, publish
+from test_metrics import scrape, value
 from test_proxy import nginx_binary
 from test_tls import client_context, pki, start_tls  # noqa: F401  (pki: the fixture)
 
@@ -296,6 +297,11 @@ def test_a_tls_subscriber_that_stops_reading_is_cut_off_and_the_others_go_on(sta
         stalled_ids = ids_of(stalled.rest(timeout=10))
         assert stalled_ids == published[:len(stalled_ids)] and len(stalled_ids) < len(published)
         assert wait_until(lambda: ids_of(list(got)) == published, 10), "the reader missed some"
+        samples = scrape(server)   # what the operator sees
+        assert value(samples, "onebox_event_subscribers_cut_total", reason="slow") == 1
+        assert value(samples, "onebox_event_subscribers") == 1
+        assert value(samples, "onebox_events_dropped_total") == streams.dropped > 0
+        assert value(samples, "onebox_events_published_total") == len(published)
         print("\ncut off after %d events of 16 KiB; the reader got all %d"
               % (len(stalled_ids), len(published)))
     finally:
@@ -493,6 +499,9 @@ def test_through_nginx_the_stream_caps_count_visitors_not_the_proxy(start_server
             refused[-1].head
         streams = server.reactor.streams
         assert streams.refused == {"client_cap": 1, "server_cap": 1}, streams.stats()
+        samples = scrape(server)
+        for reason in ("client_cap", "server_cap"):
+            assert value(samples, "onebox_event_subscribers_refused_total", reason=reason) == 1
         held.pop(0).close()   # a visitor leaves: nginx closes its upstream connection
         assert wait_until(lambda: streams.count == 2, 5), streams.stats()
         held.append(open_stream(port, "/t/news/events", source=third))
