@@ -891,6 +891,14 @@ class Guard(object):
         rows.sort(key=lambda row: -row["until"])
         return rows
 
+    def banned_keys(self):
+        """The keys banned now, as a set (the reactor ends their event streams); any thread."""
+        if not self._bans or not self.policy.enabled:
+            return frozenset()
+        now = self._wall()
+        with self._bans_lock:
+            return {key for key, ban in self._bans.items() if ban.until > now}
+
     def ban_key(self, address):
         """The ban table's key for what an operator typed: a key as listed ('2001:db8::/64'),
         or an address, grouped as requests are ('2001:db8::7' -> its /64)."""

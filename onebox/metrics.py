@@ -324,7 +324,8 @@ def _events(out, sources):
             "Events a subscriber had not taken when it was cut off", streams["dropped"])
     out.family("onebox_event_subscribers_cut_total", "counter",
                "Event streams cut off (slow: past [events] max_unsent_bytes; stalled: nothing "
-               "taken for write_timeout_s; memory: max_buffered_bytes; room: max_connections)",
+               "taken for write_timeout_s; memory: max_buffered_bytes; room: max_connections; "
+               "banned: its client was banned)",
                [({"reason": name}, count) for name, count in sorted(streams["cut"].items())])
     out.family("onebox_event_subscribers_refused_total", "counter",
                "Event streams refused (client_cap: 429; server_cap: 503)",

@@ -281,9 +281,9 @@ SETTINGS = {
     # held by the reactor (onebox/events.py, onebox/streams.py). Read at each use: a reload
     # applies to what comes next.
     "events": [
-        Setting("max_subscribers", "int", 10000, 1,
-                "event streams open at once; past it a new one gets 503 (each is a connection: "
-                "keep [server] max_connections above it)"),
+        Setting("max_subscribers", "int", 2048, 1,
+                "event streams open at once; past it a new one gets 503. Each is a connection: "
+                "half of max_connections' default, so streams never take every connection"),
         Setting("max_subscribers_per_client", "int", 16, 1,
                 "event streams from one client (the guard's: behind a trusted proxy, each "
                 "visitor); past it 429. A tab holds one or two: 16 fits a person's tabs"),

@@ -25,7 +25,9 @@ handed to the reactor (``Outcome`` EVENTS), which from then on alone owns it, wa
   ``[server] write_timeout_s``, is cut off and counted (its events, dropped).
 * **Heartbeat** (``_beat``): every ``heartbeat_s``, a comment line to each subscriber that was
   sent nothing since the last beat, so that proxies (nginx's proxy_read_timeout: 60 s) and
-  NAT tables keep the connection, and a peer that vanished is found by its failed sends.
+  NAT tables keep the connection, and a peer that vanished is found by its failed sends: no
+  stream goes more than 2 x heartbeat_s without a byte. The streams of
+  clients the guard has banned since they subscribed are cut at the beat.
 * **The end**: the client closes (a read of nothing), sends anything (a subscriber has
   nothing to say), or the server drains (``end_streams``: a last ``retry:`` with a spread, so
   that 10,000 browsers do not reconnect in the same millisecond, then a graceful close).
@@ -88,7 +90,7 @@ class Subscribers:
         self.next_beat = 0.0
         self.sent = 0           # events written to (or queued for) a subscriber
         self.dropped = 0        # events queued for a subscriber that was then cut off
-        self.cut = {"slow": 0, "stalled": 0, "memory": 0, "room": 0}
+        self.cut = {"slow": 0, "stalled": 0, "memory": 0, "room": 0, "banned": 0}
         self.refused = {"client_cap": 0, "server_cap": 0}
         self.started = 0
 
@@ -99,7 +101,7 @@ class Subscribers:
 
 class StreamWaits:
     """The reactor's event streams (module docstring); uses the reactor's ``hub``,
-    ``streams`` (Subscribers), ``events_settings``, ``memory``, ``poller``, ``books``,
+    ``streams`` (Subscribers), ``events_settings``, ``memory``, ``poller``, ``books``, ``guard``,
     ``handoff``, ``settings``, and its ``_move``, ``_close`` and ``_linger``."""
 
     # -- admission ------------------------------------------------------------------------------
@@ -346,18 +348,22 @@ class StreamWaits:
         return streams.next_beat if streams.count else now + 3600.0
 
     def _beat(self, now):
-        """A heartbeat to each subscriber sent nothing since the last; cut the stalled."""
+        """A heartbeat to each subscriber sent nothing since the last; cut the stalled, and
+        the streams of clients banned since they subscribed (their requests meet the ban,
+        and their streams must not outlive it)."""
         streams, settings = self.streams, self.events_settings
         streams.next_beat = now + settings.heartbeat_s
         stall_s = self.settings.write_timeout_s
         deliveries = streams.deliveries
-        stalled = []
+        banned = self.guard.banned_keys()
+        cuts = [(sub.conn, "banned") for key in banned.intersection(streams.by_key)
+                for sub in streams.by_key[key]]
         for sub in [sub for held in streams.by_key.values() for sub in held]:
             if sub.out is not None:
-                if now - sub.stalled_at > stall_s:
-                    stalled.append(sub.conn)
+                if now - sub.stalled_at > stall_s and sub.key not in banned:
+                    cuts.append((sub.conn, "stalled"))
             elif not sub.spoke:
                 deliveries.append((sub, HEARTBEAT, 0))
             sub.spoke = False
-        for conn in stalled:
-            self._cut_stream(conn, "stalled")
+        for conn, why in cuts:
+            self._cut_stream(conn, why)

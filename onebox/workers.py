@@ -331,10 +331,12 @@ class Workers:
         if outbox is not None or exchange.site.access_log:
             self._describe(exchange)
         if outbox is not None:
+            # the client it counts against first: let_go drops the request that names it
+            conn.wait_key = self._wait_key(conn, exchange)
             exchange.let_go()
             outbox.record = exchange
             outbox.keep_alive = exchange.keep_alive
-            conn.outbox, conn.wait_key = outbox, self._wait_key(conn, exchange)
+            conn.outbox = outbox
             # an event stream's record is finished by the reactor, which admits it or not
             return SEND if type(outbox) is not Subscriber else EVENTS
         self.books.finish(exchange, time.monotonic())

@@ -310,6 +310,7 @@ def test_a_restart_ends_streams_and_browsers_resume_on_the_successor(server_proc
         assert farewell.startswith(b"retry: ") and 2000 <= int(farewell[7:]) <= 6000
         with pytest.raises(EOFError):
             stream.next_block(timeout=20)
+        stream.close()
         again = Stream(server, "/api/notes/events", "Last-Event-ID: %s\r\n" % seen["id"])
         reset = again.next_event()
         assert reset["event"] == "reset" and int(reset["id"]) > int(seen["id"])

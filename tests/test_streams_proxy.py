@@ -221,7 +221,8 @@ def assert_stream_head(stream, retry_ms=2000):
     assert stream.headers["x-accel-buffering"] == "no"
     assert stream.headers["connection"] == "close"
     assert "content-length" not in stream.headers and "transfer-encoding" not in stream.headers
-    assert stream.next() == {"retry": str(retry_ms)}
+    greeting = stream.next()   # retry:, and the stream's position as its id
+    assert greeting["retry"] == str(retry_ms) and set(greeting) == {"retry", "id"}, greeting
 
 
 def ids_of(items):
@@ -415,7 +416,8 @@ def assert_proxied_head(stream):
     assert stream.headers["content-type"] == "text/event-stream; charset=utf-8"
     assert stream.headers["cache-control"] == "no-cache"
     assert "x-accel-buffering" not in stream.headers and stream.chunked, stream.head
-    assert stream.next() == {"retry": "2000"}
+    greeting = stream.next()
+    assert greeting["retry"] == "2000" and set(greeting) == {"retry", "id"}, greeting
 
 
 def test_through_nginx_events_come_at_once_heartbeats_keep_the_stream_and_ids_pass(
@@ -473,10 +475,6 @@ def test_through_nginx_events_come_at_once_heartbeats_keep_the_stream_and_ids_pa
 # dropped exchange.request, so for a trusted proxy's connection (conn.client None) the key is
 # always None: every forwarded visitor's stream is uncounted, and the per-client cap never
 # applies behind a proxy. (Computing it before let_go makes both tests pass.)
-WAIT_KEY_BUG = "runtime: a proxied stream's wait_key is None (set after let_go drops request)"
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=WAIT_KEY_BUG)
 def test_through_nginx_the_stream_caps_count_visitors_not_the_proxy(start_server, nginx):
     """Every stream comes from nginx's 127.0.0.1; the per-client cap counts the visitor
     nginx names in X-Forwarded-For (429 for a third from one), the server's cap all (503)."""
@@ -517,10 +515,11 @@ def test_through_nginx_the_stream_caps_count_visitors_not_the_proxy(start_server
 
 def test_a_client_the_guard_bans_is_refused_a_stream_like_any_request(start_server):
     """Event streams pass the guard as every request does: a client over its rate is refused
-    (429), then banned (403), its streams too; another client subscribes as before."""
+    (429), then banned (403), its streams too, and the stream it had open is cut at the next
+    heartbeat; another client subscribes as before."""
     server = start_server(routes=ROUTES, config={
         "limits.client_rate_per_s": 0.1, "limits.client_burst": 2,
-        "limits.ban_after_rejections": 1, "limits.ban_s": 60})
+        "limits.ban_after_rejections": 1, "limits.ban_s": 60, "events.heartbeat_s": 0.1})
     first = open_stream(server.port, "/t/news/events", source="127.0.0.2")
     assert_stream_head(first)
     assert request_from("127.0.0.2", server.port, "/hello") == 200   # its burst, spent
@@ -535,6 +534,9 @@ def test_a_client_the_guard_bans_is_refused_a_stream_like_any_request(start_serv
     assert [key for key, *_ in server.guard.bans()] == ["127.0.0.2"]
     other = open_stream(server.port, "/t/news/events", source="127.0.0.3")
     assert_stream_head(other)
+    assert wait_until(lambda: server.reactor.streams.cut["banned"] == 1)
+    first.rest(timeout=2.0)   # read to its end: the server closed it
+    assert server.reactor.streams.count == 1   # the other client's
     other.close()
     first.close()
 
@@ -551,7 +553,6 @@ def request_from(source, port, path):
         connection.close()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=WAIT_KEY_BUG)
 def test_the_per_client_cap_counts_the_visitor_a_trusted_proxy_names(start_server):
     """The same without nginx: 127.0.0.1 is a trusted proxy by default, and names the
     visitor in X-Forwarded-For."""
@@ -573,10 +574,6 @@ def test_the_per_client_cap_counts_the_visitor_a_trusted_proxy_names(start_serve
 # max(position, streams.through) with nothing missed, so an event published after its handler
 # answered (after EventStream.position) that the reactor took before admitting the stream is
 # never sent to it, though the contract says it "gets what comes after" position.
-POSITION_BUG = "runtime: events between the handler's position and admission are skipped"
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=POSITION_BUG)
 def test_a_new_subscriber_gets_what_was_published_after_its_handler_answered(start_server):
     servers = []
 
