@@ -391,3 +391,27 @@ def test_response_cache_resize_keeps_what_fits():
     kept = [key for key in ("/k0", "/k1", "/k2", "/k3", "/k4")
             if cache.serve(key, 60, lambda: not_stored).body == b"x"]
     assert kept == ["/k0", "/k3", "/k4"]
+
+
+def test_event_settings_apply_to_what_comes_next(start_server, tmp_path):
+    """[events] (issue 22): a lower per-client cap refuses the next stream, and an event over
+    a lowered max_event_bytes is refused at publish; the stream already open stays."""
+    from test_streams import ROUTES, Stream, send
+    config = config_copy(tmp_path)
+    server = start_server(config_file=str(config), routes=ROUTES)
+    first = Stream(server, source="127.0.0.9")
+    try:
+        assert first.status() == 200
+        write_config(config, {"events.max_subscribers_per_client": 1,
+                              "events.max_event_bytes": 100})
+        assert "events.max_subscribers_per_client 16->1" in reload_in(server)
+        second = Stream(server, source="127.0.0.9")
+        assert second.status() == 429
+        second.close()
+        status, _, _ = request(server, "POST", "/publish/t", '{"data": "%s"}' % ("x" * 200),
+                               {"Content-Type": "application/json"})
+        assert status == 413
+        event_id = send(server, "t", "small")
+        assert first.next_event()["id"] == str(event_id)
+    finally:
+        first.close()
