@@ -205,7 +205,10 @@ def test_notes_survive_a_restart(start_server, tmp_path):
 
 def test_notes_page_is_served(server):
     status, _, body = request(server, "GET", "/notes.html")
-    assert status == 200 and b'<script src="/assets/notes.js"></script>' in body
+    assert status == 200 and (b'<script src="/assets/live.js"></script>\n'
+                              b'<script src="/assets/notes.js"></script>') in body
     status, headers, body = request(server, "GET", "/assets/notes.js")
-    assert status == 200 and b"fetch(path" in body and b"EventSource" in body
+    assert status == 200 and b"fetch(path" in body and b'live("/api/notes/events"' in body
     assert headers["content-type"].startswith("text/javascript")
+    status, headers, body = request(server, "GET", "/assets/live.js")
+    assert status == 200 and b"new EventSource(url)" in body

@@ -54,6 +54,7 @@ http {{
             proxy_set_header Host $host;
             proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
         }}
+{locations}
     }}
 }}
 """
@@ -70,12 +71,14 @@ def nginx_binary():
 
 @pytest.fixture
 def nginx(tmp_path):
-    """start(upstream_port) runs nginx in front of it; returns nginx's port. Stopped at the end."""
+    """start(upstream_port, locations="") runs nginx in front of it, with ``locations`` (more
+    location blocks) after ``location /``; returns nginx's port. ``start.error_log()``.
+    Stopped at the end of the test."""
     binary = nginx_binary()
     running = []
+    directory = tmp_path / "nginx"
 
-    def start(upstream_port):
-        directory = tmp_path / "nginx"
+    def start(upstream_port, locations=""):
         directory.mkdir()
         # nginx cannot be told port 0 and say which it took: a port free a moment ago, and
         # another if some other process took it meanwhile
@@ -83,7 +86,7 @@ def nginx(tmp_path):
             port = free_port()
             conf = directory / "nginx.conf"
             conf.write_text(NGINX_CONF.format(dir=directory, port=port,
-                                              upstream_port=upstream_port))
+                                              upstream_port=upstream_port, locations=locations))
             log = directory / "error.log"
             if log.exists():
                 log.unlink()   # this attempt's errors only

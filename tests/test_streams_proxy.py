@@ -18,16 +18,13 @@ import http.client
 import os
 import re
 import socket
-import subprocess
 import threading
 import time
 
-import pytest
-
-from conftest import ROOT, free_port, wait_until
+from conftest import ROOT, wait_until
 from handlers._events import event_stream, publish
 from test_metrics import scrape, value
-from test_proxy import nginx_binary
+from test_proxy import nginx  # noqa: F401  (the fixture: nginx in front of a server)
 from test_tls import client_context, pki, start_tls  # noqa: F401  (pki: the fixture)
 
 OPERATIONS = os.path.join(ROOT, "docs", "operations.md")
@@ -314,39 +311,6 @@ def test_a_tls_subscriber_that_stops_reading_is_cut_off_and_the_others_go_on(sta
 
 # --- nginx -------------------------------------------------------------------------------------
 
-NGINX_CONF = """
-daemon off;
-master_process on;
-worker_processes 1;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    client_body_temp_path {dir}/client_body;
-    proxy_temp_path {dir}/proxy;
-    fastcgi_temp_path {dir}/fastcgi;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
-    upstream onebox {{
-        server 127.0.0.1:{upstream_port};
-        keepalive 16;
-    }}
-    server {{
-        listen 127.0.0.1:{port};
-        location / {{
-            proxy_pass http://onebox;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host $host;
-            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-        }}
-{events_location}
-    }}
-}}
-"""
-
-
 def events_location():
     """The nginx block docs/operations.md gives for event streams (its first ```nginx block
     in "Live events"), with proxy_read_timeout scaled as heartbeat_s is here."""
@@ -356,57 +320,6 @@ def events_location():
                       re.S | re.M).group(1)
     assert block.count(READ_TIMEOUT[0]) == 1, "the docs' block changed: update READ_TIMEOUT"
     return block.replace(*READ_TIMEOUT)
-
-
-@pytest.fixture
-def nginx(tmp_path):
-    """start(upstream_port): nginx in front of onebox, with the docs' events location; its
-    port. ``start.error_log()``. Stopped at the end of the test."""
-    binary = nginx_binary()
-    running = []
-    directory = tmp_path / "nginx"
-
-    def start(upstream_port):
-        directory.mkdir()
-        conf, log = directory / "nginx.conf", directory / "error.log"
-        # nginx cannot be told port 0: a port free a moment ago, another if it was taken
-        for attempt in range(5):
-            port = free_port()
-            conf.write_text(NGINX_CONF.format(dir=directory, port=port,
-                                              upstream_port=upstream_port,
-                                              events_location=events_location()))
-            if log.exists():
-                log.unlink()
-            process = subprocess.Popen([binary, "-p", str(directory), "-c", str(conf),
-                                        "-e", str(log)],
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            running.append(process)
-            deadline = time.monotonic() + 10
-            while process.poll() is None and time.monotonic() < deadline:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    return port
-                except OSError:
-                    time.sleep(0.05)
-            assert process.poll() is not None, "nginx is not listening after 10 s"
-            logged = process.stderr.read().decode(errors="replace") + start.error_log()
-            assert "Address already in use" in logged, "nginx did not start: " + logged
-        raise AssertionError("nginx found no free port in 5 tries")
-
-    def error_log():
-        log = directory / "error.log"
-        return log.read_text() if log.exists() else ""
-
-    start.error_log = error_log
-    yield start
-    for process in running:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        process.stderr.close()
 
 
 def assert_proxied_head(stream):
@@ -423,7 +336,7 @@ def assert_proxied_head(stream):
 def test_through_nginx_events_come_at_once_heartbeats_keep_the_stream_and_ids_pass(
         start_server, nginx):
     server = start_server(routes=ROUTES, config={"events.heartbeat_s": HEARTBEAT_S})
-    port = nginx(server.port)
+    port = nginx(server.port, events_location())
     publisher = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     stream = open_stream(port, "/t/news/events", source=VISITORS[0])
     try:
@@ -480,7 +393,7 @@ def test_through_nginx_the_stream_caps_count_visitors_not_the_proxy(start_server
     nginx names in X-Forwarded-For (429 for a third from one), the server's cap all (503)."""
     server = start_server(routes=ROUTES, config={"events.max_subscribers_per_client": 2,
                                                  "events.max_subscribers": 3})
-    port = nginx(server.port)
+    port = nginx(server.port, events_location())
     first, second, third = VISITORS
     held = [open_stream(port, "/t/news/events", source=first) for _ in range(2)]
     refused = []

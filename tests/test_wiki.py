@@ -360,12 +360,13 @@ def test_the_current_revision_follows_its_events_and_an_old_one_does_not(start_s
         assert save(server, alice, "Watched", "text %d" % rev, rev)[0] == 303
     status, headers, body = get(server, "/wiki/Watched")
     assert ('data-events="/wiki/Watched/events" data-rev="2"' in body
-            and '<script src="/assets/wiki-live.js" defer></script>' in body)
+            and '<script src="/assets/live.js" defer></script>'
+                '<script src="/assets/wiki-live.js" defer></script>' in body)
     assert "'nonce-" not in headers["content-security-policy"]      # a file from 'self'
     old = get(server, "/wiki/Watched/history/1")[2]
     assert "An old revision" in old and "wiki-live.js" not in old and "data-events" not in old
     status, headers, script = request(server, "GET", "/assets/wiki-live.js")
-    assert status == 200 and b"EventSource" in script
+    assert status == 200 and b"live(notice.dataset.events" in script
 
 
 # --- conflicts ---------------------------------------------------------------------------------

@@ -120,6 +120,7 @@ more.onclick = () => run(() => loading(load));
 // --- live: what the other tabs (and everyone else) change ---------------------------------
 
 function receive(kind, data) {
+  if (kind !== "reset" && !(data && typeof data.id === "string")) return;   // not a note's
   if (queued !== null) {
     queued.push([kind, data]);
   } else if (kind === "reset") {
@@ -142,58 +143,12 @@ function arrived(kind, note) {
   }
 }
 
-// EventSource reconnects by itself after a dropped stream, sending the last event id it saw
-// (the server then replays what was missed, or sends "reset"). After a refusal (429: too many
-// streams from this client; 503) it stops for good, so this page tries again, backing off.
-const RETRY_FIRST_MS = 2000, RETRY_MOST_MS = 60000;
-let retryMs = RETRY_FIRST_MS;
-let listed = false;
-let source = null;                     // the stream followed now
-let retrying = null;                   // the timer of the next try after a refusal
-
-function follow() {
-  retrying = null;
-  source = new EventSource("/api/notes/events");
-  let sawId = false;
-  source.onopen = () => {
-    retryMs = RETRY_FIRST_MS;
-    list.dataset.following = "yes";    // (what a test waits for before it changes a note)
-    // Subscribed before the list is read, so no change falls between them; and on a
-    // connection that had no id to send, what was missed is unknown: read the list again
-    listed = true;
-    if (!sawId) receive("reset");
-  };
-  for (const kind of ["created", "updated", "deleted", "reset"]) {
-    source.addEventListener(kind, (event) => {
-      sawId = sawId || event.lastEventId !== "";
-      let data;
-      try { data = JSON.parse(event.data); } catch (e) { data = null; }
-      if (kind === "reset" || (data && typeof data.id === "string")) receive(kind, data);
-    });
-  }
-  source.onerror = () => {
-    delete list.dataset.following;
-    if (!listed) {                     // no stream yet: show the notes anyway
-      listed = true;
-      reload();
-    }
-    if (source.readyState === EventSource.CLOSED) {
-      retrying = setTimeout(follow, retryMs);
-      retryMs = Math.min(2 * retryMs, RETRY_MOST_MS);
-    }
-  };
-}
-
-// A page left for another may be kept, frozen, to come back to (the back-forward cache), with
-// its stream still open: one of the few a client may hold. Closed when left; followed again,
-// the list read again, when shown again.
-addEventListener("pagehide", () => {
-  clearTimeout(retrying);
-  source.close();
-  delete list.dataset.following;
-});
-addEventListener("pageshow", (event) => {
-  if (event.persisted) follow();
-});
-
-follow();
+// Followed before the list is read, so that no change falls between them (live.js says when
+// the list is read again: start)
+live("/api/notes/events", {
+  start: reload,
+  created: (data) => receive("created", data),
+  updated: (data) => receive("updated", data),
+  deleted: (data) => receive("deleted", data),
+  reset: () => receive("reset"),
+}, list);
