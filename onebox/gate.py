@@ -40,7 +40,7 @@ from onebox.tls import TLSSocket
 TLS_HANDSHAKE_BYTES = 64 * 1024
 
 
-def _send_at_once(sock, response):
+def send_at_once(sock, response):
     """A small error response, in one non-blocking send, with Connection: close. The reactor
     never waits on a client: what the socket buffer does not take is dropped."""
     try:
@@ -143,7 +143,7 @@ class Gate:
         """An admin connection: no guard, no site caps (a flood of the site must not lock the
         operator out), only its own cap. Its client key stays None: never counted per client."""
         if self.admin_open >= self.admin_max_connections:
-            _send_at_once(sock, error_response(None, 503, "too many admin connections",
+            send_at_once(sock, error_response(None, 503, "too many admin connections",
                                                [("Retry-After", "1")]))
             sock.close()
             self.log_error("admin connection from %s refused: [admin] max_connections (%d) are "
@@ -204,14 +204,14 @@ class Gate:
         """Answer a request under way 503 (in one send, never waited for) and close now: its
         place or its memory is needed (a refusal, not the client's fault: no strike)."""
         response = error_response(None, 503, message, [("Retry-After", "1")])
-        _send_at_once(conn.sock, response)
+        send_at_once(conn.sock, response)
         self._log_refusal(conn.ip, "", 503, len(response.body), "shed=" + why)
         self._close(conn)
 
     def _refuse(self, conn, message, reason):
         response = error_response(None, 503, message, [("Retry-After", "1")])
         if not conn.tls:   # a TLS client could not read a plain 503: it sees a close
-            _send_at_once(conn.sock, response)
+            send_at_once(conn.sock, response)
         conn.sock.close()
         self.refusals.count("refused_" + reason)
         self._log_refusal(conn.ip, "", 503, len(response.body), "refused=" + reason)
@@ -228,7 +228,7 @@ class Gate:
         end = buf.find(b"\r\n\r\n")
         if self.guard.refuses_banned(conn.ip, conn.client):   # first: each one is a hit
             response = error_response(None, 403, "forbidden")
-            _send_at_once(conn.sock, response)
+            send_at_once(conn.sock, response)
             line = bytes(buf[:min(buf.find(b"\r\n"), 200)]).decode("latin-1")
             self._log_refusal(conn.ip, line, 403, len(response.body), "guard=banned")
             self._linger(conn)
@@ -256,7 +256,7 @@ class Gate:
     def _reject(self, conn, status, message):
         """Answer a request that never reached a worker, then close."""
         response = error_response(None, status, message)
-        _send_at_once(conn.sock, response)
+        send_at_once(conn.sock, response)
         note = None
         if status != 408:   # bytes no parser could take are a strike; slowness is not
             note = self.guard.saw_bad_request(conn.ip, conn.client, status, in_reactor=True)

@@ -16,10 +16,15 @@ is answered before any worker sees a request (refusals, health checks) are the r
 handshake is done, is served as any other: its socket is an ``onebox.tls.TLSSocket``, which
 behaves as a plain one does for the code here and in the workers.
 
+An event stream's connection waits here too (``Wait.EVENTS``) for as long as it is open: its
+admission, fan-out, heartbeat and cut-offs are ``StreamWaits`` in onebox/streams.py, another
+base class of ``Reactor``; what handlers publish reaches it through the hub
+(``onebox/events.py``), which wakes the reactor as a worker's hand-back does.
+
 Every field here is the reactor thread's alone, and nothing in this module takes a lock;
 ``stats()`` is the one method for other threads (metrics, the status page). Imports the standard
-library, the codec, transfer, hand-off, timers, fairness and gate modules; never the engine or
-``server``.
+library, the codec, transfer, hand-off, timers, fairness, gate and streams modules; never the
+engine or ``server``.
 """
 import socket
 import time

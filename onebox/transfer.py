@@ -18,7 +18,8 @@ make a thread wait on it for long (issue 12), so:
 Connection sockets are blocking with SO_SNDTIMEO = ``worker_write_s``, reads pass
 MSG_DONTWAIT, and a socket handed to the reactor to finish a response is non-blocking until it
 is done. Threads: none of its own; every function runs in the thread that calls it.
-Imports the standard library, the handler contract, the codec and onebox.tls (a constant).
+Imports the standard library, the handler contract, the codec, onebox.streams (an event
+stream's answer is a ``Subscriber`` for the reactor) and onebox.tls (a constant).
 """
 import os
 import select

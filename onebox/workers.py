@@ -21,8 +21,8 @@ The pool's size is an invariant: nothing a request or a hand-back raises ends a 
 Threads: ``worker_threads`` of them, each bound to its server's context (state, cache, limiters;
 ``handlers/_context.py``). Imports the contract and the runtime's codec, transfer, routing,
 hand-off, settings (``host_allowed``), static (``STATIC_METHODS``), guard (``CPU_CHARGE_MIN_S``),
-books (``Record``) and metrics (its route labels) modules; never the reactor, the engine or
-``server``.
+books (``Record``), metrics (its route labels) and streams (``Subscriber``: an event stream is
+handed to the reactor) modules; never the reactor, the engine or ``server``.
 """
 import select
 import threading
