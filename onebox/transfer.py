@@ -446,28 +446,40 @@ def write_response(sock, response, keep_alive, version, head_only, turn_s):
     """Send ``response`` for at most ``turn_s`` (the worker's turn). Returns (body bytes sent,
     None) when it has all left, or (body bytes sent, Outbox) for the reactor to finish (a
     stream's generator may go on in a later worker: see ``produce``). Raises ClientGone."""
-    deadline = time.monotonic() + turn_s
     status = response.status
     no_body = head_only or status in _NO_BODY_STATUSES or status < 200
+    body = response.body
+    if response.file is None and response.stream is None and body and not no_body \
+            and len(body) <= _SMALL_BODY_BYTES:
+        # nearly every response: head and body in one send, which takes it all (the turn's
+        # deadline is read only if it does not: issue 23, a clock read and a call a request)
+        data = render_head(status, response.headers, len(body), keep_alive, version) + body
+        try:
+            sent = sock.send(data)
+        except BlockingIOError:
+            sent = 0   # SO_SNDTIMEO (worker_write_s) passed with nothing taken
+        except OSError as error:
+            raise ClientGone(str(error)) from None
+        if sent == len(data):
+            return len(body), None
+        head_bytes = len(data) - len(body)
+        sent += _send_some(sock, memoryview(data)[sent:], time.monotonic() + turn_s)
+        if sent == len(data):
+            return len(body), None
+        return max(0, sent - head_bytes), _rest(data, head_bytes, sent)
+    deadline = time.monotonic() + turn_s
     if response.file is not None:
         return _write_file(sock, response, keep_alive, version, no_body, deadline)
     if response.stream is not None:
         return _write_stream(sock, response, keep_alive, version, no_body, deadline)
-    body = response.body
     head = render_head(status, response.headers, len(body), keep_alive, version)
     if no_body or not body:
         return 0, _rest(head, len(head), _send_some(sock, head, deadline))
-    if len(body) > _SMALL_BODY_BYTES:
-        sent = _send_some(sock, head, deadline)
-        if sent < len(head):
-            return 0, Outbox(memoryview(head)[sent:].tobytes() + body, len(head) - sent)
-        sent = _send_some(sock, body, deadline)
-        return sent, _rest(body, 0, sent, sent)
-    data = head + body
-    sent = _send_some(sock, data, deadline)
-    if sent == len(data):
-        return len(body), None   # nearly always: all of it in one send
-    return max(0, sent - len(head)), _rest(data, len(head), sent)
+    sent = _send_some(sock, head, deadline)
+    if sent < len(head):
+        return 0, Outbox(memoryview(head)[sent:].tobytes() + body, len(head) - sent)
+    sent = _send_some(sock, body, deadline)
+    return sent, _rest(body, 0, sent, sent)
 
 
 def _rest(data, head_bytes, sent, body_sent=None):

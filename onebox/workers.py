@@ -50,6 +50,7 @@ HTTPS_REDIRECT = "https-redirect"   # the metrics' route label of [tls] redirect
 # challenge (RFC 8555 8.3), so that certbot --webroot works before the first certificate.
 ACME_CHALLENGE = "/.well-known/acme-challenge/"
 MAX_REQUESTS_PER_TURN = 32  # pipelined requests a worker serves before giving others a turn
+_EMPTY_LINE_STARTS = (b"\r", b"\n")   # RFC 9112 section 2.2: empty lines before a request
 
 
 class _Exchange(Record):
@@ -103,6 +104,7 @@ class Workers:
         self.books = books
         self.guard = guard
         self.health_checks = health_checks
+        self.health_paths = health_checks.paths   # built once ([health] is read at start)
         self.admin = admin
         self.context = context
         self.sessions = context.sessions   # request.session's store (onebox/sessions.py), or None
@@ -200,6 +202,7 @@ class Workers:
             # body to wait for), the reactor parked it idle with a deadline already past and
             # closed it before the client's next request (1 in 10 on loopback, plain or TLS)
             conn.idle_since = time.monotonic()
+        waiter = None   # what _hold polls: made at the first hold, kept for the connection's turn
         while True:
             if not conn.buf:   # an idle connection the reactor passed on unread
                 data = conn.recv_ready()
@@ -212,7 +215,11 @@ class Workers:
             if outcome is not KEEP or conn.buf:
                 return outcome
             conn.idle_since = time.monotonic()
-            outcome = self._hold(conn)
+            if waiter is None:
+                waiter = select.poll()
+                waiter.register(conn.sock, select.POLLIN)
+                waiter.register(self.handoff.release_recv, select.POLLIN)
+            outcome = self._hold(conn, waiter)
             if outcome is not None:
                 return outcome
 
@@ -230,7 +237,7 @@ class Workers:
             outbox.cut = True
         return SEND
 
-    def _hold(self, conn):
+    def _hold(self, conn, waiter):
         """Wait here for the next request on a kept connection while no other connection
         needs a worker: None when it comes, KEEP to hand the connection to the reactor
         (workers are wanted, or the server stops), GONE when its idle time is up.
@@ -241,15 +248,15 @@ class Workers:
         the reactor, whose idle deadline counts from ``conn.idle_since``.
 
         Measured with bench/ab_static.py (10 MiB file, wrk -c16): server CPU per request fell
-        from ~1,180 to ~1,130 us, context switches from 5.9 to 4.3 per request."""
+        from ~1,180 to ~1,130 us, context switches from 5.9 to 4.3 per request. ``waiter``
+        polls the connection and the release flag: one for all the requests of the
+        connection's turn (a poll object and its two registrations a request cost ~1,000
+        instructions of a hello's ~139,000: issue 23)."""
         handoff = self.handoff
         if handoff.workers_wanted or handoff.stopping:
             return KEEP
-        poller = select.poll()
-        poller.register(conn.sock, select.POLLIN)
-        poller.register(handoff.release_recv, select.POLLIN)
         handoff.held[conn] = True
-        ready = poller.poll(self.current.site.settings.keepalive_timeout_s * 1000)
+        ready = waiter.poll(self.current.site.settings.keepalive_timeout_s * 1000)
         if not handoff.held.pop(conn, False) or not ready:
             return GONE   # evicted by the reactor (its _make_room), or idle too long
         if handoff.workers_wanted or handoff.stopping:
@@ -257,16 +264,29 @@ class Workers:
         return None
 
     def _serve_buffered(self, conn):
-        """The requests whose heads are in the buffer, a turn's worth."""
+        """The requests whose heads are in the buffer, a turn's worth: each one served under
+        the site current when its head is taken (``site``: to its end, a reload or not). None
+        from ``_finish``: the connection goes on; else the Outcome to hand it back with (BODY:
+        the reactor buffers its body). (One request's steps are inline here, not a method of
+        their own: a call is a frame, ~1% of a hello's instructions: issue 23.)"""
         for _ in range(MAX_REQUESTS_PER_TURN):
             buf = conn.buf
-            if buf[:1] in (b"\r", b"\n"):
+            if buf.startswith(_EMPTY_LINE_STARTS):
                 del buf[:len(buf) - len(buf.lstrip(b"\r\n"))]
             end = buf.find(b"\r\n\r\n")
-            site = self.current.site   # this request's, to its end
+            site = self.current.site
             if end < 0 or end + 4 > site.settings.max_head_bytes:
                 return KEEP
-            outcome = self._serve_one(conn, end, site)
+            exchange = _Exchange(time.monotonic(), site, conn.ip, bytes(buf[:end]))
+            del buf[:end + 4]
+            # 1. Parse and check the head, build the request, ask the guard.
+            self._prepare(conn, exchange)
+            # 2. A body not all here yet that fits the buffer is the reactor's to wait for.
+            if exchange.response is None and exchange.reader is not None:
+                buffered = body_is_buffered(buf, exchange.head, site.buffer_limit)
+                if buffered is not True:
+                    return self._wait_for_body(conn, exchange, buffered)
+            outcome = self._finish(conn, exchange)
             if outcome is not None:
                 return outcome
             if self.handoff.stopping:
@@ -278,21 +298,6 @@ class Workers:
         return KEEP
 
     # -- one request ---------------------------------------------------------------------------
-    def _serve_one(self, conn, end, site):
-        """The request whose head ends at ``end`` in the buffer, served under ``site``: None if
-        the connection goes on, else the Outcome to hand it back with (BODY: the reactor
-        buffers its body)."""
-        exchange = _Exchange(time.monotonic(), site, conn.ip, bytes(conn.buf[:end]))
-        del conn.buf[:end + 4]
-        # 1. Parse and check the head, build the request, ask the guard.
-        self._prepare(conn, exchange)
-        # 2. A body that is not all here yet, and fits the buffer, is the reactor's to wait for.
-        if exchange.response is None and exchange.reader is not None:
-            buffered = body_is_buffered(conn.buf, exchange.head, site.buffer_limit)
-            if buffered is not True:
-                return self._wait_for_body(conn, exchange, buffered)
-        return self._finish(conn, exchange)
-
     def _finish(self, conn, exchange):
         """Steps 3-6 of a request whose body (if any) is buffered or to be streamed."""
         # 3. Route it and run the handler (or a static page).
@@ -362,15 +367,18 @@ class Workers:
         try:
             try:
                 exchange.head = head = parse_head(exchange.raw_head, site.settings)
-                exchange.reader = self._body_reader(conn, head, site.settings)
-                exchange.request = self._build_request(conn, head, exchange.reader, site)
+                if head.chunked or head.content_length:
+                    exchange.reader = self._body_reader(conn, head, site.settings)
+                exchange.request = request = self._build_request(conn, head, exchange.reader,
+                                                                 site)
             except HTTPError:
                 raise
             except Exception as error:
                 self.log_error("unparsable request from %s: %s" % (conn.ip,
                                                                    type(error).__name__))
                 raise HTTPError(400, "malformed request") from None
-            if conn.admin or self._is_health_check(conn, exchange):
+            if conn.admin or (request.path in self.health_paths
+                              and self._is_health_check(conn, exchange)):
                 # the operator's listener, or a monitor: never limited, banned or counted
                 exchange.keep_alive = exchange.head.keep_alive and not self.handoff.stopping
                 return
