@@ -42,8 +42,8 @@ from onebox.routing import METHODS, NotRouted, to_response
 from onebox.settings import host_allowed
 from onebox.static import STATIC_METHODS
 from onebox.streams import Subscriber
-from onebox.transfer import (ChunkedBody, ChunkedScan, ClientGone, LengthBody, StreamFailed,
-                             body_is_buffered, produce, write_response)
+from onebox.transfer import (MSG_DONTWAIT, ChunkedBody, ChunkedScan, ClientGone, LengthBody,
+                             StreamFailed, body_is_buffered, produce, write_response)
 
 HTTPS_REDIRECT = "https-redirect"   # the metrics' route label of [tls] redirect_http's 301s
 # Served from pages_dir over plain HTTP even when it redirects to HTTPS: ACME's http-01
@@ -204,10 +204,13 @@ class Workers:
             conn.idle_since = time.monotonic()
         waiter = None   # what _hold polls: made at the first hold, kept for the connection's turn
         while True:
-            if not conn.buf:   # an idle connection the reactor passed on unread
-                data = conn.recv_ready()
-                if data is None:
+            if not conn.buf:   # an idle connection the reactor passed on, or a held one's
+                try:
+                    data = conn.sock.recv(65536, MSG_DONTWAIT)   # (Connection.recv_ready's,
+                except (BlockingIOError, InterruptedError):     # without its frame)
                     return KEEP   # a spurious report: wait again
+                except OSError:
+                    data = b""
                 if not data:
                     return GONE
                 conn.buf += data
@@ -302,7 +305,14 @@ class Workers:
         """Steps 3-6 of a request whose body (if any) is buffered or to be streamed."""
         # 3. Route it and run the handler (or a static page).
         if exchange.response is None:
-            self._dispatch_into(conn, exchange)
+            site = exchange.site
+            if conn.admin or conn.tls or site.redirect_to_https:
+                self._dispatch_into(conn, exchange)
+            else:   # the plain site's request, nearly all: no frame for the cases above
+                try:
+                    exchange.response = self._dispatch(conn, exchange.request, exchange)
+                except HTTPError as error:
+                    self._refused_by(error, exchange, conn)
         if self.handoff.stopping:
             exchange.keep_alive = False   # say Connection: close while shutting down
         # 4. A body the handler left unread is judged before the answer goes out.
@@ -314,10 +324,18 @@ class Workers:
             note = None
         else:
             note = self._count_for_guard(conn, exchange)
-        # 6. Write it for a turn (the reactor finishes it for a slow reader); account for it:
-        #    the exchange is the request's Record (onebox/books.py), filled in here.
-        sent, outbox = self._write(conn, exchange)
+        # 6. Write it for a turn (the reactor finishes it for a slow reader; a client that
+        #    broke the connection closes it); account for it: the exchange is the request's
+        #    Record (onebox/books.py), filled in here.
         request, head = exchange.request, exchange.head
+        try:
+            sent, outbox = write_response(
+                conn.sock, exchange.response, exchange.keep_alive,
+                head.version if head is not None else "HTTP/1.1",
+                request is not None and request.method == "HEAD",
+                exchange.site.settings.worker_write_s)
+        except ClientGone as error:
+            sent, outbox = self._write_failed(exchange, error)
         exchange.status = exchange.response.status
         exchange.sent = sent
         if conn.admin:
@@ -445,8 +463,7 @@ class Workers:
             else:
                 exchange.response = self._dispatch(conn, exchange.request, exchange)
         except HTTPError as error:
-            exchange.unrouted = isinstance(error, NotRouted)
-            exchange.response = self._error_for(site, exchange.request, error, conn.admin)
+            self._refused_by(error, exchange, conn)
         if conn.tls:
             hsts = site.hsts_header
             headers = exchange.response.headers
@@ -454,6 +471,11 @@ class Workers:
             # object again and again: the header is added once.)
             if hsts is not None and hsts not in headers:
                 headers.append(hsts)
+
+    def _refused_by(self, error, exchange, conn):
+        """The handler (or routing) raised ``error``: its response."""
+        exchange.unrouted = isinstance(error, NotRouted)
+        exchange.response = self._error_for(exchange.site, exchange.request, error, conn.admin)
 
     def _settle_body(self, conn, exchange):
         """Drain what the handler left unread of the request's body, if it is all here, judging
@@ -495,20 +517,14 @@ class Workers:
             note = guard.saw_404(request, conn.client) or note
         return note
 
-    def _write(self, conn, exchange):
-        """Send the answer for a turn: (body bytes sent, the Outbox of the rest or None). A
-        client that breaks the connection, or a streamed body that fails half-way, closes it."""
-        request, head = exchange.request, exchange.head
-        version = head.version if head is not None else "HTTP/1.1"
-        head_only = request is not None and request.method == "HEAD"
-        try:
-            return write_response(conn.sock, exchange.response, exchange.keep_alive, version,
-                                  head_only, exchange.site.settings.worker_write_s)
-        except StreamFailed as error:
+    def _write_failed(self, exchange, error):
+        """The answer could not be sent (write_response raised): the client broke the
+        connection, or a streamed body failed half-way (StreamFailed, a ClientGone: logged).
+        The connection closes; (body bytes sent, no Outbox)."""
+        if isinstance(error, StreamFailed):
+            request = exchange.request
             self.log_error("%s %s: streamed body failed" % (request.method, request.path),
                            str(error))
-        except ClientGone:
-            pass
         exchange.keep_alive = False
         return 0, None
 
