@@ -8,7 +8,8 @@ p50/p99 latency at keep-alive, then a `Connection: close` run counting socket er
 2,000 idle keep-alive connections: a normal client's latency beside them, and each server's
 thread count and RSS. onebox runs with routing and access logging on (to a file).
 
-Writes a markdown table to stdout and to bench/results/http.md.
+Writes a markdown table to stdout and to bench/results/http.md. bench/bench_peers.py runs onebox
+beside the stdlib, uvicorn+uvloop and nginx in one run (issue 23's table).
 """
 import argparse
 import os
