@@ -217,7 +217,7 @@ class Workers:
             outcome = self._serve_buffered(conn)
             if outcome is not KEEP or conn.buf:
                 return outcome
-            conn.idle_since = time.monotonic()
+            # (its idle time began when _finish sent the last response: conn.idle_since)
             if waiter is None:
                 waiter = select.poll()
                 waiter.register(conn.sock, select.POLLIN)
@@ -362,7 +362,8 @@ class Workers:
             conn.outbox = outbox
             # an event stream's record is finished by the reactor, which admits it or not
             return SEND if type(outbox) is not Subscriber else EVENTS
-        self.books.finish(exchange, time.monotonic())
+        conn.idle_since = finished = time.monotonic()   # kept: its idle time starts now
+        self.books.finish(exchange, finished)
         return None if exchange.keep_alive else CLOSE
 
     def _describe(self, exchange):
