@@ -57,6 +57,9 @@ METRICS_BOUNDS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 # that one bucket index says which metrics bucket a request is in too (``metrics_bucket``).
 DURATION_BOUNDS_S = tuple(sorted(set(16e-6 * 2 ** (i / 2.0) for i in range(40))
                                  | set(METRICS_BOUNDS_S)))
+# bucket i holds the durations d with _LOWER[i] < d <= _UPPER[i] (bisect_left's answer)
+_LOWER = (float("-inf"),) + DURATION_BOUNDS_S
+_UPPER = DURATION_BOUNDS_S + (float("inf"),)
 
 
 def metrics_bucket(bucket):
@@ -94,28 +97,33 @@ class Tally(object):
         except AttributeError:
             book = self._open_book()
         took = finished - started
-        key = (finished // 1.0, status, method, route, client, path[:PATH_CHARS],
-               bisect_left(DURATION_BOUNDS_S, took))
-        value = book.get(key)
+        if book.lower < took <= book.upper:
+            bucket = book.bucket     # the bucket of the thread's request before (see _Book)
+        else:
+            bucket = book.bucket = bisect_left(DURATION_BOUNDS_S, took)
+            book.lower, book.upper = _LOWER[bucket], _UPPER[bucket]
+        key = (finished // 1.0, status, method, route, client, path[:PATH_CHARS], bucket)
+        keys = book.keys
+        value = keys.get(key)
         if value is not None:
             value[0] += 1
             value[1] += sent
             value[2] += took
             return
-        if len(book) >= self.book_keys:
+        if len(keys) >= self.book_keys:
             with self._lock:
-                self._fold_locked(book)
-        book[key] = [1, sent, took]
+                self._fold_locked(keys)
+        keys[key] = [1, sent, took]
 
     def _open_book(self):
-        book = self._local.book = {}
+        book = self._local.book = _Book()
         with self._lock:
-            self._books.append(book)
+            self._books.append(book.keys)
         return book
 
-    def _fold_locked(self, book):
-        entries = list(book.items())
-        book.clear()
+    def _fold_locked(self, keys):
+        entries = list(keys.items())
+        keys.clear()
         for fold in self._folds:
             fold(entries)
 
@@ -141,6 +149,21 @@ class Tally(object):
                 size += sum(map(sys.getsizeof, key)) + sys.getsizeof(key)
                 size += sum(map(sys.getsizeof, value)) + sys.getsizeof(value)
         return size
+
+
+class _Book(object):
+    """One thread's book: ``keys`` (key -> [requests, body bytes, seconds]), and the duration
+    bucket of the thread's last request, with its bounds. A request that took about as long as
+    the one before it (most do, the buckets being sqrt(2) wide) is in the same bucket, and two
+    float comparisons say so: measured under valgrind, bisecting the 54 bounds costs ~1,100 CPU
+    instructions, the comparisons ~300 (issue 23)."""
+
+    __slots__ = ("keys", "bucket", "lower", "upper")
+
+    def __init__(self):
+        self.keys = {}
+        self.bucket = 0
+        self.lower, self.upper = _LOWER[0], _UPPER[0]
 
 
 def _entries_of(book):

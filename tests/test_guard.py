@@ -373,6 +373,31 @@ def verdicts(guard, count, ip="127.0.0.2"):
     return answers
 
 
+def test_the_quick_check_and_the_long_one_agree_on_rate_refusals():
+    """Guard.check decides most requests in one frame, with one take_pair; a deny rule (here
+    one that matches nothing) sends every request the long way. Both give the same answers:
+    the route's burst refuses first, then the site-wide bucket's, and in a dry run of the
+    site-wide limit the route's token is still taken and its refusal reported."""
+    for deny in ("", "/never/"):
+        guard, time_, _ = guard_with_fake_time(
+            allow_cidrs="", trusted_proxies="", deny_paths=deny, client_rate_per_s="1",
+            client_burst="3", route_rate_per_s="1", route_burst="2", ban_after_rejections="100")
+        assert verdicts(guard, 3) == [None, None, "429 route_rate"]
+        request = Request("GET", "/other", ["other"], "", Headers({}), "127.0.0.2")
+        assert guard.check(request, "127.0.0.2").rule == "client_rate"   # 3 site tokens gone
+        time_.advance(10.0)
+        guard, time_, _ = guard_with_fake_time(
+            allow_cidrs="", trusted_proxies="", deny_paths=deny, client_rate_per_s="1",
+            client_burst="1", route_rate_per_s="1", route_burst="2", dry_run="client_rate",
+            ban_after_rejections="100")
+        answers = []
+        for _ in range(3):
+            verdict = guard.check(Request("GET", "/hello", ["hello"], "", Headers({}),
+                                          "127.0.0.2"), "127.0.0.2")
+            answers.append(verdict and (verdict.rule, verdict.dry_run))
+        assert answers == [None, ("client_rate", True), ("route_rate", False)], deny
+
+
 def test_a_ban_expires_and_a_repeat_offence_doubles_it():
     guard, time_, log = guard_with_fake_time(
         client_rate_per_s=0.5, client_burst=1, ban_after_rejections=2, ban_window_s=5,

@@ -2,6 +2,7 @@
 limiting its own keys through the handler contract."""
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -91,6 +92,45 @@ def test_idle_keys_expire_as_a_side_effect_of_use_without_a_sweep():
     stats = limits.stats()
     assert stats["expired"] >= 100 and stats["keys"] <= 60 + 2
     assert stats["evictions"] == 0
+
+
+def test_a_pair_of_buckets_takes_as_two_takes_would():
+    """take_pair (the guard's site-wide and route buckets, one lock): both tokens, or the first
+    bucket's refusal with the second untouched, or the second's with the first's token taken."""
+    clock = FakeClock()
+    lock = threading.Lock()
+    first = InProcessLimiter(Policy("site", 1.0, 3), 100, clock, lock)
+    second = InProcessLimiter(Policy("route", 1.0, 2), 100, clock, lock)
+    assert [first.take_pair("c", 1.0, 3, second, "r", 1.0, 2) for _ in range(2)] == [None, None]
+    which, wait = first.take_pair("c", 1.0, 3, second, "r", 1.0, 2)
+    assert which == 1 and wait == pytest.approx(1.0)   # the route's burst of 2 is spent
+    assert first.peek("c") == pytest.approx(0.0)       # ...and the site's third token taken
+    which, wait = first.take_pair("c", 1.0, 3, second, "r", 1.0, 2)
+    assert which == 0 and wait == pytest.approx(1.0)   # now the site refuses first
+    assert second.retry_after("r") == pytest.approx(1.0)   # the route was not asked
+    assert first.stats()["limited"] == 1 and second.stats()["limited"] == 1
+    clock.now += 1.0
+    assert first.take_pair("c", 1.0, 3, second, "r", 1.0, 2) is None
+
+
+def test_least_recently_used_order_is_exact_when_the_newest_key_is_not_moved():
+    """A key that is already the newest is not moved to the end again; every other use still
+    moves it, so eviction takes the least recently used key, whichever call used it last."""
+    limits, clock = make(rate=1000.0, burst=1000, max_keys=3)
+    other = InProcessLimiter(Policy("route", 1000.0, 1000), 100, clock, limits._lock)
+    for key in "abc":
+        limits.take(key, 1000.0, 1000)
+    limits.take("c", 1000.0, 1000)                  # the newest again: stays last
+    limits.take_pair("a", 1000.0, 1000, other, "x", 1000.0, 1000)   # a: now the newest
+    limits.take_pair("a", 1000.0, 1000, other, "x", 1000.0, 1000)
+    limits.take("d", 1000.0, 1000)                  # evicts b, the least recently used
+    assert list(limits.tracked) == ["c", "a", "d"]
+    limits.forget("d")
+    limits.take("c", 1000.0, 1000)                  # d (the newest) gone: c moves last
+    assert list(limits.tracked) == ["a", "c"]
+    limits.charge("a", 1.0, 1000.0)
+    limits.take("c", 1000.0, 1000)
+    assert list(limits.tracked) == ["a", "c"]
 
 
 def test_policy_validation():

@@ -1,5 +1,6 @@
 """The status page's JSON, the activity recorder's budget, and ban control (admin POST and
 ``server.py --bans`` / ``--unban``), against real servers on the admin listener."""
+import bisect
 import gc
 import http.client
 import json
@@ -12,7 +13,7 @@ import urllib.parse
 
 from conftest import ROOT, request, wait_until
 from onebox.activity import BUDGET_BYTES, LATENCY_BOUNDS_S, TOP_MINUTES, Activity, percentile
-from onebox.tally import BOOK_KEYS, Tally
+from onebox.tally import BOOK_KEYS, METRICS_BOUNDS_S, Tally
 from onebox.metrics import Metrics
 from onebox.guard import BAN_PREFIX
 
@@ -249,6 +250,24 @@ def test_percentiles_come_from_the_log_scale_buckets():
     assert 1.0 <= minute["p50_ms"] <= 1.0 * 2 ** 0.5 + 0.001   # at most one bucket high
     assert 200 <= minute["p99_ms"] <= 200 * 2 ** 0.5 + 0.01
     assert percentile([0] * (len(LATENCY_BOUNDS_S) + 1), 0.5) is None
+
+
+def test_each_request_lands_in_its_own_duration_bucket_whatever_came_before():
+    """A thread's book remembers its last request's bucket (a shortcut past the bisection);
+    durations on both sides of a bound, repeated and alternating, still each land in the
+    bucket bisect gives them."""
+    tally = Tally()
+    metrics = Metrics(tally)
+    durations = [0.0011, 0.0011, 0.001, 0.0010001, 0.001, 0.0005, 0.2, 0.0009, 0.0011, 30.0,
+                 30.0, 0.0, 0.0001]
+    for took in durations:
+        tally.add(100.0 - took, 100.0, 200, "GET", "/x", "192.0.2.1", "/x", 1)
+    histogram = metrics.totals()[1]["/x"]
+    expected = [0] * (len(METRICS_BOUNDS_S) + 1)
+    for took in durations:
+        expected[bisect.bisect_left(METRICS_BOUNDS_S, 100.0 - (100.0 - took))] += 1
+    assert histogram[:-1] == expected
+    assert len([count for count in expected if count]) >= 5   # spread over the buckets
 
 
 def test_every_threads_requests_are_counted_once_at_each_read():
