@@ -114,6 +114,10 @@ class Router:
                 route = routes.get("GET")
             if route is not None:
                 return route, {}, None
+        root = self.root
+        if (segments and segments[0] not in root.literals and root.param is None
+                and root.rest is None):
+            return None, None, None   # no route starts so (a static page): no walk
         first_allowed = None
         for node, values in self._walk(self.root, segments, 0, ()):
             route = node.routes.get(method)
