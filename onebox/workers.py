@@ -401,8 +401,11 @@ class Workers:
                 # the operator's listener, or a monitor: never limited, banned or counted
                 exchange.keep_alive = exchange.head.keep_alive and not self.handoff.stopping
                 return
-            exchange.verdict = verdict = self.guard.check(exchange.request, conn.client)
-            if verdict is not None and not verdict.dry_run:
+            exchange.verdict = verdict = self.guard.check(request, conn.client)
+            if verdict is None:   # nearly every request
+                exchange.keep_alive = head.keep_alive and not self.handoff.stopping
+                return
+            if not verdict.dry_run:
                 raise HTTPError(verdict.status, verdict.message, verdict.headers)
         except HTTPError as error:
             exchange.response = self._error_for(site, exchange.request, error, conn.admin)
