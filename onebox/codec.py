@@ -107,15 +107,29 @@ class Head:
 _COMMON_METHODS = frozenset(["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"])
 _VERSIONS = frozenset(["HTTP/1.1", "HTTP/1.0"])
 
+# Field names that browsers and common clients send, lower-case: a name that lowers to one of
+# them is a token (no latin-1 character but A-Z lowers to ASCII), so its line needs no regex.
+_COMMON_FIELD_NAMES = frozenset("""
+    accept accept-charset accept-encoding accept-language authorization cache-control
+    connection content-length content-type cookie dnt expect forwarded host if-match
+    if-modified-since if-none-match if-range if-unmodified-since origin pragma priority range
+    referer sec-ch-ua sec-ch-ua-mobile sec-ch-ua-platform sec-fetch-dest sec-fetch-mode
+    sec-fetch-site sec-fetch-user sec-gpc te transfer-encoding upgrade
+    upgrade-insecure-requests user-agent via x-forwarded-for x-forwarded-host
+    x-forwarded-proto x-real-ip x-requested-with""".split())
+
 # A client sends the same field lines with every request (only the request line changes), and
-# so does every copy of the same browser, so a field block already parsed and found valid is
+# so does every copy of the same browser, so a field block seen twice and found valid is
 # remembered with what was read from it: its fields, how many lines it has, and its framing for
 # that version (Connection, Content-Length, Transfer-Encoding, Expect). A repeated block then
-# costs a dictionary look-up instead of ~4,000 instructions of regex and ~250 opcodes of
-# splitting and framing. Only blocks that passed every check are remembered (a refused one is
-# refused again, in full, each time); the field count is compared with the settings at every
-# request, as they may change. Bounded: blocks of at most _KNOWN_BLOCK_MAX_CHARS, at most
-# _KNOWN_BLOCKS_MAX of them per version, all forgotten when that is reached.
+# costs a dictionary look-up where reading it costs ~150 opcodes for two lines (~2,000 per
+# browser block of ten). A block is remembered the second time it is seen (the first time
+# leaves a 0): one-off blocks (a new cookie) cost a mark, not a copy of their fields, and do not
+# push out the blocks that come back. Only blocks that passed every check are remembered (a
+# refused one is refused again, in full, each time); the field count is compared with the
+# settings at every request, as they may change. Bounded: blocks of at most
+# _KNOWN_BLOCK_MAX_CHARS, at most _KNOWN_BLOCKS_MAX of them per version, all forgotten when
+# that is reached.
 _KNOWN_BLOCKS = {"HTTP/1.1": {}, "HTTP/1.0": {}}   # version -> block -> (fields, count, ...)
 _KNOWN_BLOCKS_MAX = 256
 _KNOWN_BLOCK_MAX_CHARS = 4096
@@ -131,25 +145,30 @@ def parse_head(head_bytes, settings):
     head.request_line = request_line
     if len(request_line) > settings.max_request_line_bytes:
         raise HTTPError(414, "request line too long")
-    method, _, rest = request_line.partition(" ")
-    target, _, version = rest.partition(" ")
+    try:
+        method, target, version = request_line.split(" ")
+    except ValueError:   # not two spaces: the regex says what is wrong
+        method = None
     if method not in _COMMON_METHODS or version not in _VERSIONS or not target \
             or not target.isprintable():   # isprintable: no control, DEL, space or NBSP
         method, target, version = _read_request_line(head_bytes, len(request_line))
     head.method, head.target, head.version = method, target, version
-    known = _KNOWN_BLOCKS[version].get(block) if block else None
-    if known is None:
-        known = _read_fields(head, text, settings)
-        if block and len(block) <= _KNOWN_BLOCK_MAX_CHARS:
-            blocks = _KNOWN_BLOCKS[version]
-            if len(blocks) >= _KNOWN_BLOCKS_MAX:
-                blocks.clear()   # many distinct blocks (cookies, ids): start again
-            blocks[block] = known
-    fields, count, head.keep_alive, head.content_length, head.chunked, \
-        head.expect_continue = known
-    if count > settings.max_header_count:
-        raise HTTPError(431, "too many header fields")
-    head.fields = fields.copy()   # split_target may set "host" in it: this head's own
+    blocks = _KNOWN_BLOCKS[version]
+    known = blocks.get(block)
+    if known:
+        fields, count, head.keep_alive, head.content_length, head.chunked, \
+            head.expect_continue = known
+        if count > settings.max_header_count:
+            raise HTTPError(431, "too many header fields")
+        head.fields = fields.copy()   # split_target may set "host" in it: this head's own
+        return head
+    count = _read_fields(head, text, settings)
+    if block and len(block) <= _KNOWN_BLOCK_MAX_CHARS:
+        if len(blocks) >= _KNOWN_BLOCKS_MAX:
+            blocks.clear()   # many distinct blocks (cookies, ids): start again
+        blocks[block] = 0 if known is None else (
+            head.fields.copy(), count, head.keep_alive, head.content_length, head.chunked,
+            head.expect_continue)
     return head
 
 
@@ -167,21 +186,27 @@ def _read_request_line(head_bytes, length):
 
 
 def _read_fields(head, text, settings):
-    """Check and read the field lines of a head whose request line is read: (fields, count,
-    keep_alive, content_length, chunked, expect_continue), as _KNOWN_BLOCKS holds them."""
+    """Check and read the field lines of a head whose request line is read (``fields`` and the
+    framing); return how many there are."""
     lines = text.split("\r\n")
-    if len(lines) - 1 > settings.max_header_count:
+    count = len(lines) - 1
+    if count > settings.max_header_count:
         raise HTTPError(431, "too many header fields")
-    if not _FIELD_LINES_RE.fullmatch(text, len(lines[0]) + 2):
-        raise HTTPError(400, "malformed header field")
     fields = {}
+    plain = True
     for line in lines[1:]:
-        name, _, value = line.partition(":")
-        fields.setdefault(name.lower(), []).append(value.strip(_OWS))
+        name, colon, value = line.partition(":")
+        lower = name.lower()
+        if not colon or lower not in _COMMON_FIELD_NAMES or not value.isprintable():
+            plain = False   # an uncommon name, HTAB, obs-text, or a malformed line
+        fields.setdefault(lower, []).append(value.strip(_OWS))
+    # A line of a common name and printable value is what _FIELD_LINES_RE matches; any other
+    # block is matched by it whole (~35 instructions of sre a byte), which decides.
+    if not plain and not _FIELD_LINES_RE.fullmatch(text, len(lines[0]) + 2):
+        raise HTTPError(400, "malformed header field")
     head.fields = fields
     _read_framing(head)
-    return (fields, len(lines) - 1, head.keep_alive, head.content_length, head.chunked,
-            head.expect_continue)
+    return count
 
 
 def _read_framing(head):
@@ -383,9 +408,9 @@ def check_response(response):
 # static module hands the same header pairs each time). So a rendered head is remembered for
 # the second its Date names, by everything it is made of; a repeated one costs a tuple, its
 # hash and a look-up (~30 opcodes, where rendering is ~110 and a call to http_date). Only heads
-# whose fields are all str pairs are remembered (1 == 1.0 == True, but their texts differ, as
-# in _render_field); a field is checked (_render_field) before its head is remembered, so a bad
-# field is refused at every call. Bounded like _rendered_fields; a new second starts afresh.
+# whose fields are all remembered by _rendered_fields are remembered: so each was checked, and
+# is a str pair (1 == 1.0 == True, but their texts differ). A bad field is refused at every
+# call. Bounded like _rendered_fields; a new second starts afresh.
 _rendered_heads = {}         # (second, status, length, keep_alive, version, *headers) -> bytes
 _rendered_heads_second = [0]
 _RENDERED_HEADS_MAX = 512
@@ -394,32 +419,18 @@ _RENDERED_HEADS_MAX = 512
 def render_head(status, headers, length, keep_alive, version):
     """The response head as bytes; ``length`` None means chunked (or close-delimited)."""
     second = int(_time())
+    rendered = _rendered_fields
     try:
         key = (second, status, length, keep_alive, version, *headers)
         head = _rendered_heads.get(key)
-    except TypeError:   # an unhashable value (a list, say): rendered, just not remembered
-        return _render_head(status, headers, length, keep_alive, version, second)
-    if head is None:
-        head = _render_head(status, headers, length, keep_alive, version, second)
-        for name, value in headers:
-            if type(value) is not str or type(name) is not str:
-                return head
-        if second != _rendered_heads_second[0] or len(_rendered_heads) >= _RENDERED_HEADS_MAX:
-            _rendered_heads.clear()   # the last second's heads will not be asked for again
-            _rendered_heads_second[0] = second
-        _rendered_heads[key] = head
-    return head
-
-
-def _render_head(status, headers, length, keep_alive, version, second):
-    """render_head's work, for a head not remembered."""
-    rendered = _rendered_fields
-    lines = ["HTTP/1.1 %d %s\r\nDate: %s\r\nServer: onebox\r\n%s"
-             % (status, REASONS.get(status, "Unknown"), http_date(second), _NOSNIFF)]
-    try:
-        lines += [rendered.get(field) or _render_field(field) for field in headers]
+        if head is not None:
+            return head
+        lines = [rendered.get(field) or _render_field(field) for field in headers]
     except TypeError:   # an unhashable value (a list, say): rendered, just not looked up
-        lines += [_render_field(field) for field in headers]
+        key = None
+        lines = [_render_field(field) for field in headers]
+    lines.insert(0, "HTTP/1.1 %d %s\r\nDate: %s\r\nServer: onebox\r\n%s"
+                 % (status, REASONS.get(status, "Unknown"), http_date(second), _NOSNIFF))
     if status not in _NO_BODY_STATUSES and status >= 200:
         if length is not None:
             lines.append("Content-Length: %d\r\n" % length)
@@ -430,4 +441,10 @@ def _render_head(status, headers, length, keep_alive, version, second):
     elif version == "HTTP/1.0":
         lines.append("Connection: keep-alive\r\n")
     lines.append("\r\n")
-    return "".join(lines).encode("latin-1")
+    head = "".join(lines).encode("latin-1")
+    if key is not None and all(map(rendered.__contains__, headers)):
+        if second != _rendered_heads_second[0] or len(_rendered_heads) >= _RENDERED_HEADS_MAX:
+            _rendered_heads.clear()   # the last second's heads will not be asked for again
+            _rendered_heads_second[0] = second
+        _rendered_heads[key] = head
+    return head
