@@ -128,8 +128,9 @@ _COMMON_FIELD_NAMES = frozenset("""
 # push out the blocks that come back. Only blocks that passed every check are remembered (a
 # refused one is refused again, in full, each time); the field count is compared with the
 # settings at every request, as they may change. Bounded: blocks of at most
-# _KNOWN_BLOCK_MAX_CHARS, at most _KNOWN_BLOCKS_MAX of them per version, all forgotten when
-# that is reached.
+# _KNOWN_BLOCK_MAX_CHARS, at most _KNOWN_BLOCKS_MAX of them per version (1 MiB of blocks, and
+# their fields), all forgotten when that is reached. Workers share it: each step is one dict
+# operation under the GIL, and a race costs at worst a block read once more.
 _KNOWN_BLOCKS = {"HTTP/1.1": {}, "HTTP/1.0": {}}   # version -> block -> (fields, count, ...)
 _KNOWN_BLOCKS_MAX = 256
 _KNOWN_BLOCK_MAX_CHARS = 4096
@@ -152,7 +153,9 @@ def parse_head(head_bytes, settings):
     if method not in _COMMON_METHODS or version not in _VERSIONS or not target \
             or not target.isprintable():   # isprintable: no control, DEL, space or NBSP
         method, target, version = _read_request_line(head_bytes, len(request_line))
-    head.method, head.target, head.version = method, target, version
+    head.method = method
+    head.target = target
+    head.version = version
     blocks = _KNOWN_BLOCKS[version]
     known = blocks.get(block)
     if known:
