@@ -15,6 +15,7 @@ import http
 import re
 import time
 import urllib.parse
+from time import time as _time
 
 from handlers._core import HTTPError, Response, json_response
 
@@ -100,33 +101,115 @@ class Head:
                  "chunked", "expect_continue", "request_line")
 
 
+# The common case, checked without a regex (~1,500 instructions of sre per request line):
+# a method from this set, a target of printable characters, and HTTP/1.1 or 1.0. Anything else
+# takes REQUEST_LINE_RE, so what is accepted, and how it is split, is exactly what it says.
+_COMMON_METHODS = frozenset(["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"])
+_VERSIONS = frozenset(["HTTP/1.1", "HTTP/1.0"])
+
+# Field names that browsers and common clients send, lower-case: a name that lowers to one of
+# them is a token (no latin-1 character but A-Z lowers to ASCII), so its line needs no regex.
+_COMMON_FIELD_NAMES = frozenset("""
+    accept accept-charset accept-encoding accept-language authorization cache-control
+    connection content-length content-type cookie dnt expect forwarded host if-match
+    if-modified-since if-none-match if-range if-unmodified-since origin pragma priority range
+    referer sec-ch-ua sec-ch-ua-mobile sec-ch-ua-platform sec-fetch-dest sec-fetch-mode
+    sec-fetch-site sec-fetch-user sec-gpc te transfer-encoding upgrade
+    upgrade-insecure-requests user-agent via x-forwarded-for x-forwarded-host
+    x-forwarded-proto x-real-ip x-requested-with""".split())
+
+# A client sends the same field lines with every request (only the request line changes), and
+# so does every copy of the same browser, so a field block seen twice and found valid is
+# remembered with what was read from it: its fields, how many lines it has, and its framing for
+# that version (Connection, Content-Length, Transfer-Encoding, Expect). A repeated block then
+# costs a dictionary look-up where reading it costs ~150 opcodes for two lines (~2,000 per
+# browser block of ten). A block is remembered the second time it is seen (the first time
+# leaves a 0): one-off blocks (a new cookie) cost a mark, not a copy of their fields, and do not
+# push out the blocks that come back. Only blocks that passed every check are remembered (a
+# refused one is refused again, in full, each time); the field count is compared with the
+# settings at every request, as they may change. Bounded: blocks of at most
+# _KNOWN_BLOCK_MAX_CHARS, at most _KNOWN_BLOCKS_MAX of them per version (1 MiB of blocks, and
+# their fields), all forgotten when that is reached. Workers share it: each step is one dict
+# operation under the GIL, and a race costs at worst a block read once more.
+_KNOWN_BLOCKS = {"HTTP/1.1": {}, "HTTP/1.0": {}}   # version -> block -> (fields, count, ...)
+_KNOWN_BLOCKS_MAX = 256
+_KNOWN_BLOCK_MAX_CHARS = 4096
+
+
 def parse_head(head_bytes, settings):
-    """Parse a request head (without its final CRLFCRLF); raise HTTPError on anything bad."""
+    """Parse a request head (without its final CRLFCRLF); raise HTTPError on anything bad.
+    The head's ``fields`` is its own dict; its value lists may be shared with other heads of
+    the same field block (_KNOWN_BLOCKS), so they are read, never changed."""
     text = head_bytes.decode("latin-1")
-    lines = text.split("\r\n")
+    request_line, _, block = text.partition("\r\n")
     head = Head()
-    head.request_line = lines[0]
-    if len(lines[0]) > settings.max_request_line_bytes:
+    head.request_line = request_line
+    if len(request_line) > settings.max_request_line_bytes:
         raise HTTPError(414, "request line too long")
-    match = REQUEST_LINE_RE.fullmatch(head_bytes, 0, len(lines[0]))
+    try:
+        method, target, version = request_line.split(" ")
+    except ValueError:   # not two spaces: the regex says what is wrong
+        method = None
+    if method not in _COMMON_METHODS or version not in _VERSIONS or not target \
+            or not target.isprintable():   # isprintable: no control, DEL, space or NBSP
+        method, target, version = _read_request_line(head_bytes, len(request_line))
+    head.method = method
+    head.target = target
+    head.version = version
+    blocks = _KNOWN_BLOCKS[version]
+    known = blocks.get(block)
+    if known:
+        fields, count, head.keep_alive, head.content_length, head.chunked, \
+            head.expect_continue = known
+        if count > settings.max_header_count:
+            raise HTTPError(431, "too many header fields")
+        head.fields = fields.copy()   # split_target may set "host" in it: this head's own
+        return head
+    count = _read_fields(head, text, settings)
+    if block and len(block) <= _KNOWN_BLOCK_MAX_CHARS:
+        if len(blocks) >= _KNOWN_BLOCKS_MAX:
+            blocks.clear()   # many distinct blocks (cookies, ids): start again
+        blocks[block] = 0 if known is None else (
+            head.fields.copy(), count, head.keep_alive, head.content_length, head.chunked,
+            head.expect_continue)
+    return head
+
+
+def _read_request_line(head_bytes, length):
+    """(method, target, version) of a request line that is not of the common kind, by
+    REQUEST_LINE_RE (RFC 9112 section 3)."""
+    match = REQUEST_LINE_RE.fullmatch(head_bytes, 0, length)
     if match is None:
         raise HTTPError(400, "malformed request line")
     method, target, major, minor = match.groups()
-    head.method, head.target = method.decode("ascii"), target.decode("latin-1")
     if major != b"1":
         raise HTTPError(505, "only HTTP/1.x is supported")
-    head.version = "HTTP/1.0" if minor == b"0" else "HTTP/1.1"
-    if len(lines) - 1 > settings.max_header_count:
+    return (method.decode("ascii"), target.decode("latin-1"),
+            "HTTP/1.0" if minor == b"0" else "HTTP/1.1")
+
+
+def _read_fields(head, text, settings):
+    """Check and read the field lines of a head whose request line is read (``fields`` and the
+    framing); return how many there are."""
+    lines = text.split("\r\n")
+    count = len(lines) - 1
+    if count > settings.max_header_count:
         raise HTTPError(431, "too many header fields")
-    if not _FIELD_LINES_RE.fullmatch(text, len(lines[0]) + 2):
-        raise HTTPError(400, "malformed header field")
     fields = {}
+    plain = True
     for line in lines[1:]:
-        name, _, value = line.partition(":")
-        fields.setdefault(name.lower(), []).append(value.strip(_OWS))
+        name, colon, value = line.partition(":")
+        lower = name.lower()
+        if not colon or lower not in _COMMON_FIELD_NAMES or not value.isprintable():
+            plain = False   # an uncommon name, HTAB, obs-text, or a malformed line
+        fields.setdefault(lower, []).append(value.strip(_OWS))
+    # A line of a common name and printable value is what _FIELD_LINES_RE matches; any other
+    # block is matched by it whole (~35 instructions of sre a byte), which decides.
+    if not plain and not _FIELD_LINES_RE.fullmatch(text, len(lines[0]) + 2):
+        raise HTTPError(400, "malformed header field")
     head.fields = fields
     _read_framing(head)
-    return head
+    return count
 
 
 def _read_framing(head):
@@ -182,6 +265,8 @@ def split_target(head):
     """Return (raw path, query string) for the request target's form (RFC 9112 section 3.2)."""
     target = head.target
     if target.startswith("/"):
+        if "?" not in target:
+            return target, ""   # origin-form without a query: most requests
         path, _, query = target.partition("?")
         return path, query
     if target == "*":
@@ -206,13 +291,13 @@ def split_target(head):
 
 def decode_path(raw_path):
     """'/a//b%20c/' -> ('/a/b c/', ['a', 'b c', '']); dot-segments and NUL are refused."""
+    if raw_path.startswith("/") and "%" not in raw_path and "//" not in raw_path \
+            and "/." not in raw_path and "\x00" not in raw_path and raw_path.isascii():
+        # nothing to decode or collapse, and no dot-segment (each would follow a "/"): the
+        # common case. "/.well-known" takes the long way, to the same result.
+        return raw_path, raw_path[1:].split("/")
     if raw_path == "*":
         return "*", []
-    if "%" not in raw_path and "//" not in raw_path and "\x00" not in raw_path \
-            and raw_path.isascii():
-        segments = raw_path[1:].split("/")   # nothing to decode or collapse: the common case
-        if "." not in segments and ".." not in segments:
-            return raw_path, segments
     raw_segments = raw_path.split("/")[1:]
     last = len(raw_segments) - 1
     segments = []
@@ -295,39 +380,60 @@ def _render_field(field):
     return line
 
 
+_VALID_STATUSES = frozenset(range(100, 600))
+
+
 def check_response(response):
     """Raise ValueError or TypeError for what a handler can get wrong in a Response: a status
     outside 100-599, a header field that is not (token, value without controls), a body that
     is not bytes. Checked fields are remembered (see _render_field), so a response of familiar
     headers costs a look-up per field."""
     status = response.status
-    if type(status) is not int or not 100 <= status <= 599:
+    if type(status) is not int or status not in _VALID_STATUSES:
         raise ValueError("status %r is not a whole number from 100 to 599" % (status,))
     remembered = _rendered_fields
     for field in response.headers:
-        if type(field) is not tuple or len(field) != 2:
-            raise ValueError("header %r is not a (name, value) pair" % (field,))
         try:
-            if field in remembered:
-                continue
+            if type(field) is tuple and field in remembered:
+                continue   # remembered: a (str, str) pair, checked before
         except TypeError:
             pass   # an unhashable value: checked below, just not remembered
+        if type(field) is not tuple or len(field) != 2:
+            raise ValueError("header %r is not a (name, value) pair" % (field,))
         _render_field(field)
-    if (response.stream is None and response.file is None
+    if (type(response.body) is not bytes and response.stream is None and response.file is None
             and not isinstance(response.body, (bytes, bytearray, memoryview))):
         raise TypeError("body is %s; a Response body must be bytes"
                         % type(response.body).__name__)
 
 
+# Most responses repeat within a second: every hello, every request for the same file (the
+# static module hands the same header pairs each time). So a rendered head is remembered for
+# the second its Date names, by everything it is made of; a repeated one costs a tuple, its
+# hash and a look-up (~30 opcodes, where rendering is ~110 and a call to http_date). Only heads
+# whose fields are all remembered by _rendered_fields are remembered: so each was checked, and
+# is a str pair (1 == 1.0 == True, but their texts differ). A bad field is refused at every
+# call. Bounded like _rendered_fields; a new second starts afresh.
+_rendered_heads = {}         # (second, status, length, keep_alive, version, *headers) -> bytes
+_rendered_heads_second = [0]
+_RENDERED_HEADS_MAX = 512
+
+
 def render_head(status, headers, length, keep_alive, version):
     """The response head as bytes; ``length`` None means chunked (or close-delimited)."""
+    second = int(_time())
     rendered = _rendered_fields
-    lines = ["HTTP/1.1 %d %s\r\nDate: %s\r\nServer: onebox\r\n%s"
-             % (status, REASONS.get(status, "Unknown"), http_date(), _NOSNIFF)]
     try:
-        lines += [rendered.get(field) or _render_field(field) for field in headers]
+        key = (second, status, length, keep_alive, version, *headers)
+        head = _rendered_heads.get(key)
+        if head is not None:
+            return head
+        lines = [rendered.get(field) or _render_field(field) for field in headers]
     except TypeError:   # an unhashable value (a list, say): rendered, just not looked up
-        lines += [_render_field(field) for field in headers]
+        key = None
+        lines = [_render_field(field) for field in headers]
+    lines.insert(0, "HTTP/1.1 %d %s\r\nDate: %s\r\nServer: onebox\r\n%s"
+                 % (status, REASONS.get(status, "Unknown"), http_date(second), _NOSNIFF))
     if status not in _NO_BODY_STATUSES and status >= 200:
         if length is not None:
             lines.append("Content-Length: %d\r\n" % length)
@@ -338,4 +444,10 @@ def render_head(status, headers, length, keep_alive, version):
     elif version == "HTTP/1.0":
         lines.append("Connection: keep-alive\r\n")
     lines.append("\r\n")
-    return "".join(lines).encode("latin-1")
+    head = "".join(lines).encode("latin-1")
+    if key is not None and all(map(rendered.__contains__, headers)):
+        if second != _rendered_heads_second[0] or len(_rendered_heads) >= _RENDERED_HEADS_MAX:
+            _rendered_heads.clear()   # the last second's heads will not be asked for again
+            _rendered_heads_second[0] = second
+        _rendered_heads[key] = head
+    return head

@@ -1,18 +1,20 @@
 """The HTTP/1.1 codec's pure parts, table-driven and without a server: request heads
 (parse_head), request targets (split_target), paths (decode_path), body framing (LengthBody,
-ChunkedBody over a real socketpair) and response heads (render_head, http_date,
+ChunkedBody over a real socketpair) and response heads (check_response, render_head, http_date,
 error_response). Only the public functions are used, so the codec's internals may change
 freely; the over-the-wire behaviour is tested in test_http.py and test_request.py."""
+import collections
 import email.utils
+import http
 import json
 import socket
 import types
 
 import pytest
 
-from handlers._core import Headers, HTTPError
-from onebox.codec import (chunk_size, decode_path, error_response, http_date, parse_head,
-                          render_head, split_target)
+from handlers._core import Headers, HTTPError, Response
+from onebox.codec import (check_response, chunk_size, decode_path, error_response, http_date,
+                          parse_head, render_head, split_target)
 from onebox.transfer import ChunkedBody, ChunkedScan, LengthBody
 from onebox.settings import load_config
 
@@ -34,13 +36,22 @@ def head_of(text):
 
 
 def parsed(text, settings=SETTINGS):
-    """The observable result of parse_head: a tuple of its framing, or the error status."""
+    """The observable result of parse_head: a tuple of its framing, or the error status. The
+    head is parsed three times, and must come out the same each time: parse_head remembers a
+    valid field block the second time it sees it, and answers from memory the third."""
+    results = [_parsed_once(text, settings) for _ in range(3)]
+    assert results[0] == results[1] == results[2]
+    result = results[0]
+    return result if isinstance(result, int) else result[:-1]
+
+
+def _parsed_once(text, settings):
     try:
         head = parse_head(head_of(text), settings)
     except HTTPError as error:
         return error.status
     return (head.method, head.target, head.version, head.keep_alive, head.content_length,
-            head.chunked, head.expect_continue)
+            head.chunked, head.expect_continue, (head.request_line, head.fields))
 
 
 def framing(text):
@@ -82,6 +93,16 @@ def framing(text):
     ("GET/ HTTP/1.1", 400),
     ("", 400),
     ("\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 400),   # a TLS hello
+    # past the common case (a known method, a printable target, HTTP/1.1 or 1.0), the regex
+    ("PROPFIND /a HTTP/1.1", ("PROPFIND", "/a", "HTTP/1.1")),
+    ("GET /a\xa0b HTTP/1.1", ("GET", "/a\xa0b", "HTTP/1.1")),     # NBSP: a byte like any
+    ("GET /a\xadb HTTP/1.1", ("GET", "/a\xadb", "HTTP/1.1")),     # soft hyphen: not printable
+    ("GET /a\x85b HTTP/1.1", ("GET", "/a\x85b", "HTTP/1.1")),     # NEL: a byte like any
+    ("GET  HTTP/1.1", 400),                                       # no target
+    ("GET / HTTP/1.1 x", 400),
+    ("GET /a\tb HTTP/1.1", 400),                                  # HTAB in the target
+    ("GET /a\x1bb HTTP/1.1", 400),
+    ("GET /a\nb HTTP/1.1", 400),                                  # bare LF in the target
 ], ids=short_id)
 def test_request_line(line, expected):
     result = parsed(line + ("\r\nHost: x" if line and "HTTP/1.0" not in line else ""))
@@ -127,9 +148,49 @@ def test_request_line_length_counts_bytes_not_characters():
     ("Host: x\r\nX: a\x1bb", 400),                   # ESC in a value
     ("Host: x\r\nX: a\x7fb", 400),                   # DEL in a value
     ("Host: x\r\n", 400),                            # an empty field line
+    # common names (checked without a regex) and the rest (checked by it) alike
+    ("HOST: x\r\nACCEPT: */*", ("GET", "/", "HTTP/1.1", True, 0, False, False)),
+    ("Host: x\r\nCookie: a=\xa0\xad\xff", ("GET", "/", "HTTP/1.1", True, 0, False, False)),
+    ("Host: x\r\nAccept: a\tb", ("GET", "/", "HTTP/1.1", True, 0, False, False)),
+    ("Host: x\r\nAccept: a\x00b", 400),
+    ("Host: x\r\nAccept: a\x7fb", 400),
+    ("Host: x\r\nAccept: a\rb", 400),
+    ("Host: x\r\nCookie: a\nb", 400),
+    ("Host: x\r\nAccept : a", 400),
+    ("Host: x\r\n Accept: a", 400),
+    ("Host: x\r\nAccept", 400),
+    ("Host: x\r\nX-\xc0ccept: a", 400),             # a latin-1 letter is not a token character
 ], ids=short_id)
 def test_field_lines(fields, expected):
     assert parsed("GET / HTTP/1.1\r\n" + fields) == expected
+
+
+def test_a_remembered_block_is_counted_against_the_settings_of_now():
+    text = "GET / HTTP/1.1\r\nHost: x\r\nX-1: a\r\nX-2: b\r\nX-3: c"   # four fields
+    assert parsed(text)[0] == "GET"                  # remembered under the shipped settings
+    assert parsed(text, SMALL) == 431                # at most three here
+
+
+def test_a_remembered_block_is_framed_for_each_version_on_its_own():
+    chunked = "Transfer-Encoding: chunked"
+    assert framing("POST / HTTP/1.1\r\n" + chunked) == 400      # no Host: refused, not kept
+    assert framing("POST / HTTP/1.1\r\nHost: x\r\n" + chunked) == (True, 0, True, False)
+    assert framing("POST / HTTP/1.0\r\nHost: x\r\n" + chunked) == 400
+    expect = "Host: x\r\nExpect: 100-continue\r\nContent-Length: 5"
+    assert framing("POST / HTTP/1.1\r\n" + expect) == (True, 5, False, True)
+    assert framing("POST / HTTP/1.0\r\n" + expect) == (False, 5, False, False)
+
+
+def test_each_head_has_its_own_fields():
+    text = "GET http://example.org/a HTTP/1.1\r\nHost: fallback\r\nAccept: */*"
+    for _ in range(3):
+        head = parse_head(head_of(text), SETTINGS)
+        assert head.fields == {"host": ["fallback"], "accept": ["*/*"]}
+        assert split_target(head) == ("/a", "")      # absolute-form: its authority is the Host
+        assert head.fields["host"] == ["example.org"]
+        head.fields["x-added"] = ["by a caller"]
+    other = parse_head(head_of(text.replace("http://example.org/a", "/b")), SETTINGS)
+    assert other.fields == {"host": ["fallback"], "accept": ["*/*"]}
 
 
 def test_field_values_keep_their_inner_whitespace_and_lose_ows():
@@ -376,6 +437,11 @@ def decoded(raw):
     ("/%00", 400),
     ("/a\x00", 400),
     ("*", ("*", [])),
+    ("/a/.", 400),
+    ("/a/.b/c.", ("/a/.b/c.", ["a", ".b", "c."])),
+    ("/a./b", ("/a./b", ["a.", "b"])),
+    ("/.", 400),
+    ("/...", ("/...", ["..."])),                              # not a dot-segment either
     ("/caf\xc3\xa9%20x", ("/caf\xe9 x", ["caf\xe9 x"])),   # raw UTF-8 and an escape
 ], ids=short_id)
 def test_decode_path(raw, expected):
@@ -577,7 +643,14 @@ def test_drain(reader_class, length, data, limit, expected, pair):
 # --- response heads -------------------------------------------------------------------------------
 
 def rendered(status, headers=(), length=0, keep_alive=True, version="HTTP/1.1"):
-    """The head's status line and its fields other than Date (checked on its own)."""
+    """The head's status line and its fields other than Date (checked on its own). Rendered
+    twice, the same each time: the second may be the head render_head remembers."""
+    results = [_rendered_once(status, headers, length, keep_alive, version) for _ in range(2)]
+    assert results[0] == results[1]
+    return results[0]
+
+
+def _rendered_once(status, headers, length, keep_alive, version):
     text = render_head(status, list(headers), length, keep_alive, version).decode("latin-1")
     assert text.endswith("\r\n\r\n")
     lines = text[:-4].split("\r\n")
@@ -645,6 +718,24 @@ def test_an_unhashable_value_is_rendered_not_a_crash_at_the_write():
     assert b"\r\nX-A: 1\r\nX-L: ['a']\r\n" in head
 
 
+def date_of(head):
+    return next(line[6:] for line in head.decode("latin-1").split("\r\n")
+                if line.startswith("Date: "))
+
+
+def test_a_remembered_head_takes_the_date_of_its_second():
+    import time
+    headers = [("Content-Type", "text/plain"), ("ETag", '"dated"')]
+    first = render_head(200, list(headers), 5, True, "HTTP/1.1")
+    assert render_head(200, list(headers), 5, True, "HTTP/1.1").replace(
+        date_of(first).encode(), b"") == first.replace(date_of(first).encode(), b"")
+    time.sleep(1.05 - time.time() % 1)                       # into the next second
+    before = int(time.time())
+    later = render_head(200, list(headers), 5, True, "HTTP/1.1")
+    assert date_of(later) in (http_date(before), http_date(int(time.time())))
+    assert date_of(later) != date_of(first)
+
+
 def test_date_header_is_an_rfc_9110_date_of_now():
     import time
     text = render_head(200, [], 0, True, "HTTP/1.1").decode("latin-1")
@@ -661,6 +752,42 @@ def test_date_header_is_an_rfc_9110_date_of_now():
 ])
 def test_http_date(now, expected):
     assert http_date(now) == expected
+
+
+Pair = collections.namedtuple("Pair", "name value")
+
+
+@pytest.mark.parametrize("status, headers, body, expected", [
+    (200, [("Content-Type", "text/plain")], b"x", None),
+    (100, [], b"", None),
+    (599, [], b"", None),
+    (99, [], b"", ValueError),
+    (600, [], b"", ValueError),
+    (200.0, [], b"", ValueError),                   # a whole number, and an int
+    (True, [], b"", ValueError),
+    (http.HTTPStatus.OK, [], b"", ValueError),
+    ("200", [], b"", ValueError),
+    (200, [["X-A", "1"]], b"", ValueError),         # a pair is a tuple
+    (200, [("X-A", "1", "2")], b"", ValueError),
+    (200, [Pair("X-A", "1")], b"", ValueError),     # not even a tuple's subclass
+    (200, [("X-L", ["a"])], b"", None),             # unhashable, rendered as its str()
+    (200, [("X-N", 7)], b"", None),
+    (200, [("X A", "1")], b"", ValueError),
+    (200, [("X-A", "1\r\nX-B: 2")], b"", ValueError),
+    (200, [(7, "x")], b"", TypeError),
+    (200, [], bytearray(b"x"), None),
+    (200, [], memoryview(b"x"), None),
+    (200, [], "x", TypeError),
+    (200, [], None, TypeError),
+], ids=short_id)
+def test_check_response(status, headers, body, expected):
+    for _ in range(2):       # the second time, its good fields are remembered
+        try:
+            check_response(Response(body, status, headers))
+            result = None
+        except (ValueError, TypeError) as error:
+            result = type(error)
+        assert result is expected
 
 
 class _Request:
