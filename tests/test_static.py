@@ -458,6 +458,23 @@ def test_the_chosen_coding_follows_the_field_and_the_file(start_server, site, pr
             assert (status, headers.get("content-encoding")) == (200, coding), (path, accept)
 
 
+def test_many_distinct_accept_encoding_fields(start_server, site):
+    # the remembered choices are bounded (MAX_CHOICES, 256): past it they are forgotten and
+    # chosen again, never mixed up
+    server = serve(start_server, site)
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        for number in range(600):
+            gzipped = number % 2 == 0
+            accept = ("gzip;q=0.%03d" if gzipped else "gzip;q=0, x-%d") % (number % 1000 + 1)
+            connection.request("GET", "/style.css", headers={"Accept-Encoding": accept})
+            response = connection.getresponse()
+            response.read()
+            assert response.getheader("Content-Encoding") == ("gzip" if gzipped else None)
+    finally:
+        connection.close()
+
+
 def test_a_sidecar_older_than_its_source_is_not_used(start_server, site, precompressed):
     write(site, "bundle.js", precompressed + b"// edited\n")
     os.utime(site / "bundle.js.br", (time.time() - 3600,) * 2)
