@@ -15,7 +15,8 @@ What a request goes through (``StaticPages.serve``):
    (symlinks, index.html, clean URLs) is trusted for ``path_recheck_s``, then resolved again.
 2. **Pick the representation** (``_respond``): a GET with a valid ``Range`` gets the identity
    bytes; otherwise ``Accept-Encoding`` (q-values honoured) chooses among identity, precompressed
-   sidecars (``file.br``, ``file.zst``, ``file.gz``) and gzip made on the fly.
+   sidecars (``file.br``, ``file.zst``, ``file.gz``) and gzip made on the fly. A request
+   without Range and If-* fields (most of them) skips steps 3 and 4.
 3. **Preconditions**, in the order of RFC 9110 section 13.2.2: If-Match / If-Unmodified-Since
    (412), then If-None-Match / If-Modified-Since (304).
 4. **Ranges** (RFC 9110 section 14), if If-Range allows: one range -> 206, several ->
@@ -30,7 +31,9 @@ Invariants:
   with "." except a first segment ".well-known" (RFC 8615; certbot's ``--webroot``).
 * Each representation has its own strong ETag; identity's is a hash of inode, size and mtime_ns.
   A precompressed sidecar is used only if it is at least as new as the file it compresses.
-* Every cache is bounded in bytes and evicts the least recently used entry first.
+* The file and gzip caches are bounded in bytes and evict the least recently used entry
+  first; the remembered choices of coding (``_choose``) are bounded in number and length and
+  start afresh when full.
 """
 import calendar
 import collections
@@ -84,7 +87,8 @@ SIDECARS = (("br", ".br"), ("zstd", ".zst"), ("gzip", ".gz"))
 GZIP_LEVEL = 6                 # zlib's default: within a few % of 9 at a third of the CPU
 GZIP_MIN_SAVING = 0.9          # keep on-the-fly gzip only if it is below 90% of the original
 ENTRY_OVERHEAD_BYTES = 1024    # what one cached entry costs besides its bodies (headers, names)
-MAX_CHOICES = 256              # Accept-Encoding values remembered per tuple of codings
+MAX_CHOICES = 256              # Accept-Encoding fields remembered per tuple of codings...
+MAX_CHOICE_CHARS = 200         # ...if this short (browsers send ~30): at most 8 x 50 KiB
 _GET_HEAD = ("GET", "HEAD")
 _TWICE = (1, 2)                # serve's tries: a file changed under us is resolved once more
 _BIG = 10 ** 18                # stands in for byte positions too long to be real
@@ -756,10 +760,12 @@ class StaticPages:
         ~2,000 instructions fewer than choose_coding and parse_accept_encoding's cache). The
         table is a plain dict without a lock, as the re module's cache is: each get, set and
         clear is atomic, and a lost race only chooses again."""
-        choices = entry.choices
-        if len(choices) >= MAX_CHOICES:
-            choices.clear()
-        coding = choices[accept] = choose_coding(parse_accept_encoding(accept), entry.codings)
+        coding = choose_coding(parse_accept_encoding(accept), entry.codings)
+        if accept is None or len(accept) <= MAX_CHOICE_CHARS:
+            choices = entry.choices
+            if len(choices) >= MAX_CHOICES:
+                choices.clear()
+            choices[accept] = coding
         return coding
 
     def _answer(self, request, entry, variant, ranges, handle):
