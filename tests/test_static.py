@@ -128,6 +128,27 @@ def test_if_match_and_if_unmodified_since_give_412(start_server, site):
     assert get(server, "/digits.txt", {"If-Match": '"stale"', "If-None-Match": etag})[0] == 412
 
 
+def test_plain_and_conditional_requests_interleaved(start_server, site):
+    # A request without Range and If-* fields skips steps 3 and 4 (onebox/static.py); every
+    # one of those fields must still send its request the long way, before and after a plain one
+    server = serve(start_server, site)
+    _, headers, _ = get(server, "/digits.txt")
+    etag, last_modified = headers["etag"], headers["last-modified"]
+    mtime = email.utils.parsedate_to_datetime(last_modified).timestamp()
+    earlier = email.utils.formatdate(mtime - 60, usegmt=True)
+    for _ in range(2):
+        for fields, status, body in (
+                ({}, 200, DIGITS),
+                ({"If-None-Match": etag}, 304, b""),
+                ({"If-Modified-Since": last_modified}, 304, b""),
+                ({"If-Match": '"other"'}, 412, None),
+                ({"If-Unmodified-Since": earlier}, 412, None),
+                ({"Range": "bytes=0-3"}, 206, DIGITS[:4]),
+                ({"Accept-Encoding": "gzip"}, 200, DIGITS)):
+            got = get(server, "/digits.txt", fields)
+            assert got[0] == status and body in (None, got[2]), fields
+
+
 # memory_max_file_bytes 0: every file is served from disk, checked by fstat after the open
 # instead of by a stat when the URL is looked up
 @pytest.mark.parametrize("memory_max_file_bytes", [None, 0])
@@ -418,6 +439,42 @@ def test_precompressed_sidecars(start_server, site, precompressed, accept, codin
         status, _, _ = get(server, "/bundle.js", {"Accept-Encoding": accept,
                                                   "If-None-Match": headers["etag"]})
         assert status == 304
+
+
+def test_the_chosen_coding_follows_the_field_and_the_file(start_server, site, precompressed):
+    # The choice is memoised by Accept-Encoding and the file's codings: one field picks br for
+    # a file with a .br sidecar and gzip for one without, and a changed field changes it
+    server = serve(start_server, site)
+    for _ in range(2):
+        for path, accept, coding in (("/style.css", "br, gzip", "gzip"),
+                                     ("/bundle.js", "br, gzip", "br"),
+                                     ("/style.css", "br, gzip", "gzip"),
+                                     ("/bundle.js", "gzip", "gzip"),
+                                     ("/bundle.js", "gzip;q=0", None),
+                                     ("/style.css", "gzip;q=0", None),
+                                     ("/style.css", "identity", None),
+                                     ("/style.css", "gzip", "gzip")):
+            status, headers, body = get(server, path, {"Accept-Encoding": accept})
+            assert (status, headers.get("content-encoding")) == (200, coding), (path, accept)
+
+
+def test_many_distinct_accept_encoding_fields(start_server, site):
+    # the remembered choices are bounded (MAX_CHOICES, 256): past it they are forgotten and
+    # chosen again, never mixed up; a field longer than MAX_CHOICE_CHARS (200) is not kept
+    server = serve(start_server, site)
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        for number in range(600):
+            gzipped = number % 2 == 0
+            accept = ("gzip;q=0.%03d" if gzipped else "gzip;q=0, x-%d") % (number + 1)
+            if number % 3 == 0:   # 200 or 201 characters: kept, or not
+                accept = (accept + ", x-long;q=0.5").ljust(200 + number % 2)
+            connection.request("GET", "/style.css", headers={"Accept-Encoding": accept})
+            response = connection.getresponse()
+            response.read()
+            assert response.getheader("Content-Encoding") == ("gzip" if gzipped else None)
+    finally:
+        connection.close()
 
 
 def test_a_sidecar_older_than_its_source_is_not_used(start_server, site, precompressed):
