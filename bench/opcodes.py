@@ -1,10 +1,13 @@
 """Python opcodes per request, by function: where a request's interpreter time goes.
 
-    python3 bench/opcodes.py REPO N1 N2 [hello|1k]
+    python3 bench/opcodes.py REPO N1 N2 [hello|json|1k] [CONNECTIONS]
 
 Runs REPO/server.py under a tracer (sys.settrace with opcode events, every thread) twice, for
-N1 and N2 keep-alive GETs of /hello (or a 1 KiB page), and prints the difference per request
-by function (file:function). Deterministic, unlike the clock, and a minute where valgrind
+N1 and N2 keep-alive GETs of /hello (json: /hello/bench, a route with a wildcard answering
+JSON; 1k: a 1 KiB page), and prints the difference per request
+by function (file:function). With CONNECTIONS (default 1) that many clients share the requests,
+each on its own kept connection, so that the reactor hands connections to the workers and back
+(one connection: a worker holds it, and the reactor sleeps). Deterministic, unlike the clock, and a minute where valgrind
 (bench/ab_static.py --instructions) takes several: issue 23 found its cuts with it (an opcode
 costs ~25-35 CPU instructions on CPython 3.11; a call's frame several hundred more, which this
 does not count). Flags as bench/ab_static.py's: guard on, its limits out of reach.
@@ -17,6 +20,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 # Run in the server's process before server.py: counts each opcode against its function.
@@ -48,7 +52,19 @@ SERVER_FLAGS = ["--port", "0", "--admin-port", "0", "--access-log", "off",
                 "--max-workers-per-client", "1000000"]
 
 
-def counts_for(repo, requests, path, pages):
+def drive(port, path, requests):
+    """``requests`` GETs of ``path`` on one kept connection."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    for _ in range(requests):
+        connection.request("GET", path)
+        response = connection.getresponse()
+        response.read()
+        if response.status != 200:
+            raise SystemExit("GET %s: %d" % (path, response.status))
+    connection.close()
+
+
+def counts_for(repo, requests, path, pages, connections=1):
     """{file:function: opcodes} of a server that answered ``requests`` GETs of ``path``."""
     with tempfile.TemporaryDirectory() as scratch:
         out = os.path.join(scratch, "counts.json")
@@ -64,14 +80,12 @@ def counts_for(repo, requests, path, pages):
             if found:
                 port = int(found.group(1))
                 break
-        connection = http.client.HTTPConnection("127.0.0.1", port)
-        for _ in range(requests):
-            connection.request("GET", path)
-            response = connection.getresponse()
-            response.read()
-            if response.status != 200:
-                raise SystemExit("GET %s: %d" % (path, response.status))
-        connection.close()
+        clients = [threading.Thread(target=drive, args=(port, path, requests // connections))
+                   for _ in range(connections)]
+        for client in clients:
+            client.start()
+        for client in clients:
+            client.join()
         time.sleep(0.5)
         server.terminate()
         server.wait(30)
@@ -83,12 +97,13 @@ def counts_for(repo, requests, path, pages):
 def main():
     repo, first, second = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     target = sys.argv[4] if len(sys.argv) > 4 else "hello"
+    connections = int(sys.argv[5]) if len(sys.argv) > 5 else 1
     with tempfile.TemporaryDirectory() as pages:
         with open(os.path.join(pages, "page1k.html"), "w") as page:
             page.write("x" * 1024)
-        path = "/hello" if target == "hello" else "/page1k.html"
-        before = counts_for(repo, first, path, pages)
-        after = counts_for(repo, second, path, pages)
+        path = {"hello": "/hello", "json": "/hello/bench", "1k": "/page1k.html"}[target]
+        before = counts_for(repo, first, path, pages, connections)
+        after = counts_for(repo, second, path, pages, connections)
     per_request = {name: (after[name] - before[name]) / (second - first)
                    for name in set(before) | set(after)}
     print("total opcodes per request: %.1f" % sum(per_request.values()))
