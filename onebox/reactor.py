@@ -213,7 +213,8 @@ class Reactor(Gate, StreamWaits):
     def _unpark(self, conn):
         self.timers.unpark(conn, conn.waiting)
         self._move(conn, None)
-        self.poller.disarm(conn)
+        if not self.poller.can_rearm:   # epoll's one-shot report disarmed it already
+            self.poller.disarm(conn)
 
     def _start_wait(self, conn, wait):
         """A body or send wait, if the client has a free place; else in line behind its own."""

@@ -218,6 +218,9 @@ class Workers:
             if outcome is not KEEP or conn.buf:
                 return outcome
             # (its idle time began when _finish sent the last response: conn.idle_since)
+            handoff = self.handoff
+            if handoff.workers_wanted or handoff.stopping:
+                return KEEP   # (what _hold would say: no poll object made for nothing)
             if waiter is None:
                 waiter = select.poll()
                 waiter.register(conn.sock, select.POLLIN)
