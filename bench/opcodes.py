@@ -13,7 +13,6 @@ costs ~25-35 CPU instructions on CPython 3.11; a call's frame several hundred mo
 does not count). Flags as bench/ab_static.py's: guard on, its limits out of reach.
 """
 import collections
-import http.client
 import json
 import os
 import re
@@ -22,6 +21,8 @@ import sys
 import tempfile
 import threading
 import time
+
+from _valgrind import _drive   # (bench/: the directory this runs from)
 
 # Run in the server's process before server.py: counts each opcode against its function.
 TRACER = r'''
@@ -52,18 +53,6 @@ SERVER_FLAGS = ["--port", "0", "--admin-port", "0", "--access-log", "off",
                 "--max-workers-per-client", "1000000"]
 
 
-def drive(port, path, requests):
-    """``requests`` GETs of ``path`` on one kept connection."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-    for _ in range(requests):
-        connection.request("GET", path)
-        response = connection.getresponse()
-        response.read()
-        if response.status != 200:
-            raise SystemExit("GET %s: %d" % (path, response.status))
-    connection.close()
-
-
 def counts_for(repo, requests, path, pages, connections=1):
     """{file:function: opcodes} of a server that answered ``requests`` GETs of ``path``."""
     with tempfile.TemporaryDirectory() as scratch:
@@ -80,7 +69,8 @@ def counts_for(repo, requests, path, pages, connections=1):
             if found:
                 port = int(found.group(1))
                 break
-        clients = [threading.Thread(target=drive, args=(port, path, requests // connections))
+        clients = [threading.Thread(target=_drive,
+                                    args=("127.0.0.1", port, path, requests // connections))
                    for _ in range(connections)]
         for client in clients:
             client.start()
