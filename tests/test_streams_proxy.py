@@ -24,7 +24,7 @@ import time
 from conftest import ROOT, wait_until
 from handlers._events import event_stream, publish
 from test_metrics import scrape, value
-from test_proxy import nginx  # noqa: F401  (the fixture: nginx in front of a server)
+from test_proxy import nginx, visit  # noqa: F401  (nginx: the fixture)
 from test_tls import client_context, pki, start_tls  # noqa: F401  (pki: the fixture)
 
 OPERATIONS = os.path.join(ROOT, "docs", "operations.md")
@@ -435,11 +435,11 @@ def test_a_client_the_guard_bans_is_refused_a_stream_like_any_request(start_serv
         "limits.ban_after_rejections": 1, "limits.ban_s": 60, "events.heartbeat_s": 0.1})
     first = open_stream(server.port, "/t/news/events", source="127.0.0.2")
     assert_stream_head(first)
-    assert request_from("127.0.0.2", server.port, "/hello") == 200   # its burst, spent
+    assert visit(server.port, "127.0.0.2", "/hello") == 200   # its burst, spent
     refused = open_stream(server.port, "/t/news/events", source="127.0.0.2")
     assert refused.status == 429 and "retry-after" in refused.headers, refused.head
     refused.close()
-    assert request_from("127.0.0.2", server.port, "/hello") == 429   # a second strike: a ban
+    assert visit(server.port, "127.0.0.2", "/hello") == 429   # a second strike: a ban
     banned = open_stream(server.port, "/t/news/events", source="127.0.0.2")
     assert banned.status == 403 and banned.headers["connection"] == "close", banned.head
     assert "event-stream" not in banned.headers.get("content-type", "") and banned.rest() == []
@@ -452,18 +452,6 @@ def test_a_client_the_guard_bans_is_refused_a_stream_like_any_request(start_serv
     assert server.reactor.streams.count == 1   # the other client's
     other.close()
     first.close()
-
-
-def request_from(source, port, path):
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10,
-                                            source_address=(source, 0))
-    try:
-        connection.request("GET", path)
-        response = connection.getresponse()
-        response.read()
-        return response.status
-    finally:
-        connection.close()
 
 
 def test_the_per_client_cap_counts_the_visitor_a_trusted_proxy_names(start_server):

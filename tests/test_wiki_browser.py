@@ -37,12 +37,17 @@ def text_of(browser, selector="main"):
     return browser.evaluate("document.querySelector(%s).innerText" % json.dumps(selector))
 
 
-def test_log_in_write_a_hostile_page_edit_it_and_log_out(start_server, tmp_path):
+def wiki_and_browser(start_server, tmp_path):
+    """A server with alice's account, its base URL, and a headless Chromium to drive it."""
     server = start_server(config={"accounts.scrypt_n": 16384, "state.durability": "off"})
     server.accounts.add("alice", PASSWORD)
-    base = "http://127.0.0.1:%d" % server.port
     os.makedirs(ARTIFACTS, exist_ok=True)
-    browser = Browser(str(tmp_path / "chromium-profile"))
+    return (server, "http://127.0.0.1:%d" % server.port,
+            Browser(str(tmp_path / "chromium-profile")))
+
+
+def test_log_in_write_a_hostile_page_edit_it_and_log_out(start_server, tmp_path):
+    server, base, browser = wiki_and_browser(start_server, tmp_path)
     try:
         for domain in ("Page", "Runtime", "Log"):
             browser.send(domain + ".enable")
@@ -109,11 +114,7 @@ def test_log_in_write_a_hostile_page_edit_it_and_log_out(start_server, tmp_path)
 
 
 def test_a_page_open_in_one_tab_says_so_when_another_tab_edits_it(start_server, tmp_path):
-    server = start_server(config={"accounts.scrypt_n": 16384, "state.durability": "off"})
-    server.accounts.add("alice", PASSWORD)
-    base = "http://127.0.0.1:%d" % server.port
-    os.makedirs(ARTIFACTS, exist_ok=True)
-    browser = Browser(str(tmp_path / "chromium-profile"))
+    server, base, browser = wiki_and_browser(start_server, tmp_path)
     try:
         reader, editor = browser, browser.new_tab()
         for tab in (reader, editor):
