@@ -102,6 +102,7 @@ import urllib.parse
 
 from onebox.accounts import AccountError, Accounts, check_name, check_password
 from onebox.admin import AdminConfigError, check_listener, load_token
+from onebox.cluster import ClusterError, connect_cluster
 from onebox.engine import OneboxServer
 from onebox.logs import PRIORITIES, error_entry, journal_stream
 from onebox.restart import (SERVER_URL_FILE, VALID, Restarter, open_when_free, predecessor,
@@ -141,7 +142,13 @@ def make_server(port=0, host="127.0.0.1", pages_dir=None, data_dir=None, config=
 
 
 def open_store(config, repair=False):
-    """The shared state store, per [state]; raises StateLockedError / StateCorruptError."""
+    """The shared state store, per [state]; raises StateLockedError / StateCorruptError. With
+    [cluster] redis_url, the store kept in Redis, shared by every process of the site (it holds
+    the process's link to the others, onebox/cluster.py); raises ClusterError."""
+    cluster = connect_cluster(config, log=_state_log)
+    if cluster is not None:
+        from onebox.store.redis_store import RedisStore   # only a cluster needs it
+        return RedisStore(cluster)
     return Store(config.server.data_dir, durability=config.state.durability,
                  batch_interval_ms=config.state.batch_interval_ms,
                  compact_journal_bytes=config.state.compact_journal_bytes, repair=repair,
@@ -270,6 +277,8 @@ def _start(args, argv, old_pid, notifier):
             store = open_store(config, repair=args.repair)
     except StateLockedError as error:
         return fail(error, 2)
+    except ClusterError as error:
+        return fail(error)
     except (StateError, OSError) as error:
         return fail("cannot open the state in %s: %s" % (config.server.data_dir, error))
     if args.repair:

@@ -67,10 +67,13 @@ def _url_of(scheme, address):
     return "%s://%s:%d/" % (scheme, "[%s]" % host if ":" in host else host, port)
 
 
-def _listen(host, port, backlog):
-    """A non-blocking listening socket on host:port (SO_REUSEADDR: a restart rebinds at once)."""
+def _listen(host, port, backlog, reuse_port=False):
+    """A non-blocking listening socket on host:port (SO_REUSEADDR: a restart rebinds at once;
+    SO_REUSEPORT with ``reuse_port``: several processes share the port, and the kernel spreads
+    new connections among them)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.create_server((host, port), family=family, backlog=backlog)
+    sock = socket.create_server((host, port), family=family, backlog=backlog,
+                                reuse_port=reuse_port)
     sock.setblocking(False)
     return sock
 
@@ -116,6 +119,9 @@ class OneboxServer:
         if config.tls.cert_file:
             tls_context, tls_expires = build_context(config.tls)
         self.store = store   # the shared state; closed (and compacted) after the workers stop
+        # several processes as one site ([cluster], onebox/cluster.py): the link to the others
+        # belongs to the store that is kept in Redis (it closes it); None for one process
+        self.cluster = store.cluster if store is not None else None
         self.error_stream = error_stream or sys.stderr
         self.journal_priorities = journal_stream(self.error_stream)   # under systemd
         self.guard = Guard(config.guard, store, self.log_error)   # bans persist in the store
@@ -191,13 +197,20 @@ class OneboxServer:
             metrics=metrics, refusals=self.books.refusals, guard=self.guard,
             reactor=self.reactor, handoff=handoff, context=self.context, store=self.store,
             accounts=self.accounts, activity=self.activity, current=current, life=self.life,
-            url=self.url)
+            url=self.url, cluster=self.cluster)
         self.admin = None
         if self.admin_socket is not None:
             self.admin = AdminSite(sources, admin_token, log_error)
         self.workers = Workers(current, self.books, self.guard, self.health_checks, self.admin,
                                self.context, handoff, poller, log_error)
         sources.workers = self.workers   # the admin pages read the pool that serves them
+        cluster = self.cluster
+        if cluster is not None:   # each part subscribes to what the others tell it
+            self.health_checks.readiness = cluster.readiness
+            self.guard.join_cluster(cluster)
+            self.context.responses.join_cluster(cluster)
+            self.context.events.join_cluster(cluster)
+            cluster.start(self.url)
         self.reloader = Reloader(current, self.reactor, self.guard, self.context.responses,
                                  self.life, self.access_stream, tls_address, log_error)
 
@@ -257,7 +270,8 @@ class OneboxServer:
             inherited.setblocking(False)
             self.socket = inherited
         else:
-            self.socket = _listen(settings.host, settings.port, LISTEN_BACKLOG)
+            self.socket = _listen(settings.host, settings.port, LISTEN_BACKLOG,
+                                  settings.reuse_port)
         self.server_address = self.socket.getsockname()
         try:
             self.admin_socket = self._listen_admin(config.admin, listeners.get("admin"))
@@ -311,7 +325,8 @@ class OneboxServer:
         if inherited is not None:
             inherited.setblocking(False)
             return inherited
-        return _listen(config.tls.host or config.server.host, config.tls.port, LISTEN_BACKLOG)
+        return _listen(config.tls.host or config.server.host, config.tls.port, LISTEN_BACKLOG,
+                       config.server.reuse_port)
 
     @property
     def tls_url(self):

@@ -84,6 +84,9 @@ class HealthChecks(object):
         self.live_path, self.ready_path = settings.live_path, settings.ready_path
         self.paths = frozenset((self.live_path, self.ready_path))
         self.log_every_s = settings.log_every_s
+        # what else /readyz waits for: None when ready, else why not (the cluster's Redis:
+        # onebox/cluster.py); set by the engine once, before serving
+        self.readiness = None
         self.max_head_bytes = settings.max_head_bytes
         prefixes = []
         for method in (b"GET ", b"HEAD "):
@@ -114,7 +117,10 @@ class HealthChecks(object):
             reason = self.life.health()
             return _plain(200, "ok") if reason is None else _plain(503, reason)
         phase = self.life.phase
-        return _plain(200, "ready") if phase == "serving" else _plain(503, phase)
+        if phase != "serving":
+            return _plain(503, phase)
+        reason = self.readiness() if self.readiness is not None else None
+        return _plain(200, "ready") if reason is None else _plain(503, reason)
 
     def should_log(self, path, status):
         """Failures up to FAILURES_LOGGED_PER_S a second; a success once per log_every_s per

@@ -57,7 +57,7 @@ class Sources(object):
     admin pages that read it: the one cycle, broken here)."""
 
     __slots__ = ("metrics", "refusals", "guard", "reactor", "handoff", "workers", "context",
-                 "store", "accounts", "activity", "current", "life", "url")
+                 "store", "accounts", "activity", "current", "life", "url", "cluster")
 
     def __init__(self, **parts):
         for name in self.__slots__:

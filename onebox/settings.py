@@ -20,6 +20,7 @@ import types
 
 from onebox.accounts import check_scrypt_n
 from onebox.guard import GuardPolicy
+from onebox.redis import parse_url
 from onebox.static import compile_policy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the directory copied
@@ -57,6 +58,9 @@ SETTINGS = {
                 "threads running handlers; waiting connections need none"),
         Setting("max_connections", "int", 4096, 1,
                 "open connections in all; past it idle ones are closed, then 503"),
+        Setting("reuse_port", "bool", False, None,
+                "several processes listen on this port (SO_REUSEPORT; the kernel spreads "
+                "connections among them): with [cluster], one box's cores all serve one site"),
         Setting("max_connections_per_ip", "int", 256, 1,
                 "open connections from one address; past it 503 (a browser uses ~6)"),
         Setting("header_timeout_s", "float", 10.0, 0.001,
@@ -376,6 +380,24 @@ SETTINGS = {
                 "how long a password check waits for its turn before it is refused (a login "
                 "page answers 503)", maximum=60.0),
     ],
+    # Several processes as one site (onebox/cluster.py, docs/cluster.md): off while redis_url
+    # is empty. The password comes from ONEBOX_REDIS_PASSWORD or $CREDENTIALS_DIRECTORY/
+    # redis_password, never from this file; what Redis must persist follows [state] durability.
+    "cluster": [
+        Setting("redis_url", "str", "", None,
+                "redis://host:port/db, rediss://host:port/db (TLS) or unix:///path?db=N: the "
+                "state, the guard's counters, bans, cache invalidations and live events are "
+                "shared through it; empty: this process alone (the default)"),
+        Setting("key_prefix", "str", "onebox:", None,
+                "every Redis key and channel onebox uses starts with it: two sites may share "
+                "one Redis with different prefixes"),
+        Setting("timeout_s", "float", 2.0, 0.05,
+                "how long a Redis call may take before the request that made it gets 503",
+                maximum=60.0),
+        Setting("connections", "int", 16, 1,
+                "idle Redis connections kept for reuse (one per worker thread serves the "
+                "default pool without a connect per request)"),
+    ],
     # Health checks on the public port, answered by the reactor thread itself: cheap, never
     # rate-limited, and a wedged worker pool is reported instead of hanging the check.
     "health": [
@@ -493,6 +515,7 @@ def load_config(path=None, overrides=None):
         config.guard = GuardPolicy(config.limits, route_limits)
     except ValueError as error:
         raise ConfigError("%s: %s" % (path or "settings", error)) from None
+    check_cluster_settings(values["cluster"], path or "settings")
     if not _COOKIE_NAME_RE.fullmatch(config.sessions.cookie_name):
         raise ConfigError("%s [sessions] cookie_name: %r is not a cookie name (1-64 letters, "
                           "digits and !#$%%&'*+.^_`|~-: RFC 6265 4.1.1)"
@@ -589,6 +612,18 @@ def check_static_settings(values):
         compile_policy(types.SimpleNamespace(**values))
     except ValueError as error:
         raise ConfigError(str(error)) from None
+
+
+def check_cluster_settings(values, where):
+    """A redis_url that can be parsed (the connection itself is judged at start-up)."""
+    if values["redis_url"]:
+        try:
+            parse_url(values["redis_url"])
+        except ValueError as error:
+            raise ConfigError("%s [cluster] redis_url: %s" % (where, error)) from None
+    if not re.fullmatch(r"[A-Za-z0-9:._{}-]{1,64}", values["key_prefix"]):
+        raise ConfigError("%s [cluster] key_prefix: %r must be 1-64 letters, digits and "
+                          "':._{}-'" % (where, values["key_prefix"]))
 
 
 def check_accounts_settings(values, where):

@@ -69,6 +69,8 @@ class Store(JournalWriter, Compaction, Recovery, StateStore):
     INDEX_BLOCK_KEYS = 1000
     COMPACT_RETRY_S = 30.0          # after a failed background compaction (disk full), wait this long
 
+    cluster = None   # this store is the process's own (RedisStore's is its onebox/cluster.py link)
+
     def __init__(self, data_dir, durability="always", batch_interval_ms=50,
                  compact_journal_bytes=64 * 1024 * 1024, repair=False, log=None,
                  _crash_at=None, _eio_at=None):
