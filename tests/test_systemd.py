@@ -560,3 +560,60 @@ def test_data_files_are_private_whatever_the_umask(tmp_path, server_process):
     wrong = {name: mode for name, mode in modes.items()
              if mode != (oct(0o700) if (tmp_path / name).is_dir() else oct(0o600))}
     assert wrong == {}, modes
+
+
+# --- the template unit: several processes on one box (docs/cluster.md) ------------------------
+
+def template_flags(instance):
+    flags = re.search(r'\nEnvironment=ONEBOX_FLAGS="([^"]*)"\n', unit("onebox@.service")).group(1)
+    return flags.replace("%i", str(instance)).split()
+
+
+def test_the_template_unit_gives_each_instance_its_own_data_dir_and_admin_port():
+    """onebox@N.service: N processes share [server] port through SO_REUSEPORT; each has its own
+    state directory (its lock and URL files) and admin listener, and the same hardening as
+    onebox.service."""
+    template, single = unit("onebox@.service"), unit("onebox.service")
+    assert "\nStateDirectory=onebox/%i\n" in template
+    assert "Requires=onebox.socket" not in template   # each instance binds the port itself
+    one, two = template_flags(1), template_flags(2)
+    assert one[one.index("--data-dir") + 1] == "/var/lib/onebox/1"
+    assert two[two.index("--data-dir") + 1] == "/var/lib/onebox/2"
+    assert one[one.index("--admin-port") + 1] == "8001" and two[two.index("--admin-port") + 1] \
+        == "8002"
+    assert one[one.index("--reuse-port") + 1] == "yes"
+    hardening = single[single.index("# Hardening"):single.index("[Install]")]
+    lines = [line for line in hardening.splitlines()
+             if "=" in line and not line.startswith("#") and not line.startswith("StateDirectory=")]
+    for line in lines + ["Type=notify", "NotifyAccess=main", "Restart=on-failure",
+                         "ExecReload=/bin/kill -HUP $MAINPID"]:
+        assert "\n%s\n" % line in template, line
+
+
+def test_the_template_units_flags_pass_check(tmp_path):
+    flags = template_flags(1)
+    flags[flags.index("--data-dir") + 1] = str(tmp_path / "1")
+    result = subprocess.run([sys.executable, SERVER, "--check"] + flags,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                    reason="systemd-analyze comes with Debian's systemd package "
+                           "(.ci/run installs it)")
+def test_systemd_analyze_verify_finds_nothing_in_the_template_unit(tmp_path):
+    """The template, and an instance of it as `systemctl enable onebox@1` names it (a link to
+    the template), which resolves %i; then its sandbox's score, as for onebox.service."""
+    template = tmp_path / "onebox@.service"
+    template.write_text(unit("onebox@.service").replace("/opt/onebox", ROOT))
+    instance = tmp_path / "onebox@1.service"
+    instance.symlink_to(template)
+    result = subprocess.run(["systemd-analyze", "verify", str(template), str(instance)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stderr.strip() == "", result.stderr
+    result = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(instance)],
+                            capture_output=True, text=True, timeout=60)
+    match = re.search(r"Overall exposure level for onebox@1\.service: (\d+\.\d+) (\w+)",
+                      result.stdout)
+    assert match, (result.returncode, result.stdout[-500:], result.stderr)
+    assert float(match.group(1)) <= 1.5 and match.group(2) == "OK", match.group(0)
