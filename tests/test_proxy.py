@@ -42,8 +42,7 @@ http {{
     uwsgi_temp_path {dir}/uwsgi;
     scgi_temp_path {dir}/scgi;
     upstream onebox {{
-        server 127.0.0.1:{upstream_port};
-        keepalive 16;
+{servers}        keepalive 16;
     }}
     server {{
         listen 127.0.0.1:{port};
@@ -71,8 +70,9 @@ def nginx_binary():
 
 @pytest.fixture
 def nginx(tmp_path):
-    """start(upstream_port, locations="") runs nginx in front of it, with ``locations`` (more
-    location blocks) after ``location /``; returns nginx's port. ``start.error_log()``.
+    """start(upstream_port, locations="") runs nginx in front of it (or, given a list of ports,
+    of them all, round-robin), with ``locations`` (more location blocks) after ``location /``;
+    returns nginx's port. ``start.error_log()``.
     Stopped at the end of the test."""
     binary = nginx_binary()
     running = []
@@ -80,13 +80,15 @@ def nginx(tmp_path):
 
     def start(upstream_port, locations=""):
         directory.mkdir()
+        ports = upstream_port if isinstance(upstream_port, list) else [upstream_port]
+        servers = "".join("        server 127.0.0.1:%d;\n" % each for each in ports)
         # nginx cannot be told port 0 and say which it took: a port free a moment ago, and
         # another if some other process took it meanwhile
         for attempt in range(5):
             port = free_port()
             conf = directory / "nginx.conf"
-            conf.write_text(NGINX_CONF.format(dir=directory, port=port,
-                                              upstream_port=upstream_port, locations=locations))
+            conf.write_text(NGINX_CONF.format(dir=directory, port=port, servers=servers,
+                                              locations=locations))
             log = directory / "error.log"
             if log.exists():
                 log.unlink()   # this attempt's errors only
