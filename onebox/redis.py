@@ -232,6 +232,8 @@ class _Connection:
             return True
         except socket.timeout:
             return False
+        except OSError as error:
+            raise RedisUnavailable("redis at %s: %s" % (self.name, _why(error))) from None
         finally:
             self.sock.settimeout(self.timeout)
 
