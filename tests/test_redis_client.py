@@ -418,3 +418,25 @@ def test_closing_the_client_closes_its_subscriptions(client):
     assert wait_until(lambda: subscription.up)
     client.close()
     assert not subscription.up
+
+
+# --- the helper itself, for the crash tests built on it ---------------------------------------
+
+@needs_redis
+def test_redisd_keeps_appendonly_data_across_a_crash(tmp_path):
+    with redis_server(tmp_path, appendonly=True, appendfsync="always") as server:
+        redis = Redis(server.url)
+        assert redis.call("CONFIG", "GET", "appendfsync") == [b"appendfsync", b"always"]
+        redis.call("SET", "kept", "yes")
+        port = server.port
+        server.kill()   # SIGKILL: no clean shutdown
+        server.restart()
+        assert server.port == port
+        assert wait_until(redis.ping)
+        assert redis.call("GET", "kept") == b"yes"
+        redis.close()
+    (tmp_path / "other").mkdir()
+    with redis_server(tmp_path / "other", config={"maxmemory": "10mb"}) as other:
+        redis = Redis(other.url)
+        assert redis.call("CONFIG", "GET", "maxmemory") == [b"maxmemory", b"10485760"]
+        redis.close()
