@@ -581,7 +581,7 @@ def test_the_template_unit_gives_each_instance_its_own_data_dir_and_admin_port()
     assert two[two.index("--data-dir") + 1] == "/var/lib/onebox/2"
     assert one[one.index("--admin-port") + 1] == "8001" and two[two.index("--admin-port") + 1] \
         == "8002"
-    assert one[one.index("--reuse-port") + 1] == "yes"
+    assert one[one.index("--reuse-port") + 1] == "on"
     hardening = single[single.index("# Hardening"):single.index("[Install]")]
     lines = [line for line in hardening.splitlines()
              if "=" in line and not line.startswith("#") and not line.startswith("StateDirectory=")]
