@@ -148,6 +148,7 @@ def open_store(config, repair=False):
     the process's link to the others, onebox/cluster.py); raises ClusterError."""
     cluster = connect_cluster(config, log=_state_log)
     if cluster is not None:
+        os.makedirs(config.server.data_dir, 0o700, exist_ok=True)   # its URL files go there
         return RedisStore(cluster)
     return Store(config.server.data_dir, durability=config.state.durability,
                  batch_interval_ms=config.state.batch_interval_ms,
@@ -472,7 +473,8 @@ def ban_control(config, unban=None):
     """--bans (``unban`` None) or --unban ADDR. A stopped server's data dir is opened directly
     (its lock is free); a running server's (it holds the lock) is asked through its admin
     listener, whose address it wrote to ADMIN_URL_FILE in the data dir at start."""
-    if not os.path.isdir(config.server.data_dir):   # do not make one just to say so
+    if not config.cluster.redis_url and not os.path.isdir(config.server.data_dir):
+        # do not make one just to say so (a cluster's bans are in Redis)
         print("onebox: no data directory at %s, so no bans" % config.server.data_dir,
               file=sys.stderr)
         return 0 if unban is None else 1
@@ -496,7 +498,9 @@ def ban_control(config, unban=None):
             print("onebox: %s is not banned" % unban, file=sys.stderr)
             return 1
         lift_stored_ban(store, key)
-        print("onebox: lifted the ban of %s (the server is stopped: it starts without it)" % key)
+        print("onebox: lifted the ban of %s (%s)" % (
+            key, "the server is stopped: it starts without it" if store.cluster is None
+            else "in redis; every process of the site was told"))
         return 0
     except StateError as error:
         print("onebox: cannot change the state in %s: %s" % (config.server.data_dir, error),

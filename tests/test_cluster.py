@@ -362,17 +362,25 @@ class Traffic:
             time.sleep(self.pause_s)
 
 
+GUARDED = "127.0.0.40"
+
+
 def test_kill_9_of_redis_under_writes_then_its_restart_loses_no_acknowledged_note(site):
     """While redis-server is down, writes get 503 (nothing acknowledged that Redis did not
-    take), reads the note or 503, /readyz 503 on each process; after its restart (the same
-    port and directory: its append-only file) they all recover by themselves, and every note
-    ever acknowledged is there."""
+    take), reads the note or 503, /readyz 503 on each process, and the guard counts each client
+    per process (and says so); after its restart (the same port and directory: its
+    append-only file) they all recover by themselves, and every note ever acknowledged is
+    there."""
     served = site({"cluster.timeout_s": 1.0})
     with Traffic(served.port) as traffic:
         assert wait_until(lambda: traffic.count() >= 30, 20), traffic.count()
         served.redis.kill()
         down_at = time.monotonic()
         assert wait_until(lambda: readiness(served) == [503] * PROCESSES, 5), readiness(served)
+        # a client the guard checks (not loopback's 127.0.0.1) is counted per process, and
+        # served: /hello needs no state
+        assert [visit(served.port, GUARDED) for _ in range(2 * PROCESSES)] == \
+            [200] * 2 * PROCESSES
         time.sleep(max(0.0, down_at + 2.0 - time.monotonic()))
         up_at = time.monotonic()
         served.redis.restart()
@@ -380,6 +388,8 @@ def test_kill_9_of_redis_under_writes_then_its_restart_loses_no_acknowledged_not
         recovered_at = time.monotonic()
         before = traffic.count()
         assert wait_until(lambda: traffic.count() >= before + 30, 10), traffic.count()
+        assert [visit(served.port, GUARDED) for _ in range(2 * PROCESSES)] == \
+            [200] * 2 * PROCESSES
     writes_down = traffic.between("write", down_at, up_at)
     reads_down = traffic.between("read", down_at, up_at)
     print("\nredis down %.2f s, every process ready again %.2f s after its restart; while "
@@ -393,6 +403,10 @@ def test_kill_9_of_redis_under_writes_then_its_restart_loses_no_acknowledged_not
     for note_id, text in sorted(traffic.acknowledged.items()):
         status, note = get_note(served.port, note_id)
         assert (status, note["text"] if status == 200 else note) == (200, text), note_id
+    for process in served.processes:   # the guard said when it counted alone, and when not
+        errors = process.err_text()
+        assert "count per process until it returns" in errors, errors[-3000:]
+        assert "count across the cluster again" in errors, errors[-3000:]
 
 
 def summary(statuses):
