@@ -148,7 +148,6 @@ def open_store(config, repair=False):
     the process's link to the others, onebox/cluster.py); raises ClusterError."""
     cluster = connect_cluster(config, log=_state_log)
     if cluster is not None:
-        os.makedirs(config.server.data_dir, 0o700, exist_ok=True)   # its URL files go there
         return RedisStore(cluster)
     return Store(config.server.data_dir, durability=config.state.durability,
                  batch_interval_ms=config.state.batch_interval_ms,
@@ -762,6 +761,8 @@ def write_admin_url(server):
     url = server.admin_url
     path = os.path.join(server.settings.data_dir, ADMIN_URL_FILE)
     try:
+        # a cluster's store is in Redis: nothing else made the data dir
+        os.makedirs(server.settings.data_dir, 0o700, exist_ok=True)
         _write_private(os.path.join(server.settings.data_dir, SERVER_URL_FILE), server.url)
         if url:
             _write_private(path, url)
