@@ -75,7 +75,6 @@ from onebox.store.values import (check_int, check_key, check_listing, check_plai
 LOCK_TTL_TIMEOUTS = 3           # the transaction lock's TTL, in [cluster] timeout_s
 LOCKED_SLEEP_FIRST_S = 0.0005   # a write that found the lock taken sleeps this long ...
 LOCKED_SLEEP_MAX_S = 0.01       # ... doubling up to this, jittered, until its deadline
-LOAD_CHUNK_KEYS = 500           # keys per script while importing (one script blocks Redis)
 
 # --- the scripts ------------------------------------------------------------------------------
 # Every write script gets KEYS[1] the lock, KEYS[2] the sorted set, KEYS[3] the stats hash, then
@@ -226,6 +225,7 @@ class RedisStore(StateStore):
     """
 
     SNAPSHOT_CHUNK_KEYS = 1000      # keys per snapshot frame, and per round trip of a backup
+    LOAD_CHUNK_KEYS = 500           # keys per script while importing (a script blocks Redis)
 
     def __init__(self, cluster):
         self.cluster = cluster
@@ -508,7 +508,7 @@ class RedisStore(StateStore):
             for key, value in pairs:
                 check_key(key)
                 chunk.append((_member(key), _import_text(value)))
-                if len(chunk) == LOAD_CHUNK_KEYS:
+                if len(chunk) == self.LOAD_CHUNK_KEYS:
                     count += self._load_chunk(token, chunk)
                     chunk = []
             return count + self._load_chunk(token, chunk)
