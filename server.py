@@ -471,9 +471,11 @@ def _copy_private(source, target):
 def ban_control(config, unban=None):
     """--bans (``unban`` None) or --unban ADDR. A stopped server's data dir is opened directly
     (its lock is free); a running server's (it holds the lock) is asked through its admin
-    listener, whose address it wrote to ADMIN_URL_FILE in the data dir at start."""
-    if not config.cluster.redis_url and not os.path.isdir(config.server.data_dir):
-        # do not make one just to say so (a cluster's bans are in Redis)
+    listener, whose address it wrote to ADMIN_URL_FILE in the data dir at start. With
+    [cluster] redis_url the bans are in redis, servers running or not: a lift is told to every
+    running process of the cluster (onebox/guard.py's lift_stored_ban)."""
+    clustered = bool(config.cluster.redis_url)
+    if not clustered and not os.path.isdir(config.server.data_dir):   # do not make one
         print("onebox: no data directory at %s, so no bans" % config.server.data_dir,
               file=sys.stderr)
         return 0 if unban is None else 1
@@ -481,6 +483,9 @@ def ban_control(config, unban=None):
         store = open_store(config)
     except StateLockedError:
         return _ban_control_running(config, unban)
+    except ClusterError as error:
+        print("onebox: %s" % error, file=sys.stderr)
+        return 1
     except (StateError, OSError) as error:
         print("onebox: cannot open the state in %s: %s" % (config.server.data_dir, error),
               file=sys.stderr)
@@ -497,9 +502,12 @@ def ban_control(config, unban=None):
             print("onebox: %s is not banned" % unban, file=sys.stderr)
             return 1
         lift_stored_ban(store, key)
-        print("onebox: lifted the ban of %s (%s)" % (
-            key, "the server is stopped: it starts without it" if store.cluster is None
-            else "in redis; every process of the site was told"))
+        if clustered:
+            print("onebox: lifted the ban of %s (in redis; every process of the cluster was "
+                  "told)" % key)
+        else:
+            print("onebox: lifted the ban of %s (the server is stopped: it starts without it)"
+                  % key)
         return 0
     except StateError as error:
         print("onebox: cannot change the state in %s: %s" % (config.server.data_dir, error),
