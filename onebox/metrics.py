@@ -37,6 +37,7 @@ import resource
 import sys
 import threading
 
+from onebox.cluster import NODE_TTL_S
 from onebox.routing import METHODS
 from onebox.tally import DURATION_BOUNDS_S, METRICS_BOUNDS_S, metrics_bucket
 
@@ -221,6 +222,7 @@ def render(sources):
     _guard(out, sources)
     _caches(out, sources)
     _state(out, sources)
+    _cluster(out, sources.cluster)
     _process(out, sources)
     return out.text()
 
@@ -409,6 +411,24 @@ def _state(out, sources):
             "When the snapshot was last written (Unix time; 0: never)",
             stats.get("snapshot_time", 0.0))
 
+
+
+def _cluster(out, cluster):
+    """Several processes as one site (onebox/cluster.py); nothing for one process."""
+    if cluster is None:
+        return
+    stats = cluster.stats()
+    out.one("onebox_cluster_up", "gauge",
+            "1 while Redis answers and the subscription holds, else 0 (/readyz is 503)",
+            1 if stats["up"] else 0)
+    out.one("onebox_cluster_nodes", "gauge",
+            "Processes of the site heard from within the last %g s" % NODE_TTL_S, stats["nodes"])
+    out.family("onebox_cluster_messages_total", "counter",
+               "Messages between the processes (bans, cache invalidations, events)",
+               [({"direction": "sent"}, stats["sent"]),
+                ({"direction": "received"}, stats["received"])])
+    out.one("onebox_cluster_send_failures_total", "counter",
+            "Messages Redis did not take (it was unavailable)", stats["send_failures"])
 
 
 def _process(out, sources):

@@ -33,6 +33,7 @@ import time
 
 from handlers._core import HTTPError, html_response, json_response
 from onebox.activity import BUDGET_BYTES
+from onebox.cluster import NODE_TTL_S
 
 __all__ = ["routes", "status_document", "PAGE_PATH"]
 
@@ -119,7 +120,16 @@ def status_document(sources):
         "gauges": _gauges(sources),
         "tables": _tables(sources, memory),
         "memory": memory,
+        "cluster": _cluster(sources.cluster),
     }
+
+
+def _cluster(cluster):
+    """The processes of the site ([cluster], onebox/cluster.py), or None for one process."""
+    if cluster is None:
+        return None
+    return {"up": cluster.up, "nodes": cluster.nodes(), "node_ttl_s": NODE_TTL_S,
+            "now": time.time()}
 
 
 def _counts(sources):
