@@ -111,6 +111,7 @@ from onebox.guard import BAN_PREFIX, client_key, lift_stored_ban, stored_bans
 from onebox.routing import RouteError, Router, load_routes
 from onebox.settings import DEFAULT_CONFIG_FILE, SETTINGS, ConfigError, load_config  # noqa: F401
 from onebox.store import StateError, StateLockedError, Store
+from onebox.store.redis_store import RedisStore
 from onebox.systemd import Notifier, SystemdError, listen_sockets
 from onebox.templates import TemplateError, load_area_templates
 from onebox.tls import TLSConfigError, build_context
@@ -147,7 +148,6 @@ def open_store(config, repair=False):
     the process's link to the others, onebox/cluster.py); raises ClusterError."""
     cluster = connect_cluster(config, log=_state_log)
     if cluster is not None:
-        from onebox.store.redis_store import RedisStore   # only a cluster needs it
         return RedisStore(cluster)
     return Store(config.server.data_dir, durability=config.state.durability,
                  batch_interval_ms=config.state.batch_interval_ms,
@@ -178,7 +178,12 @@ def parse_args(argv):
                              "aside, then exit")
     parser.add_argument("--backup", metavar="PATH",
                         help="write a consistent snapshot of the state to PATH (asks the running "
-                             "server for it if there is one), then exit")
+                             "server for it if there is one; from redis with [cluster] "
+                             "redis_url), then exit")
+    parser.add_argument("--cluster-import", metavar="DATA_DIR",
+                        help="copy the state of a stopped one-process server's DATA_DIR into "
+                             "the redis of [cluster] redis_url (its key_prefix must hold no "
+                             "state yet), then exit")
     parser.add_argument("--bans", action="store_true",
                         help="list the bans in force (client, reason, until), then exit; asks "
                              "the running server through its admin listener if there is one")
@@ -249,6 +254,13 @@ def _start(args, argv, old_pid, notifier):
         return 0
     if args.backup:
         return backup_state(config, args.backup)
+    if args.cluster_import:
+        return cluster_import(config, args.cluster_import)
+    if args.repair and config.cluster.redis_url:
+        print("onebox: [cluster] redis_url is set: the state is in redis, and onebox keeps no "
+              "files of it to repair; a damaged append-only file is redis's to repair "
+              "(redis-check-aof --fix), then restart redis-server")
+        return 0
     if args.bans or args.unban:
         return ban_control(config, args.unban)
     command, name = account_command(args)
@@ -356,20 +368,65 @@ def serve(config, router, store, notifier=None, listeners=None, restarter=None):
 
 def backup_state(config, path, wait_s=60.0):
     """--backup: snapshot the state to ``path``. A stopped server's data dir is opened directly;
-    a running server (it holds the lock) is sent SIGUSR1 and its new backup is copied."""
+    a running server (it holds the lock) is sent SIGUSR1 and its new backup is copied. With
+    [cluster] redis_url, the snapshot is read from redis, servers running or not."""
     data_dir = config.server.data_dir
     try:
         store = open_store(config)
     except StateLockedError:
         return _backup_from_running_server(data_dir, path, wait_s)
+    except ClusterError as error:
+        print("onebox: %s" % error, file=sys.stderr)
+        return 1
     except (StateError, OSError) as error:
         print("onebox: cannot open the state in %s: %s" % (data_dir, error), file=sys.stderr)
         return 1
     try:
         store.backup(path)
+    except StateError as error:
+        print("onebox: backup of %s failed: %s" % (store.data_dir, error), file=sys.stderr)
+        return 1
     finally:
         store.close()
     print("onebox: backup written to %s" % path)
+    return 0
+
+
+def cluster_import(config, source_dir):
+    """--cluster-import: copy a stopped one-process server's state (``source_dir``) into the
+    redis of [cluster] redis_url, whose key_prefix must hold no state yet. The source is only
+    read (closing it compacts its journal into its snapshot, as any stop does)."""
+    if not config.cluster.redis_url:
+        print("onebox: --cluster-import needs [cluster] redis_url (the redis to copy into)",
+              file=sys.stderr)
+        return 1
+    if not os.path.isdir(source_dir):   # Store() would make it, and import nothing
+        print("onebox: --cluster-import %s: no such directory" % source_dir, file=sys.stderr)
+        return 1
+    try:
+        source = Store(source_dir, durability="off", log=_state_log)
+    except StateLockedError:
+        print("onebox: %s is in use by a running server; stop it first" % source_dir,
+              file=sys.stderr)
+        return 1
+    except (StateError, OSError) as error:
+        print("onebox: cannot open the state in %s: %s" % (source_dir, error), file=sys.stderr)
+        return 1
+    try:
+        target = open_store(config)
+    except ClusterError as error:
+        source.close()
+        print("onebox: %s" % error, file=sys.stderr)
+        return 1
+    try:
+        count = target.load_from(source.items())
+    except StateError as error:
+        print("onebox: import into %s failed: %s" % (target.data_dir, error), file=sys.stderr)
+        return 1
+    finally:
+        target.close()
+        source.close()
+    print("onebox: %d keys copied from %s into %s" % (count, source_dir, target.data_dir))
     return 0
 
 
@@ -414,8 +471,11 @@ def _copy_private(source, target):
 def ban_control(config, unban=None):
     """--bans (``unban`` None) or --unban ADDR. A stopped server's data dir is opened directly
     (its lock is free); a running server's (it holds the lock) is asked through its admin
-    listener, whose address it wrote to ADMIN_URL_FILE in the data dir at start."""
-    if not os.path.isdir(config.server.data_dir):   # do not make one just to say so
+    listener, whose address it wrote to ADMIN_URL_FILE in the data dir at start. With
+    [cluster] redis_url the bans are in redis, servers running or not: a lift is told to every
+    running process of the cluster (onebox/guard.py's lift_stored_ban)."""
+    clustered = bool(config.cluster.redis_url)
+    if not clustered and not os.path.isdir(config.server.data_dir):   # do not make one
         print("onebox: no data directory at %s, so no bans" % config.server.data_dir,
               file=sys.stderr)
         return 0 if unban is None else 1
@@ -423,6 +483,9 @@ def ban_control(config, unban=None):
         store = open_store(config)
     except StateLockedError:
         return _ban_control_running(config, unban)
+    except ClusterError as error:
+        print("onebox: %s" % error, file=sys.stderr)
+        return 1
     except (StateError, OSError) as error:
         print("onebox: cannot open the state in %s: %s" % (config.server.data_dir, error),
               file=sys.stderr)
@@ -439,7 +502,12 @@ def ban_control(config, unban=None):
             print("onebox: %s is not banned" % unban, file=sys.stderr)
             return 1
         lift_stored_ban(store, key)
-        print("onebox: lifted the ban of %s (the server is stopped: it starts without it)" % key)
+        if clustered:
+            print("onebox: lifted the ban of %s (in redis; every process of the cluster was "
+                  "told)" % key)
+        else:
+            print("onebox: lifted the ban of %s (the server is stopped: it starts without it)"
+                  % key)
         return 0
     except StateError as error:
         print("onebox: cannot change the state in %s: %s" % (config.server.data_dir, error),

@@ -7,7 +7,9 @@ compact JSON). A handler subscribes a client by returning ``event_stream(request
 the connection then waits in the reactor, with no worker and no thread, and gets each event
 published to its topics (``text/event-stream``, W3C/WHATWG HTML "Server-sent events"), a
 comment line every ``[events] heartbeat_s``, and on reconnecting with ``Last-Event-ID`` what it
-missed (or ``event: reset`` when that is gone: reload the page's state then)::
+missed (or ``event: reset`` when that is gone: reload the page's state then). In a cluster
+(``[cluster] redis_url``) an event published through any process reaches the subscribers of
+every process, with one sequence of ids across them::
 
     def note_events(request):
         return event_stream(request, "notes")
@@ -23,7 +25,7 @@ onebox/events.py (the hub: ids, rings, limits) and onebox/streams.py (the reacto
 from handlers import _context
 from handlers._core import Response
 
-__all__ = ["publish", "event_stream", "EventStream", "EventTooLarge"]
+__all__ = ["publish", "event_stream", "EventStream", "EventTooLarge", "EventsUnavailable"]
 
 MAX_TOPICS_PER_STREAM = 32   # one stream's topics: a page follows a few things, not a catalogue
 MAX_TOPIC_CHARS = 200
@@ -32,6 +34,15 @@ MAX_TOPIC_CHARS = 200
 class EventTooLarge(ValueError):
     """``publish`` of an event over ``[events] max_event_bytes``: nothing was published (a
     handler that lets it propagate answers 500; catch it to answer otherwise)."""
+
+
+class EventsUnavailable(Exception):
+    """``publish`` in a cluster (``[cluster] redis_url``) while Redis cannot be reached: the
+    event may not have been sent (a handler that lets it propagate answers 503; the pages of
+    every process are told ``reset`` when Redis is back, and re-read the state)."""
+
+    http_status = 503   # the runtime's mapping for infrastructure errors (onebox/workers.py)
+    public_message = "live events are unavailable; try again later"
 
 
 def check_topic(topic):
@@ -48,7 +59,8 @@ def publish(topic, data, event=None):
     """Send ``data`` (str, or a JSON value) as an event of type ``event`` (default "message")
     to ``topic``'s subscribers; returns its id (an int). Never blocks on a subscriber.
     EventTooLarge past ``[events] max_event_bytes``; ValueError for a bad topic or event name
-    (a line break, or an empty one); TypeError for data JSON cannot write."""
+    (a line break, or an empty one); TypeError for data JSON cannot write; in a cluster,
+    EventsUnavailable (a 503) while Redis is down."""
     return _context.require("events", "publish").publish(check_topic(topic), data, event)
 
 

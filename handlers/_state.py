@@ -4,12 +4,14 @@ write raises. The store itself is the runtime's (``onebox/store/``), bound per s
 
 Keys are non-empty strings of at most ``MAX_KEY_CHARS`` characters without NUL (else
 ``StateKeyError``: a 400); values are plain JSON (else ValueError: the handler's bug, a 500). A
-write that cannot be made durable raises ``StateWriteError`` (a 503) and changes nothing.
+write that cannot be made durable raises ``StateWriteError`` (a 503) and changes nothing. A read
+the store cannot answer (its Redis is unreachable, with ``[cluster]``) raises
+``StateUnavailableError`` (a 503), never a wrong answer.
 """
 from handlers import _context
 
-__all__ = ["state", "StateProxy", "StateStore", "StateError", "StateWriteError", "StateKeyError",
-           "MAX_KEY_CHARS"]
+__all__ = ["state", "StateProxy", "StateStore", "StateError", "StateWriteError",
+           "StateUnavailableError", "StateKeyError", "MAX_KEY_CHARS"]
 
 MAX_KEY_CHARS = 1024            # keys are paths like "notes/123"
 
@@ -20,9 +22,19 @@ class StateError(Exception):
 
 class StateWriteError(StateError):
     """A write could not be made durable (disk full, I/O error): nothing changed; reads work;
-    writes succeed again once the disk does. The server answers 503."""
+    writes succeed again once the disk does. The server answers 503. (With ``[cluster]``, a
+    connection to Redis lost mid-write leaves it unknown whether Redis made it.)"""
 
     http_status = 503  # the runtime's mapping for infrastructure errors (see handlers/_core.py)
+    public_message = "storage is unavailable; try again later"
+
+
+class StateUnavailableError(StateError):
+    """A read could not be answered: the store is kept in Redis (``[cluster]``) and Redis is
+    unreachable, timed out or still loading. Raised rather than a default that may be wrong;
+    reads work again once Redis does. The server answers 503."""
+
+    http_status = 503
     public_message = "storage is unavailable; try again later"
 
 

@@ -20,8 +20,18 @@ One cache per server
     Each server owns a ``ResponseCache``, sized by its own ``[cache]``, in its ``ServerContext``
     (handlers/_context.py); its worker threads are bound to it.
 
+In a cluster
+    Each process keeps its own cache (``join_cluster``, ``[cluster] redis_url``), and an
+    ``invalidate`` (or ``clear``) reaches all of them: it drops this process's entries, then
+    tells the others on the cluster's "cache" channel, and each drops its own when told (its
+    subscription's thread), computations under way included. Pub/sub keeps nothing for a
+    process that is away, so one whose subscription comes back after a loss drops everything:
+    any invalidation may have been missed. An invalidation Redis did not take (it was down:
+    the write it follows failed too, most likely) is counted (``untold``); the others' copies
+    then live out their ``ttl_s``, the bound on staleness the cache always had.
+
 One lock (``ResponseCache._lock``) guards the table, the in-flight computations and the counters;
-handlers run outside it.
+handlers run outside it, and so does telling the cluster.
 
 Imports the standard library, the contract's ``Response`` and ``onebox.routing.to_response``.
 """
@@ -67,7 +77,7 @@ class ResponseCache(object):
 
     For callers: ``serve(key, ttl_s, compute)``, ``invalidate(prefix)``, ``clear()``,
     ``configure(max_entries, max_bytes)`` (and empty), ``resize(max_entries, max_bytes)`` (and
-    keep what fits), ``stats()``.
+    keep what fits), ``stats()``; ``join_cluster(cluster)`` at start, before the cluster starts.
     """
 
     WAIT_S = 30.0   # a waiter gives up on a stuck computation after this and computes its own
@@ -81,7 +91,14 @@ class ResponseCache(object):
         self._flights = {}                          # key -> _Flight
         self._generation = 0                        # bumped by every invalidation
         self._counts = collections.Counter()
+        self._cluster = None   # the cluster told of invalidations (set once, at start)
         self.configure(max_entries, max_bytes)
+
+    def join_cluster(self, cluster):
+        """Tell the cluster's other processes of every invalidation, and hear theirs."""
+        cluster.on("cache", self._told)
+        cluster.on_reconnect(self._resubscribed)
+        self._cluster = cluster
 
     def configure(self, max_entries, max_bytes):
         """Set the caps and empty the cache."""
@@ -180,8 +197,31 @@ class ResponseCache(object):
         self._bytes -= self._entries.pop(key).size
 
     def invalidate(self, prefix=""):
-        """Drop every entry whose key starts with ``prefix`` ("" drops all); returns how many.
-        Computations under way are not stored. The key scan runs outside the lock."""
+        """Drop every entry whose key starts with ``prefix`` ("" drops all); returns how many
+        (here). Computations under way are not stored. In a cluster, every process's cache
+        drops them too (module docstring)."""
+        dropped = self._invalidate_here(prefix)
+        self._tell(prefix)
+        return dropped
+
+    def _tell(self, prefix):
+        cluster = self._cluster
+        if cluster is not None and not cluster.tell(
+                "cache", prefix.encode("utf-8", "surrogatepass")):   # (a path may hold any)
+            with self._lock:
+                self._counts["untold"] += 1
+
+    def _told(self, payload, from_self):
+        """Another process's invalidation (the subscription's thread)."""
+        if not from_self:
+            self._invalidate_here(payload.decode("utf-8", "surrogatepass"))
+
+    def _resubscribed(self):
+        """Back after a loss: invalidations may have been missed, so drop everything."""
+        self._invalidate_here("")
+
+    def _invalidate_here(self, prefix):
+        """``invalidate`` in this process only. The key scan runs outside the lock."""
         with self._lock:
             self._generation += 1
             keys = list(self._entries)
@@ -196,8 +236,10 @@ class ResponseCache(object):
         return dropped
 
     def clear(self):
+        """Empty the cache and its counters; in a cluster, every process's cache is emptied."""
         with self._lock:
             self._clear_locked()
+        self._tell("")
 
     def _clear_locked(self):
         self._entries.clear()
@@ -211,6 +253,6 @@ class ResponseCache(object):
                    "max_entries": self.max_entries, "max_bytes": self.max_bytes,
                    "in_flight": len(self._flights)}
             for name in ("hits", "misses", "coalesced", "stored", "evictions", "expired",
-                         "invalidated", "uncacheable", "errors"):
+                         "invalidated", "uncacheable", "errors", "untold"):
                 out[name] = self._counts[name]
         return out

@@ -208,6 +208,7 @@ class OneboxServer:
         if cluster is not None:   # each part subscribes to what the others tell it
             self.health_checks.readiness = cluster.readiness
             self.guard.join_cluster(cluster)
+            self.context.limiters.join_cluster(cluster, self.log_error)   # areas' limiter()s
             self.context.responses.join_cluster(cluster)
             self.context.events.join_cluster(cluster)
             cluster.start(self.url)

@@ -21,9 +21,33 @@ onebox/streams.py):
   reactor when the list was empty; the reactor ``take``s the list whole, so a burst of
   publishes costs one wake-up, and its fan-out coalesces them (one send per subscriber).
 
+* **In a cluster** (``join_cluster``: ``[cluster] redis_url``, onebox/cluster.py), the ids
+  are the site's, not the process's: ``publish`` runs one Lua script that takes the next id
+  from a counter in Redis shared by every process (made at the current time in microseconds
+  when absent, as a process's own ids start, so that ids from before a Redis wipe are below
+  it) and PUBLISHes the event on the cluster's "events" channel in the same step. No hub keeps
+  what it published itself: every hub, the publisher's too, takes events only as they come
+  from the subscription, where Redis delivers them in the order the script ran, that is in id
+  order; so every process holds the same events in the same order, and a ``Last-Event-ID``
+  given by one process is resumed exactly by another that has the events after it.
+* **Gaps.** Pub/sub keeps nothing for a subscriber that is away. The ids say what was
+  missed: an event whose id is not the last one plus one means the ones between are lost
+  (events published between the join and the subscription, a Redis wiped and its counter
+  made anew), and a subscription that comes back after a loss (``on_reconnect``) may have
+  missed any. Either is a *gap*: the rings are emptied, ids before it are answered ``reset``
+  (``first_id`` moves to it), and every live subscriber is sent ``event: reset`` (a marker in
+  ``pending``: ``(None, position, frame)``; onebox/streams.py), so its page re-reads the state.
+* **Redis down.** ``publish`` raises EventsUnavailable (a 503), rather than publishing to this
+  process's subscribers alone: an event only some pages see, under an id the others never
+  had, would be a quiet wrong answer, and a site whose Redis is down answers its writes 503
+  anyway (the store is there too). The event may or may not have been sent (a timeout does not
+  say); the pages learn what happened from the reset that every process sends when its
+  subscription comes back.
+
 Threads: ``publish`` runs in workers (any thread bound to the server), ``since`` and ``take``
-in the reactor, ``stats`` anywhere; every field below ``lock`` is written under it. Imports
-the standard library and the contract's EventTooLarge.
+in the reactor, ``stats`` anywhere; in a cluster, the subscription's thread runs ``_arrived``
+and ``_resubscribed``. Every field below ``lock`` is written under it. Imports the standard
+library, the contract's EventTooLarge and EventsUnavailable, and onebox/redis.py's errors.
 """
 import collections
 import json
@@ -31,7 +55,8 @@ import re
 import threading
 import time
 
-from handlers._events import EventTooLarge
+from handlers._events import EventTooLarge, EventsUnavailable
+from onebox.redis import RedisError, RedisUnavailable
 
 # What an event costs the rings beyond its frame's bytes (its tuple, its slots in two deques),
 # and what a topic costs (its ring and its dict entry): counted against ring_bytes, so that a
@@ -42,6 +67,25 @@ MAX_EVENT_NAME_CHARS = 100
 _LINE_BREAK = re.compile("\r\n|\r|\n")   # the SSE parser's line ends (WHATWG HTML 9.2.5)
 _encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
 _encode_ascii = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
+
+# A cluster's publish, in one step so that ids and messages are in the same order: the next id
+# (the counter made, when absent, at the later of the publisher's clock and the last id it saw,
+# so that ids never go back after a wipe), then the message: the cluster's framing (the
+# sender's node and a newline: Cluster._deliver), the id, the topic (printable: no newline)
+# and the frame after its "id:" line. %d: Lua 5.1 writes numbers past 1e14 as 1.7e+15.
+# KEYS: the counter; ARGV: now (us), the last id seen, the channel, the node, topic, body.
+PUBLISH_SCRIPT = """
+local id
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  id = redis.call('INCR', KEYS[1])
+else
+  id = math.max(tonumber(ARGV[1]), tonumber(ARGV[2])) + 1
+  redis.call('SET', KEYS[1], string.format('%d', id))
+end
+redis.call('PUBLISH', ARGV[3],
+           ARGV[4] .. '\\n' .. string.format('%d', id) .. '\\n' .. ARGV[5] .. '\\n' .. ARGV[6])
+return id
+"""
 
 
 def event_body(data, event=None):
@@ -81,20 +125,26 @@ class _Ring:
 class EventHub:
     """For handlers (through the contract): ``publish``; for the reactor: ``take``,
     ``since``, ``reset_frame``, ``parse_id``; ``stats()`` for any thread. ``use_settings``
-    at start and on a reload ([events]: ring sizes and the event cap apply from then on)."""
+    at start and on a reload ([events]: ring sizes and the event cap apply from then on);
+    ``join_cluster`` at start, before the cluster starts, to share events through Redis."""
 
     def __init__(self, settings, wake=None, clock=time.time):
+        self.clock = clock
         self.first_id = int(clock() * 1e6)   # never an event's id; ids after it are this process's
         self.wake = wake   # the reactor's wake-up (Handoff.wake); any thread may call it
         self.lock = threading.Lock()
-        self.last_id = self.first_id   # the id of the last event published
+        self.last_id = self.first_id   # the id of the last event published (taken, in a cluster)
         self.topics = {}               # topic -> _Ring
         self.order = collections.deque()   # (id, topic): every ring's events, oldest first
         self.live = 0                  # events in the rings (order may hold evicted ones too)
         self.ring_bytes = 0            # what the rings cost, as counted against ring_bytes
         self.forgotten_through = self.first_id   # the newest id of a topic forgotten whole
-        self.pending = []              # (topic, id, frame) the reactor has not taken yet
+        self.pending = []              # (topic, id, frame) the reactor has not taken yet;
+                                       # (None, position, reset frame) marks a gap
         self.published = 0
+        self.received = 0              # in a cluster: events taken from the subscription
+        self.gaps = 0                  # in a cluster: gaps marked (module docstring)
+        self.cluster = None            # the cluster joined (onebox/cluster.py), or None
         self.use_settings(settings)
 
     def use_settings(self, settings):
@@ -108,6 +158,8 @@ class EventHub:
             raise EventTooLarge("an event of %d bytes is over [events] max_event_bytes (%d): "
                                 "publish less (an id to fetch) or raise the setting"
                                 % (len(body), limit))
+        if self.cluster is not None:
+            return self._publish_shared(topic, body)
         with self.lock:
             self.last_id += 1
             event_id = self.last_id
@@ -120,6 +172,86 @@ class EventHub:
             self.wake()
         return event_id
 
+    # -- in a cluster (module docstring: "In a cluster", "Gaps") ---------------------------------
+    def join_cluster(self, cluster):
+        """Share events with the cluster's other processes from now on. The main thread, at
+        start, before ``cluster.start()``: the counter is read (made if absent) so that ids
+        after it are resumed, and the reactor, made with the process's own ids, is told the
+        new position by a gap marker (it has no subscriber yet)."""
+        self.cluster = cluster
+        self._counter = cluster.key("events:last_id")
+        self._channel = cluster.channel("events")
+        self._script = cluster.redis.script(PUBLISH_SCRIPT)
+        try:   # (connect_cluster has just reached Redis; if it is gone already, the clock)
+            now = int(self.clock() * 1e6)
+            _, current = cluster.redis.pipeline([("SET", self._counter, now, "NX"),
+                                                 ("GET", self._counter)])
+            position = int(current)
+        except (RedisError, RedisUnavailable, TypeError, ValueError):
+            position = int(self.clock() * 1e6)
+        with self.lock:
+            self._gap_locked(position)
+            self.gaps = 0   # (joining is not a loss)
+        if self.wake is not None:
+            self.wake()
+        cluster.on("events", self._arrived)
+        cluster.on_reconnect(self._resubscribed)
+
+    def _publish_shared(self, topic, body):
+        """Publish through Redis (a worker); the event comes back through ``_arrived``."""
+        cluster = self.cluster
+        try:
+            event_id = self._script(keys=(self._counter,), args=(
+                int(self.clock() * 1e6), self.last_id, self._channel, cluster.node,
+                topic, body))
+        except (RedisError, RedisUnavailable) as error:
+            raise EventsUnavailable("publish to %r: redis: %s" % (topic, error)) from None
+        self.published += 1
+        return int(event_id)
+
+    def _arrived(self, payload, from_self):
+        """An event from the cluster (the subscription's thread): keep it and hand it to the
+        reactor, as a local publish does; a gap before it first (module docstring)."""
+        head, _, rest = payload.partition(b"\n")
+        topic, _, body = rest.partition(b"\n")
+        try:
+            event_id, topic = int(head), topic.decode("utf-8")
+        except ValueError:
+            return   # not one of ours (a stranger on the channel): nothing to deliver
+        frame = b"id: %d\n%s" % (event_id, body)
+        with self.lock:
+            if event_id <= self.last_id:
+                return   # before a gap marked already: the reset covered it
+            woken = not self.pending
+            if event_id != self.last_id + 1:
+                self._gap_locked(event_id - 1)
+            self.last_id = event_id
+            self._keep(topic, event_id, frame)
+            self.pending.append((topic, event_id, frame))
+            self.received += 1
+        if woken and self.wake is not None:
+            self.wake()
+
+    def _resubscribed(self):
+        """The subscription is back after a loss (the subscription's thread): what was told
+        meanwhile is lost, so a gap at the last id seen, and a reset to every live page."""
+        with self.lock:
+            woken = not self.pending
+            self._gap_locked(self.last_id)
+        if woken and self.wake is not None:
+            self.wake()
+
+    def _gap_locked(self, position):
+        """Events up to ``position`` can no longer be resumed: empty the rings, move
+        ``first_id`` there and queue a reset for the live subscribers."""
+        self.topics.clear()
+        self.order.clear()
+        self.live = self.ring_bytes = 0
+        self.first_id = self.last_id = self.forgotten_through = position
+        self.pending.append((None, position, self.reset_frame(position)))
+        self.gaps += 1
+
+    # -- the rings ------------------------------------------------------------------------------
     def _keep(self, topic, event_id, frame):
         """Put the event in its topic's ring; evict to keep to ring_events and ring_bytes."""
         settings = self.settings
@@ -208,4 +340,4 @@ class EventHub:
         """For any thread: counts read without the lock (ints, atomic under the GIL)."""
         return {"published": self.published, "ring_events": self.live,
                 "ring_bytes": self.ring_bytes, "topics": len(self.topics),
-                "last_id": self.last_id}
+                "last_id": self.last_id, "received": self.received, "gaps": self.gaps}

@@ -76,20 +76,46 @@ written only by workers and never under a lock. Idle entries cost nothing to exp
 looks at the least recently used entry or two and drops them if stale; nothing sweeps a whole
 table on the request path.
 
+Several processes, one site (``[cluster] redis_url``, issue 24; ``join_cluster``)
+--------------------------------------------------------------------------------------
+Each process still decides alone, per request, but counts in Redis what must be counted
+across all of them, so that a client spread over N processes (round-robin behind a balancer)
+meets the limits one process would set:
+
+* the site-wide and route buckets are ``SharedLimiter``s (onebox/limits.py: one Lua script per
+  request for both, each with the in-process pair in front, which refuses a client over it
+  without asking Redis);
+* strikes (refusals, bad requests) and scanners' distinct 404 paths are counted in Redis, one
+  key per client that expires with its window (``_STRIKE``, ``_SCAN``); a bad request the
+  reactor saw is counted by the next worker (the reactor never waits on the network);
+* bans live in the state store, which is Redis here; a ban or a lift is also told on the
+  cluster's "bans" channel, and every process applies it to its table at once. Told messages
+  are lost while a process is cut off, so when it subscribes again it reloads the bans from
+  the store (``_reload_bans``), and writes the bans it made meanwhile.
+
+The CPU budget stays per process: it is charged after the handler ran and read before the
+next request, which in Redis would be a round trip per request for every client, not just the
+ones it refuses; a client spread over N processes gets N budgets (each still bounded).
+While Redis cannot be reached, everything above falls back to the in-process tables (logged
+once each way, see ``SharedBuckets``): never a 5xx from the guard, and no request waits on a
+connect attempt.
+
 Imports the standard library, the contract's rate limit types (``handlers._limits``) and their
-in-process buckets (``onebox.limits``); never the engine, another runtime module or ``server``:
-the runtime passes in what it needs.
+buckets (``onebox.limits``); never the engine, another runtime module or ``server``: the runtime
+passes in what it needs (the cluster link included).
 """
 import array
 import collections
+import hashlib
 import ipaddress
+import json
 import re
 import socket
 import threading
 import time
 
 from handlers._limits import Hit, Policy, check_policy, rate_limit_headers
-from onebox.limits import InProcessLimiter
+from onebox.limits import UNAVAILABLE, InProcessLimiter, SharedBuckets, SharedLimiter
 
 __all__ = ["GuardPolicy", "Guard", "Verdict", "RULES", "BAN_PREFIX"]
 
@@ -106,6 +132,34 @@ MAX_WARNED_PROXIES = 256
 # hello's handler takes ~30 us; what the budget is for takes milliseconds to seconds.
 CPU_CHARGE_MIN_S = 0.001
 _V4_MAPPED = b"\x00" * 10 + b"\xff\xff"
+# Bad requests the reactor saw in a cluster, kept for a worker to count in Redis; past this many
+# waiting, the oldest are dropped (counted per process instead: see saw_bad_request).
+MAX_UNCOUNTED_STRIKES = 1024
+
+# In a cluster: one strike for KEYS[1] (a client's); ARGV: the window (ms), the threshold.
+# The window starts at the first strike, as a _Suspect's does. 1 when this strike is past the
+# threshold (the count starts again), else 0.
+_STRIKE = """
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+if n > tonumber(ARGV[2]) then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"""
+# In a cluster: a 404 path (ARGV[1], a digest) in KEYS[1], a client's set of distinct ones;
+# ARGV[2] the window (ms), ARGV[3] the most allowed. 1 when it is one too many, else 0.
+_SCAN = """
+if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return 0 end
+local n = redis.call('SCARD', KEYS[1])
+if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+if n > tonumber(ARGV[3]) then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"""
 
 
 # --- addresses --------------------------------------------------------------------------------
@@ -415,7 +469,12 @@ class Guard(object):
     meant for overriding.
     ``store`` is the state store bans persist in (None: they live in memory only); ``log``
     takes one line for the error log; ``clock`` (monotonic) and ``wall`` (epoch) are seams.
+    ``join_cluster(cluster)`` (the runtime, once, at start-up) makes it count with the others.
     """
+
+    # In a cluster (join_cluster): the link, and the counting in Redis; None in one process.
+    cluster = None
+    _shared = None
 
     def __init__(self, policy, store=None, log=None, clock=time.monotonic, wall=time.time):
         self.policy = policy
@@ -470,6 +529,116 @@ class Guard(object):
         self.cpu.policy, self.cpu.max_keys = policy.cpu_policy, policy.max_tracked_clients
         self.routes.policy, self.routes.max_keys = policy.route_policy, policy.max_tracked_routes
         self.policy = policy
+
+    # -- several processes, one site (see the module's docstring) ------------------------------
+    def join_cluster(self, cluster):
+        """Count across the processes of ``cluster`` (onebox/cluster.py) from now on: the
+        runtime calls it once, after the bans were loaded and before ``cluster.start`` and any
+        request. ``check`` is replaced by ``_check_in_cluster`` on this instance: the one-process
+        ``check`` keys the route bucket by ``hash()``, which differs from process to process,
+        and keeping it untouched keeps the one-process hot path as it was."""
+        self.cluster = cluster
+        self._shared = shared = SharedBuckets(cluster, self._log)
+        self._strike_script = shared.script(_STRIKE)
+        self._scan_script = shared.script(_SCAN)
+        self.clients = SharedLimiter(shared, "site", self.clients)
+        self.routes = SharedLimiter(shared, "route", self.routes)
+        # bad requests seen by the reactor, for a worker to count (appends and pops are atomic)
+        self._uncounted_strikes = collections.deque(maxlen=MAX_UNCOUNTED_STRIKES)
+        # bans this process could not write while Redis was down: written when it is back
+        # (_lost_bans_lock guards it)
+        self._lost_bans_lock = threading.Lock()
+        self._lost_bans = {}
+        self.check = self._check_in_cluster
+        cluster.on("bans", self._heard_bans)
+        cluster.on_reconnect(self._reload_bans)
+
+    def _check_in_cluster(self, request, key):
+        """``check`` in a cluster: every request goes the long way (``_check``), whose route
+        buckets are keyed by text every process agrees on; strikes the reactor saw are counted
+        here first."""
+        if self._unsaved_bans:
+            self._save_deferred_bans()
+        while self._uncounted_strikes:
+            try:
+                struck, verdict = self._uncounted_strikes.popleft()
+            except IndexError:
+                break                    # another worker took the last one
+            self._strike(struck, verdict)
+            if verdict.ban:
+                self._tell(struck, "", verdict.status, "bad_request", verdict.ban)
+        if key is None:
+            return self._check_forwarded(request)
+        return self._check(request, key)
+
+    def _heard_bans(self, payload, from_self):
+        """A ban or a lift told by a process of the cluster (the subscription's thread). Its
+        sender wrote the store already; this process only updates its table."""
+        if from_self:
+            return
+        try:
+            message = json.loads(payload.decode("utf-8"))
+            if "lift" in message:
+                self._lifted_elsewhere(str(message["lift"]), str(message.get("by", "")))
+                return
+            key = str(message["ban"])
+            until, offences = float(message["until"]), int(message["offences"])
+            reason = str(message.get("reason", ""))
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
+            self._log("guard: a ban told on the cluster could not be read: %s" % error)
+            return
+        with self._bans_lock:
+            ban = self._bans.get(key)
+            if ban is not None and ban.until >= until:
+                return                   # told twice, or ours already
+            self._bans[key] = _Ban(until, offences, reason, stored=True)
+            self._bans.move_to_end(key)
+            self._trim_bans_locked(self._wall())
+        self._log("guard: banned %s for %gs (told by the cluster: %s; offence %d)"
+                  % (key, until - self._wall(), reason, offences), level="info")
+
+    def _lifted_elsewhere(self, key, by):
+        with self._bans_lock:
+            ban = self._bans.pop(key, None)
+        with self._suspects_lock:
+            self._suspects.pop(key, None)
+        self.clients.local.forget(key)   # the lifter dropped the Redis keys
+        self.cpu.forget(key)
+        if ban is not None:
+            self._log("guard: ban of %s lifted by %s (told by the cluster)" % (key, by or "?"),
+                      level="info")
+
+    def _reload_bans(self):
+        """Back on the cluster after a loss (the subscription's thread): bans told meanwhile
+        were lost, so the table is brought in line with the store. Bans this process made but
+        could not write go in first; then bans in the store are taken, and bans in force here
+        that the store no longer has (lifted meanwhile) are dropped, unless still waiting to
+        be written by a worker."""
+        with self._lost_bans_lock:
+            lost, self._lost_bans = self._lost_bans, {}
+        for key, record in lost.items():
+            self._persist(key, record)
+        stored = {}
+        for store_key, record in self.store.items(BAN_PREFIX):
+            try:
+                stored[store_key[len(BAN_PREFIX):]] = (float(record["until"]),
+                                                       int(record["offences"]),
+                                                       str(record.get("reason", "")))
+            except (TypeError, KeyError, ValueError):
+                continue
+        waiting = {key for key, _ in list(self._unsaved_bans)}
+        with self._lost_bans_lock:
+            waiting.update(self._lost_bans)
+        now = self._wall()
+        with self._bans_lock:
+            for key, ban in list(self._bans.items()):
+                if ban.until > now and key not in stored and key not in waiting:
+                    del self._bans[key]
+            for key, (until, offences, reason) in stored.items():
+                ban = self._bans.get(key)
+                if until > now and (ban is None or ban.until < until):
+                    self._bans[key] = _Ban(until, offences, reason, stored=True)
+                    self._trim_bans_locked(now)
 
     # -- identity --------------------------------------------------------------------------
     def key_of(self, ip):
@@ -664,18 +833,30 @@ class Guard(object):
         key = self._limited_key(request, key)
         if key is None:
             return None
-        now = self._clock()
-        path_hash = hash(request.path)
-        with self._suspects_lock:
-            suspect = self._suspect_locked(key, now)
-            if suspect.paths is None or now - suspect.paths_since > policy.scanner_window_s:
-                suspect.paths, suspect.paths_since = array.array("q"), now
-            if path_hash in suspect.paths:
+        earned = UNAVAILABLE
+        if self._shared is not None:     # a cluster: the distinct paths are a set in Redis
+            digest = hashlib.blake2b(request.path.encode("utf-8", "surrogateescape"),
+                                     digest_size=8).digest()
+            earned = self._shared.run(self._scan_script, (self.cluster.key("guard:404s:"
+                                                                           + key),),
+                                      (digest, int(policy.scanner_window_s * 1000) or 1,
+                                       policy.scanner_404_paths))
+        if earned is not UNAVAILABLE:
+            if not earned:
                 return None
-            suspect.paths.append(path_hash)
-            if len(suspect.paths) <= policy.scanner_404_paths:
-                return None
-            suspect.paths = None
+        else:
+            now = self._clock()
+            path_hash = hash(request.path)
+            with self._suspects_lock:
+                suspect = self._suspect_locked(key, now)
+                if suspect.paths is None or now - suspect.paths_since > policy.scanner_window_s:
+                    suspect.paths, suspect.paths_since = array.array("q"), now
+                if path_hash in suspect.paths:
+                    return None
+                suspect.paths.append(path_hash)
+                if len(suspect.paths) <= policy.scanner_404_paths:
+                    return None
+                suspect.paths = None
         dry = "scanner" in policy.dry or "ban" in policy.dry
         self._count("dry_run_scanners" if dry else "scanners")
         outcome = self._ban(key, "scanner: more than %d distinct 404s in %gs"
@@ -693,6 +874,11 @@ class Guard(object):
         if key is None or not policy.enabled or client_ip in policy.allow_cidrs:
             return None
         verdict = Verdict(status, "", [], "bad_request")
+        if in_reactor and self._shared is not None and not self._shared.down:
+            # a cluster: counted in Redis by the next worker's check (the reactor never waits
+            # on the network); the ban it may earn is not on this request's log line
+            self._uncounted_strikes.append((key, verdict))
+            return None
         self._strike(key, verdict, in_reactor)
         if verdict.ban:
             self._tell(key, "", status, "bad_request", verdict.ban)
@@ -759,8 +945,11 @@ class Guard(object):
         else:
             route_key, route, route_dry = request.path, policy.route_policy, policy.route_dry
         site = policy.client_policy
+        # the route bucket's key: a hash in one process; in a cluster, text that every process
+        # agrees on (hash() of a str differs between processes)
+        bucket = hash((key, route_key)) if self._shared is None else key + " " + route_key
         refused = self.clients.take_pair(key, site.rate_per_s, site.burst, self.routes,
-                                         hash((key, route_key)), route.rate_per_s, route.burst)
+                                         bucket, route.rate_per_s, route.burst)
         if refused is None:
             return flagged
         return self._rate_refusal(refused, key, route_key, route, route_dry, flagged)
@@ -777,7 +966,8 @@ class Guard(object):
             if not verdict.dry_run:
                 return verdict
             flagged = flagged or verdict
-            wait = self.routes.take(hash((key, route_key)), route.rate_per_s, route.burst)
+            bucket = hash((key, route_key)) if self._shared is None else key + " " + route_key
+            wait = self.routes.take(bucket, route.rate_per_s, route.burst)
             if wait is None:
                 return flagged
         verdict = self._too_many(route, wait, "route_rate", route_dry)
@@ -798,15 +988,25 @@ class Guard(object):
         policy = self.policy
         if not policy.ban_after_rejections:
             return
-        now = self._clock()
-        with self._suspects_lock:
-            suspect = self._suspect_locked(key, now)
-            if now - suspect.strikes_since > policy.ban_window_s:
-                suspect.strikes, suspect.strikes_since = 0, now
-            suspect.strikes += 1
-            if suspect.strikes <= policy.ban_after_rejections:
+        earned = UNAVAILABLE
+        if self._shared is not None and not defer_store:   # a cluster, not the reactor
+            earned = self._shared.run(self._strike_script, (self.cluster.key("guard:strikes:"
+                                                                             + key),),
+                                      (int(policy.ban_window_s * 1000) or 1,
+                                       policy.ban_after_rejections))
+        if earned is not UNAVAILABLE:
+            if not earned:
                 return
-            suspect.strikes, suspect.strikes_since = 0, now
+        else:
+            now = self._clock()
+            with self._suspects_lock:
+                suspect = self._suspect_locked(key, now)
+                if now - suspect.strikes_since > policy.ban_window_s:
+                    suspect.strikes, suspect.strikes_since = 0, now
+                suspect.strikes += 1
+                if suspect.strikes <= policy.ban_after_rejections:
+                    return
+                suspect.strikes, suspect.strikes_since = 0, now
         dry = verdict.dry_run or "ban" in policy.dry
         reason = "%s: more than %d refusals in %gs" % (verdict.rule, policy.ban_after_rejections,
                                                       policy.ban_window_s)
@@ -889,6 +1089,12 @@ class Guard(object):
             self.store.put(BAN_PREFIX + key, record)
         except Exception as error:   # a full disk must not turn a refusal into a 500
             self._log("guard: could not persist the ban of %s: %s" % (key, error))
+            if self.cluster is not None:   # written when Redis is back (_reload_bans)
+                with self._lost_bans_lock:
+                    self._lost_bans[key] = record
+            return
+        if self.cluster is not None:   # the others apply it now (it is in the store already)
+            self.cluster.tell("bans", json.dumps(dict(record, ban=key)))
 
     def _unpersist(self, key):
         if self.store is None:
@@ -980,8 +1186,10 @@ class Guard(object):
         key = self.ban_key(address)
         with self._bans_lock:
             ban = self._bans.get(key)
-            if ban is None or ban.until <= self._wall():
-                return None
+            banned = ban is not None and ban.until > self._wall()
+        if not banned and (self.cluster is None or not _banned_in(self.store, key,
+                                                                  self._wall())):
+            return None      # (in a cluster, the store is asked too: a told ban may be lost)
         if self.store is not None:   # first: a failed write (StateWriteError) changes nothing
             self.store.delete(BAN_PREFIX + key)
         with self._bans_lock:
@@ -990,6 +1198,8 @@ class Guard(object):
             self._suspects.pop(key, None)
         self.clients.forget(key)
         self.cpu.forget(key)   # a debt left would refuse it again at once, and strike
+        if self.cluster is not None:
+            _tell_lift(self.cluster, key, by)
         self._count("lifted")
         self._log("guard: ban of %s lifted by %s" % (key, by), level="info")
         self._tell(key, "", 0, "lifted")
@@ -1006,9 +1216,12 @@ class Guard(object):
         bans["active"] = len(self.bans())
         with self._counts_lock:
             counts = dict(self._counts)
-        return {"enabled": self.policy.enabled, "clients": self.clients.stats(),
-                "cpu": self.cpu.stats(), "routes": self.routes.stats(), "suspects": suspects,
-                "bans": bans, "counts": counts}
+        stats = {"enabled": self.policy.enabled, "clients": self.clients.stats(),
+                 "cpu": self.cpu.stats(), "routes": self.routes.stats(), "suspects": suspects,
+                 "bans": bans, "counts": counts}
+        if self._shared is not None:
+            stats["cluster"] = self._shared.stats()
+        return stats
 
 
 # Fields that say a request came through a proxy (see Guard.check).
@@ -1052,9 +1265,43 @@ def stored_bans(store, wall=time.time):
     return rows
 
 
-def lift_stored_ban(store, key):
-    """Delete a ban's record from a state store no server has open; whether there was one."""
+def lift_stored_ban(store, key, by="operator (--unban)"):
+    """Delete a ban's record from a state store no server has open; whether there was one.
+    A cluster's store (``store.cluster`` set) is open in every process of it: they are told
+    to drop the ban too, and the client's counts in Redis start afresh."""
     if store.get(BAN_PREFIX + key) is None:
         return False
     store.delete(BAN_PREFIX + key)
+    cluster = getattr(store, "cluster", None)
+    if cluster is not None:
+        _tell_lift(cluster, key, by)
     return True
+
+
+# --- a cluster's bans (see Guard.join_cluster) ---------------------------------------------------
+
+def _counting_keys(cluster, key):
+    """The Redis keys that count against client ``key``: its site-wide bucket (SharedLimiter
+    "site"), its strikes and its 404 paths."""
+    return [cluster.key("limits:site:" + key), cluster.key("guard:strikes:" + key),
+            cluster.key("guard:404s:" + key)]
+
+
+def _tell_lift(cluster, key, by):
+    """Drop ``key``'s counts in Redis and tell every process that its ban is lifted (its
+    record is out of the store already). Best effort: Redis down, the others catch up when
+    they subscribe again (Guard._reload_bans)."""
+    try:
+        cluster.redis.call("DEL", *_counting_keys(cluster, key))
+    except Exception as error:   # the lift itself is done; the counts expire on their own
+        cluster.log("guard: could not reset the counts of %s in redis: %s" % (key, error))
+    cluster.tell("bans", json.dumps({"lift": key, "by": by}))
+
+
+def _banned_in(store, key, now):
+    """Whether the store holds a ban of ``key`` in force."""
+    record = store.get(BAN_PREFIX + key)
+    try:
+        return record is not None and float(record["until"]) > now
+    except (TypeError, KeyError, ValueError):
+        return False

@@ -24,13 +24,30 @@ The in-process limiter (``InProcessLimiter``)
     requests in a row) is not moved: ``_newest`` remembers it, and every call that adds or moves a
     key sets it (a key dropped from the front cannot be the newest unless it was the only one).
 
+Shared by the processes of a cluster (``SharedLimiter``, issue 24)
+    With ``[cluster] redis_url`` set, a bucket is counted in Redis, so that N processes
+    behind one address refuse a client at the configured rate, not N times it. The whole GCRA
+    step (for one bucket or two, the guard's site-wide and route buckets together) is one Lua
+    script per request, ``_TAKE``: atomic, one round trip, and timed by Redis's own ``TIME``,
+    so the boxes' clocks do not matter. A key is the bucket's full-again time in microseconds
+    and expires (PX) when the bucket is full again, so Redis holds only buckets in use.
+    Each shared limiter keeps an in-process one in front of it: a request its local bucket
+    refuses is refused without asking Redis (the local count is at most the global one plus
+    one token: every request the local bucket lets through is counted in Redis too), which
+    keeps an abuser's flood off the network. When Redis cannot be reached (``SharedBuckets``)
+    the local buckets decide alone (the limits count per process), the outage is logged once
+    each way, and no request waits for a connect until the cluster's heartbeat has seen
+    Redis again.
+
 One table per server (``LimiterRegistry``)
     Each server owns one, in its ``ServerContext`` (``handlers/_context.py``); the contract's
     ``limiter(name, ...)`` objects find it through the calling worker thread and ask it for the
     limiter of their name, made on first use by the registry's ``make`` (the in-process buckets
-    by default), so two servers in one process never share a bucket.
+    by default; in a cluster, ``join_cluster``: SharedLimiters), so two servers in one process
+    never share a bucket.
 
-Imports the standard library and the contract (``handlers._limits``, ``handlers._context``).
+Imports the standard library, the contract (``handlers._limits``, ``handlers._context``) and
+the Redis client (``onebox.redis``, used only in a cluster).
 """
 import collections
 import threading
@@ -38,8 +55,10 @@ import time
 
 from handlers import _context
 from handlers._limits import DEFAULT_MAX_KEYS, Hit, check_max_keys, check_policy
+from onebox.redis import RedisError, RedisUnavailable
 
-__all__ = ["Limiter", "InProcessLimiter", "LimiterRegistry", "all_stats"]
+__all__ = ["Limiter", "InProcessLimiter", "SharedBuckets", "SharedLimiter", "LimiterRegistry",
+           "all_stats", "UNAVAILABLE"]
 
 _EXPIRE_PER_HIT = 2         # idle keys looked at (and dropped if full) per hit
 _EPSILON = 1e-9             # float slack, so that exactly ``burst`` hits in a row all pass
@@ -264,6 +283,252 @@ class InProcessLimiter(Limiter):
             self._evictions += 1
 
 
+# --- buckets shared by the processes of a cluster (issue 24) -----------------------------------
+
+UNAVAILABLE = object()      # SharedBuckets.run's answer while Redis cannot be asked
+
+# GCRA over one or more buckets, in order, as InProcessLimiter.take_pair does: each bucket's key
+# holds the Redis time (microseconds) at which it is full again. ARGV: the cost, then per key
+# its emission interval (microseconds a token takes to refill) and its burst. Returns
+# {-1, owed} when every bucket had the tokens (owed: microseconds the last is short of full),
+# or {i, wait} when bucket i (from 0) refused: the buckets before it keep their tokens, the
+# ones after it are not asked. Redis 5 and later replicate a script's effects, so TIME before
+# a write is allowed; integers only (a double holds microseconds since 1970 exactly).
+_TAKE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local cost = tonumber(ARGV[1])
+local owed = 0
+for i, key in ipairs(KEYS) do
+  local interval = tonumber(ARGV[2 * i])
+  local burst = tonumber(ARGV[2 * i + 1])
+  local full_at = tonumber(redis.call('GET', key) or 0)
+  if full_at < now then full_at = now end
+  local allowed = math.floor((burst - cost) * interval)
+  if full_at - now > allowed then
+    return {i - 1, full_at - now - allowed}
+  end
+  full_at = full_at + math.ceil(cost * interval)
+  owed = full_at - now
+  redis.call('SET', key, string.format('%d', full_at), 'PX', math.ceil(owed / 1000))
+end
+return {-1, owed}
+"""
+
+# The microseconds a bucket is short of full (0: full or absent), by Redis's clock.
+_OWED = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local full_at = tonumber(redis.call('GET', KEYS[1]) or 0)
+if full_at < now then return 0 end
+return full_at - now
+"""
+
+
+def _interval_us(rate_per_s):
+    """A token's refill time in whole microseconds (at least 1), as the scripts take it."""
+    return max(1, int(round(1e6 / rate_per_s)))
+
+
+class SharedBuckets(object):
+    """One process's use of Redis for counting (the guard's buckets and strikes, the areas'
+    limiters): runs a script, or answers UNAVAILABLE while Redis cannot be asked, so that the
+    caller decides alone. Never raises for Redis's sake: a rate limit must not turn an outage
+    into 5xx.
+
+    An outage starts at the first call that fails (logged once: ``"<who>: redis unavailable;
+    <what> count per process until it returns"``). Until the cluster's heartbeat has reached
+    Redis again (``cluster.up``), no call is tried: a request never waits on a connect attempt
+    (the client's own backoff would let one through every few seconds, each up to
+    ``[cluster] timeout_s`` when a host is gone). The first call that works ends it (logged
+    once). Any thread."""
+
+    def __init__(self, cluster, log, who="guard", what="rate limits"):
+        self.cluster = cluster
+        self.redis = cluster.redis
+        self._log = log
+        self._who, self._what = who, what
+        self._take = self.redis.script(_TAKE)
+        self._owed = self.redis.script(_OWED)
+        # _lock guards _down's changes, so that each outage is logged once each way; the
+        # request path reads _down without it (one attribute read)
+        self._lock = threading.Lock()
+        self._down = False
+        self.outages = 0
+        self.unanswered = 0    # calls answered UNAVAILABLE (a lost increment costs a metric)
+
+    def key(self, name):
+        return self.cluster.key(name)
+
+    def script(self, source):
+        return self.redis.script(source)
+
+    def run(self, script, keys, args):
+        """``script``'s reply, or UNAVAILABLE (Redis is down, or refused the script)."""
+        if self._down and not self.cluster.up:
+            self.unanswered += 1
+            return UNAVAILABLE
+        try:
+            reply = script(keys, args)
+        except (RedisUnavailable, RedisError) as error:
+            self.unanswered += 1
+            self._lost(error)
+            return UNAVAILABLE
+        if self._down:
+            self._back()
+        return reply
+
+    def take(self, keys, cost, buckets):
+        """GCRA in Redis over ``keys`` (``buckets``: a (rate_per_s, burst) for each): None if
+        each had ``cost`` tokens, (index, seconds to wait) for the first that had not, or
+        UNAVAILABLE."""
+        args = [cost]
+        for rate_per_s, burst in buckets:
+            args += [_interval_us(rate_per_s), burst]
+        reply = self.run(self._take, keys, args)
+        if reply is UNAVAILABLE:
+            return reply
+        which, micros = reply
+        return None if which < 0 else (which, micros / 1e6)
+
+    def owed(self, key):
+        """The seconds ``key``'s bucket is short of full, or UNAVAILABLE."""
+        reply = self.run(self._owed, (key,), ())
+        return reply if reply is UNAVAILABLE else reply / 1e6
+
+    def delete(self, *keys):
+        """Drop buckets (a ban lifted); whether Redis took it."""
+        return self.run(_Delete(self.redis), keys, ()) is not UNAVAILABLE
+
+    @property
+    def down(self):
+        return self._down
+
+    def _lost(self, error):
+        with self._lock:
+            if self._down:
+                return
+            self._down = True
+            self.outages += 1
+        self._log("%s: redis unavailable; %s count per process until it returns (%s)"
+                  % (self._who, self._what, error), level="warning")
+
+    def _back(self):
+        with self._lock:
+            if not self._down:
+                return
+            self._down = False
+        self._log("%s: redis is back; %s count across the cluster again"
+                  % (self._who, self._what), level="info")
+
+    def stats(self):
+        return {"down": self._down, "outages": self.outages, "unanswered": self.unanswered}
+
+
+class _Delete(object):
+    """DEL as a script-like callable, for ``SharedBuckets.run``."""
+
+    def __init__(self, redis):
+        self.redis = redis
+
+    def __call__(self, keys=(), args=()):
+        return self.redis.call("DEL", *keys)
+
+
+def _text(key):
+    """A limiter key as Redis key text: strings as they are, anything else by its repr (the
+    same on every process, unlike hash())."""
+    return key if isinstance(key, str) else repr(key)
+
+
+class SharedLimiter(Limiter):
+    """Token buckets counted in Redis by every process of a cluster, each with an in-process
+    bucket in front (``local``, an InProcessLimiter): see the module's docstring. Keys are
+    strings (or values whose repr is the same in every process). ``buckets`` is the process's
+    SharedBuckets; ``name`` names the Redis keys (``<key_prefix>limits:<name>:<key>``).
+    ``take`` and ``take_pair`` answer as InProcessLimiter's do; ``policy`` and ``max_keys`` are
+    the local limiter's."""
+
+    def __init__(self, buckets, name, local):
+        self.buckets = buckets
+        self.local = local
+        self.prefix = buckets.key("limits:%s:" % name)
+
+    @property
+    def policy(self):
+        return self.local.policy
+
+    @policy.setter
+    def policy(self, policy):
+        self.local.policy = policy
+
+    @property
+    def max_keys(self):
+        return self.local.max_keys
+
+    @max_keys.setter
+    def max_keys(self, max_keys):
+        self.local.max_keys = max_keys
+
+    def redis_key(self, key):
+        return self.prefix + _text(key)
+
+    def take(self, key, rate_per_s, burst, cost=1):
+        wait = self.local.take(key, rate_per_s, burst, cost)
+        if wait is not None:
+            return wait                   # this process alone is over: no need to ask
+        refused = self.buckets.take((self.prefix + _text(key),), cost, ((rate_per_s, burst),))
+        if refused is None or refused is UNAVAILABLE:
+            return None
+        return refused[1]
+
+    def take_pair(self, key, rate_per_s, burst, other, other_key, other_rate_per_s,
+                  other_burst):
+        """As InProcessLimiter.take_pair, ``other`` a SharedLimiter made with a local limiter
+        that shares this one's lock: the local pair first, then both in one script."""
+        refused = self.local.take_pair(key, rate_per_s, burst, other.local, other_key,
+                                       other_rate_per_s, other_burst)
+        if refused is not None:
+            return refused
+        refused = self.buckets.take(
+            (self.prefix + _text(key), other.prefix + _text(other_key)), 1,
+            ((rate_per_s, burst), (other_rate_per_s, other_burst)))
+        return None if refused is UNAVAILABLE else refused
+
+    def hit(self, key, cost=1, policy=None):
+        policy = policy or self.policy
+        if cost > policy.burst:
+            raise ValueError("cost %r exceeds the burst %r: it could never pass"
+                             % (cost, policy.burst))
+        wait = self.take(key, policy.rate_per_s, policy.burst, cost)
+        if wait is None:
+            return Hit(True, self.peek(key, policy), 0.0, policy)
+        return Hit(False, max(0.0, cost - wait * policy.rate_per_s), wait, policy)
+
+    def peek(self, key, policy=None):
+        policy = policy or self.policy
+        owed = self.buckets.owed(self.prefix + _text(key))
+        if owed is UNAVAILABLE:          # the local bucket is what counts meanwhile
+            return self.local.peek(key, policy)
+        return max(0.0, policy.burst - owed * policy.rate_per_s)
+
+    def retry_after(self, key, cost=1, policy=None):
+        policy = policy or self.policy
+        owed = self.buckets.owed(self.prefix + _text(key))
+        if owed is UNAVAILABLE:
+            return self.local.retry_after(key, cost, policy)
+        return max(0.0, owed - (policy.burst - cost) / policy.rate_per_s)
+
+    def forget(self, key):
+        self.local.forget(key)
+        self.buckets.delete(self.prefix + _text(key))
+
+    def stats(self):
+        stats = self.local.stats()
+        stats["shared"] = self.buckets.stats()
+        return stats
+
+
 # --- each server's named limiters -------------------------------------------------------------
 
 class LimiterRegistry(object):
@@ -275,6 +540,18 @@ class LimiterRegistry(object):
         self._make = make
         self._lock = threading.Lock()   # guards the making of limiters in _limiters
         self._limiters = {}             # name -> Limiter
+
+    def join_cluster(self, cluster, log):
+        """From now on, hand out limiters counted in Redis (SharedLimiter, each with one made
+        by the current ``make`` in front). At start-up, before any worker runs; ``log`` is the
+        error log (``log(message, level=...)``)."""
+        buckets = SharedBuckets(cluster, log, "limits", "areas' rate limits")
+        local = self._make
+
+        def make(policy, max_keys):
+            return SharedLimiter(buckets, "area:" + policy.name, local(policy, max_keys))
+        with self._lock:
+            self._make = make
 
     def get(self, name, policy, max_keys):
         """The limiter called ``name``, made with ``policy`` and ``max_keys`` if it is new."""

@@ -232,6 +232,8 @@ class _Connection:
             return True
         except socket.timeout:
             return False
+        except OSError as error:
+            raise RedisUnavailable("redis at %s: %s" % (self.name, _why(error))) from None
         finally:
             self.sock.settimeout(self.timeout)
 
@@ -262,7 +264,7 @@ class Redis:
         self.name = self.address.path or "%s:%d" % (self.address.host, self.address.port)
         self.timeout, self.connect_timeout, self.pool_size = timeout, connect_timeout, pool_size
         self._handshake = []
-        if password is not None:
+        if password:   # None or "": no AUTH
             self._handshake.append(("AUTH", username, password) if username else ("AUTH", password))
         if self.address.db:
             self._handshake.append(("SELECT", self.address.db))

@@ -16,7 +16,9 @@ handed to the reactor (``Outcome`` EVENTS), which from then on alone owns it, wa
   turn are taken whole and joined per topic, so a subscriber gets one send per turn however
   many events came, and subscribers of the same topic share one bytes object. Deliveries are
   made ``FANOUT_SLICE`` at a time, one slice per reactor turn, so that 100,000 subscribers do
-  not stop the reactor from accepting and handing out requests meanwhile.
+  not stop the reactor from accepting and handing out requests meanwhile. In a cluster the
+  hub may mark a gap among the events (what pub/sub lost: onebox/events.py): each subscriber
+  is then sent ``event: reset`` in its place, so that its page re-reads the state.
 * **Slow readers.** Each send is non-blocking; what the socket does not take waits in the
   subscriber's ``out`` (charged to ``[server] max_buffered_bytes``, so the memory budget sheds
   the largest holders first), and the socket is watched for room. A subscriber whose unsent
@@ -231,15 +233,42 @@ class StreamWaits:
 
     # -- fan-out ---------------------------------------------------------------------------------
     def _take_events(self):
-        """The hub's new events, as a delivery per subscriber of their topics."""
+        """The hub's new events, as a delivery per subscriber of their topics; in a cluster,
+        a gap (a marker of topic None: onebox/events.py) is a reset to every subscriber, after
+        the events before it and before those after it."""
         taken = self.hub.take()
         if not taken:
             return
         streams = self.streams
-        first = taken[0][1]
         streams.through = taken[-1][1]
         if not streams.count:
             return
+        if self.hub.cluster is None:   # (one process: no gaps)
+            self._fan_out(taken)
+            return
+        start = 0
+        for index, (topic, position, frame) in enumerate(taken):
+            if topic is None:
+                self._fan_out(taken[start:index])
+                self._reset_all(position, frame)
+                start = index + 1
+        self._fan_out(taken[start:])
+
+    def _reset_all(self, position, frame):
+        """``event: reset`` to every subscriber: the events before ``position`` they may not
+        have had are gone; from there on they are given what comes."""
+        deliveries = self.streams.deliveries
+        for held in self.streams.by_key.values():
+            for sub in held:
+                deliveries.append((sub, frame, 1))
+                sub.after = position
+
+    def _fan_out(self, taken):
+        """Deliveries of ``taken``, events in id order, to the subscribers of their topics."""
+        if not taken:
+            return
+        streams = self.streams
+        first = taken[0][1]
         by_topic = {}
         for topic, event_id, frame in taken:
             if topic in streams.by_topic:

@@ -13,21 +13,25 @@ server opens one ``Store`` per data directory at start-up and binds it to its wo
 ``values.py``    what keys and values may be, and the canonical JSON bytes they are kept as
 ``index.py``     the sorted key index, so a listing costs what it returns
 ``disk.py``      private files and directories, whole writes, fsync'd directories
+``redis_store.py`` ``RedisStore``: the same verbs kept in Redis, for several processes
+                 (``[cluster] redis_url``; ``server.open_store`` picks it)
 
 The errors areas may see are the contract's (``StateError``, ``StateWriteError``,
-``StateKeyError``); the two only the runtime sees (``StateCorruptError``, ``StateLockedError``)
-are ``recovery.py``'s. This package names them all, so the runtime imports one place.
+``StateUnavailableError``, ``StateKeyError``); the two only the runtime sees
+(``StateCorruptError``, ``StateLockedError``) are ``recovery.py``'s. This package names them
+all, so the runtime imports one place.
 
 Imports the standard library, the contract's ``handlers._state`` and its own modules.
 """
-from handlers._state import MAX_KEY_CHARS, StateError, StateKeyError, StateWriteError
+from handlers._state import (MAX_KEY_CHARS, StateError, StateKeyError, StateUnavailableError,
+                             StateWriteError)
 from onebox.store.disk import PRIVATE_DIR_MODE, PRIVATE_FILE_MODE
 from onebox.store.recovery import StateCorruptError, StateLockedError
 from onebox.store.snapshot import COMPACTION_STEPS, CRASH_EXIT_CODE
 from onebox.store.store import Store, Transaction
 
 __all__ = [
-    "Store", "Transaction", "StateError", "StateWriteError", "StateCorruptError",
-    "StateLockedError", "StateKeyError", "MAX_KEY_CHARS", "COMPACTION_STEPS", "CRASH_EXIT_CODE",
-    "PRIVATE_DIR_MODE", "PRIVATE_FILE_MODE",
+    "Store", "Transaction", "StateError", "StateWriteError", "StateUnavailableError",
+    "StateCorruptError", "StateLockedError", "StateKeyError", "MAX_KEY_CHARS", "COMPACTION_STEPS",
+    "CRASH_EXIT_CODE", "PRIVATE_DIR_MODE", "PRIVATE_FILE_MODE",
 ]
