@@ -2,7 +2,8 @@
 The cache itself is the runtime's (``onebox/cache.py``), one per server, bound to its worker
 threads (``handlers/_context.py``). What is cached and what never is: docs/areas.md, "Response
 cache". On a thread bound to no server these raise RuntimeError ("the response cache is not
-bound: ...").
+bound: ..."). In a cluster (``[cluster] redis_url``) each process has its own cache, and an
+``invalidate`` through any of them reaches them all (onebox/cache.py, "In a cluster").
 """
 import functools
 
@@ -48,5 +49,6 @@ def cached(ttl_s, vary=(), cache=None):
 
 
 def invalidate(prefix=""):
-    """Drop cached responses whose key (path + "?" + query) starts with ``prefix``."""
+    """Drop cached responses whose key (path + "?" + query) starts with ``prefix``; returns how
+    many this process dropped (in a cluster the others drop theirs when told, within moments)."""
     return _here().invalidate(prefix)

@@ -29,7 +29,9 @@ onebox/streams.py):
   what it published itself: every hub, the publisher's too, takes events only as they come
   from the subscription, where Redis delivers them in the order the script ran, that is in id
   order; so every process holds the same events in the same order, and a ``Last-Event-ID``
-  given by one process is resumed exactly by another that has the events after it.
+  given by one process is resumed exactly by another that has the events after it. One it
+  has not had yet (a browser that reconnected faster than the event came) is answered
+  ``reset``, as any id this process cannot place is: the page re-reads, never misses.
 * **Gaps.** Pub/sub keeps nothing for a subscriber that is away. The ids say what was
   missed: an event whose id is not the last one plus one means the ones between are lost
   (events published between the join and the subscription, a Redis wiped and its counter
@@ -206,7 +208,8 @@ class EventHub:
                 topic, body))
         except (RedisError, RedisUnavailable) as error:
             raise EventsUnavailable("publish to %r: redis: %s" % (topic, error)) from None
-        self.published += 1
+        with self.lock:
+            self.published += 1
         return int(event_id)
 
     def _arrived(self, payload, from_self):

@@ -6,6 +6,7 @@ First the parts alone: EventHubs and ResponseCaches joined to Cluster objects of
 Redis restart, invalidations that reach every cache. Then whole servers: two in-process
 onebox servers on one Redis, an SSE client on one and notes written through the other.
 """
+import json
 import threading
 import time
 
@@ -17,6 +18,7 @@ from onebox.cluster import Cluster
 from onebox.events import EventHub
 from onebox.settings import load_config
 from redisd import needs_redis, redis_server
+from test_notes_events import EventReader, call, expect
 
 pytestmark = needs_redis
 
@@ -237,3 +239,106 @@ def test_an_invalidation_redis_did_not_take_is_counted(nodes, redisd):
     redisd.kill()
     assert a.cache.invalidate("/x") == 1   # this process's copy goes all the same
     assert a.cache.stats()["untold"] == 1
+
+
+# --- whole servers ------------------------------------------------------------------------------
+
+@pytest.fixture
+def site(start_server, redisd):
+    """``start()`` starts one more onebox server (its own data_dir) on the one Redis."""
+    readers = []
+
+    def start():
+        return start_server(config={"cluster.redis_url": redisd.url,
+                                    "state.durability": "off", "events.retry_ms": 100})
+
+    def subscribe(server, last_event_id=None):
+        reader = EventReader(server, "/api/notes/events", last_event_id)
+        readers.append(reader)
+        return reader
+    start.subscribe = subscribe
+    yield start
+    for reader in readers:
+        reader.close()
+
+
+def write(server, text, seconds=0.0):
+    """POST a note through ``server``; with ``seconds``, retried while it answers 503."""
+    deadline = time.monotonic() + seconds
+    while True:
+        status, note = call(server, "POST", "/api/notes", {"text": text})
+        if status != 503 or time.monotonic() > deadline:
+            assert status == 201, (status, note)
+            return note
+        time.sleep(0.05)
+
+
+def seen_by(server, event_id):
+    """Wait until ``server``'s hub has taken the event ``event_id`` from Redis."""
+    assert wait_until(lambda: server.context.events.last_id >= event_id), \
+        (server.context.events.last_id, event_id)
+
+
+def test_a_subscriber_on_one_server_gets_a_note_written_through_another(site):
+    a, b = site(), site()
+    on_a, on_b = site.subscribe(a), site.subscribe(b)
+    notes_written = [write(b, "through b"), write(a, "through a"), write(b, "b again")]
+    for reader in (on_a, on_b):   # every subscriber, wherever it is, gets every note
+        ids = [expect(reader, "created", note) for note in notes_written]
+        assert ids == list(range(ids[0], ids[0] + 3))   # one sequence across the servers
+        assert reader.quiet()
+
+
+def test_a_client_that_reconnects_to_another_server_gets_exactly_what_it_missed(site):
+    a, b = site(), site()
+    on_a = site.subscribe(a)
+    seen = expect(on_a, "created", write(a, "seen on a"))
+    on_a.close()
+    missed = [write(a, "missed 1"), write(b, "missed 2"), write(a, "missed 3")]
+    back = site.subscribe(b, last_event_id=str(seen))
+    ids = [expect(back, "created", note) for note in missed]
+    assert ids == [seen + 1, seen + 2, seen + 3]   # none lost, in order
+    assert back.quiet()                           # none twice
+    later = write(a, "live again")
+    assert expect(back, "created", later) == seen + 4
+
+
+def test_an_id_from_before_a_server_joined_is_a_reset(site):
+    a = site()
+    on_a = site.subscribe(a)
+    old = expect(on_a, "created", write(a, "before b"))
+    expect(on_a, "created", write(a, "before b too"))
+    b = site()
+    reader = site.subscribe(b, last_event_id=str(old))   # b cannot know what followed it
+    got = reader.next_event()
+    assert (got["event"], got["data"]) == ("reset", "reset")
+    assert reader.quiet()
+    note = write(a, "after the reset")
+    assert expect(reader, "created", note) > int(got["id"])
+
+
+def test_after_a_redis_restart_open_streams_get_a_reset_and_then_new_events(site, redisd):
+    a, b = site(), site()
+    on_a, on_b = site.subscribe(a), site.subscribe(b)
+    first = write(a, "before the restart")
+    for reader in (on_a, on_b):
+        expect(reader, "created", first)
+    redisd.restart()   # what was published meanwhile is lost to pub/sub: the pages re-read
+    for reader in (on_a, on_b):
+        got = reader.next_event()
+        assert (got["event"], got["data"]) == ("reset", "reset"), got
+    note = write(b, "after the restart", seconds=10)
+    for reader in (on_a, on_b):
+        got = reader.next_event()
+        while got["event"] == "reset":   # (the counter made anew is one more gap)
+            got = reader.next_event()
+        assert (got["event"], json.loads(got["data"])) == ("created", note), got
+
+
+def test_a_response_invalidated_through_one_server_is_not_served_stale_by_another(site):
+    a, b = site(), site()
+    for server in (a, b):
+        assert server.context.responses.serve("/api/notes?", 60, lambda: b"old").body == b"old"
+    a.context.responses.invalidate("/api/notes")
+    assert wait_until(lambda: b.context.responses.stats()["entries"] == 0)
+    assert b.context.responses.serve("/api/notes?", 60, lambda: b"new").body == b"new"

@@ -153,6 +153,28 @@ def test_redis_down_limits_count_per_process_and_shared_counting_resumes(start_s
         assert all(server.error_text().count(outage) == 1 for server in servers)
 
 
+def test_bans_told_while_a_process_was_cut_off_are_caught_up_from_the_store(start_server,
+                                                                           tmp_path):
+    """Pub/sub keeps nothing: a process that subscribes again reloads the bans from the store,
+    taking the ones it missed and dropping the ones lifted meanwhile."""
+    with redis_server(tmp_path, appendonly=True, appendfsync="always") as redis:
+        servers = cluster_of(start_server, redis, count=2, scanner_404_paths=1, ban_s=60)
+        assert round_robin(servers, ["/a", "/b"], "127.0.0.2") == [404, 404]
+        assert everywhere(servers, "/hello", "127.0.0.2", 403)
+        # behind the processes' backs (as if told while they were cut off): a ban written,
+        # a ban lifted
+        servers[0].store.put("guard/bans/127.0.0.3", {"until": time.time() + 60,
+                                                     "offences": 1, "reason": "elsewhere"})
+        servers[0].store.delete("guard/bans/127.0.0.2")
+        assert get(servers[1], "/hello", "127.0.0.3")[0] == 200
+        redis.kill()
+        redis.restart()
+        assert all(wait_until(lambda server=server: get(server, "/hello", "127.0.0.3")[0]
+                              == 403, 10) for server in servers)
+        assert all(wait_until(lambda server=server: get(server, "/hello", "127.0.0.2")[0]
+                              == 200, 10) for server in servers)
+
+
 # --- the areas' limiters, shared ----------------------------------------------------------------
 
 def test_the_registry_hands_out_shared_limiters_in_a_cluster(tmp_path):
