@@ -23,6 +23,8 @@ Where things are
 ``onebox/sessions.py``  request.session in the store (hashed ids), CSRF rule, login throttle
 ``onebox/templates.py`` handlers/templates/ compiled to Python: escaping by context, checked at load
 ``onebox/events.py``    publish(): event ids, the frame, each topic's replay ring, the hand-over
+``onebox/cluster.py``   several processes as one site through Redis: channels, heartbeat
+``onebox/redis.py``     a Redis client: RESP2, a pool, pipelines, scripts, pub/sub, backoff
 ``onebox/logs.py``      the access log, which never makes a request wait
 ``onebox/poller.py``    which waiting sockets are ready (epoll, or a selector)
 ``onebox/handoff.py``   what the reactor and the workers pass each other, and who writes what

@@ -43,7 +43,7 @@ import bisect
 import time
 
 from handlers._core import HTTPError, json_response, state
-from handlers._events import EventTooLarge, event_stream, publish
+from handlers._events import EventsUnavailable, EventTooLarge, event_stream, publish
 
 MAX_TEXT_CHARS = 10000          # a note, not a document: the rule users see
 MAX_NOTE_BYTES = 40000          # UTF-8 bytes of one note's text: 10,000 emoji fit. What bounds
@@ -182,7 +182,7 @@ def delete_note(request):
         tx.put(BYTES_KEY, _total_without(tx, note))
         tx.delete(key)
         tx.incr(COUNT_KEY, -1)
-    publish(TOPIC, {"id": request.params["id"]}, event="deleted")
+    _announce("deleted", {"id": request.params["id"]})
     return None
 
 
@@ -191,12 +191,17 @@ def note_events(request):
 
 
 def _announce(event, note):
-    """Publish a note just written (the transaction is over: it is durable). Too large for an
-    event, it goes as its id alone: the write stands, so the request must not fail now."""
+    """Publish a note just written (the transaction is over: it is durable), so the request
+    must not fail now. Too large for an event, it goes as its id alone; with the events
+    unavailable (a cluster whose Redis is down), it goes unannounced: every page is told
+    ``reset`` when Redis is back, and reads the list again."""
     try:
-        publish(TOPIC, note, event=event)
-    except EventTooLarge:
-        publish(TOPIC, {"id": note["id"]}, event=event)
+        try:
+            publish(TOPIC, note, event=event)
+        except EventTooLarge:
+            publish(TOPIC, {"id": note["id"]}, event=event)
+    except EventsUnavailable:
+        pass
 
 
 def _total_without(tx, note):

@@ -53,7 +53,7 @@ import time
 import urllib.parse
 
 from handlers._core import HTTPError, redirect, state
-from handlers._events import event_stream, publish
+from handlers._events import EventsUnavailable, event_stream, publish
 from handlers._pages import Markup, page
 from handlers._sessions import local_path, log_in, login_required
 
@@ -440,8 +440,14 @@ def save_page(request):
                           % (current, theirs["author"]),
                           theirs={"text": theirs["text"], "author": theirs["author"],
                                   "when": _when(theirs["time"]), "rev": current})
-    # durable now: tell the page's readers (its event is ~100 bytes, never too large)
-    publish(TOPIC_PREFIX + name, {"page": name, "rev": current + 1, "by": user}, event="edited")
+    # durable now: tell the page's readers (its event is ~100 bytes, never too large); with
+    # the events unavailable (a cluster's Redis down) the save stands, and open pages are told
+    # reset when Redis is back
+    try:
+        publish(TOPIC_PREFIX + name, {"page": name, "rev": current + 1, "by": user},
+                event="edited")
+    except EventsUnavailable:
+        pass
     return redirect(url_of(name))
 
 

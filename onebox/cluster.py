@@ -26,6 +26,8 @@ Threads: ``connect`` and ``on``/``on_reconnect`` run on the main thread before `
 subscription's thread runs the channels' callbacks; the heartbeat thread writes ``_nodes`` and
 ``_seen_at``; ``tell`` and the readers run on any thread. The counters are plain ints written by
 those threads (a lost increment under a race costs a metric's unit, never an answer).
+
+Imports only the standard library and ``onebox.redis``.
 """
 import json
 import os

@@ -54,8 +54,10 @@ RESTART = "restart"
 #   events       the event hub's and the reactor's [events] values, for what comes next:
 #                streams admitted, events published and kept, heartbeats, cut-offs
 #   RESTART      kept as it is until the next start:
-#                host, port: the listening socket is bound once (and may be inherited);
+#                host, port, reuse_port: the listening socket is bound once (and may be
+#                inherited);
 #                data_dir, [state]: the state store is open and locked there, with these rules;
+#                [cluster]: the link to Redis is made before the store is opened on it;
 #                worker_threads: the pool is started once;
 #                [admin], [health], [status]: the admin listener is bound, the checks and the
 #                status page's recorder built, at start.
@@ -71,7 +73,7 @@ HOW = {
     "server": dict(
         {key: "connections" for key in _CONNECTION_KEYS},
         host=RESTART, port=RESTART, data_dir=RESTART, worker_threads=RESTART, poller=RESTART,
-        allowed_hosts="hosts", pages_dir="static", access_log="access_log",
+        reuse_port=RESTART, allowed_hosts="hosts", pages_dir="static", access_log="access_log",
         log_flush_interval_s="access_log", log_buffer_bytes="access_log"),
     "state": {setting.name: RESTART for setting in SETTINGS["state"]},
     "static": {setting.name: "static" for setting in SETTINGS["static"]},
@@ -86,6 +88,8 @@ HOW = {
     # the accounts read their section at each hash (Accounts takes a function of the site)
     "accounts": {setting.name: "accounts" for setting in SETTINGS["accounts"]},
     "events": {setting.name: "events" for setting in SETTINGS["events"]},
+    # the link to Redis is made once, before the store is opened on it
+    "cluster": {setting.name: RESTART for setting in SETTINGS["cluster"]},
     "tls": dict({setting.name: "tls" for setting in SETTINGS["tls"]}, host=RESTART,
                 port=RESTART),
 }

@@ -268,8 +268,10 @@ def test_every_setting_says_how_a_reload_applies_it():
     assert set(HOW) == set(SETTINGS)
     restart = sorted("%s.%s" % (section, key) for section, keys in HOW.items()
                      for key, how in keys.items() if how == RESTART)
-    assert [key for key in restart if not key.startswith(("admin.", "health.", "status.", "sessions."))] == [
-        "server.data_dir", "server.host", "server.poller", "server.port", "server.worker_threads",
+    assert [key for key in restart
+            if not key.startswith(("admin.", "health.", "status.", "sessions.", "cluster."))] == [
+        "server.data_dir", "server.host", "server.poller", "server.port", "server.reuse_port",
+        "server.worker_threads",
         "state.batch_interval_ms", "state.compact_journal_bytes", "state.durability",
         "tls.host", "tls.port"]   # the HTTPS listener is bound once; its certificate reloads
 
