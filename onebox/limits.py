@@ -34,7 +34,17 @@ Shared by the processes of a cluster (``SharedLimiter``, issue 24)
     Each shared limiter keeps an in-process one in front of it: a request its local bucket
     refuses is refused without asking Redis (the local count is at most the global one plus
     one token: every request the local bucket lets through is counted in Redis too), which
-    keeps an abuser's flood off the network. When Redis cannot be reached (``SharedBuckets``)
+    keeps an abuser's flood off the network. A round trip per request cost ~70 us of the
+    process's CPU and ~30 of Redis's (bench/bench_cluster.py: hello fell to a third of the
+    one-process rate), so a process reserves tokens ahead (``_RESERVE``): when it asks, it
+    takes up to ``available / (RESERVE_SPREAD x live processes)`` tokens of each bucket (at most
+    ``RESERVE_MAX``, never fewer than the one it needs), and spends the extra ones on the
+    bucket's next requests without asking, for at most ``RESERVE_S``. Reserved tokens are
+    counted in Redis when they are taken, so the processes together never let more through
+    than the bucket holds; a reservation left unspent only makes the bucket stricter for a
+    moment, and near empty a bucket's reservations are one token: the exact count, a round
+    trip each, for the clients that are near their limit.
+    When Redis cannot be reached (``SharedBuckets``)
     the local buckets decide alone (the limits count per process), the outage is logged once
     each way, and no request waits for a connect until the cluster's heartbeat has seen
     Redis again.
@@ -315,6 +325,39 @@ end
 return {-1, owed}
 """
 
+# _TAKE that reserves: takes from each bucket (KEYS) the token the request needs and up to
+# available / ARGV[1] more (at most ARGV[2] in all); ARGV[3 ...]: each bucket's interval and
+# burst. {-1, taken, ...} (the tokens taken per bucket), or {index, microseconds to wait} for
+# the first bucket without a token (the buckets before it keep what they took, as in _TAKE).
+_RESERVE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local spread = tonumber(ARGV[1])
+local most = tonumber(ARGV[2])
+local taken = {-1}
+for i, key in ipairs(KEYS) do
+  local interval = tonumber(ARGV[2 * i + 1])
+  local burst = tonumber(ARGV[2 * i + 2])
+  local full_at = tonumber(redis.call('GET', key) or 0)
+  if full_at < now then full_at = now end
+  local room = burst * interval - (full_at - now)
+  if room < interval then
+    return {i - 1, interval - room}
+  end
+  local take = math.floor(math.floor(room / interval) / spread)
+  if take < 1 then take = 1 end
+  if take > most then take = most end
+  full_at = full_at + take * interval
+  redis.call('SET', key, string.format('%d', full_at), 'PX', math.ceil((full_at - now) / 1000))
+  taken[i + 1] = take
+end
+return taken
+"""
+RESERVE_MAX = 64        # tokens a process takes ahead from one bucket at once
+RESERVE_SPREAD = 4      # ... and at most 1 / (this x live processes) of what the bucket holds
+RESERVE_S = 1.0         # an unspent reservation lapses after this long (stricter, never laxer)
+RESERVE_KEYS = 65536    # buckets with a reservation held; past it all are dropped (stricter)
+
 # The microseconds a bucket is short of full (0: full or absent), by Redis's clock.
 _OWED = """
 local t = redis.call('TIME')
@@ -349,7 +392,13 @@ class SharedBuckets(object):
         self._log = log
         self._who, self._what = who, what
         self._take = self.redis.script(_TAKE)
+        self._reserve = self.redis.script(_RESERVE)
         self._owed = self.redis.script(_OWED)
+        # Tokens taken ahead in Redis and not yet spent: Redis key -> [tokens, lapses at]
+        # (monotonic). _reserved_lock guards it; any worker thread.
+        self._reserved_lock = threading.Lock()
+        self._reserved = {}
+        self.asked = 0         # round trips made for tokens (the reservations' saving shows)
         # _lock guards _down's changes, so that each outage is logged once each way; the
         # request path reads _down without it (one attribute read)
         self._lock = threading.Lock()
@@ -391,6 +440,48 @@ class SharedBuckets(object):
         which, micros = reply
         return None if which < 0 else (which, micros / 1e6)
 
+    def spend(self, key):
+        """Whether a token reserved earlier for ``key`` was there, and is now spent."""
+        with self._reserved_lock:
+            held = self._reserved.get(key)
+            if held is None:
+                return False
+            if held[1] < time.monotonic():
+                del self._reserved[key]
+                return False
+            held[0] -= 1
+            if held[0] <= 0:
+                del self._reserved[key]
+            return True
+
+    def reserve(self, keys, buckets):
+        """A token from each of ``keys`` (``buckets``: each one's (rate_per_s, burst)), and
+        more ahead while they have plenty (see the module docstring): None, (index, seconds to
+        wait) for the first that had none, or UNAVAILABLE."""
+        spread = RESERVE_SPREAD * max(1, len(self.cluster.nodes()))
+        args = [spread, RESERVE_MAX]
+        for rate_per_s, burst in buckets:
+            args += [_interval_us(rate_per_s), burst]
+        self.asked += 1
+        reply = self.run(self._reserve, keys, args)
+        if reply is UNAVAILABLE:
+            return reply
+        if reply[0] >= 0:
+            return reply[0], reply[1] / 1e6
+        lapses = time.monotonic() + RESERVE_S
+        with self._reserved_lock:
+            reserved = self._reserved
+            if len(reserved) >= RESERVE_KEYS:
+                reserved.clear()
+            for key, taken in zip(keys, reply[1:]):
+                if taken > 1:
+                    reserved[key] = [taken - 1, lapses]
+        return None
+
+    def drop_reserved(self, key):
+        with self._reserved_lock:
+            self._reserved.pop(key, None)
+
     def owed(self, key):
         """The seconds ``key``'s bucket is short of full, or UNAVAILABLE."""
         reply = self.run(self._owed, (key,), ())
@@ -422,7 +513,8 @@ class SharedBuckets(object):
                   % (self._who, self._what), level="info")
 
     def stats(self):
-        return {"down": self._down, "outages": self.outages, "unanswered": self.unanswered}
+        return {"down": self._down, "outages": self.outages, "unanswered": self.unanswered,
+                "asked": self.asked, "reserved": len(self._reserved)}
 
 
 class _Delete(object):
@@ -490,9 +582,17 @@ class SharedLimiter(Limiter):
                                        other_rate_per_s, other_burst)
         if refused is not None:
             return refused
-        refused = self.buckets.take(
-            (self.prefix + _text(key), other.prefix + _text(other_key)), 1,
-            ((rate_per_s, burst), (other_rate_per_s, other_burst)))
+        buckets = self.buckets
+        mine, theirs = self.prefix + _text(key), other.prefix + _text(other_key)
+        if buckets.spend(mine):         # a token reserved ahead: no round trip for it
+            if buckets.spend(theirs):
+                return None
+            refused = buckets.reserve((theirs,), ((other_rate_per_s, other_burst),))
+            if refused is None or refused is UNAVAILABLE:
+                return None
+            return 1, refused[1]
+        refused = buckets.reserve((mine, theirs), ((rate_per_s, burst),
+                                                   (other_rate_per_s, other_burst)))
         return None if refused is UNAVAILABLE else refused
 
     def hit(self, key, cost=1, policy=None):
@@ -521,6 +621,7 @@ class SharedLimiter(Limiter):
 
     def forget(self, key):
         self.local.forget(key)
+        self.buckets.drop_reserved(self.prefix + _text(key))
         self.buckets.delete(self.prefix + _text(key))
 
     def stats(self):

@@ -12,7 +12,9 @@ import types
 
 from conftest import ROOT, wait_until
 from handlers._limits import Policy
+from onebox import limits
 from onebox.cluster import Cluster
+from onebox.redis import Redis
 from onebox.limits import InProcessLimiter, LimiterRegistry, SharedBuckets, SharedLimiter
 from redisd import needs_redis, redis_server
 from test_guard import get
@@ -59,6 +61,30 @@ def test_a_client_spread_over_three_processes_gets_the_configured_rate_not_three
         assert 0.9 * allowed <= answers.count(200) <= 1.1 * allowed, (answers.count(200),
                                                                       allowed)
         assert get(servers[1], "/hello", "127.0.0.3")[0] == 200   # another client's own bucket
+
+
+def test_a_client_far_from_its_limits_costs_a_round_trip_per_reservation_not_per_request(
+        start_server, tmp_path):
+    """Tokens reserved ahead (onebox/limits.py, RESERVE_MAX): 300 requests of a client whose
+    buckets are nearly full make a handful of round trips, where each used to make one; and
+    the client with little left in its bucket is still counted exactly (the tests above)."""
+    with redis_server(tmp_path) as redis:
+        servers = cluster_of(start_server, redis, client_rate_per_s=1.0, client_burst=10000,
+                             route_rate_per_s=1.0, route_burst=10000)
+        shared = [server.guard.stats()["cluster"] for server in servers]
+        assert all(stats["asked"] == 0 for stats in shared)
+        assert round_robin(servers, ["/hello"] * 300, "127.0.0.2") == [200] * 300
+        asked = sum(server.guard.stats()["cluster"]["asked"] for server in servers)
+        assert 3 <= asked <= 3 * (100 // limits.RESERVE_MAX + 2), asked
+        # every request let through was counted in Redis (a token a second: the bucket is
+        # full again ~300 s from now), and what is reserved ahead is little more
+        client = Redis(redis.url)
+        try:
+            for name in ("site:127.0.0.2", "route:127.0.0.2 /hello"):
+                owed_ms = client.call("PTTL", "onebox:limits:" + name)
+                assert 295000 <= owed_ms <= (300 + 3 * limits.RESERVE_MAX) * 1000, (name, owed_ms)
+        finally:
+            client.close()
 
 
 def test_a_route_limit_is_counted_across_the_processes(start_server, tmp_path):
