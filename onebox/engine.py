@@ -22,6 +22,7 @@ is kept: ``serve_forever()``, ``shutdown()``, ``server_close()``, ``server_addre
 
 Imports the other runtime modules and the handler contract; never ``server``.
 """
+import functools
 import os
 import socket
 import sys
@@ -51,7 +52,7 @@ from onebox.reload import Reloader, expiry_warning_of
 from onebox.restart import Subject
 from onebox.sessions import Logins, SessionStore
 from onebox.site import CurrentSite, SiteTemplates, build_site
-from onebox.static import StaticPages
+from onebox.static import StaticPages, static_hit
 from onebox.tally import Tally
 from onebox.templates import load_area_templates
 from onebox.tls import TLSConfigError, build_context
@@ -181,6 +182,8 @@ class OneboxServer:
                                  status.recent_decisions)
         if status.recorder:
             self.guard.on_decision = self.activity.decision
+        # what the guard asks of a client past its burst: is this an existing static file?
+        self.guard.static_hit = functools.partial(static_hit, current)
         self.health_checks = HealthChecks(config.health, self.life, current)
         self.books = Books(tally if tally.wanted else None, metrics if metrics.enabled else None,
                            self.health_checks, current, log_error)

@@ -28,7 +28,28 @@ A request meets, in order (``Guard.check``, in a worker, before routing):
    per client site-wide (``client_rate_per_s``/``client_burst``), then one per client per route
    (``route_rate_per_s``/``route_burst``, or the ``[limits "/path"]`` section that matches). A
    refusal is a 429 with Retry-After computed from the bucket that fired, and RateLimit-Policy /
-   RateLimit fields.
+   RateLimit fields. A static file has an allowance of its own (below).
+
+A first visit is a burst of static files: a page's assets, then a service worker precaching
+every file of its app at once (151 in the PWA of issue 25, which the site-wide burst of 100
+refused: the worker's ``addAll`` failed, and nothing was cached). Those requests are the
+cheapest the server answers (a file from memory: ~95,000 instructions, a tenth of a
+millisecond), and a browser makes them once; what marks a scraper is volume over time, 404s
+(``scanner_404_paths``) and dynamic routes. So each client also has a static allowance
+(``static_rate_per_s``/``static_burst``, 10/s and 500), and a GET or HEAD of an existing static
+file (no route takes it; the runtime's ``static_hit`` answers) draws on it once the site-wide
+bucket has run dry, instead of being refused. From then on, while the allowance is not full
+again (the client is in its table), the client's static hits draw on the allowance first and
+on the site-wide bucket only when it is empty: the site-wide bucket's refill stays for its
+dynamic requests, which a burst of files would otherwise take every token of as it comes.
+The per-route bucket still counts each path (reloading one file is refused as before); 404s,
+dynamic routes and a directory's fallback page draw on the site-wide bucket alone. With the
+defaults a client may fetch 600 static files at once and 30 a second sustained (a PWA's
+precache of a few hundred, twice in a second, passes; ``tests/test_pwa.py`` measures it); a
+flood of 404s or of a route is refused after 100, as before. Nothing of this is on the path of a
+request the site-wide bucket lets through: whether a request names a file is asked only of a
+client past its burst (a route match and a file look-up, which serving the file then finds
+cached), so a plain static hit costs what it did (one more dict look-up in ``check``).
 
 Requests are not all alike: parsing and re-encoding a 1 MB JSON body holds the GIL for ~0.25 s,
 so four addresses at 20 requests/s each (under the request limits) held a core and pushed other
@@ -360,6 +381,8 @@ class GuardPolicy(object):
                                                      limits.client_burst))
             self.route_policy = check_policy(Policy("route", limits.route_rate_per_s,
                                                     limits.route_burst))
+            self.static_policy = check_policy(Policy("static", limits.static_rate_per_s,
+                                                     limits.static_burst))
         except ValueError as error:
             raise ValueError("[limits] %s" % error) from None
         self.routes = self._route_overrides(route_sections)
@@ -493,6 +516,16 @@ class Guard(object):
         self._cpu_tracked = self.cpu.tracked   # a client absent from it is not in debt
         self.routes = InProcessLimiter(policy.route_policy, policy.max_tracked_routes, clock,
                                        rates_lock)
+        # Static allowances (see the module docstring), with the same lock: a static hit takes
+        # its token and its route's in one take_pair. A client is in the table from its first
+        # static hit past the site-wide burst until its allowance is full again and trimmed.
+        self.statics = InProcessLimiter(policy.static_policy, policy.max_tracked_clients, clock,
+                                        rates_lock)
+        self._static_tracked = self.statics.tracked
+        # Whether a request is a GET or HEAD of an existing static file that no route takes:
+        # set by the runtime to a callable (request) -> bool (onebox.static.static_hit on the
+        # current site). None: no static allowance, every request draws on the site-wide bucket.
+        self.static_hit = None
         # _suspects_lock guards _suspects and every _Suspect in it.
         self._suspects_lock = threading.Lock()
         self._suspects = collections.OrderedDict()   # client key -> _Suspect, LRU first
@@ -528,6 +561,8 @@ class Guard(object):
             policy.max_tracked_clients
         self.cpu.policy, self.cpu.max_keys = policy.cpu_policy, policy.max_tracked_clients
         self.routes.policy, self.routes.max_keys = policy.route_policy, policy.max_tracked_routes
+        self.statics.policy, self.statics.max_keys = policy.static_policy, \
+            policy.max_tracked_clients
         self.policy = policy
 
     # -- several processes, one site (see the module's docstring) ------------------------------
@@ -543,6 +578,10 @@ class Guard(object):
         self._scan_script = shared.script(_SCAN)
         self.clients = SharedLimiter(shared, "site", self.clients)
         self.routes = SharedLimiter(shared, "route", self.routes)
+        # a static file's allowance is shared too (its take_pair pairs it with the route's
+        # bucket, which must be a SharedLimiter's partner); _static_tracked stays the local
+        # table's, which the shared one keeps in front
+        self.statics = SharedLimiter(shared, "static", self.statics)
         # bad requests seen by the reactor, for a worker to count (appends and pops are atomic)
         self._uncounted_strikes = collections.deque(maxlen=MAX_UNCOUNTED_STRIKES)
         # bans this process could not write while Redis was down: written when it is back
@@ -733,7 +772,8 @@ class Guard(object):
         if key is None:
             return self._check_forwarded(request)
         policy = self.policy
-        if not policy.quick or self._bans or key in self._cpu_tracked:
+        if (not policy.quick or self._bans or key in self._cpu_tracked
+                or key in self._static_tracked):
             return self._check(request, key)
         if policy.has_allow_cidrs and request.client_ip in policy.allow_cidrs:
             return None
@@ -748,8 +788,8 @@ class Guard(object):
                                          policy.route_burst)
         if refused is None:
             return None
-        return self._decided(request, key, self._rate_refusal(
-            refused, key, path, policy.route_policy, policy.route_dry, None))
+        return self._decided(request, key, self._past_burst(
+            request, refused, key, path, policy.route_policy, policy.route_dry, None))
 
     def _check_forwarded(self, request):
         """``check`` of a request a trusted proxy forwarded (``key`` None)."""
@@ -944,15 +984,50 @@ class Guard(object):
             route_key, route, route_dry = policy.route_for(request.path)
         else:
             route_key, route, route_dry = request.path, policy.route_policy, policy.route_dry
+        static = None   # whether it is a static hit, once asked
+        if key in self._static_tracked and self.static_hit is not None:
+            # past its burst lately: a static hit draws on the allowance first
+            static = self.static_hit(request)
+            if static:
+                refused = self._take_static(key, route_key, route)
+                if refused is None:
+                    return flagged
+                if refused[0] == 1:    # the route's bucket
+                    return self._rate_refusal(refused, key, route_key, route, route_dry, flagged)
         site = policy.client_policy
-        # the route bucket's key: a hash in one process; in a cluster, text that every process
-        # agrees on (hash() of a str differs between processes)
-        bucket = hash((key, route_key)) if self._shared is None else key + " " + route_key
         refused = self.clients.take_pair(key, site.rate_per_s, site.burst, self.routes,
-                                         bucket, route.rate_per_s, route.burst)
+                                         self._route_bucket(key, route_key), route.rate_per_s,
+                                         route.burst)
         if refused is None:
             return flagged
+        if static is None:
+            return self._past_burst(request, refused, key, route_key, route, route_dry, flagged)
         return self._rate_refusal(refused, key, route_key, route, route_dry, flagged)
+
+    def _past_burst(self, request, refused, key, route_key, route, route_dry, flagged):
+        """After ``take_pair`` refused: a static hit that the site-wide bucket refused draws
+        on the client's static allowance (the module docstring says why); anything else, or
+        an empty allowance, is ``_rate_refusal``'s."""
+        if refused[0] == 0 and self.static_hit is not None and self.static_hit(request):
+            again = self._take_static(key, route_key, route)
+            if again is None:
+                return flagged
+            if again[0] == 1:          # the route's bucket refused it
+                refused = again
+        return self._rate_refusal(refused, key, route_key, route, route_dry, flagged)
+
+    def _take_static(self, key, route_key, route):
+        """A static hit's tokens: one from the allowance, one from the route's bucket
+        (``take_pair``'s answer)."""
+        static = self.policy.static_policy
+        return self.statics.take_pair(key, static.rate_per_s, static.burst, self.routes,
+                                      self._route_bucket(key, route_key), route.rate_per_s,
+                                      route.burst)
+
+    def _route_bucket(self, key, route_key):
+        """The route bucket's key: a hash in one process; in a cluster, text that every
+        process agrees on (hash() of a str differs between processes)."""
+        return hash((key, route_key)) if self._shared is None else key + " " + route_key
 
     def _rate_refusal(self, refused, key, route_key, route, route_dry, flagged):
         """The verdict after ``take_pair`` refused: (0, wait) the site-wide bucket (in a dry run
@@ -966,8 +1041,8 @@ class Guard(object):
             if not verdict.dry_run:
                 return verdict
             flagged = flagged or verdict
-            bucket = hash((key, route_key)) if self._shared is None else key + " " + route_key
-            wait = self.routes.take(bucket, route.rate_per_s, route.burst)
+            wait = self.routes.take(self._route_bucket(key, route_key), route.rate_per_s,
+                                    route.burst)
             if wait is None:
                 return flagged
         verdict = self._too_many(route, wait, "route_rate", route_dry)
@@ -1197,6 +1272,7 @@ class Guard(object):
         with self._suspects_lock:
             self._suspects.pop(key, None)
         self.clients.forget(key)
+        self.statics.forget(key)
         self.cpu.forget(key)   # a debt left would refuse it again at once, and strike
         if self.cluster is not None:
             _tell_lift(self.cluster, key, by)
@@ -1217,7 +1293,8 @@ class Guard(object):
         with self._counts_lock:
             counts = dict(self._counts)
         stats = {"enabled": self.policy.enabled, "clients": self.clients.stats(),
-                 "cpu": self.cpu.stats(), "routes": self.routes.stats(), "suspects": suspects,
+                 "cpu": self.cpu.stats(), "routes": self.routes.stats(),
+                 "statics": self.statics.stats(), "suspects": suspects,
                  "bans": bans, "counts": counts}
         if self._shared is not None:
             stats["cluster"] = self._shared.stats()

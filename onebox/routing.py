@@ -18,6 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # which beats {rest...}. Two routes with the same method and shape stop start-up.
 
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+FOUND_ENTRIES = 1024     # wildcard matches remembered (Router._found)
+FOUND_PATH_CHARS = 256   # ... for paths this short (characters and slashes)
 
 
 class RouteError(Exception):
@@ -72,6 +74,13 @@ class Router:
         # of these, found with one look-up instead of a walk (a generator) down the tree
         # (issue 23: ~90 opcodes and a generator a request, bench/ab_static.py --instructions)
         self.exact = {}
+        # The wildcard routes found lately: (method, segments) -> (route, wildcard values).
+        # The walk below costs ~110 opcodes for /hello/{name} against ~15 for this look-up
+        # (issue 23: bench/opcodes.py ... json), and APIs ask for the same few paths again
+        # and again. Bounded: only short paths, and the table starts afresh when full, so a
+        # scanner's random paths cost it a walk and a store each, and memory stays under
+        # ~FOUND_ENTRIES * FOUND_PATH_CHARS bytes. Dict reads and writes need no lock.
+        self._found = {}
         for method, pattern, handler, origin in rows:
             self.add(method, pattern, handler, origin)
 
@@ -94,6 +103,7 @@ class Router:
                     raise RouteError("%s: %s: wildcard {%s} appears twice"
                                      % (origin, pattern, segment))
                 names.append(segment)
+        self._found.clear()   # a new route may outrank one found before
         existing = node.routes.get(method)
         if existing is not None:
             raise RouteError("conflicting routes: %s %s (%s) and %s %s (%s) match the same "
@@ -107,7 +117,8 @@ class Router:
 
     def match(self, method, segments):
         """Return (route, params, None), or (None, None, allowed methods), or (None, None, None)."""
-        routes = self.exact.get(tuple(segments))
+        shape = tuple(segments)
+        routes = self.exact.get(shape)
         if routes is not None:   # the literal path: nothing outranks it, if it has the method
             route = routes.get(method)
             if route is None and method == "HEAD":
@@ -118,7 +129,14 @@ class Router:
         if (segments and segments[0] not in root.literals and root.param is None
                 and root.rest is None):
             return None, None, None   # no route starts so (a static page): no walk
-        found = self._find(root, segments, 0, method, ())
+        key = (method, shape)
+        found = self._found.get(key)
+        if found is None:
+            found = self._find(root, segments, 0, method, ())
+            if found is not None and sum(map(len, segments)) + len(segments) <= FOUND_PATH_CHARS:
+                if len(self._found) >= FOUND_ENTRIES:
+                    self._found.clear()
+                self._found[key] = found
         if found is not None:
             route, values = found
             return route, dict(zip(route.names, values)), None

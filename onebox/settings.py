@@ -156,6 +156,16 @@ SETTINGS = {
                 "per-path-prefix overrides, one '/prefix/ VALUE' a line; the longest wins"),
         Setting("extra_headers", "str", "", None,
                 "headers added to every static response, one 'Name: value' a line"),
+        # A service worker's script must be revalidated: with updateViaCache 'all' an
+        # update() takes the browser's cached copy for max_age_s and finds no update, and
+        # importScripts() files are always read through the cache (docs/operations.md,
+        # "Serving a PWA"). Requests carrying Service-Worker: script get the rule too.
+        Setting("service_worker_scripts", "str", "sw.js service-worker.js", None,
+                "file names (or /exact/paths) of service worker scripts and what they import: "
+                "served with service_worker_cache_control"),
+        Setting("service_worker_cache_control", "str", "no-cache", None,
+                "Cache-Control of service worker scripts (validators are always sent); empty: "
+                "no rule of their own"),
         Setting("precompressed", "bool", True, None,
                 "serve file.br / file.zst / file.gz sidecars to clients that accept them"),
         Setting("gzip", "bool", True, None, "gzip compressible files on the fly (cached)"),
@@ -204,6 +214,14 @@ SETTINGS = {
                 "sustained requests/s per client across the site; a person browsing averages <1"),
         Setting("client_burst", "int", 100, 1,
                 "requests a client may make at once: a page and its assets, a few tabs"),
+        # A first visit's burst of static files is not a scraper's: a service worker precaches
+        # a few hundred at once, and once. A client past its client_burst fetches existing
+        # static files (GET/HEAD, no route) from this allowance instead, so that the site-wide
+        # bucket's refill stays for its dynamic requests (onebox/guard.py, step 6).
+        Setting("static_rate_per_s", "float", 10.0, 0.001,
+                "sustained static-file requests/s per client on top of client_rate_per_s"),
+        Setting("static_burst", "int", 500, 1,
+                "static files a client may fetch at once past client_burst: a PWA's precache"),
         # A budget of handler CPU time per client, on top of the request counts: one request
         # can cost 10,000 hellos (a 1 MB JSON body: ~0.25 s holding the GIL; issue 19). The
         # GIL makes the whole process one core for handlers, so a few clients' budgets must
@@ -426,6 +444,20 @@ ROUTE_LIMIT_SETTINGS = [
 ]
 _ROUTE_LIMITS_RE = re.compile(r'limits\s+"(/[^"]*)"')
 
+# [static "/path"] sections: how the files under a prefix (a name ending in /) or at one path are
+# served (onebox/static.py). Each key comes from the longest matching section that sets it.
+STATIC_PATH_SETTINGS = [
+    Setting("headers", "str", None, None,
+            "headers added to these files, one 'Name: value' a line (with [static] "
+            "extra_headers; a name in both: this one)"),
+    Setting("cache_control", "str", None, None,
+            "Cache-Control of these files, before every other rule"),
+    Setting("fallback", "str", None, None,
+            "a file (/app/index.html) served for unknown paths under a prefix to GET/HEAD "
+            "requests that accept HTML and whose last segment has no '.' (client-side routes)"),
+]
+_STATIC_PATHS_RE = re.compile(r'static\s+"(/[^"]*)"')
+
 
 def _parse_value(setting, raw, where):
     """Turn a setup.cfg or command-line string into the setting's type, or say why not."""
@@ -498,12 +530,17 @@ def load_config(path=None, overrides=None):
     server = values["server"]
     if server["max_request_line_bytes"] > server["max_head_bytes"]:
         raise ConfigError("max_request_line_bytes must not exceed max_head_bytes")
-    check_static_settings(values["static"])
     check_accounts_settings(values["accounts"], path or "settings")
     allowed_hosts = parse_allowed_hosts(server["allowed_hosts"], path or "settings")
     route_limits = [(_ROUTE_LIMITS_RE.fullmatch(name).group(1),
                      types.SimpleNamespace(**values.pop(name)))
-                    for name in sorted(set(values) - set(SETTINGS))]
+                    for name in sorted(set(values) - set(SETTINGS)) if name.startswith("limits")]
+    # the [static "/path"] sections travel with [static], so that a reload's new StaticPages
+    # gets them as it gets the rest (onebox/reload.py builds one from config.static)
+    values["static"]["paths"] = [(_STATIC_PATHS_RE.fullmatch(name).group(1),
+                                  types.SimpleNamespace(**values.pop(name)))
+                                 for name in sorted(set(values) - set(SETTINGS))]
+    check_static_settings(values["static"], path or "settings")
     config = types.SimpleNamespace(**{name: types.SimpleNamespace(**section)
                                       for name, section in values.items()})
     config.allowed_hosts = allowed_hosts
@@ -538,7 +575,8 @@ def _read_file(path, values, explicit):
                 _set_value(values, section, key, raw, "%s [%s] %s" % (path, section, key))
                 explicit.add((section, key))
     for section in parser.sections():
-        if section.startswith("limits") and section != "limits":  # [limits "/path"]
+        if section.startswith(("limits", "static")) and section not in SETTINGS:
+            # [limits "/path"], [static "/path"]
             for key, raw in parser.items(section):
                 _set_value(values, section, key, raw, "%s [%s] %s" % (path, section, key))
         elif section not in SETTINGS:
@@ -592,6 +630,11 @@ def _set_value(values, section, key, raw, where):
             raise ConfigError('%s: write a per-route section as [limits "/path"]' % where)
         settings = {s.name: s for s in ROUTE_LIMIT_SETTINGS}
         values.setdefault(section, {s.name: s.default for s in ROUTE_LIMIT_SETTINGS})
+    elif section.startswith("static") and section != "static":
+        if not _STATIC_PATHS_RE.fullmatch(section):
+            raise ConfigError('%s: write a per-path section as [static "/path/"]' % where)
+        settings = {s.name: s for s in STATIC_PATH_SETTINGS}
+        values.setdefault(section, {s.name: s.default for s in STATIC_PATH_SETTINGS})
     elif section not in SETTINGS:
         raise ConfigError("%s: unknown section [%s]" % (where, section))
     if key not in settings:
@@ -606,12 +649,13 @@ def check_health_path(text, where):
                           "'._~-/')" % (where, text))
 
 
-def check_static_settings(values):
-    """Parse [static] at start-up (and for --check), so a bad rule stops the server early."""
+def check_static_settings(values, where="settings"):
+    """Parse [static] and the [static "/path"] sections at start-up (and for --check), so a
+    bad rule stops the server early."""
     try:
         compile_policy(types.SimpleNamespace(**values))
     except ValueError as error:
-        raise ConfigError(str(error)) from None
+        raise ConfigError("%s %s" % (where, error)) from None
 
 
 def check_cluster_settings(values, where):
@@ -757,6 +801,19 @@ def settings_markdown():
         "prefix ending in `/`, a `*` glob or an exact path; the longest match wins, and its "
         "bucket is shared by every path it matches. They have no flags.", ""]
     lines += _table(ROUTE_LIMIT_SETTINGS, None)
+    lines += [
+        "", '## `[static "/path"]`', "",
+        "How the files under a prefix (a name ending in `/`) or at one path are served, a "
+        "section each; each key comes from the longest matching section that sets it, and "
+        "unset keys leave `[static]`'s rules alone. They have no flags. For example "
+        "(a PWA in `pages/app/`: [serving a PWA](operations.md#serving-a-pwa)):", "",
+        "```ini",
+        '[static "/app/"]',
+        "fallback = /app/index.html",
+        '[static "/app/sw.js"]',
+        "headers = Service-Worker-Allowed: /app/",
+        "```", ""]
+    lines += _table(STATIC_PATH_SETTINGS, None)
     return "\n".join(lines) + "\n"
 
 

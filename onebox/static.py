@@ -53,7 +53,7 @@ import zlib
 from handlers._core import HTTPError, Response
 from onebox.codec import BAD_VALUE_RE, TOKEN_RE, error_response
 
-__all__ = ["StaticPages", "compile_policy", "MIME_TYPES", "STATIC_METHODS"]
+__all__ = ["StaticPages", "compile_policy", "static_hit", "MIME_TYPES", "STATIC_METHODS"]
 
 STATIC_METHODS = "GET, HEAD, OPTIONS"
 
@@ -109,7 +109,11 @@ _RESERVED_HEADERS = frozenset([
 
 
 class StaticPolicy:
-    """The parsed [static] settings: Cache-Control rules and the extra headers."""
+    """The parsed [static] settings and [static "/path"] sections: the Cache-Control rules,
+    the headers added to files, the fallback files of client-side routes.
+
+    Everything here is decided per URL path when a file's entry is built (``cache_control``,
+    ``headers_for``) or for a path no file answers (``fallback_for``): never per request."""
 
     def __init__(self, settings):
         self.html = "max-age=%d, must-revalidate" % settings.html_max_age_s
@@ -124,10 +128,35 @@ class StaticPolicy:
                                  % error) from None
         self.overrides = sorted(_parse_overrides(settings.cache_control),
                                 key=lambda rule: -len(rule[0]))
-        self.extra_headers = _parse_extra_headers(settings.extra_headers)
+        self.extra_headers = _parse_extra_headers(settings.extra_headers,
+                                                  "[static] extra_headers")
+        self.worker_names, self.worker_paths = _parse_worker_scripts(
+            settings.service_worker_scripts)
+        self.worker_cache_control = _parse_value_setting(
+            settings.service_worker_cache_control, "[static] service_worker_cache_control")
+        # [static "/path"] sections, longest name first: (name, headers, cache_control,
+        # fallback), None where a section leaves the key unset
+        self.sections = sorted((_parse_section(name, section)
+                                for name, section in getattr(settings, "paths", ())),
+                               key=lambda row: -len(row[0]))
+        self.fallbacks = any(row[3] is not None for row in self.sections)
+
+    def _section_value(self, url_path, column):
+        """The value in ``column`` of the longest section that matches and sets it."""
+        for row in self.sections:
+            if row[column] is not None and _path_matches(row[0], url_path):
+                return row[column]
+        return None
 
     def cache_control(self, url_path, content_type):
-        """Longest matching path prefix first, then fingerprinted names, HTML, the rest."""
+        """A [static "/path"] section's first; then service worker scripts (before the
+        [static] prefix rules: a broad '/app/ max-age=3600' must not freeze the app's worker);
+        the longest [static] cache_control prefix; fingerprinted names, HTML, the rest."""
+        value = self._section_value(url_path, 2)
+        if value is not None:
+            return value
+        if self.worker_cache_control is not None and self.is_worker_script(url_path):
+            return self.worker_cache_control
         for prefix, value in self.overrides:
             if url_path.startswith(prefix):
                 return value
@@ -136,6 +165,22 @@ class StaticPolicy:
         if content_type.startswith("text/html"):
             return self.html
         return self.default
+
+    def is_worker_script(self, url_path):
+        return url_path in self.worker_paths or url_path.rpartition("/")[2] in self.worker_names
+
+    def headers_for(self, url_path):
+        """[static] extra_headers, with those of the longest section that sets headers (a
+        name in both: the section's)."""
+        section = self._section_value(url_path, 1)
+        if not section:
+            return self.extra_headers
+        named = {name.lower() for name, _ in section}
+        return [item for item in self.extra_headers if item[0].lower() not in named] + section
+
+    def fallback_for(self, url_path):
+        """The fallback file's URL path for an unknown ``url_path``, or None."""
+        return self._section_value(url_path, 3) if self.fallbacks else None
 
 
 def compile_policy(settings):
@@ -159,19 +204,61 @@ def _parse_overrides(text):
     return rules
 
 
-def _parse_extra_headers(text):
+def _parse_extra_headers(text, where):
     headers = []
     for line in _setting_lines(text):
         name, colon, value = line.partition(":")
         name, value = name.strip(), value.strip()
         if not colon or not TOKEN_RE.fullmatch(name) or BAD_VALUE_RE.search(value):
-            raise ValueError("[static] extra_headers: %r must be 'Name: value', one a line"
-                             % line)
+            raise ValueError("%s: %r must be 'Name: value', one a line" % (where, line))
         if name.lower() in _RESERVED_HEADERS:
-            raise ValueError("[static] extra_headers: %s is set by the server; use "
-                             "cache_control for Cache-Control" % name)
+            raise ValueError("%s: %s is set by the server; use cache_control for "
+                             "Cache-Control" % (where, name))
         headers.append((name, value))
     return headers
+
+
+def _parse_value_setting(text, where):
+    """A header value from a setting (Cache-Control), or None if empty."""
+    text = " ".join(_setting_lines(text))
+    if BAD_VALUE_RE.search(text):
+        raise ValueError("%s: %r is not a header value" % (where, text))
+    return text or None
+
+
+def _parse_worker_scripts(text):
+    """[static] service_worker_scripts: (file names, exact /paths)."""
+    items = [item for item in re.split(r"[\s,]+", text) if item]
+    return (frozenset(item for item in items if not item.startswith("/")),
+            frozenset(item for item in items if item.startswith("/")))
+
+
+# a fallback's URL path: segments without spaces, none empty or starting with "."
+_FALLBACK_RE = re.compile(r"(?:/[^/\s.][^/\s]*)+")
+
+
+def _path_matches(name, url_path):
+    """A [static "/path"] section's name: a prefix if it ends in '/', else one path."""
+    return url_path.startswith(name) if name.endswith("/") else url_path == name
+
+
+def _parse_section(name, section):
+    """One [static "/path"] section as (name, headers, cache_control, fallback)."""
+    where = '[static "%s"]' % name
+    headers = cache_control = fallback = None
+    if section.headers is not None:
+        headers = _parse_extra_headers(section.headers, where + " headers")
+    if section.cache_control is not None:
+        cache_control = _parse_value_setting(section.cache_control, where + " cache_control")
+    if section.fallback:
+        fallback = section.fallback.strip()
+        if not name.endswith("/"):
+            raise ValueError("%s fallback: only a prefix (a name ending in /) has unknown "
+                             "paths to fall back from" % where)
+        if not _FALLBACK_RE.fullmatch(fallback):
+            raise ValueError("%s fallback: %r must be the URL path of a file in pages_dir "
+                             "(e.g. /app/index.html)" % (where, fallback))
+    return (name, headers, cache_control, fallback)
 
 
 # --- request header parsing -----------------------------------------------------------------
@@ -349,8 +436,9 @@ def parse_http_date(value):
 _PRECONDITION_FIELDS = frozenset(("if-match", "if-none-match", "if-modified-since",
                                   "if-unmodified-since"))
 # The fields that can make steps 3 and 4 answer anything but the whole representation (If-Range
-# matters only with a Range). Most requests carry none of them: one test spares a lookup each.
-_CONDITIONAL_FIELDS = _PRECONDITION_FIELDS | {"range"}
+# matters only with a Range), and Service-Worker (a worker's script: its own Cache-Control).
+# Most requests carry none of them: one test spares a lookup each.
+_CONDITIONAL_FIELDS = _PRECONDITION_FIELDS | {"range", "service-worker"}
 
 
 def _single_date(headers, name):
@@ -425,7 +513,7 @@ class FileEntry:
     """A URL path resolved to a regular file: its validators, headers and (small) bytes."""
 
     __slots__ = ("path", "sig", "recheck_at", "mtime_s", "strong_after", "content_type",
-                 "cache_control", "identity", "sidecars", "codings", "choices",
+                 "cache_control", "extra_headers", "identity", "sidecars", "codings", "choices",
                  "gzip_on_the_fly", "vary", "cost")
 
 
@@ -531,6 +619,19 @@ def is_compressible(content_type):
 
 
 # --- the site -------------------------------------------------------------------------------
+
+def static_hit(current, request):
+    """Whether ``request`` is a GET or HEAD that the current site (``current.site``: its
+    ``router`` and ``static``) answers with an existing static file: no route of its path, a
+    file at it. The guard asks (onebox/guard.py, step 6) only of a client past its site-wide
+    burst, so that a first visit's burst of files draws on its static allowance; the answer
+    costs a route match and the file's look-up, which its serving then finds cached."""
+    if request.method not in _GET_HEAD:
+        return False
+    site = current.site
+    route, _, allowed = site.router.match(request.method, request.segments)
+    return route is None and allowed is None and site.static.has_file(request)
+
 
 class StaticPages:
     """Serves the files under ``root`` (see the module docstring).
@@ -646,6 +747,7 @@ class StaticPages:
         content_type = MIME_TYPES.get(os.path.splitext(path)[1].lower(), DEFAULT_TYPE)
         entry.content_type = content_type
         entry.cache_control = self.policy.cache_control(url_path, content_type)
+        entry.extra_headers = self.policy.headers_for(url_path)
         body = None
         if st.st_size <= settings.memory_max_file_bytes:
             body = _read_checked(path, entry.sig)
@@ -695,8 +797,8 @@ class StaticPages:
         head += validators
         if variant.coding == "identity":
             head.append(("Accept-Ranges", "bytes"))  # ranges are of identity bytes only
-        variant.headers = head + self.extra_headers
-        variant.headers_304 = validators + self.extra_headers
+        variant.headers = head + entry.extra_headers
+        variant.headers_304 = validators + entry.extra_headers
 
     # -- 2.-5. answer ----------------------------------------------------------------------
     def serve(self, request):
@@ -709,7 +811,7 @@ class StaticPages:
                 if type(found) is FileEntry:
                     return self._respond(request, found)
                 if found is None:
-                    return None
+                    return self._fallback(request) if self.policy.fallbacks else None
                 if found[0] == "redirect":
                     return self._redirect(request)
                 return self._listing(request, found[1])
@@ -751,7 +853,20 @@ class StaticPages:
             raise
         if handle is not None and response.file is not handle:
             handle.close()
+        if conditional and self.policy.worker_cache_control is not None:
+            self._as_worker_script(request, entry, response)
         return response
+
+    def _as_worker_script(self, request, entry, response):
+        """A browser fetching a service worker's script says so (Service-Worker: script,
+        Service Workers section 4.2 "Update"): it gets [static] service_worker_cache_control
+        whatever the file is named (a worker not named in service_worker_scripts)."""
+        if (request.headers.get("service-worker") != "script"
+                or entry.cache_control == self.policy.worker_cache_control):
+            return
+        value = self.policy.worker_cache_control
+        response.headers = [(name, value if name == "Cache-Control" else field)
+                            for name, field in response.headers]
 
     def _choose(self, entry, accept):
         """The coding for ``accept`` (an Accept-Encoding field, or None), remembered in the
@@ -882,6 +997,38 @@ class StaticPages:
                 self._set_headers(variant, entry)
             self.gzipped.put(key, variant, ENTRY_OVERHEAD_BYTES + len(packed))
         return variant
+
+    # -- client-side routes ([static "/path"] fallback) ------------------------------------
+    def _fallback(self, request):
+        """The fallback file of the section over ``request.path``, as if asked for itself,
+        if the request is a page navigation: it accepts HTML and its last segment has no "."
+        (connect-history-api-fallback's rules: a missing /app/app.js stays a 404, and so does
+        a script's or an image's fetch). Vary: Accept, since a request that does not accept
+        HTML gets the 404 at the same URL."""
+        target = self.policy.fallback_for(request.path)
+        if (target is None or "." in request.segments[-1]
+                or "text/html" not in request.headers.get("accept", "")):
+            return None
+        try:
+            entry = self._lookup(target, target[1:].split("/"))
+        except _Stale:
+            self.files.discard(target)
+            raise
+        if type(entry) is not FileEntry:
+            return None   # a fallback that names no file: the 404 that would have been
+        response = self._respond(request, entry)
+        vary = [field for name, field in response.headers if name == "Vary"]
+        response.headers = [item for item in response.headers if item[0] != "Vary"] + [
+            ("Vary", ", ".join(vary + ["Accept"]))]
+        return response
+
+    def has_file(self, request):
+        """Whether ``serve(request)`` would answer with the file at its path (not a fallback,
+        a redirect or a listing): the guard's question (``static_hit``)."""
+        try:
+            return type(self._lookup(request.path, request.segments)) is FileEntry
+        except _Stale:
+            return False
 
     # -- other answers ---------------------------------------------------------------------
     def _plain(self, status, message, headers):

@@ -9,7 +9,8 @@ import subprocess
 import sys
 
 from conftest import ROOT, onebox
-from onebox.settings import REGENERATE, ROUTE_LIMIT_SETTINGS, SETTINGS, settings_markdown
+from onebox.settings import (REGENERATE, ROUTE_LIMIT_SETTINGS, SETTINGS,
+                             STATIC_PATH_SETTINGS, settings_markdown)
 
 SETTINGS_PAGE = os.path.join(ROOT, "docs", "settings.md")
 README_MAX_LINES = 250   # issue 20: what a newcomer reads in ten minutes; the rest is in docs/
@@ -60,7 +61,7 @@ def page_sections():
 
 def test_each_setting_is_listed_under_its_own_section_with_its_default():
     sections = page_sections()
-    assert list(sections) == list(SETTINGS) + ['limits "/path"']
+    assert list(sections) == list(SETTINGS) + ['limits "/path"', 'static "/path"']
     for section, settings in SETTINGS.items():
         assert set(sections[section]) == {s.name for s in settings}, section
         for setting in settings:
@@ -73,14 +74,15 @@ def test_each_setting_is_listed_under_its_own_section_with_its_default():
     assert sections["server"]["port"].split(" | ")[1] == "`8000`"
     assert sections["tls"]["port"].split(" | ")[1] == "`8443`"
     assert set(sections['limits "/path"']) == {s.name for s in ROUTE_LIMIT_SETTINGS}
+    assert set(sections['static "/path"']) == {s.name for s in STATIC_PATH_SETTINGS}
 
 
 def test_each_flag_on_the_settings_page_is_one_the_server_takes():
     for section, rows in page_sections().items():
         for key, row in rows.items():
             flags = re.findall(r"`(--[\w-]+)`", row.split(" | ")[0])
-            if section.startswith("limits "):
-                assert flags == [], "per-route settings have no flags"
+            if section.startswith(("limits ", "static ")):
+                assert flags == [], "per-path settings have no flags"
                 continue
             assert len(flags) == 1, (section, key)
             parsed = onebox.parse_args([flags[0], "7"])

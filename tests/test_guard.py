@@ -679,3 +679,80 @@ def test_a_newcomers_local_requests_draw_no_proxy_warning(start_server):
     assert "is a trusted proxy but sent no" not in server.error_text()
     assert get(server, "/hello", "127.0.0.1", {"X-Real-IP": "198.51.100.7"})[0] == 200
     assert server.error_text().count("guard: 127.0.0.1 is a trusted proxy but sent no") == 1
+
+
+# --- a first visit's burst of static files (issue 25) -------------------------------------------
+
+def static_site(tmp_path, count=20):
+    root = tmp_path / "pages"
+    (root / "files").mkdir(parents=True)
+    for number in range(count):
+        (root / "files" / ("f%02d.js" % number)).write_text("// %d\n" % number)
+    return root
+
+
+def test_past_its_burst_a_client_fetches_static_files_from_its_allowance(start_server, tmp_path):
+    server = start_server(pages_dir=static_site(tmp_path), config={
+        "limits.client_rate_per_s": 0.001, "limits.client_burst": 3,
+        "limits.static_rate_per_s": 0.001, "limits.static_burst": 5})
+    answers = [get(server, "/files/f%02d.js" % number) for number in range(10)]
+    assert [status for status, _, _ in answers] == [200] * 8 + [429] * 2   # 3 + 5
+    assert answers[8][1]["retry-after"] and '"site"' in answers[8][1]["ratelimit-policy"]
+    assert "guard=429:client_rate" in server.access_text()
+    # another client has both buckets of its own
+    assert get(server, "/files/f00.js", "127.0.0.3")[0] == 200
+
+
+def test_404s_and_routes_never_draw_on_the_static_allowance(start_server, tmp_path):
+    server = start_server(pages_dir=static_site(tmp_path), config={
+        "limits.client_rate_per_s": 0.001, "limits.client_burst": 3,
+        "limits.static_rate_per_s": 0.001, "limits.static_burst": 50})
+    assert [get(server, "/nope/%d" % n)[0] for n in range(5)] == [404] * 3 + [429] * 2
+    assert [get(server, "/hello/%d" % n, "127.0.0.3")[0] for n in range(5)] == \
+        [200] * 3 + [429] * 2
+    # a client in the middle of a burst of files: its routes still meet the empty bucket
+    assert [get(server, "/files/f%02d.js" % n, "127.0.0.4")[0] for n in range(6)] == [200] * 6
+    assert get(server, "/hello", "127.0.0.4")[0] == 429
+    assert get(server, "/nope/x", "127.0.0.4")[0] == 429
+    assert get(server, "/files/f10.js", "127.0.0.4")[0] == 200
+
+
+def test_a_burst_of_files_leaves_the_site_wide_refill_to_dynamic_requests(start_server,
+                                                                          tmp_path):
+    server = start_server(pages_dir=static_site(tmp_path), config={
+        "limits.client_rate_per_s": 2, "limits.client_burst": 2,
+        "limits.static_rate_per_s": 0.001, "limits.static_burst": 50})
+    site_policy = server.guard.policy.client_policy
+    assert [get(server, "/files/f%02d.js" % n)[0] for n in range(3)] == [200] * 3
+    time.sleep(0.6)     # a site-wide token comes back
+    assert [get(server, "/files/f%02d.js" % n)[0] for n in range(3, 12)] == [200] * 9
+    # the files came from the allowance: the token is still there for the route
+    assert server.guard.clients.peek("127.0.0.2", site_policy) >= 1
+    assert get(server, "/hello")[0] == 200
+
+
+def test_each_static_path_keeps_its_own_bucket(start_server, tmp_path):
+    server = start_server(pages_dir=static_site(tmp_path), config={
+        "limits.client_rate_per_s": 0.001, "limits.client_burst": 1,
+        "limits.route_rate_per_s": 0.001, "limits.route_burst": 3,
+        "limits.static_rate_per_s": 0.001, "limits.static_burst": 50})
+    assert [get(server, "/files/f00.js")[0] for _ in range(5)] == [200] * 3 + [429] * 2
+    assert "guard=429:route_rate" in server.access_text()
+    assert get(server, "/files/f01.js")[0] == 200
+
+
+def test_without_the_runtime_s_answer_static_hits_are_priced_as_any_request():
+    """A Guard built alone (no ``static_hit``) has no static allowance: the site-wide bucket
+    decides, as before issue 25."""
+    config = onebox.load_config(None, dict(DEFAULT_LIMITS, **{
+        "limits.client_rate_per_s": 0.001, "limits.client_burst": 2, "limits.allow_cidrs": ""}))
+    guard = Guard(config.guard)
+    request = lambda: Request("GET", "/app.js", ["app.js"], "", Headers({}), "192.0.2.7")
+    assert [guard.check(request(), "192.0.2.7") for _ in range(2)] == [None, None]
+    assert guard.check(request(), "192.0.2.7").rule == "client_rate"
+    guard.static_hit = lambda request: request.path.endswith(".js")
+    assert guard.check(request(), "192.0.2.7") is None            # now from the allowance
+    assert guard.check(request(), "192.0.2.7") is None            # in its table: allowance first
+    assert guard.stats()["statics"]["keys"] == 1
+    assert guard.check(Request("GET", "/api", ["api"], "", Headers({}), "192.0.2.7"),
+                       "192.0.2.7").rule == "client_rate"

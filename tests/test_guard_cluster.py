@@ -17,7 +17,7 @@ from onebox.cluster import Cluster
 from onebox.redis import Redis
 from onebox.limits import InProcessLimiter, LimiterRegistry, SharedBuckets, SharedLimiter
 from redisd import needs_redis, redis_server
-from test_guard import get
+from test_guard import get, static_site
 
 pytestmark = needs_redis
 
@@ -85,6 +85,20 @@ def test_a_client_far_from_its_limits_costs_a_round_trip_per_reservation_not_per
                 assert 295000 <= owed_ms <= (300 + 3 * limits.RESERVE_MAX) * 1000, (name, owed_ms)
         finally:
             client.close()
+
+
+def test_a_first_visit_s_static_files_draw_on_one_shared_allowance(start_server, tmp_path):
+    """Issue 25's static allowance, counted across the processes as the site-wide bucket is:
+    3 + 5 files through the three together, then 429, not three allowances."""
+    with redis_server(tmp_path) as redis:
+        config = {"cluster.redis_url": redis.url, "state.durability": "off",
+                  "limits.ban_after_rejections": 0, "limits.client_rate_per_s": 0.001,
+                  "limits.client_burst": 3, "limits.static_rate_per_s": 0.001,
+                  "limits.static_burst": 5}
+        pages = static_site(tmp_path)
+        servers = [start_server(pages_dir=pages, config=config) for _ in range(3)]
+        paths = ["/files/f%02d.js" % number for number in range(12)]
+        assert round_robin(servers, paths, "127.0.0.2") == [200] * 8 + [429] * 4
 
 
 def test_a_route_limit_is_counted_across_the_processes(start_server, tmp_path):

@@ -9,6 +9,7 @@ import pytest
 
 from conftest import ROOT, onebox, request
 from handlers._core import HTTPError, Response
+from onebox import routing
 from onebox.codec import decode_path
 
 
@@ -35,6 +36,31 @@ def test_literal_beats_wildcard_beats_rest():
     assert matched(router, "/notes/") == ("/notes/{rest...}", {"rest": ""})
     assert matched(router, "/") == ("/", {})
     assert matched(router, "/other") is None
+
+
+def test_wildcard_matches_found_again_are_the_same_and_fresh():
+    """Router._found remembers wildcard matches: a second look-up gives the same route and
+    values in a new dict (a handler may change its params), a route added later outranks a
+    remembered match, and the table stays bounded, long paths never entering it."""
+    router = make_router("/notes/{id}", "/notes/{rest...}")
+    first = router.match("GET", ["notes", "42"])
+    first[1]["id"] = "changed by a handler"
+    again = router.match("GET", ["notes", "42"])
+    assert (again[0].pattern, again[1]) == ("/notes/{id}", {"id": "42"})
+    assert ("GET", ("notes", "42")) in router._found
+    router.add("GET", "/notes/42", handler_named("/notes/42"))
+    assert matched(router, "/notes/42") == ("/notes/42", {})
+    assert router.match("HEAD", ["notes", "7"])[0].pattern == "/notes/{id}"
+    assert router.match("POST", ["notes", "7"])[:2] == (None, None)
+    for number in range(100, 110 + routing.FOUND_ENTRIES):
+        assert router.match("GET", ["notes", str(number)])[1] == {"id": str(number)}
+    assert 0 < len(router._found) <= routing.FOUND_ENTRIES
+    long_id = "x" * routing.FOUND_PATH_CHARS
+    assert router.match("GET", ["notes", long_id])[1] == {"id": long_id}
+    assert ("GET", ("notes", long_id)) not in router._found
+    many = ["notes"] + [""] * routing.FOUND_PATH_CHARS
+    assert router.match("GET", many)[0].pattern == "/notes/{rest...}"
+    assert ("GET", tuple(many)) not in router._found
 
 
 def test_backtracks_from_a_literal_dead_end():

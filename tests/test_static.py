@@ -760,3 +760,152 @@ def test_a_client_that_stops_reading_a_large_file_is_cut_off(start_server, site)
     finally:
         sock.close()
     assert get(server, "/digits.txt")[2] == DIGITS   # the only worker is free again
+
+
+# --- service workers, per-path sections, client-side routes (issue 25) ------------------------
+
+def app_site(root):
+    write(root, "app/index.html", b"<!doctype html><title>app</title>" + b"<p>app " * 300)
+    write(root, "app/sw.js", b"self.addEventListener('fetch', function () {});\n")
+    write(root, "app/app.js", b"console.log('app');\n")
+    write(root, "app/worker.js", b"importScripts('/app/app.js');\n")
+    write(root, "app/files/a.txt", b"a\n")
+    write(root, "other/service-worker.js", b"// another\n")
+    return root
+
+
+def test_service_worker_scripts_are_revalidated_with_validators(start_server, site):
+    server = serve(start_server, app_site(site))
+    for path in ("/app/sw.js", "/other/service-worker.js"):
+        status, headers, _ = get(server, path)
+        assert status == 200 and headers["cache-control"] == "no-cache", path
+        assert headers["etag"] and headers["last-modified"]
+        status, headers, body = get(server, path, {"If-None-Match": headers["etag"]})
+        assert (status, body, headers["cache-control"]) == (304, b"", "no-cache")
+    assert get(server, "/app/app.js")[1]["cache-control"] == "max-age=600"
+
+
+def test_a_script_fetched_as_a_service_worker_gets_the_rule_whatever_its_name(start_server,
+                                                                              site):
+    server = serve(start_server, app_site(site))
+    worker = {"Service-Worker": "script"}
+    status, headers, body = get(server, "/app/worker.js", worker)
+    assert (status, headers["cache-control"]) == (200, "no-cache")
+    assert body == b"importScripts('/app/app.js');\n"
+    status, headers, _ = get(server, "/app/worker.js", dict(worker, **{
+        "If-None-Match": headers["etag"]}))
+    assert (status, headers["cache-control"]) == (304, "no-cache")
+    # the same file fetched as a plain script keeps the ordinary rule
+    assert get(server, "/app/worker.js")[1]["cache-control"] == "max-age=600"
+    assert get(server, "/app/worker.js", {"Service-Worker": "other"})[1]["cache-control"] == \
+        "max-age=600"
+
+
+def test_the_service_worker_rule_is_a_setting(start_server, site):
+    server = serve(start_server, app_site(site), service_worker_scripts="worker.js /app/app.js",
+                   service_worker_cache_control="max-age=0, must-revalidate")
+    assert get(server, "/app/worker.js")[1]["cache-control"] == "max-age=0, must-revalidate"
+    assert get(server, "/app/app.js")[1]["cache-control"] == "max-age=0, must-revalidate"
+    assert get(server, "/app/sw.js")[1]["cache-control"] == "max-age=600"   # not named now
+    off = serve(start_server, site, service_worker_cache_control="")
+    assert get(off, "/app/sw.js")[1]["cache-control"] == "max-age=600"
+    assert get(off, "/app/sw.js", {"Service-Worker": "script"})[1]["cache-control"] == \
+        "max-age=600"
+
+
+def serve_sections(start_server, site, sections, **config):
+    """A server with [static "NAME"] sections: {name: {key: value}}."""
+    values = {"static." + key: value for key, value in config.items()}
+    for name, keys in sections.items():
+        values.update(('static "%s".%s' % (name, key), value) for key, value in keys.items())
+    return start_server(pages_dir=site, config=values)
+
+
+def test_per_path_headers_and_cache_control(start_server, site):
+    server = serve_sections(start_server, app_site(site), {
+        "/app/": {"headers": "Content-Security-Policy: default-src 'self'\nX-App: 1",
+                  "cache_control": "no-cache"},
+        "/app/sw.js": {"headers": "Service-Worker-Allowed: /app/"},
+        "/app/files/": {"cache_control": "max-age=5"}},
+        extra_headers="X-Site: 1\nX-App: site")
+    status, headers, _ = get(server, "/app/app.js")
+    assert headers["content-security-policy"] == "default-src 'self'"
+    assert headers["x-app"] == "1" and headers["x-site"] == "1"    # the section's name wins
+    assert headers["cache-control"] == "no-cache"
+    etag = headers["etag"]
+    headers = get(server, "/app/app.js", {"If-None-Match": etag})[1]
+    assert headers["content-security-policy"] == "default-src 'self'" and headers["x-app"] == "1"
+    # the longest section that sets a key: sw.js has headers of its own, /app/'s cache_control
+    headers = get(server, "/app/sw.js")[1]
+    assert headers["service-worker-allowed"] == "/app/" and headers["x-site"] == "1"
+    assert "content-security-policy" not in headers and headers["x-app"] == "site"
+    assert headers["cache-control"] == "no-cache"
+    headers = get(server, "/app/files/a.txt")[1]
+    assert headers["cache-control"] == "max-age=5" and headers["x-app"] == "1"
+    headers = get(server, "/style.css")[1]   # outside every section
+    assert headers["cache-control"] == "max-age=600" and headers["x-app"] == "site"
+    assert "content-security-policy" not in headers
+
+
+def test_a_fallback_serves_client_side_routes_and_missing_assets_stay_404(start_server, site):
+    server = serve_sections(start_server, app_site(site),
+                            {"/app/": {"fallback": "/app/index.html"}})
+    html = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
+    index = get(server, "/app/index.html")
+    for path in ("/app/settings", "/app/users/42/edit", "/app/settings?tab=2"):
+        status, headers, body = get(server, path, html)
+        assert (status, body) == (200, index[2]), path
+        assert headers["content-type"] == "text/html; charset=utf-8"
+        # index.html is gzipped on the fly for whoever accepts it: Vary names both
+        assert headers["etag"] == index[1]["etag"]
+        assert headers["vary"] == "Accept-Encoding, Accept"
+    status, headers, body = get(server, "/app/settings", dict(html, **{
+        "Accept-Encoding": "gzip"}))
+    assert status == 200 and headers["vary"] == "Accept-Encoding, Accept"
+    assert gzip.decompress(body) == index[2]
+    status, headers, body = get(server, "/app/settings", dict(html, **{
+        "If-None-Match": index[1]["etag"]}))
+    assert (status, body, headers["vary"]) == (304, b"", "Accept-Encoding, Accept")
+    status, headers, body = get(server, "/app/settings", html, method="HEAD")
+    assert (status, body, headers["content-length"]) == (200, b"", str(len(index[2])))
+    # assets, fetches that do not accept HTML, other prefixes, other methods: 404 as before
+    assert get(server, "/app/missing.js", html)[0] == 404
+    assert get(server, "/app/files/missing.txt", html)[0] == 404
+    assert get(server, "/app/settings")[0] == 404
+    assert get(server, "/app/settings", {"Accept": "application/json"})[0] == 404
+    assert get(server, "/elsewhere", html)[0] == 404
+    assert get(server, "/app/settings", html, method="POST")[0] == 404
+    assert get(server, "/app/app.js", html)[2] == b"console.log('app');\n"   # files win
+
+
+def test_a_fallback_that_names_no_file_is_a_404(start_server, site):
+    server = serve_sections(start_server, app_site(site),
+                            {"/app/": {"fallback": "/app/gone.html"}})
+    assert get(server, "/app/settings", {"Accept": "text/html"})[0] == 404
+
+
+@pytest.mark.parametrize("name, key, value, message", [
+    ("/app/", "fallback", "app/index.html", "must be the URL path of a file"),
+    ("/app/", "fallback", "/app/", "must be the URL path of a file"),
+    ("/app/", "fallback", "/app/.env", "must be the URL path of a file"),
+    ("/app/index.html", "fallback", "/app/index.html", "only a prefix"),
+    ("/app/", "headers", "Content-Length: 4", "is set by the server"),
+    ("/app/", "headers", "no colon", "must be 'Name: value'"),
+    ("/app/", "cash_control", "no-cache", "unknown key"),
+])
+def test_bad_per_path_sections_stop_start_up(name, key, value, message):
+    with pytest.raises(onebox.ConfigError, match=re.escape(message)):
+        onebox.load_config(None, {'static "%s".%s' % (name, key): value})
+
+
+def test_per_path_sections_parse_from_setup_cfg(tmp_path):
+    path = tmp_path / "setup.cfg"
+    path.write_text('[static "/app/"]\nfallback = /app/index.html\nheaders =\n'
+                    '  X-One: 1\n  X-Two: 2\n[static "/app/sw.js"]\ncache_control = no-store\n')
+    paths = dict(onebox.load_config(str(path)).static.paths)
+    assert paths["/app/"].fallback == "/app/index.html"
+    assert paths["/app/"].headers == "X-One: 1\nX-Two: 2"
+    assert paths["/app/sw.js"].cache_control == "no-store"
+    path.write_text('[static /app/]\nfallback = /app/index.html\n')
+    with pytest.raises(onebox.ConfigError, match=r'\[static "/path/"\]'):
+        onebox.load_config(str(path))
