@@ -103,9 +103,9 @@ Each process still decides alone, per request, but counts in Redis what must be 
 across all of them, so that a client spread over N processes (round-robin behind a balancer)
 meets the limits one process would set:
 
-* the site-wide and route buckets are ``SharedLimiter``s (onebox/limits.py: one Lua script per
-  request for both, each with the in-process pair in front, which refuses a client over it
-  without asking Redis);
+* the site-wide, route and static buckets are ``SharedLimiter``s (onebox/limits.py: one Lua
+  script for a pair, tokens reserved ahead while a bucket has plenty, each with the in-process
+  bucket in front, which refuses a client over it without asking Redis);
 * strikes (refusals, bad requests) and scanners' distinct 404 paths are counted in Redis, one
   key per client that expires with its window (``_STRIKE``, ``_SCAN``); a bad request the
   reactor saw is counted by the next worker (the reactor never waits on the network);

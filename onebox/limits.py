@@ -26,26 +26,26 @@ The in-process limiter (``InProcessLimiter``)
 
 Shared by the processes of a cluster (``SharedLimiter``, issue 24)
     With ``[cluster] redis_url`` set, a bucket is counted in Redis, so that N processes
-    behind one address refuse a client at the configured rate, not N times it. The whole GCRA
-    step (for one bucket or two, the guard's site-wide and route buckets together) is one Lua
-    script per request, ``_TAKE``: atomic, one round trip, and timed by Redis's own ``TIME``,
-    so the boxes' clocks do not matter. A key is the bucket's full-again time in microseconds
-    and expires (PX) when the bucket is full again, so Redis holds only buckets in use.
+    behind one address refuse a client at the configured rate, not N times it. The GCRA step
+    (for one bucket or two, the guard's site-wide and route buckets together) is one Lua
+    script, ``_RESERVE``: atomic, one round trip, and timed by Redis's own ``TIME``, so the
+    boxes' clocks do not matter. A key is the bucket's full-again time in microseconds and
+    expires (PX) when the bucket is full again, so Redis holds only buckets in use.
     Each shared limiter keeps an in-process one in front of it: a request its local bucket
     refuses is refused without asking Redis (the local count is at most the global one plus
-    one token: every request the local bucket lets through is counted in Redis too), which
-    keeps an abuser's flood off the network. A round trip per request cost ~70 us of the
-    process's CPU and ~30 of Redis's (bench/bench_cluster.py: hello fell to a third of the
-    one-process rate), so a process reserves tokens ahead (``_RESERVE``): when it asks, it
-    takes up to ``available / (RESERVE_SPREAD x live processes)`` tokens of each bucket (at most
-    ``RESERVE_MAX``, never fewer than the one it needs), and spends the extra ones on the
-    bucket's next requests without asking, for at most ``RESERVE_S``. Reserved tokens are
-    counted in Redis when they are taken, so the processes together never let more through
-    than the bucket holds; a reservation left unspent only makes the bucket stricter for a
-    moment, and near empty a bucket's reservations are one token: the exact count, a round
-    trip each, for the clients that are near their limit.
-    When Redis cannot be reached (``SharedBuckets``)
-    the local buckets decide alone (the limits count per process), the outage is logged once
+    one token), which keeps an abuser's flood off the network.
+    A round trip per request cost ~70 us of the process's CPU and ~30 of Redis's
+    (bench/bench_cluster.py: hello fell to a third of the one-process rate), so a process
+    reserves tokens ahead: when it asks, it takes from each bucket the token it needs and, while
+    the bucket has plenty, up to ``1 / (RESERVE_SPREAD x live processes)`` of what it holds (at
+    most ``RESERVE_MAX``), and spends the extra ones on the bucket's next requests without
+    asking, for at most ``RESERVE_S`` (hello: 0.74x the one-process rate, +7 us). Reserved
+    tokens are counted in Redis when they are taken, so the processes together never let more
+    through than the bucket holds; a reservation left unspent only makes the bucket stricter
+    for a moment, and near empty a bucket's reservations are one token: the exact count, a
+    round trip each, for the clients near their limit. (``_TAKE`` is the same step without
+    reserving, for a cost of several tokens: an area limiter's ``hit``.)
+    When Redis cannot be reached (``SharedBuckets``) the local buckets decide alone (the limits count per process), the outage is logged once
     each way, and no request waits for a connect until the cluster's heartbeat has seen
     Redis again.
 
