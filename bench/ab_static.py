@@ -2,11 +2,12 @@
 """Two (or more) versions of onebox against nginx, interleaved, in one run.
 
     python3 bench/ab_static.py OLD/server.py NEW/server.py [--rounds 6] [--seconds 3]
-                               [--target 10m|1k|hello ...] [--features-off]
+                               [--target 10m|1k|hello|json ...] [--features-off]
                                [--instructions [--functions N] [--keep-dumps DIR]]
 
-A target is the 10 MiB file (default), the 1 KiB page, or /hello, a handler (which nginx
-does not have: its runs there are of a missing file, a 404, and its ratio means little);
+A target is the 10 MiB file (default), the 1 KiB page, /hello, a handler, or /hello/bench, a
+route with a wildcard answering JSON (nginx has neither: its runs there are of a missing file,
+a 404, and their ratio means little);
 ``--target`` may be given more than once.
 
 For telling whether a change to the request path moved the server's CPU: each server.py given
@@ -55,11 +56,13 @@ import tempfile
 import _valgrind
 import bench_static as static
 
-TARGETS = {"10m": static.FILES[1][1], "1k": static.FILES[0][1], "hello": "hello"}
-SIZES = {"10m": static.FILES[1][2], "1k": static.FILES[0][2], "hello": None}
+TARGETS = {"10m": static.FILES[1][1], "1k": static.FILES[0][1], "hello": "hello",
+           "json": "hello/bench"}
+SIZES = {"10m": static.FILES[1][2], "1k": static.FILES[0][2], "hello": None, "json": None}
 # Requests per valgrind run (see _valgrind.py): fewer of the 10 MiB file, whose every request
 # moves 10 MiB through the client; the difference still spans 100 requests.
-INSTRUCTION_REQUESTS = {"hello": (200, 1200), "1k": (200, 1200), "10m": (20, 120)}
+INSTRUCTION_REQUESTS = {"hello": (200, 1200), "json": (200, 1200), "1k": (200, 1200),
+                        "10m": (20, 120)}
 # What a feature-neutral run turns off, where the version has it: /metrics' request counting
 # and the status page's recorder (issue 14; both on by default).
 FEATURES = (("--admin-metrics", "off"), ("--status-recorder", "off"))

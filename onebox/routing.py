@@ -74,7 +74,7 @@ class Router:
         # of these, found with one look-up instead of a walk (a generator) down the tree
         # (issue 23: ~90 opcodes and a generator a request, bench/ab_static.py --instructions)
         self.exact = {}
-        # The wildcard routes found lately: (method, segments) -> (route, wildcard values).
+        # The wildcard routes found lately: (method, segments) -> (route, its params).
         # The walk below costs ~110 opcodes for /hello/{name} against ~15 for this look-up
         # (issue 23: bench/opcodes.py ... json), and APIs ask for the same few paths again
         # and again. Bounded: only short paths, and the table starts afresh when full, so a
@@ -131,15 +131,17 @@ class Router:
             return None, None, None   # no route starts so (a static page): no walk
         key = (method, shape)
         found = self._found.get(key)
-        if found is None:
-            found = self._find(root, segments, 0, method, ())
-            if found is not None and sum(map(len, segments)) + len(segments) <= FOUND_PATH_CHARS:
-                if len(self._found) >= FOUND_ENTRIES:
-                    self._found.clear()
-                self._found[key] = found
+        if found is not None:   # a copy: a handler may change its request's params
+            return found[0], found[1].copy(), None
+        found = self._find(root, segments, 0, method, ())
         if found is not None:
             route, values = found
-            return route, dict(zip(route.names, values)), None
+            params = dict(zip(route.names, values))
+            if sum(map(len, segments)) + len(segments) <= FOUND_PATH_CHARS:
+                if len(self._found) >= FOUND_ENTRIES:
+                    self._found.clear()
+                self._found[key] = (route, params)
+            return route, params.copy(), None
         for node, _ in self._walk(root, segments, 0, ()):   # none has the method: 405 with
             return None, None, _allowed_methods(node.routes)   # what the best match has
         return None, None, None

@@ -22,6 +22,7 @@ a message. Without redis-server or nginx the tests are skipped, saying which.
 import http.client
 import json
 import random
+import shutil
 import subprocess
 import sys
 import threading
@@ -227,6 +228,52 @@ def test_a_ban_or_a_lift_through_one_process_applies_on_all_three_within_1_s(sit
     assert None not in took and max(took) <= PROPAGATION_S, took
     print("\nseconds until each process applied it: %s" % {
         what: [round(each, 3) for each in took] for what, took in timings.items()})
+
+
+# --- what each process shows ------------------------------------------------------------------
+
+def metric(port, name):
+    """The value of ``name`` (a sample without labels) in the process's /metrics, or None."""
+    status, body = call(port, "GET", "/metrics")
+    assert status == 200, status
+    for line in body.decode("utf-8").splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
+
+
+def test_metrics_and_the_status_page_show_the_processes_and_the_shared_bans(site):
+    """/metrics (onebox_cluster_*; promtool accepts the scrape) and status.json of each
+    process name the three processes and this one among them, and a ban made through one is
+    in every process's list; with redis-server stopped, onebox_cluster_up is 0."""
+    served = site({"limits.scanner_404_paths": SCANNER_PATHS})
+    admins = [process.admin_port for process in served.processes]
+    assert wait_until(lambda: [metric(port, "onebox_cluster_nodes") for port in admins]
+                      == [PROCESSES] * PROCESSES, 5)
+    assert [metric(port, "onebox_cluster_up") for port in admins] == [1.0] * PROCESSES
+    promtool = shutil.which("promtool")
+    if promtool is not None:   # CI installs it (Debian's prometheus); test_metrics says so
+        checked = subprocess.run([promtool, "check", "metrics"],
+                                 input=call(admins[0], "GET", "/metrics")[1].decode("utf-8"),
+                                 capture_output=True, text=True, timeout=30)
+        problems = [line for line in (checked.stdout + checked.stderr).splitlines()
+                    if "onebox_cluster" in line]
+        assert problems == [], problems
+    client = "127.0.0.31"
+    took = until_all(served, client, 403, scan(served, client, "cgi-bin"))
+    assert None not in took, took
+    for n, port in enumerate(admins):
+        status, body = call(port, "GET", "/status.json")
+        document = json.loads(body)
+        nodes = document["cluster"]["nodes"]
+        assert document["cluster"]["up"] is True
+        assert len(nodes) == PROCESSES and sum(node["self"] for node in nodes) == 1
+        assert [node["pid"] for node in nodes if node["self"]] == [served.processes[n].pid]
+        assert client in [ban["client"] for ban in document["bans"]], document["bans"]
+    served.redis.kill()
+    assert wait_until(lambda: [metric(port, "onebox_cluster_up") for port in admins]
+                      == [0.0] * PROCESSES, 5)
+    assert json.loads(call(admins[0], "GET", "/status.json")[1])["cluster"]["up"] is False
 
 
 # --- the state and live events ----------------------------------------------------------------
