@@ -85,6 +85,18 @@ class Limiter(object):
     metrics. A call's ``policy`` overrides the limiter's own. Keys are any hashable value."""
 
     def hit(self, key, cost=1, policy=None):
+        """``take`` (a backend's: None if the tokens were taken, else the seconds to wait)
+        and ``peek``, as a Hit."""
+        policy = policy or self.policy
+        if cost > policy.burst:
+            raise ValueError("cost %r exceeds the burst %r: it could never pass"
+                             % (cost, policy.burst))
+        wait = self.take(key, policy.rate_per_s, policy.burst, cost)
+        if wait is None:
+            return Hit(True, self.peek(key, policy), 0.0, policy)
+        return Hit(False, max(0.0, cost - wait * policy.rate_per_s), wait, policy)
+
+    def take(self, key, rate_per_s, burst, cost=1):
         raise NotImplementedError
 
     def peek(self, key, policy=None):
@@ -121,16 +133,6 @@ class InProcessLimiter(Limiter):
         self._limited = 0
         self._evictions = 0
         self._expired = 0
-
-    def hit(self, key, cost=1, policy=None):
-        policy = policy or self.policy
-        if cost > policy.burst:
-            raise ValueError("cost %r exceeds the burst %r: it could never pass"
-                             % (cost, policy.burst))
-        wait = self.take(key, policy.rate_per_s, policy.burst, cost)
-        if wait is None:
-            return Hit(True, self.peek(key, policy), 0.0, policy)
-        return Hit(False, max(0.0, cost - wait * policy.rate_per_s), wait, policy)
 
     def take(self, key, rate_per_s, burst, cost=1):
         """``hit`` without the Hit, for the guard's hot path: None if the tokens were taken,
@@ -594,16 +596,6 @@ class SharedLimiter(Limiter):
         refused = buckets.reserve((mine, theirs), ((rate_per_s, burst),
                                                    (other_rate_per_s, other_burst)))
         return None if refused is UNAVAILABLE else refused
-
-    def hit(self, key, cost=1, policy=None):
-        policy = policy or self.policy
-        if cost > policy.burst:
-            raise ValueError("cost %r exceeds the burst %r: it could never pass"
-                             % (cost, policy.burst))
-        wait = self.take(key, policy.rate_per_s, policy.burst, cost)
-        if wait is None:
-            return Hit(True, self.peek(key, policy), 0.0, policy)
-        return Hit(False, max(0.0, cost - wait * policy.rate_per_s), wait, policy)
 
     def peek(self, key, policy=None):
         policy = policy or self.policy

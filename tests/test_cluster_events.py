@@ -13,6 +13,7 @@ import time
 import pytest
 
 from handlers._events import EventsUnavailable
+from conftest import wait_until
 from onebox.cache import ResponseCache
 from onebox.cluster import Cluster
 from onebox.events import EventHub
@@ -21,15 +22,6 @@ from redisd import needs_redis, redis_server
 from test_notes_events import EventReader, call, expect
 
 pytestmark = needs_redis
-
-
-def wait_until(predicate, seconds=5.0):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False
 
 
 @pytest.fixture
@@ -53,7 +45,7 @@ class Node:
         self.cache.join_cluster(self.cluster)
         self.hub.join_cluster(self.cluster)
         self.cluster.start(name)
-        assert wait_until(lambda: self.cluster.up), "%s did not subscribe" % name
+        assert wait_until(lambda: self.cluster.up, 5.0), "%s did not subscribe" % name
         self.hub.take()   # the join's own marker (the reactor's position)
         self.taken = []
 
@@ -207,7 +199,7 @@ def test_an_invalidation_through_one_cache_reaches_the_others(nodes):
     assert a.cache.serve("/api/list?", 60, page(b"old")).body == b"old"
     a.cache.invalidate("/api/")
     assert a.cache.serve("/api/list?", 60, page(b"new")).body == b"new"   # at once here
-    assert wait_until(lambda: b.cache.stats()["entries"] == 1)   # and promptly there
+    assert wait_until(lambda: b.cache.stats()["entries"] == 1, 5.0)   # and promptly there
     assert b.cache.serve("/api/list?", 60, page(b"new")).body == b"new"
     assert b.cache.serve("/other?", 60, page(b"changed")).body == b"kept"   # not its prefix
     # a's own message is not applied twice: its fresh entry stays
@@ -219,7 +211,7 @@ def test_clear_empties_every_cache(nodes):
     a, b = nodes("a"), nodes("b")
     b.cache.serve("/x?", 60, page(b"x"))
     a.cache.clear()
-    assert wait_until(lambda: b.cache.stats()["entries"] == 0)
+    assert wait_until(lambda: b.cache.stats()["entries"] == 0, 5.0)
 
 
 def test_a_cache_whose_subscription_comes_back_drops_everything(nodes, redisd):
@@ -230,7 +222,7 @@ def test_a_cache_whose_subscription_comes_back_drops_everything(nodes, redisd):
     assert wait_until(lambda: b.cluster.up, 10)
     b.cache.serve("/x?", 60, page(b"y"))
     a.cache.invalidate("/x")   # and invalidations are heard again
-    assert wait_until(lambda: b.cache.stats()["entries"] == 0)
+    assert wait_until(lambda: b.cache.stats()["entries"] == 0, 5.0)
 
 
 def test_an_invalidation_redis_did_not_take_is_counted(nodes, redisd):
@@ -275,7 +267,7 @@ def write(server, text, seconds=0.0):
 
 def seen_by(server, event_id):
     """Wait until ``server``'s hub has taken the event ``event_id`` from Redis."""
-    assert wait_until(lambda: server.context.events.last_id >= event_id), \
+    assert wait_until(lambda: server.context.events.last_id >= event_id, 5.0), \
         (server.context.events.last_id, event_id)
 
 
@@ -340,5 +332,5 @@ def test_a_response_invalidated_through_one_server_is_not_served_stale_by_anothe
     for server in (a, b):
         assert server.context.responses.serve("/api/notes?", 60, lambda: b"old").body == b"old"
     a.context.responses.invalidate("/api/notes")
-    assert wait_until(lambda: b.context.responses.stats()["entries"] == 0)
+    assert wait_until(lambda: b.context.responses.stats()["entries"] == 0, 5.0)
     assert b.context.responses.serve("/api/notes?", 60, lambda: b"new").body == b"new"

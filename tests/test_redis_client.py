@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from conftest import wait_until
 from onebox.redis import (Redis, RedisError, RedisUnavailable, parse_url,
                           password_from_environment)
 from redisd import needs_redis, redis_server
@@ -27,15 +28,6 @@ def client(redisd):
     redis = Redis(redisd.url)
     yield redis
     redis.close()
-
-
-def wait_until(predicate, seconds=5.0):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 # --- configuration, no server needed ---------------------------------------------------------
@@ -281,7 +273,7 @@ def test_a_timeout_discards_the_connection(redisd):
         redis.call("DEBUG", "SLEEP", 1)
     assert time.monotonic() - started < 0.9
     assert not redis.up
-    assert wait_until(redis.ping)   # the server woke up
+    assert wait_until(redis.ping, 5.0)   # the server woke up
     assert redis.up
     assert redis.call("CLIENT", "ID") not in (first, "OK")   # a new connection, not DEBUG's
     redis.close()
@@ -302,7 +294,7 @@ def test_a_killed_server_fails_fast_during_backoff_then_recovers(redisd):
     assert time.monotonic() - started < 0.5
     assert redis.ping() is False
     redisd.restart()
-    assert wait_until(redis.ping, seconds=5.0)   # by itself, once the backoff passes
+    assert wait_until(redis.ping, 5.0)   # by itself, once the backoff passes
     assert redis.up
     assert redis.call("SET", "k", "again") == "OK"
     redis.close()
@@ -331,7 +323,7 @@ def test_a_server_that_never_answers_times_out(redisd):
         assert time.monotonic() - started < 1.5
     finally:
         redisd.kill(signal.SIGCONT)
-    assert wait_until(redis.ping)
+    assert wait_until(redis.ping, 5.0)
     redis.close()
 
 
@@ -363,7 +355,7 @@ def test_threads_share_one_client(redisd):
     assert errors == []
     assert redis.call("GET", "shared") == b"4000"
     watcher = Redis(redisd.url, pool_size=1)   # extras beyond pool_size were closed
-    assert wait_until(lambda: watcher.call("CLIENT", "LIST").count(b"\n") <= 3 + 1)
+    assert wait_until(lambda: watcher.call("CLIENT", "LIST").count(b"\n") <= 3 + 1, 5.0)
     redis.close()
     watcher.close()
 
@@ -402,7 +394,7 @@ def test_a_failing_callback_is_logged_once_and_the_thread_goes_on(client, capsys
         if data == b"bad":
             raise ValueError("callback bug")
     subscription = client.subscribe("c", on_message)
-    assert wait_until(lambda: subscription.up)
+    assert wait_until(lambda: subscription.up, 5.0)
     for data in (b"bad", b"bad", b"good"):
         client.call("PUBLISH", "c", data)
     assert [received.get(timeout=5) for _ in range(3)] == [b"bad", b"bad", b"good"]
@@ -415,7 +407,7 @@ def test_a_failing_callback_is_logged_once_and_the_thread_goes_on(client, capsys
 
 def test_closing_the_client_closes_its_subscriptions(client):
     subscription = client.subscribe(["c"], lambda channel, data: None)
-    assert wait_until(lambda: subscription.up)
+    assert wait_until(lambda: subscription.up, 5.0)
     client.close()
     assert not subscription.up
 
@@ -432,7 +424,7 @@ def test_redisd_keeps_appendonly_data_across_a_crash(tmp_path):
         server.kill()   # SIGKILL: no clean shutdown
         server.restart()
         assert server.port == port
-        assert wait_until(redis.ping)
+        assert wait_until(redis.ping, 5.0)
         assert redis.call("GET", "kept") == b"yes"
         redis.close()
     (tmp_path / "other").mkdir()

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, SERVER, free_port, request
+from conftest import ROOT, SERVER, free_port, request, wait_until
 from handlers._core import json_response, text_response
 from handlers._state import (StateError, StateKeyError, StateUnavailableError,
                              StateWriteError)
@@ -63,15 +63,6 @@ def _redis_dir(tmp_path):
     path = tmp_path / "redis"
     path.mkdir(exist_ok=True)
     return path
-
-
-def wait_until(predicate, seconds=5.0):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 # --- the contract's verbs -----------------------------------------------------------------------
@@ -342,7 +333,7 @@ def test_redis_stopped_reads_and_writes_fail_fast_then_recover(tmp_path, open_st
         assert time.monotonic() - started < 3.0   # the client's backoff: no wait per call
         assert store.stats()["up"] is False
         redisd.restart()
-        assert wait_until(lambda: store._redis.ping())
+        assert wait_until(lambda: store._redis.ping(), 5.0)
         assert store.get("k") == "before"
         store.put("k", "after")
         assert store.items() == [("k", "after")] and store.stats()["up"] is True
@@ -376,7 +367,7 @@ def test_kill_9_of_redis_under_write_load_loses_no_acknowledged_write(tmp_path, 
         threads = [threading.Thread(target=write, args=(n,)) for n in range(4)]
         for thread in threads:
             thread.start()
-        assert wait_until(lambda: all(len(done) > 20 for done in acknowledged))
+        assert wait_until(lambda: all(len(done) > 20 for done in acknowledged), 5.0)
         redisd.kill()
         time.sleep(0.3)
         redisd.restart()
@@ -385,7 +376,7 @@ def test_kill_9_of_redis_under_write_load_loses_no_acknowledged_write(tmp_path, 
         for thread in threads:
             thread.join(30)
         assert failed[0] > 0   # writes did meet the dead Redis
-        assert wait_until(lambda: store._redis.ping())
+        assert wait_until(lambda: store._redis.ping(), 5.0)
         stored = dict(store.items())
         for done in acknowledged:
             for key, sequence in done:
@@ -419,7 +410,7 @@ def test_a_server_answers_503_while_redis_is_down_then_recovers(tmp_path, start_
 
         def answers():
             return request(server, "GET", "/api/notes/1")[0] == 200
-        assert wait_until(answers, seconds=10)
+        assert wait_until(answers, 10)
         status, _, body = request(server, "POST", "/api/notes", b'{"text": "three"}', headers)
         assert status == 201, body
         errors = server.error_text()   # each 503 is logged, with why
