@@ -56,6 +56,12 @@ class StateStore(object):
 
     data_dir = ""
 
+    def __enter__(self):   # ``with Store(...) as store:`` closes it at the end
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
 
 class StateProxy(object):
     """``state``: the store of the server whose worker thread is running (one thread-local read

@@ -257,12 +257,6 @@ class RedisStore(StateStore):
         self._last_stats = None
         self._closed = False
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self.close()
-
     # --- reads: one round trip each ---------------------------------------------------------
 
     def get(self, key, default=None):

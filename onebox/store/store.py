@@ -148,12 +148,6 @@ class Store(JournalWriter, Compaction, Recovery, StateStore):
             if step not in EIO_STEPS:
                 raise ValueError("'_eio_at' steps must be among %s" % ", ".join(EIO_STEPS))
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self.close()
-
     # --- reads: memory only, under _lock for one dict operation ------------------------------
 
     def get(self, key, default=None):
