@@ -230,6 +230,29 @@ def test_a_ban_or_a_lift_through_one_process_applies_on_all_three_within_1_s(sit
         what: [round(each, 3) for each in took] for what, took in timings.items()})
 
 
+# --- several processes on one port -------------------------------------------------------------
+
+def test_processes_with_reuse_port_share_one_port_and_without_it_the_second_is_refused(
+        server_process, tmp_path):
+    """[server] reuse_port (SO_REUSEPORT): two processes bind one port and the kernel spreads
+    new connections over both; without it a second process on a taken port stops with a
+    message (the default is unchanged)."""
+    port = free_port()
+    flags = ("--reuse-port", "on", "--admin-port", "off", "--log-flush-interval-s", "0.05")
+    first = server_process(*flags, port=port, data_dir=tmp_path / "one")
+    second = server_process(*flags, port=port, data_dir=tmp_path / "two")
+    assert [call(port, "GET", "/hello")[0] for _ in range(60)] == [200] * 60
+    served = []
+    for process in (first, second):
+        assert wait_until(lambda process=process: "GET /hello" in process.out_text(), 5)
+        served.append(process.out_text().count("GET /hello"))
+    assert sum(served) == 60 and min(served) > 0, served   # each took some: 2^-59 otherwise
+    refused = server_process("--admin-port", "off", port=port, data_dir=tmp_path / "three",
+                             wait=False)
+    assert refused.process.wait(timeout=30) == 1
+    assert "cannot listen on 127.0.0.1 port %d" % port in refused.err_text()
+
+
 # --- what each process shows ------------------------------------------------------------------
 
 def metric(port, name):
