@@ -67,6 +67,9 @@ class Cluster(object):
                                     pool_size=settings.connections)
         self.node = "%s:%d:%s" % (socket.gethostname(), os.getpid(),
                                   os.urandom(3).hex())   # unique even when pids repeat
+        # What precedes every payload on a channel: who sent it (``tell``, and a Lua script
+        # that publishes by itself, as the events' does, puts it first; ``_deliver`` reads it)
+        self.envelope = self.node.encode("ascii") + b"\n"
         self.label = self.node        # what the status page shows; start() adds the address
         self.started_at = time.time()
         self._handlers = {}           # channel name -> callback(payload, from_self)
@@ -76,6 +79,7 @@ class Cluster(object):
         self._stop = threading.Event()
         self._nodes = []              # the live processes, as the last heartbeat saw them
         self._ever_up = False
+        self._subscribed = threading.Event()   # set at the first subscription (start waits)
         self.sent = self.received = self.send_failures = 0
 
     def key(self, name):
@@ -132,7 +136,10 @@ class Cluster(object):
 
     def start(self, label=None):
         """Subscribe to the channels and start the heartbeat. ``label``: how the status page
-        names this process (its URL)."""
+        names this process (its URL). Returns once Redis has confirmed the subscriptions (or
+        after ``[cluster] timeout_s``, logged; /readyz says not ready until they hold): a
+        message told before then would not reach this process, and a cache entry made
+        meanwhile would miss its invalidation (tests/test_cluster_events.py saw 3 in 6)."""
         if label:
             self.label = label
         channels = [self.channel(name) for name in sorted(self._handlers)]
@@ -141,6 +148,9 @@ class Cluster(object):
         self._heartbeat = threading.Thread(target=self._beat, name="onebox-cluster",
                                            daemon=True)
         self._heartbeat.start()
+        if not self._subscribed.wait(self.settings.timeout_s):
+            self.log("cluster: not subscribed to redis after %g s; serving on, not ready "
+                     "until it is" % self.settings.timeout_s)
 
     def close(self):
         """Leave: stop the threads, drop this process from the list, close the client."""
@@ -162,8 +172,7 @@ class Cluster(object):
         if isinstance(payload, str):
             payload = payload.encode("utf-8")
         try:
-            self.redis.call("PUBLISH", self.channel(name), self.node.encode("ascii") + b"\n"
-                            + payload)
+            self.redis.call("PUBLISH", self.channel(name), self.envelope + payload)
         except (RedisError, RedisUnavailable):
             self.send_failures += 1
             return False
@@ -177,7 +186,7 @@ class Cluster(object):
             return
         sender, _, payload = data.partition(b"\n")
         self.received += 1
-        handler(payload, sender == self.node.encode("ascii"))
+        handler(payload, sender + b"\n" == self.envelope)
 
     def _state_changed(self, up):
         if not up:
@@ -191,6 +200,7 @@ class Cluster(object):
                 except Exception as error:   # one part's catch-up must not stop the others'
                     self.log("cluster: catching up after a reconnect failed: %r" % (error,))
         self._ever_up = True
+        self._subscribed.set()
 
     # -- who is in it ------------------------------------------------------------------------
     def _beat(self):
@@ -230,6 +240,11 @@ class Cluster(object):
                 pass
         nodes.sort(key=lambda seen: seen["node"])
         self._nodes = nodes
+
+    @property
+    def node_count(self):
+        """How many processes the last heartbeat heard from (no copy of the list)."""
+        return len(self._nodes)
 
     def nodes(self):
         """The processes heard from within NODE_TTL_S, as of the last heartbeat: dicts with

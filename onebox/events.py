@@ -72,10 +72,10 @@ _encode_ascii = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
 
 # A cluster's publish, in one step so that ids and messages are in the same order: the next id
 # (the counter made, when absent, at the later of the publisher's clock and the last id it saw,
-# so that ids never go back after a wipe), then the message: the cluster's framing (the
-# sender's node and a newline: Cluster._deliver), the id, the topic (printable: no newline)
-# and the frame after its "id:" line. %d: Lua 5.1 writes numbers past 1e14 as 1.7e+15.
-# KEYS: the counter; ARGV: now (us), the last id seen, the channel, the node, topic, body.
+# so that ids never go back after a wipe), then the message: the cluster's envelope (who sent
+# it: Cluster.envelope), the id, the topic (printable: no newline) and the frame after its
+# "id:" line. %d: Lua 5.1 writes numbers past 1e14 as 1.7e+15.
+# KEYS: the counter; ARGV: now (us), the last id seen, the channel, the envelope, topic, body.
 PUBLISH_SCRIPT = """
 local id
 if redis.call('EXISTS', KEYS[1]) == 1 then
@@ -85,7 +85,7 @@ else
   redis.call('SET', KEYS[1], string.format('%d', id))
 end
 redis.call('PUBLISH', ARGV[3],
-           ARGV[4] .. '\\n' .. string.format('%d', id) .. '\\n' .. ARGV[5] .. '\\n' .. ARGV[6])
+           ARGV[4] .. string.format('%d', id) .. '\\n' .. ARGV[5] .. '\\n' .. ARGV[6])
 return id
 """
 
@@ -204,7 +204,7 @@ class EventHub:
         cluster = self.cluster
         try:
             event_id = self._script(keys=(self._counter,), args=(
-                int(self.clock() * 1e6), self.last_id, self._channel, cluster.node,
+                int(self.clock() * 1e6), self.last_id, self._channel, cluster.envelope,
                 topic, body))
         except (RedisError, RedisUnavailable) as error:
             raise EventsUnavailable("publish to %r: redis: %s" % (topic, error)) from None

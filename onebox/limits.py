@@ -460,7 +460,7 @@ class SharedBuckets(object):
         """A token from each of ``keys`` (``buckets``: each one's (rate_per_s, burst)), and
         more ahead while they have plenty (see the module docstring): None, (index, seconds to
         wait) for the first that had none, or UNAVAILABLE."""
-        spread = RESERVE_SPREAD * max(1, len(self.cluster.nodes()))
+        spread = RESERVE_SPREAD * max(1, self.cluster.node_count)
         args = [spread, RESERVE_MAX]
         for rate_per_s, burst in buckets:
             args += [_interval_us(rate_per_s), burst]
